@@ -1,0 +1,1 @@
+"""Backends: onnxruntime (reference runs, equivalence) and TVM (compile for ARM CPU / mobile GPU)."""

@@ -1,0 +1,198 @@
+"""onnxruntime as the reference: sessions, runs, random inputs, and the equivalence checker."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from sculpt.errors import ShapeError, SculptError
+from sculpt.ir.model import Model, _one_line
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+}
+
+
+class RuntimeFailure(SculptError):
+    """onnxruntime refused or failed to run the model."""
+
+
+def make_session(model: Model | onnx.ModelProto, *, optimize: bool = True, threads: int | None = None,
+                 extra_outputs: Sequence[str] = ()):
+    """An onnxruntime CPU InferenceSession for a model; ``extra_outputs`` exposes intermediate tensors."""
+    import onnxruntime as ort
+
+    proto = model.proto if isinstance(model, Model) else model
+    if extra_outputs:
+        proto = _with_outputs(proto, extra_outputs)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    try:
+        if proto.ByteSize() > 2**31 - 1:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "model.onnx")
+                Model(proto).save(path, external_data=True)
+                return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise RuntimeFailure(f"onnxruntime cannot load the model: {_one_line(e)}") from None
+
+
+def _with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    proto = onnx.ModelProto.FromString(proto.SerializeToString()) if proto.ByteSize() < 2**31 - 1 else proto
+    existing = {o.name for o in proto.graph.output}
+    for n in names:
+        if n not in existing:
+            proto.graph.output.append(onnx.ValueInfoProto(name=n))
+            existing.add(n)
+    return proto
+
+
+def run(model: Model | onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, session=None,
+        outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    sess = session or make_session(model)
+    names = list(outputs) if outputs else [o.name for o in sess.get_outputs()]
+    try:
+        values = sess.run(names, dict(feeds))
+    except Exception as e:
+        raise RuntimeFailure(f"onnxruntime failed to run the model: {_one_line(e)}") from None
+    return dict(zip(names, values))
+
+
+def random_inputs(model: Model, *, seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None,
+                  session=None) -> dict[str, np.ndarray]:
+    """Random inputs for every real input: float ~ N(0, 1), integers in [0, 4), bool coin flips.
+
+    Dynamic dimensions must be given in ``shapes`` (or fixed in the model)."""
+    sess = session or make_session(model)
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    shapes = dict(shapes or {})
+    for inp in sess.get_inputs():
+        shape = shapes.get(inp.name, inp.shape)
+        dims = []
+        for i, d in enumerate(shape):
+            if not isinstance(d, int) or d < 0:
+                raise ShapeError(f"input '{inp.name}' has a dynamic dimension {i}; give its shape "
+                                 f"(--input-shape {inp.name}=...)")
+            dims.append(d)
+        dtype = _ORT_TO_NUMPY.get(inp.type)
+        if dtype is None:
+            raise RuntimeFailure(f"input '{inp.name}': cannot make random data of type {inp.type}")
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(dims).astype(dtype)
+        elif dtype is np.bool_:
+            feeds[inp.name] = rng.integers(0, 2, dims).astype(np.bool_)
+        else:
+            feeds[inp.name] = rng.integers(0, 4, dims).astype(dtype)
+    return feeds
+
+
+@dataclass
+class OutputError:
+    name: str
+    max_abs: float
+    max_rel: float  # max |a - b| / max(max |b|, tiny): error relative to the output's scale
+    shape_match: bool = True
+
+    def as_dict(self) -> dict:
+        return {"output": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel,
+                "shape_match": self.shape_match}
+
+
+@dataclass
+class Comparison:
+    """Per-output errors of a candidate model against a reference, over all compared inputs."""
+
+    outputs: list[OutputError] = field(default_factory=list)
+    samples: int = 0
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    def within(self, rtol: float, atol: float = 0.0) -> bool:
+        """True when every output is within ``rtol`` relative (to its scale) or ``atol`` absolute."""
+        return all(o.shape_match and (o.max_rel <= rtol or o.max_abs <= atol) for o in self.outputs)
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "max_abs": self.max_abs, "max_rel": self.max_rel,
+                "outputs": [o.as_dict() for o in self.outputs]}
+
+
+def output_error(name: str, got: np.ndarray, ref: np.ndarray) -> OutputError:
+    if got.shape != ref.shape:
+        return OutputError(name, float("inf"), float("inf"), shape_match=False)
+    if got.size == 0:
+        return OutputError(name, 0.0, 0.0)
+    if got.dtype.kind in "fc" or ref.dtype.kind in "fc":
+        a = got.astype(np.float64)
+        b = ref.astype(np.float64)
+        nan_mismatch = np.isnan(a) != np.isnan(b)
+        if nan_mismatch.any():
+            return OutputError(name, float("inf"), float("inf"))
+        both_inf_equal = np.isinf(b) & (a == b)
+        diff = np.where(np.isnan(b) | both_inf_equal, 0.0, np.abs(a - b))
+        max_abs = float(np.max(diff))
+        finite = np.abs(b[np.isfinite(b)])
+        scale = float(finite.max()) if finite.size else 0.0
+    else:
+        max_abs = float(np.max(np.abs(got.astype(np.int64) - ref.astype(np.int64)))) if got.dtype != np.bool_ \
+            else float(np.any(got != ref))
+        scale = float(np.max(np.abs(ref.astype(np.float64)))) if ref.dtype != np.bool_ else 1.0
+    rel = max_abs / max(scale, 1e-30) if max_abs else 0.0
+    return OutputError(name, max_abs, rel)
+
+
+def compare_models(reference: Model, candidate: Model, inputs: Iterable[Mapping[str, np.ndarray]] | None = None,
+                   *, seed: int = 0, count: int = 1, shapes: Mapping[str, Sequence[int]] | None = None,
+                   output_map: Mapping[str, str] | None = None) -> Comparison:
+    """Run both models through onnxruntime on the same inputs; max abs and relative error per output.
+
+    ``inputs``: an iterable of feed dicts; by default ``count`` random feeds. Outputs are matched by
+    name (``output_map`` maps reference names to candidate names where they differ); a reference
+    output missing from the candidate is reported as a mismatch.
+    """
+    ref_sess = make_session(reference)
+    cand_sess = make_session(candidate)
+    if inputs is None:
+        inputs = [random_inputs(reference, seed=seed + k, shapes=shapes, session=ref_sess) for k in range(count)]
+    output_map = dict(output_map or {})
+    cand_names = {o.name for o in cand_sess.get_outputs()}
+    errors: dict[str, OutputError] = {}
+    samples = 0
+    cand_inputs = {i.name for i in cand_sess.get_inputs()}
+    for feeds in inputs:
+        samples += 1
+        ref_out = run(reference, feeds, session=ref_sess)
+        cand_out = run(candidate, {k: v for k, v in feeds.items() if k in cand_inputs}, session=cand_sess)
+        for name, ref in ref_out.items():
+            cname = output_map.get(name, name)
+            if cname not in cand_names:
+                err = OutputError(name, float("inf"), float("inf"), shape_match=False)
+            else:
+                err = output_error(name, np.asarray(cand_out[cname]), np.asarray(ref))
+            prev = errors.get(name)
+            if prev is None:
+                errors[name] = err
+            else:
+                errors[name] = OutputError(name, max(prev.max_abs, err.max_abs), max(prev.max_rel, err.max_rel),
+                                           prev.shape_match and err.shape_match)
+    return Comparison(list(errors.values()), samples)

@@ -1,0 +1,245 @@
+"""Calibration data for data-aware passes, and activation capture through onnxruntime.
+
+A CalibrationSet yields samples: dicts ``{input name: array}`` with a leading batch axis of 1.
+Sources: an .npz file (arrays keyed by input name, first axis = samples), a folder of images with
+stated preprocessing, or random data. Samples are produced one at a time (images are decoded on
+demand), and :func:`iter_activations` runs onnxruntime sample by sample, so a pass holds only the
+activations it asks for, for one sample at a time, unless it keeps them itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from sculpt.errors import CalibrationError
+from sculpt.ir.model import Model
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+
+
+@dataclass
+class ImagePreprocessing:
+    """How an image file becomes an input tensor: resize to (height, width), scale to [0, 1] by
+    ``scale``, subtract ``mean`` and divide by ``std`` per channel (in ``channel_order``), then lay
+    out as NCHW or NHWC."""
+
+    height: int
+    width: int
+    mean: Sequence[float] = (0.0, 0.0, 0.0)
+    std: Sequence[float] = (1.0, 1.0, 1.0)
+    scale: float = 1.0 / 255.0
+    layout: str = "NCHW"
+    channel_order: str = "RGB"
+    grayscale: bool = False
+
+    def __call__(self, path: Path) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if self.grayscale else "RGB").resize((self.width, self.height),
+                                                                         Image.BILINEAR)
+                arr = np.asarray(img, dtype=np.float32)
+        except Exception as e:
+            raise CalibrationError(f"{path}: cannot read the image ({e})") from None
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if self.channel_order.upper() == "BGR" and arr.shape[2] == 3:
+            arr = arr[:, :, ::-1]
+        arr = arr * self.scale
+        c = arr.shape[2]
+        mean = np.asarray(self.mean, dtype=np.float32)[:c]
+        std = np.asarray(self.std, dtype=np.float32)[:c]
+        arr = (arr - mean) / std
+        if self.layout.upper() == "NCHW":
+            arr = arr.transpose(2, 0, 1)
+        elif self.layout.upper() != "NHWC":
+            raise CalibrationError(f"image layout must be NCHW or NHWC, got '{self.layout}'")
+        return np.ascontiguousarray(arr[None])
+
+
+@dataclass
+class CalibrationSet:
+    """A sequence of input samples. Build it with ``from_npz``, ``from_images``, ``random`` or
+    ``from_source`` (what ``--calibration`` and the YAML ``calibration:`` key take)."""
+
+    count: int
+    _sample: Callable[[int], dict[str, np.ndarray]]
+    description: str = ""
+    input_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for k in range(self.count):
+            yield self._sample(k)
+
+    def __getitem__(self, k: int) -> dict[str, np.ndarray]:
+        if not 0 <= k < self.count:
+            raise IndexError(k)
+        return self._sample(k)
+
+    def take(self, n: int) -> "CalibrationSet":
+        return CalibrationSet(min(n, self.count), self._sample, self.description, self.input_names)
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Samples concatenated along the batch axis, ``batch_size`` at a time."""
+        batch: list[dict[str, np.ndarray]] = []
+        for sample in self:
+            batch.append(sample)
+            if len(batch) == batch_size:
+                yield {k: np.concatenate([b[k] for b in batch]) for k in batch[0]}
+                batch = []
+        if batch:
+            yield {k: np.concatenate([b[k] for b in batch]) for k in batch[0]}
+
+    def check(self, model: Model) -> None:
+        """Raise CalibrationError unless the samples feed exactly the model's real inputs."""
+        expected = set(model.input_names)
+        got = set(self.input_names)
+        if got != expected:
+            raise CalibrationError(f"calibration data ({self.description}) has inputs {sorted(got)}, "
+                                   f"the model expects {sorted(expected)}")
+        sample = self[0] if self.count else {}
+        shapes = model.input_shapes()
+        for name, arr in sample.items():
+            want = shapes.get(name) or []
+            if want and (len(want) != arr.ndim or any(isinstance(d, int) and d > 0 and d != s
+                                                      for d, s in zip(want, arr.shape))):
+                raise CalibrationError(f"calibration input '{name}' has shape {list(arr.shape)}, the model "
+                                       f"expects {want}")
+
+    # ---------------------------------------------------------------- sources
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], description: str = "arrays") -> "CalibrationSet":
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        if not arrays:
+            raise CalibrationError(f"{description}: no arrays")
+        counts = {k: v.shape[0] if v.ndim else 0 for k, v in arrays.items()}
+        if len(set(counts.values())) != 1 or 0 in counts.values():
+            raise CalibrationError(f"{description}: arrays must share a nonzero first (sample) axis, got {counts}")
+        n = next(iter(counts.values()))
+        return cls(n, lambda k: {name: a[k:k + 1] for name, a in arrays.items()}, description, list(arrays))
+
+    @classmethod
+    def from_npz(cls, path: str | os.PathLike, count: int | None = None) -> "CalibrationSet":
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationError(f"{path}: no such calibration file")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except Exception as e:
+            raise CalibrationError(f"{path}: not a readable .npz file ({e})") from None
+        cal = cls.from_arrays(arrays, str(path))
+        return cal.take(count) if count else cal
+
+    @classmethod
+    def from_images(cls, folder: str | os.PathLike, input_name: str, preprocessing: ImagePreprocessing,
+                    count: int | None = None) -> "CalibrationSet":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CalibrationError(f"{folder}: no such image folder")
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise CalibrationError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        if count:
+            files = files[:count]
+        return cls(len(files), lambda k: {input_name: preprocessing(files[k])},
+                   f"{len(files)} images from {folder}", [input_name])
+
+    @classmethod
+    def random(cls, model: Model, count: int = 8, seed: int = 0,
+               input_shapes: Mapping[str, Sequence[int]] | None = None,
+               low: float | None = None, high: float | None = None) -> "CalibrationSet":
+        """Random samples: float inputs N(0, 1), or uniform in [low, high) when both are given."""
+        from sculpt.backends.ort import random_inputs
+
+        shapes = {n: list(s) for n, s in model.input_shapes().items()}
+        shapes.update({k: list(v) for k, v in (input_shapes or {}).items()})
+        for name, shape in shapes.items():
+            if not shape or any(not isinstance(d, int) or d <= 0 for d in shape):
+                raise CalibrationError(f"random calibration: input '{name}' has a dynamic shape; give "
+                                       f"--input-shape {name}=...")
+
+        def sample(k: int) -> dict[str, np.ndarray]:
+            feeds = random_inputs(model, seed=seed + k, shapes=shapes)
+            if low is not None and high is not None:
+                rng = np.random.default_rng(seed + k)
+                feeds = {n: (rng.uniform(low, high, v.shape).astype(v.dtype) if v.dtype.kind == "f" else v)
+                         for n, v in feeds.items()}
+            return feeds
+
+        return cls(count, sample, f"{count} random samples (seed {seed})", list(shapes))
+
+    @classmethod
+    def from_source(cls, source: str | Mapping, model: Model,
+                    input_shapes: Mapping[str, Sequence[int]] | None = None) -> "CalibrationSet":
+        """Build from ``--calibration`` text (``PATH.npz``, an image folder, ``random`` or
+        ``random:COUNT``) or a YAML mapping ``{source: ..., count: N, mean: [...], std: [...],
+        size: [H, W], layout: NCHW, channel_order: RGB, scale: 0.0039, seed: 0}``."""
+        opts: dict = {}
+        if isinstance(source, Mapping):
+            opts = dict(source)
+            if "source" not in opts:
+                raise CalibrationError("calibration: the mapping needs a 'source' key")
+            source = str(opts.pop("source"))
+        known = {"count", "mean", "std", "size", "layout", "channel_order", "scale", "seed", "input",
+                 "grayscale", "low", "high"}
+        unknown = set(opts) - known
+        if unknown:
+            raise CalibrationError(f"calibration: unknown option '{sorted(unknown)[0]}' (known: {', '.join(sorted(known))})")
+        count = opts.get("count")
+        text = str(source)
+        if text == "random" or text.startswith("random:"):
+            n = int(text.split(":", 1)[1]) if ":" in text else int(count or 8)
+            return cls.random(model, count=n, seed=int(opts.get("seed", 0)), input_shapes=input_shapes,
+                              low=opts.get("low"), high=opts.get("high"))
+        path = Path(text)
+        if path.is_dir():
+            names = model.input_names
+            name = opts.get("input") or (names[0] if len(names) == 1 else None)
+            if name is None:
+                raise CalibrationError(f"{path}: the model has several inputs ({', '.join(names)}); say which one "
+                                       "the images feed with 'input:'")
+            shape = list((input_shapes or {}).get(name) or model.input_shapes().get(name) or [])
+            layout = str(opts.get("layout", "NCHW")).upper()
+            size = opts.get("size")
+            if size is None:
+                hw = shape[2:4] if layout == "NCHW" else shape[1:3]
+                if len(hw) != 2 or any(not isinstance(d, int) or d <= 0 for d in hw):
+                    raise CalibrationError(f"{path}: input '{name}' has no static height and width; give the "
+                                           "image size (calibration 'size: [H, W]' or --input-shape)")
+                size = hw
+            channels = shape[1] if layout == "NCHW" and len(shape) == 4 else (shape[3] if len(shape) == 4 else 3)
+            pre = ImagePreprocessing(
+                height=int(size[0]), width=int(size[1]), mean=opts.get("mean", (0.0, 0.0, 0.0)),
+                std=opts.get("std", (1.0, 1.0, 1.0)), scale=float(opts.get("scale", 1 / 255)), layout=layout,
+                channel_order=str(opts.get("channel_order", "RGB")), grayscale=bool(opts.get("grayscale",
+                                                                                          channels == 1)))
+            return cls.from_images(path, name, pre, count=count)
+        if path.suffix == ".npz" or path.is_file():
+            return cls.from_npz(path, count=count)
+        raise CalibrationError(f"{text}: calibration source not found (an .npz file, an image folder, "
+                               "or 'random[:COUNT]')")
+
+
+def iter_activations(model: Model, tensors: Sequence[str], calibration: CalibrationSet,
+                     *, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Run the model on each calibration sample; yield ``{tensor: value}`` for the tensors asked
+    for only (graph outputs are not kept unless asked), one sample at a time."""
+    from sculpt.backends.ort import make_session, run
+
+    sess = make_session(model, extra_outputs=list(tensors))
+    names = list(tensors)
+    inputs = {i.name for i in sess.get_inputs()}
+    for k, sample in enumerate(calibration):
+        if limit is not None and k >= limit:
+            break
+        yield run(model, {n: v for n, v in sample.items() if n in inputs}, session=sess, outputs=names)

@@ -1,0 +1,661 @@
+"""The ONNX-based IR: a thin, checked wrapper around ``onnx.ModelProto``.
+
+A :class:`Model` owns one ``ModelProto``. Passes edit the proto through the helpers here
+(constants, producers and consumers, initializers, unique names); the Model can always be handed
+back to plain ONNX tooling (``model.proto``) or to onnx-graphsurgeon (``to_graphsurgeon``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from sculpt.errors import InvalidModelError, ModelLoadError, ShapeError
+
+# protobuf refuses to serialize a message of 2 GiB or more: such models are saved with external data
+_PROTOBUF_LIMIT = 2**31 - 1
+# a model whose tensors declare more elements than this is treated as hostile rather than allocated
+MAX_TENSOR_ELEMENTS = 2**34
+
+ModelSource = "str | os.PathLike | bytes | onnx.ModelProto | Model"
+
+
+def _describe(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray)):
+        return "<bytes>"
+    return "<ModelProto>"
+
+
+class Model:
+    """An ONNX model under compression.
+
+    ``Model.load`` accepts a path, bytes, an ``onnx.ModelProto`` or another Model. Loading gives every
+    node a unique, non-empty name (exporters often leave them empty) so that reports and errors can
+    name nodes; nothing else about the model changes.
+    """
+
+    def __init__(self, proto: onnx.ModelProto, source_path: str | None = None):
+        if not isinstance(proto, onnx.ModelProto):
+            raise TypeError(f"Model wraps an onnx.ModelProto, got {type(proto).__name__}")
+        self.proto = proto
+        self.source_path = os.path.realpath(source_path) if source_path else None
+        self._ensure_node_names()
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def load(cls, source, *, load_external_data: bool = True) -> "Model":
+        """Load a model from a path, bytes, a ModelProto or a Model (which is cloned)."""
+        if isinstance(source, Model):
+            return source.clone()
+        if isinstance(source, onnx.ModelProto):
+            proto = copy.deepcopy(source)
+            _check_is_model(proto, "<ModelProto>")
+            return cls(proto)
+        if isinstance(source, (bytes, bytearray)):
+            proto = _parse(bytes(source), "<bytes>")
+            return cls(proto)
+        if isinstance(source, (str, os.PathLike)):
+            path = os.fspath(source)
+            if not os.path.exists(path):
+                raise ModelLoadError(f"{path}: no such file")
+            if os.path.isdir(path):
+                raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
+            with open(path, "rb") as f:
+                data = f.read()
+            proto = _parse(data, path)
+            if load_external_data and _uses_external_data(proto):
+                try:
+                    onnx.external_data_helper.load_external_data_for_model(
+                        proto, os.path.dirname(os.path.abspath(path))
+                    )
+                except (OSError, ValueError) as e:
+                    raise ModelLoadError(f"{path}: cannot read its external data: {e}") from None
+            return cls(proto, source_path=path)
+        raise ModelLoadError(f"cannot load a model from a {type(source).__name__}")
+
+    def save(self, path: str | os.PathLike, *, overwrite_input: bool = False,
+             external_data: bool | None = None) -> Path:
+        """Write the model atomically (temporary file in the same folder, then rename).
+
+        Refuses to overwrite the file the model was loaded from unless ``overwrite_input``.
+        ``external_data=None`` stores tensors externally only when the model exceeds protobuf's
+        2 GiB limit; the data file is then ``<name>.data`` beside the model.
+        """
+        path = Path(path)
+        if self.source_path and os.path.realpath(path) == self.source_path and not overwrite_input:
+            raise ModelLoadError(f"{path}: refusing to overwrite the input model (choose another output path)")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise ModelLoadError(f"{path}: the folder {parent} does not exist")
+        if external_data is None:
+            external_data = self.byte_size() > _PROTOBUF_LIMIT
+        proto = self.proto
+        if not external_data:
+            data = proto.SerializeToString()
+            _atomic_write_bytes(path, data)
+            return path
+        # external data: write both files under temporary names, then rename the data, then the model
+        location = path.name + ".data"
+        with tempfile.TemporaryDirectory(dir=parent, prefix=".sculpt-") as tmp:
+            proto = copy.deepcopy(self.proto)
+            tmp_model = os.path.join(tmp, path.name)
+            onnx.save_model(proto, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=location, size_threshold=1024)
+            os.replace(os.path.join(tmp, location), parent / location)
+            os.replace(tmp_model, path)
+        return path
+
+    def serialize(self) -> bytes:
+        return self.proto.SerializeToString()
+
+    def byte_size(self) -> int:
+        return self.proto.ByteSize()
+
+    def clone(self) -> "Model":
+        m = Model.__new__(Model)
+        m.proto = copy.deepcopy(self.proto)
+        m.source_path = self.source_path
+        return m
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.proto.SerializeToString(deterministic=True)).hexdigest()
+
+    # ------------------------------------------------------------------ graphsurgeon
+    def to_graphsurgeon(self):
+        import onnx_graphsurgeon as gs
+
+        return gs.import_onnx(self.proto)
+
+    @classmethod
+    def from_graphsurgeon(cls, graph, *, opset: int | None = None) -> "Model":
+        import onnx_graphsurgeon as gs
+
+        kwargs = {"do_type_check": True}
+        proto = gs.export_onnx(graph, **kwargs)
+        if opset is not None:
+            del proto.opset_import[:]
+            proto.opset_import.append(onnx.helper.make_opsetid("", opset))
+        return cls(proto)
+
+    # ------------------------------------------------------------------ basic views
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.proto.graph
+
+    @property
+    def opset(self) -> int:
+        for op in self.proto.opset_import:
+            if op.domain in ("", "ai.onnx"):
+                return op.version
+        return 1
+
+    def initializer_map(self) -> dict[str, onnx.TensorProto]:
+        return {t.name: t for t in self.graph.initializer}
+
+    @property
+    def input_names(self) -> list[str]:
+        """The real inputs: graph inputs that are not backed by an initializer."""
+        inits = {t.name for t in self.graph.initializer}
+        return [i.name for i in self.graph.input if i.name not in inits]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.graph.output]
+
+    def input_shapes(self) -> dict[str, list[int | str | None]]:
+        """Shapes of the real inputs; a dynamic dimension is its name (str) or None."""
+        inits = {t.name for t in self.graph.initializer}
+        shapes = {}
+        for vi in self.graph.input:
+            if vi.name in inits:
+                continue
+            shapes[vi.name] = _dims(vi)
+        return shapes
+
+    def value_infos(self) -> dict[str, onnx.ValueInfoProto]:
+        out = {}
+        for vi in list(self.graph.input) + list(self.graph.value_info) + list(self.graph.output):
+            out[vi.name] = vi
+        return out
+
+    def tensor_shape(self, name: str) -> list[int | str | None] | None:
+        """The shape recorded for a tensor (inputs, value_info, outputs or initializer), else None."""
+        init = self.initializer_map().get(name)
+        if init is not None:
+            return list(init.dims)
+        vi = self.value_infos().get(name)
+        if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            return None
+        return _dims(vi)
+
+    def static_shape(self, name: str) -> tuple[int, ...] | None:
+        shape = self.tensor_shape(name)
+        if shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
+            return None
+        return tuple(shape)
+
+    def producers(self) -> dict[str, onnx.NodeProto]:
+        out = {}
+        for node in self.graph.node:
+            for o in node.output:
+                if o:
+                    out[o] = node
+        return out
+
+    def consumers(self) -> dict[str, list[onnx.NodeProto]]:
+        out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for i in node.input:
+                if i:
+                    out[i].append(node)
+            for sub in _subgraph_outer_inputs(node):
+                out[sub].append(node)
+        return out
+
+    def node_by_name(self, name: str) -> onnx.NodeProto | None:
+        for node in self.graph.node:
+            if node.name == name:
+                return node
+        return None
+
+    # ------------------------------------------------------------------ constants
+    def constant_names(self) -> set[str]:
+        """Tensors whose value is known statically: initializers that are not graph inputs, and
+        outputs of Constant nodes."""
+        graph_inputs = {i.name for i in self.graph.input}
+        names = {t.name for t in self.graph.initializer if t.name not in graph_inputs}
+        for node in self.graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                names.add(node.output[0])
+        return names
+
+    def get_constant(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor, or None when ``name`` is not a constant."""
+        if name in {i.name for i in self.graph.input}:
+            return None
+        for t in self.graph.initializer:
+            if t.name == name:
+                return numpy_helper.to_array(t)
+        for node in self.graph.node:
+            if node.op_type == "Constant" and node.output[0] == name:
+                return constant_node_value(node)
+        return None
+
+    def set_initializer(self, name: str, value: np.ndarray) -> str:
+        """Create or replace an initializer. Returns its name."""
+        tensor = numpy_helper.from_array(np.asarray(value), name)
+        for i, t in enumerate(self.graph.initializer):
+            if t.name == name:
+                self.graph.initializer[i].CopyFrom(tensor)
+                return name
+        self.graph.initializer.append(tensor)
+        return name
+
+    def add_initializer(self, prefix: str, value: np.ndarray) -> str:
+        """Add an initializer under a fresh name derived from ``prefix``."""
+        name = self.unique_name(prefix)
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def replace_constant_input(self, node: onnx.NodeProto, index: int, value: np.ndarray,
+                               suffix: str = "folded") -> str:
+        """Make input ``index`` of ``node`` the constant ``value``. The old tensor is edited in place
+        when this node is its only reader, otherwise a new initializer is added. Returns the name."""
+        value = np.asarray(value)
+        old = node.input[index] if index < len(node.input) else ""
+        readers = self.consumers().get(old, []) if old else []
+        is_init = old and any(t.name == old for t in self.graph.initializer)
+        graph_io = {i.name for i in self.graph.input} | set(self.output_names)
+        if old and is_init and len(readers) == 1 and old not in graph_io:
+            self.set_initializer(old, value)
+            return old
+        base = f"{old or node.name + '_input' + str(index)}_{suffix}"
+        name = self.add_initializer(base, value)
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+        return name
+
+    def unique_name(self, prefix: str) -> str:
+        taken = self._all_names()
+        if prefix not in taken:
+            return prefix
+        i = 1
+        while f"{prefix}_{i}" in taken:
+            i += 1
+        return f"{prefix}_{i}"
+
+    def _all_names(self) -> set[str]:
+        names = {t.name for t in self.graph.initializer}
+        names.update(i.name for i in self.graph.input)
+        names.update(o.name for o in self.graph.output)
+        names.update(v.name for v in self.graph.value_info)
+        for node in self.graph.node:
+            names.update(node.output)
+            names.add(node.name)
+        return names
+
+    # ------------------------------------------------------------------ structural edits
+    def replace_uses(self, old: str, new: str) -> None:
+        """Make every consumer of tensor ``old`` (subgraphs included) read ``new`` instead."""
+        for node in self.graph.node:
+            _rename_input(node, old, new)
+
+    def remove_unused(self) -> int:
+        """Remove nodes whose outputs nobody needs, and unused initializers/value_info.
+        Returns the number of nodes removed."""
+        needed = set(self.output_names)
+        keep = []
+        for node in reversed(list(self.graph.node)):
+            if any(o in needed for o in node.output if o) or _has_side_effects(node):
+                keep.append(node)
+                needed.update(i for i in node.input if i)
+                needed.update(_subgraph_outer_inputs(node))
+        keep.reverse()
+        removed = len(self.graph.node) - len(keep)
+        if removed:
+            del self.graph.node[:]
+            self.graph.node.extend(keep)
+        graph_inputs = {i.name for i in self.graph.input}
+        inits = [t for t in self.graph.initializer if t.name in needed or t.name in graph_inputs]
+        if len(inits) != len(self.graph.initializer):
+            del self.graph.initializer[:]
+            self.graph.initializer.extend(inits)
+        produced = needed | graph_inputs
+        vis = [v for v in self.graph.value_info if v.name in produced]
+        if len(vis) != len(self.graph.value_info):
+            del self.graph.value_info[:]
+            self.graph.value_info.extend(vis)
+        return removed
+
+    def topological_sort(self) -> None:
+        """Reorder nodes topologically (stable: keeps the original order where it is valid)."""
+        available = {i.name for i in self.graph.input} | {t.name for t in self.graph.initializer} | {""}
+        pending = list(self.graph.node)
+        ordered = []
+        while pending:
+            progress = False
+            rest = []
+            for node in pending:
+                needs = [i for i in node.input] + list(_subgraph_outer_inputs(node))
+                if all(i in available for i in needs):
+                    ordered.append(node)
+                    available.update(node.output)
+                    progress = True
+                else:
+                    rest.append(node)
+            if not progress:
+                missing = sorted({i for n in rest for i in n.input if i not in available and i not in
+                                  {o for m in rest for o in m.output}})
+                if missing:
+                    raise InvalidModelError(
+                        f"node '{rest[0].name}' reads tensor '{missing[0]}' that nothing produces")
+                raise InvalidModelError(f"the graph has a cycle through node '{rest[0].name}'")
+            pending = rest
+        if [id(n) for n in ordered] != [id(n) for n in self.graph.node]:
+            copies = [copy.deepcopy(n) for n in ordered]
+            del self.graph.node[:]
+            self.graph.node.extend(copies)
+
+    # ------------------------------------------------------------------ shapes
+    def infer_shapes(self, *, strict: bool = False, data_prop: bool = True) -> "Model":
+        """Run ONNX shape inference in place (value_info refreshed). Returns self."""
+        if self.byte_size() > _PROTOBUF_LIMIT:
+            return self  # onnx's in-memory inference cannot take > 2 GiB; leave shapes as they are
+        try:
+            inferred = shape_inference.infer_shapes(self.proto, check_type=False, strict_mode=strict,
+                                                    data_prop=data_prop)
+        except Exception as e:  # onnx raises InferenceError, ValidationError, RuntimeError
+            if strict:
+                raise InvalidModelError(f"shape inference failed: {_one_line(e)}") from None
+            return self
+        del self.graph.value_info[:]
+        self.graph.value_info.extend(inferred.graph.value_info)
+        # inference may also refine graph outputs
+        for out, inf in zip(self.graph.output, inferred.graph.output):
+            if out.name == inf.name:
+                out.CopyFrom(inf)
+        return self
+
+    def fix_input_shapes(self, shapes: Mapping[str, Sequence[int]]) -> "Model":
+        """Replace the (possibly dynamic) shapes of inputs by static ones. Returns self.
+
+        Every name must be a real input; every given dimension must agree with a static one already
+        present. Stale value_info is dropped so that shape inference recomputes it.
+        """
+        real = self.input_shapes()
+        for name, shape in shapes.items():
+            if name not in real:
+                raise ShapeError(f"input shape given for '{name}', but the model's inputs are "
+                                 f"{', '.join(real) or '(none)'}")
+            shape = [int(d) for d in shape]
+            old = real[name]
+            if len(old) != len(shape) and old:
+                raise ShapeError(f"input '{name}' has rank {len(old)}, but the shape given has rank "
+                                 f"{len(shape)}: {shape}")
+            for i, (o, n) in enumerate(zip(old, shape)):
+                if n <= 0:
+                    raise ShapeError(f"input '{name}': dimension {i} must be positive, got {n}")
+                if isinstance(o, int) and o > 0 and o != n:
+                    raise ShapeError(f"input '{name}': dimension {i} is fixed to {o} by the model, "
+                                     f"the shape given says {n}")
+            if int(np.prod(shape, dtype=np.float64)) > MAX_TENSOR_ELEMENTS:
+                raise ShapeError(f"input '{name}': shape {shape} is absurdly large")
+            for vi in self.graph.input:
+                if vi.name == name:
+                    dims = vi.type.tensor_type.shape
+                    del dims.dim[:]
+                    for d in shape:
+                        dims.dim.add().dim_value = d
+        # value_info computed with the old shapes is stale
+        del self.graph.value_info[:]
+        for out in self.graph.output:
+            tt = out.type.tensor_type
+            if tt.HasField("shape"):
+                for d in tt.shape.dim:
+                    if d.HasField("dim_param") or not d.HasField("dim_value") or d.dim_value <= 0:
+                        tt.ClearField("shape")
+                        break
+        return self
+
+    def dynamic_inputs(self) -> dict[str, list]:
+        """Real inputs with at least one dynamic (or unknown) dimension."""
+        return {n: s for n, s in self.input_shapes().items()
+                if not s or any(not isinstance(d, int) or d <= 0 for d in s)}
+
+    def require_static_inputs(self, what: str = "this step") -> None:
+        dyn = self.dynamic_inputs()
+        if dyn:
+            name, shape = next(iter(dyn.items()))
+            shown = ",".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in shape)
+            raise ShapeError(f"input '{name}' has a dynamic shape [{shown}]; {what} needs a static one: "
+                             f"give --input-shape {name}=...")
+
+    # ------------------------------------------------------------------ checks
+    def verify(self, *, full_check: bool = True) -> None:
+        """onnx.checker (full check) plus sculpt's invariants: topological order, unique node and
+        tensor names, no dangling tensors. Raises InvalidModelError naming the first problem."""
+        check_invariants(self)
+        try:
+            if self.byte_size() > _PROTOBUF_LIMIT:
+                with tempfile.TemporaryDirectory() as tmp:
+                    p = os.path.join(tmp, "model.onnx")
+                    self.save(p, external_data=True)
+                    onnx.checker.check_model(p, full_check=full_check)
+            else:
+                onnx.checker.check_model(self.proto, full_check=full_check)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            raise InvalidModelError(f"onnx checker: {_one_line(e)}") from None
+
+    def upgrade_opset(self, target: int) -> "Model":
+        """Convert to opset ``target`` with onnx.version_converter (no-op if already there)."""
+        if self.opset >= target:
+            return self
+        from onnx import version_converter
+
+        try:
+            converted = version_converter.convert_version(self.proto, target)
+        except Exception as e:
+            raise InvalidModelError(f"cannot upgrade opset {self.opset} -> {target}: {_one_line(e)}") from None
+        self.proto = converted
+        self._ensure_node_names()
+        return self
+
+    # ------------------------------------------------------------------ internals
+    def _ensure_node_names(self) -> None:
+        seen: set[str] = set()
+        counters: dict[str, int] = defaultdict(int)
+        for node in self.graph.node:
+            name = node.name
+            if not name or name in seen:
+                base = name or node.op_type
+                while True:
+                    candidate = f"{base}_{counters[base]}"
+                    counters[base] += 1
+                    if candidate not in seen:
+                        break
+                node.name = candidate
+            seen.add(node.name)
+
+    def __repr__(self) -> str:
+        return (f"Model(opset={self.opset}, nodes={len(self.graph.node)}, "
+                f"inputs={self.input_names}, outputs={self.output_names})")
+
+
+# ---------------------------------------------------------------------------------------------
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    """Value of an ONNX Constant node (any of its attribute forms)."""
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    if attr.name == "value_float":
+        return np.array(attr.f, dtype=np.float32)
+    if attr.name == "value_floats":
+        return np.array(list(attr.floats), dtype=np.float32)
+    if attr.name == "value_int":
+        return np.array(attr.i, dtype=np.int64)
+    if attr.name == "value_ints":
+        return np.array(list(attr.ints), dtype=np.int64)
+    raise InvalidModelError(f"Constant node '{node.name}': unsupported attribute '{attr.name}'")
+
+
+def check_invariants(model: Model) -> None:
+    """sculpt's structural invariants; raises InvalidModelError naming the first violation."""
+    graph = model.graph
+    defined: set[str] = {""}
+    for vi in graph.input:
+        if vi.name in defined:
+            raise InvalidModelError(f"duplicate graph input '{vi.name}'")
+        defined.add(vi.name)
+    for t in graph.initializer:
+        if t.name in defined and t.name not in {i.name for i in graph.input}:
+            raise InvalidModelError(f"duplicate initializer '{t.name}'")
+        defined.add(t.name)
+    node_names: set[str] = set()
+    for node in graph.node:
+        if node.name in node_names:
+            raise InvalidModelError(f"duplicate node name '{node.name}'")
+        node_names.add(node.name)
+        for i in list(node.input) + list(_subgraph_outer_inputs(node)):
+            if i not in defined:
+                raise InvalidModelError(
+                    f"node '{node.name}' ({node.op_type}) reads '{i}', which is not produced before it "
+                    "(dangling tensor or nodes out of topological order)")
+        for o in node.output:
+            if o and o in defined:
+                raise InvalidModelError(f"tensor '{o}' is produced twice (second time by node '{node.name}')")
+            defined.add(o)
+    for out in graph.output:
+        if out.name not in defined:
+            raise InvalidModelError(f"graph output '{out.name}' is not produced by any node")
+
+
+def _parse(data: bytes, where: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    if not data:
+        raise ModelLoadError(f"{where}: the file is empty")
+    try:
+        proto.ParseFromString(data)
+    except Exception as e:  # google.protobuf.message.DecodeError and friends
+        raise ModelLoadError(f"{where}: not an ONNX model (protobuf parse failed: {_one_line(e)}); "
+                             "truncated or another format?") from None
+    _check_is_model(proto, where)
+    return proto
+
+
+def _check_is_model(proto: onnx.ModelProto, where: str) -> None:
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        raise ModelLoadError(f"{where}: not an ONNX model (no IR version or no graph)")
+    if not proto.graph.output:
+        raise ModelLoadError(f"{where}: the ONNX graph has no outputs")
+    for t in proto.graph.initializer:
+        n = int(np.prod([max(d, 0) for d in t.dims], dtype=np.float64)) if t.dims else 1
+        if n > MAX_TENSOR_ELEMENTS:
+            raise ModelLoadError(f"{where}: initializer '{t.name}' declares {n} elements (absurd shape {list(t.dims)})")
+
+
+def _uses_external_data(proto: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return []
+    out: list[int | str | None] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+def _subgraph_outer_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing scope."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = []
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attr.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                local.update(n.output)
+            for n in g.node:
+                for i in n.input:
+                    if i and i not in local:
+                        names.add(i)
+                names.update(x for x in _subgraph_outer_inputs(n) if x not in local)
+            for o in g.output:
+                if o.name not in local:
+                    names.add(o.name)
+    return names
+
+
+def _rename_input(node: onnx.NodeProto, old: str, new: str) -> None:
+    for k, i in enumerate(node.input):
+        if i == old:
+            node.input[k] = new
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            # a subgraph that defines the name itself shadows the outer one
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            if old in local:
+                continue
+            for n in g.node:
+                _rename_input(n, old, new)
+            for o in g.output:
+                if o.name == old:
+                    o.name = new
+
+
+_SIDE_EFFECT_OPS: set[str] = set()
+
+
+def _has_side_effects(node: onnx.NodeProto) -> bool:
+    return node.op_type in _SIDE_EFFECT_OPS
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    msg = " ".join(line.strip() for line in text if line.strip()) or type(e).__name__
+    return msg[:400]
+
+
+def iter_nodes(model: Model, op_types: Iterable[str] | None = None):
+    ops = set(op_types) if op_types is not None else None
+    for node in list(model.graph.node):
+        if ops is None or node.op_type in ops:
+            yield node

@@ -1,0 +1,18 @@
+"""Passes over the sculpt IR. Importing this package registers the built-in passes."""
+
+from sculpt.passes.base import (Pass, PassContext, PassResult, create_pass, get_pass_class, parse_pass_spec,
+                                register, registered_passes)
+from sculpt.passes.canonicalize import Canonicalize
+from sculpt.passes.constant_folding import ConstantFolding
+from sculpt.passes.fold_batchnorm import FoldBatchNorm
+from sculpt.passes.fold_conv_affine import FoldConvAffine
+from sculpt.passes.freeze_initializers import FreezeInitializers
+from sculpt.passes.remove_identity import RemoveIdentity
+from sculpt.passes.simplify_shapes import SimplifyShapes
+from sculpt.passes.pipeline import Pipeline, PipelineResult
+
+__all__ = [
+    "Pass", "PassContext", "PassResult", "Pipeline", "PipelineResult", "create_pass", "get_pass_class",
+    "parse_pass_spec", "register", "registered_passes", "Canonicalize", "ConstantFolding", "FoldBatchNorm",
+    "FoldConvAffine", "FreezeInitializers", "RemoveIdentity", "SimplifyShapes",
+]

@@ -1,0 +1,261 @@
+"""Pipeline: passes run in order, with instruments (timing, IR dumps, verify-each, statistics).
+
+A pipeline can be written as YAML or JSON::
+
+    input_shapes: {x: [1, 3, 224, 224]}
+    calibration: {source: images/, count: 64}
+    verify_each: true
+    passes:
+      - canonicalize
+      - constant-folding: {max_tensor_mb: 64}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from sculpt.errors import OptionError, PipelineError, SculptError, VerificationError
+from sculpt.ir.cost import cost_of
+from sculpt.ir.model import Model
+from sculpt.passes.base import Pass, PassContext, PassResult, create_pass, parse_pass_spec
+
+EXACT_RTOL = 1e-5  # exact passes: max |a-b| / max |b| per output
+EXACT_ATOL = 1e-6
+
+
+@dataclass
+class PassRecord:
+    """What happened in one pass of a pipeline."""
+
+    index: int
+    name: str
+    exact: bool
+    modified: bool
+    seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+    cost_before: dict[str, int] | None = None
+    cost_after: dict[str, int] | None = None
+    error: dict[str, Any] | None = None  # measured output error vs the pass's input
+    dump: str | None = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class PipelineResult:
+    model: Model
+    records: list[PassRecord]
+
+    @property
+    def modified(self) -> bool:
+        return any(r.modified for r in self.records)
+
+
+class Instrument:
+    """Hooks around each pass. ``after_pass`` receives the model before the pass (a copy the pass did
+    not touch) and the PassResult."""
+
+    def before_pipeline(self, pipeline: "Pipeline", model: Model) -> None: ...
+
+    def before_pass(self, index: int, pass_: Pass, model: Model, record: PassRecord) -> None: ...
+
+    def after_pass(self, index: int, pass_: Pass, before: Model, result: PassResult, record: PassRecord) -> None: ...
+
+    def after_pipeline(self, result: PipelineResult) -> None: ...
+
+
+class StatisticsInstrument(Instrument):
+    """Params, MACs and bytes before and after each pass (needs shapes: uses the pipeline's)."""
+
+    def __init__(self, input_shapes: Mapping[str, Sequence[int]] | None = None):
+        self.input_shapes = dict(input_shapes or {})
+        self._last_cost: dict[str, int] | None = None
+
+    def _cost(self, model: Model) -> dict[str, int]:
+        rep = cost_of(model, self.input_shapes or None)
+        return {"params": rep.params, "macs": rep.macs, "weight_bytes": rep.weight_bytes,
+                "model_bytes": rep.model_bytes, "nodes": len(model.graph.node)}
+
+    def before_pass(self, index, pass_, model, record):
+        record.cost_before = dict(self._last_cost) if self._last_cost else self._cost(model)
+
+    def after_pass(self, index, pass_, before, result, record):
+        record.cost_after = self._cost(result.model) if result.modified else dict(record.cost_before)
+        self._last_cost = record.cost_after
+
+
+class DumpInstrument(Instrument):
+    """Write the IR after each pass as ``NNN_<pass>.onnx`` in a folder."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+
+    def before_pipeline(self, pipeline, model):
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def after_pass(self, index, pass_, before, result, record):
+        path = self.directory / f"{index:03d}_{pass_.name}.onnx"
+        result.model.save(path)
+        record.dump = str(path)
+
+
+class VerifyInstrument(Instrument):
+    """Run the model before and after each pass through onnxruntime on the same inputs. Exact passes
+    must stay within ``rtol`` (relative to each output's scale) or fail; lossy passes get their
+    error measured and recorded."""
+
+    def __init__(self, samples: list[dict] | None = None, *, rtol: float = EXACT_RTOL, atol: float = EXACT_ATOL,
+                 count: int = 2, seed: int = 0):
+        self.samples = samples
+        self.rtol, self.atol, self.count, self.seed = rtol, atol, count, seed
+
+    def after_pass(self, index, pass_, before, result, record):
+        from sculpt.backends.ort import compare_models
+
+        if not result.modified:
+            record.error = {"max_abs": 0.0, "max_rel": 0.0, "samples": 0}
+            return
+        samples = self.samples
+        if samples is None:
+            from sculpt.backends.ort import random_inputs
+
+            samples = [random_inputs(before, seed=self.seed + k) for k in range(self.count)]
+            self.samples = samples
+        cmp = compare_models(before, result.model, samples)
+        record.error = cmp.as_dict()
+        if pass_.exact and not cmp.within(self.rtol, self.atol):
+            worst = max(cmp.outputs, key=lambda o: o.max_rel)
+            raise VerificationError(
+                f"exact pass '{pass_.name}' changed output '{worst.name}': max abs error {worst.max_abs:.3g}, "
+                f"relative {worst.max_rel:.3g} > {self.rtol:g}")
+
+
+class TimingInstrument(Instrument):
+    """Records wall time per pass (always on; kept as an instrument for custom reporting)."""
+
+
+class Pipeline:
+    """Passes in order. ``run`` returns the final model and one PassRecord per pass; a failure is
+    raised as PipelineError naming the passes that had already run."""
+
+    def __init__(self, passes: Sequence[Pass], *, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                 calibration: Any = None, verify_each: bool = False, dump_dir: str | None = None,
+                 statistics: bool = True, instruments: Sequence[Instrument] = (), seed: int = 0):
+        self.passes = list(passes)
+        self.input_shapes = {k: [int(d) for d in v] for k, v in (input_shapes or {}).items()}
+        self.calibration = calibration
+        self.verify_each = verify_each
+        self.dump_dir = dump_dir
+        self.statistics = statistics
+        self.extra_instruments = list(instruments)
+        self.seed = seed
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[str], **kwargs) -> "Pipeline":
+        """From CLI specs ``NAME[:KEY=VALUE,...]``."""
+        passes = [create_pass(*parse_pass_spec(s)) for s in specs]
+        return cls(passes, **kwargs)
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any], *, source: str = "pipeline", **overrides) -> "Pipeline":
+        if not isinstance(spec, Mapping):
+            raise OptionError(f"{source}: a pipeline is a mapping with a 'passes' list")
+        known = {"passes", "input_shapes", "calibration", "verify_each", "seed"}
+        unknown = set(spec) - known
+        if unknown:
+            raise OptionError(f"{source}: unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(known))})")
+        items = spec.get("passes")
+        if not isinstance(items, list) or not items:
+            raise OptionError(f"{source}: 'passes' must be a non-empty list")
+        passes = []
+        for item in items:
+            if isinstance(item, str):
+                passes.append(create_pass(*parse_pass_spec(item)))
+            elif isinstance(item, Mapping) and len(item) == 1:
+                (name, opts), = item.items()
+                if opts is not None and not isinstance(opts, Mapping):
+                    raise OptionError(f"{source}: options of pass '{name}' must be a mapping")
+                passes.append(create_pass(str(name), opts or {}))
+            else:
+                raise OptionError(f"{source}: each pass is a name or a one-key mapping {{name: {{options}}}}, "
+                                  f"got {item!r}")
+        shapes = spec.get("input_shapes") or {}
+        if not isinstance(shapes, Mapping) or not all(isinstance(v, list) for v in shapes.values()):
+            raise OptionError(f"{source}: 'input_shapes' must map input names to lists of integers")
+        kwargs = {"input_shapes": shapes, "verify_each": bool(spec.get("verify_each", False)),
+                  "seed": int(spec.get("seed", 0))}
+        kwargs.update(overrides)
+        pipe = cls(passes, **kwargs)
+        pipe.calibration_spec = spec.get("calibration")
+        return pipe
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides) -> "Pipeline":
+        path = Path(path)
+        if not path.is_file():
+            raise OptionError(f"{path}: no such pipeline file")
+        text = path.read_text()
+        try:
+            if path.suffix == ".json":
+                spec = json.loads(text)
+            else:
+                import yaml
+
+                spec = yaml.safe_load(text)
+        except Exception as e:
+            raise OptionError(f"{path}: cannot parse the pipeline ({str(e).splitlines()[0]})") from None
+        return cls.from_dict(spec, source=str(path), **overrides)
+
+    calibration_spec: Any = None
+
+    def instruments(self) -> list[Instrument]:
+        inst: list[Instrument] = []
+        if self.statistics:
+            inst.append(StatisticsInstrument(self.input_shapes))
+        if self.verify_each:
+            samples = None
+            if self.calibration is not None:
+                samples = [s for _, s in zip(range(2), self.calibration)]
+            inst.append(VerifyInstrument(samples, seed=self.seed))
+        if self.dump_dir:
+            inst.append(DumpInstrument(self.dump_dir))
+        return inst + self.extra_instruments
+
+    def run(self, model: Model) -> PipelineResult:
+        model = Model.load(model) if not isinstance(model, Model) else model.clone()
+        if self.input_shapes:
+            model.fix_input_shapes(self.input_shapes)
+            model.infer_shapes()
+        ctx = PassContext(calibration=self.calibration, input_shapes=self.input_shapes, seed=self.seed)
+        instruments = self.instruments()
+        for inst in instruments:
+            inst.before_pipeline(self, model)
+        records: list[PassRecord] = []
+        done: list[str] = []
+        for index, pass_ in enumerate(self.passes, start=1):
+            record = PassRecord(index, pass_.name, pass_.exact, False, 0.0)
+            try:
+                for inst in instruments:
+                    inst.before_pass(index, pass_, model, record)
+                start = time.perf_counter()
+                result = pass_(model, ctx)  # works on a copy: `model` is still the pass's input
+                record.seconds = time.perf_counter() - start
+                record.modified = result.modified
+                record.stats = result.stats
+                for inst in instruments:
+                    inst.after_pass(index, pass_, model, result, record)
+            except SculptError as e:
+                raise PipelineError(f"pass {index} '{pass_.name}' failed: {e}", done, e) from e
+            records.append(record)
+            done.append(pass_.name)
+            model = result.model
+        final = PipelineResult(model, records)
+        for inst in instruments:
+            inst.after_pipeline(final)
+        return final
