@@ -1,0 +1,67 @@
+"""Import a sculpt model into TVM Relax, build it for a target, run it in the Relax VM."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from sculpt.errors import SculptError, ShapeError
+from sculpt.ir.model import Model, _one_line
+
+
+class TVMImportError(SculptError):
+    """TVM's Relax ONNX importer or build rejected the model."""
+
+
+def import_to_relax(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None):
+    """Relax IRModule of the model, with static input shapes and weights bound as constants.
+
+    Run ``canonicalize`` first: the importer rejects shape computations it cannot resolve."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    work = model.clone()
+    if input_shapes:
+        work.fix_input_shapes(input_shapes)
+    work.require_static_inputs("the TVM import")
+    shapes = {k: [int(d) for d in v] for k, v in work.input_shapes().items()}
+    try:
+        return from_onnx(work.proto, shape_dict=shapes, keep_params_in_input=False)
+    except Exception as e:
+        raise TVMImportError(f"TVM Relax import failed: {_one_line(e)} (did you run 'canonicalize'?)") from None
+
+
+def build(mod, target: str | dict = "llvm"):
+    """Compile a Relax module to a VM executable for ``target`` (a kind name or a TVM target dict)."""
+    import tvm
+
+    tgt = tvm.target.Target({"kind": target} if isinstance(target, str) else target)
+    try:
+        return tvm.compile(mod, target=tgt)
+    except Exception as e:
+        raise TVMImportError(f"TVM build for {target} failed: {_one_line(e)}") from None
+
+
+def run_relax(executable, feeds: Mapping[str, np.ndarray], input_order: Sequence[str]) -> list[np.ndarray]:
+    """Run a host-built executable in the Relax VM; returns the outputs as numpy arrays."""
+    import tvm
+    from tvm import relax
+
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(executable, dev)
+    args = []
+    for name in input_order:
+        if name not in feeds:
+            raise ShapeError(f"no value for input '{name}'")
+        args.append(tvm.runtime.tensor(np.ascontiguousarray(feeds[name]), dev))
+    out = vm["main"](*args)
+    return _flatten(out)
+
+
+def _flatten(value) -> list[np.ndarray]:
+    if hasattr(value, "numpy"):
+        return [value.numpy()]
+    out = []
+    for v in value:
+        out.extend(_flatten(v))
+    return out
