@@ -114,6 +114,13 @@ def option(default: Any = dataclasses.MISSING, *, help: str = "", default_factor
     return field(default=default, metadata={"help": help})
 
 
+def allow_plain_initializers(model: Model) -> None:
+    """Before IR version 4 every initializer had to be a graph input too. Passes that add constants
+    raise such models to IR 4 (same semantics, valid for opsets up to 9) instead."""
+    if model.proto.ir_version < 4:
+        model.proto.ir_version = 4
+
+
 # ------------------------------------------------------------------ registry
 _REGISTRY: dict[str, type[Pass]] = {}
 

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from sculpt.errors import InvalidModelError
 from sculpt.ir.model import Model, _subgraph_outer_inputs, constant_node_value
-from sculpt.passes.base import Pass, PassContext, PassResult, option, register
+from sculpt.passes.base import Pass, allow_plain_initializers, PassContext, PassResult, option, register
 
 NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                         "Multinomial", "Bernoulli"}
@@ -62,6 +62,7 @@ class ConstantFolding(Pass):
     max_tensor_mb: float = option(256.0, help="largest folded tensor (MB); bigger results stay as nodes")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        allow_plain_initializers(model)
         moved = constants_to_initializers(model)
         model.infer_shapes()
         constants = model.constant_names()

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from sculpt.ir.model import Model
-from sculpt.passes.base import Pass, PassContext, PassResult, register
+from sculpt.passes.base import Pass, allow_plain_initializers, PassContext, PassResult, register
 from sculpt.passes.channel_affine import absorb_channel_affine, output_channels
 
 
@@ -31,6 +31,7 @@ class FoldBatchNorm(Pass):
     exact = True
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        allow_plain_initializers(model)
         folded, skipped = 0, []
         for bn in [n for n in model.graph.node if n.op_type == "BatchNormalization"
                    and n.domain in ("", "ai.onnx")]:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from sculpt.ir.model import Model
-from sculpt.passes.base import Pass, PassContext, PassResult, register
+from sculpt.passes.base import Pass, allow_plain_initializers, PassContext, PassResult, register
 from sculpt.passes.channel_affine import absorb_channel_affine, output_channels, per_channel_vector
 
 
@@ -24,6 +24,7 @@ class FoldConvAffine(Pass):
     exact = True
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        allow_plain_initializers(model)
         folded = 0
         changed = True
         while changed:  # a chain Conv → Mul → Add folds one node per sweep

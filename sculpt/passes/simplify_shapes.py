@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from sculpt.ir.model import Model
-from sculpt.passes.base import Pass, PassContext, PassResult, option, register
+from sculpt.passes.base import Pass, allow_plain_initializers, PassContext, PassResult, option, register
 from sculpt.passes.constant_folding import ConstantFolding
 
 
@@ -36,6 +36,7 @@ class SimplifyShapes(Pass):
     max_rounds: int = option(8, help="rounds of shape folding + constant folding")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        allow_plain_initializers(model)
         total = {"shape_nodes": 0, "reshape_targets": 0, "folded_nodes": 0}
         folding = ConstantFolding()
         for _ in range(max(1, self.max_rounds)):
