@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -24,7 +25,7 @@ EXIT_INTERNAL_ERROR = 3
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
-        raise OptionError(f"{self.prog}: {message}")
+        raise OptionError(message if self.prog == "sculpt" else f"{self.prog}: {message}")
 
 
 def _console(stderr: bool = False):
@@ -43,13 +44,20 @@ def parse_input_shapes(items: Sequence[str] | None) -> dict[str, list[int]]:
         name, sep, dims = item.rpartition("=")
         if not sep:
             name, dims = "", item
+        name = name.strip()
+        pieces = [d.strip() for d in dims.replace("x", ",").split(",")]
+        if not dims.strip() or any(not d for d in pieces):
+            raise ShapeError(f"--input-shape '{item}': give the dimensions separated by commas, like x=1,3,224,224")
         try:
-            shape = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
+            shape = [int(d) for d in pieces]
         except ValueError:
             raise ShapeError(f"--input-shape '{item}': dimensions must be integers, like x=1,3,224,224") from None
-        if not shape or any(d <= 0 for d in shape):
+        if any(d <= 0 for d in shape):
             raise ShapeError(f"--input-shape '{item}': dimensions must be positive integers, like x=1,3,224,224")
-        shapes[name.strip()] = shape
+        if name in shapes and shapes[name] != shape:
+            shown = f"input '{name}'" if name else "the input"
+            raise ShapeError(f"--input-shape given twice for {shown}: {shapes[name]} and {shape}")
+        shapes[name] = shape
     return shapes
 
 
@@ -61,6 +69,12 @@ def _resolve_shapes(model, shapes: dict[str, list[int]]) -> dict[str, list[int]]
                              f"{', '.join(names)}")
         shapes = {names[0] if k == "" else k: v for k, v in shapes.items()}
     return shapes
+
+
+def _one_line(e) -> str:
+    """An error message on one line (some libraries put newlines in theirs)."""
+    text = " ".join(str(e).split())
+    return text[:1000] + (" ..." if len(text) > 1000 else "")
 
 
 def _load(path: str):
@@ -91,6 +105,8 @@ def cmd_inspect(args) -> int:
 
     from sculpt.ir.cost import cost_of
 
+    if args.top < 0:
+        raise OptionError(f"--top must not be negative, got {args.top}")
     model = _load(args.model)
     shapes = _resolve_shapes(model, parse_input_shapes(args.input_shape))
     work = model.clone()
@@ -103,7 +119,7 @@ def cmd_inspect(args) -> int:
         data["opset"] = model.opset
         data["inputs"] = work.input_shapes()
         data["outputs"] = model.output_names
-        print(json.dumps(data))
+        print(json.dumps(_jsonable(data), allow_nan=False))
         return 0
     con = _console()
     table = Table(title=f"{args.model}  (opset {model.opset})", show_lines=False)
@@ -169,18 +185,186 @@ class _ProgressInstrument:
         pass
 
     def before_pass(self, index, pass_, model, record):
+        self.close()
         self.status = self.console.status(f"[{index}/{self.total}] {pass_.describe()} ...")
         self.status.start()
 
     def after_pass(self, index, pass_, before, result, record):
-        if self.status:
-            self.status.stop()
+        self.close()
         mark = "changed" if result.modified else "no change"
         self.console.print(f"[{index}/{self.total}] {pass_.name}: {mark} ({record.seconds:.2f} s)")
 
     def after_pipeline(self, result):
-        if self.status:
+        self.close()
+
+    def close(self):
+        """Stop the status line (also when a pass failed: the pipeline then skips after_pipeline)."""
+        if self.status is not None:
             self.status.stop()
+            self.status = None
+
+
+# ------------------------------------------------------------------ run: checks before any pass runs
+def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` name the same file (symlinks and hard links included)."""
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = Path(os.path.abspath(path))
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def _check_output_file(path: str, flag: str, what: str) -> Path:
+    p = Path(path)
+    if not p.name or p.is_dir():
+        raise OptionError(f"{p}: is a directory; {flag} takes {what}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise OptionError(f"{p}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OptionError(f"{p}: the folder {parent} is not writable")
+    return p
+
+
+def _check_calibration_spec(spec, where: str) -> None:
+    """Catch what CalibrationSet.from_source would only notice late (or report as a crash)."""
+    from sculpt.errors import CalibrationError
+
+    count = None
+    source = spec
+    if isinstance(spec, dict):
+        source = spec.get("source")
+        count = spec.get("count")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count <= 0):
+            raise CalibrationError(f"{where}: calibration 'count' must be a positive integer, got {count!r}")
+    if source is None:
+        return  # from_source names the missing 'source' key
+    text = str(source)
+    if text.startswith("random:"):
+        n = text.split(":", 1)[1].strip()
+        if not n.isdigit() or int(n) <= 0:
+            raise CalibrationError(f"{where}: calibration '{text}': the count must be a positive integer, "
+                                   "like random:8")
+
+
+def _check_calibration_sample(cal, model) -> None:
+    """Read the first sample now (decodes an image, reads the .npz) and check its dtypes."""
+    import onnx
+
+    from sculpt.errors import CalibrationError
+
+    if not len(cal):
+        raise CalibrationError(f"calibration data ({cal.description}) has no samples")
+    sample = cal[0]
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input if vi.type.HasField("tensor_type")}
+    for name, arr in sample.items():
+        elem = types.get(name)
+        if not elem:
+            continue
+        try:
+            want = onnx.helper.tensor_dtype_to_np_dtype(elem)
+        except Exception:
+            continue
+        if arr.dtype != want:
+            raise CalibrationError(f"calibration input '{name}' ({cal.description}) is {arr.dtype}, "
+                                   f"the model expects {want}")
+
+
+def _pipeline_from_file(path: str, overrides: dict):
+    from sculpt.passes.pipeline import Pipeline
+
+    try:
+        return Pipeline.from_file(path, **overrides)
+    except OptionError as e:
+        if str(e).startswith(str(path)):
+            raise
+        raise OptionError(f"{path}: {e}") from None  # name the file: 'unknown pass' alone does not say where
+    except (ValueError, TypeError) as e:  # e.g. 'seed: abc' or 'input_shapes: {x: [1, a]}'
+        why = _explain_pipeline(path)
+        raise OptionError(f"{path}: {why}" if why else f"{path}: invalid pipeline ({_one_line(e)})") from None
+
+
+def _explain_pipeline(path: str) -> str | None:
+    """Which value of a pipeline file is of the wrong kind (Pipeline.from_dict converts them blindly)."""
+    try:
+        text = Path(path).read_text()
+        if Path(path).suffix == ".json":
+            spec = json.loads(text)
+        else:
+            import yaml
+
+            spec = yaml.safe_load(text)
+    except Exception:
+        return None
+    if not isinstance(spec, dict):
+        return None
+    shapes = spec.get("input_shapes") or {}
+    if isinstance(shapes, dict):
+        for name, dims in shapes.items():
+            if not isinstance(dims, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+                return f"input_shapes: input '{name}' must be a list of integers, got {dims!r}"
+    seed = spec.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return f"'seed' must be an integer, got {seed!r}"
+    return None
+
+
+def _jsonable(obj):
+    """Plain JSON: numpy scalars as numbers, non-finite floats as the strings 'inf', '-inf', 'nan'."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+def _default_mode(path: Path) -> None:
+    """Give a file written through a private temporary file the mode a plain open() would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        os.chmod(path, 0o666 & ~mask)
+    except OSError:
+        pass
+
+
+def _write_file_atomic(path: Path, data: bytes) -> None:
+    from sculpt.ir.model import _atomic_write_bytes
+
+    _atomic_write_bytes(path, data)
+    _default_mode(path)
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError:
+        pass
 
 
 def cmd_run(args) -> int:
@@ -193,67 +377,147 @@ def cmd_run(args) -> int:
 
     if bool(args.pipeline) == bool(args.pass_specs):
         raise OptionError("sculpt run: give either --pipeline FILE or at least one --pass NAME[:KEY=VALUE,...]")
-    out = Path(args.output)
-    if out.exists() and out.is_dir():
-        raise OptionError(f"{out}: is a directory; -o takes the output .onnx file")
-    if not (out.parent if str(out.parent) else Path(".")).is_dir():
-        raise OptionError(f"{out}: the folder {out.parent} does not exist")
-    if os.path.exists(args.model) and out.exists() and os.path.samefile(args.model, out):
-        raise OptionError(f"{out}: refusing to overwrite the input model; choose another -o")
-    if args.report and Path(args.report).exists() and Path(args.report).is_dir():
-        raise OptionError(f"{args.report}: is a directory; --report takes a .json file")
+    if args.compare_samples < 1:
+        raise OptionError(f"--compare-samples must be at least 1, got {args.compare_samples}")
+    # ---- where the results go: checked before anything is loaded or run
+    out = _check_output_file(args.output, "-o", "the output .onnx file")
+    report_path = _check_output_file(args.report, "--report", "a .json file") if args.report else None
+    dump_dir = Path(args.dump_dir) if args.dump_dir else None
+    if dump_dir is not None and dump_dir.exists() and not dump_dir.is_dir():
+        raise OptionError(f"{dump_dir}: exists and is not a folder; --dump-dir takes a folder")
+    if dump_dir is not None and not os.access(_existing_ancestor(dump_dir), os.W_OK | os.X_OK):
+        raise OptionError(f"{dump_dir}: cannot create files there (the folder {_existing_ancestor(dump_dir)} "
+                          "is not writable)")
+    protected = [(args.model, "the input model")]
+    if args.pipeline:
+        protected.append((args.pipeline, "the pipeline file"))
+    if args.calibration and os.path.exists(args.calibration):
+        protected.append((args.calibration, "the calibration data"))
+    protected = [(p, what) for p, what in protected if os.path.exists(p)]
+    for path, flag in [(out, "-o")] + ([(report_path, "--report")] if report_path else []):
+        for src, what in protected:
+            if _same_path(path, src):
+                raise OptionError(f"{path}: {flag} would overwrite {what}; choose another path")
+    if report_path and _same_path(report_path, out):
+        raise OptionError(f"{report_path}: --report and -o name the same file")
+    if dump_dir is not None:
+        for path, what in protected + [(out, "the -o file")] + ([(report_path, "the --report file")]
+                                                               if report_path else []):
+            if _same_path(dump_dir, path):
+                raise OptionError(f"{dump_dir}: --dump-dir is {what}")
 
+    # ---- the model, the pipeline, the shapes and the calibration data
     model = _load(args.model)
     shapes = _resolve_shapes(model, parse_input_shapes(args.input_shape))
-    kwargs = dict(verify_each=args.verify_each, dump_dir=args.dump_dir, seed=args.seed)
+    overrides: dict = {}
+    if args.verify_each:
+        overrides["verify_each"] = True
+    if args.seed is not None:
+        overrides["seed"] = args.seed
     if args.pipeline:
-        pipeline = Pipeline.from_file(args.pipeline, **kwargs)
+        pipeline = _pipeline_from_file(args.pipeline, overrides)
         merged = dict(pipeline.input_shapes)
         merged.update(shapes)
         pipeline.input_shapes = merged
-        cal_spec = args.calibration or pipeline.calibration_spec
+        cal_spec, cal_where = ((args.calibration, "--calibration") if args.calibration
+                               else (pipeline.calibration_spec, args.pipeline))
     else:
-        pipeline = Pipeline.from_specs(args.pass_specs, input_shapes=shapes, **kwargs)
-        cal_spec = args.calibration
-    # validate shapes now, before any pass runs
+        pipeline = Pipeline.from_specs(args.pass_specs, input_shapes=shapes, **overrides)
+        cal_spec, cal_where = args.calibration, "--calibration"
+    seed = pipeline.seed
     probe = model.clone()
     if pipeline.input_shapes:
         probe.fix_input_shapes(pipeline.input_shapes)
     probe.require_static_inputs("sculpt run")
     if cal_spec:
-        pipeline.calibration = CalibrationSet.from_source(cal_spec, probe, pipeline.input_shapes)
-        pipeline.calibration.check(probe)
+        _check_calibration_spec(cal_spec, cal_where)
+        calibration = CalibrationSet.from_source(cal_spec, probe, pipeline.input_shapes)
+        calibration.check(probe)
+        _check_calibration_sample(calibration, probe)
+        pipeline.calibration = calibration
+    for p in pipeline.passes:
+        if getattr(p, "needs_calibration", False) and pipeline.calibration is None:
+            raise OptionError(f"pass '{p.name}' needs calibration data: give --calibration (an .npz, an image "
+                              "folder or random:COUNT)")
+    if dump_dir is not None:
+        for index, p in enumerate(pipeline.passes, start=1):
+            target = dump_dir / f"{index:03d}_{p.name}.onnx"
+            for path, what in protected + [(out, "the -o file")] + ([(report_path, "the --report file")]
+                                                                   if report_path else []):
+                if _same_path(target, path):
+                    raise OptionError(f"{target}: the dump of pass {index} would overwrite {what}")
 
+    # ---- run; nothing is written where the user can see it until everything succeeded
     con = _console(stderr=True)
-    pipeline.extra_instruments.append(_ProgressInstrument(con, len(pipeline.passes)))
-    start = time.perf_counter()
-    result = pipeline.run(model)
-    elapsed = time.perf_counter() - start
-    final = result.model
-    final.verify()
+    progress = _ProgressInstrument(con, len(pipeline.passes))
+    pipeline.extra_instruments.append(progress)
+    tmp_dump: Path | None = None
+    written: list[Path] = []  # removed again if a later step fails
+    try:
+        if dump_dir is not None:
+            # dumps go to a private folder first and are moved into --dump-dir only on success
+            tmp_dump = Path(tempfile.mkdtemp(prefix=".sculpt-dump-", dir=_existing_ancestor(dump_dir)))
+            pipeline.dump_dir = str(tmp_dump)
+        start = time.perf_counter()
+        result = pipeline.run(model)
+        elapsed = time.perf_counter() - start
+        progress.close()
+        final = result.model
+        final.verify()
 
-    # measured error of the whole pipeline: calibration samples if any, else random inputs
-    samples = None
-    if pipeline.calibration is not None:
-        samples = [s for _, s in zip(range(args.compare_samples), pipeline.calibration)]
-    cmp = compare_models(probe, final, samples, count=args.compare_samples, seed=args.seed)
+        # measured error of the whole pipeline: calibration samples if any, else random inputs
+        samples = None
+        if pipeline.calibration is not None:
+            samples = [s for _, s in zip(range(args.compare_samples), pipeline.calibration)]
+        cmp = compare_models(probe, final, samples, count=args.compare_samples, seed=seed)
 
-    before = cost_of(probe, model_bytes=probe.byte_size())
-    after = cost_of(final, model_bytes=final.byte_size())
-    # write outputs only now that everything succeeded
-    final.save(out)
-    report = {
-        "input": args.model, "output": str(out), "seconds": elapsed,
-        "passes": [r.as_dict() for r in result.records],
-        "before": before.as_dict()["totals"], "after": after.as_dict()["totals"],
-        "error": cmp.as_dict(),
-    }
-    if args.report:
-        from sculpt.ir.model import _atomic_write_bytes
+        before = cost_of(probe, model_bytes=probe.byte_size())
+        after = cost_of(final, model_bytes=final.byte_size())
+        for r in result.records:
+            if r.dump and tmp_dump is not None:
+                r.dump = str(dump_dir / Path(r.dump).name)
+        report = {
+            "input": args.model, "output": str(out), "seconds": elapsed,
+            "passes": [dict(r.as_dict(), options=p.config()) for r, p in zip(result.records, pipeline.passes)],
+            "before": before.as_dict()["totals"], "after": after.as_dict()["totals"],
+            "error": cmp.as_dict(),
+        }
+        report_bytes = json.dumps(_jsonable(report), indent=2, allow_nan=False).encode()
 
-        _atomic_write_bytes(Path(args.report), json.dumps(report, indent=2, default=str).encode())
+        # ---- write: the dumps, the model, the report
+        if tmp_dump is not None:
+            if not dump_dir.exists():
+                root = Path(os.path.abspath(dump_dir))
+                while not root.parent.exists():
+                    root = root.parent
+                dump_dir.mkdir(parents=True)
+                written.append(root)
+            for f in sorted(tmp_dump.iterdir()):
+                target = dump_dir / f.name
+                if not target.exists():
+                    written.append(target)
+                shutil.move(str(f), str(target))
+                _default_mode(target)
+        if not out.exists():
+            written.append(out)
+        final.save(out)
+        _default_mode(out)
+        if report_path is not None:
+            if not report_path.exists():
+                written.append(report_path)
+            _write_file_atomic(report_path, report_bytes)
+    except BaseException:
+        for path in reversed(written):
+            _remove(path)
+        raise
+    finally:
+        progress.close()
+        if tmp_dump is not None:
+            shutil.rmtree(tmp_dump, ignore_errors=True)
 
-    table = Table(title=f"{args.model} -> {out}")
+    out_con = _console()
+    out_con.print(f"{args.model} -> {out}")
+    table = Table()
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -267,37 +531,63 @@ def cmd_run(args) -> int:
     row("weights", before.weight_bytes, after.weight_bytes, _fmt_bytes)
     row("file size", before.model_bytes, after.model_bytes, _fmt_bytes)
     row("nodes", len(before.layers), len(after.layers), str)
-    out_con = _console()
     out_con.print(table)
+    for label, rep in (("before", before), ("after", after)):
+        if rep.unknown_macs:
+            out_con.print(f"MACs {label}: {len(rep.unknown_macs)} nodes of unknown output shape are not counted")
     out_con.print(f"max error vs input model over {cmp.samples} sample(s): abs {cmp.max_abs:.3g}, "
                   f"relative {cmp.max_rel:.3g}; {elapsed:.2f} s")
+    if report_path is not None:
+        out_con.print(f"report: {report_path}")
+    if dump_dir is not None:
+        out_con.print(f"IR after each pass: {dump_dir}")
     return 0
 
 
 # ------------------------------------------------------------------ compare
 def cmd_compare(args) -> int:
     from sculpt.backends.ort import compare_models
-    from sculpt.ir.calibration import CalibrationSet
 
+    if args.samples < 1:
+        raise OptionError(f"--samples must be at least 1, got {args.samples}")
+    if args.rtol < 0 or args.atol < 0:
+        raise OptionError("--rtol and --atol must not be negative")
     ref = _load(args.reference)
     cand = _load(args.candidate)
     shapes = _resolve_shapes(ref, parse_input_shapes(args.input_shape))
     probe = ref.clone()
     if shapes:
         probe.fix_input_shapes(shapes)
+    dyn = probe.dynamic_inputs()
+    if dyn and not cand.dynamic_inputs():
+        # the candidate (e.g. the output of `sculpt run`) has static inputs: compare at its shapes
+        fixed = {n: s for n, s in cand.input_shapes().items() if n in dyn and s}
+        if fixed:
+            try:
+                probe.fix_input_shapes(fixed)
+            except ShapeError:
+                pass  # shapes that do not fit the reference: require_static_inputs says what to give
     probe.require_static_inputs("sculpt compare")
     samples = None
     if args.calibration:
-        cal = CalibrationSet.from_source(args.calibration, probe, shapes)
+        from sculpt.ir.calibration import CalibrationSet
+
+        _check_calibration_spec(args.calibration, "--calibration")
+        fixed_shapes = {n: s for n, s in probe.input_shapes().items()}
+        cal = CalibrationSet.from_source(args.calibration, probe, fixed_shapes)
+        cal.check(probe)
+        _check_calibration_sample(cal, probe)
         samples = [s for _, s in zip(range(args.samples), cal)]
     cmp = compare_models(probe, cand, samples, count=args.samples, seed=args.seed)
+    ok = cmp.within(args.rtol, args.atol)
     if args.json:
-        print(json.dumps(cmp.as_dict()))
+        data = cmp.as_dict()
+        data.update(equal=ok, rtol=args.rtol, atol=args.atol)
+        print(json.dumps(_jsonable(data), allow_nan=False))
     else:
         for o in cmp.outputs:
             print(f"{o.name}: max abs {o.max_abs:.3g}, relative {o.max_rel:.3g}"
                   + ("" if o.shape_match else " (shape mismatch or missing)"))
-    ok = cmp.within(args.rtol, args.atol)
     if not ok:
         print(f"sculpt: outputs differ beyond rtol={args.rtol:g} / atol={args.atol:g}", file=sys.stderr)
     return 0 if ok else 1
@@ -323,6 +613,8 @@ def cmd_demo(args) -> int:
         jobs.append(("PP-OCR mobile v2.0 cls", ppocr_model("cls"), {"x": [1, 3, 48, 192]}))
     except SculptError as e:
         con.print(f"[yellow]skipping the PP-OCR classifier: {e}[/]")
+    if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise OptionError(f"{args.output_dir}: exists and is not a folder; -o takes a folder")
     outdir = Path(args.output_dir) if args.output_dir else Path(tempfile.mkdtemp(prefix="sculpt-demo-"))
     outdir.mkdir(parents=True, exist_ok=True)
     table = Table(title="sculpt demo: canonicalize (exact)")
@@ -378,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dump-dir", help="write the model after each pass as NNN_<pass>.onnx")
     r.add_argument("--report", help="write a JSON report (per pass: time, stats, cost, error)")
     r.add_argument("--compare-samples", type=int, default=2, help="samples for the final error measurement")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=None, help="seed of the random inputs (default: the pipeline's, 0)")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("passes", help="list the registered passes and their options")
@@ -412,7 +704,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USER_ERROR
         return int(args.func(args) or 0)
     except SculptError as e:
-        print(f"sculpt: error: {e}", file=sys.stderr)
+        print(f"sculpt: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:  # a file the user named cannot be read or written (permissions, disk full)
+        if os.environ.get("SCULPT_DEBUG"):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"sculpt: error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("sculpt: interrupted", file=sys.stderr)
@@ -420,9 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug in sculpt: one line, the traceback on request
         if os.environ.get("SCULPT_DEBUG"):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"sculpt: internal error: {type(e).__name__}: {first} (set SCULPT_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(f"sculpt: internal error: {type(e).__name__}: {_one_line(e)} (set SCULPT_DEBUG=1 for the "
+              "traceback)", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
 
 
