@@ -140,6 +140,21 @@ class TimingInstrument(Instrument):
     """Records wall time per pass (always on; kept as an instrument for custom reporting)."""
 
 
+def _relative_to(cal: Any, folder: Path) -> Any:
+    """A relative calibration source in a pipeline file names a path beside that file."""
+    def resolve(src: str) -> str:
+        if src == "random" or src.startswith("random:") or os.path.isabs(src):
+            return src
+        candidate = folder / src
+        return str(candidate) if candidate.exists() or not Path(src).exists() else src
+
+    if isinstance(cal, str):
+        return resolve(cal)
+    if isinstance(cal, Mapping) and isinstance(cal.get("source"), str):
+        return {**cal, "source": resolve(cal["source"])}
+    return cal
+
+
 class Pipeline:
     """Passes in order. ``run`` returns the final model and one PassRecord per pass; a failure is
     raised as PipelineError naming the passes that had already run."""
@@ -186,10 +201,20 @@ class Pipeline:
                 raise OptionError(f"{source}: each pass is a name or a one-key mapping {{name: {{options}}}}, "
                                   f"got {item!r}")
         shapes = spec.get("input_shapes") or {}
-        if not isinstance(shapes, Mapping) or not all(isinstance(v, list) for v in shapes.values()):
-            raise OptionError(f"{source}: 'input_shapes' must map input names to lists of integers")
-        kwargs = {"input_shapes": shapes, "verify_each": bool(spec.get("verify_each", False)),
-                  "seed": int(spec.get("seed", 0))}
+        if not isinstance(shapes, Mapping):
+            raise OptionError(f"{source}: 'input_shapes' must map input names to lists of positive integers")
+        for name, dims in shapes.items():
+            if not isinstance(dims, list) or not dims or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+                raise OptionError(f"{source}: input_shapes of '{name}' must be a list of positive integers, "
+                                  f"got {dims!r}")
+        verify = spec.get("verify_each", False)
+        if not isinstance(verify, bool):
+            raise OptionError(f"{source}: 'verify_each' must be true or false, got {verify!r}")
+        seed = spec.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise OptionError(f"{source}: 'seed' must be an integer, got {seed!r}")
+        kwargs = {"input_shapes": shapes, "verify_each": verify, "seed": seed}
         kwargs.update(overrides)
         pipe = cls(passes, **kwargs)
         pipe.calibration_spec = spec.get("calibration")
@@ -210,7 +235,9 @@ class Pipeline:
                 spec = yaml.safe_load(text)
         except Exception as e:
             raise OptionError(f"{path}: cannot parse the pipeline ({str(e).splitlines()[0]})") from None
-        return cls.from_dict(spec, source=str(path), **overrides)
+        pipe = cls.from_dict(spec, source=str(path), **overrides)
+        pipe.calibration_spec = _relative_to(pipe.calibration_spec, path.parent)
+        return pipe
 
     calibration_spec: Any = None
 
