@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 
 from sculpt.errors import ShapeError, SculptError
-from sculpt.ir.model import Model, _one_line
+import sculpt.ir.model as _model_mod
+from sculpt.ir.model import Model, _dims, _one_line
 
 _ORT_TO_NUMPY = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -27,12 +28,19 @@ class RuntimeFailure(SculptError):
 
 def make_session(model: Model | onnx.ModelProto, *, optimize: bool = True, threads: int | None = None,
                  extra_outputs: Sequence[str] = ()):
-    """An onnxruntime CPU InferenceSession for a model; ``extra_outputs`` exposes intermediate tensors."""
+    """An onnxruntime CPU InferenceSession for a model; ``extra_outputs`` exposes intermediate tensors.
+    The model itself is not modified."""
     import onnxruntime as ort
 
     proto = model.proto if isinstance(model, Model) else model
+    big = proto.ByteSize() > _model_mod._PROTOBUF_LIMIT
+    added: list[str] = []
     if extra_outputs:
-        proto = _with_outputs(proto, extra_outputs)
+        if big:  # too big to copy cheaply: add the outputs for the session's sake, then take them away
+            added = _append_outputs(proto, extra_outputs)
+        else:
+            proto = onnx.ModelProto.FromString(proto.SerializeToString())
+            _append_outputs(proto, extra_outputs)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if not optimize:
@@ -41,30 +49,39 @@ def make_session(model: Model | onnx.ModelProto, *, optimize: bool = True, threa
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     try:
-        if proto.ByteSize() > 2**31 - 1:
+        if big:
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "model.onnx")
-                Model(proto).save(path, external_data=True)
+                Model.wrap(proto).save(path, external_data=True)
                 return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise RuntimeFailure(f"onnxruntime cannot load the model: {_one_line(e)}") from None
+    finally:
+        if added:
+            keep = [o for o in proto.graph.output if o.name not in set(added)]
+            del proto.graph.output[:]
+            proto.graph.output.extend(keep)
 
 
-def _with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    proto = onnx.ModelProto.FromString(proto.SerializeToString()) if proto.ByteSize() < 2**31 - 1 else proto
+def _append_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> list[str]:
+    """Add graph outputs (untyped) for ``names`` that are not outputs yet; returns the names added."""
     existing = {o.name for o in proto.graph.output}
+    added = []
     for n in names:
         if n not in existing:
             proto.graph.output.append(onnx.ValueInfoProto(name=n))
             existing.add(n)
-    return proto
+            added.append(n)
+    return added
 
 
 def run(model: Model | onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, session=None,
         outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     sess = session or make_session(model)
-    names = list(outputs) if outputs else [o.name for o in sess.get_outputs()]
+    names = list(outputs) if outputs is not None else [o.name for o in sess.get_outputs()]
+    if not names:
+        return {}
     try:
         values = sess.run(names, dict(feeds))
     except Exception as e:
@@ -76,29 +93,64 @@ def random_inputs(model: Model, *, seed: int = 0, shapes: Mapping[str, Sequence[
                   session=None) -> dict[str, np.ndarray]:
     """Random inputs for every real input: float ~ N(0, 1), integers in [0, 4), bool coin flips.
 
-    Dynamic dimensions must be given in ``shapes`` (or fixed in the model)."""
-    sess = session or make_session(model)
+    Dynamic dimensions must be given in ``shapes`` (or fixed in the model). Without a ``session`` the
+    inputs are read from the model itself (no onnxruntime session is built)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     shapes = dict(shapes or {})
-    for inp in sess.get_inputs():
-        shape = shapes.get(inp.name, inp.shape)
+    specs = ([(i.name, i.shape, i.type) for i in session.get_inputs()] if session is not None
+             else _input_specs(model))
+    for name, model_shape, type_name in specs:
+        dtype = _ORT_TO_NUMPY.get(type_name)
+        if dtype is None:
+            raise RuntimeFailure(f"input '{name}': cannot make random data of type {type_name}")
+        shape = shapes.get(name, model_shape)
+        if shape is None:
+            raise ShapeError(f"input '{name}' has no shape in the model; give its shape "
+                             f"(--input-shape {name}=...)")
         dims = []
         for i, d in enumerate(shape):
-            if not isinstance(d, int) or d < 0:
-                raise ShapeError(f"input '{inp.name}' has a dynamic dimension {i}; give its shape "
-                                 f"(--input-shape {inp.name}=...)")
-            dims.append(d)
-        dtype = _ORT_TO_NUMPY.get(inp.type)
-        if dtype is None:
-            raise RuntimeFailure(f"input '{inp.name}': cannot make random data of type {inp.type}")
+            if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or d < 0:
+                raise ShapeError(f"input '{name}' has a dynamic dimension {i}; give its shape "
+                                 f"(--input-shape {name}=...)")
+            dims.append(int(d))
         if np.issubdtype(dtype, np.floating):
-            feeds[inp.name] = rng.standard_normal(dims).astype(dtype)
+            feeds[name] = rng.standard_normal(dims).astype(dtype)
         elif dtype is np.bool_:
-            feeds[inp.name] = rng.integers(0, 2, dims).astype(np.bool_)
+            feeds[name] = rng.integers(0, 2, dims).astype(np.bool_)
         else:
-            feeds[inp.name] = rng.integers(0, 4, dims).astype(dtype)
+            feeds[name] = rng.integers(0, 4, dims).astype(dtype)
     return feeds
+
+
+_ONNX_TO_ORT_TYPE = {
+    onnx.TensorProto.FLOAT: "tensor(float)", onnx.TensorProto.DOUBLE: "tensor(double)",
+    onnx.TensorProto.FLOAT16: "tensor(float16)", onnx.TensorProto.INT64: "tensor(int64)",
+    onnx.TensorProto.INT32: "tensor(int32)", onnx.TensorProto.INT16: "tensor(int16)",
+    onnx.TensorProto.INT8: "tensor(int8)", onnx.TensorProto.UINT8: "tensor(uint8)",
+    onnx.TensorProto.UINT16: "tensor(uint16)", onnx.TensorProto.UINT32: "tensor(uint32)",
+    onnx.TensorProto.UINT64: "tensor(uint64)", onnx.TensorProto.BOOL: "tensor(bool)",
+}
+
+
+def _input_specs(model: Model | onnx.ModelProto) -> list[tuple[str, list | None, str]]:
+    """(name, shape, onnxruntime type string) of the real inputs, read from the model proto the way
+    onnxruntime reports them: a dynamic dimension is a str or None; an unknown rank is None."""
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    specs = []
+    for vi in graph.input:
+        if vi.name in inits:
+            continue
+        if not vi.type.HasField("tensor_type"):
+            specs.append((vi.name, None, "a non-tensor type"))
+            continue
+        tt = vi.type.tensor_type
+        shape = None
+        if tt.HasField("shape"):
+            shape = [d if not (isinstance(d, int) and d < 0) else None for d in _dims(vi)]
+        specs.append((vi.name, shape, _ONNX_TO_ORT_TYPE.get(tt.elem_type, f"tensor type {tt.elem_type}")))
+    return specs
 
 
 @dataclass
@@ -149,7 +201,8 @@ def output_error(name: str, got: np.ndarray, ref: np.ndarray) -> OutputError:
         if nan_mismatch.any():
             return OutputError(name, float("inf"), float("inf"))
         both_inf_equal = np.isinf(b) & (a == b)
-        diff = np.where(np.isnan(b) | both_inf_equal, 0.0, np.abs(a - b))
+        with np.errstate(invalid="ignore"):  # inf - inf where both are the same inf: masked below
+            diff = np.where(np.isnan(b) | both_inf_equal, 0.0, np.abs(a - b))
         max_abs = float(np.max(diff))
         finite = np.abs(b[np.isfinite(b)])
         scale = float(finite.max()) if finite.size else 0.0

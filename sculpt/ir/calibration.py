@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
+import onnx
 
 from sculpt.errors import CalibrationError
-from sculpt.ir.model import Model
+from sculpt.ir.model import Model, _one_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
@@ -37,6 +38,21 @@ class ImagePreprocessing:
     channel_order: str = "RGB"
     grayscale: bool = False
 
+    def __post_init__(self):
+        if self.layout.upper() not in ("NCHW", "NHWC"):
+            raise CalibrationError(f"image layout must be NCHW or NHWC, got '{self.layout}'")
+        if self.channel_order.upper() not in ("RGB", "BGR"):
+            raise CalibrationError(f"image channel order must be RGB or BGR, got '{self.channel_order}'")
+        if int(self.height) <= 0 or int(self.width) <= 0:
+            raise CalibrationError(f"image size must be positive, got {self.height}x{self.width}")
+        channels = 1 if self.grayscale else 3
+        for what in ("mean", "std"):
+            values = np.atleast_1d(np.asarray(getattr(self, what), dtype=np.float64))
+            if values.ndim != 1 or 1 < len(values) < channels or len(values) == 0:
+                raise CalibrationError(f"image {what} needs 1 or {channels} values, got {values.tolist()}")
+        if any(float(v) == 0.0 for v in np.atleast_1d(np.asarray(self.std, dtype=np.float64))):
+            raise CalibrationError(f"image std must be nonzero, got {list(np.atleast_1d(self.std))}")
+
     def __call__(self, path: Path) -> np.ndarray:
         from PIL import Image
 
@@ -46,7 +62,7 @@ class ImagePreprocessing:
                                                                          Image.BILINEAR)
                 arr = np.asarray(img, dtype=np.float32)
         except Exception as e:
-            raise CalibrationError(f"{path}: cannot read the image ({e})") from None
+            raise CalibrationError(f"{path}: cannot read the image ({_one_line(e)})") from None
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if self.channel_order.upper() == "BGR" and arr.shape[2] == 3:
@@ -86,6 +102,8 @@ class CalibrationSet:
         return self._sample(k)
 
     def take(self, n: int) -> "CalibrationSet":
+        if n < 0:
+            raise CalibrationError(f"cannot take {n} calibration samples")
         return CalibrationSet(min(n, self.count), self._sample, self.description, self.input_names)
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -108,12 +126,21 @@ class CalibrationSet:
                                    f"the model expects {sorted(expected)}")
         sample = self[0] if self.count else {}
         shapes = model.input_shapes()
+        types = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input
+                 if vi.type.HasField("tensor_type")}
         for name, arr in sample.items():
+            arr = np.asarray(arr)
             want = shapes.get(name) or []
             if want and (len(want) != arr.ndim or any(isinstance(d, int) and d > 0 and d != s
                                                       for d, s in zip(want, arr.shape))):
                 raise CalibrationError(f"calibration input '{name}' has shape {list(arr.shape)}, the model "
                                        f"expects {want}")
+            elem = types.get(name, 0)
+            if elem:
+                expected_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+                if arr.dtype != expected_dtype:
+                    raise CalibrationError(f"calibration input '{name}' has dtype {arr.dtype}, the model "
+                                           f"expects {expected_dtype}")
 
     # ---------------------------------------------------------------- sources
     @classmethod
@@ -161,15 +188,25 @@ class CalibrationSet:
         """Random samples: float inputs N(0, 1), or uniform in [low, high) when both are given."""
         from sculpt.backends.ort import random_inputs
 
-        shapes = {n: list(s) for n, s in model.input_shapes().items()}
+        if count <= 0:
+            raise CalibrationError(f"random calibration: the sample count must be positive, got {count}")
+        real = model.input_shapes()
+        for name in input_shapes or {}:
+            if name not in real:
+                raise CalibrationError(f"random calibration: shape given for '{name}', but the model's inputs "
+                                       f"are {', '.join(real) or '(none)'}")
+        dynamic = model.dynamic_inputs()
+        shapes = {n: list(s) for n, s in real.items()}
         shapes.update({k: list(v) for k, v in (input_shapes or {}).items()})
         for name, shape in shapes.items():
-            if not shape or any(not isinstance(d, int) or d <= 0 for d in shape):
+            given = name in (input_shapes or {})
+            if (name in dynamic and not given) or any(
+                    isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d <= 0 for d in shape):
                 raise CalibrationError(f"random calibration: input '{name}' has a dynamic shape; give "
                                        f"--input-shape {name}=...")
 
         def sample(k: int) -> dict[str, np.ndarray]:
-            feeds = random_inputs(model, seed=seed + k, shapes=shapes)
+            feeds = random_inputs(model, seed=seed + k, shapes=shapes)  # no session: cheap per sample
             if low is not None and high is not None:
                 rng = np.random.default_rng(seed + k)
                 feeds = {n: (rng.uniform(low, high, v.shape).astype(v.dtype) if v.dtype.kind == "f" else v)
@@ -196,9 +233,12 @@ class CalibrationSet:
         if unknown:
             raise CalibrationError(f"calibration: unknown option '{sorted(unknown)[0]}' (known: {', '.join(sorted(known))})")
         count = opts.get("count")
+        if count is not None:
+            count = _positive_int(count, "calibration: 'count'")
         text = str(source)
         if text == "random" or text.startswith("random:"):
-            n = int(text.split(":", 1)[1]) if ":" in text else int(count or 8)
+            n = _positive_int(text.split(":", 1)[1], f"calibration '{text}': the count") if ":" in text \
+                else (count or 8)
             return cls.random(model, count=n, seed=int(opts.get("seed", 0)), input_shapes=input_shapes,
                               low=opts.get("low"), high=opts.get("high"))
         path = Path(text)
@@ -208,6 +248,9 @@ class CalibrationSet:
             if name is None:
                 raise CalibrationError(f"{path}: the model has several inputs ({', '.join(names)}); say which one "
                                        "the images feed with 'input:'")
+            if name not in names:
+                raise CalibrationError(f"{path}: the images feed '{name}', which is not an input of the model "
+                                       f"({', '.join(names) or 'none'})")
             shape = list((input_shapes or {}).get(name) or model.input_shapes().get(name) or [])
             layout = str(opts.get("layout", "NCHW")).upper()
             size = opts.get("size")
@@ -230,14 +273,38 @@ class CalibrationSet:
                                "or 'random[:COUNT]')")
 
 
+def _positive_int(value, what: str) -> int:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        n = int(value)
+        if n != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise CalibrationError(f"{what} must be a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise CalibrationError(f"{what} must be a positive integer, got {value!r}")
+    return n
+
+
 def iter_activations(model: Model, tensors: Sequence[str], calibration: CalibrationSet,
                      *, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Run the model on each calibration sample; yield ``{tensor: value}`` for the tensors asked
     for only (graph outputs are not kept unless asked), one sample at a time."""
     from sculpt.backends.ort import make_session, run
 
-    sess = make_session(model, extra_outputs=list(tensors))
-    names = list(tensors)
+    names = list(dict.fromkeys(tensors))
+    known = set(model.producers()) | {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise CalibrationError(f"activation capture: the model has no tensor '{missing[0]}'")
+    if not names:
+        for k, _ in enumerate(calibration):
+            if limit is not None and k >= limit:
+                break
+            yield {}
+        return
+    sess = make_session(model, extra_outputs=names)
     inputs = {i.name for i in sess.get_inputs()}
     for k, sample in enumerate(calibration):
         if limit is not None and k >= limit:

@@ -4,7 +4,9 @@ MACs count one multiply-accumulate per weight tap for Conv, ConvTranspose, Gemm 
 operation per window element for pooling; one per output element for elementwise ops, BatchNorm,
 Resize and normalizations; one per input element for reductions and Softmax. Data movement
 (Reshape, Transpose, Concat, Slice, ...) costs no MACs. Shapes come from ONNX shape inference on
-a copy of the model with the given input shapes.
+a copy of the model with the given input shapes; when that leaves tensors without a static shape
+(exporters often compute Reshape targets at run time, which ONNX inference cannot follow) and every
+input shape is static, the missing shapes are measured by one onnxruntime run on random inputs.
 """
 
 from __future__ import annotations
@@ -118,13 +120,32 @@ def node_macs(model: Model, node: onnx.NodeProto, shape_of) -> int | None:
     return 0
 
 
+def _runtime_shapes(work: Model, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of ``names`` measured by running the model once in onnxruntime ({} if it cannot run)."""
+    from sculpt.backends.ort import make_session, random_inputs
+
+    if not names or work.dynamic_inputs():
+        return {}
+    try:
+        sess = make_session(work, optimize=False, extra_outputs=names)
+        values = sess.run(list(names), random_inputs(work, seed=0))
+    except Exception:  # noqa: BLE001 - RuntimeFailure, ShapeError, onnxruntime errors: shapes stay unknown
+        return {}
+    # sequences and optionals are not tensors and have no shape
+    return {n: tuple(int(d) for d in v.shape) for n, v in zip(names, values) if isinstance(v, np.ndarray)}
+
+
 def cost_of(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None,
-            model_bytes: int | None = None) -> CostReport:
-    """Per-node and total cost. ``input_shapes`` fixes dynamic inputs (on a copy)."""
+            model_bytes: int | None = None, *, runtime_shapes: bool = True) -> CostReport:
+    """Per-node and total cost. ``input_shapes`` fixes dynamic inputs (on a copy).
+
+    ``runtime_shapes``: measure the shapes ONNX shape inference leaves unknown with one onnxruntime
+    run (only when all input shapes are static)."""
     work = model.clone()
     if input_shapes:
         work.fix_input_shapes(input_shapes)
-    work.infer_shapes()
+    # recompute every shape from the inputs: value_info left behind by an edit may be stale
+    work.infer_shapes(refresh=True)
     # constants are counted as parameters only if floating point (shape tensors and indices are not)
     init = work.initializer_map()
     constants: dict[str, tuple[tuple[int, ...], int, bool]] = {}
@@ -141,10 +162,17 @@ def cost_of(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = Non
                 else np.dtype(object)
             constants[node.output[0]] = (tuple(t.dims), dtype.itemsize if dtype != object else 0, dtype.kind == "f")
 
+    measured: dict[str, tuple[int, ...]] = {}
+    if runtime_shapes:
+        unknown = [o for node in work.graph.node if node.op_type != "Constant" for o in node.output
+                   if o and o not in constants and work.static_shape(o) is None]
+        measured = _runtime_shapes(work, unknown)
+
     def shape_of(name: str):
         if name in constants:
             return constants[name][0]
-        return work.static_shape(name)
+        shape = work.static_shape(name)
+        return shape if shape is not None else measured.get(name)
 
     report = CostReport(model_bytes=model_bytes if model_bytes is not None else model.byte_size())
     counted: set[str] = set()

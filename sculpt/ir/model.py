@@ -52,6 +52,14 @@ class Model:
         self.source_path = os.path.realpath(source_path) if source_path else None
         self._ensure_node_names()
 
+    @classmethod
+    def wrap(cls, proto: onnx.ModelProto) -> "Model":
+        """A Model around ``proto`` itself: no copy, no check, node names left as they are."""
+        m = cls.__new__(cls)
+        m.proto = proto
+        m.source_path = None
+        return m
+
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def load(cls, source, *, load_external_data: bool = True) -> "Model":
@@ -71,16 +79,21 @@ class Model:
                 raise ModelLoadError(f"{path}: no such file")
             if os.path.isdir(path):
                 raise ModelLoadError(f"{path}: is a directory, not an ONNX file")
-            with open(path, "rb") as f:
-                data = f.read()
+            if not os.path.isfile(path):
+                raise ModelLoadError(f"{path}: not a regular file")
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise ModelLoadError(f"{path}: cannot read: {e.strerror or e}") from None
             proto = _parse(data, path)
             if load_external_data and _uses_external_data(proto):
                 try:
                     onnx.external_data_helper.load_external_data_for_model(
                         proto, os.path.dirname(os.path.abspath(path))
                     )
-                except (OSError, ValueError) as e:
-                    raise ModelLoadError(f"{path}: cannot read its external data: {e}") from None
+                except Exception as e:  # OSError, ValueError, onnx's ValidationError (missing file, bad path)
+                    raise ModelLoadError(f"{path}: cannot read its external data: {_one_line(e)}") from None
             return cls(proto, source_path=path)
         raise ModelLoadError(f"cannot load a model from a {type(source).__name__}")
 
@@ -103,17 +116,25 @@ class Model:
         proto = self.proto
         if not external_data:
             data = proto.SerializeToString()
-            _atomic_write_bytes(path, data)
+            try:
+                _atomic_write_bytes(path, data)
+            except OSError as e:
+                raise ModelLoadError(f"{path}: cannot write the model: {e.strerror or e}") from None
             return path
         # external data: write both files under temporary names, then rename the data, then the model
         location = path.name + ".data"
-        with tempfile.TemporaryDirectory(dir=parent, prefix=".sculpt-") as tmp:
-            proto = copy.deepcopy(self.proto)
-            tmp_model = os.path.join(tmp, path.name)
-            onnx.save_model(proto, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=location, size_threshold=1024)
-            os.replace(os.path.join(tmp, location), parent / location)
-            os.replace(tmp_model, path)
+        try:
+            with tempfile.TemporaryDirectory(dir=parent, prefix=".sculpt-") as tmp:
+                proto = copy.deepcopy(self.proto)
+                tmp_model = os.path.join(tmp, path.name)
+                onnx.save_model(proto, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=location, size_threshold=1024)
+                # no tensor reaches the threshold: onnx writes no data file and the model is self-contained
+                if os.path.exists(os.path.join(tmp, location)):
+                    os.replace(os.path.join(tmp, location), parent / location)
+                os.replace(tmp_model, path)
+        except OSError as e:
+            raise ModelLoadError(f"{path}: cannot write the model: {e.strerror or e}") from None
         return path
 
     def serialize(self) -> bytes:
@@ -135,7 +156,10 @@ class Model:
     def to_graphsurgeon(self):
         import onnx_graphsurgeon as gs
 
-        return gs.import_onnx(self.proto)
+        graph = gs.import_onnx(self.proto)
+        # graphsurgeon keeps no model-level metadata (e.g. PP-OCR rec's 'character' list): carry it along
+        graph._sculpt_model_info = _model_info(self.proto)
+        return graph
 
     @classmethod
     def from_graphsurgeon(cls, graph, *, opset: int | None = None) -> "Model":
@@ -143,9 +167,14 @@ class Model:
 
         kwargs = {"do_type_check": True}
         proto = gs.export_onnx(graph, **kwargs)
+        info = getattr(graph, "_sculpt_model_info", None)
+        if info is not None:
+            _restore_model_info(proto, info)
         if opset is not None:
+            others = [o for o in proto.opset_import if o.domain not in ("", "ai.onnx")]
             del proto.opset_import[:]
             proto.opset_import.append(onnx.helper.make_opsetid("", opset))
+            proto.opset_import.extend(others)
         return cls(proto)
 
     # ------------------------------------------------------------------ basic views
@@ -255,6 +284,14 @@ class Model:
     def set_initializer(self, name: str, value: np.ndarray) -> str:
         """Create or replace an initializer. Returns its name."""
         tensor = numpy_helper.from_array(np.asarray(value), name)
+        # a recorded shape of the old value would now be stale; an input declaring it (an overridable
+        # initializer) must declare the new type and shape
+        stale = [v for v in self.graph.value_info if v.name == name]
+        for v in stale:
+            self.graph.value_info.remove(v)
+        for vi in self.graph.input:
+            if vi.name == name:
+                vi.type.CopyFrom(onnx.helper.make_tensor_type_proto(tensor.data_type, list(tensor.dims)))
         for i, t in enumerate(self.graph.initializer):
             if t.name == name:
                 self.graph.initializer[i].CopyFrom(tensor)
@@ -356,11 +393,14 @@ class Model:
                 else:
                     rest.append(node)
             if not progress:
-                missing = sorted({i for n in rest for i in n.input if i not in available and i not in
-                                  {o for m in rest for o in m.output}})
+                pending_outputs = {o for m in rest for o in m.output}
+                missing = sorted({i for n in rest for i in list(n.input) + sorted(_subgraph_outer_inputs(n))
+                                  if i not in available and i not in pending_outputs})
                 if missing:
+                    reader = next(n for n in rest
+                                  if missing[0] in list(n.input) + sorted(_subgraph_outer_inputs(n)))
                     raise InvalidModelError(
-                        f"node '{rest[0].name}' reads tensor '{missing[0]}' that nothing produces")
+                        f"node '{reader.name}' reads tensor '{missing[0]}' that nothing produces")
                 raise InvalidModelError(f"the graph has a cycle through node '{rest[0].name}'")
             pending = rest
         if [id(n) for n in ordered] != [id(n) for n in self.graph.node]:
@@ -369,14 +409,24 @@ class Model:
             self.graph.node.extend(copies)
 
     # ------------------------------------------------------------------ shapes
-    def infer_shapes(self, *, strict: bool = False, data_prop: bool = True) -> "Model":
-        """Run ONNX shape inference in place (value_info refreshed). Returns self."""
+    def infer_shapes(self, *, strict: bool = False, data_prop: bool = True, refresh: bool = False) -> "Model":
+        """Run ONNX shape inference in place (value_info refreshed). Returns self.
+
+        ``refresh``: forget the recorded value_info first, so that shapes made stale by an edit (a
+        pruned weight, say) are recomputed from the inputs instead of being merged with the old ones.
+        (Without it, non-strict inference silently keeps a stale shape that conflicts.)"""
         if self.byte_size() > _PROTOBUF_LIMIT:
             return self  # onnx's in-memory inference cannot take > 2 GiB; leave shapes as they are
+        saved = [onnx.ValueInfoProto.FromString(v.SerializeToString()) for v in self.graph.value_info] \
+            if refresh else None
+        if refresh:
+            del self.graph.value_info[:]
         try:
             inferred = shape_inference.infer_shapes(self.proto, check_type=False, strict_mode=strict,
                                                     data_prop=data_prop)
         except Exception as e:  # onnx raises InferenceError, ValidationError, RuntimeError
+            if saved is not None:
+                self.graph.value_info.extend(saved)
             if strict:
                 raise InvalidModelError(f"shape inference failed: {_one_line(e)}") from None
             return self
@@ -399,14 +449,20 @@ class Model:
             if name not in real:
                 raise ShapeError(f"input shape given for '{name}', but the model's inputs are "
                                  f"{', '.join(real) or '(none)'}")
-            shape = [int(d) for d in shape]
+            try:
+                if isinstance(shape, (str, bytes)):
+                    raise TypeError
+                shape = [_as_dim(d) for d in shape]
+            except (TypeError, ValueError):
+                raise ShapeError(f"input '{name}': the shape must be a list of integers, got {shape!r}") from None
+            for i, n in enumerate(shape):
+                if n <= 0:
+                    raise ShapeError(f"input '{name}': dimension {i} must be positive, got {n}")
             old = real[name]
             if len(old) != len(shape) and old:
                 raise ShapeError(f"input '{name}' has rank {len(old)}, but the shape given has rank "
                                  f"{len(shape)}: {shape}")
             for i, (o, n) in enumerate(zip(old, shape)):
-                if n <= 0:
-                    raise ShapeError(f"input '{name}': dimension {i} must be positive, got {n}")
                 if isinstance(o, int) and o > 0 and o != n:
                     raise ShapeError(f"input '{name}': dimension {i} is fixed to {o} by the model, "
                                      f"the shape given says {n}")
@@ -420,19 +476,28 @@ class Model:
                         dims.dim.add().dim_value = d
         # value_info computed with the old shapes is stale
         del self.graph.value_info[:]
+        # symbolic or invalid (negative) output dimensions may now be known: make them unknown so that
+        # shape inference fills them in; the rank and the static dimensions stay
         for out in self.graph.output:
             tt = out.type.tensor_type
             if tt.HasField("shape"):
                 for d in tt.shape.dim:
-                    if d.HasField("dim_param") or not d.HasField("dim_value") or d.dim_value <= 0:
-                        tt.ClearField("shape")
-                        break
+                    if d.HasField("dim_param") or (d.HasField("dim_value") and d.dim_value < 0):
+                        d.Clear()
         return self
 
     def dynamic_inputs(self) -> dict[str, list]:
         """Real inputs with at least one dynamic (or unknown) dimension."""
-        return {n: s for n, s in self.input_shapes().items()
-                if not s or any(not isinstance(d, int) or d <= 0 for d in s)}
+        inits = {t.name for t in self.graph.initializer}
+        out = {}
+        for vi in self.graph.input:
+            if vi.name in inits:
+                continue
+            s = _dims(vi)
+            has_shape = vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
+            if not has_shape or any(not isinstance(d, int) or d <= 0 for d in s):
+                out[vi.name] = s
+        return out
 
     def require_static_inputs(self, what: str = "this step") -> None:
         dyn = self.dynamic_inputs()
@@ -468,24 +533,29 @@ class Model:
             converted = version_converter.convert_version(self.proto, target)
         except Exception as e:
             raise InvalidModelError(f"cannot upgrade opset {self.opset} -> {target}: {_one_line(e)}") from None
+        _restore_model_info(converted, _model_info(self.proto))
         self.proto = converted
         self._ensure_node_names()
         return self
 
     # ------------------------------------------------------------------ internals
     def _ensure_node_names(self) -> None:
+        # every name some node already has is reserved, so a generated name never takes the name of a
+        # later node (which would then have to be renamed itself)
+        taken = {node.name for node in self.graph.node if node.name}
         seen: set[str] = set()
         counters: dict[str, int] = defaultdict(int)
         for node in self.graph.node:
             name = node.name
             if not name or name in seen:
-                base = name or node.op_type
+                base = name or node.op_type or "node"
                 while True:
                     candidate = f"{base}_{counters[base]}"
                     counters[base] += 1
-                    if candidate not in seen:
+                    if candidate not in taken:
                         break
                 node.name = candidate
+                taken.add(candidate)
             seen.add(node.name)
 
     def __repr__(self) -> str:
@@ -508,6 +578,20 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray:
     if attr.name == "value_ints":
         return np.array(list(attr.ints), dtype=np.int64)
     raise InvalidModelError(f"Constant node '{node.name}': unsupported attribute '{attr.name}'")
+
+
+def _model_info(proto: onnx.ModelProto) -> dict:
+    return {"metadata_props": [(p.key, p.value) for p in proto.metadata_props],
+            "producer_name": proto.producer_name, "producer_version": proto.producer_version,
+            "domain": proto.domain, "model_version": proto.model_version, "doc_string": proto.doc_string}
+
+
+def _restore_model_info(proto: onnx.ModelProto, info: dict) -> None:
+    if not proto.metadata_props and info["metadata_props"]:
+        onnx.helper.set_model_props(proto, dict(info["metadata_props"]))
+    for key in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if not getattr(proto, key) and info[key]:
+            setattr(proto, key, info[key])
 
 
 def check_invariants(model: Model) -> None:
@@ -559,10 +643,58 @@ def _check_is_model(proto: onnx.ModelProto, where: str) -> None:
         raise ModelLoadError(f"{where}: not an ONNX model (no IR version or no graph)")
     if not proto.graph.output:
         raise ModelLoadError(f"{where}: the ONNX graph has no outputs")
-    for t in proto.graph.initializer:
-        n = int(np.prod([max(d, 0) for d in t.dims], dtype=np.float64)) if t.dims else 1
+    for kind, t in _all_tensors(proto.graph):
+        if any(d < 0 for d in t.dims):
+            raise ModelLoadError(f"{where}: {kind} '{t.name}' has a negative dimension {list(t.dims)}")
+        n = int(np.prod(t.dims, dtype=np.float64)) if t.dims else 1
         if n > MAX_TENSOR_ELEMENTS:
-            raise ModelLoadError(f"{where}: initializer '{t.name}' declares {n} elements (absurd shape {list(t.dims)})")
+            raise ModelLoadError(f"{where}: {kind} '{t.name}' declares {n} elements (absurd shape {list(t.dims)})")
+        held = _held_elements(t)
+        if held is not None and held != n:
+            raise ModelLoadError(f"{where}: {kind} '{t.name}' declares shape {list(t.dims)} ({n} elements) but "
+                                 f"holds {held}")
+
+
+# elements per stored value in raw_data, for the fixed-size types (4-bit and string types are not checked)
+_RAW_ITEMSIZE = {
+    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT16: 2,
+    onnx.TensorProto.INT16: 2, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.BOOL: 1,
+    onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.UINT32: 4,
+    onnx.TensorProto.UINT64: 8, onnx.TensorProto.COMPLEX64: 8, onnx.TensorProto.COMPLEX128: 16,
+    onnx.TensorProto.BFLOAT16: 2,
+}
+
+
+def _held_elements(t: onnx.TensorProto) -> int | None:
+    """How many elements a tensor's data holds, or None when that cannot be told cheaply."""
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type not in _RAW_ITEMSIZE:
+        return None
+    if t.HasField("raw_data"):
+        size = _RAW_ITEMSIZE[t.data_type]
+        return len(t.raw_data) // size if len(t.raw_data) % size == 0 else -1
+    if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+        return None
+    return (len(t.float_data) + len(t.int32_data) + len(t.int64_data) + len(t.double_data)
+            + len(t.uint64_data))
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    """Initializers and Constant-node tensors of a graph and its subgraphs."""
+    for t in graph.initializer:
+        yield "initializer", t
+    for node in graph.node:
+        label = node.name or (f"{node.op_type} -> {node.output[0]}" if node.output else node.op_type)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield f"tensor attribute of node '{label}'", attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                for t in attr.tensors:
+                    yield f"tensor attribute of node '{label}'", t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_tensors(g)
 
 
 def _uses_external_data(proto: onnx.ModelProto) -> bool:
@@ -582,6 +714,16 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _as_dim(d) -> int:
+    import numbers
+
+    if isinstance(d, bool) or not isinstance(d, (numbers.Integral, str)):
+        if isinstance(d, numbers.Real) and float(d).is_integer():
+            return int(d)
+        raise TypeError
+    return int(d)
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
