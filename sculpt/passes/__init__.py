@@ -3,7 +3,9 @@
 from sculpt.passes.base import (Pass, PassContext, PassResult, create_pass, get_pass_class, parse_pass_spec,
                                 register, registered_passes)
 from sculpt.passes.canonicalize import Canonicalize
+from sculpt.passes.channel_pruning import ChannelPruning
 from sculpt.passes.constant_folding import ConstantFolding
+from sculpt.passes.dead_channel_elimination import DeadChannelElimination
 from sculpt.passes.fold_batchnorm import FoldBatchNorm
 from sculpt.passes.fold_conv_affine import FoldConvAffine
 from sculpt.passes.freeze_initializers import FreezeInitializers
@@ -14,5 +16,5 @@ from sculpt.passes.pipeline import Pipeline, PipelineResult
 __all__ = [
     "Pass", "PassContext", "PassResult", "Pipeline", "PipelineResult", "create_pass", "get_pass_class",
     "parse_pass_spec", "register", "registered_passes", "Canonicalize", "ConstantFolding", "FoldBatchNorm",
-    "FoldConvAffine", "FreezeInitializers", "RemoveIdentity", "SimplifyShapes",
+    "FoldConvAffine", "FreezeInitializers", "DeadChannelElimination", "ChannelPruning", "RemoveIdentity", "SimplifyShapes",
 ]

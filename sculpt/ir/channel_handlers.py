@@ -1,0 +1,622 @@
+"""Per-op channel handlers: how each op ties channel dimensions (``relate``) and how it is rewritten
+when channels are removed (``rewrite``). An op without a handler freezes every dimension it touches.
+
+``rewrite(cg, node, kept)``: ``kept(tensor, axis)`` gives the indices a dimension keeps, or None
+when it is unchanged; the handler slices the node's constant inputs and fixes its attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from sculpt.ir.channels import ChannelGraph
+
+Kept = Callable[[str, int], "np.ndarray | None"]
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for a in list(node.attribute):
+        if a.name == name:
+            node.attribute.remove(a)
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _set_input_constant(cg: ChannelGraph, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
+    cg.model.replace_constant_input(node, index, value, suffix="pruned")
+
+
+class Handler:
+    def relate(self, cg: ChannelGraph, node: onnx.NodeProto) -> None:
+        raise NotImplementedError
+
+    def rewrite(self, cg: ChannelGraph, node: onnx.NodeProto, kept: Kept) -> None:
+        return None
+
+
+# ------------------------------------------------------------------ elementwise
+class Elementwise(Handler):
+    """Unary and broadcasting n-ary elementwise ops: an axis of an input ties to the same output
+    axis when their sizes match (a broadcast axis of size 1 does not tie). Constant inputs are
+    sliced along the channels removed from the output."""
+
+    def __init__(self, data_inputs: tuple[int, ...] | None = None):
+        self.data_inputs = data_inputs  # which inputs broadcast with the output (None: all)
+
+    def _inputs(self, node):
+        idx = range(len(node.input)) if self.data_inputs is None else self.data_inputs
+        return [(i, node.input[i]) for i in idx if i < len(node.input) and node.input[i]]
+
+    def relate(self, cg, node):
+        out = node.output[0]
+        oshape = cg.shapes[out]
+        for i, t in self._inputs(node):
+            if t in cg.constants:
+                continue
+            ishape = cg.shapes[t]
+            shift = len(oshape) - len(ishape)
+            for ax in range(len(ishape)):
+                if ishape[ax] == oshape[ax + shift] and ishape[ax] > 1:
+                    cg.eq(cg.dim(t, ax), cg.dim(out, ax + shift), node.name)
+                elif ishape[ax] == oshape[ax + shift]:  # size 1 on both: tie, harmless
+                    cg.eq(cg.dim(t, ax), cg.dim(out, ax + shift), node.name)
+        # an output axis that only broadcasts from constants has nothing to follow
+        for extra in node.output[1:]:
+            if extra:
+                cg.freeze_tensor(extra, f"second output of {node.op_type} '{node.name}'")
+
+    def rewrite(self, cg, node, kept):
+        out = node.output[0]
+        oshape = cg.shapes[out]
+        for i, t in self._inputs(node):
+            if t not in cg.constants:
+                continue
+            value = cg.model.get_constant(t)
+            if value is None:
+                continue
+            shift = len(oshape) - value.ndim
+            new = value
+            for ax in range(value.ndim):
+                k = kept(out, ax + shift)
+                if k is not None and value.shape[ax] > 1:
+                    new = np.take(new, k, axis=ax)
+            if new is not value:
+                _set_input_constant(cg, node, i, new)
+
+
+# ------------------------------------------------------------------ sources and consumers
+def _const(cg, name):
+    return cg.model.get_constant(name) if name else None
+
+
+class ConvHandler(Handler):
+    def relate(self, cg, node):
+        x, w_name, y = node.input[0], node.input[1], node.output[0]
+        w = _const(cg, w_name)
+        if w is None or (len(node.input) > 2 and node.input[2] and _const(cg, node.input[2]) is None):
+            cg.freeze_node(node, f"Conv '{node.name}' has non-constant weights")
+            return
+        group = int(attr(node, "group", 1))
+        cin, cout = cg.shapes[x][1], cg.shapes[y][1]
+        cg.eq(cg.dim(x, 0), cg.dim(y, 0), node.name)
+        if group == 1:
+            cg.add_consumer(cg.dim(x, 1), node)
+            cg.add_source(cg.dim(y, 1), node)
+        elif group == cin and cout == cin:  # depthwise, multiplier 1: channel c in → channel c out
+            cg.eq(cg.dim(x, 1), cg.dim(y, 1), node.name)
+        else:
+            cg.freeze(cg.dim(x, 1), f"grouped Conv '{node.name}' (group={group})")
+            cg.freeze(cg.dim(y, 1), f"grouped Conv '{node.name}' (group={group})")
+
+    def rewrite(self, cg, node, kept):
+        x, y = node.input[0], node.output[0]
+        w = cg.model.get_constant(node.input[1])
+        group = int(attr(node, "group", 1))
+        kin, kout = kept(x, 1), kept(y, 1)
+        new = w
+        if group == 1:
+            if kout is not None:
+                new = new[kout]
+            if kin is not None:
+                new = new[:, kin]
+        else:  # depthwise: in and out channels are the same channels
+            k = kout if kout is not None else kin
+            if k is not None:
+                new = new[k]
+                set_attr(node, "group", int(len(k)))
+        if new is not w:
+            _set_input_constant(cg, node, 1, np.ascontiguousarray(new))
+        k = kout if kout is not None else (kin if group != 1 else None)
+        if k is not None and len(node.input) > 2 and node.input[2]:
+            _set_input_constant(cg, node, 2, cg.model.get_constant(node.input[2])[k])
+
+
+class ConvTransposeHandler(Handler):
+    def relate(self, cg, node):
+        x, y = node.input[0], node.output[0]
+        if _const(cg, node.input[1]) is None or int(attr(node, "group", 1)) != 1 or \
+                attr(node, "output_shape") is not None:
+            cg.freeze_node(node, f"ConvTranspose '{node.name}' is grouped, has output_shape or dynamic weights")
+            return
+        cg.eq(cg.dim(x, 0), cg.dim(y, 0), node.name)
+        cg.add_consumer(cg.dim(x, 1), node)
+        cg.add_source(cg.dim(y, 1), node)
+
+    def rewrite(self, cg, node, kept):
+        w = cg.model.get_constant(node.input[1])
+        kin, kout = kept(node.input[0], 1), kept(node.output[0], 1)
+        new = w
+        if kin is not None:
+            new = new[kin]
+        if kout is not None:
+            new = new[:, kout]
+            if len(node.input) > 2 and node.input[2]:
+                _set_input_constant(cg, node, 2, cg.model.get_constant(node.input[2])[kout])
+        if new is not w:
+            _set_input_constant(cg, node, 1, np.ascontiguousarray(new))
+
+
+class GemmHandler(Handler):
+    def relate(self, cg, node):
+        a, y = node.input[0], node.output[0]
+        b = _const(cg, node.input[1])
+        c_ok = len(node.input) < 3 or not node.input[2] or _const(cg, node.input[2]) is not None
+        if b is None or not c_ok or attr(node, "transA", 0) or len(cg.shapes[a]) != 2:
+            cg.freeze_node(node, f"Gemm '{node.name}' has dynamic weights or transA")
+            return
+        cg.eq(cg.dim(a, 0), cg.dim(y, 0), node.name)
+        cg.add_consumer(cg.dim(a, 1), node)
+        cg.add_source(cg.dim(y, 1), node)
+
+    def rewrite(self, cg, node, kept):
+        b = cg.model.get_constant(node.input[1])
+        kin, kout = kept(node.input[0], 1), kept(node.output[0], 1)
+        trans_b = attr(node, "transB", 0)
+        new = b
+        if trans_b:  # [N, K]
+            if kout is not None:
+                new = new[kout]
+            if kin is not None:
+                new = new[:, kin]
+        else:  # [K, N]
+            if kin is not None:
+                new = new[kin]
+            if kout is not None:
+                new = new[:, kout]
+        if new is not b:
+            _set_input_constant(cg, node, 1, np.ascontiguousarray(new))
+        if kout is not None and len(node.input) > 2 and node.input[2]:
+            c = cg.model.get_constant(node.input[2])
+            if c.ndim >= 1 and c.shape[-1] > 1:
+                _set_input_constant(cg, node, 2, np.take(c, kout, axis=-1))
+
+
+class MatMulHandler(Handler):
+    """MatMul with a constant 2-D right operand: the left operand's last axis is reduced (consumer),
+    the output's last axis is a source. Two dynamic operands (attention) freeze their tensors."""
+
+    def relate(self, cg, node):
+        a, b_name, y = node.input[0], node.input[1], node.output[0]
+        b = _const(cg, b_name)
+        if b is None or b.ndim != 2 or a in cg.constants:
+            cg.freeze_node(node, f"MatMul '{node.name}' has two dynamic operands")
+            return
+        ra, ry = len(cg.shapes[a]), len(cg.shapes[y])
+        for ax in range(ra - 1):
+            cg.eq(cg.dim(a, ax), cg.dim(y, ax + ry - ra), node.name)
+        cg.add_consumer(cg.dim(a, ra - 1), node)
+        cg.add_source(cg.dim(y, ry - 1), node)
+
+    def rewrite(self, cg, node, kept):
+        b = cg.model.get_constant(node.input[1])
+        a, y = node.input[0], node.output[0]
+        kin, kout = kept(a, len(cg.shapes[a]) - 1), kept(y, len(cg.shapes[y]) - 1)
+        new = b
+        if kin is not None:
+            new = new[kin]
+        if kout is not None:
+            new = new[:, kout]
+        if new is not b:
+            _set_input_constant(cg, node, 1, np.ascontiguousarray(new))
+
+
+class BatchNormHandler(Handler):
+    def relate(self, cg, node):
+        if any(_const(cg, t) is None for t in node.input[1:5]) or len([o for o in node.output if o]) > 1:
+            cg.freeze_node(node, f"BatchNormalization '{node.name}' in training mode or with dynamic statistics")
+            return
+        x, y = node.input[0], node.output[0]
+        for ax in range(len(cg.shapes[x])):
+            cg.eq(cg.dim(x, ax), cg.dim(y, ax), node.name)
+
+    def rewrite(self, cg, node, kept):
+        k = kept(node.output[0], 1)
+        if k is not None:
+            for i in range(1, 5):
+                _set_input_constant(cg, node, i, cg.model.get_constant(node.input[i])[k])
+
+
+# ------------------------------------------------------------------ shape-preserving and movement
+class SameShape(Handler):
+    """Ops whose output has the input's shape on the listed axes (pooling keeps N and C, Resize
+    keeps the axes it does not scale, Pad the axes it does not pad)."""
+
+    def relate(self, cg, node):
+        x, y = node.input[0], node.output[0]
+        xs, ys = cg.shapes[x], cg.shapes[y]
+        if len(xs) != len(ys):
+            cg.freeze_node(node, f"{node.op_type} '{node.name}' changes rank")
+            return
+        for ax in range(len(xs)):
+            if xs[ax] == ys[ax] and self.ties(cg, node, ax):
+                cg.eq(cg.dim(x, ax), cg.dim(y, ax), node.name)
+        for extra in node.output[1:]:
+            if extra:
+                cg.freeze_tensor(extra, f"second output of {node.op_type} '{node.name}'")
+
+    def ties(self, cg, node, axis) -> bool:
+        return True
+
+    def rewrite(self, cg, node, kept):
+        if node.op_type in ("Resize", "Upsample") and len(node.input) >= 4 and node.input[3]:
+            sizes = cg.model.get_constant(node.input[3])
+            if sizes is not None:
+                new = sizes.copy()
+                changed = False
+                for ax in range(len(new)):
+                    k = kept(node.output[0], ax)
+                    if k is not None:
+                        new[ax] = len(k)
+                        changed = True
+                if changed:
+                    _set_input_constant(cg, node, 3, new)
+
+
+class PoolHandler(SameShape):
+    def ties(self, cg, node, axis):
+        return axis < 2  # N and C; spatial axes shrink or are reduced
+
+    def relate(self, cg, node):
+        if node.op_type == "MaxPool" and len([o for o in node.output if o]) > 1:
+            cg.freeze_node(node, f"MaxPool '{node.name}' returns indices")
+            return
+        x, y = node.input[0], node.output[0]
+        for ax in (0, 1):
+            cg.eq(cg.dim(x, ax), cg.dim(y, ax), node.name)
+
+
+class PadHandler(SameShape):
+    def ties(self, cg, node, axis):
+        pads = attr(node, "pads") if len(node.input) < 2 else cg.model.get_constant(node.input[1])
+        if pads is None:
+            return False
+        pads = list(np.asarray(pads).reshape(-1))
+        rank = len(cg.shapes[node.input[0]])
+        if len(node.input) > 3 and node.input[3]:  # opset 18 axes input: only those axes are padded
+            axes = [int(a) % rank for a in cg.model.get_constant(node.input[3]) or []]
+            return axis not in axes
+        return pads[axis] == 0 and pads[axis + rank] == 0
+
+
+class TransposeHandler(Handler):
+    def relate(self, cg, node):
+        x, y = node.input[0], node.output[0]
+        rank = len(cg.shapes[x])
+        perm = attr(node, "perm") or list(reversed(range(rank)))
+        for out_ax, in_ax in enumerate(perm):
+            cg.eq(cg.dim(x, in_ax), cg.dim(y, out_ax), node.name)
+
+
+class ConcatHandler(Handler):
+    def relate(self, cg, node):
+        y = node.output[0]
+        rank = len(cg.shapes[y])
+        axis = int(attr(node, "axis")) % rank
+        if any(t in cg.constants for t in node.input if t):
+            cg.freeze_node(node, f"Concat '{node.name}' has a constant input")
+            return
+        offset = 0
+        for t in node.input:
+            if not t:
+                continue
+            for ax in range(rank):
+                if ax == axis:
+                    cg.slice(cg.dim(y, ax), offset, cg.dim(t, ax), node.name)
+                else:
+                    cg.eq(cg.dim(t, ax), cg.dim(y, ax), node.name)
+            offset += cg.shapes[t][axis]
+
+
+class SplitHandler(Handler):
+    def relate(self, cg, node):
+        x = node.input[0]
+        rank = len(cg.shapes[x])
+        axis = int(attr(node, "axis", 0)) % rank
+        offset = 0
+        for t in node.output:
+            if not t:
+                cg.freeze_node(node, f"Split '{node.name}' has an unused output slot")
+                return
+            for ax in range(rank):
+                if ax == axis:
+                    cg.slice(cg.dim(x, ax), offset, cg.dim(t, ax), node.name)
+                else:
+                    cg.eq(cg.dim(x, ax), cg.dim(t, ax), node.name)
+            offset += cg.shapes[t][axis]
+
+    def rewrite(self, cg, node, kept):
+        rank = len(cg.shapes[node.input[0]])
+        axis = int(attr(node, "axis", 0)) % rank
+        sizes = []
+        for t in node.output:
+            k = kept(t, axis)
+            sizes.append(len(k) if k is not None else cg.shapes[t][axis])
+        sizes = np.array(sizes, dtype=np.int64)
+        for a in list(node.attribute):
+            if a.name in ("split", "num_outputs"):
+                node.attribute.remove(a)
+        if cg.model.opset >= 13:
+            while len(node.input) < 2:
+                node.input.append("")
+            node.input[1] = cg.model.add_initializer(f"{node.name}_split", sizes)
+        else:
+            set_attr(node, "split", [int(s) for s in sizes])
+
+
+class SliceHandler(Handler):
+    """Slice with constant starts/ends/axes and step 1 on the sliced axes."""
+
+    def _params(self, cg, node):
+        rank = len(cg.shapes[node.input[0]])
+        if cg.model.opset < 10:
+            starts, ends = attr(node, "starts"), attr(node, "ends")
+            axes = attr(node, "axes") or list(range(len(starts)))
+            steps = [1] * len(starts)
+        else:
+            vals = [_const(cg, node.input[i]) if len(node.input) > i and node.input[i] else None
+                    for i in range(1, 5)]
+            if vals[0] is None or vals[1] is None or (len(node.input) > 3 and node.input[3] and vals[2] is None) \
+                    or (len(node.input) > 4 and node.input[4] and vals[3] is None):
+                return None
+            starts, ends = list(vals[0]), list(vals[1])
+            axes = list(vals[2]) if vals[2] is not None else list(range(len(starts)))
+            steps = list(vals[3]) if vals[3] is not None else [1] * len(starts)
+        out = {}
+        for s, e, a, st in zip(starts, ends, axes, steps):
+            a = int(a) % rank
+            size = cg.shapes[node.input[0]][a]
+            if st != 1:
+                out[a] = None
+                continue
+            s = int(s) + size if s < 0 else int(s)
+            e = int(e) + size if e < 0 else int(e)
+            out[a] = (max(0, min(s, size)), max(0, min(e, size)))
+        return out
+
+    def relate(self, cg, node):
+        x, y = node.input[0], node.output[0]
+        params = self._params(cg, node)
+        if params is None:
+            cg.freeze_node(node, f"Slice '{node.name}' has dynamic parameters")
+            return
+        for ax in range(len(cg.shapes[x])):
+            if ax not in params:
+                cg.eq(cg.dim(x, ax), cg.dim(y, ax), node.name)
+            elif params[ax] is None:
+                cg.freeze(cg.dim(x, ax), f"Slice '{node.name}' with a step")
+                cg.freeze(cg.dim(y, ax), f"Slice '{node.name}' with a step")
+            else:
+                cg.slice(cg.dim(x, ax), params[ax][0], cg.dim(y, ax), node.name)
+
+    def rewrite(self, cg, node, kept):
+        x = node.input[0]
+        params = self._params(cg, node)
+        changed = {ax: kept(x, ax) for ax, p in params.items() if p is not None and kept(x, ax) is not None}
+        if not changed:
+            return
+        if cg.model.opset < 10:
+            starts, ends = list(attr(node, "starts")), list(attr(node, "ends"))
+            axes = list(attr(node, "axes") or range(len(starts)))
+        else:
+            starts = list(cg.model.get_constant(node.input[1]))
+            ends = list(cg.model.get_constant(node.input[2]))
+            axes = list(cg.model.get_constant(node.input[3])) if len(node.input) > 3 and node.input[3] \
+                else list(range(len(starts)))
+        rank = len(cg.shapes[x])
+        for i, a in enumerate(axes):
+            a = int(a) % rank
+            if a in changed:
+                k = changed[a]
+                s, e = params[a]
+                starts[i] = int(np.searchsorted(k, s))
+                ends[i] = int(np.searchsorted(k, e))
+        if cg.model.opset < 10:
+            set_attr(node, "starts", [int(v) for v in starts])
+            set_attr(node, "ends", [int(v) for v in ends])
+        else:
+            _set_input_constant(cg, node, 1, np.array(starts, dtype=np.int64))
+            _set_input_constant(cg, node, 2, np.array(ends, dtype=np.int64))
+
+
+class ReshapeHandler(Handler):
+    """Reshape/Flatten that keep a prefix of axes and merge (or split) the rest. Kept axes tie; an
+    axis merged with trailing axes ties as a repeat (Flatten into a Gemm: channel c covers flat
+    indices c*HW … c*HW + HW - 1). Anything else freezes."""
+
+    def relate(self, cg, node):
+        x, y = node.input[0], node.output[0]
+        xs, ys = cg.shapes[x], cg.shapes[y]
+        if node.op_type == "Reshape" and _const(cg, node.input[1]) is None:
+            cg.freeze_node(node, f"Reshape '{node.name}' has a computed shape")
+            return
+        # common prefix
+        p = 0
+        while p < min(len(xs), len(ys)) and xs[p] == ys[p]:
+            p += 1
+        for ax in range(p):
+            cg.eq(cg.dim(x, ax), cg.dim(y, ax), node.name)
+        if p == len(xs) == len(ys):
+            return
+        # the next input axis merges with all later ones into output axis p (which is the last)
+        if p < len(xs) and p == len(ys) - 1 and int(np.prod(xs[p:])) == ys[p]:
+            factor = int(np.prod(xs[p + 1:])) if p + 1 < len(xs) else 1
+            cg.repeat(cg.dim(x, p), cg.dim(y, p), factor, node.name)
+            for ax in range(p + 1, len(xs)):
+                cg.freeze(cg.dim(x, ax), f"{node.op_type} '{node.name}' merges this axis")
+            return
+        # output splits the last axes of the input into more axes after the prefix: freeze the rest
+        for ax in range(p, len(xs)):
+            cg.freeze(cg.dim(x, ax), f"{node.op_type} '{node.name}' reshapes this axis")
+        for ax in range(p, len(ys)):
+            cg.freeze(cg.dim(y, ax), f"{node.op_type} '{node.name}' reshapes this axis")
+
+    def rewrite(self, cg, node, kept):
+        if node.op_type != "Reshape":
+            return
+        target = cg.model.get_constant(node.input[1])
+        y = node.output[0]
+        new = target.copy()
+        changed = False
+        for ax in range(len(new)):
+            k = kept(y, ax)
+            if k is not None and new[ax] not in (-1, 0):
+                new[ax] = len(k)
+                changed = True
+            elif k is not None and new[ax] == 0:
+                pass  # 0 copies the (already pruned) input dimension
+        if changed:
+            _set_input_constant(cg, node, 1, new)
+
+
+class SqueezeHandler(Handler):
+    """Squeeze/Unsqueeze: the axes that stay tie in order."""
+
+    def relate(self, cg, node):
+        x, y = node.input[0], node.output[0]
+        xs, ys = cg.shapes[x], cg.shapes[y]
+        axes = attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = _const(cg, node.input[1])
+            if axes is None:
+                cg.freeze_node(node, f"{node.op_type} '{node.name}' has dynamic axes")
+                return
+        if node.op_type == "Squeeze":
+            if axes is None:
+                axes = [i for i, d in enumerate(xs) if d == 1]
+            drop = {int(a) % len(xs) for a in axes}
+            kept_in = [ax for ax in range(len(xs)) if ax not in drop]
+            for out_ax, in_ax in enumerate(kept_in):
+                cg.eq(cg.dim(x, in_ax), cg.dim(y, out_ax), node.name)
+        else:
+            add = {int(a) % len(ys) for a in axes}
+            kept_out = [ax for ax in range(len(ys)) if ax not in add]
+            for in_ax, out_ax in enumerate(kept_out):
+                cg.eq(cg.dim(x, in_ax), cg.dim(y, out_ax), node.name)
+
+
+class ReduceHandler(Handler):
+    """Reductions, Softmax-like and normalization ops over some axes: the other axes tie; the
+    reduced axes are frozen (fewer channels would change a mean or a normalization)."""
+
+    def relate(self, cg, node):
+        x, y = node.input[0], node.output[0]
+        xs, ys = cg.shapes[x], cg.shapes[y]
+        rank = len(xs)
+        if node.op_type in ("Softmax", "LogSoftmax", "Hardmax"):
+            default = -1 if cg.model.opset >= 13 else 1
+            axis = int(attr(node, "axis", default)) % rank
+            axes = [axis] if cg.model.opset >= 13 else list(range(axis, rank))
+            keepdims = 1
+        elif node.op_type in ("LayerNormalization",):
+            axis = int(attr(node, "axis", -1)) % rank
+            axes = list(range(axis, rank))
+            keepdims = 1
+        elif node.op_type in ("ArgMax", "ArgMin"):
+            axes = [int(attr(node, "axis", 0)) % rank]
+            keepdims = int(attr(node, "keepdims", 1))
+        else:
+            axes = attr(node, "axes")
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                axes = _const(cg, node.input[1])
+                if axes is None:
+                    cg.freeze_node(node, f"{node.op_type} '{node.name}' has dynamic axes")
+                    return
+            if axes is None or len(axes) == 0:
+                if attr(node, "noop_with_empty_axes", 0):
+                    axes = []
+                else:
+                    axes = list(range(rank))
+            axes = [int(a) % rank for a in axes]
+            keepdims = int(attr(node, "keepdims", 1))
+        out_ax = 0
+        for ax in range(rank):
+            if ax in axes:
+                cg.freeze(cg.dim(x, ax), f"{node.op_type} '{node.name}' reduces over this axis")
+                if keepdims:
+                    cg.freeze(cg.dim(y, out_ax), f"{node.op_type} '{node.name}' reduces over this axis")
+                    out_ax += 1
+                continue
+            if out_ax < len(ys):
+                cg.eq(cg.dim(x, ax), cg.dim(y, out_ax), node.name)
+            out_ax += 1
+        for extra in node.output[1:]:
+            if extra:
+                cg.freeze_tensor(extra, f"extra output of {node.op_type} '{node.name}'")
+
+    def rewrite(self, cg, node, kept):
+        if node.op_type == "LayerNormalization":
+            return  # its normalized axes are frozen; scale/bias live there
+
+
+# ------------------------------------------------------------------ registry
+UNARY = ["Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+         "Softplus", "Softsign", "Erf", "Gelu", "Mish", "Exp", "Log", "Sqrt", "Abs", "Neg", "Reciprocal",
+         "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Not", "Identity", "Cast", "IsNaN", "IsInf",
+         "ThresholdedRelu", "Shrink"]
+BINARY = ["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Equal", "Less", "Greater",
+          "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "Where"]
+
+HANDLERS: dict[str, Handler] = {}
+for _op in UNARY + BINARY:
+    HANDLERS[_op] = Elementwise()
+HANDLERS["Clip"] = Elementwise(data_inputs=(0,))
+HANDLERS["Dropout"] = Elementwise(data_inputs=(0,))
+HANDLERS["Conv"] = ConvHandler()
+HANDLERS["ConvTranspose"] = ConvTransposeHandler()
+HANDLERS["Gemm"] = GemmHandler()
+HANDLERS["MatMul"] = MatMulHandler()
+HANDLERS["BatchNormalization"] = BatchNormHandler()
+for _op in ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
+    HANDLERS[_op] = PoolHandler()
+HANDLERS["Resize"] = SameShape()
+HANDLERS["Upsample"] = SameShape()
+HANDLERS["Pad"] = PadHandler()
+HANDLERS["Transpose"] = TransposeHandler()
+HANDLERS["Concat"] = ConcatHandler()
+HANDLERS["Split"] = SplitHandler()
+HANDLERS["Slice"] = SliceHandler()
+HANDLERS["Reshape"] = ReshapeHandler()
+HANDLERS["Flatten"] = ReshapeHandler()
+HANDLERS["Squeeze"] = SqueezeHandler()
+HANDLERS["Unsqueeze"] = SqueezeHandler()
+for _op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+            "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp", "Softmax", "LogSoftmax", "Hardmax",
+            "LayerNormalization", "ArgMax", "ArgMin"):
+    HANDLERS[_op] = ReduceHandler()
+
+
+def handler_for(node: onnx.NodeProto) -> Handler | None:
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        return None
+    return HANDLERS.get(node.op_type)

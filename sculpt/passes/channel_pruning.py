@@ -1,0 +1,446 @@
+"""channel-pruning: structured, dependency-aware removal of channels, with least-squares recovery."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from sculpt.errors import PassError
+from sculpt.ir.channels import ChannelGraph, Dim, Group
+from sculpt.ir.cost import cost_of
+from sculpt.ir.model import Model
+from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, option, register
+
+Criterion = Literal["l1", "l2", "bn-scale", "activation", "reconstruction"]
+
+
+@register
+@dataclass
+class ChannelPruning(Pass):
+    """Remove whole channels from every dependency group that can lose them (Conv/Gemm/MatMul
+    outputs and everything tied to them: BatchNorm, activations, residual Adds, Concat slices,
+    depthwise Convs, SE blocks). Channels are ranked by ``criterion`` within each group; how many go
+    is set by ``ratio`` of the model's MACs (``target=macs``, found by bisection on the real cost
+    model) or of each group's channels (``target=channels``), uniformly per group or by a global
+    ranking (``scope``). The readers of the pruned tensors are then refit by ridge least squares
+    on calibration activations (``reconstruct``), so no training is needed. Lossy."""
+
+    name = "channel-pruning"
+    exact = False
+    needs_static_shapes = True
+
+    ratio: float = option(0.3, help="fraction to remove: of the MACs (target=macs) or of each group's channels")
+    target: Literal["macs", "channels"] = option("macs", help="what ratio measures")
+    scope: Literal["uniform", "global"] = option("uniform", help="same fraction in every group, or one global ranking")
+    criterion: Criterion = option("l2", help="l1 | l2 | bn-scale | activation | reconstruction")
+    min_channels: int = option(4, help="never keep fewer channels in a group")
+    max_group_ratio: float = option(0.8, help="never remove more than this fraction of a group")
+    round_to: int = option(1, help="kept channel counts rounded up to a multiple (4 or 8 for NEON)")
+    ignore: list[str] = option(default_factory=list, help="node-name patterns whose groups are left alone")
+    layer_ratios: dict[str, float] = option(default_factory=dict,
+                                            help="channel fraction for the group of a node (name: ratio)")
+    reconstruct: bool = option(True, help="refit the readers' weights on calibration data")
+    samples: int = option(16, help="calibration samples used for activation statistics and refitting")
+    positions: int = option(4096, help="sampled output positions per layer for refitting")
+    ridge: float = option(1e-3, help="refit regularization, relative to the mean feature energy")
+
+    def __post_init__(self):
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if not 0 < self.max_group_ratio < 1:
+            raise ValueError(f"max_group_ratio must be in (0, 1), got {self.max_group_ratio}")
+        if self.min_channels < 1 or self.round_to < 1 or self.samples < 1:
+            raise ValueError("min_channels, round_to and samples must be ≥ 1")
+        for k, v in self.layer_ratios.items():
+            if not 0 <= float(v) < 1:
+                raise ValueError(f"layer_ratios['{k}'] must be in [0, 1)")
+
+    @property
+    def uses_calibration(self) -> bool:
+        return self.reconstruct or self.criterion in ("activation", "reconstruction")
+
+    def requires(self, model, ctx):
+        super().requires(model, ctx)
+        if self.uses_calibration and ctx.calibration is None:
+            what = "reconstruct=true" if self.reconstruct else f"criterion={self.criterion}"
+            raise PassError(self.name, f"{what} needs calibration data: give --calibration (an .npz, an image "
+                                       "folder or random:N), or set reconstruct=false with a weight criterion")
+
+    # ------------------------------------------------------------------ run
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        allow_plain_initializers(model)
+        original = model.clone()
+        cg = ChannelGraph.build(model)
+        groups = [g for g in cg.prunable_groups() if not self._ignored(g)]
+        stats: dict = {"groups_total": len([g for g in cg.groups if g.sources]),
+                       "groups_prunable": len(groups)}
+        if not groups or self.ratio == 0 and not self.layer_ratios:
+            stats["note"] = "nothing to prune" if not groups else "ratio=0"
+            return PassResult(model, False, stats)
+        acts = self._activations(original, cg, groups, ctx) if self.uses_calibration else {}
+        order = {g.id: self._rank(cg, g, acts) for g in groups}
+        base_macs = cost_of(original).macs
+
+        def plan(level: float) -> list[int]:
+            return self._plan(cg, groups, order, level)
+
+        def macs_after(units: list[int]) -> int:
+            trial = original.clone()
+            ChannelGraph.build(trial).remove_units(units)
+            return cost_of(trial).macs
+
+        if self.target == "macs":
+            want = base_macs * (1 - self.ratio)
+            lo, hi = 0.0, 1.0
+            best = plan(0.0)
+            best_macs = base_macs
+            top = plan(1.0)
+            top_macs = macs_after(top)
+            if top_macs > want:  # even the maximum allowed is not enough: take it and say so
+                best, best_macs = top, top_macs
+            else:
+                for _ in range(14):
+                    mid = (lo + hi) / 2
+                    units = plan(mid)
+                    m = macs_after(units)
+                    if m > want:
+                        lo = mid
+                    else:
+                        hi, best, best_macs = mid, units, m
+                    if abs(m - want) / base_macs < 0.005:
+                        break
+            removed = best
+        else:
+            removed = plan(self.ratio)
+        if not removed:
+            stats["note"] = "no channel could be removed within min_channels / max_group_ratio"
+            return PassResult(model, False, stats)
+        kept = cg.remove_units(removed)
+        if self.reconstruct:
+            stats["refit"] = self._refit(original, model, cg, kept, ctx)
+        after = cost_of(model).macs
+        stats.update({
+            "removed_channels": len(removed),
+            "macs_before": base_macs, "macs_after": after,
+            "macs_reduction": 1 - after / base_macs if base_macs else 0.0,
+            "requested": self.ratio if self.target == "macs" else None,
+            "groups": self._report(cg, groups, set(removed)),
+        })
+        return PassResult(model, True, stats)
+
+    # ------------------------------------------------------------------ policy pieces
+    def _ignored(self, g: Group) -> bool:
+        names = {s.node for s in g.sources} | {c.node for c in g.consumers}
+        return any(fnmatch.fnmatch(n, pat) for n in names for pat in self.ignore)
+
+    def _group_fraction(self, g: Group, level: float) -> float:
+        for s in g.sources:
+            for pat, r in self.layer_ratios.items():
+                if fnmatch.fnmatch(s.node, pat):
+                    return float(r)
+        return level
+
+    def _plan(self, cg: ChannelGraph, groups: list[Group], order: dict[int, list[tuple[float, int]]],
+              level: float) -> list[int]:
+        """Units to remove at a pruning level in [0, 1] (scaled to max_group_ratio)."""
+        removed: list[int] = []
+        if self.scope == "global" and not self.layer_ratios:
+            # one threshold over group-normalised scores
+            cands = []
+            for g in groups:
+                ranked = order[g.id]
+                mean = np.mean([s for s, _ in ranked]) or 1.0
+                cands.extend((s / mean, g.id, u) for s, u in ranked)
+            cands.sort()
+            quota = {g.id: self._max_remove(g) for g in groups}
+            n_total = sum(len(order[g.id]) for g in groups)
+            budget = int(round(level * self.max_group_ratio * n_total))
+            taken: dict[int, list[int]] = {g.id: [] for g in groups}
+            for _, gid, u in cands:
+                if budget <= 0:
+                    break
+                if len(taken[gid]) < quota[gid]:
+                    taken[gid].append(u)
+                    budget -= 1
+            for g in groups:
+                removed.extend(self._rounded(g, order[g.id], len(taken[g.id])))
+            return removed
+        for g in groups:
+            frac = self._group_fraction(g, level * self.max_group_ratio)
+            n = int(math.floor(frac * g.size + 1e-9))
+            removed.extend(self._rounded(g, order[g.id], min(n, self._max_remove(g))))
+        return removed
+
+    def _max_remove(self, g: Group) -> int:
+        keep_min = max(self.min_channels, int(math.ceil(g.size * (1 - self.max_group_ratio))))
+        return max(0, min(len(g.prunable_units), g.size - keep_min))
+
+    def _rounded(self, g: Group, ranked: list[tuple[float, int]], n_remove: int) -> list[int]:
+        if n_remove <= 0:
+            return []
+        keep = g.size - n_remove
+        if self.round_to > 1:
+            keep = int(math.ceil(keep / self.round_to) * self.round_to)
+            keep = min(g.size, keep)
+        n_remove = max(0, min(g.size - keep, self._max_remove(g)))
+        return [u for _, u in ranked[:n_remove]]
+
+    # ------------------------------------------------------------------ importance
+    def _rank(self, cg: ChannelGraph, g: Group, acts: dict) -> list[tuple[float, int]]:
+        """(score, unit) for the prunable units of a group, least important first."""
+        units = g.prunable_units
+        index = {u: i for i, u in enumerate(units)}
+        if self.criterion == "reconstruction":
+            return self._greedy_order(cg, g, acts, units)
+        score = np.zeros(len(units))
+        model = cg.model
+        if self.criterion in ("l1", "l2") or (self.criterion == "bn-scale" and not _bn_nodes(model, g)):
+            for s in g.sources:
+                node = model.node_by_name(s.node)
+                w = model.get_constant(node.input[1]).astype(np.float64)
+                if node.op_type == "Conv":
+                    rows = w.reshape(w.shape[0], -1)
+                elif node.op_type == "ConvTranspose":
+                    rows = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
+                elif node.op_type == "Gemm":
+                    from sculpt.ir.channel_handlers import attr
+
+                    rows = w if attr(node, "transB", 0) else w.T
+                else:
+                    rows = w.T
+                norm = np.abs(rows).sum(1) if self.criterion == "l1" else np.sqrt((rows ** 2).sum(1))
+                for ch, u in enumerate(cg.unit_labels(s.dim).tolist()):
+                    if u in index:
+                        score[index[u]] += norm[ch]
+        elif self.criterion == "bn-scale":
+            for node, dim in _bn_nodes(model, g):
+                gamma = np.abs(model.get_constant(node.input[1]).astype(np.float64))
+                for ch, u in enumerate(cg.unit_labels(dim).tolist()):
+                    if u in index:
+                        score[index[u]] += gamma[ch]
+        else:  # activation: mean |a| at the source outputs
+            for s in g.sources:
+                a = acts.get(s.dim)
+                if a is None:
+                    continue
+                for ch, u in enumerate(cg.unit_labels(s.dim).tolist()):
+                    if u in index:
+                        score[index[u]] += a["mean_abs"][ch]
+        return sorted(zip(score.tolist(), units))
+
+    def _greedy_order(self, cg, g, acts, units) -> list[tuple[float, int]]:
+        """ThiNet-style: repeatedly remove the unit whose contribution, added to what is already
+        removed, changes the readers' outputs least (on sampled calibration positions)."""
+        z = []
+        for c in g.consumers:
+            info = acts.get(("contrib", c.node))
+            if info is None:
+                continue
+            z.append(info)  # [C_in, D]
+        if not z:
+            return [(0.0, u) for u in units]
+        index = {u: i for i, u in enumerate(units)}
+        zz = np.zeros((len(units), sum(m.shape[1] for m in z)))
+        col = 0
+        for c, m in zip([c for c in g.consumers if ("contrib", c.node) in acts], z):
+            for ch, u in enumerate(cg.unit_labels(c.dim).tolist()):
+                if u in index:
+                    zz[index[u], col:col + m.shape[1]] += m[ch]
+            col += m.shape[1]
+        gram = zz @ zz.T
+        chosen, order = [], []
+        cross = np.zeros(len(units))
+        remaining = set(range(len(units)))
+        while remaining:
+            cand = np.array(sorted(remaining))
+            cost = 2 * cross[cand] + np.diag(gram)[cand]
+            best = int(cand[int(np.argmin(cost))])
+            order.append((float(cost.min()), units[best]))
+            remaining.remove(best)
+            cross += gram[best]
+        return order
+
+    # ------------------------------------------------------------------ calibration statistics
+    def _activations(self, model: Model, cg: ChannelGraph, groups: list[Group], ctx: PassContext) -> dict:
+        from sculpt.ir.calibration import iter_activations
+
+        out: dict = {}
+        want_mean = self.criterion == "activation"
+        want_contrib = self.criterion == "reconstruction"
+        if not (want_mean or want_contrib):
+            return out
+        tensors: set[str] = set()
+        consumers = {}
+        if want_mean:
+            tensors.update(s.dim.tensor for g in groups for s in g.sources)
+        if want_contrib:
+            for g in groups:
+                for c in g.consumers:
+                    node = model.node_by_name(c.node)
+                    consumers[c.node] = (node, c.dim)
+                    tensors.add(node.input[0])
+                    tensors.add(node.output[0])
+        sums: dict = {}
+        contrib: dict = {}
+        rng = np.random.default_rng(0)
+        n = 0
+        for acts in iter_activations(model, sorted(tensors), ctx.calibration, limit=self.samples):
+            n += 1
+            if want_mean:
+                for g in groups:
+                    for s in g.sources:
+                        a = np.abs(acts[s.dim.tensor])
+                        axes = tuple(i for i in range(a.ndim) if i != s.dim.axis)
+                        sums[s.dim] = sums.get(s.dim, 0) + a.mean(axis=axes)
+            if want_contrib:
+                per = max(8, self.positions // (4 * self.samples))
+                for name, (node, dim) in consumers.items():
+                    m = _contributions(model, node, acts[node.input[0]], acts[node.output[0]].shape, per, rng)
+                    if m is not None:
+                        contrib.setdefault(name, []).append(m)
+        for d, s in sums.items():
+            out[d] = {"mean_abs": s / max(n, 1)}
+        for name, parts in contrib.items():
+            out[("contrib", name)] = np.concatenate(parts, axis=1)
+        return out
+
+    # ------------------------------------------------------------------ recovery
+    def _refit(self, original: Model, pruned: Model, cg: ChannelGraph, kept: dict, ctx: PassContext) -> dict:
+        """Refit every reader whose input lost channels, in topological order: the target is the
+        original model's output of that reader, the features are the inputs it receives in the
+        pruned model *after* the readers before it were refit (so errors do not compound)."""
+        from sculpt.backends.ort import make_session
+        from sculpt.ir.calibration import iter_activations
+        from sculpt.ir.channel_handlers import attr
+        from sculpt.ir.refit import ridge_refit, sample_rows
+
+        order = {n.name: i for i, n in enumerate(pruned.graph.node)}
+        jobs = []
+        for c in cg.consumers:
+            if c.dim not in kept:
+                continue
+            node = pruned.node_by_name(c.node)
+            if node is None or node.op_type not in ("Conv", "Gemm", "MatMul"):
+                continue
+            if node.op_type == "Conv" and len(cg.shapes[node.input[0]]) != 4:
+                continue
+            if node.op_type == "Gemm" and (attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0):
+                continue
+            jobs.append((order[node.name], c, node))
+        jobs.sort(key=lambda j: j[0])
+        if not jobs:
+            return {"layers": 0}
+        samples = [s for _, s in zip(range(self.samples), ctx.calibration)]
+        rng = np.random.default_rng(1)
+        per = max(16, self.positions // len(samples))
+        # targets: the original outputs at sampled positions, one run of the original model
+        positions: dict[str, list[np.ndarray]] = {}
+        targets: dict[str, list[np.ndarray]] = {}
+        out_shapes: dict[str, tuple] = {}
+        outs = sorted({node.output[0] for _, _, node in jobs})
+        for k, acts in enumerate(iter_activations(original, outs, samples)):
+            for _, c, node in jobs:
+                y = acts[node.output[0]]
+                out_shapes[c.node] = y.shape
+                if node.op_type == "Conv":
+                    flat = y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+                elif node.op_type == "Gemm":
+                    flat = y
+                else:
+                    flat = y.reshape(-1, y.shape[-1])
+                pos = np.arange(flat.shape[0]) if flat.shape[0] <= per else \
+                    np.sort(rng.choice(flat.shape[0], size=per, replace=False))
+                out_axis = 1 if node.op_type in ("Conv", "Gemm") else y.ndim - 1
+                kout = kept.get(Dim(node.output[0], out_axis))
+                t = flat[pos] if kout is None else flat[pos][:, kout]
+                positions.setdefault(c.node, []).append(pos)
+                targets.setdefault(c.node, []).append(t)
+        report = {"layers": 0, "skipped": []}
+        for _, c, node in jobs:
+            sess = make_session(pruned, extra_outputs=[node.input[0]])
+            w = pruned.get_constant(node.input[1])
+            rows = []
+            for k, sample in enumerate(samples):
+                x = sess.run([node.input[0]], sample)[0]
+                rows.append(sample_rows(node, x, out_shapes[c.node], positions[c.node][k], w.shape))
+            if any(r is None for r in rows):
+                report["skipped"].append(c.node)
+                continue
+            p = np.concatenate(rows)
+            t = np.concatenate(targets[c.node])
+            has_bias = len(node.input) > 2 and bool(node.input[2])
+            if node.op_type == "Conv":
+                w_mat = w.reshape(w.shape[0], -1).T  # [F, O]
+            elif node.op_type == "Gemm":
+                w_mat = w.T if attr(node, "transB", 0) else w
+            else:
+                w_mat = w
+            b = pruned.get_constant(node.input[2]) if has_bias else None
+            if b is not None and b.size != w_mat.shape[1]:
+                report["skipped"].append(c.node)
+                continue
+            new_w, new_b = ridge_refit(p, t, w_mat, None if b is None else b.reshape(-1), strength=self.ridge)
+            if node.op_type == "Conv":
+                new = new_w.T.reshape(w.shape)
+            elif node.op_type == "Gemm":
+                new = new_w.T if attr(node, "transB", 0) else new_w
+            else:
+                new = new_w
+            pruned.replace_constant_input(node, 1, new.astype(w.dtype), suffix="refit")
+            if new_b is not None:
+                pruned.replace_constant_input(node, 2, new_b.reshape(b.shape).astype(w.dtype), suffix="refit")
+            report["layers"] += 1
+        return report
+
+    def _report(self, cg: ChannelGraph, groups: list[Group], removed: set[int]) -> list[dict]:
+        rows = []
+        for g in groups:
+            n = len(set(g.prunable_units) & removed)
+            if n:
+                rows.append({"group": g.id, "sources": sorted({s.node for s in g.sources}),
+                             "channels_before": g.size, "channels_after": g.size - n})
+        return rows
+
+
+def _bn_nodes(model: Model, g: Group):
+    from sculpt.ir.channels import Dim
+
+    dims = set(g.dims)
+    out = []
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization" and Dim(node.output[0], 1) in dims:
+            out.append((node, Dim(node.output[0], 1)))
+    return out
+
+
+def _contributions(model: Model, node, x: np.ndarray, y_shape, count: int, rng) -> np.ndarray | None:
+    """Per input channel c, its contribution to ``node``'s output at sampled positions: [C, S*O]."""
+    from sculpt.ir.refit import sample_rows
+
+    w = model.get_constant(node.input[1])
+    if node.op_type == "Conv":
+        if x.ndim != 4:
+            return None
+        total = y_shape[0] * y_shape[2] * y_shape[3]
+        pos = rng.choice(total, size=min(count, total), replace=False)
+        p = sample_rows(node, x, y_shape, pos, w.shape)  # [S, C*k]
+        kk = int(np.prod(w.shape[2:]))
+        p = p.reshape(len(pos), x.shape[1], kk)
+        wr = w.reshape(w.shape[0], x.shape[1], kk)  # [O, C, k]
+        contrib = np.einsum("sck,ock->cso", p, wr)
+    elif node.op_type == "Gemm":
+        from sculpt.ir.channel_handlers import attr
+
+        wm = w.T if attr(node, "transB", 0) else w  # [K, N]
+        contrib = np.einsum("sk,kn->ksn", x, wm)
+    elif node.op_type == "MatMul":
+        flat = x.reshape(-1, x.shape[-1])
+        pos = rng.choice(flat.shape[0], size=min(count, flat.shape[0]), replace=False)
+        contrib = np.einsum("sk,kn->ksn", flat[pos], w)
+    else:
+        return None
+    return contrib.reshape(contrib.shape[0], -1)
