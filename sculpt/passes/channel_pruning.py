@@ -36,7 +36,8 @@ class ChannelPruning(Pass):
     ratio: float = option(0.3, help="fraction to remove: of the MACs (target=macs) or of each group's channels")
     target: Literal["macs", "channels"] = option("macs", help="what ratio measures")
     scope: Literal["uniform", "global"] = option("uniform", help="same fraction in every group, or one global ranking")
-    criterion: Criterion = option("l2", help="l1 | l2 | bn-scale | activation | reconstruction")
+    criterion: Criterion = option("reconstruction",
+                                  help="l1 | l2 | bn-scale | activation | reconstruction (ThiNet-style greedy on calibration data)")
     min_channels: int = option(4, help="never keep fewer channels in a group")
     max_group_ratio: float = option(0.8, help="never remove more than this fraction of a group")
     round_to: int = option(1, help="kept channel counts rounded up to a multiple (4 or 8 for NEON)")
@@ -234,33 +235,33 @@ class ChannelPruning(Pass):
 
     def _greedy_order(self, cg, g, acts, units) -> list[tuple[float, int]]:
         """ThiNet-style: repeatedly remove the unit whose contribution, added to what is already
-        removed, changes the readers' outputs least (on sampled calibration positions)."""
-        z = []
-        for c in g.consumers:
-            info = acts.get(("contrib", c.node))
-            if info is None:
-                continue
-            z.append(info)  # [C_in, D]
-        if not z:
-            return [(0.0, u) for u in units]
+        removed, changes the readers' outputs least (on sampled calibration positions). Works on
+        the Gram matrices of the per-channel contributions, accumulated sample by sample."""
         index = {u: i for i, u in enumerate(units)}
-        zz = np.zeros((len(units), sum(m.shape[1] for m in z)))
-        col = 0
-        for c, m in zip([c for c in g.consumers if ("contrib", c.node) in acts], z):
-            for ch, u in enumerate(cg.unit_labels(c.dim).tolist()):
-                if u in index:
-                    zz[index[u], col:col + m.shape[1]] += m[ch]
-            col += m.shape[1]
-        gram = zz @ zz.T
-        chosen, order = [], []
+        gram = np.zeros((len(units), len(units)))
+        found = False
+        for c in g.consumers:
+            gc = acts.get(("gram", c.node))
+            if gc is None:
+                continue
+            found = True
+            rows = np.array([index.get(int(u), -1) for u in cg.unit_labels(c.dim)])
+            ok = rows >= 0
+            # channels of this reader that belong to the same unit add up: P G Pᵀ
+            proj = np.zeros((len(units), len(rows)))
+            proj[rows[ok], np.nonzero(ok)[0]] = 1.0
+            gram += proj @ gc @ proj.T
+        if not found:
+            return [(0.0, u) for u in units]
+        order = []
         cross = np.zeros(len(units))
-        remaining = set(range(len(units)))
-        while remaining:
-            cand = np.array(sorted(remaining))
-            cost = 2 * cross[cand] + np.diag(gram)[cand]
-            best = int(cand[int(np.argmin(cost))])
-            order.append((float(cost.min()), units[best]))
-            remaining.remove(best)
+        diag = np.diag(gram).copy()
+        remaining = np.ones(len(units), dtype=bool)
+        for _ in range(len(units)):
+            cost = np.where(remaining, 2 * cross + diag, np.inf)
+            best = int(np.argmin(cost))
+            order.append((float(cost[best]), units[best]))
+            remaining[best] = False
             cross += gram[best]
         return order
 
@@ -285,7 +286,7 @@ class ChannelPruning(Pass):
                     tensors.add(node.input[0])
                     tensors.add(node.output[0])
         sums: dict = {}
-        contrib: dict = {}
+        grams: dict = {}
         rng = np.random.default_rng(0)
         n = 0
         for acts in iter_activations(model, sorted(tensors), ctx.calibration, limit=self.samples):
@@ -301,11 +302,11 @@ class ChannelPruning(Pass):
                 for name, (node, dim) in consumers.items():
                     m = _contributions(model, node, acts[node.input[0]], acts[node.output[0]].shape, per, rng)
                     if m is not None:
-                        contrib.setdefault(name, []).append(m)
+                        grams[name] = grams.get(name, 0) + m @ m.T
         for d, s in sums.items():
             out[d] = {"mean_abs": s / max(n, 1)}
-        for name, parts in contrib.items():
-            out[("contrib", name)] = np.concatenate(parts, axis=1)
+        for name, gram in grams.items():
+            out[("gram", name)] = gram
         return out
 
     # ------------------------------------------------------------------ recovery
@@ -429,18 +430,18 @@ def _contributions(model: Model, node, x: np.ndarray, y_shape, count: int, rng) 
         pos = rng.choice(total, size=min(count, total), replace=False)
         p = sample_rows(node, x, y_shape, pos, w.shape)  # [S, C*k]
         kk = int(np.prod(w.shape[2:]))
-        p = p.reshape(len(pos), x.shape[1], kk)
-        wr = w.reshape(w.shape[0], x.shape[1], kk)  # [O, C, k]
-        contrib = np.einsum("sck,ock->cso", p, wr)
+        p = p.reshape(len(pos), x.shape[1], kk).transpose(1, 0, 2)  # [C, S, k]
+        wr = w.reshape(w.shape[0], x.shape[1], kk).transpose(1, 2, 0)  # [C, k, O]
+        contrib = np.matmul(p, wr)  # [C, S, O]
     elif node.op_type == "Gemm":
         from sculpt.ir.channel_handlers import attr
 
         wm = w.T if attr(node, "transB", 0) else w  # [K, N]
-        contrib = np.einsum("sk,kn->ksn", x, wm)
+        contrib = x.T[:, :, None] * wm[:, None, :]  # [K, S, N]
     elif node.op_type == "MatMul":
         flat = x.reshape(-1, x.shape[-1])
         pos = rng.choice(flat.shape[0], size=min(count, flat.shape[0]), replace=False)
-        contrib = np.einsum("sk,kn->ksn", flat[pos], w)
+        contrib = flat[pos].T[:, :, None] * w[:, None, :]
     else:
         return None
     return contrib.reshape(contrib.shape[0], -1)
