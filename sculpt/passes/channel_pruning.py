@@ -41,7 +41,7 @@ class ChannelPruning(Pass):
     min_channels: int = option(4, help="never keep fewer channels in a group")
     max_group_ratio: float = option(0.8, help="never remove more than this fraction of a group")
     round_to: int = option(1, help="kept channel counts rounded up to a multiple (4 or 8 for NEON)")
-    ignore: list[str] = option(default_factory=list, help="node-name patterns whose groups are left alone")
+    ignore: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) of layers whose output channels stay")
     layer_ratios: dict[str, float] = option(default_factory=dict,
                                             help="channel fraction for the group of a node (name: ratio)")
     reconstruct: bool = option(True, help="refit the readers' weights on calibration data")
@@ -96,10 +96,10 @@ class ChannelPruning(Pass):
 
         if self.target == "macs":
             want = base_macs * (1 - self.ratio)
-            lo, hi = 0.0, 1.0
+            lo, hi = 0.0, self.max_group_ratio
             best = plan(0.0)
             best_macs = base_macs
-            top = plan(1.0)
+            top = plan(self.max_group_ratio)
             top_macs = macs_after(top)
             if top_macs > want:  # even the maximum allowed is not enough: take it and say so
                 best, best_macs = top, top_macs
@@ -135,7 +135,7 @@ class ChannelPruning(Pass):
 
     # ------------------------------------------------------------------ policy pieces
     def _ignored(self, g: Group) -> bool:
-        names = {s.node for s in g.sources} | {c.node for c in g.consumers}
+        names = {s.node for s in g.sources}  # a layer's output channels: its group
         return any(fnmatch.fnmatch(n, pat) for n in names for pat in self.ignore)
 
     def _group_fraction(self, g: Group, level: float) -> float:
@@ -147,7 +147,8 @@ class ChannelPruning(Pass):
 
     def _plan(self, cg: ChannelGraph, groups: list[Group], order: dict[int, list[tuple[float, int]]],
               level: float) -> list[int]:
-        """Units to remove at a pruning level in [0, 1] (scaled to max_group_ratio)."""
+        """Units to remove when a fraction ``level`` of the channels goes (per group, or overall for
+        the global scope); per-group caps (min_channels, max_group_ratio) always hold."""
         removed: list[int] = []
         if self.scope == "global" and not self.layer_ratios:
             # one threshold over group-normalised scores
@@ -159,7 +160,7 @@ class ChannelPruning(Pass):
             cands.sort()
             quota = {g.id: self._max_remove(g) for g in groups}
             n_total = sum(len(order[g.id]) for g in groups)
-            budget = int(round(level * self.max_group_ratio * n_total))
+            budget = int(round(level * n_total))
             taken: dict[int, list[int]] = {g.id: [] for g in groups}
             for _, gid, u in cands:
                 if budget <= 0:
@@ -171,7 +172,7 @@ class ChannelPruning(Pass):
                 removed.extend(self._rounded(g, order[g.id], len(taken[g.id])))
             return removed
         for g in groups:
-            frac = self._group_fraction(g, level * self.max_group_ratio)
+            frac = self._group_fraction(g, level)
             n = int(math.floor(frac * g.size + 1e-9))
             removed.extend(self._rounded(g, order[g.id], min(n, self._max_remove(g))))
         return removed
