@@ -40,7 +40,7 @@ class ChannelPruning(Pass):
                                   help="l1 | l2 | bn-scale | activation | reconstruction (ThiNet-style greedy on calibration data)")
     min_channels: int = option(4, help="never keep fewer channels in a group")
     max_group_ratio: float = option(0.8, help="never remove more than this fraction of a group")
-    round_to: int = option(1, help="kept channel counts rounded up to a multiple (4 or 8 for NEON)")
+    round_to: int = option(8, help="kept channel counts rounded up to a multiple: 8 keeps onnxruntime's blocked (NCHWc) conv kernels and NEON vectors full; 1 for the finest granularity")
     ignore: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) of layers whose output channels stay")
     layer_ratios: dict[str, float] = option(default_factory=dict,
                                             help="channel fraction for the group of a node (name: ratio)")
@@ -104,16 +104,25 @@ class ChannelPruning(Pass):
             if top_macs > want:  # even the maximum allowed is not enough: take it and say so
                 best, best_macs = top, top_macs
             else:
+                below, below_macs = top, top_macs  # closest plan that reaches the target
+                above, above_macs = best, best_macs  # closest plan that removes too little
                 for _ in range(14):
                     mid = (lo + hi) / 2
                     units = plan(mid)
                     m = macs_after(units)
                     if m > want:
                         lo = mid
+                        if m < above_macs:
+                            above, above_macs = units, m
                     else:
-                        hi, best, best_macs = mid, units, m
+                        hi = mid
+                        if m > below_macs:
+                            below, below_macs = units, m
                     if abs(m - want) / base_macs < 0.005:
                         break
+                # channel rounding makes MACs a step function: take the nearer side, unless it is a no-op
+                nearer_above = (above_macs - want) < (want - below_macs) and above_macs < base_macs
+                best, best_macs = (above, above_macs) if nearer_above else (below, below_macs)
             removed = best
         else:
             removed = plan(self.ratio)
