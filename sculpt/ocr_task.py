@@ -168,7 +168,8 @@ def rec_metrics(predictions: Sequence[str], truths: Sequence[str]) -> RecMetrics
     chars = sum(len(t) for t in gts)
     exact = sum(p == t for p, t in zip(preds, gts))
     n = len(gts)
-    return RecMetrics(n, exact / n if n else 0.0, 1.0 - dist / chars if chars else 0.0, dist, chars,
+    # floored at 0: a broken model can insert more characters than the truth has
+    return RecMetrics(n, exact / n if n else 0.0, max(0.0, 1.0 - dist / chars) if chars else 0.0, dist, chars,
                       list(predictions), list(truths))
 
 
