@@ -139,7 +139,7 @@ def cmd_inspect(args) -> int:
                       _fmt_int(layer.params), _fmt_int(layer.macs), _fmt_bytes(layer.weight_bytes))
     con.print(table)
     dyn = work.dynamic_inputs()
-    con.print(f"inputs: " + ", ".join(f"{n}={s}" for n, s in work.input_shapes().items()))
+    con.print("inputs: " + ", ".join(f"{n}={s}" for n, s in work.input_shapes().items()))
     con.print(f"total: {len(report.layers)} nodes, params {_fmt_int(report.params)}, MACs {_fmt_int(report.macs)}, "
               f"weights {_fmt_bytes(report.weight_bytes)}, file {_fmt_bytes(report.model_bytes)}")
     if report.unknown_macs:
@@ -692,18 +692,9 @@ def cmd_demo(args) -> int:
 
 
 def _median_ms(model, feed, runs: int = 30) -> float:
-    import statistics
+    from sculpt.backends.ort import median_latency_ms
 
-    from sculpt.backends.ort import make_session
-
-    sess = make_session(model, threads=2)
-    sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return median_latency_ms(model, feed, runs=runs, warmup=1, threads=2)
 
 
 # ------------------------------------------------------------------ main

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -323,13 +321,6 @@ def write_calibration(path: str | os.PathLike, kind: str, count: int = 64,
 # ------------------------------------------------------------------------------------ latency
 def median_latency_ms(session, feed: np.ndarray, runs: int = 20, warmup: int = 3) -> float:
     """Median wall time of ``runs`` single-sample runs of a session (after ``warmup`` runs)."""
-    name = session.get_inputs()[0].name
-    feeds = {name: feed}
-    for _ in range(warmup):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        session.run(None, feeds)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    from sculpt.backends.ort import median_latency_ms as median_ms
+
+    return median_ms(session, {session.get_inputs()[0].name: feed}, runs=runs, warmup=warmup)

@@ -13,9 +13,8 @@ import statistics
 import sys
 import time
 
-import numpy as np
 
-from sculpt.backends.ort import compare_models, make_session
+from sculpt.backends.ort import compare_models, median_latency_ms
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.cost import cost_of
 from sculpt.ir.model import Model
@@ -34,14 +33,7 @@ def load(name: str) -> tuple[Model, dict[str, list[int]]]:
 
 
 def median_ms(model: Model, feeds: dict, runs: int) -> float:
-    sess = make_session(model, threads=2)
-    sess.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return median_latency_ms(model, feeds, runs=runs, warmup=1, threads=2)
 
 
 def main(argv=None) -> int:

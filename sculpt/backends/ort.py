@@ -249,3 +249,21 @@ def compare_models(reference: Model, candidate: Model, inputs: Iterable[Mapping[
                 errors[name] = OutputError(name, max(prev.max_abs, err.max_abs), max(prev.max_rel, err.max_rel),
                                            prev.shape_match and err.shape_match)
     return Comparison(list(errors.values()), samples)
+
+
+def median_latency_ms(model_or_session, feeds: Mapping[str, np.ndarray], *, runs: int = 20, warmup: int = 3,
+                      threads: int | None = None) -> float:
+    """Median wall time (ms) of ``runs`` runs after ``warmup`` runs; a Model gets its own session."""
+    import statistics
+    import time
+
+    sess = model_or_session if hasattr(model_or_session, "run") and hasattr(model_or_session, "get_inputs") \
+        else make_session(model_or_session, threads=threads)
+    for _ in range(warmup):
+        sess.run(None, dict(feeds))
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, dict(feeds))
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)

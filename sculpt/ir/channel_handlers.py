@@ -99,6 +99,11 @@ def _const(cg, name):
 
 
 class ConvHandler(Handler):
+    """Conv. group=1: the input's channel axis is reduced (consumer), the output's is a source.
+    Depthwise (one input channel per group): input channel c is output channels c·m … c·m + m - 1
+    (m = 1: the same channel). Other grouped Convs: channel i of every input group is one unit (a
+    period), likewise for the outputs, so that every group loses the same channels and stays valid."""
+
     def relate(self, cg, node):
         x, w_name, y = node.input[0], node.input[1], node.output[0]
         w = _const(cg, w_name)
@@ -111,11 +116,20 @@ class ConvHandler(Handler):
         if group == 1:
             cg.add_consumer(cg.dim(x, 1), node)
             cg.add_source(cg.dim(y, 1), node)
-        elif group == cin and cout == cin:  # depthwise, multiplier 1: channel c in → channel c out
+            return
+        if group < 1 or cin % group or cout % group:
+            cg.freeze_node(node, f"Conv '{node.name}': group={group} does not divide its channels")
+            return
+        per_in, per_out = cin // group, cout // group
+        if per_in == 1 and per_out == 1:  # depthwise: channel c in → channel c out
             cg.eq(cg.dim(x, 1), cg.dim(y, 1), node.name)
+        elif per_in == 1:  # depthwise with a channel multiplier
+            cg.repeat(cg.dim(x, 1), cg.dim(y, 1), per_out, node.name)
         else:
-            cg.freeze(cg.dim(x, 1), f"grouped Conv '{node.name}' (group={group})")
-            cg.freeze(cg.dim(y, 1), f"grouped Conv '{node.name}' (group={group})")
+            cg.period(cg.dim(x, 1), per_in, node.name)
+            cg.period(cg.dim(y, 1), per_out, node.name)
+            cg.add_consumer(cg.dim(x, 1), node, partial=True)
+            cg.add_source(cg.dim(y, 1), node)
 
     def rewrite(self, cg, node, kept):
         x, y = node.input[0], node.output[0]
@@ -123,21 +137,20 @@ class ConvHandler(Handler):
         group = int(attr(node, "group", 1))
         kin, kout = kept(x, 1), kept(y, 1)
         new = w
+        if kout is not None:
+            new = new[kout]
         if group == 1:
-            if kout is not None:
-                new = new[kout]
             if kin is not None:
                 new = new[:, kin]
-        else:  # depthwise: in and out channels are the same channels
-            k = kout if kout is not None else kin
-            if k is not None:
-                new = new[k]
-                set_attr(node, "group", int(len(k)))
+        elif w.shape[1] == 1:  # depthwise: one group per input channel
+            if kin is not None:
+                set_attr(node, "group", int(len(kin)))
+        elif kin is not None:  # grouped: kin repeats the same indices in every group
+            new = new[:, kin[:len(kin) // group]]
         if new is not w:
             _set_input_constant(cg, node, 1, np.ascontiguousarray(new))
-        k = kout if kout is not None else (kin if group != 1 else None)
-        if k is not None and len(node.input) > 2 and node.input[2]:
-            _set_input_constant(cg, node, 2, cg.model.get_constant(node.input[2])[k])
+        if kout is not None and len(node.input) > 2 and node.input[2]:
+            _set_input_constant(cg, node, 2, cg.model.get_constant(node.input[2])[kout])
 
 
 class ConvTransposeHandler(Handler):
@@ -302,8 +315,14 @@ class PadHandler(SameShape):
         pads = list(np.asarray(pads).reshape(-1))
         rank = len(cg.shapes[node.input[0]])
         if len(node.input) > 3 and node.input[3]:  # opset 18 axes input: only those axes are padded
-            axes = [int(a) % rank for a in cg.model.get_constant(node.input[3]) or []]
-            return axis not in axes
+            axes = _const(cg, node.input[3])
+            if axes is None:
+                return False
+            axes = [int(a) % rank for a in np.asarray(axes).reshape(-1)]
+            if axis not in axes:
+                return True
+            i = axes.index(axis)
+            return pads[i] == 0 and pads[i + len(axes)] == 0
         return pads[axis] == 0 and pads[axis + rank] == 0
 
 
@@ -447,37 +466,101 @@ class SliceHandler(Handler):
             _set_input_constant(cg, node, 2, np.array(ends, dtype=np.int64))
 
 
+def _reshape_blocks(xs, ys):
+    """Match the axes of a reshape: the longest common prefix axis by axis, then blocks of input
+    axes and output axes with equal products (axes of size 1 join whichever block is open). Returns
+    a list of (input axes, output axes), or None when the shapes do not match up."""
+    p = 0
+    while p < min(len(xs), len(ys)) and xs[p] == ys[p]:
+        p += 1
+    blocks = [([a], [a]) for a in range(p)]
+    i, j = p, p
+    while i < len(xs) or j < len(ys):
+        ins, outs = [], []
+        pi = pj = 1
+        while True:
+            # take axes of size 1 eagerly, then the side with the smaller product
+            if i < len(xs) and (xs[i] == 1 or pi < pj or (pi == pj and not ins)):
+                ins.append(i)
+                pi *= xs[i]
+                i += 1
+            elif j < len(ys) and (ys[j] == 1 or pj < pi or (pi == pj and not outs)):
+                outs.append(j)
+                pj *= ys[j]
+                j += 1
+            else:
+                break
+            if pi == pj and ins and outs and not (i < len(xs) and xs[i] == 1) and \
+                    not (j < len(ys) and ys[j] == 1):
+                break
+        if pi != pj:
+            return None
+        blocks.append((ins, outs))
+    return blocks
+
+
 class ReshapeHandler(Handler):
-    """Reshape/Flatten that keep a prefix of axes and merge (or split) the rest. Kept axes tie; an
-    axis merged with trailing axes ties as a repeat (Flatten into a Gemm: channel c covers flat
-    indices c*HW … c*HW + HW - 1). Anything else freezes."""
+    """Reshape/Flatten with a constant target. The axes are matched into blocks of equal products:
+    an axis kept as it is ties (eq); several input axes merged into one output axis tie through one
+    of them (the one carrying prunable channels: Flatten into a Gemm, channel c covers flat indices
+    c·HW … c·HW + HW - 1); one input axis split into several output axes ties to the largest of them
+    (a channel shuffle's (groups, channels) keeps the groups). The other axes of a block freeze."""
 
     def relate(self, cg, node):
         x, y = node.input[0], node.output[0]
         xs, ys = cg.shapes[x], cg.shapes[y]
-        if node.op_type == "Reshape" and _const(cg, node.input[1]) is None:
-            cg.freeze_node(node, f"Reshape '{node.name}' has a computed shape")
+        target = None
+        if node.op_type == "Reshape":
+            target = _const(cg, node.input[1])
+            if target is None:
+                cg.freeze_node(node, f"Reshape '{node.name}' has a computed shape")
+                return
+        blocks = _reshape_blocks(xs, ys)
+        if blocks is None:
+            cg.freeze_node(node, f"{node.op_type} '{node.name}': cannot match input and output axes")
             return
-        # common prefix
-        p = 0
-        while p < min(len(xs), len(ys)) and xs[p] == ys[p]:
-            p += 1
-        for ax in range(p):
-            cg.eq(cg.dim(x, ax), cg.dim(y, ax), node.name)
-        if p == len(xs) == len(ys):
-            return
-        # the next input axis merges with all later ones into output axis p (which is the last)
-        if p < len(xs) and p == len(ys) - 1 and int(np.prod(xs[p:])) == ys[p]:
-            factor = int(np.prod(xs[p + 1:])) if p + 1 < len(xs) else 1
-            cg.repeat(cg.dim(x, p), cg.dim(y, p), factor, node.name)
-            for ax in range(p + 1, len(xs)):
-                cg.freeze(cg.dim(x, ax), f"{node.op_type} '{node.name}' merges this axis")
-            return
-        # output splits the last axes of the input into more axes after the prefix: freeze the rest
-        for ax in range(p, len(xs)):
-            cg.freeze(cg.dim(x, ax), f"{node.op_type} '{node.name}' reshapes this axis")
-        for ax in range(p, len(ys)):
-            cg.freeze(cg.dim(y, ax), f"{node.op_type} '{node.name}' reshapes this axis")
+        if target is not None and not attr(node, "allowzero", 0):
+            # a 0 in the target copies the input's axis of the same index: only where that is a tie
+            same = {o[0] for i, o in blocks if len(i) == 1 and len(o) == 1 and i == o}
+            if any(int(v) == 0 and k not in same for k, v in enumerate(np.asarray(target).reshape(-1))):
+                cg.freeze_node(node, f"Reshape '{node.name}' copies an input axis (0) that moves")
+                return
+        why = f"{node.op_type} '{node.name}' merges or splits this axis"
+        for ins, outs in blocks:
+            ins_real = [a for a in ins if xs[a] != 1]
+            outs_real = [a for a in outs if ys[a] != 1]
+            if len(ins) == 1 and len(outs) == 1:
+                cg.eq(cg.dim(x, ins[0]), cg.dim(y, outs[0]), node.name)
+            elif len(ins_real) <= 1 and len(outs_real) <= 1:
+                if ins_real and outs_real:
+                    cg.eq(cg.dim(x, ins_real[0]), cg.dim(y, outs_real[0]), node.name)
+            elif len(outs_real) == 1:  # merge
+                out_ax = outs_real[0]
+                carrier = max(ins_real, key=lambda a: (_carries_channels(cg, cg.dim(x, a)), xs[a], a))
+                inner = int(np.prod([xs[a] for a in ins_real if a > carrier]))
+                if carrier == ins_real[0]:
+                    cg.repeat(cg.dim(x, carrier), cg.dim(y, out_ax), inner, node.name)
+                else:
+                    cg.stride(cg.dim(x, carrier), cg.dim(y, out_ax), inner, node.name)
+                for a in ins_real:
+                    if a != carrier:
+                        cg.freeze(cg.dim(x, a), why)
+            elif len(ins_real) == 1:  # split
+                in_ax = ins_real[0]
+                carrier = max(outs_real, key=lambda a: (ys[a], a))
+                inner = int(np.prod([ys[a] for a in outs_real if a > carrier]))
+                if carrier == outs_real[0]:
+                    cg.repeat(cg.dim(y, carrier), cg.dim(x, in_ax), inner, node.name)
+                else:
+                    cg.stride(cg.dim(y, carrier), cg.dim(x, in_ax), inner, node.name)
+                for a in outs_real:
+                    if a != carrier:
+                        cg.freeze(cg.dim(y, a), why)
+            else:
+                for a in ins:
+                    cg.freeze(cg.dim(x, a), why)
+                for a in outs:
+                    cg.freeze(cg.dim(y, a), why)
 
     def rewrite(self, cg, node, kept):
         if node.op_type != "Reshape":
@@ -491,10 +574,19 @@ class ReshapeHandler(Handler):
             if k is not None and new[ax] not in (-1, 0):
                 new[ax] = len(k)
                 changed = True
-            elif k is not None and new[ax] == 0:
-                pass  # 0 copies the (already pruned) input dimension
+            # -1 is inferred, 0 copies the (already pruned) input axis it is tied to
         if changed:
             _set_input_constant(cg, node, 1, new)
+
+
+def _carries_channels(cg: ChannelGraph, d) -> bool:
+    """Whether the dimension is (so far) connected to a source and to nothing frozen."""
+    import networkx as nx
+
+    comp = nx.node_connected_component(cg.graph, d)
+    if any(c in cg.frozen for c in comp):
+        return False
+    return any(s.dim in comp for s in cg.sources)
 
 
 class SqueezeHandler(Handler):

@@ -96,7 +96,8 @@ class ChannelValues:
             scale = g / np.sqrt(var + attr(node, "epsilon", 1e-5))
             d_in, d_out = Dim(x, 1), Dim(y, 1)
             if d_in in cg.sizes and d_out in cg.sizes:
-                self.set(d_out, self.get(d_in) * scale + (bta - mean * scale))
+                # gamma = 0: the channel is beta whatever comes in
+                self.set(d_out, np.where(scale == 0, bta, self.get(d_in) * scale + (bta - mean * scale)))
             return
         if op in UNARY_FUNCS or op == "Clip":
             for a, b, kind, args in cg.edges_of(node.name):
@@ -123,18 +124,44 @@ class ChannelValues:
         return float(attr(node, "min", -np.inf)), float(attr(node, "max", np.inf))
 
     def _move(self, a: Dim, b: Dim, kind: str, args: tuple, node) -> None:
-        v = self.get(a)
+        """Carry the values along one index map of a movement op, from its input to its output (the
+        map may be stored either way round: Concat's slices go from the output to an input)."""
+        ins = {t for t in node.input if t}
+        outs = {t for t in node.output if t}
+        if a.tensor in ins and b.tensor in outs:
+            src, forward = a, True
+        elif b.tensor in ins and a.tensor in outs:
+            src, forward = b, False
+        else:
+            return
+        v = self.get(src)
         if node.op_type == "AveragePool":
             pads = attr(node, "pads") or []
             include = attr(node, "count_include_pad", 0)
             if include and any(pads):
                 v = np.where(v == 0, v, np.nan)
         if kind == "eq":
-            self.set(b, v)
+            self.set(b if forward else a, v)
         elif kind == "slice":
-            self.set(b, v[args[0]:args[0] + self.cg.sizes[b]])
-        else:
-            self.set(b, v[np.arange(self.cg.sizes[b]) // args[0]])
+            off = args[0]
+            if forward:  # a is the whole input, b the part
+                self.set(b, v[off:off + self.cg.sizes[b]])
+            else:  # b is one input, a the whole output
+                whole = self.get(a).copy()
+                whole[off:off + len(v)] = v
+                self.set(a, whole)
+        elif kind in ("repeat", "stride"):
+            j = np.arange(self.cg.sizes[b])
+            idx = j // args[0] if kind == "repeat" else (j // args[0]) % self.cg.sizes[a]
+            if forward:  # coarse input → fine output
+                self.set(b, v[idx])
+            else:  # fine input → coarse output: constant where all of its elements agree
+                out = np.full(self.cg.sizes[a], np.nan)
+                for c in range(len(out)):
+                    vals = v[idx == c]
+                    if vals.size and not np.isnan(vals).any() and (vals == vals[0]).all():
+                        out[c] = vals[0]
+                self.set(a, out)
 
     def _source(self, node) -> None:
         cg, model = self.cg, self.cg.model
@@ -151,9 +178,12 @@ class ChannelValues:
             bias = model.get_constant(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(w.shape[0])
             zero = ~w.reshape(w.shape[0], -1).any(axis=1)
             out = np.where(zero, bias.astype(np.float64), np.nan)
-            if group != 1 and Dim(node.input[0], 1) in cg.sizes:  # depthwise: a zero input channel gives its bias
-                vin = self.get(Dim(node.input[0], 1))
-                out = np.where(vin == 0, bias.astype(np.float64), out)
+            d_in = Dim(node.input[0], 1)
+            if group != 1 and w.shape[1] == 1 and d_in in cg.sizes:
+                # depthwise: an input channel that is zero everywhere gives its outputs their bias
+                vin = self.get(d_in)
+                per = w.shape[0] // len(vin)
+                out = np.where(np.repeat(vin, per) == 0, bias.astype(np.float64), out)
             self.set(d_out, out)
         elif op == "ConvTranspose":
             d_out = Dim(y, 1)
@@ -200,8 +230,6 @@ class ChannelValues:
                 a = ax - shift
                 if const is not None:
                     # constant along every axis but this one?
-                    full = np.broadcast_to(const, tuple(1 if i != a else const.shape[a] for i in range(const.ndim))
-                                           if a >= 0 else ()) if False else None
                     other = [s for i, s in enumerate(const.shape) if i != a]
                     if all(s == 1 for s in other):
                         vec = const.reshape(-1) if a >= 0 else const.reshape(-1)[:1]

@@ -2,8 +2,10 @@
 
 Every tensor dimension that can carry channels is a node ``Dim(tensor, axis)`` of a networkx graph.
 An op that ties the channels of two dimensions adds an edge with an index map: equal indices
-(elementwise ops, BatchNorm, depthwise Conv, pooling), an offset (Concat, Split, Slice on that axis)
-or a repeat (Flatten/Reshape into a Gemm: flat index j belongs to channel j // factor). Per-op
+(elementwise ops, BatchNorm, depthwise Conv, pooling), an offset (Concat, Split, Slice on that axis),
+a repeat (Flatten/Reshape into a Gemm: flat index j belongs to channel j // factor), a stride (one
+of several axes merged by a Reshape: j belongs to (j // inner) % size) or a period (a grouped Conv:
+channel i of every group is one unit, so that the groups stay equal). Per-op
 handlers (sculpt.ir.channel_handlers) know these maps; an op without a handler, a graph input or
 output, or a tensor of unknown shape *freezes* the dimensions it touches.
 
@@ -56,7 +58,11 @@ class Source:
 
 @dataclass
 class Consumer:
-    """A node that reduces over a channel dimension of its input (its weights lose rows)."""
+    """A node that reduces over a channel dimension of its input (its weights lose rows).
+
+    ``ChannelGraph.consumers`` holds the dense ones (Conv with group 1, ConvTranspose, Gemm, MatMul:
+    every output reads every input channel, so a refit by least squares applies);
+    ``ChannelGraph.partial_consumers`` the grouped Convs, which reduce within each group only."""
 
     dim: Dim
     node: str
@@ -74,6 +80,7 @@ class Group:
     sources: list[Source]
     consumers: list[Consumer]
     frozen_reasons: list[str]
+    partial_consumers: list[Consumer] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -99,11 +106,13 @@ class ChannelGraph:
         self.frozen: dict[Dim, str] = {}
         self.sources: list[Source] = []
         self.consumers: list[Consumer] = []
+        self.partial_consumers: list[Consumer] = []  # grouped Convs (see Consumer)
         self._edges: list[tuple[Dim, Dim, str, tuple, str]] = []  # (a, b, kind, args, node name)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.unknown_ops: dict[str, str] = {}
         self.constants: set[str] = set()
         self._linked: set[Dim] = set()
+        self._touched: set[Dim] = set()  # dims the node being related tied, consumed or produced
         # element level (filled by _components)
         self.offsets: dict[Dim, int] = {}
         self.labels: np.ndarray = np.zeros(0, dtype=np.int64)
@@ -137,14 +146,16 @@ class ChannelGraph:
                 cg.unknown_ops[node.name] = node.op_type
                 cg.freeze_node(node, f"no channel handler for {node.op_type} ('{node.name}')")
                 continue
+            cg._touched = set()
             handler.relate(cg, node)
-            # an output dimension the handler did not tie to an input, nor mark as a source, cannot
-            # change size: freeze it (prune less, never wrongly)
-            for t in node.output:
+            # a dimension of this node's inputs or outputs that the handler neither tied to another
+            # one, nor marked as a source or a consumer, cannot change size without breaking the node
+            # (an output would keep its size, an input the size the node expects): freeze it
+            for t in list(node.input) + list(node.output):
                 if t and t in cg.shapes and t not in constants:
                     for axis in range(len(cg.shapes[t])):
                         d = cg.dim(t, axis)
-                        if d not in cg._linked:
+                        if d not in cg._touched:
                             cg.freeze(d, f"{node.op_type} '{node.name}' does not map this axis")
         for vi in work.graph.input:
             cg.freeze_tensor(vi.name, f"graph input '{vi.name}'")
@@ -167,13 +178,13 @@ class ChannelGraph:
             raise InvalidModelError(f"channel handler for '{op}': {a} has {self.sizes[a]} channels, {b} has "
                                     f"{self.sizes[b]}")
         self.graph.add_edge(a, b)
-        self._linked.update((a, b))
+        self._link(a, b)
         self._edges.append((a, b, "eq", (), op))
 
     def slice(self, whole: Dim, offset: int, part: Dim, op: str) -> None:
         """``whole[offset + i] ≡ part[i]`` for i < size(part)."""
         self.graph.add_edge(whole, part)
-        self._linked.update((whole, part))
+        self._link(whole, part)
         self._edges.append((whole, part, "slice", (offset,), op))
 
     def repeat(self, coarse: Dim, fine: Dim, factor: int, op: str) -> None:
@@ -181,8 +192,32 @@ class ChannelGraph:
         if self.sizes[coarse] * factor != self.sizes[fine]:
             raise InvalidModelError(f"channel handler for '{op}': {fine} is not {coarse} × {factor}")
         self.graph.add_edge(coarse, fine)
-        self._linked.update((coarse, fine))
+        self._link(coarse, fine)
         self._edges.append((coarse, fine, "repeat", (factor,), op))
+
+    def stride(self, coarse: Dim, fine: Dim, inner: int, op: str) -> None:
+        """``fine[j] ≡ coarse[(j // inner) % size(coarse)]``: ``coarse`` is one of several axes
+        merged (row-major) into ``fine``, with ``inner`` elements of the later axes per index."""
+        n = self.sizes[coarse]
+        if inner < 1 or self.sizes[fine] % (n * inner):
+            raise InvalidModelError(f"channel handler for '{op}': {coarse} cannot be an axis of {fine} "
+                                    f"with stride {inner}")
+        self.graph.add_edge(coarse, fine)
+        self._link(coarse, fine)
+        self._edges.append((coarse, fine, "stride", (inner,), op))
+
+    def period(self, d: Dim, p: int, op: str) -> None:
+        """``d[i] ≡ d[i % p]``: the channels of ``d`` fall in ``size / p`` blocks of ``p`` that must
+        lose the same indices (the inputs and outputs of a grouped Conv)."""
+        if p < 1 or self.sizes[d] % p:
+            raise InvalidModelError(f"channel handler for '{op}': {d} has no period {p}")
+        self.graph.add_node(d)
+        self._link(d)
+        self._edges.append((d, d, "period", (p,), op))
+
+    def _link(self, *dims: Dim) -> None:
+        self._linked.update(dims)
+        self._touched.update(dims)
 
     def freeze(self, d: Dim, reason: str) -> None:
         self.frozen.setdefault(d, reason)
@@ -201,10 +236,11 @@ class ChannelGraph:
 
     def add_source(self, d: Dim, node: onnx.NodeProto) -> None:
         self.sources.append(Source(d, node.name, node.op_type))
-        self._linked.add(d)
+        self._link(d)
 
-    def add_consumer(self, d: Dim, node: onnx.NodeProto) -> None:
-        self.consumers.append(Consumer(d, node.name, node.op_type))
+    def add_consumer(self, d: Dim, node: onnx.NodeProto, *, partial: bool = False) -> None:
+        (self.partial_consumers if partial else self.consumers).append(Consumer(d, node.name, node.op_type))
+        self._link(d)
 
     # ------------------------------------------------------------------ element level
     def _components(self) -> None:
@@ -226,10 +262,20 @@ class ChannelGraph:
                 idx = np.arange(self.sizes[b])
                 rows.append(oa + args[0] + idx)
                 cols.append(ob + idx)
-            else:  # repeat
+            elif kind == "repeat":
                 j = np.arange(self.sizes[b])
                 rows.append(oa + j // args[0])
                 cols.append(ob + j)
+            elif kind == "stride":
+                j = np.arange(self.sizes[b])
+                rows.append(oa + (j // args[0]) % self.sizes[a])
+                cols.append(ob + j)
+            elif kind == "period":
+                i = np.arange(self.sizes[a])
+                rows.append(oa + i % args[0])
+                cols.append(oa + i)
+            else:  # pragma: no cover - the kinds above are all there is
+                raise AssertionError(kind)
         if rows:
             r = np.concatenate(rows)
             c = np.concatenate(cols)
@@ -251,16 +297,18 @@ class ChannelGraph:
             units = sorted(set(np.concatenate([self.unit_labels(d) for d in dims]).tolist()))
             srcs = [s for s in self.sources if s.dim in comp]
             cons = [c for c in self.consumers if c.dim in comp]
+            partial = [c for c in self.partial_consumers if c.dim in comp]
             reasons = sorted({self.frozen[d] for d in dims if d in self.frozen})
             prunable = [u for u in units if u in source_units and u not in frozen_units]
-            g = Group(gid, dims, units, prunable, srcs, cons, reasons)
+            g = Group(gid, dims, units, prunable, srcs, cons, reasons, partial)
             self.groups.append(g)
             for u in units:
                 self.unit_group[u] = gid
         self._frozen_units = frozen_units
 
     def edges_of(self, node_name: str) -> list[tuple[Dim, Dim, str, tuple]]:
-        """The index maps a node added: (a, b, kind, args) with kind eq, slice or repeat."""
+        """The index maps a node added: (a, b, kind, args) with kind eq, slice, repeat, stride or
+        period (see the methods of the same names)."""
         if not hasattr(self, "_edges_by_node"):
             by: dict[str, list] = defaultdict(list)
             for a, b, kind, args, op in self._edges:
@@ -338,6 +386,39 @@ class ChannelGraph:
         model.infer_shapes(refresh=True)
         return kept
 
+    def feasible(self, units: Iterable[int], min_keep: int = 1) -> list[int]:
+        """The units of ``units`` (in order of preference: earlier ones first) that can be removed
+        together while every dimension keeps at least ``min_keep`` channels (or all of them, when it
+        has fewer). A Concat ties its inputs into one group: removing the lowest-ranked channels of
+        the group could otherwise empty one of the inputs, which :meth:`remove_units` refuses."""
+        units = [int(u) for u in units]
+        if not units:
+            return []
+        wanted = np.zeros(self.labels.max() + 1, dtype=bool)
+        wanted[np.asarray(units, dtype=np.int64)] = True
+        # for each wanted unit: the dimensions it has channels in, with how many
+        hits: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        budget: list[int] = []
+        for k, d in enumerate(sorted(self.sizes)):
+            lab = self.unit_labels(d)
+            sel = lab[wanted[lab]]
+            budget.append(self.sizes[d] - min(min_keep, self.sizes[d]))
+            if sel.size:
+                u, n = np.unique(sel, return_counts=True)
+                for uu, nn in zip(u.tolist(), n.tolist()):
+                    hits[uu].append((k, nn))
+        out: list[int] = []
+        seen: set[int] = set()
+        for u in units:
+            if u in seen:
+                continue
+            seen.add(u)
+            if all(budget[k] >= n for k, n in hits[u]):
+                for k, n in hits[u]:
+                    budget[k] -= n
+                out.append(u)
+        return out
+
     # ------------------------------------------------------------------ reporting
     def summary(self) -> list[dict]:
         rows = []
@@ -347,7 +428,7 @@ class ChannelGraph:
             rows.append({
                 "group": g.id, "channels": g.size, "prunable_channels": len(g.prunable_units),
                 "sources": sorted({s.node for s in g.sources}),
-                "consumers": sorted({c.node for c in g.consumers}),
+                "consumers": sorted({c.node for c in g.consumers + g.partial_consumers}),
                 "dims": [str(d) for d in g.dims],
                 "frozen": g.frozen_reasons,
             })

@@ -113,3 +113,12 @@ def per_channel_vector(value: np.ndarray, rank: int, channels: int, axis: int = 
     if shape[axis] not in (1, channels):
         return None
     return np.broadcast_to(value.reshape(-1), (channels,)).astype(np.float64)
+
+
+def absorb_node(model: Model, producer: onnx.NodeProto, folded: onnx.NodeProto, via: str) -> None:
+    """After folding ``folded`` into ``producer``: the producer writes the folded node's output
+    (so graph output names and readers stay) and the folded node goes."""
+    for k, o in enumerate(producer.output):
+        if o == via:
+            producer.output[k] = folded.output[0]
+    model.graph.node.remove(folded)

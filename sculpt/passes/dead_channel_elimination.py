@@ -51,45 +51,41 @@ class DeadChannelElimination(Pass):
         inactive: dict[Dim, np.ndarray] = {}
         if self.data_driven:
             inactive = self._inactive(model, cg, ctx)
-        # consumed elements of each unit: where channels leave the group (a reduction over channels)
-        removable: list[int] = []
-        folds: list[tuple[str, int, float]] = []  # (consumer node, input channel, constant)
-        by_unit: dict[int, list[tuple[str, int, float]]] = {}
+        # where the channels of a unit leave its group: the inputs of the nodes that reduce over them.
+        # A unit can go when it is provably zero at every one of those places, or constant where the
+        # reader can take the constant into its bias exactly.
+        readers = [(c, True) for c in cg.consumers] + [(c, False) for c in cg.partial_consumers]
+        folds_by_unit: dict[int, list[tuple[str, int, float]]] = {}  # unit → (reader, input channel, constant)
         blocked: set[int] = set()
+        consumed: set[int] = set()
         nodes = {n.name: n for n in model.graph.node}
-        for c in cg.consumers:
+        for c, dense in readers:
             labels = cg.unit_labels(c.dim)
             vals = values.get(c.dim).copy()
             if c.dim in inactive:
                 vals = np.where(inactive[c.dim], 0.0, vals)
+            consumed.update(labels.tolist())
+            absorbable = dense and _can_absorb(model, nodes[c.node])
             for idx, (u, v) in enumerate(zip(labels.tolist(), vals.tolist())):
                 if np.isnan(v):
                     blocked.add(u)
                 elif v != 0.0:
-                    if _can_absorb(model, nodes[c.node]):
-                        by_unit.setdefault(u, []).append((c.node, idx, v))
+                    if absorbable:
+                        folds_by_unit.setdefault(u, []).append((c.node, idx, v))
                     else:
                         blocked.add(u)
-        # units with no consumed element at all are removable only if every element is known
-        for g in cg.prunable_groups():
-            for u in g.prunable_units:
-                if u in blocked:
-                    continue
-                consumed = any(u in set(cg.unit_labels(c.dim).tolist()) for c in g.consumers)
-                if not consumed:
-                    continue  # nothing reads it inside the graph: leave it (it reaches an output)
-                removable.append(u)
-                folds.extend(by_unit.get(u, []))
+        removable = [u for g in cg.prunable_groups() for u in g.prunable_units
+                     if u not in blocked and u in consumed]  # a unit nothing reads is left alone
         # keep at least one channel in every dimension
-        removable = _keep_one(cg, removable)
-        keep_units = set(removable)
-        folds = [f for f in folds if int(cg.unit_labels(_consumer_dim(cg, f[0]))[f[1]]) in keep_units]
+        removable = cg.feasible(removable, min_keep=1)
+        gone = set(removable)
+        folds = [f for u in removable for f in folds_by_unit.get(u, [])]
         for node_name, channel, value in folds:
             _absorb(model, nodes[node_name], channel, value)
         kept = cg.remove_units(removable) if removable else {}
         removed_per_group = {}
         for g in cg.groups:
-            n = len(set(g.prunable_units) & keep_units)
+            n = len(set(g.prunable_units) & gone)
             if n:
                 removed_per_group[g.describe()] = n
         return PassResult(model, bool(removable), {"removed_channels": len(removable),
@@ -100,7 +96,7 @@ class DeadChannelElimination(Pass):
     def _inactive(self, model: Model, cg: ChannelGraph, ctx: PassContext) -> dict[Dim, np.ndarray]:
         from sculpt.ir.calibration import iter_activations
 
-        dims = {c.dim for c in cg.consumers}
+        dims = {c.dim for c in cg.consumers + cg.partial_consumers}
         tensors = sorted({d.tensor for d in dims})
         peak = {d: np.zeros(cg.sizes[d]) for d in dims}
         for acts in iter_activations(model, tensors, ctx.calibration, limit=self.samples):
@@ -109,20 +105,6 @@ class DeadChannelElimination(Pass):
                 axes = tuple(i for i in range(a.ndim) if i != d.axis)
                 peak[d] = np.maximum(peak[d], a.max(axis=axes) if axes else a)
         return {d: p <= self.threshold for d, p in peak.items()}
-
-
-def _consumer_dim(cg: ChannelGraph, node_name: str) -> Dim:
-    return next(c.dim for c in cg.consumers if c.node == node_name)
-
-
-def _keep_one(cg: ChannelGraph, units: list[int]) -> list[int]:
-    """Drop units from the removal list until no dimension loses all of its channels."""
-    chosen = set(units)
-    for d in cg.sizes:
-        labels = cg.unit_labels(d)
-        if chosen and all(int(u) in chosen for u in labels):
-            chosen.discard(int(labels[0]))
-    return [u for u in units if u in chosen]
 
 
 def _can_absorb(model: Model, node) -> bool:

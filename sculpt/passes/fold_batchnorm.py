@@ -9,7 +9,7 @@ import onnx
 
 from sculpt.ir.model import Model
 from sculpt.passes.base import Pass, allow_plain_initializers, PassContext, PassResult, register
-from sculpt.passes.channel_affine import absorb_channel_affine, output_channels
+from sculpt.passes.channel_affine import absorb_channel_affine, absorb_node, output_channels
 
 
 def _attr(node, name, default):
@@ -70,10 +70,5 @@ class FoldBatchNorm(Pass):
         scale = gamma / np.sqrt(var + eps)
         shift = beta - mean * scale
         absorb_channel_affine(model, producer, scale, shift)
-        # the producer now writes BN's output directly
-        y = bn.output[0]
-        for k, o in enumerate(producer.output):
-            if o == x:
-                producer.output[k] = y
-        model.graph.node.remove(bn)
+        absorb_node(model, producer, bn, via=x)
         return None

@@ -9,7 +9,7 @@ import onnx
 
 from sculpt.ir.model import Model
 from sculpt.passes.base import Pass, allow_plain_initializers, PassContext, PassResult, register
-from sculpt.passes.channel_affine import absorb_channel_affine, output_channels, per_channel_vector
+from sculpt.passes.channel_affine import absorb_channel_affine, absorb_node, output_channels, per_channel_vector
 
 
 @register
@@ -76,10 +76,6 @@ class FoldConvAffine(Pass):
                 absorb_channel_affine(model, producer, None, vec)
             else:
                 absorb_channel_affine(model, producer, None, -vec)
-            y = node.output[0]
-            for k, o in enumerate(producer.output):
-                if o == x:
-                    producer.output[k] = y
-            model.graph.node.remove(node)
+            absorb_node(model, producer, node, via=x)
             return True
         return False
