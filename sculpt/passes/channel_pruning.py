@@ -132,13 +132,14 @@ class ChannelPruning(Pass):
         kept = cg.remove_units(removed)
         if self.reconstruct:
             stats["refit"] = self._refit(original, model, cg, kept, ctx)
-        after = cost_of(model).macs
+        after_report = cost_of(model)
+        after = after_report.macs
         stats.update({
             "removed_channels": len(removed),
             "macs_before": base_macs, "macs_after": after,
             "macs_reduction": 1 - after / base_macs if base_macs else 0.0,
             "requested": self.ratio if self.target == "macs" else None,
-            "groups": self._report(cg, groups, set(removed)),
+            "groups": self._report(cg, groups, set(removed), cost_of(original), after_report),
         })
         return PassResult(model, True, stats)
 
@@ -407,13 +408,24 @@ class ChannelPruning(Pass):
             report["layers"] += 1
         return report
 
-    def _report(self, cg: ChannelGraph, groups: list[Group], removed: set[int]) -> list[dict]:
+    def _report(self, cg: ChannelGraph, groups: list[Group], removed: set[int], before, after) -> list[dict]:
+        """Per pruned group: channels, and MACs/params of the layers that produce or read it."""
+        b = {layer.name: layer for layer in before.layers}
+        a = {layer.name: layer for layer in after.layers}
+        producers = {o: n.name for n in cg.model.graph.node for o in n.output}
         rows = []
         for g in groups:
             n = len(set(g.prunable_units) & removed)
-            if n:
-                rows.append({"group": g.id, "sources": sorted({s.node for s in g.sources}),
-                             "channels_before": g.size, "channels_after": g.size - n})
+            if not n:
+                continue
+            nodes = {s.node for s in g.sources} | {c.node for c in g.consumers} | \
+                {producers[d.tensor] for d in g.dims if d.tensor in producers}
+            rows.append({"group": g.id, "sources": sorted({s.node for s in g.sources}),
+                         "channels_before": g.size, "channels_after": g.size - n,
+                         "macs_before": sum(b[x].macs or 0 for x in nodes if x in b),
+                         "macs_after": sum(a[x].macs or 0 for x in nodes if x in a),
+                         "params_before": sum(b[x].params for x in nodes if x in b),
+                         "params_after": sum(a[x].params for x in nodes if x in a)})
         return rows
 
 
