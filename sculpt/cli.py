@@ -148,6 +148,25 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _print_group_reports(console, records) -> None:
+    """Per-group table for the passes that removed channels (channel-pruning reports them)."""
+    from rich.table import Table
+
+    for rec in records:
+        groups = rec.stats.get("groups") if isinstance(rec.stats, dict) else None
+        if not isinstance(groups, list) or not groups or "channels_before" not in groups[0]:
+            continue
+        table = Table(title=f"{rec.name}: channels removed per group")
+        for col in ("group", "producing layers", "channels", "MACs", "params"):
+            table.add_column(col, justify="left" if col == "producing layers" else "right")
+        for g in groups:
+            srcs = ", ".join(g["sources"][:3]) + (f" +{len(g['sources']) - 3}" if len(g["sources"]) > 3 else "")
+            table.add_row(str(g["group"]), srcs, f"{g['channels_before']} -> {g['channels_after']}",
+                          f"{_fmt_int(g.get('macs_before'))} -> {_fmt_int(g.get('macs_after'))}",
+                          f"{_fmt_int(g.get('params_before'))} -> {_fmt_int(g.get('params_after'))}")
+        console.print(table)
+
+
 def _print_groups(work, args) -> int:
     """The channel-dependency groups of the (canonicalized) model: what pruning can touch."""
     from rich.table import Table
@@ -569,6 +588,7 @@ def cmd_run(args) -> int:
     for label, rep in (("before", before), ("after", after)):
         if rep.unknown_macs:
             out_con.print(f"MACs {label}: {len(rep.unknown_macs)} nodes of unknown output shape are not counted")
+    _print_group_reports(out_con, result.records)
     out_con.print(f"max error vs input model over {cmp.samples} sample(s): abs {cmp.max_abs:.3g}, "
                   f"relative {cmp.max_rel:.3g}; {elapsed:.2f} s")
     if report_path is not None:
