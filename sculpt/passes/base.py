@@ -13,8 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal, Mapping
 
-from sculpt.errors import OptionError, PassError
-from sculpt.ir.model import Model
+from sculpt.errors import InvalidModelError, OptionError, PassError
+from sculpt.ir.model import Model, check_invariants
 
 
 @dataclass
@@ -73,6 +73,13 @@ class Pass:
         self.requires(work, ctx)
         result = self.run(work, ctx)
         self.ensures(result.model, ctx)
+        if result.modified:
+            # cheap structural invariants (topological order, unique names, nothing dangling): a pass
+            # never hands back a half-edited graph
+            try:
+                check_invariants(result.model)
+            except InvalidModelError as e:
+                raise PassError(self.name, f"produced an invalid model ({e})") from None
         return result
 
     # ---------------------------------------------------------------- options
