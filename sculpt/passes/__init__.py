@@ -8,6 +8,7 @@ from sculpt.passes.constant_folding import ConstantFolding
 from sculpt.passes.dead_channel_elimination import DeadChannelElimination
 from sculpt.passes.fold_batchnorm import FoldBatchNorm
 from sculpt.passes.fold_conv_affine import FoldConvAffine
+from sculpt.passes.low_rank import LowRank
 from sculpt.passes.freeze_initializers import FreezeInitializers
 from sculpt.passes.remove_identity import RemoveIdentity
 from sculpt.passes.simplify_shapes import SimplifyShapes
