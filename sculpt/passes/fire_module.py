@@ -1,0 +1,241 @@
+"""fire-module: a k×k Conv → squeeze 1×1, then expand 1×1 ‖ expand k×k, concatenated (SqueezeNet's fire module)."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from sculpt.errors import PassError
+from sculpt.ir.channel_handlers import attr
+from sculpt.ir.cost import cost_of
+from sculpt.ir.factorize import Tucker2, whitening
+from sculpt.ir.model import Model
+from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, option, register
+from sculpt.passes.depthwise_separable import capture_patches, conv_candidates, patch_moments, rel_error, ridge_solve
+
+
+@register
+@dataclass
+class FireModule(Pass):
+    """Replace a k×k Conv (2-D, group 1, odd kernel, "same" symmetric padding so that a 1×1 branch
+    lines up with the kernel's centre) by SqueezeNet's fire module, with no activation in between
+    (the replacement stays linear, so it can be fitted to the linear layer it replaces):
+
+        x → squeeze 1×1 (S channels) → [expand 1×1 (E1 channels) ‖ expand k×k (E3 channels)] → Concat
+
+    S = ``squeeze_ratio``·O and E1 = ``expand_split``·O (rounded to ``round_to``), E3 = O − E1. The
+    E1 output channels whose kernels are best represented by their centre tap alone go to the 1×1
+    branch; when that is not the first E1 channels, a Gather on the channel axis restores the original
+    order (``assign=first`` takes the first E1 channels and needs no Gather).
+
+    Fitting (same method as depthwise-separable, on the im2col patches of calibration data): the
+    squeeze is the data-aware Tucker-2 input factor (the leading S directions of the weight in the
+    coordinates where the input channels are white), then both expand layers are solved by ridge
+    least squares for the smallest output error E‖(W − Ŵ) p‖², in closed form from the patch
+    second moment. ``fit=weights`` uses Σp = I (no calibration). The bias is split between the
+    branches; the output keeps its name. Lossy."""
+
+    name = "fire-module"
+    exact = False
+    needs_static_shapes = True
+
+    squeeze_ratio: float = option(0.25, help="squeeze channels as a fraction of the output channels")
+    expand_split: float = option(0.5, help="fraction of the output channels computed by the 1×1 expand")
+    assign: Literal["center", "first"] = option("center", help="which output channels the 1×1 expand computes")
+    round_to: int = option(8, help="squeeze and expand-1×1 channel counts rounded to a multiple")
+    fit: Literal["data", "weights"] = option("data", help="data: least squares on calibration patches; weights: Σp = I")
+    layers: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) to replace; empty: all")
+    ignore: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) left alone")
+    min_macs: int = option(0, help="only layers with at least this many MACs")
+    min_saving: float = option(0.1, help="leave a layer alone unless the replacement saves this fraction of its MACs")
+    max_error: float = option(1.0, help="leave a layer alone if its fitted relative output error exceeds this")
+    force: bool = option(False, help="replace even where it does not cut MACs")
+    samples: int = option(8, help="calibration samples")
+    positions: int = option(2048, help="sampled output positions per layer")
+    ridge: float = option(1e-4, help="least-squares regularization, relative to the mean diagonal")
+
+    def __post_init__(self):
+        if not 0 < self.squeeze_ratio <= 4:
+            raise ValueError(f"squeeze_ratio must be in (0, 4], got {self.squeeze_ratio}")
+        if not 0 < self.expand_split < 1:
+            raise ValueError(f"expand_split must be in (0, 1), got {self.expand_split}")
+        if self.round_to < 1 or self.samples < 1 or self.positions < 1:
+            raise ValueError("round_to, samples and positions must be ≥ 1")
+
+    def requires(self, model, ctx):
+        super().requires(model, ctx)
+        if self.fit == "data" and ctx.calibration is None:
+            raise PassError(self.name, "fit=data needs calibration data: give --calibration (an .npz, an image "
+                                       "folder or random:N), or use fit=weights")
+
+    def _pattern_ok(self, name: str) -> bool:
+        if self.layers and not any(fnmatch.fnmatch(name, p) for p in self.layers):
+            return False
+        return not any(fnmatch.fnmatch(name, p) for p in self.ignore)
+
+    def _shape_reason(self, node, w) -> str | None:
+        o, c, kh, kw = w.shape
+        if kh % 2 == 0 or kw % 2 == 0:
+            return "even kernel: no centre tap"
+        if o < 2:
+            return "fewer than 2 output channels"
+        d = list(attr(node, "dilations") or [1, 1])
+        pads = list(attr(node, "pads") or [0, 0, 0, 0])
+        same = [d[0] * (kh - 1) // 2, d[1] * (kw - 1) // 2]
+        if pads != same + same:
+            return f"pads {pads} are not 'same' {same + same}: a 1×1 branch would not line up"
+        return None
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        allow_plain_initializers(model)
+        model.infer_shapes(refresh=True)
+        layers, skipped = conv_candidates(model, self._pattern_ok, min_macs=self.min_macs)
+        ok = []
+        for lay in layers:
+            reason = self._shape_reason(lay["node"], lay["w"])
+            if reason:
+                skipped.append({"layer": lay["node"].name, "reason": reason})
+            else:
+                ok.append(lay)
+        layers = ok
+        stats: dict[str, Any] = {"candidates": len(layers)}
+        if layers and ctx.calibration is not None:
+            capture_patches(model, layers, ctx.calibration, self.samples, self.positions, ctx.seed)
+        before = cost_of(model)
+        report, replacements, reserved = [], {}, set()
+        for lay in layers:
+            node = lay["node"]
+            o, c, kh, kw = lay["w"].shape
+            s = self._rounded(self.squeeze_ratio * o, cap=c)
+            e1 = min(o - 1, max(1, self._rounded(self.expand_split * o, cap=o - 1)))
+            e3 = o - e1
+            n, _, h, wi = lay["x_shape"]
+            ho, wo = lay["y_shape"][2:]
+            macs_after = n * (s * c * h * wi + e1 * s * ho * wo + e3 * s * kh * kw * ho * wo)
+            if macs_after > lay["macs"] * (1 - self.min_saving) and not self.force:
+                skipped.append({"layer": node.name, "reason": f"would not cut MACs enough ({lay['macs']} → {macs_after})"})
+                continue
+            fitted = self._fit(lay, s, e1)
+            if fitted["error"] is not None and fitted["error"] > self.max_error and not self.force:
+                skipped.append({"layer": node.name, "reason": f"relative output error {fitted['error']:.3g} > max_error"})
+                continue
+            replacements[node.name] = self._build(model, lay, fitted, reserved)
+            report.append({"layer": node.name, "weight_shape": [o, c, kh, kw], "squeeze": s, "expand1x1": e1,
+                           "expand_kxk": e3, "reordered": fitted["gather"] is not None,
+                           "macs_before": int(lay["macs"]), "macs_after": int(macs_after),
+                           "fit": "data" if self.fit == "data" and lay["rows"] else "weights", "error": fitted["error"]})
+            lay["rows"] = []
+        if replacements:
+            nodes = []
+            for nd in model.graph.node:
+                nodes.extend(replacements.get(nd.name, [nd]))
+            del model.graph.node[:]
+            model.graph.node.extend(nodes)
+            model.remove_unused()
+            model.infer_shapes(refresh=True)
+        after = cost_of(model) if replacements else before
+        stats.update({"replaced": len(report), "macs_before": before.macs, "macs_after": after.macs,
+                      "macs_reduction": 1 - after.macs / before.macs if before.macs else 0.0,
+                      "params_before": before.params, "params_after": after.params,
+                      "layers": report, "skipped": skipped})
+        return PassResult(model, bool(replacements), stats)
+
+    def _rounded(self, x: float, cap: int | None) -> int:
+        r = max(self.round_to, int(math.ceil(x / self.round_to) * self.round_to))
+        return r if cap is None else min(cap, r)
+
+    # ------------------------------------------------------------------ fitting
+    def _fit(self, lay: dict, s: int, e1: int) -> dict:
+        w = lay["w"].astype(np.float64)
+        o, c, kh, kw = w.shape
+        k = kh * kw
+        centre = (kh // 2) * kw + kw // 2
+        wmat = w.reshape(o, -1).T  # [C·K, O]
+        measure, y2 = patch_moments(lay) if lay["rows"] else (None, None)
+        data = self.fit == "data" and measure is not None
+        sigma = measure if data else np.eye(c * k)
+        cidx = np.arange(c) * k + centre  # rows of the centre taps in im2col order
+        # squeeze: data-aware Tucker-2 input factor (channel covariance at the centre tap)
+        if data:
+            chol, inv = whitening(sigma[np.ix_(cidx, cidx)])
+            sq = Tucker2(w, inv, chol).factors(min(s, c), 1)[0][:, :, 0, 0]  # [min(S, C), C]
+        else:
+            sq = Tucker2(w).factors(min(s, c), 1)[0][:, :, 0, 0]
+        s = sq.shape[0]
+        # which output channels the 1×1 branch computes: the best fitted by their centre tap alone
+        if self.assign == "first":
+            idx1 = np.arange(e1)
+        else:
+            sc = sigma[np.ix_(cidx, cidx)]
+            fit_c = ridge_solve(sc, sigma[cidx] @ wmat, 1e-9)  # [C, O] best centre-only weights
+            delta = wmat.copy()
+            delta[cidx] -= fit_c
+            resid = np.einsum("fo,fg,go->o", delta, sigma, delta)
+            total = np.einsum("fo,fg,go->o", wmat, sigma, wmat)
+            idx1 = np.sort(np.argsort(resid / np.maximum(total, 1e-30), kind="stable")[:e1])
+        idx3 = np.setdiff1d(np.arange(o), idx1)
+        # expand 1×1: features Sq·p_centre
+        q1 = np.zeros((c * k, s))
+        q1[cidx] = sq.T
+        ex1 = ridge_solve(q1.T @ sigma @ q1, q1.T @ sigma @ wmat[:, idx1], self.ridge)  # [S, E1]
+        # expand k×k: features (Sq ⊗ I_K) p
+        q3 = np.einsum("sc,kl->cksl", sq, np.eye(k)).reshape(c * k, s * k)
+        ex3 = ridge_solve(q3.T @ sigma @ q3, q3.T @ sigma @ wmat[:, idx3], self.ridge)  # [S·K, E3]
+        approx = np.zeros_like(wmat)
+        approx[:, idx1] = q1 @ ex1
+        approx[:, idx3] = q3 @ ex3
+        perm = np.concatenate([idx1, idx3])
+        gather = None if np.array_equal(perm, np.arange(o)) else np.argsort(perm)
+        err = round(rel_error(measure, y2, wmat - approx), 6) if measure is not None else None
+        return {"squeeze": sq, "ex1": ex1.T.reshape(e1, s, 1, 1), "ex3": ex3.T.reshape(o - e1, s, kh, kw),
+                "idx1": idx1, "idx3": idx3, "gather": gather, "error": err}
+
+    # ------------------------------------------------------------------ graph edit
+    def _build(self, model: Model, lay: dict, f: dict, reserved: set) -> list[onnx.NodeProto]:
+        node = lay["node"]
+        dtype = lay["w"].dtype
+        out = node.output[0]
+        o, c, kh, kw = lay["w"].shape
+
+        def fresh(prefix):
+            name = model.unique_name(prefix)
+            k = 1
+            while name in reserved:
+                name = model.unique_name(f"{prefix}_{k}")
+                k += 1
+            reserved.add(name)
+            return name
+
+        def init(prefix, value):
+            name = fresh(f"{node.name}_{prefix}")
+            model.set_initializer(name, np.ascontiguousarray(value, dtype=dtype))
+            return name
+
+        bias = lay["bias"].reshape(-1) if lay["bias"] is not None else None
+        b1 = [init("expand1_bias", bias[f["idx1"]])] if bias is not None else []
+        b3 = [init("expand3_bias", bias[f["idx3"]])] if bias is not None else []
+        strides = list(attr(node, "strides") or [1, 1])
+        sq_out, e1_out, e3_out = fresh(f"{out}_squeeze"), fresh(f"{out}_expand1"), fresh(f"{out}_expand3")
+        cat_out = fresh(f"{out}_fire") if f["gather"] is not None else out
+        nodes = [
+            helper.make_node("Conv", [node.input[0], init("squeeze_weight", f["squeeze"][:, :, None, None])], [sq_out],
+                             name=fresh(f"{node.name}_squeeze"), kernel_shape=[1, 1]),
+            helper.make_node("Conv", [sq_out, init("expand1_weight", f["ex1"])] + b1, [e1_out],
+                             name=fresh(f"{node.name}_expand1"), kernel_shape=[1, 1], strides=strides),
+            helper.make_node("Conv", [sq_out, init("expand3_weight", f["ex3"])] + b3, [e3_out],
+                             name=fresh(f"{node.name}_expand3"), kernel_shape=[kh, kw], strides=strides,
+                             pads=list(attr(node, "pads") or [0, 0, 0, 0]),
+                             dilations=list(attr(node, "dilations") or [1, 1])),
+            helper.make_node("Concat", [e1_out, e3_out], [cat_out], name=fresh(f"{node.name}_concat"), axis=1),
+        ]
+        if f["gather"] is not None:
+            order = fresh(f"{node.name}_order")
+            model.set_initializer(order, f["gather"].astype(np.int64))
+            nodes.append(helper.make_node("Gather", [cat_out, order], [out], name=fresh(f"{node.name}_reorder"), axis=1))
+        return nodes
