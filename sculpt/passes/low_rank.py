@@ -238,7 +238,7 @@ class LowRank(Pass):
                     flat = x.reshape(-1, x.shape[-1])
                 else:
                     flat = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
-                if layer.sigma_dim <= MAX_COVARIANCE_FEATURES:
+                if self.data_aware and layer.sigma_dim <= MAX_COVARIANCE_FEATURES:
                     f64 = flat.astype(np.float64)
                     layer.sigma = layer.sigma + f64.T @ f64
                     layer.count += flat.shape[0]
