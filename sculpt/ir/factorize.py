@@ -27,19 +27,24 @@ def whitening(sigma: np.ndarray, ridge: float = 1e-4) -> tuple[np.ndarray, np.nd
     return chol, inv
 
 
-def energy_rank(s: np.ndarray, energy: float) -> int:
-    """The smallest rank whose singular values keep ``energy`` of the total Σ s² (energy ≥ 1: all)."""
+def energy_rank(s: np.ndarray, energy: float, total: float | None = None) -> int:
+    """The smallest rank whose dropped singular values hold at most (1 − ``energy``) of ``total``
+    (default: Σ s², the usual energy fraction; energy ≥ 1: all)."""
     if energy >= 1.0 or len(s) == 0:
         return len(s)
     e = np.cumsum(np.asarray(s, dtype=np.float64) ** 2)
+    total = e[-1] if total is None or total <= 0 else total
     if e[-1] <= 0:
         return 1
-    return int(min(len(s), np.searchsorted(e / e[-1], energy - 1e-12) + 1))
+    tail = e[-1] - e  # energy dropped at rank 1..n
+    ok = np.nonzero(tail <= (1 - energy) * total + 1e-12 * e[-1])[0]
+    return int(min(len(s), ok[0] + 1))
 
 
-def kept_energy(s: np.ndarray, r: int) -> float:
+def kept_energy(s: np.ndarray, r: int, total: float | None = None) -> float:
     e = np.asarray(s, dtype=np.float64) ** 2
-    return float(e[:r].sum() / e.sum()) if e.sum() > 0 else 1.0
+    total = e.sum() if total is None or total <= 0 else total
+    return float(1 - e[r:].sum() / total) if total > 0 else 1.0
 
 
 class MatrixSVD:

@@ -34,6 +34,7 @@ class _Layer:
     macs: int
     # calibration statistics
     sigma: Any = 0.0
+    total: Any = 0.0  # Σ x over the samples (for the mean)
     count: int = 0
     rows: list = field(default_factory=list)
 
@@ -241,6 +242,7 @@ class LowRank(Pass):
                 if self.data_aware and layer.sigma_dim <= MAX_COVARIANCE_FEATURES:
                     f64 = flat.astype(np.float64)
                     layer.sigma = layer.sigma + f64.T @ f64
+                    layer.total = layer.total + f64.sum(0)
                     layer.count += flat.shape[0]
                 if layer.kind == "matrix":
                     pos = np.arange(flat.shape[0]) if flat.shape[0] <= per else \
@@ -264,16 +266,28 @@ class LowRank(Pass):
     def _plan(self, layer: _Layer) -> dict | str:
         chol = inv = None
         data_aware = False
+        var = None  # data-aware: the output's variance (the energy the ranks are measured against)
         if self.data_aware and layer.count and isinstance(layer.sigma, np.ndarray):
             chol, inv = whitening(layer.sigma / layer.count, self.ridge)
             data_aware = True
+            mu = layer.total / layer.count
+            if layer.kind == "conv":
+                w64 = layer.w.astype(np.float64)
+                mean_part = float((np.einsum("ocij,c->oij", w64, mu) ** 2).sum())
+                var = float((np.einsum("ocij,cd->odij", w64, chol) ** 2).sum())
+            else:
+                wm64 = layer.wmat.astype(np.float64)
+                mean_part = float(((wm64.T @ mu) ** 2).sum())
+                var = float(((chol.T @ wm64) ** 2).sum())
+            var = var - mean_part
         p = np.concatenate(layer.rows).astype(np.float64) if layer.rows else None
         y_ref = None
         if p is not None:
             y_ref = p @ layer.wmat.astype(np.float64)
             if layer.bias is not None and layer.bias.size == y_ref.shape[1]:
                 y_ref = y_ref + layer.bias.reshape(-1)
-        ref_norm = float(np.linalg.norm(y_ref)) if y_ref is not None else 0.0
+        # errors are relative to the output's variation about its mean (a large mean would hide them)
+        ref_norm = float(np.linalg.norm(y_ref - y_ref.mean(0))) if y_ref is not None else 0.0
 
         def error(w_hat_mat: np.ndarray) -> float | None:
             if p is None:
@@ -293,10 +307,10 @@ class LowRank(Pass):
                 return npos * r * (f + o)
 
             r = self._choose([(k,) for k in self._grid(svd.full)], lambda k: macs_svd(k[0]),
-                             lambda k: error(svd.approx(k[0])), (self._round(energy_rank(svd.s, self.energy), svd.full),),
+                             lambda k: error(svd.approx(k[0])), (self._round(energy_rank(svd.s, self.energy, var), svd.full),),
                              layer.macs)
             options.append({"method": "svd", "ranks": r, "macs": macs_svd(r[0]),
-                            "energy": kept_energy(svd.s, r[0]), "fac": svd,
+                            "energy": kept_energy(svd.s, r[0], var), "fac": svd,
                             "w_hat": lambda r=r: svd.approx(r[0])})
         else:
             o, c, kh, kw = layer.w.shape
@@ -310,9 +324,9 @@ class LowRank(Pass):
 
                 r = self._choose([(k,) for k in self._grid(sp.full)], lambda k: macs_sp(k[0]),
                                  lambda k: error(_conv_mat(sp.approx(k[0]))),
-                                 (self._round(energy_rank(sp.s, self.energy), sp.full),), layer.macs)
+                                 (self._round(energy_rank(sp.s, self.energy, var), sp.full),), layer.macs)
                 options.append({"method": "spatial", "ranks": r, "macs": macs_sp(r[0]),
-                                "energy": kept_energy(sp.s, r[0]), "fac": sp,
+                                "energy": kept_energy(sp.s, r[0], var), "fac": sp,
                                 "w_hat": lambda r=r: _conv_mat(sp.approx(r[0]))})
             if self.method in ("auto", "tucker"):
                 tk = Tucker2(layer.w, inv, chol)
@@ -323,12 +337,12 @@ class LowRank(Pass):
 
                 grid = sorted({(self._round(t * f1, f1), self._round(t * f2, f2))
                                for t in np.linspace(1 / 32, 1, 32)})
-                by_energy = (self._round(energy_rank(tk.s_in, self.energy), f1),
-                             self._round(energy_rank(tk.s_out, self.energy), f2))
+                by_energy = (self._round(energy_rank(tk.s_in, self.energy, var), f1),
+                             self._round(energy_rank(tk.s_out, self.energy, var), f2))
                 r = self._choose(grid, lambda k: macs_tk(*k), lambda k: error(_conv_mat(tk.approx(*k))),
                                  by_energy, layer.macs)
                 options.append({"method": "tucker", "ranks": r, "macs": macs_tk(*r),
-                                "energy": min(kept_energy(tk.s_in, r[0]), kept_energy(tk.s_out, r[1])),
+                                "energy": min(kept_energy(tk.s_in, r[0], var), kept_energy(tk.s_out, r[1], var)),
                                 "fac": tk, "w_hat": lambda r=r: _conv_mat(tk.approx(*r))})
             if not options:
                 return f"method={self.method} does not apply to a {kh}×{kw} kernel"
