@@ -461,9 +461,10 @@ class SliceHandler(Handler):
         if cg.model.opset < 10:
             set_attr(node, "starts", [int(v) for v in starts])
             set_attr(node, "ends", [int(v) for v in ends])
-        else:
-            _set_input_constant(cg, node, 1, np.array(starts, dtype=np.int64))
-            _set_input_constant(cg, node, 2, np.array(ends, dtype=np.int64))
+        else:  # starts, ends, axes and steps share one index type (int32 or int64): keep it
+            dtype = cg.model.get_constant(node.input[1]).dtype
+            _set_input_constant(cg, node, 1, np.array(starts, dtype=dtype))
+            _set_input_constant(cg, node, 2, np.array(ends, dtype=dtype))
 
 
 def _reshape_blocks(xs, ys):

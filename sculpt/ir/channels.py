@@ -381,9 +381,18 @@ class ChannelGraph:
             if handler is None:  # cannot happen: unknown ops freeze their tensors
                 raise InvalidModelError(f"node '{node.name}' ({node.op_type}) has no channel handler")
             handler.rewrite(self, node, lookup)
-        del model.graph.value_info[:]
+        # every dimension that changed is in `kept`: patch the recorded shapes in place (exact, and
+        # much cheaper than running shape inference again on a big model)
+        for vi in list(model.graph.value_info) + list(model.graph.output):
+            axes = by_tensor.get(vi.name)
+            if not axes or not vi.type.HasField("tensor_type"):
+                continue
+            dims = vi.type.tensor_type.shape.dim
+            for ax, k in axes.items():
+                if ax < len(dims):
+                    dims[ax].Clear()
+                    dims[ax].dim_value = int(len(k))
         model.remove_unused()
-        model.infer_shapes(refresh=True)
         return kept
 
     def feasible(self, units: Iterable[int], min_keep: int = 1) -> list[int]:
