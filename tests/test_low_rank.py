@@ -19,8 +19,14 @@ from sculpt.passes import Pipeline, PassContext, create_pass
 EXACT = dict(energy=1.0, force=True, round_to=1)
 
 
-def cnn(stride=1, pads=(1, 1, 1, 1), dilation=1, k=(3, 3), cin=8, cout=16):
-    """Conv k×k (+bias) → Relu → 1×1 Conv (no bias) → Flatten → Gemm (transB, bias)."""
+def cnn(stride=1, pads=(1, 1, 1, 1), dilation=1, k=(3, 3), cin=8, cout=16, seed=0):
+    """Conv k×k (+bias) → Relu → 1×1 Conv (no bias) → Flatten → Gemm (transB, bias).
+
+    Weights come from a generator seeded here, so they do not depend on which tests ran before
+    (pytest-xdist distributes tests in varying orders)."""
+    import graphs
+
+    graphs.RNG = np.random.default_rng(4321 + seed)
     nodes = [
         helper.make_node("Conv", ["x", "w", "b"], ["c1"], name="c1", pads=list(pads), strides=[stride, stride],
                          dilations=[dilation, dilation]),
