@@ -129,12 +129,6 @@ def test_channel_pruning_ratio_03(name, tmp_path):
     if shapes:
         args += ["--input-shape", "x=" + ",".join(map(str, shapes["x"]))]
     rc, stdout, stderr = _cli(*args)
-    if rc != 0 and "would leave" in stderr and "with none" in stderr:
-        # the mechanism refuses to empty a dimension: the policy asked to remove every channel of one
-        # input of a Concat (its group spans all inputs). ChannelGraph.feasible() is the fix, in
-        # sculpt/passes/channel_pruning.py (not in these files): known bug, not a pass here
-        pytest.xfail("channel-pruning plans the removal of every channel of a Concat input: "
-                     + stderr.strip().splitlines()[-1])
     assert rc == 0, stdout + stderr
     seconds = time.perf_counter() - start
 

@@ -180,12 +180,13 @@ class ChannelPruning(Pass):
                     budget -= 1
             for g in groups:
                 removed.extend(self._rounded(g, order[g.id], len(taken[g.id])))
-            return removed
+            return cg.feasible(removed, min_keep=self.min_channels)
         for g in groups:
             frac = self._group_fraction(g, level)
             n = int(math.floor(frac * g.size + 1e-9))
             removed.extend(self._rounded(g, order[g.id], min(n, self._max_remove(g))))
-        return removed
+        # a Concat ties its inputs into one group: never empty one input (or go below min_channels)
+        return cg.feasible(removed, min_keep=self.min_channels)
 
     def _max_remove(self, g: Group) -> int:
         keep_min = max(self.min_channels, int(math.ceil(g.size * (1 - self.max_group_ratio))))
@@ -313,6 +314,7 @@ class ChannelPruning(Pass):
                 for name, (node, dim) in consumers.items():
                     m = _contributions(model, node, acts[node.input[0]], acts[node.output[0]].shape, per, rng)
                     if m is not None:
+                        m = m.astype(np.float64)  # float32 Gram sums overflow on large activations
                         grams[name] = grams.get(name, 0) + m @ m.T
         for d, s in sums.items():
             out[d] = {"mean_abs": s / max(n, 1)}
