@@ -243,7 +243,7 @@ def _feeds(model: Model, n: int = 2) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ properties
-@settings(max_examples=80, **SETTINGS)
+@settings(max_examples=150, **SETTINGS)
 @given(specs())
 def test_exact_passes_stay_exact(spec):
     model = build(spec)
@@ -279,7 +279,7 @@ def _prune(model: Model, options: dict, ctx: PassContext | None = None) -> Model
     return create_pass("channel-pruning", options)(model, ctx).model
 
 
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=100, **SETTINGS)
 @given(specs(), st.sampled_from([0.2, 0.5, 0.7]), st.sampled_from(["macs", "channels"]))
 def test_channel_pruning_gives_valid_consistent_models(spec, ratio, target):
     model = create_pass("canonicalize")(build(spec)).model

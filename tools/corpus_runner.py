@@ -169,6 +169,23 @@ def _compare(ref: dict, got: dict) -> list[dict]:
     return out
 
 
+def _track_range(ranges: dict[str, list[float]], outputs: dict) -> None:
+    """Smallest and largest finite value of each numeric output, over all samples seen."""
+    import numpy as np
+
+    for name, v in outputs.items():
+        v = np.asarray(v)
+        if v.dtype.kind not in "fiub" or v.size == 0:
+            ranges[name] = [0.0, math.inf]  # not comparable this way: never "constant"
+            continue
+        v = v.astype(np.float64)
+        v = v[np.isfinite(v)]
+        lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+        if name in ranges:
+            lo, hi = min(lo, ranges[name][0]), max(hi, ranges[name][1])
+        ranges[name] = [lo, hi]
+
+
 def _needs_calibration(p) -> bool:
     return bool(getattr(type(p), "needs_calibration", False) or getattr(p, "needs_calibration", False)
                 or getattr(p, "uses_calibration", False) or getattr(p, "data_driven", False))
@@ -258,11 +275,13 @@ def apply_and_check(model, pass_name: str, options: dict, feeds: list[dict], sha
         return done("skipped", str(e))
     rec["runtime"] = runner.kind
     errors: list[dict] = []
+    ref_range: dict[str, list[float]] = {}
     for k, f in enumerate(feeds):
         try:
             ref = runner.run(model, f)
         except Exception as e:
             return done("skipped", f"{runner.kind} cannot run the input model: {_one_line(e)}")
+        _track_range(ref_range, ref)
         try:
             got = runner.run(out, f)
         except Exception as e:
@@ -278,6 +297,12 @@ def apply_and_check(model, pass_name: str, options: dict, feeds: list[dict], sha
                 prev["nan"] = prev.get("nan", False) or e.get("nan", False)
     max_rel = max((e["max_rel"] for e in errors), default=0.0)
     max_abs = max((e["max_abs"] for e in errors), default=0.0)
+    # an output that is the same number everywhere, for every input (the light/ models: constant
+    # weights, a softmax of equal logits) makes the measured error meaningless: say so
+    constant = bool(ref_range) and all(hi - lo <= 1e-6 * max(abs(hi), abs(lo), 1e-30)
+                                       for lo, hi in ref_range.values())
+    if constant:
+        rec["reference_constant"] = True
     rec.update(max_rel=_finite(max_rel), max_abs=_finite(max_abs), samples=len(feeds),
                outputs=[{k: (_finite(v) if isinstance(v, float) else v) for k, v in e.items()} for e in errors])
     missing = [e["output"] for e in errors if e.get("missing")]
@@ -576,6 +601,7 @@ def run_corpus(models: list[CorpusModel], passes: list[str], *, timeout: float =
 
 
 _KEY_ORDER = ["model", "pass", "outcome", "reason", "input", "exact", "modified", "changed", "max_rel", "max_abs",
+              "reference_constant",
               "runtime", "samples", "seconds", "wall", "cpu", "max_rss_mb", "options", "calibration", "outputs", "stats", "traceback"]
 
 
@@ -596,6 +622,12 @@ def summarize(results: list[dict], passes: list[str]) -> dict[str, dict[str, int
         if r["outcome"] == "failed" and str(r.get("reason", "")).startswith("MISMATCH"):
             s["mismatch"] += 1
     return summary
+
+
+def vacuous(results: list[dict]) -> list[dict]:
+    """Changed, applied cases whose reference outputs are constant: their measured error is 0 by
+    construction, not by evidence."""
+    return [r for r in results if r["outcome"] == "applied" and r.get("changed") and r.get("reference_constant")]
 
 
 def markdown_table(summary: dict[str, dict[str, int]], models: int) -> str:
@@ -675,6 +707,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(results)} cases, {len(models)} models, {wall:.0f} s wall ({cpu:.0f} s CPU in the cases), "
           f"--jobs {args.jobs}. Default options"
           + (f" except {'; '.join(notes)}" if notes else "") + f"; calibration: random, {CALIBRATION_SAMPLES} samples.")
+    vac = vacuous(results)
+    if vac:
+        ms = sorted({r["model"] for r in vac})
+        print(f"{len(vac)} changed cases were measured on models whose outputs are constant for every input "
+              f"({', '.join(ms[:6])}{' ...' if len(ms) > 6 else ''}): their error of 0 says nothing.")
     failed = [r for r in results if r["outcome"] == "failed"]
     if failed:
         print("\nFailures:")
@@ -685,7 +722,8 @@ def main(argv: list[str] | None = None) -> int:
                "wall_seconds": wall, "cpu_seconds": cpu, "jobs": args.jobs, "timeout_per_case": args.timeout_per_case,
                "calibration": f"random:{CALIBRATION_SAMPLES}", "runner_options": RUNNER_OPTIONS,
                "exact_tolerance": {"rtol": EXACT_RTOL, "atol": EXACT_ATOL},
-               "models": [m.id for m in models], "passes": passes, "summary": summary, "results": results}
+               "models": [m.id for m in models], "passes": passes, "summary": summary,
+               "constant_reference_cases": [[r["model"], r["pass"]] for r in vac], "results": results}
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(_jsonable(doc), f, indent=1, allow_nan=False)
