@@ -42,7 +42,7 @@ def make_session(model: Model | onnx.ModelProto, *, optimize: bool = True, threa
             proto = onnx.ModelProto.FromString(proto.SerializeToString())
             _append_outputs(proto, extra_outputs)
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: errors reach the caller as exceptions, not as log lines
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
@@ -89,6 +89,22 @@ def run(model: Model | onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, sess
     return dict(zip(names, values))
 
 
+# random data is made for inputs up to this many elements (1 GiB of float32); a larger static input is
+# almost always a broken shape (2^40 elements) and would exhaust memory before any error is shown
+MAX_RANDOM_INPUT_ELEMENTS = 1 << 28
+
+
+def check_random_input_size(name: str, dims: Sequence[int]) -> None:
+    """ShapeError naming the input when random data of this shape would be absurdly large."""
+    count = 1
+    for d in dims:
+        count *= int(d)
+    if count > MAX_RANDOM_INPUT_ELEMENTS:
+        raise ShapeError(f"input '{name}' has shape {list(dims)} ({count:.3g} elements, more than the "
+                         f"{MAX_RANDOM_INPUT_ELEMENTS:.3g} sculpt makes random data for); give a realistic "
+                         f"shape with --input-shape {name}=... or real data")
+
+
 def random_inputs(model: Model, *, seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None,
                   session=None) -> dict[str, np.ndarray]:
     """Random inputs for every real input: float ~ N(0, 1), integers in [0, 4), bool coin flips.
@@ -114,6 +130,7 @@ def random_inputs(model: Model, *, seed: int = 0, shapes: Mapping[str, Sequence[
                 raise ShapeError(f"input '{name}' has a dynamic dimension {i}; give its shape "
                                  f"(--input-shape {name}=...)")
             dims.append(int(d))
+        check_random_input_size(name, dims)
         if np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(dims).astype(dtype)
         elif dtype is np.bool_:

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from sculpt.errors import CalibrationError
+from sculpt.errors import CalibrationError, ShapeError
 from sculpt.ir.model import Model, _one_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -186,7 +186,7 @@ class CalibrationSet:
                input_shapes: Mapping[str, Sequence[int]] | None = None,
                low: float | None = None, high: float | None = None) -> "CalibrationSet":
         """Random samples: float inputs N(0, 1), or uniform in [low, high) when both are given."""
-        from sculpt.backends.ort import random_inputs
+        from sculpt.backends.ort import check_random_input_size, random_inputs
 
         if count <= 0:
             raise CalibrationError(f"random calibration: the sample count must be positive, got {count}")
@@ -204,6 +204,10 @@ class CalibrationSet:
                     isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d <= 0 for d in shape):
                 raise CalibrationError(f"random calibration: input '{name}' has a dynamic shape; give "
                                        f"--input-shape {name}=...")
+            try:
+                check_random_input_size(name, shape)
+            except ShapeError as e:
+                raise CalibrationError(f"random calibration: {e}") from None
 
         def sample(k: int) -> dict[str, np.ndarray]:
             feeds = random_inputs(model, seed=seed + k, shapes=shapes)  # no session: cheap per sample

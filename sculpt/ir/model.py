@@ -613,6 +613,9 @@ def check_invariants(model: Model) -> None:
         node_names.add(node.name)
         for i in list(node.input) + list(_subgraph_outer_inputs(node)):
             if i not in defined:
+                cycle = describe_cycle(model)
+                if cycle:
+                    raise InvalidModelError(cycle)
                 raise InvalidModelError(
                     f"node '{node.name}' ({node.op_type}) reads '{i}', which is not produced before it "
                     "(dangling tensor or nodes out of topological order)")
@@ -623,6 +626,33 @@ def check_invariants(model: Model) -> None:
     for out in graph.output:
         if out.name not in defined:
             raise InvalidModelError(f"graph output '{out.name}' is not produced by any node")
+
+
+def find_cycle(model: Model) -> list[str]:
+    """Names of the nodes on one cycle of the node graph (tensor producer -> reader), or [] if none."""
+    import networkx as nx
+
+    producer = {o: k for k, n in enumerate(model.graph.node) for o in n.output if o}
+    g = nx.DiGraph()
+    for k, n in enumerate(model.graph.node):
+        g.add_node(k)
+        for i in list(n.input) + list(_subgraph_outer_inputs(n)):
+            if i in producer:
+                g.add_edge(producer[i], k)
+    try:
+        edges = nx.find_cycle(g)
+    except nx.NetworkXNoCycle:
+        return []
+    return [model.graph.node[a].name or f"#{a} ({model.graph.node[a].op_type})" for a, _ in edges]
+
+
+def describe_cycle(model: Model) -> str | None:
+    """'the graph has a cycle through nodes ...', or None when the node graph is acyclic."""
+    cycle = find_cycle(model)
+    if not cycle:
+        return None
+    return (f"the graph has a cycle through node{'s' if len(cycle) > 1 else ''} "
+            + ", ".join(f"'{n}'" for n in cycle[:6]) + (" ..." if len(cycle) > 6 else ""))
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:

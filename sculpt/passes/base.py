@@ -14,7 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal, Mapping
 
 from sculpt.errors import InvalidModelError, OptionError, PassError
-from sculpt.ir.model import Model, check_invariants
+from sculpt.ir.model import Model, check_invariants, describe_cycle
+
+
+def _refuse_cyclic_input(model: Model) -> None:
+    """A cycle is the input's defect, whatever pass meets it first: say so before any pass runs."""
+    try:
+        check_invariants(model)
+    except InvalidModelError:
+        cycle = describe_cycle(model)
+        if cycle:
+            raise InvalidModelError(cycle) from None
 
 
 @dataclass
@@ -70,6 +80,7 @@ class Pass:
             model = Model.load(model)
             copy = False
         work = model.clone() if copy else model
+        _refuse_cyclic_input(work)
         self.requires(work, ctx)
         result = self.run(work, ctx)
         self.ensures(result.model, ctx)
@@ -79,6 +90,11 @@ class Pass:
             try:
                 check_invariants(result.model)
             except InvalidModelError as e:
+                if copy:  # the input is intact: a defect it already had is the input's, not the pass's
+                    try:
+                        check_invariants(model)
+                    except InvalidModelError as original:
+                        raise InvalidModelError(f"the input model is invalid: {original}") from None
                 raise PassError(self.name, f"produced an invalid model ({e})") from None
         return result
 
