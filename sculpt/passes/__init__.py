@@ -14,10 +14,12 @@ from sculpt.passes.low_rank import LowRank
 from sculpt.passes.freeze_initializers import FreezeInitializers
 from sculpt.passes.remove_identity import RemoveIdentity
 from sculpt.passes.simplify_shapes import SimplifyShapes
+from sculpt.passes.qdq import QDQ
 from sculpt.passes.pipeline import Pipeline, PipelineResult
 
 __all__ = [
     "Pass", "PassContext", "PassResult", "Pipeline", "PipelineResult", "create_pass", "get_pass_class",
     "parse_pass_spec", "register", "registered_passes", "Canonicalize", "ConstantFolding", "FoldBatchNorm",
     "FoldConvAffine", "FreezeInitializers", "DeadChannelElimination", "ChannelPruning", "RemoveIdentity", "SimplifyShapes",
+    "QDQ",
 ]
