@@ -14,6 +14,7 @@ from sculpt.passes.low_rank import LowRank
 from sculpt.passes.freeze_initializers import FreezeInitializers
 from sculpt.passes.remove_identity import RemoveIdentity
 from sculpt.passes.simplify_shapes import SimplifyShapes
+from sculpt.passes.sparsify import Sparsify
 from sculpt.passes.qdq import QDQ
 from sculpt.passes.pipeline import Pipeline, PipelineResult
 

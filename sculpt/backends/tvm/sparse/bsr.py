@@ -74,7 +74,7 @@ class BSRMatrix:
         return np.zeros((1, self.block_rows), np.float32), np.zeros(1, np.int32), self.indptr
 
 
-def _blocked(matrix: np.ndarray, block_rows: int) -> np.ndarray:
+def blocks_of(matrix: np.ndarray, block_rows: int) -> np.ndarray:
     """[rows, cols] → [block_rows_count, cols, R], zero-padding the last block row."""
     rows, cols = matrix.shape
     n = -(-rows // block_rows)
@@ -91,7 +91,7 @@ def pack_bsr(matrix: np.ndarray, block_rows: int) -> BSRMatrix:
         raise ValueError(f"BSR packing needs a 2-D matrix, got shape {list(matrix.shape)}")
     if block_rows < 1:
         raise ValueError(f"block_rows must be ≥ 1, got {block_rows}")
-    blocks = _blocked(matrix.astype(np.float32), block_rows)
+    blocks = blocks_of(matrix.astype(np.float32), block_rows)
     nonzero = np.any(blocks != 0, axis=2)  # [n, cols]
     indptr = np.concatenate([[0], np.cumsum(nonzero.sum(axis=1))]).astype(np.int32)
     rows, cols = np.nonzero(nonzero)  # row-major: block-row order, columns ascending
@@ -106,7 +106,7 @@ def zero_fraction(matrix: np.ndarray) -> float:
 
 def block_zero_fraction(matrix: np.ndarray, block_rows: int) -> float:
     """Fraction of the R×1 blocks of a 2-D matrix that are entirely zero (padding rows count as zero)."""
-    blocks = _blocked(np.asarray(matrix), block_rows)
+    blocks = blocks_of(np.asarray(matrix), block_rows)
     return float(np.mean(~np.any(blocks != 0, axis=2))) if blocks.size else 0.0
 
 

@@ -110,8 +110,8 @@ def _static(shape) -> tuple[int, ...] | None:
 def _sinfo_shape(expr) -> tuple[int, ...] | None:
     from tvm import relax
 
-    si = expr.struct_info
-    if not isinstance(si, relax.TensorStructInfo) or si.dtype != "float32" or si.shape is None:
+    si = getattr(expr, "ty", None)
+    if not isinstance(si, relax.TensorType) or str(si.dtype) != "float32" or si.shape is None:
         return None
     shape = getattr(si.shape, "values", None)
     return _static(shape) if shape is not None else None
@@ -129,15 +129,15 @@ def _candidate(call, index: int) -> _Candidate | None:
     if name not in ("relax.nn.conv2d", "relax.matmul") or len(call.args) < 2:
         return None
     w_expr = call.args[1]
-    if not isinstance(w_expr, relax.Constant):
+    if not isinstance(w_expr, tvm.ir.expr.Constant):
         return None
     x_shape = _sinfo_shape(call.args[0])
     y_shape = _sinfo_shape(call)
-    if x_shape is None or y_shape is None or w_expr.data.dtype != "float32":
+    if x_shape is None or y_shape is None or str(w_expr.value.dtype) != "float32":
         return None
     if str(getattr(call.attrs, "out_dtype", "") or "") not in ("", "void", "float32"):
         return None
-    w = w_expr.data.numpy()
+    w = w_expr.value.numpy()
     if name == "relax.nn.conv2d":
         a = call.attrs
         if (a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW" or int(a.groups) != 1
@@ -341,19 +341,23 @@ def _emit_sparse(builder, call, cand: _Candidate):
     bias = relax.const(np.zeros(cand.panel.rows, np.float32))
     base = f"sparse_{cand.op}_{cand.index}"
     f32 = "float32"
+
+    def add(func, name):
+        return builder.add_func(func.with_attr("global_symbol", name), name)
+
     if cand.kernel == "pointwise":
-        gv = builder.add_func(funcs["bsr"], base)
-        return relax.call_tir(gv, [x, data, indices, indptr, bias], relax.TensorStructInfo(cand.y_shape, f32))
+        gv = add(funcs["bsr"], base)
+        return relax.call_tir(gv, [x, data, indices, indptr, bias], relax.TensorType(cand.y_shape, f32))
     if cand.kernel == "im2col":
         p = cand.panel
-        g_col = builder.add_func(funcs["im2col"], f"{base}_im2col")
+        g_col = add(funcs["im2col"], f"{base}_im2col")
         col = builder.emit(relax.call_tir(g_col, [x, relax.const(cand.rows)],
-                                          relax.TensorStructInfo((p.batch, len(cand.rows), p.cols), f32)))
-        gv = builder.add_func(funcs["bsr"], base)
-        return relax.call_tir(gv, [col, data, indices, indptr, bias], relax.TensorStructInfo(cand.y_shape, f32))
+                                          relax.TensorType((p.batch, len(cand.rows), p.cols), f32)))
+        gv = add(funcs["bsr"], base)
+        return relax.call_tir(gv, [col, data, indices, indptr, bias], relax.TensorType(cand.y_shape, f32))
     p = cand.panel
     xt = builder.emit(relax.op.permute_dims(relax.op.reshape(x, (p.cols, p.depth)), [1, 0]))
-    gv = builder.add_func(funcs["bsr"], base)
+    gv = add(funcs["bsr"], base)
     yt = builder.emit(relax.call_tir(gv, [xt, data, indices, indptr, bias],
-                                     relax.TensorStructInfo((p.rows, p.cols), f32)))
+                                     relax.TensorType((p.rows, p.cols), f32)))
     return relax.op.reshape(relax.op.permute_dims(yt, [1, 0]), cand.y_shape)

@@ -1,0 +1,278 @@
+"""sparsify: block magnitude pruning of Conv/Gemm/MatMul weights (R×1 blocks along output channels)."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from sculpt.backends.tvm.sparse.bsr import blocks_of
+from sculpt.errors import PassError
+from sculpt.ir.channel_handlers import attr
+from sculpt.ir.model import Model
+from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, option, register
+
+BLOCKS = {"1x1": 1, "4x1": 4, "8x1": 8, "16x1": 16}
+
+
+@dataclass
+class _Layer:
+    node: onnx.NodeProto
+    weight: np.ndarray  # as stored
+    matrix: np.ndarray  # [outputs, inputs]: rows are output channels (Conv: O × C·kh·kw)
+    in_channel: np.ndarray  # for each matrix column, the input channel/feature it reads
+    macs: int
+    x_shape: tuple
+    y_shape: tuple
+    act_energy: Any = None  # Σ x² per input channel over calibration data
+    act_count: int = 0
+    rows: list = field(default_factory=list)  # sampled input rows (im2col patches) for error measurement
+
+    def to_stored(self, matrix: np.ndarray) -> np.ndarray:
+        node = self.node
+        if node.op_type == "Conv":
+            return matrix.reshape(self.weight.shape)
+        if node.op_type == "Gemm" and attr(node, "transB", 0):
+            return matrix
+        return matrix.T
+
+
+@register
+@dataclass
+class Sparsify(Pass):
+    """Zero the weights of Conv (group 1), Gemm and MatMul (constant 2-D weight) in blocks of R
+    consecutive output channels × 1 input column (``block``: 1x1, 4x1, 8x1, 16x1), by saliency: the
+    block's squared weights (``saliency=magnitude``) or squared weights × the mean square of the
+    input channel each reads on calibration data (``saliency=activation``, weight × activation norm).
+
+    ``sparsity`` is the fraction of the chosen layers' weights zeroed: per layer (``scope=layer``,
+    every layer the same, ``layer_sparsity`` overriding by name pattern) or globally
+    (``scope=global``: one ranking of layer-normalised block scores, no layer above
+    ``max_layer_sparsity``). The ONNX model keeps dense weights with zeros (it runs in onnxruntime
+    unchanged); the TVM backend turns them into block-sparse kernels
+    (``sculpt.backends.tvm.sparse.apply_sparse_kernels``). Per-layer report: sparsity, block shape and
+    the layer's relative output error (on calibration data when given, else in weight space). Lossy."""
+
+    name = "sparsify"
+    exact = False
+    needs_static_shapes = True
+
+    sparsity: float = option(0.5, help="fraction of the chosen layers' weights zeroed")
+    block: Literal["1x1", "4x1", "8x1", "16x1"] = option("8x1", help="zeroed blocks: R output channels × 1 input column")
+    scope: Literal["layer", "global"] = option("layer", help="the same sparsity in every layer, or one global ranking")
+    saliency: Literal["magnitude", "activation"] = option(
+        "magnitude", help="block score: Σ w², or Σ w²·E[x²] of the input channel (needs calibration)")
+    layer_sparsity: dict[str, float] = option(default_factory=dict,
+                                              help="sparsity for layers matching a name pattern (fnmatch)")
+    max_layer_sparsity: float = option(0.98, help="scope=global: no layer loses more than this fraction")
+    layers: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) of layers to sparsify; empty: all")
+    ignore: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) of layers left dense")
+    min_macs: int = option(0, help="only layers with at least this many MACs")
+    samples: int = option(8, help="calibration samples for activation norms and error measurement")
+    positions: int = option(2048, help="sampled output positions per layer for error measurement")
+
+    def __post_init__(self):
+        if not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if not 0 < self.max_layer_sparsity < 1:
+            raise ValueError(f"max_layer_sparsity must be in (0, 1), got {self.max_layer_sparsity}")
+        for pattern, value in self.layer_sparsity.items():
+            if not 0 <= float(value) < 1:
+                raise ValueError(f"layer_sparsity[{pattern!r}] must be in [0, 1), got {value}")
+        if self.samples < 1 or self.positions < 1 or self.min_macs < 0:
+            raise ValueError("samples and positions must be ≥ 1, min_macs ≥ 0")
+
+    @property
+    def block_rows(self) -> int:
+        return BLOCKS[self.block]
+
+    def requires(self, model, ctx):
+        super().requires(model, ctx)
+        if self.saliency == "activation" and ctx.calibration is None:
+            raise PassError(self.name, "saliency=activation needs calibration data: give --calibration (an .npz, "
+                                       "an image folder or random:N)")
+
+    # ------------------------------------------------------------------ run
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        allow_plain_initializers(model)
+        model.infer_shapes(refresh=True)
+        layers, skipped = self._candidates(model)
+        stats: dict[str, Any] = {"block": self.block, "scope": self.scope, "saliency": self.saliency,
+                                 "candidates": len(layers), "skipped": skipped}
+        if not layers:
+            stats.update({"sparsified": 0, "layers": [], "sparsity": 0.0})
+            return PassResult(model, False, stats)
+        if ctx.calibration is not None:
+            self._capture(model, layers, ctx)
+        scores = [self._block_scores(layer) for layer in layers]
+        prune_counts = self._prune_counts(layers, scores)
+        report, zeroed, total = [], 0, 0
+        modified = False
+        for layer, score, count in zip(layers, scores, prune_counts):
+            new = self._zero_blocks(layer, score, count)
+            zeros = int(np.count_nonzero(new == 0))
+            zeroed += zeros
+            total += new.size
+            if count:
+                model.set_initializer(layer.node.input[1], layer.to_stored(new).astype(layer.weight.dtype))
+                modified = True
+            report.append({
+                "layer": layer.node.name, "op": layer.node.op_type, "weight_shape": list(layer.weight.shape),
+                "block": self.block, "sparsity": round(zeros / new.size, 4),
+                "blocks_zeroed": int(count), "macs": int(layer.macs),
+                "error": self._error(layer, new),
+            })
+        stats.update({"sparsified": sum(1 for c in prune_counts if c), "layers": report,
+                      "sparsity": round(zeroed / total, 4) if total else 0.0})
+        return PassResult(model, modified, stats)
+
+    # ------------------------------------------------------------------ which layers
+    def _candidates(self, model: Model) -> tuple[list[_Layer], list[dict]]:
+        layers, skipped = [], []
+        graph_inputs = {i.name for i in model.graph.input}
+        users = model.consumers()
+        for node in model.graph.node:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm", "MatMul"):
+                continue
+            if self.layers and not any(fnmatch.fnmatch(node.name, p) for p in self.layers):
+                continue
+            layer, reason = self._layer(model, node, graph_inputs, users)
+            if layer is not None and any(fnmatch.fnmatch(node.name, p) for p in self.ignore):
+                layer, reason = None, "ignored"
+            if layer is not None and layer.macs < self.min_macs:
+                layer, reason = None, f"{layer.macs} MACs < min_macs"
+            if layer is None:
+                skipped.append({"layer": node.name, "reason": reason})
+            else:
+                layers.append(layer)
+        return layers, skipped
+
+    def _layer(self, model: Model, node, graph_inputs, users) -> tuple[_Layer | None, str]:
+        if len(node.input) < 2:
+            return None, "no weight input"
+        w = model.get_constant(node.input[1])
+        x_shape = model.static_shape(node.input[0])
+        y_shape = model.static_shape(node.output[0])
+        if w is None or node.input[1] in graph_inputs:
+            return None, "weight is not a constant"
+        if w.dtype not in (np.float32, np.float64, np.float16):
+            return None, f"weight dtype {w.dtype}"
+        if len(users.get(node.input[1], [])) > 1:
+            return None, "weight shared with another node"
+        if x_shape is None or y_shape is None:
+            return None, "no static shapes"
+        if node.op_type == "Conv":
+            if attr(node, "group", 1) != 1:
+                return None, "grouped Conv"
+            matrix = w.reshape(w.shape[0], -1)
+            in_channel = np.repeat(np.arange(w.shape[1]), int(np.prod(w.shape[2:])))
+            macs = int(np.prod(y_shape)) * int(np.prod(w.shape[1:]))
+        elif node.op_type == "Gemm":
+            if attr(node, "transA", 0) or w.ndim != 2:
+                return None, "Gemm with transA"
+            matrix = w if attr(node, "transB", 0) else w.T
+            in_channel = np.arange(matrix.shape[1])
+            macs = x_shape[0] * w.size
+        else:
+            if w.ndim != 2 or len(x_shape) < 2:
+                return None, "MatMul weight is not 2-D"
+            matrix = w.T
+            in_channel = np.arange(matrix.shape[1])
+            macs = int(np.prod(x_shape[:-1])) * w.size
+        return _Layer(node, w, np.ascontiguousarray(matrix), in_channel, macs, x_shape, y_shape), ""
+
+    # ------------------------------------------------------------------ calibration
+    def _capture(self, model: Model, layers: list[_Layer], ctx: PassContext) -> None:
+        from sculpt.ir.calibration import iter_activations
+        from sculpt.ir.refit import sample_rows
+
+        rng = np.random.default_rng(ctx.seed)
+        n_samples = min(self.samples, len(ctx.calibration))
+        per = max(1, self.positions // max(n_samples, 1))
+        inputs = sorted({layer.node.input[0] for layer in layers})
+        for acts in iter_activations(model, inputs, ctx.calibration, limit=n_samples):
+            for layer in layers:
+                x = acts[layer.node.input[0]].astype(np.float64)
+                conv = layer.node.op_type == "Conv"
+                per_channel = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]) if conv else x.reshape(-1, x.shape[-1])
+                layer.act_energy = (per_channel ** 2).sum(0) + (0 if layer.act_energy is None else layer.act_energy)
+                layer.act_count += per_channel.shape[0]
+                if conv:
+                    y_shape = (x.shape[0],) + tuple(layer.y_shape[1:])
+                    total = int(np.prod([y_shape[0]] + list(y_shape[2:])))
+                    pos = np.arange(total) if total <= per else np.sort(rng.choice(total, per, replace=False))
+                    rows = sample_rows(layer.node, x, y_shape, pos, layer.weight.shape) if x.ndim == 4 else None
+                else:
+                    pos = np.arange(per_channel.shape[0]) if per_channel.shape[0] <= per else \
+                        np.sort(rng.choice(per_channel.shape[0], per, replace=False))
+                    rows = per_channel[pos]
+                if rows is not None:
+                    layer.rows.append(rows)
+
+    # ------------------------------------------------------------------ policy: scores and counts
+    def _block_scores(self, layer: _Layer) -> np.ndarray:
+        """[block rows, columns] saliency of each R×1 block."""
+        sq = layer.matrix.astype(np.float64) ** 2
+        if self.saliency == "activation" and layer.act_count:
+            sq = sq * (layer.act_energy / layer.act_count)[layer.in_channel][None, :]
+        return blocks_of(sq, self.block_rows).sum(axis=2)
+
+    def _layer_target(self, layer: _Layer) -> float:
+        for pattern, value in self.layer_sparsity.items():
+            if fnmatch.fnmatch(layer.node.name, pattern):
+                return float(value)
+        return self.sparsity
+
+    def _prune_counts(self, layers: list[_Layer], scores: list[np.ndarray]) -> list[int]:
+        if self.scope == "layer":
+            return [int(round(self._layer_target(layer) * s.size)) for layer, s in zip(layers, scores)]
+        # global: rank layer-normalised scores, weighted by the weights a block holds, until the
+        # weight fraction is reached; layers named in layer_sparsity keep their own target
+        fixed = {i: int(round(self._layer_target(l) * s.size)) for i, (l, s) in enumerate(zip(layers, scores))
+                 if any(fnmatch.fnmatch(l.node.name, p) for p in self.layer_sparsity)}
+        caps = [int(np.floor(self.max_layer_sparsity * s.size)) for s in scores]
+        pool_weights = sum(l.matrix.size for i, l in enumerate(layers) if i not in fixed)
+        budget = self.sparsity * pool_weights
+        entries = []
+        for i, (layer, s) in enumerate(zip(layers, scores)):
+            if i in fixed:
+                continue
+            norm = s / max(float(s.mean()), 1e-30)
+            per_block = layer.matrix.size / s.size
+            entries.append((np.sort(norm.ravel()), i, per_block))
+        order = np.concatenate([e[0] for e in entries]) if entries else np.zeros(0)
+        owner = np.concatenate([np.full(e[0].size, k) for k, e in enumerate(entries)]) if entries else np.zeros(0, int)
+        counts = {e[1]: 0 for e in entries}
+        done = 0.0
+        for k in np.argsort(order, kind="stable"):
+            if done >= budget:
+                break
+            _, i, per_block = entries[owner[k]]
+            if counts[i] >= caps[i]:
+                continue
+            counts[i] += 1
+            done += per_block
+        return [fixed.get(i, counts.get(i, 0)) for i in range(len(layers))]
+
+    # ------------------------------------------------------------------ mechanism
+    def _zero_blocks(self, layer: _Layer, score: np.ndarray, count: int) -> np.ndarray:
+        r = self.block_rows
+        keep = np.ones(score.size, dtype=bool)
+        if count:
+            keep[np.argsort(score.ravel(), kind="stable")[:count]] = False
+        mask = np.repeat(keep.reshape(score.shape), r, axis=0)[:layer.matrix.shape[0]]  # [rows(+pad), cols]
+        return np.where(mask, layer.matrix, 0).astype(layer.matrix.dtype)
+
+    def _error(self, layer: _Layer, new: np.ndarray) -> dict:
+        """Relative error of the layer's own output: on calibration rows (about the output's mean), else
+        of the weights."""
+        diff = (layer.matrix - new).astype(np.float64)
+        if layer.rows:
+            p = np.concatenate(layer.rows).astype(np.float64)
+            y = p @ layer.matrix.T.astype(np.float64)
+            ref = float(np.linalg.norm(y - y.mean(0)))
+            return {"output_rel": round(float(np.linalg.norm(p @ diff.T)) / max(ref, 1e-30), 6)}
+        return {"weight_rel": round(float(np.linalg.norm(diff)) / max(float(np.linalg.norm(layer.matrix)), 1e-30), 6)}
