@@ -111,8 +111,8 @@ class Sparsify(Pass):
         prune_counts = self._prune_counts(layers, scores)
         report, zeroed, total = [], 0, 0
         modified = False
-        for layer, score, count in zip(layers, scores, prune_counts):
-            new = self._zero_blocks(layer, score, count)
+        for layer, score, target in zip(layers, scores, prune_counts):
+            new, count = self._zero_blocks(layer, score, target)
             zeros = int(np.count_nonzero(new == 0))
             zeroed += zeros
             total += new.size
@@ -125,7 +125,7 @@ class Sparsify(Pass):
                 "blocks_zeroed": int(count), "macs": int(layer.macs),
                 "error": self._error(layer, new),
             })
-        stats.update({"sparsified": sum(1 for c in prune_counts if c), "layers": report,
+        stats.update({"sparsified": sum(1 for l in report if l["blocks_zeroed"]), "layers": report,
                       "sparsity": round(zeroed / total, 4) if total else 0.0})
         return PassResult(model, modified, stats)
 
@@ -226,45 +226,56 @@ class Sparsify(Pass):
                 return float(value)
         return self.sparsity
 
+    def _block_weights(self, layer: _Layer) -> np.ndarray:
+        """[block rows, columns]: how many real weights each block holds (the last block row may be short)."""
+        r = self.block_rows
+        rows = layer.matrix.shape[0]
+        per_row = np.minimum(r, rows - np.arange(0, rows, r))
+        return np.repeat(per_row[:, None], layer.matrix.shape[1], axis=1)
+
     def _prune_counts(self, layers: list[_Layer], scores: list[np.ndarray]) -> list[int]:
+        """How many weights each layer loses (whole blocks, lowest scores first)."""
         if self.scope == "layer":
-            return [int(round(self._layer_target(layer) * s.size)) for layer, s in zip(layers, scores)]
-        # global: rank layer-normalised scores, weighted by the weights a block holds, until the
-        # weight fraction is reached; layers named in layer_sparsity keep their own target
-        fixed = {i: int(round(self._layer_target(l) * s.size)) for i, (l, s) in enumerate(zip(layers, scores))
-                 if any(fnmatch.fnmatch(l.node.name, p) for p in self.layer_sparsity)}
-        caps = [int(np.floor(self.max_layer_sparsity * s.size)) for s in scores]
-        pool_weights = sum(l.matrix.size for i, l in enumerate(layers) if i not in fixed)
-        budget = self.sparsity * pool_weights
-        entries = []
-        for i, (layer, s) in enumerate(zip(layers, scores)):
-            if i in fixed:
-                continue
-            norm = s / max(float(s.mean()), 1e-30)
-            per_block = layer.matrix.size / s.size
-            entries.append((np.sort(norm.ravel()), i, per_block))
-        order = np.concatenate([e[0] for e in entries]) if entries else np.zeros(0)
-        owner = np.concatenate([np.full(e[0].size, k) for k, e in enumerate(entries)]) if entries else np.zeros(0, int)
-        counts = {e[1]: 0 for e in entries}
+            return [int(round(self._layer_target(layer) * layer.matrix.size)) for layer in layers]
+        # global: one ranking of layer-normalised scores until the weight fraction is reached; layers
+        # named in layer_sparsity keep their own target
+        named = {i for i, l in enumerate(layers) if any(fnmatch.fnmatch(l.node.name, p) for p in self.layer_sparsity)}
+        counts = [int(round(self._layer_target(l) * l.matrix.size)) if i in named else 0
+                  for i, l in enumerate(layers)]
+        pool = [i for i in range(len(layers)) if i not in named]
+        if not pool:
+            return counts
+        budget = self.sparsity * sum(layers[i].matrix.size for i in pool)
+        norm = np.concatenate([(scores[i] / max(float(scores[i].mean()), 1e-30)).ravel() for i in pool])
+        size = np.concatenate([self._block_weights(layers[i]).ravel() for i in pool])
+        owner = np.concatenate([np.full(scores[i].size, i) for i in pool])
+        caps = {i: self.max_layer_sparsity * layers[i].matrix.size for i in pool}
         done = 0.0
-        for k in np.argsort(order, kind="stable"):
+        for k in np.argsort(norm, kind="stable"):
             if done >= budget:
                 break
-            _, i, per_block = entries[owner[k]]
-            if counts[i] >= caps[i]:
+            i = owner[k]
+            if counts[i] + size[k] > caps[i]:
                 continue
-            counts[i] += 1
-            done += per_block
-        return [fixed.get(i, counts.get(i, 0)) for i in range(len(layers))]
+            counts[i] += int(size[k])
+            done += size[k]
+        return counts
 
     # ------------------------------------------------------------------ mechanism
-    def _zero_blocks(self, layer: _Layer, score: np.ndarray, count: int) -> np.ndarray:
+    def _zero_blocks(self, layer: _Layer, score: np.ndarray, weights: int) -> tuple[np.ndarray, int]:
+        """Zero the lowest-score blocks holding about ``weights`` weights; returns (matrix, blocks zeroed)."""
         r = self.block_rows
+        order = np.argsort(score.ravel(), kind="stable")
+        cumulative = np.cumsum(self._block_weights(layer).ravel()[order])
+        # the prefix whose weight count is nearest the target
+        n = int(np.searchsorted(cumulative, weights, side="left"))
+        if n < len(cumulative) and (n == 0 or abs(cumulative[n] - weights) < abs(cumulative[n - 1] - weights)):
+            n += 1
+        n = min(n, len(order)) if weights > 0 else 0
         keep = np.ones(score.size, dtype=bool)
-        if count:
-            keep[np.argsort(score.ravel(), kind="stable")[:count]] = False
-        mask = np.repeat(keep.reshape(score.shape), r, axis=0)[:layer.matrix.shape[0]]  # [rows(+pad), cols]
-        return np.where(mask, layer.matrix, 0).astype(layer.matrix.dtype)
+        keep[order[:n]] = False
+        mask = np.repeat(keep.reshape(score.shape), r, axis=0)[:layer.matrix.shape[0]]
+        return np.where(mask, layer.matrix, 0).astype(layer.matrix.dtype), n
 
     def _error(self, layer: _Layer, new: np.ndarray) -> dict:
         """Relative error of the layer's own output: on calibration rows (about the output's mean), else
