@@ -11,6 +11,8 @@ where P holds im2col patches (Conv) or input rows (Gemm/MatMul) at sampled outpu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from sculpt.ir.channel_handlers import attr
@@ -89,3 +91,134 @@ def ridge_refit(p: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: np.ndarray | N
     if b0 is not None:
         return sol[:-1], sol[-1]
     return sol, None
+
+
+@dataclass(frozen=True)
+class RefitJob:
+    """Refit node ``node`` of the compressed model so that its output matches tensor ``target`` of
+    the original model (only channels ``channels`` of it, along axis 1 for Conv/Gemm and the last
+    axis for MatMul, when the node produces a subset or a reordering of them)."""
+
+    node: str
+    target: str
+    channels: tuple[int, ...] | None = None
+
+
+def refittable(model, node) -> bool:
+    """Conv (2-D input, group 1, constant weight) / Gemm (alpha = beta = 1, constant B) / MatMul with
+    a constant right operand: the layers ridge_refit can solve for."""
+    if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+        return False
+    if model.get_constant(node.input[1]) is None:
+        return False
+    if node.op_type == "Conv":
+        shape = model.tensor_shape(node.input[0])
+        return int(attr(node, "group", 1)) == 1 and (shape is None or len(shape) == 4)
+    if node.op_type == "Gemm":
+        return (attr(node, "alpha", 1.0) == 1.0 and attr(node, "beta", 1.0) == 1.0
+                and not attr(node, "transA", 0))
+    return True
+
+
+def _flat_outputs(op: str, y: np.ndarray) -> np.ndarray:
+    if op == "Conv":
+        return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+    if op == "Gemm":
+        return y
+    return y.reshape(-1, y.shape[-1])
+
+
+# relative squared residual ||Y - P W - b||² / ||Y||² under which a layer already reproduces its
+# target (relative error 1e-4): it is left as it is
+ALREADY_EXACT = 1e-8
+
+
+def _residual(p: np.ndarray, t: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> float:
+    y = p.astype(np.float64) @ w.astype(np.float64)
+    if b is not None:
+        y = y + b.reshape(-1).astype(np.float64)
+    t = t.astype(np.float64)
+    return float(((t - y) ** 2).sum() / max(float((t ** 2).sum()), 1e-30))
+
+
+def sequential_refit(original, compressed, jobs: list[RefitJob], samples: list[dict], *, positions: int = 4096,
+                     ridge: float = 1e-3, seed: int = 1) -> dict:
+    """Refit every job's node by ridge least squares, in the compressed model's topological order,
+    editing ``compressed`` in place. The targets are the original model's outputs at sampled
+    positions (one run of it); the features are what each node receives in the compressed model
+    *after* the nodes before it were refit, so errors do not compound along the network.
+    Returns {"layers": refit count, "skipped": [node names]}."""
+    from sculpt.backends.ort import make_session
+    from sculpt.ir.calibration import iter_activations
+
+    order = {n.name: i for i, n in enumerate(compressed.graph.node)}
+    report: dict = {"layers": 0, "skipped": []}
+    todo, seen = [], set()
+    for job in jobs:
+        if job.node in seen:
+            continue
+        seen.add(job.node)
+        node = compressed.node_by_name(job.node)
+        if node is None or not refittable(compressed, node):
+            report["skipped"].append(job.node)
+        else:
+            todo.append((order[node.name], job, node))
+    todo.sort(key=lambda t: t[0])
+    if not todo or not samples:
+        return report
+    rng = np.random.default_rng(seed)
+    per = max(16, positions // len(samples))
+    picked: dict[str, list[np.ndarray]] = {}
+    targets: dict[str, list[np.ndarray]] = {}
+    out_shapes: dict[str, tuple] = {}
+    wanted = sorted({job.target for _, job, _ in todo})
+    for acts in iter_activations(original, wanted, samples):
+        for _, job, node in todo:
+            y = acts[job.target]
+            out_shapes[job.node] = y.shape
+            flat = _flat_outputs(node.op_type, y)
+            pos = np.arange(flat.shape[0]) if flat.shape[0] <= per else \
+                np.sort(rng.choice(flat.shape[0], size=per, replace=False))
+            t = flat[pos] if job.channels is None else flat[pos][:, list(job.channels)]
+            picked.setdefault(job.node, []).append(pos)
+            targets.setdefault(job.node, []).append(t)
+    for _, job, node in todo:
+        sess = make_session(compressed, extra_outputs=[node.input[0]])
+        w = compressed.get_constant(node.input[1])
+        rows = []
+        for k, sample in enumerate(samples):
+            x = sess.run([node.input[0]], sample)[0]
+            rows.append(sample_rows(node, x, out_shapes[job.node], picked[job.node][k], w.shape))
+        if node.op_type == "Conv":
+            w_mat = w.reshape(w.shape[0], -1).T  # [F, O]
+        elif node.op_type == "Gemm":
+            w_mat = w.T if attr(node, "transB", 0) else w
+        else:
+            w_mat = w
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        b = compressed.get_constant(node.input[2]) if has_bias else None
+        t = np.concatenate(targets[job.node])
+        if (any(r is None for r in rows) or (has_bias and (b is None or b.size != w_mat.shape[1]))
+                or t.shape[1] != w_mat.shape[1]):
+            report["skipped"].append(job.node)
+            continue
+        p = np.concatenate(rows)
+        before = _residual(p, t, w_mat, b)
+        if before <= ALREADY_EXACT:  # nothing to recover; a refit would only fit float noise
+            report.setdefault("already_exact", []).append(job.node)
+            continue
+        new_w, new_b = ridge_refit(p, t, w_mat, None if b is None else b.reshape(-1), strength=ridge)
+        if _residual(p, t, new_w, new_b) >= before:  # never worse on the calibration data
+            report["skipped"].append(job.node)
+            continue
+        if node.op_type == "Conv":
+            new = new_w.T.reshape(w.shape)
+        elif node.op_type == "Gemm":
+            new = new_w.T if attr(node, "transB", 0) else new_w
+        else:
+            new = new_w
+        compressed.replace_constant_input(node, 1, new.astype(w.dtype), suffix="refit")
+        if new_b is not None:
+            compressed.replace_constant_input(node, 2, new_b.reshape(b.shape).astype(w.dtype), suffix="refit")
+        report["layers"] += 1
+    return report

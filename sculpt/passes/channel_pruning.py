@@ -327,12 +327,8 @@ class ChannelPruning(Pass):
         """Refit every reader whose input lost channels, in topological order: the target is the
         original model's output of that reader, the features are the inputs it receives in the
         pruned model *after* the readers before it were refit (so errors do not compound)."""
-        from sculpt.backends.ort import make_session
-        from sculpt.ir.calibration import iter_activations
-        from sculpt.ir.channel_handlers import attr
-        from sculpt.ir.refit import ridge_refit, sample_rows
+        from sculpt.ir.refit import RefitJob, sequential_refit
 
-        order = {n.name: i for i, n in enumerate(pruned.graph.node)}
         jobs = []
         for c in cg.consumers:
             if c.dim not in kept:
@@ -342,73 +338,13 @@ class ChannelPruning(Pass):
                 continue
             if node.op_type == "Conv" and len(cg.shapes[node.input[0]]) != 4:
                 continue
-            if node.op_type == "Gemm" and (attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0):
-                continue
-            jobs.append((order[node.name], c, node))
-        jobs.sort(key=lambda j: j[0])
+            out_axis = 1 if node.op_type in ("Conv", "Gemm") else len(cg.shapes[node.output[0]]) - 1
+            kout = kept.get(Dim(node.output[0], out_axis))
+            jobs.append(RefitJob(node.name, node.output[0], None if kout is None else tuple(int(i) for i in kout)))
         if not jobs:
             return {"layers": 0}
         samples = [s for _, s in zip(range(self.samples), ctx.calibration)]
-        rng = np.random.default_rng(1)
-        per = max(16, self.positions // len(samples))
-        # targets: the original outputs at sampled positions, one run of the original model
-        positions: dict[str, list[np.ndarray]] = {}
-        targets: dict[str, list[np.ndarray]] = {}
-        out_shapes: dict[str, tuple] = {}
-        outs = sorted({node.output[0] for _, _, node in jobs})
-        for k, acts in enumerate(iter_activations(original, outs, samples)):
-            for _, c, node in jobs:
-                y = acts[node.output[0]]
-                out_shapes[c.node] = y.shape
-                if node.op_type == "Conv":
-                    flat = y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
-                elif node.op_type == "Gemm":
-                    flat = y
-                else:
-                    flat = y.reshape(-1, y.shape[-1])
-                pos = np.arange(flat.shape[0]) if flat.shape[0] <= per else \
-                    np.sort(rng.choice(flat.shape[0], size=per, replace=False))
-                out_axis = 1 if node.op_type in ("Conv", "Gemm") else y.ndim - 1
-                kout = kept.get(Dim(node.output[0], out_axis))
-                t = flat[pos] if kout is None else flat[pos][:, kout]
-                positions.setdefault(c.node, []).append(pos)
-                targets.setdefault(c.node, []).append(t)
-        report = {"layers": 0, "skipped": []}
-        for _, c, node in jobs:
-            sess = make_session(pruned, extra_outputs=[node.input[0]])
-            w = pruned.get_constant(node.input[1])
-            rows = []
-            for k, sample in enumerate(samples):
-                x = sess.run([node.input[0]], sample)[0]
-                rows.append(sample_rows(node, x, out_shapes[c.node], positions[c.node][k], w.shape))
-            if any(r is None for r in rows):
-                report["skipped"].append(c.node)
-                continue
-            p = np.concatenate(rows)
-            t = np.concatenate(targets[c.node])
-            has_bias = len(node.input) > 2 and bool(node.input[2])
-            if node.op_type == "Conv":
-                w_mat = w.reshape(w.shape[0], -1).T  # [F, O]
-            elif node.op_type == "Gemm":
-                w_mat = w.T if attr(node, "transB", 0) else w
-            else:
-                w_mat = w
-            b = pruned.get_constant(node.input[2]) if has_bias else None
-            if b is not None and b.size != w_mat.shape[1]:
-                report["skipped"].append(c.node)
-                continue
-            new_w, new_b = ridge_refit(p, t, w_mat, None if b is None else b.reshape(-1), strength=self.ridge)
-            if node.op_type == "Conv":
-                new = new_w.T.reshape(w.shape)
-            elif node.op_type == "Gemm":
-                new = new_w.T if attr(node, "transB", 0) else new_w
-            else:
-                new = new_w
-            pruned.replace_constant_input(node, 1, new.astype(w.dtype), suffix="refit")
-            if new_b is not None:
-                pruned.replace_constant_input(node, 2, new_b.reshape(b.shape).astype(w.dtype), suffix="refit")
-            report["layers"] += 1
-        return report
+        return sequential_refit(original, pruned, jobs, samples, positions=self.positions, ridge=self.ridge)
 
     def _report(self, cg: ChannelGraph, groups: list[Group], removed: set[int], before, after) -> list[dict]:
         """Per pruned group: channels, and MACs/params of the layers that produce or read it."""

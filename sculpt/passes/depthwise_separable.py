@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,95 +13,14 @@ from sculpt.errors import PassError
 from sculpt.ir.channel_handlers import attr
 from sculpt.ir.cost import cost_of
 from sculpt.ir.model import Model
+from sculpt.ir.refit import RefitJob
+from sculpt.ir.substitution import (NameAllocator, capture_patches, conv_candidates, name_selected, patch_moments,
+                                    refit_last_layers, rel_error, ridge_solve, splice, substitution_stats)
 from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, option, register
 
 # above this many depthwise weights (C·m·kh·kw) the depthwise step of the alternation is not solved
 # jointly (its normal equations are that square); the pointwise step still is
 MAX_JOINT = 6000
-
-
-def conv_candidates(model: Model, pattern_ok, *, min_macs: int = 0) -> tuple[list[dict], list[dict]]:
-    """2-D, group-1, k×k (kh·kw > 1) Convs with a constant float weight and static shapes."""
-    layers, skipped = [], []
-    graph_inputs = {i.name for i in model.graph.input}
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type != "Conv":
-            continue
-        if not pattern_ok(node.name):
-            continue
-        w = model.get_constant(node.input[1])
-        bias = model.get_constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        x_shape, y_shape = model.static_shape(node.input[0]), model.static_shape(node.output[0])
-        auto = attr(node, "auto_pad", b"NOTSET")
-        auto = auto.decode() if isinstance(auto, bytes) else auto
-        reason = None
-        if w is None or node.input[1] in graph_inputs:
-            reason = "weight is not a constant"
-        elif w.dtype not in (np.float32, np.float64):
-            reason = f"weight dtype {w.dtype}"
-        elif w.ndim != 4:
-            reason = f"{w.ndim - 2}-D kernel"
-        elif attr(node, "group", 1) != 1:
-            reason = "grouped Conv"
-        elif w.shape[2] * w.shape[3] == 1:
-            reason = "1×1 kernel"
-        elif x_shape is None or y_shape is None:
-            reason = "no static shapes"
-        elif auto not in ("NOTSET", "VALID"):
-            reason = f"auto_pad={auto}"
-        elif len(node.input) > 2 and node.input[2] and bias is None:
-            reason = "bias is not a constant"
-        else:
-            macs = int(np.prod(y_shape)) * int(np.prod(w.shape[1:]))
-            if macs < min_macs:
-                reason = f"{macs} MACs < min_macs"
-            else:
-                layers.append({"node": node, "w": w, "bias": bias, "x_shape": x_shape, "y_shape": y_shape,
-                               "macs": macs, "rows": []})
-        if reason:
-            skipped.append({"layer": node.name, "reason": reason})
-    return layers, skipped
-
-
-def capture_patches(model: Model, layers: list[dict], calibration, samples: int, positions: int, seed: int = 0):
-    """im2col patches [S, C·kh·kw] of each layer's input at sampled output positions (layer['rows'])."""
-    from sculpt.ir.calibration import iter_activations
-    from sculpt.ir.refit import sample_rows
-
-    rng = np.random.default_rng(seed)
-    n = min(samples, len(calibration))
-    per = max(1, positions // max(n, 1))
-    for acts in iter_activations(model, sorted({lay["node"].input[0] for lay in layers}), calibration, limit=n):
-        for lay in layers:
-            x = acts[lay["node"].input[0]]
-            y_shape = (x.shape[0],) + tuple(lay["y_shape"][1:])
-            total = y_shape[0] * y_shape[2] * y_shape[3]
-            pos = np.arange(total) if total <= per else np.sort(rng.choice(total, size=per, replace=False))
-            lay["rows"].append(sample_rows(lay["node"], x, y_shape, pos, lay["w"].shape).astype(np.float32))
-
-
-def patch_moments(lay: dict) -> tuple[np.ndarray, float]:
-    """(Σp = E[p pᵀ] over the sampled patches, E‖W p + b‖²) — the output error of any replacement
-    weight Ŵ is tr((W − Ŵ)ᵀ Σp (W − Ŵ)) in im2col form."""
-    p = np.concatenate(lay["rows"]).astype(np.float64)
-    wmat = lay["w"].reshape(lay["w"].shape[0], -1).T.astype(np.float64)
-    y = p @ wmat
-    if lay["bias"] is not None:
-        y = y + lay["bias"].reshape(-1)
-    return p.T @ p / len(p), float((y ** 2).sum() / len(p))
-
-
-def rel_error(sigma: np.ndarray, y2: float, delta: np.ndarray) -> float:
-    return float(np.sqrt(max(np.einsum("fo,fg,go->", delta, sigma, delta), 0.0) / max(y2, 1e-30)))
-
-
-def ridge_solve(a: np.ndarray, b: np.ndarray, ridge: float) -> np.ndarray:
-    lam = ridge * max(float(np.mean(np.diag(a))), 1e-12)
-    a = a + lam * np.eye(a.shape[0])
-    try:
-        return np.linalg.solve(a, b)
-    except np.linalg.LinAlgError:
-        return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
 @register
@@ -124,7 +42,9 @@ class DepthwiseSeparable(Pass):
     why not the SVD alone: it treats every input direction as equally likely, while real
     activations are strongly correlated across channels and space. ``fit=weights`` uses the SVD
     only (Σp = I, no calibration needed). The last step is always a pointwise fit. The bias stays
-    on the pointwise Conv; the output keeps its name. Lossy."""
+    on the pointwise Conv; the output keeps its name. ``refit`` (fit=data): once every layer is
+    replaced, each pointwise Conv is refit, in network order, on the inputs the compressed model
+    really gives it (errors of earlier replacements do not compound). Lossy."""
 
     name = "depthwise-separable"
     exact = False
@@ -143,6 +63,8 @@ class DepthwiseSeparable(Pass):
     samples: int = option(8, help="calibration samples")
     positions: int = option(2048, help="sampled output positions per layer")
     ridge: float = option(1e-4, help="least-squares regularization, relative to the mean diagonal")
+    refit: bool = option(True, help="fit=data: after all replacements, refit each pointwise Conv in order on the "
+                                    "compressed model's own inputs (errors do not compound)")
 
     def __post_init__(self):
         if self.multiplier < 1 or self.iterations < 0 or self.samples < 1 or self.positions < 1:
@@ -157,19 +79,18 @@ class DepthwiseSeparable(Pass):
                                        "folder or random:N), or use fit=weights")
 
     def _pattern_ok(self, name: str) -> bool:
-        if self.layers and not any(fnmatch.fnmatch(name, p) for p in self.layers):
-            return False
-        return not any(fnmatch.fnmatch(name, p) for p in self.ignore)
+        return name_selected(name, self.layers, self.ignore)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         allow_plain_initializers(model)
         model.infer_shapes(refresh=True)
+        original = model.clone() if self._refits(ctx) else None
         layers, skipped = conv_candidates(model, self._pattern_ok, min_macs=self.min_macs)
         stats: dict[str, Any] = {"candidates": len(layers)}
         if layers and ctx.calibration is not None:
             capture_patches(model, layers, ctx.calibration, self.samples, self.positions, ctx.seed)
         before = cost_of(model)
-        report, replacements, reserved = [], {}, set()
+        report, replacements, names, jobs = [], {}, NameAllocator(model), []
         for lay in layers:
             node = lay["node"]
             o, c, kh, kw = lay["w"].shape
@@ -183,25 +104,21 @@ class DepthwiseSeparable(Pass):
             if info["error"] is not None and info["error"] > self.max_error and not self.force:
                 skipped.append({"layer": node.name, "reason": f"relative output error {info['error']:.3g} > max_error"})
                 continue
-            replacements[node.name] = self._build(model, lay, d, p, reserved)
+            replacements[node.name] = self._build(model, lay, d, p, names)
+            jobs.append(RefitJob(replacements[node.name][-1].name, node.output[0]))
             report.append({"layer": node.name, "weight_shape": [o, c, kh, kw], "multiplier": m,
                            "depthwise_shape": [c * m, 1, kh, kw], "pointwise_shape": [o, c * m, 1, 1],
                            "macs_before": int(lay["macs"]), "macs_after": int(macs_after), **info})
             lay["rows"] = []
-        if replacements:
-            nodes = []
-            for nd in model.graph.node:
-                nodes.extend(replacements.get(nd.name, [nd]))
-            del model.graph.node[:]
-            model.graph.node.extend(nodes)
-            model.remove_unused()
-            model.infer_shapes(refresh=True)
-        after = cost_of(model) if replacements else before
-        stats.update({"replaced": len(report), "macs_before": before.macs, "macs_after": after.macs,
-                      "macs_reduction": 1 - after.macs / before.macs if before.macs else 0.0,
-                      "params_before": before.params, "params_after": after.params,
-                      "layers": report, "skipped": skipped})
+        splice(model, replacements)
+        stats.update(substitution_stats(before, model, "replaced", report, skipped, bool(replacements)))
+        if replacements and original is not None:
+            stats["refit"] = refit_last_layers(original, model, jobs, ctx.calibration, samples=self.samples,
+                                               positions=self.positions)
         return PassResult(model, bool(replacements), stats)
+
+    def _refits(self, ctx: PassContext) -> bool:
+        return self.refit and self.fit == "data" and ctx.calibration is not None
 
     # ------------------------------------------------------------------ fitting
     def _fit(self, lay: dict) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -253,31 +170,19 @@ class DepthwiseSeparable(Pass):
         return d, p.reshape(c * m, o) if p.ndim == 3 else p, info
 
     # ------------------------------------------------------------------ graph edit
-    def _build(self, model: Model, lay: dict, d: np.ndarray, p: np.ndarray, reserved: set) -> list[onnx.NodeProto]:
+    def _build(self, model: Model, lay: dict, d: np.ndarray, p: np.ndarray, names: NameAllocator) -> list[onnx.NodeProto]:
         node = lay["node"]
         o, c, kh, kw = lay["w"].shape
         m = self.multiplier
         dtype = lay["w"].dtype
-
-        def fresh(prefix):
-            name = model.unique_name(prefix)
-            k = 1
-            while name in reserved:
-                name = model.unique_name(f"{prefix}_{k}")
-                k += 1
-            reserved.add(name)
-            return name
-
-        w_dw = fresh(f"{node.name}_dw_weight")
-        model.set_initializer(w_dw, np.ascontiguousarray(d.reshape(c * m, 1, kh, kw), dtype=dtype))
-        w_pw = fresh(f"{node.name}_pw_weight")
-        model.set_initializer(w_pw, np.ascontiguousarray(p.reshape(c * m, o).T.reshape(o, c * m, 1, 1), dtype=dtype))
-        mid = fresh(f"{node.output[0]}_dw")
+        w_dw = names.initializer(f"{node.name}_dw_weight", d.reshape(c * m, 1, kh, kw), dtype)
+        w_pw = names.initializer(f"{node.name}_pw_weight", p.reshape(c * m, o).T.reshape(o, c * m, 1, 1), dtype)
+        mid = names.fresh(f"{node.output[0]}_dw")
         kwargs = {"strides": list(attr(node, "strides") or [1, 1]), "pads": list(attr(node, "pads") or [0, 0, 0, 0]),
                   "dilations": list(attr(node, "dilations") or [1, 1])}
-        dw = helper.make_node("Conv", [node.input[0], w_dw], [mid], name=fresh(f"{node.name}_dw"), group=c,
+        dw = helper.make_node("Conv", [node.input[0], w_dw], [mid], name=names.fresh(f"{node.name}_dw"), group=c,
                               kernel_shape=[kh, kw], **kwargs)
         bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
-        pw = helper.make_node("Conv", [mid, w_pw] + bias, [node.output[0]], name=fresh(f"{node.name}_pw"),
+        pw = helper.make_node("Conv", [mid, w_pw] + bias, [node.output[0]], name=names.fresh(f"{node.name}_pw"),
                               kernel_shape=[1, 1])
         return [dw, pw]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,8 +15,10 @@ from sculpt.ir.channel_handlers import attr
 from sculpt.ir.cost import cost_of
 from sculpt.ir.factorize import Tucker2, whitening
 from sculpt.ir.model import Model
+from sculpt.ir.refit import RefitJob
+from sculpt.ir.substitution import (NameAllocator, capture_patches, conv_candidates, name_selected, patch_moments,
+                                    refit_last_layers, rel_error, ridge_solve, splice, substitution_stats)
 from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, option, register
-from sculpt.passes.depthwise_separable import capture_patches, conv_candidates, patch_moments, rel_error, ridge_solve
 
 
 @register
@@ -39,7 +40,9 @@ class FireModule(Pass):
     coordinates where the input channels are white), then both expand layers are solved by ridge
     least squares for the smallest output error E‖(W − Ŵ) p‖², in closed form from the patch
     second moment. ``fit=weights`` uses Σp = I (no calibration). The bias is split between the
-    branches; the output keeps its name. Lossy."""
+    branches; the output keeps its name. ``refit`` (fit=data): once every layer is replaced, both
+    expand Convs are refit, in network order, on the inputs the compressed model really gives them
+    (errors of earlier replacements do not compound). Lossy."""
 
     name = "fire-module"
     exact = False
@@ -59,6 +62,8 @@ class FireModule(Pass):
     samples: int = option(8, help="calibration samples")
     positions: int = option(2048, help="sampled output positions per layer")
     ridge: float = option(1e-4, help="least-squares regularization, relative to the mean diagonal")
+    refit: bool = option(True, help="fit=data: after all replacements, refit both expand Convs in order on the "
+                                    "compressed model's own inputs (errors do not compound)")
 
     def __post_init__(self):
         if not 0 < self.squeeze_ratio <= 4:
@@ -75,9 +80,7 @@ class FireModule(Pass):
                                        "folder or random:N), or use fit=weights")
 
     def _pattern_ok(self, name: str) -> bool:
-        if self.layers and not any(fnmatch.fnmatch(name, p) for p in self.layers):
-            return False
-        return not any(fnmatch.fnmatch(name, p) for p in self.ignore)
+        return name_selected(name, self.layers, self.ignore)
 
     def _shape_reason(self, node, w) -> str | None:
         o, c, kh, kw = w.shape
@@ -95,6 +98,7 @@ class FireModule(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         allow_plain_initializers(model)
         model.infer_shapes(refresh=True)
+        original = model.clone() if self.refit and self.fit == "data" and ctx.calibration is not None else None
         layers, skipped = conv_candidates(model, self._pattern_ok, min_macs=self.min_macs)
         ok = []
         for lay in layers:
@@ -108,7 +112,7 @@ class FireModule(Pass):
         if layers and ctx.calibration is not None:
             capture_patches(model, layers, ctx.calibration, self.samples, self.positions, ctx.seed)
         before = cost_of(model)
-        report, replacements, reserved = [], {}, set()
+        report, replacements, names, jobs = [], {}, NameAllocator(model), []
         for lay in layers:
             node = lay["node"]
             o, c, kh, kw = lay["w"].shape
@@ -125,25 +129,19 @@ class FireModule(Pass):
             if fitted["error"] is not None and fitted["error"] > self.max_error and not self.force:
                 skipped.append({"layer": node.name, "reason": f"relative output error {fitted['error']:.3g} > max_error"})
                 continue
-            replacements[node.name] = self._build(model, lay, fitted, reserved)
+            new = replacements[node.name] = self._build(model, lay, fitted, names)
+            jobs += [RefitJob(new[1].name, node.output[0], tuple(int(i) for i in fitted["idx1"])),
+                     RefitJob(new[2].name, node.output[0], tuple(int(i) for i in fitted["idx3"]))]
             report.append({"layer": node.name, "weight_shape": [o, c, kh, kw], "squeeze": s, "expand1x1": e1,
                            "expand_kxk": e3, "reordered": fitted["gather"] is not None,
                            "macs_before": int(lay["macs"]), "macs_after": int(macs_after),
                            "fit": "data" if self.fit == "data" and lay["rows"] else "weights", "error": fitted["error"]})
             lay["rows"] = []
-        if replacements:
-            nodes = []
-            for nd in model.graph.node:
-                nodes.extend(replacements.get(nd.name, [nd]))
-            del model.graph.node[:]
-            model.graph.node.extend(nodes)
-            model.remove_unused()
-            model.infer_shapes(refresh=True)
-        after = cost_of(model) if replacements else before
-        stats.update({"replaced": len(report), "macs_before": before.macs, "macs_after": after.macs,
-                      "macs_reduction": 1 - after.macs / before.macs if before.macs else 0.0,
-                      "params_before": before.params, "params_after": after.params,
-                      "layers": report, "skipped": skipped})
+        splice(model, replacements)
+        stats.update(substitution_stats(before, model, "replaced", report, skipped, bool(replacements)))
+        if replacements and original is not None:
+            stats["refit"] = refit_last_layers(original, model, jobs, ctx.calibration, samples=self.samples,
+                                               positions=self.positions)
         return PassResult(model, bool(replacements), stats)
 
     def _rounded(self, x: float, cap: int | None) -> int:
@@ -197,26 +195,16 @@ class FireModule(Pass):
                 "idx1": idx1, "idx3": idx3, "gather": gather, "error": err}
 
     # ------------------------------------------------------------------ graph edit
-    def _build(self, model: Model, lay: dict, f: dict, reserved: set) -> list[onnx.NodeProto]:
+    def _build(self, model: Model, lay: dict, f: dict, names: NameAllocator) -> list[onnx.NodeProto]:
         node = lay["node"]
         dtype = lay["w"].dtype
         out = node.output[0]
         o, c, kh, kw = lay["w"].shape
 
-        def fresh(prefix):
-            name = model.unique_name(prefix)
-            k = 1
-            while name in reserved:
-                name = model.unique_name(f"{prefix}_{k}")
-                k += 1
-            reserved.add(name)
-            return name
-
         def init(prefix, value):
-            name = fresh(f"{node.name}_{prefix}")
-            model.set_initializer(name, np.ascontiguousarray(value, dtype=dtype))
-            return name
+            return names.initializer(f"{node.name}_{prefix}", value, dtype)
 
+        fresh = names.fresh
         bias = lay["bias"].reshape(-1) if lay["bias"] is not None else None
         b1 = [init("expand1_bias", bias[f["idx1"]])] if bias is not None else []
         b3 = [init("expand3_bias", bias[f["idx3"]])] if bias is not None else []

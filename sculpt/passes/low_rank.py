@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -16,6 +15,8 @@ from sculpt.ir.channel_handlers import attr
 from sculpt.ir.cost import cost_of
 from sculpt.ir.factorize import MatrixSVD, SpatialSVD, Tucker2, energy_rank, kept_energy, whitening
 from sculpt.ir.model import Model
+from sculpt.ir.refit import RefitJob
+from sculpt.ir.substitution import NameAllocator, conv_unsupported, name_selected, refit_last_layers, splice, substitution_stats
 from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, option, register
 
 # above this many input features the data-aware weighting (an F×F covariance) is not used
@@ -64,7 +65,10 @@ class LowRank(Pass):
     minimises the output error E‖x(W − Ŵ)‖² exactly for Gemm/MatMul/1×1 Conv (and per position,
     ignoring spatial correlation, for k×k). A layer is left alone when factoring would not save at
     least ``min_saving`` of its MACs (unless ``force``). At full rank every factorization is exact.
-    Each factored layer's output keeps its name. Lossy."""
+    Each factored layer's output keeps its name. With calibration data (``refit``), each factored
+    layer's last factor is then refit by ridge least squares, in network order, on the inputs the
+    compressed model really gives it, towards the original layer's output: the error of one
+    factored layer is compensated by the next instead of compounding. Lossy."""
 
     name = "low-rank"
     exact = False
@@ -87,6 +91,8 @@ class LowRank(Pass):
     samples: int = option(8, help="calibration samples for covariance and error measurement")
     positions: int = option(2048, help="sampled output positions per layer for error measurement")
     ridge: float = option(1e-4, help="data_aware: Σ + ridge·mean(diag Σ)·I, so unseen directions stay invertible")
+    refit: bool = option(True, help="with calibration data: after factoring, refit each factored layer's last "
+                                    "factor in order on the compressed model's own inputs (errors do not compound)")
 
     def __post_init__(self):
         if not 0 < self.energy <= 1:
@@ -119,8 +125,9 @@ class LowRank(Pass):
         if ctx.calibration is not None:
             self._capture(model, layers, ctx)
         before = cost_of(model)
-        report, replacements = [], {}
-        self._reserved: set[str] = set()
+        original = model.clone() if self.refit and ctx.calibration is not None else None
+        report, replacements, jobs = [], {}, []
+        self._names = NameAllocator(model)
         for layer in layers:
             try:
                 plan = self._plan(layer)
@@ -131,29 +138,20 @@ class LowRank(Pass):
                 skipped.append({"layer": layer.node.name, "reason": plan})
                 continue
             replacements[layer.node.name] = self._build(model, layer, plan)
+            jobs.append(RefitJob(replacements[layer.node.name][-1].name, layer.node.output[0]))
             report.append(plan["report"])
-        if replacements:
-            nodes = []
-            for n in model.graph.node:
-                nodes.extend(replacements.get(n.name, [n]))
-            del model.graph.node[:]
-            model.graph.node.extend(nodes)
-            model.remove_unused()
-            model.infer_shapes(refresh=True)
-        after = cost_of(model) if replacements else before
-        stats.update({
-            "factored": len(report), "macs_before": before.macs, "macs_after": after.macs,
-            "macs_reduction": 1 - after.macs / before.macs if before.macs else 0.0,
-            "params_before": before.params, "params_after": after.params,
-            "layers": report, "skipped": skipped,
-        })
+        splice(model, replacements)
+        stats.update(substitution_stats(before, model, "factored", report, skipped, bool(replacements)))
+        if replacements and original is not None:
+            stats["refit"] = refit_last_layers(original, model, jobs, ctx.calibration, samples=self.samples,
+                                               positions=self.positions)
         return PassResult(model, bool(replacements), stats)
 
     # ------------------------------------------------------------------ which layers
     def _chosen(self, name: str, macs: int) -> str | None:
-        if self.layers and not any(fnmatch.fnmatch(name, p) for p in self.layers):
+        if not name_selected(name, self.layers, []):
             return "not in layers"
-        if any(fnmatch.fnmatch(name, p) for p in self.ignore):
+        if not name_selected(name, [], self.ignore):
             return "ignored"
         if macs < self.min_macs:
             return f"{macs} MACs < min_macs"
@@ -197,16 +195,9 @@ class LowRank(Pass):
                     rows = int(np.prod(x_shape[:-1]))
                     layer = _Layer(node, "matrix", w, w, None, x_shape, y_shape, rows * w.size)
             else:  # Conv
-                auto = attr(node, "auto_pad", b"NOTSET")
-                auto = auto.decode() if isinstance(auto, bytes) else auto
                 bias = model.get_constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-                if attr(node, "group", 1) != 1:
-                    reason = "grouped Conv"
-                elif auto not in ("NOTSET", "VALID"):
-                    reason = f"auto_pad={auto}"
-                elif len(node.input) > 2 and node.input[2] and bias is None:
-                    reason = "bias is not a constant"
-                else:
+                reason = conv_unsupported(node, bias)
+                if reason is None:
                     macs = int(np.prod(y_shape)) * int(np.prod(w.shape[1:]))
                     wm = w.reshape(w.shape[0], -1).T
                     if all(k == 1 for k in w.shape[2:]):
@@ -396,21 +387,10 @@ class LowRank(Pass):
         x, out = node.input[0], node.output[0]
         base = node.name
 
-        reserved = self._reserved
-
-        def fresh(prefix):
-            name = model.unique_name(prefix)
-            k = 1
-            while name in reserved:
-                name = model.unique_name(f"{prefix}_{k}")
-                k += 1
-            reserved.add(name)
-            return name
+        fresh = self._names.fresh
 
         def init(suffix, value):
-            name = fresh(f"{base}_{suffix}")
-            model.set_initializer(name, np.ascontiguousarray(value, dtype=dtype))
-            return name
+            return self._names.initializer(f"{base}_{suffix}", value, dtype)
 
         def tensor(suffix):
             return fresh(f"{out}_{suffix}")
