@@ -1,0 +1,183 @@
+"""Reading the legalized TIR: which block is the kernel, which loop is vectorized, which is broadcast.
+
+A legalized (and FuseTIR-fused) Relax op is a PrimFunc with a few blocks at the root: producers
+(padding), one *main* block and elementwise epilogue blocks (bias, activation, residual add). The
+main block of conv2d / depthwise / matmul / pooling is a reduction whose loops are the block's iter
+vars in order, spatial first. This module finds the three axes the register tile is built on:
+
+- the *vector* axis: the last spatial axis, the contiguous axis of the output (NCHW: ow; matmul: j);
+- the *broadcast* axis: a spatial axis the streamed operand (the read indexed by the vector axis)
+  does not depend on, while another read does (conv: co, read from the weights and broadcast;
+  matmul: i). Each step of the reduction loads it once and reuses the streamed vectors for it;
+- the *row* axis: the next spatial axis the streamed operand depends on (conv: oh), tiled for
+  more independent accumulators.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+REDUCE = 2  # tirx.IterVar.CommReduce
+SPATIAL = 0  # tirx.IterVar.DataPar
+
+
+def _vars_in(expr) -> set:
+    import tvm_ffi
+    from tvm import tirx
+
+    found = set()
+    tvm_ffi.structural_walk(expr, (tirx.Var, found.add), order="post")
+    return found
+
+
+def region_vars(region) -> set:
+    out = set()
+    for rng in region:
+        out |= _vars_in(rng.min)
+    return out
+
+
+@dataclass
+class Axis:
+    index: int      # position among the block's iter vars (= loop position)
+    name: str
+    extent: int
+
+
+@dataclass
+class ReductionAnatomy:
+    """The axes of a main reduction block that the register tile is built on."""
+
+    spatial: list[Axis]
+    reduce: list[Axis]
+    vector: Axis
+    broadcast: Axis | None
+    row: Axis | None
+    kind: str                       # conv2d, conv2d_1x1, depthwise, matmul, pool, reduce
+    output_shape: tuple[int, ...]
+    reads: list[str] = field(default_factory=list)
+
+    @property
+    def reduce_extent(self) -> int:
+        n = 1
+        for a in self.reduce:
+            n *= a.extent
+        return n
+
+
+def root_blocks(sch):
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def is_reduction(sch, block_rv) -> bool:
+    return any(int(iv.iter_type) == REDUCE for iv in sch.get(block_rv).iter_vars)
+
+
+def has_if_then_else(sch, block_rv) -> bool:
+    import tvm_ffi
+    from tvm import ir
+
+    found = []
+
+    def visit(call):
+        if "if_then_else" in str(getattr(call.op, "name", "")):
+            found.append(call)
+
+    tvm_ffi.structural_walk(sch.get(block_rv).body, (ir.Call, visit), order="post")
+    return bool(found)
+
+
+def writes_function_output(sch, block_rv, func) -> bool:
+    buffer_map = getattr(func, "buffer_map", None)
+    params = {(buffer_map[p] if buffer_map is not None and p in buffer_map else p).data for p in func.params
+              if hasattr(p, "data") or (buffer_map is not None and p in buffer_map)}
+    return any(w.source.data in params for w in sch.get(block_rv).writes)
+
+
+def _loops_match_iter_vars(sch, block_rv) -> bool:
+    block = sch.get(block_rv)
+    loops = sch.get_loops(block_rv)
+    if len(loops) != len(block.iter_vars):
+        return False
+    realize = sch.get_sref(block_rv).stmt  # the block itself; bindings live in the realize
+    del realize
+    for loop_rv, iv in zip(loops, block.iter_vars):
+        loop = sch.get(loop_rv)
+        if int(loop.extent) != int(iv.dom.extent) or int(loop.min) != 0:
+            return False
+    return True
+
+
+def _kind(spatial, reduce, broadcast, reads_with_vector, n_reads, multiply_accumulate) -> str:
+    if not multiply_accumulate:
+        return "pool"
+    if broadcast is None:
+        return "depthwise" if len(spatial) >= 3 else "reduce"
+    if len(reduce) == 3:  # conv2d: rc, ry, rx
+        kh, kw = reduce[1].extent, reduce[2].extent
+        return "conv2d_1x1" if kh == 1 and kw == 1 else "conv2d"
+    return "matmul"
+
+
+def analyze_reduction(sch, block_rv) -> ReductionAnatomy | None:
+    """The anatomy of a reduction block, or None when the register tile does not apply."""
+    from tvm import tirx
+
+    block = sch.get(block_rv)
+    if not _loops_match_iter_vars(sch, block_rv):
+        return None
+    ivs = list(block.iter_vars)
+    types = [int(iv.iter_type) for iv in ivs]
+    if any(t not in (SPATIAL, REDUCE) for t in types):
+        return None
+    n_spatial = types.count(SPATIAL)
+    if types != [SPATIAL] * n_spatial + [REDUCE] * (len(ivs) - n_spatial) or n_spatial == 0:
+        return None
+    axes = [Axis(i, str(iv.var.name), int(iv.dom.extent)) for i, iv in enumerate(ivs)]
+    spatial, reduce = axes[:n_spatial], axes[n_spatial:]
+    if len(block.writes) != 1:
+        return None
+    out_region = block.writes[0].region
+    vector = spatial[-1]
+    last_index = out_region[-1].min
+    if not (isinstance(last_index, tirx.Var) and last_index.same_as(ivs[vector.index].var)):
+        return None
+    if vector.extent < 2:
+        return None
+    var_of = {a.index: ivs[a.index].var for a in axes}
+    out_buf = block.writes[0].source
+    reads = [r for r in block.reads if not r.source.same_as(out_buf)]
+    streamed = [r for r in reads if any(v.same_as(var_of[vector.index]) for v in region_vars(r.region))]
+    others = [r for r in reads if r not in streamed]
+    if not streamed:
+        return None
+    streamed_vars = set()
+    for r in streamed:
+        streamed_vars |= {str(v.name) for v in region_vars(r.region)}
+    other_vars = set()
+    for r in others:
+        other_vars |= {str(v.name) for v in region_vars(r.region)}
+    broadcast = None
+    for a in reversed(spatial[:-1]):
+        if a.extent > 1 and a.name not in streamed_vars and a.name in other_vars:
+            broadcast = a
+            break
+    row = None
+    for a in reversed(spatial[:-1]):
+        if a is not broadcast and a.extent > 1 and a.name in streamed_vars:
+            row = a
+            break
+    update = block.body
+    multiply_accumulate = _is_multiply_accumulate(update)
+    kind = _kind(spatial, reduce, broadcast, streamed, len(reads), multiply_accumulate)
+    return ReductionAnatomy(spatial, reduce, vector, broadcast, row, kind,
+                            tuple(int(x) for x in out_buf.shape), [str(r.source.name) for r in reads])
+
+
+def _is_multiply_accumulate(stmt) -> bool:
+    import tvm_ffi
+    from tvm import tirx
+
+    muls = []
+    tvm_ffi.structural_walk(stmt, (tirx.Mul, muls.append), order="post")
+    return bool(muls)

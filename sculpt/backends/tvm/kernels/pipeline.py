@@ -1,0 +1,42 @@
+"""The Relax compilation pipeline with sculpt's kernels: TVM's CPU pipeline plus one scheduling step.
+
+    dispatch -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
+             -> [sculpt: schedule every PrimFunc (rules.schedule_module)]
+             -> dataflow lowering -> memory planning / VM lowering
+
+Fusion is TVM's own (a conv2d/matmul absorbs the elementwise ops after it), so the kernels are
+scheduled with their epilogues in place."""
+
+from __future__ import annotations
+
+from sculpt.backends.tvm.kernels.rules import TileChooser, heuristic_chooser, schedule_module
+
+
+def sculpt_relax_pipeline(target, choose: TileChooser = heuristic_chooser, decisions: list | None = None):
+    """A relax_pipeline for ``tvm.compile``; ``decisions`` (if a list) receives what was scheduled."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="SculptScheduleKernels")
+    def schedule_kernels(mod, _ctx):
+        mod, made = schedule_module(mod, target, choose)
+        if decisions is not None:
+            decisions.extend(made)
+        return mod
+
+    @tvm.transform.module_pass(opt_level=0, name="SculptPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [schedule_kernels]
+                + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
+
+
+def compile_with_kernels(mod, target, choose: TileChooser = heuristic_chooser, decisions: list | None = None):
+    """``tvm.compile`` of a Relax module with the sculpt kernels for ``target`` (a tvm Target)."""
+    import tvm
+
+    return tvm.compile(mod, target=target, relax_pipeline=sculpt_relax_pipeline(target, choose, decisions))

@@ -1,0 +1,182 @@
+"""The register-tiled kernel schedule (mechanism): conv2d k x k, 1x1 conv, depthwise, matmul, pooling.
+
+Layout is NCHW throughout (the layout ONNX models come in): the contiguous output axis (ow, or j of
+a matmul) is the vector axis, so no layout transform is needed anywhere in the model. For one main
+reduction block with anatomy ``a`` (block_analysis) and a ``Tile``:
+
+    parallel for (all outer tiles, broadcast tiles innermost so the streamed rows stay in cache)
+        acc[broadcast][rows][vector] = init              # "local" buffer -> registers
+        for reduction axes (rc, ry, rx / k):
+            for b in unrolled(broadcast): for r in unrolled(rows):
+                acc[b][r][:] += w[b] * x[r][:]           # vector FMA, w broadcast from a scalar
+        epilogue(acc) -> output                          # bias, activation, residual: fused, vectorized
+
+1x1 conv is this GEMM with M = co, N = (oh, ow), K = ci; a k x k conv adds ry, rx to the
+reduction (direct convolution on the padded input, no im2col); depthwise has no broadcast axis
+(rows only); matmul vectorizes j and broadcasts i; pooling is the same loop with max/sum.
+Padding stays a separate parallel stage (inlining it would put a branch in the inner loop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sculpt.backends.tvm.kernels.block_analysis import (
+    ReductionAnatomy, has_if_then_else, is_reduction, root_blocks, writes_function_output)
+from sculpt.backends.tvm.kernels.tiling import Tile
+
+
+@dataclass
+class KernelDecision:
+    """What was done to one PrimFunc (for reports and tests)."""
+
+    func: str
+    kind: str
+    shape: tuple
+    tile: list[int] | None
+    note: str = ""
+
+
+def inline_epilogue(sch, func, main) -> list:
+    """Inline every elementwise block after the main block into its consumer; the remaining
+    blocks after ``main`` are returned (normally one: the block writing the output)."""
+    blocks = root_blocks(sch)
+    names = [sch.get(b).name_hint for b in blocks]
+    main_pos = names.index(sch.get(main).name_hint)
+    remaining = []
+    for b in blocks[main_pos + 1:]:
+        if writes_function_output(sch, b, func):
+            remaining.append(b)
+            continue
+        try:
+            sch.compute_inline(b)
+        except Exception:  # noqa: BLE001 - a block that cannot inline stays a separate stage
+            remaining.append(b)
+    return remaining
+
+
+def vector_width(vector_tile: int, lanes: int) -> int:
+    """Lanes of one vector instruction for a vector tile: the largest power of two <= the register
+    width dividing the tile (LLVM splits wider or odd vector types into inserts and shuffles); a
+    tile with no such divisor >= 4 is vectorized whole."""
+    width = lanes
+    while width >= 4:
+        if vector_tile % width == 0:
+            return width
+        width //= 2
+    return vector_tile
+
+
+def inline_branch_free_producers(sch, main) -> None:
+    """Inline copies/reshapes before the main block; padding (a branch) stays a separate stage."""
+    main_name = sch.get(main).name_hint
+    for b in root_blocks(sch):
+        if sch.get(b).name_hint == main_name:
+            break
+        if not has_if_then_else(sch, b) and not is_reduction(sch, b):
+            try:
+                sch.compute_inline(b)
+            except Exception:  # noqa: BLE001 - stays a separate stage
+                pass
+
+
+def schedule_injective_block(sch, block, lanes: int, max_vector: int = 64) -> None:
+    """Parallel over the outer loops, vectorized innermost loop (when it is branch-free)."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [int(sch.get(lp).extent) for lp in loops]
+    inner = loops[-1]
+    vectorize = not has_if_then_else(sch, block) and not is_reduction(sch, block)
+    if vectorize and extents[-1] > max_vector:
+        factor = next((d for d in range(max_vector - max_vector % lanes, lanes - 1, -lanes)
+                       if d > 0 and extents[-1] % d == 0), None)
+        if factor is None:
+            vectorize = False
+        else:
+            _, inner = sch.split(inner, factors=[None, factor])
+            loops = sch.get_loops(block)
+    outer = loops[:-1] if len(loops) > 1 else []
+    if is_reduction(sch, block):
+        spatial_prefix = []
+        for lp, iv_type in zip(loops, _loop_kinds(sch, block)):
+            if iv_type != "S":
+                break
+            spatial_prefix.append(lp)
+        outer = spatial_prefix
+    if outer:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        if int(sch.get(fused).extent) > 1:
+            sch.parallel(fused)
+    if vectorize and extents[-1] > 1:
+        sch.vectorize(inner)
+
+
+def _loop_kinds(sch, block) -> list[str]:
+    """'S' for a loop bound only to spatial iter vars, 'R' otherwise (loops match iter vars)."""
+    ivs = sch.get(block).iter_vars
+    loops = sch.get_loops(block)
+    if len(loops) != len(ivs):
+        return ["R"] * len(loops)
+    return ["S" if int(iv.iter_type) == 0 else "R" for iv in ivs]
+
+
+def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Tile, lanes: int) -> None:
+    """Apply the register-tiled schedule to ``main`` (see the module docstring)."""
+    a = anatomy
+    epilogue = inline_epilogue(sch, func, main)
+    inline_branch_free_producers(sch, main)
+    skip = {sch.get(b).name_hint for b in epilogue} | {sch.get(main).name_hint}
+    producers = [b for b in root_blocks(sch) if sch.get(b).name_hint not in skip]
+
+    loops = sch.get_loops(main)
+    outer_of, inner_of = {}, {}
+    for axis, size in ((a.vector, tile.vector), (a.broadcast, tile.broadcast), (a.row, tile.rows)):
+        if axis is None:
+            continue
+        o, i = sch.split(loops[axis.index], factors=[None, size])
+        outer_of[axis.index], inner_of[axis.index] = o, i
+    tiled = [x.index for x in (a.broadcast, a.row, a.vector) if x is not None]
+    outer = []
+    for s in a.spatial:
+        if s.index in outer_of:
+            if a.broadcast is not None and s.index == a.broadcast.index:
+                continue
+            outer.append(outer_of[s.index])
+        else:
+            outer.append(loops[s.index])
+    if a.broadcast is not None:
+        outer.append(outer_of[a.broadcast.index])
+    reduce_loops = [loops[r.index] for r in a.reduce]
+    inner = [inner_of[i] for i in tiled]
+    sch.reorder(*outer, *reduce_loops, *inner)
+
+    if len(epilogue) == 1:
+        sch.set_scope(main, 0, "local")
+        tail = epilogue[0]
+    else:
+        tail = sch.cache_write(main, 0, "local")
+    sch.reverse_compute_at(tail, outer[-1], preserve_unit_loops=True)
+    width = vector_width(tile.vector, lanes)
+    if width < tile.vector:
+        vec_unrolled, vec_lanes = sch.split(inner[-1], factors=[None, width])
+        inner = inner[:-1] + [vec_unrolled, vec_lanes]
+    for lp in inner[:-1]:
+        sch.unroll(lp)
+    sch.vectorize(inner[-1])
+    tail_loops = sch.get_loops(tail)
+    if width < tile.vector:
+        _, tail_lanes = sch.split(tail_loops[-1], factors=[None, width])
+        sch.vectorize(tail_lanes)
+    elif int(sch.get(tail_loops[-1]).extent) > 1:
+        sch.vectorize(tail_loops[-1])
+    fused = sch.fuse(*outer)
+    sch.parallel(fused)
+    # last: after decomposition the update block is neither complete nor a reduction, and the
+    # loop primitives above refuse such blocks; the init loops inherit the annotations
+    sch.decompose_reduction(main, reduce_loops[0])
+    if len(epilogue) != 1:
+        for b in epilogue:
+            schedule_injective_block(sch, b, lanes)
+    for b in producers:
+        schedule_injective_block(sch, b, lanes)

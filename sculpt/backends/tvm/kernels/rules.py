@@ -1,0 +1,114 @@
+"""The schedule rule that turns every legalized PrimFunc of a Relax module into a sculpt kernel.
+
+Applied after LegalizeOps + FuseOps + FuseTIR, so the epilogues (bias, activation, residual add)
+that Relax fused into a conv/matmul are scheduled with it. Dispatch, per PrimFunc:
+
+- one main reduction block with a vectorizable output axis -> register-tiled kernel
+  (conv2d, conv2d_1x1, depthwise, matmul, pool; tiles from the per-target heuristic or the cache
+  of the local search);
+- no reduction -> injective kernel (elementwise chains, padding, resize, transposes): parallel,
+  vectorized;
+- anything else (softmax, layer norm, global means) -> every block parallel over its spatial loops.
+If a schedule fails on an unusual function, the next simpler one is used; a function is never
+left worse than TVM's default (naive loops)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from sculpt.backends.tvm.kernels.block_analysis import analyze_reduction, is_reduction, root_blocks
+from sculpt.backends.tvm.kernels.register_tile import (
+    KernelDecision, inline_epilogue, schedule_injective_block, schedule_register_tile)
+from sculpt.backends.tvm.kernels.target_traits import TargetTraits, traits_of
+from sculpt.backends.tvm.kernels.tiling import Tile, heuristic_tile
+
+# (anatomy, traits) -> Tile; the default is the heuristic, the local search passes its cache lookup
+TileChooser = Callable[[object, TargetTraits], Tile]
+
+
+def heuristic_chooser(anatomy, traits: TargetTraits) -> Tile:
+    a = anatomy
+    other = 1
+    for s in a.spatial:
+        if s not in (a.vector, a.broadcast, a.row):
+            other *= s.extent
+    return heuristic_tile(a.vector.extent, a.broadcast.extent if a.broadcast else 1,
+                          a.row.extent if a.row else 1, traits, other_parallel=other)
+
+
+def _main_reduction(sch):
+    reductions = [b for b in root_blocks(sch) if is_reduction(sch, b)]
+    return reductions[0] if len(reductions) == 1 else None
+
+
+def try_register_tile(func, traits: TargetTraits, choose: TileChooser, name: str = ""):
+    """(schedule, decision) with the register-tiled kernel, or None when it does not apply."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    main = _main_reduction(sch)
+    if main is None:
+        return None
+    anatomy = analyze_reduction(sch, main)
+    if anatomy is None:
+        return None
+    tile = choose(anatomy, traits)
+    schedule_register_tile(sch, sch.mod["main"], main, anatomy, tile, traits.vector_lanes)
+    return sch, KernelDecision(name, anatomy.kind, anatomy.output_shape, tile.as_list())
+
+
+def schedule_every_block(func, traits: TargetTraits, name: str = ""):
+    """Injective and multi-reduction functions: inline elementwise chains, parallelize each block."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    blocks = root_blocks(sch)
+    has_reduction = any(is_reduction(sch, b) for b in blocks)
+    if not has_reduction and len(blocks) > 1:
+        inline_epilogue(sch, sch.mod["main"], blocks[0])
+    for b in root_blocks(sch):
+        schedule_injective_block(sch, b, traits.vector_lanes)
+    return sch, KernelDecision(name, "reduce" if has_reduction else "injective", (), None)
+
+
+def schedule_func(func, traits: TargetTraits, choose: TileChooser = heuristic_chooser, name: str = ""):
+    """(scheduled PrimFunc or None, decision) for one legalized PrimFunc."""
+    errors = []
+    for attempt in (lambda: try_register_tile(func, traits, choose, name),
+                    lambda: schedule_every_block(func, traits, name)):
+        try:
+            result = attempt()
+        except Exception as e:  # noqa: BLE001 - fall back to the next simpler schedule
+            errors.append(_one_line(e))
+            continue
+        if result is not None:
+            sch, decision = result
+            decision.note = "; ".join(errors)
+            return sch.mod["main"].with_attr("tirx.is_scheduled", True), decision
+    return None, KernelDecision(name, "unscheduled", (), None, note="; ".join(errors))
+
+
+def _one_line(e: Exception) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def schedule_module(mod, target, choose: TileChooser = heuristic_chooser) -> tuple[object, list[KernelDecision]]:
+    """Schedule every not-yet-scheduled PrimFunc of ``mod`` for ``target``; returns (mod, decisions)."""
+    from tvm import tirx
+
+    traits = traits_of(target)
+    decisions = []
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        if "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1:
+            continue
+        new, decision = schedule_func(func, traits, choose, gv.name_hint)
+        decisions.append(decision)
+        if new is not None:
+            updates[gv] = new
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod, decisions

@@ -1,0 +1,83 @@
+"""Tile sizes for the register-tiled kernels: a heuristic per target (policy only, no TIR here).
+
+A register tile keeps ``broadcast x rows x ceil(vector / lanes)`` accumulator vectors live across
+the whole reduction. The heuristic picks, among divisors of the axis extents (no tails, so every
+inner loop is fully unrolled or vectorized):
+
+- a vector tile that fills whole registers (little lane waste), then the largest one;
+- the largest tile that fits the accumulator registers of the target, preferring the arithmetic
+  intensity of the inner step: FMAs per load = acc / (broadcast + rows x vregs);
+- enough outer tiles to keep every core busy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import ceil
+
+from sculpt.backends.tvm.kernels.target_traits import TargetTraits
+
+
+@dataclass(frozen=True)
+class Tile:
+    vector: int
+    broadcast: int = 1
+    rows: int = 1
+
+    def as_list(self) -> list[int]:
+        return [self.vector, self.broadcast, self.rows]
+
+
+def divisors(n: int, limit: int | None = None) -> list[int]:
+    return [d for d in range(1, (limit or n) + 1) if n % d == 0 and d <= n]
+
+
+def vector_candidates(extent: int, lanes: int) -> list[int]:
+    """Divisors of ``extent`` worth vectorizing: up to 4 registers wide."""
+    return [d for d in divisors(extent, min(extent, 4 * lanes)) if d >= min(lanes, extent) // 2 or d == extent]
+
+
+def tile_score(tile: Tile, lanes: int, budget: int, outer_tiles: int, threads: int) -> tuple:
+    vregs = ceil(tile.vector / lanes)
+    acc = tile.broadcast * tile.rows * vregs
+    if acc > budget:
+        return (-1.0,)
+    lane_use = tile.vector / (vregs * lanes)
+    loads = tile.broadcast + tile.rows * vregs
+    intensity = min(acc / loads, 6.0)
+    busy = min(outer_tiles / (2 * threads), 1.0)
+    return (round(lane_use * intensity * (0.5 + 0.5 * busy), 3), acc, tile.vector)
+
+
+def candidate_tiles(vector_extent: int, broadcast_extent: int, row_extent: int,
+                    traits: TargetTraits) -> list[Tile]:
+    budget = traits.accumulator_registers
+    out = []
+    for v in vector_candidates(vector_extent, traits.vector_lanes):
+        vregs = ceil(v / traits.vector_lanes)
+        for b in divisors(broadcast_extent, min(broadcast_extent, 16)):
+            if b * vregs > budget:
+                continue
+            for r in divisors(row_extent, min(row_extent, 16)):
+                if b * r * vregs <= budget:
+                    out.append(Tile(v, b, r))
+    return out
+
+
+def heuristic_tile(vector_extent: int, broadcast_extent: int, row_extent: int, traits: TargetTraits,
+                   other_parallel: int = 1, threads: int = 2) -> Tile:
+    """The best-scoring tile (see the module docstring)."""
+    ranked = ranked_tiles(vector_extent, broadcast_extent, row_extent, traits, other_parallel, threads, count=1)
+    return ranked[0] if ranked else Tile(1)
+
+
+def ranked_tiles(vector_extent: int, broadcast_extent: int, row_extent: int, traits: TargetTraits,
+                 other_parallel: int = 1, threads: int = 2, count: int = 4) -> list[Tile]:
+    """The ``count`` best tiles by the heuristic score (candidates for a local search)."""
+    scored = []
+    for t in candidate_tiles(vector_extent, broadcast_extent, row_extent, traits):
+        outer = other_parallel * (vector_extent // t.vector) * (broadcast_extent // t.broadcast) \
+            * (row_extent // t.rows)
+        scored.append((tile_score(t, traits.vector_lanes, traits.accumulator_registers, outer, threads), t))
+    scored.sort(key=lambda st: st[0], reverse=True)
+    return [t for _, t in scored[:count]]
