@@ -1,0 +1,336 @@
+"""Compile a model for a target and export a deployable artifact: a shared library (cross-linked for
+ARM with aarch64-linux-gnu-g++) and a manifest beside it (inputs, outputs, target, versions, source
+model hash). For OpenCL targets the generated OpenCL C is written beside them too.
+
+    model.so             the library: load it with the TVM runtime, call vm_load_executable, main
+    model.json           the manifest (MANIFEST_FORMAT)
+    model.cl             OpenCL targets only: the kernels' source
+    model.tuning/        tuned compiles only: the MetaSchedule database, reused by the next compile
+
+Everything is written to temporary files first and renamed into place; the input model is never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from sculpt.backends.tvm.targets import NamedTarget, get_target
+from sculpt.errors import OptionError, SculptError
+
+MANIFEST_FORMAT = "sculpt-tvm-artifact/1"
+
+
+class ArtifactError(SculptError):
+    """An artifact or its manifest is missing, unreadable or inconsistent."""
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: list[int]
+    dtype: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass
+class CompiledModel:
+    """A model compiled for a target, not yet exported."""
+
+    executable: object  # tvm.relax.VMExecutable
+    target: NamedTarget
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    passes: list[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)  # kernels, sparse decisions: recorded in the manifest
+    tuning: object | None = None  # tune.TuningReport
+    compile_seconds: float = 0.0
+
+    def opencl_source(self) -> str | None:
+        """The OpenCL C of every kernel (OpenCL targets), else None."""
+        from sculpt.backends.tvm.opencl import opencl_source
+
+        return opencl_source(self.executable) if self.target.is_opencl else None
+
+
+@dataclass
+class Artifact:
+    library: Path
+    manifest_path: Path
+    manifest: dict
+
+    @property
+    def target(self) -> NamedTarget:
+        return get_target(self.manifest["target"]["tvm_target"]) if self.manifest["target"]["name"] == "custom" \
+            else get_target(self.manifest["target"]["name"])
+
+    @property
+    def arch(self) -> str:
+        return self.manifest["target"]["arch"]
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [TensorSpec(**t) for t in self.manifest["inputs"]]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec(**t) for t in self.manifest["outputs"]]
+
+    @property
+    def opencl_source_path(self) -> Path | None:
+        name = self.manifest.get("opencl_source")
+        return self.library.with_name(name) if name else None
+
+
+def manifest_path_for(library: Path) -> Path:
+    return library.with_suffix(".json")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ compile
+def prepare_model(model, input_shapes: Mapping[str, Sequence[int]] | None = None, *, canonicalize: bool = True):
+    """The model with fixed input shapes, canonicalized (what TVM's Relax importer needs)."""
+    from sculpt.passes import create_pass
+
+    work = model.clone()
+    if input_shapes:
+        work.fix_input_shapes(input_shapes)
+    work.require_static_inputs("compiling with TVM")
+    passes = []
+    if canonicalize:
+        work = create_pass("canonicalize")(work).model
+        passes.append("canonicalize")
+    return work, passes
+
+
+def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None, canonicalize: bool = True,
+                  tune_trials: int = 0, tuning_database: Path | None = None, device=None,
+                  build_options: Mapping | None = None, sparse: str | None = None,
+                  progress: Callable[[str], None] | None = None,
+                  on_tuning_start: Callable[[int], None] | None = None,
+                  on_trials: Callable[[int], None] | None = None) -> CompiledModel:
+    """Import ``model`` (a sculpt Model) into Relax and build it for ``target``.
+
+    ``tune_trials`` > 0 tunes with MetaSchedule into ``tuning_database`` (required then); a database
+    given with ``tune_trials`` = 0 is only applied. ``build_options`` are passed on to
+    ``relax_import.build`` (e.g. ``kernels``); ``sparse`` ('auto'|'on'|'off') runs the sparse-kernel
+    rewrite on the Relax module first."""
+    from sculpt.backends.tvm.relax_import import build, import_to_relax
+
+    start = time.perf_counter()
+    target = get_target(target)
+    work, passes = prepare_model(model, input_shapes, canonicalize=canonicalize)
+    inputs = _input_specs(work)
+    if progress:
+        progress(f"importing into TVM Relax ({', '.join(f'{t.name}={t.shape}' for t in inputs)})")
+    mod = import_to_relax(work)
+    options: dict = {}
+    if sparse and sparse != "off":
+        from sculpt.backends.tvm.sparse import apply_sparse_kernels
+
+        mod, decisions = apply_sparse_kernels(mod, target.tvm_target(), sparse)
+        options["sparse"] = {"mode": sparse, "decisions": _jsonable(decisions)}
+    outputs = _output_specs(mod, [o.name for o in work.graph.output])
+    report = None
+    if tune_trials or tuning_database is not None:
+        from sculpt.backends.tvm.tune import tune_and_build
+
+        if tuning_database is None:
+            raise OptionError("tuning needs a database folder (sculpt puts it beside the artifact)")
+        if progress:
+            progress(f"tuning for {target.name} ({tune_trials} trials)" if tune_trials
+                     else f"building for {target.name} with the tuning database {tuning_database}")
+        executable, report = tune_and_build(mod, target, tune_trials, tuning_database, device=device,
+                                            on_start=on_tuning_start, on_trials=on_trials)
+    else:
+        if progress:
+            progress(f"building for {target.name}")
+        executable = build(mod, target.spec, **dict(build_options or {}))
+    options.update({k: v for k, v in dict(build_options or {}).items()})
+    return CompiledModel(executable, target, inputs, outputs, passes, options, report,
+                         time.perf_counter() - start)
+
+
+def _input_specs(model) -> list[TensorSpec]:
+    import onnx
+
+    specs = []
+    inits = {t.name for t in model.graph.initializer}
+    shapes = model.input_shapes()
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type).name
+        specs.append(TensorSpec(vi.name, [int(d) for d in shapes[vi.name]], dtype))
+    return specs
+
+
+def _output_specs(mod, names: list[str]) -> list[TensorSpec]:
+    """Shapes and dtypes of ``main``'s results, as the artifact returns them (flattened tuples)."""
+    from tvm import relax
+
+    def flatten(ty) -> list:
+        if isinstance(ty, relax.TupleType):
+            return [leaf for field_ in ty.fields for leaf in flatten(field_)]
+        return [ty]
+
+    leaves = flatten(mod["main"].ret_ty)
+    specs = []
+    for i, sinfo in enumerate(leaves):
+        name = names[i] if i < len(names) else f"output_{i}"
+        shape = [int(d) for d in sinfo.shape.values] if getattr(sinfo, "shape", None) is not None else []
+        specs.append(TensorSpec(name, shape, str(sinfo.dtype)))
+    if len(specs) != len(names):
+        raise ArtifactError(f"the Relax module returns {len(specs)} tensors, the ONNX model has {len(names)} "
+                            "outputs")
+    return specs
+
+
+# ------------------------------------------------------------------ export
+def check_artifact_path(output: str | os.PathLike, *protected: str | os.PathLike) -> Path:
+    """Validate ``-o``: a ``.so`` path in a writable folder, whose artifact files overwrite none of
+    ``protected`` (the input model)."""
+    from sculpt.cli import _check_output_file, _same_path
+
+    library = _check_output_file(str(output), "-o", "an artifact path ending in .so")
+    if library.suffix != ".so":
+        raise OptionError(f"{library}: the artifact is a shared library; give -o a path ending in .so")
+    for path in (library, manifest_path_for(library), library.with_suffix(".cl")):
+        for other in protected:
+            if _same_path(path, other):
+                raise OptionError(f"{path}: writing the artifact would overwrite the input model {other}")
+    return library
+
+
+def export_artifact(compiled: CompiledModel, library: str | os.PathLike, *, source_model: str | os.PathLike | None,
+                    source_sha256: str | None = None) -> Artifact:
+    """Export the library (cross-linked when the target is not this machine), write the manifest and,
+    for OpenCL targets, the kernels' source; all atomically."""
+    from sculpt import __version__
+    from sculpt.backends.tvm.runtime_libs import installed_versions, require_tool
+    from sculpt.ir.model import _atomic_write_bytes, _one_line
+
+    library = Path(library)
+    target = compiled.target
+    cc = target.cross_compiler
+    if cc:
+        require_tool(cc, "g++-aarch64-linux-gnu")
+    files: dict[Path, bytes] = {}
+    cl_source = compiled.opencl_source()
+    if cl_source is not None:
+        files[library.with_suffix(".cl")] = cl_source.encode()
+    tvm_version, ffi_version = installed_versions()
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "library": library.name,
+        "target": target.as_dict(),
+        "inputs": [t.as_dict() for t in compiled.inputs],
+        "outputs": [t.as_dict() for t in compiled.outputs],
+        "source_model": {"file": str(Path(source_model).resolve()) if source_model else None,
+                         "sha256": source_sha256 or (file_sha256(source_model) if source_model else None)},
+        "passes": compiled.passes,
+        "options": _jsonable(compiled.options),
+        "tuning": compiled.tuning.as_dict() if compiled.tuning is not None else None,
+        "opencl_source": library.with_suffix(".cl").name if cl_source is not None else None,
+        "sculpt_version": __version__,
+        "tvm_version": tvm_version,
+        "tvm_ffi_version": ffi_version,
+        "tvm_target_full": _full_target(target),
+        "compile_seconds": round(compiled.compile_seconds, 3),
+    }
+    fd, tmp_lib = tempfile.mkstemp(dir=library.parent if str(library.parent) else ".",
+                                   prefix=f".{library.stem}.", suffix=".so")
+    os.close(fd)
+    try:
+        try:
+            if cc:
+                compiled.executable.export_library(tmp_lib, cc=cc)
+            else:
+                compiled.executable.export_library(tmp_lib)
+        except Exception as e:
+            raise ArtifactError(f"{library}: exporting the library for {target.name} failed: {_one_line(e)}") \
+                from None
+        _give_default_mode(tmp_lib, executable=True)
+        for path, data in files.items():
+            _atomic_write_bytes(path, data)
+        os.replace(tmp_lib, library)
+        _atomic_write_bytes(manifest_path_for(library), (json.dumps(manifest, indent=2) + "\n").encode())
+    finally:
+        if os.path.exists(tmp_lib):
+            os.unlink(tmp_lib)
+    return Artifact(library, manifest_path_for(library), manifest)
+
+
+def compile_artifact(model_path: str | os.PathLike, target: str | dict | NamedTarget, output: str | os.PathLike, *,
+                     input_shapes=None, tune_trials: int = 0, tuning_database: Path | None = None, **kwargs) -> Artifact:
+    """Load, compile and export in one call (what ``sculpt compile`` does)."""
+    from sculpt.backends.tvm.tune import database_dir_for
+    from sculpt.ir.model import Model
+
+    library = check_artifact_path(output, model_path)
+    model = Model.load(model_path)
+    if tune_trials and tuning_database is None:
+        tuning_database = database_dir_for(library)
+    compiled = compile_model(model, target, input_shapes=input_shapes, tune_trials=tune_trials,
+                             tuning_database=tuning_database, **kwargs)
+    return export_artifact(compiled, library, source_model=model_path)
+
+
+def load_artifact(path: str | os.PathLike) -> Artifact:
+    """An exported artifact: the library and its manifest (``path`` may name either)."""
+    p = Path(path)
+    library = p.with_suffix(".so") if p.suffix == ".json" else p
+    manifest_path = manifest_path_for(library)
+    if not library.is_file():
+        raise ArtifactError(f"{library}: no such artifact library")
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{manifest_path}: the manifest of {library.name} is missing (it is written beside "
+                            "the library by 'sculpt compile')")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{manifest_path}: not a valid manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ArtifactError(f"{manifest_path}: not a sculpt artifact manifest (format "
+                            f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, expected "
+                            f"{MANIFEST_FORMAT!r})")
+    for key in ("inputs", "outputs", "target"):
+        if key not in manifest:
+            raise ArtifactError(f"{manifest_path}: the manifest has no '{key}'")
+    return Artifact(library, manifest_path, manifest)
+
+
+def _full_target(target: NamedTarget) -> dict:
+    """The target with every attribute TVM filled in (features, keys), as TVM prints it."""
+    try:
+        return json.loads(str(target.tvm_target()))
+    except ValueError:
+        return dict(target.spec)
+
+
+def _give_default_mode(path: str, executable: bool = False) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
+def _jsonable(value):
+    from sculpt.cli import _jsonable as plain
+
+    return plain(value)

@@ -1,0 +1,174 @@
+"""Run an exported artifact through the C++ deploy runner (natively, or under qemu-aarch64 for ARM
+artifacts) on numpy inputs, and compare it with onnxruntime on the ONNX model."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from sculpt.backends.tvm.artifact import Artifact, ArtifactError, load_artifact
+from sculpt.errors import ShapeError
+
+
+@dataclass
+class DeployRun:
+    outputs: dict[str, np.ndarray]
+    median_ms: float
+    times_ms: list[float]
+    emulated: bool  # ran under qemu: latency is the emulator's, not the device's
+
+
+def check_feeds(artifact: Artifact, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The inputs in the artifact's order, checked against its manifest (names, shapes, dtypes)."""
+    specs = artifact.inputs
+    unknown = sorted(set(feeds) - {s.name for s in specs})
+    if unknown:
+        raise ShapeError(f"{artifact.library.name} has no input named {', '.join(map(repr, unknown))} "
+                         f"(its inputs: {', '.join(s.name for s in specs)})")
+    ordered = []
+    for spec in specs:
+        if spec.name not in feeds:
+            raise ShapeError(f"no value for input '{spec.name}' of {artifact.library.name}")
+        value = np.asarray(feeds[spec.name])
+        if list(value.shape) != list(spec.shape):
+            raise ShapeError(f"input '{spec.name}' has shape {list(value.shape)}; {artifact.library.name} was "
+                             f"compiled for {spec.shape}")
+        if value.dtype != np.dtype(spec.dtype):
+            raise ShapeError(f"input '{spec.name}' is {value.dtype}; {artifact.library.name} expects {spec.dtype}")
+        ordered.append(np.ascontiguousarray(value))
+    return ordered
+
+
+def run_artifact(artifact: Artifact | str | Path, feeds: Mapping[str, np.ndarray], *, runs: int = 1,
+                 warmup: int = 0, timeout: float | None = None, threads: int | None = None,
+                 progress: Callable[[str], None] | None = None) -> DeployRun:
+    """Run ``artifact`` once per ``runs`` (after ``warmup`` runs) with the deploy runner; outputs of the
+    last run by the manifest's output names."""
+    from sculpt.backends.tvm.runner import run_runner
+    from sculpt.backends.tvm.runtime_libs import ToolchainError
+    import platform
+
+    if not isinstance(artifact, Artifact):
+        artifact = load_artifact(artifact)
+    if artifact.manifest["target"].get("opencl"):
+        raise ToolchainError(f"{artifact.library.name} is built for an OpenCL GPU ({artifact.manifest['target']['name']}):"
+                             " it runs on the device; here its kernels can only be compiled "
+                             "('sculpt verify' does that with PoCL)")
+    ordered = check_feeds(artifact, feeds)
+    work = Path(tempfile.mkdtemp(prefix="sculpt-deploy-"))
+    try:
+        files = []
+        for i, value in enumerate(ordered):
+            path = work / f"input_{i}.npy"
+            np.save(path, value)
+            files.append(path)
+        out_dir = work / "outputs"
+        out_dir.mkdir()
+        env = {"TVM_NUM_THREADS": str(threads)} if threads else None
+        result = run_runner(artifact.library, artifact.arch, files, out_dir, runs=runs, warmup=warmup,
+                            timeout=timeout, env=env, progress=progress)
+        specs = artifact.outputs
+        if len(result.output_files) != len(specs):
+            raise ArtifactError(f"{artifact.library.name} returned {len(result.output_files)} outputs, its manifest "
+                                f"lists {len(specs)}")
+        outputs = {spec.name: np.load(path) for spec, path in zip(specs, result.output_files)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return DeployRun(outputs, result.median_ms, result.times_ms, emulated=artifact.arch != platform.machine())
+
+
+@dataclass
+class Verification:
+    """Per-output errors of the artifact against onnxruntime on the ONNX model."""
+
+    comparison: object  # sculpt.backends.ort.Comparison
+    rtol: float
+    atol: float
+    kind: str  # "run" (deploy runner) or "opencl-compile" (kernels compiled on PoCL)
+    emulated: bool = False
+    notes: list[str] = field(default_factory=list)
+    kernel_check: object | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.comparison is None or self.comparison.within(self.rtol, self.atol)
+
+
+def reference_outputs(model_path, artifact: Artifact, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """onnxruntime's outputs of the ONNX model at the artifact's input shapes."""
+    from sculpt.backends import ort
+    from sculpt.ir.model import Model
+
+    model = Model.load(model_path)
+    work = model.clone()
+    work.fix_input_shapes({s.name: s.shape for s in artifact.inputs if s.name in work.input_names})
+    return ort.run(work, feeds)
+
+
+def default_feeds(artifact: Artifact, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the artifact's shapes and dtypes: floats uniform in [0, 1), integers in [0, 4)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in artifact.inputs:
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.random(spec.shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[spec.name] = rng.integers(0, 2, spec.shape).astype(dtype)
+        else:
+            feeds[spec.name] = rng.integers(0, 4, spec.shape).astype(dtype)
+    return feeds
+
+
+def verify_artifact(artifact: Artifact | str | Path, model_path, feeds: Mapping[str, np.ndarray] | None = None, *,
+                    rtol: float = 1e-4, atol: float = 1e-6, seed: int = 0, timeout: float | None = None,
+                    progress: Callable[[str], None] | None = None) -> Verification:
+    """Run the artifact (CPU targets) and compare with onnxruntime; OpenCL artifacts: compile every
+    kernel on PoCL (no GPU here to run them on)."""
+    from sculpt.backends.ort import Comparison, output_error
+    from sculpt.backends.tvm.artifact import file_sha256
+
+    if not isinstance(artifact, Artifact):
+        artifact = load_artifact(artifact)
+    notes = []
+    recorded = (artifact.manifest.get("source_model") or {}).get("sha256")
+    if recorded and file_sha256(model_path) != recorded:
+        notes.append(f"{model_path} is not the model the artifact was compiled from (sha256 differs); "
+                     "comparing anyway")
+    if artifact.manifest["target"].get("opencl"):
+        from sculpt.backends.tvm.opencl import check_kernels
+
+        source_path = artifact.opencl_source_path
+        if source_path is None or not source_path.is_file():
+            raise ArtifactError(f"{artifact.library.name}: the OpenCL source beside it is missing "
+                                f"({source_path})")
+        if progress:
+            progress(f"compiling the OpenCL kernels of {artifact.library.name}")
+        check = check_kernels(source_path.read_text())
+        notes.append(f"OpenCL target: {len(check.kernels)} kernels compiled by {check.platform} ({check.device}); "
+                     "there is no GPU here to run them")
+        return Verification(None, rtol, atol, "opencl-compile", notes=notes, kernel_check=check)
+    feeds = dict(feeds) if feeds else {}
+    for name, value in default_feeds(artifact, seed).items():
+        feeds.setdefault(name, value)
+    if progress:
+        progress(f"running {artifact.library.name}" + (" under qemu" if artifact.arch != _machine() else ""))
+    run = run_artifact(artifact, feeds, timeout=timeout, progress=progress)
+    ref = reference_outputs(model_path, artifact, feeds)
+    errors = []
+    for spec in artifact.outputs:
+        if spec.name not in ref:
+            raise ArtifactError(f"output '{spec.name}' of {artifact.library.name} is not an output of {model_path}")
+        errors.append(output_error(spec.name, run.outputs[spec.name], np.asarray(ref[spec.name])))
+    return Verification(Comparison(errors, 1), rtol, atol, "run", emulated=run.emulated, notes=notes)
+
+
+def _machine() -> str:
+    import platform
+
+    return platform.machine()
