@@ -771,6 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output-dir", help="where to write the models (default: a new temporary folder)")
     d.add_argument("--ratio", type=float, default=0.3, help="fraction of MACs channel pruning removes")
     d.set_defaults(func=cmd_demo)
+
+    from sculpt.backends.tvm.cli import register as register_tvm_commands  # TVM itself loads only when a command runs
+
+    register_tvm_commands(sub)
     return p
 
 

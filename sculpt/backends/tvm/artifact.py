@@ -142,10 +142,15 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
     mod = import_to_relax(work)
     options: dict = {}
     if sparse and sparse != "off":
-        from sculpt.backends.tvm.sparse import apply_sparse_kernels
+        import dataclasses
 
-        mod, decisions = apply_sparse_kernels(mod, target.tvm_target(), sparse)
-        options["sparse"] = {"mode": sparse, "decisions": _jsonable(decisions)}
+        from sculpt.backends.tvm.sparse import apply_sparse_kernels, layer_names_from_onnx
+
+        if progress:
+            progress(f"sparse kernels ({sparse})")
+        mod, decisions = apply_sparse_kernels(mod, target.tvm_target(), sparse, layer_names=layer_names_from_onnx(work))
+        options["sparse"] = {"mode": sparse, "layers_sparse": sum(1 for d in decisions if d.sparse),
+                             "decisions": [_jsonable(dataclasses.asdict(d)) for d in decisions]}
     outputs = _output_specs(mod, [o.name for o in work.graph.output])
     report = None
     if tune_trials or tuning_database is not None:

@@ -110,11 +110,12 @@ def reference_outputs(model_path, artifact: Artifact, feeds: Mapping[str, np.nda
     return ort.run(work, feeds)
 
 
-def default_feeds(artifact: Artifact, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs of the artifact's shapes and dtypes: floats uniform in [0, 1), integers in [0, 4)."""
+def random_feeds(specs, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the given TensorSpecs' shapes and dtypes: floats uniform in [0, 1), integers in
+    [0, 4), booleans coin flips."""
     rng = np.random.default_rng(seed)
     feeds = {}
-    for spec in artifact.inputs:
+    for spec in specs:
         dtype = np.dtype(spec.dtype)
         if dtype.kind == "f":
             feeds[spec.name] = rng.random(spec.shape).astype(dtype)
@@ -154,7 +155,7 @@ def verify_artifact(artifact: Artifact | str | Path, model_path, feeds: Mapping[
                      "there is no GPU here to run them")
         return Verification(None, rtol, atol, "opencl-compile", notes=notes, kernel_check=check)
     feeds = dict(feeds) if feeds else {}
-    for name, value in default_feeds(artifact, seed).items():
+    for name, value in random_feeds(artifact.inputs, seed).items():
         feeds.setdefault(name, value)
     if progress:
         progress(f"running {artifact.library.name}" + (" under qemu" if artifact.arch != _machine() else ""))

@@ -1,0 +1,184 @@
+"""onnxruntime against TVM builds of the same model, measured in one process, in alternating rounds
+(medians of medians), with the TVM outputs checked against onnxruntime's.
+
+TVM runs in this process for the host target, under qemu through the deploy runner for an ARM
+target without a device (latency of the emulator, flagged), or on a device over RPC.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sculpt.backends.tvm.targets import NamedTarget, get_target
+from sculpt.errors import OptionError
+
+
+def build_supports(keyword: str) -> bool:
+    """Whether ``relax_import.build`` takes ``keyword`` (e.g. ``kernels``, added by the fast-kernels work)."""
+    from sculpt.backends.tvm.relax_import import build
+
+    return keyword in inspect.signature(build).parameters
+
+
+@dataclass
+class Variant:
+    """One TVM build to measure: a label for the report and how to build it."""
+
+    label: str  # the JSON key: tvm_ms, tvm_default_ms, tvm_sculpt_ms, tvm_tuned_ms
+    build_options: dict = field(default_factory=dict)
+    tune: bool = False
+
+
+def variants_for(kernels: str | None, tuned: bool) -> list[Variant]:
+    if kernels in (None, ""):
+        variants = [Variant("tvm_ms")]
+    elif kernels == "both":
+        variants = [Variant("tvm_default_ms", {"kernels": "default"}), Variant("tvm_sculpt_ms", {"kernels": "sculpt"})]
+    else:
+        variants = [Variant(f"tvm_{kernels}_ms", {"kernels": kernels})]
+    if variants[0].build_options and not build_supports("kernels"):
+        raise OptionError("--kernels: this TVM backend has no kernel choice yet (relax_import.build takes no "
+                          "'kernels' option)")
+    if tuned:
+        variants.append(Variant("tvm_tuned_ms", dict(variants[-1].build_options), tune=True))
+    return variants
+
+
+def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=None, runs: int = 20,
+              warmup: int = 3, rounds: int = 3, threads: int | None = None, kernels: str | None = None,
+              tune_trials: int = 0, tuning_database: Path | None = None, device=None, sparse: str | None = None,
+              seed: int = 0, progress: Callable[[str], None] | None = None,
+              on_tuning_start=None, on_trials=None) -> dict:
+    """Median latency (ms) of onnxruntime and of each TVM build, plus the TVM builds' max relative error
+    against onnxruntime. Keys: ort_ms, tvm_ms (or tvm_default_ms/tvm_sculpt_ms), tvm_tuned_ms when
+    tuning, speedup_* (ort_ms / tvm_*), ..."""
+    from sculpt.backends import ort
+    from sculpt.backends.ort import output_error
+    from sculpt.backends.tvm.artifact import _input_specs, compile_model, prepare_model
+    from sculpt.backends.tvm.deploy import random_feeds
+    from sculpt.ir.model import Model
+
+    for name, value, low in (("--runs", runs, 1), ("--warmup", warmup, 0), ("--rounds", rounds, 1)):
+        if value < low:
+            raise OptionError(f"{name} must be >= {low}, got {value}")
+    if threads is not None and threads < 1:
+        raise OptionError(f"--threads must be >= 1, got {threads}")
+    target = get_target(target)
+    if target.is_opencl and device is None:
+        raise OptionError(f"benchmarking '{target.name}' needs the GPU: give --rpc HOST:PORT --device-key KEY")
+    threads = threads or os.cpu_count() or 1
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
+    tuned = bool(tune_trials) or tuning_database is not None
+    variants = variants_for(kernels, tuned)
+
+    model = Model.load(model_path)
+    work, _ = prepare_model(model, input_shapes)
+    inputs = _input_specs(work)
+    feeds = random_feeds(inputs, seed)
+    ordered = [feeds[s.name] for s in inputs]
+    session = ort.make_session(work, threads=threads)
+    reference = ort.run(work, feeds, session=session)
+    output_names = [o.name for o in work.graph.output]
+
+    runners: dict[str, Callable[[], tuple[float, list[np.ndarray]]]] = {}
+    result: dict = {"model": str(model_path), "target": target.name,
+                    "inputs": {s.name: s.shape for s in inputs}, "threads": threads, "runs": runs,
+                    "rounds": rounds, "measured_on": _where(target, device)}
+    for variant in variants:
+        if progress:
+            progress(f"compiling {variant.label.removesuffix('_ms')} for {target.name}")
+        start = time.perf_counter()
+        compiled = compile_model(work, target, canonicalize=False, build_options=variant.build_options,
+                                 tune_trials=tune_trials if variant.tune else 0,
+                                 tuning_database=tuning_database if variant.tune else None, device=device,
+                                 sparse=sparse, on_tuning_start=on_tuning_start, on_trials=on_trials)
+        result[variant.label.replace("_ms", "_compile_s")] = round(time.perf_counter() - start, 2)
+        if compiled.tuning is not None:
+            result["tuning"] = compiled.tuning.as_dict()
+        runners[variant.label] = _runner(compiled, target, device, ordered, runs, warmup)
+
+    samples: dict[str, list[float]] = {"ort_ms": []}
+    samples.update({label: [] for label in runners})
+    last_outputs: dict[str, list[np.ndarray]] = {}
+    for r in range(rounds):
+        if progress:
+            progress(f"measuring, round {r + 1}/{rounds}")
+        samples["ort_ms"].append(ort.median_latency_ms(session, feeds, runs=runs, warmup=warmup))
+        for label, run in runners.items():
+            ms, outputs = run()
+            samples[label].append(ms)
+            last_outputs[label] = outputs
+    for label, values in samples.items():
+        result[label] = round(statistics.median(values), 4)
+    for label in runners:
+        result[label.replace("tvm", "speedup", 1).removesuffix("_ms")] = round(result["ort_ms"] / result[label], 3)
+        errors = [output_error(n, np.asarray(got), np.asarray(reference[n]))
+                  for n, got in zip(output_names, last_outputs[label])]
+        result[label.replace("_ms", "_max_rel_error")] = max((e.max_rel for e in errors), default=0.0)
+    return result
+
+
+def _where(target: NamedTarget, device) -> str:
+    if device is not None:
+        return f"rpc:{device}"
+    if target.is_cross:
+        return f"qemu-{target.arch} (emulated: not the device's speed)"
+    return f"this machine ({platform.machine()})"
+
+
+def _runner(compiled, target: NamedTarget, device, ordered, runs: int, warmup: int):
+    """A function returning (median ms, outputs) for one round of ``runs`` runs of a build."""
+    if device is not None:
+        from sculpt.backends.tvm.rpc import run_remote
+
+        def remote():
+            timed = run_remote(compiled.executable, target, device, ordered, runs=runs, warmup=warmup)
+            return timed.median_ms, timed.outputs
+
+        return remote
+    if target.is_cross:
+        return _emulated_runner(compiled, ordered, runs, warmup)
+    import tvm
+    from tvm import relax
+
+    from sculpt.backends.tvm.rpc import time_vm
+
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(compiled.executable, dev)
+    args = [tvm.runtime.tensor(a, dev) for a in ordered]
+
+    def local():
+        timed = time_vm(vm, dev, args, runs, warmup)
+        return timed.median_ms, timed.outputs
+
+    return local
+
+
+def _emulated_runner(compiled, ordered, runs: int, warmup: int):
+    import tempfile
+
+    from sculpt.backends.tvm.artifact import export_artifact
+    from sculpt.backends.tvm.deploy import run_artifact
+
+    import atexit
+    import shutil
+
+    folder = tempfile.mkdtemp(prefix="sculpt-bench-")
+    atexit.register(shutil.rmtree, folder, True)
+    artifact = export_artifact(compiled, Path(folder) / "model.so", source_model=None)
+    feeds = {spec.name: value for spec, value in zip(compiled.inputs, ordered)}
+
+    def emulated():
+        run = run_artifact(artifact, feeds, runs=runs, warmup=warmup)
+        return run.median_ms, list(run.outputs.values())
+
+    return emulated

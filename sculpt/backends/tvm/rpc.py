@@ -1,0 +1,99 @@
+"""Remote devices through TVM's RPC tracker: run and time a build on a device registered under a key.
+
+On the device: ``python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY``; somewhere both
+reach: ``python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190``. sculpt uploads the exported
+library, loads it in the device's Relax VM, and measures there.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from sculpt.backends.tvm.runtime_libs import ToolchainError
+from sculpt.backends.tvm.targets import NamedTarget
+from sculpt.backends.tvm.tune import RemoteDevice
+
+
+class RemoteError(ToolchainError):
+    """The tracker or the device could not be reached, or the device failed to run the build."""
+
+
+@dataclass
+class TimedRun:
+    median_ms: float
+    times_ms: list[float]
+    outputs: list[np.ndarray]
+
+
+def time_vm(vm, device, args: Sequence, runs: int, warmup: int) -> TimedRun:
+    """Median of ``runs`` timed calls of ``main`` (each run timed on its own), after ``warmup`` calls."""
+    for _ in range(warmup):
+        vm["main"](*args)
+    vm.set_input("main", *args)
+    timer = vm.time_evaluator("invoke_stateful", device, number=1, repeat=runs)
+    result = timer("main")
+    times = [float(t) * 1e3 for t in result.results]
+    outputs = _flatten(vm["main"](*args))
+    return TimedRun(statistics.median(times), times, outputs)
+
+
+def _flatten(value) -> list[np.ndarray]:
+    if hasattr(value, "numpy"):
+        return [value.numpy()]
+    return [leaf for item in value for leaf in _flatten(item)]
+
+
+def request_session(device: RemoteDevice, timeout_sec: int | None = None):
+    """An RPC session with a device of ``device.key`` from the tracker."""
+    from tvm import rpc
+
+    try:
+        tracker = rpc.connect_tracker(device.tracker_host, device.tracker_port)
+    except Exception as e:
+        raise RemoteError(f"--rpc {device.tracker_host}:{device.tracker_port}: cannot reach the RPC tracker "
+                          f"({' '.join(str(e).split())[:200]})") from None
+    try:
+        return tracker.request(device.key, priority=1, session_timeout=timeout_sec or device.session_timeout_sec,
+                               max_retry=3)
+    except Exception as e:
+        raise RemoteError(f"--device-key {device.key}: the tracker at {device.tracker_host}:{device.tracker_port} "
+                          f"gave no device ({' '.join(str(e).split())[:200]})") from None
+
+
+def run_remote(executable, target: NamedTarget, device: RemoteDevice, args: Sequence[np.ndarray], *,
+               runs: int = 10, warmup: int = 1) -> TimedRun:
+    """Export ``executable`` for ``target``, upload it to ``device``, run it there and time it."""
+    from tvm import relax
+
+    session = request_session(device)
+    with tempfile.TemporaryDirectory(prefix="sculpt-rpc-") as tmp:
+        path = os.path.join(tmp, "model.so")
+        cc = target.cross_compiler
+        if cc:
+            executable.export_library(path, cc=cc)
+        else:
+            executable.export_library(path)
+        try:
+            session.upload(path)
+            library = session.load_module("model.so")
+            dev = session.cl(0) if target.is_opencl else session.cpu(0)
+            vm = relax.VirtualMachine(library, dev)
+            remote_args = [_to_device(a, dev) for a in args]
+            return time_vm(vm, dev, remote_args, runs, warmup)
+        except RemoteError:
+            raise
+        except Exception as e:
+            raise RemoteError(f"the device {device} failed to run the build: {' '.join(str(e).split())[:300]}") \
+                from None
+
+
+def _to_device(array: np.ndarray, dev):
+    import tvm
+
+    return tvm.runtime.tensor(np.ascontiguousarray(array), dev)
