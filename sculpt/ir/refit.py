@@ -7,11 +7,13 @@ regression pulled towards the current weights:
     min ||Y - (P W' + b')||² + λ ||W' - W||²
 
 where P holds im2col patches (Conv) or input rows (Gemm/MatMul) at sampled output positions.
+With a ``keep`` mask (a sparsity pattern, e.g. from ``sparsify``) the weights outside it stay
+exactly zero: each output is solved over only the input features it keeps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -69,39 +71,63 @@ def _patches(node, x, nn, ph, pw, w_shape):
 
 
 def ridge_refit(p: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: np.ndarray | None, *,
-                strength: float = 1e-3) -> tuple[np.ndarray, np.ndarray | None]:
+                strength: float = 1e-3, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Solve for W' [F, O] (and b' [O] if b0 is not None) minimising
-    ||Y - P W' - b'||² + λ||W' - W0||², λ = strength · mean diagonal of PᵀP."""
+    ||Y - P W' - b'||² + λ||W' - W0||², λ = strength · mean diagonal of PᵀP.
+
+    ``keep`` (bool [F, O]): W'[f, o] is held at exactly 0 where it is False; each output is solved
+    over its kept features only (outputs with the same kept features in one solve). The bias is
+    never masked."""
     p = p.astype(np.float64)
     y = y.astype(np.float64)
     w0 = w0.astype(np.float64)
     if b0 is not None:
         p = np.concatenate([p, np.ones((p.shape[0], 1))], axis=1)
         w0 = np.concatenate([w0, b0.astype(np.float64)[None, :]], axis=0)
+        if keep is not None:
+            keep = np.concatenate([keep, np.ones((1, keep.shape[1]), dtype=bool)], axis=0)
     gram = p.T @ p
     lam = strength * max(float(np.mean(np.diag(gram))), 1e-12)
-    reg = np.eye(gram.shape[0]) * lam
+    reg = np.full(gram.shape[0], lam)
     if b0 is not None:
-        reg[-1, -1] = 1e-12 * lam  # the bias is free
-    rhs = p.T @ y + reg @ w0
-    try:
-        sol = np.linalg.solve(gram + reg, rhs)
-    except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(gram + reg, rhs, rcond=None)[0]
+        reg[-1] = 1e-12 * lam  # the bias is free
+    rhs = p.T @ y + reg[:, None] * w0
+    if keep is None:
+        sol = _solve(gram + np.diag(reg), rhs)
+    else:
+        sol = np.zeros_like(w0)
+        patterns, owner = np.unique(np.asarray(keep, dtype=bool).T, axis=0, return_inverse=True)
+        owner = owner.reshape(-1)
+        for k, pattern in enumerate(patterns):
+            rows, cols = np.flatnonzero(pattern), np.flatnonzero(owner == k)
+            if rows.size:
+                sol[np.ix_(rows, cols)] = _solve(gram[np.ix_(rows, rows)] + np.diag(reg[rows]),
+                                                 rhs[np.ix_(rows, cols)])
     if b0 is not None:
         return sol[:-1], sol[-1]
     return sol, None
+
+
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
 @dataclass(frozen=True)
 class RefitJob:
     """Refit node ``node`` of the compressed model so that its output matches tensor ``target`` of
     the original model (only channels ``channels`` of it, along axis 1 for Conv/Gemm and the last
-    axis for MatMul, when the node produces a subset or a reordering of them)."""
+    axis for MatMul, when the node produces a subset or a reordering of them).
+
+    ``keep`` (bool, the shape of the node's weight): the weights that may be nonzero; the others are
+    held at exactly zero by the refit (a sparsity pattern it must preserve)."""
 
     node: str
     target: str
     channels: tuple[int, ...] | None = None
+    keep: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def refittable(model, node) -> bool:
@@ -128,6 +154,23 @@ def _flat_outputs(op: str, y: np.ndarray) -> np.ndarray:
     return y.reshape(-1, y.shape[-1])
 
 
+def _weight_matrix(node, w: np.ndarray) -> np.ndarray:
+    """A stored weight (or a mask of its shape) as the [features, outputs] matrix ridge_refit solves for."""
+    if node.op_type == "Conv":
+        return w.reshape(w.shape[0], -1).T
+    if node.op_type == "Gemm" and attr(node, "transB", 0):
+        return w.T
+    return w
+
+
+def _weight_from_matrix(node, matrix: np.ndarray, shape: tuple) -> np.ndarray:
+    if node.op_type == "Conv":
+        return matrix.T.reshape(shape)
+    if node.op_type == "Gemm" and attr(node, "transB", 0):
+        return matrix.T
+    return matrix
+
+
 # relative squared residual ||Y - P W - b||² / ||Y||² under which a layer already reproduces its
 # target (relative error 1e-4): it is left as it is
 ALREADY_EXACT = 1e-8
@@ -147,7 +190,9 @@ def sequential_refit(original, compressed, jobs: list[RefitJob], samples: list[d
     editing ``compressed`` in place. The targets are the original model's outputs at sampled
     positions (one run of it); the features are what each node receives in the compressed model
     *after* the nodes before it were refit, so errors do not compound along the network.
-    Returns {"layers": refit count, "skipped": [node names]}."""
+    A job with a ``keep`` mask keeps its zero pattern exactly. Returns {"layers": refit count,
+    "skipped": [node names]} and, for the layers refit, "errors": {node: {"before", "after"}} (relative
+    output error on the calibration rows)."""
     from sculpt.backends.ort import make_session
     from sculpt.ir.calibration import iter_activations
 
@@ -189,17 +234,13 @@ def sequential_refit(original, compressed, jobs: list[RefitJob], samples: list[d
         for k, sample in enumerate(samples):
             x = sess.run([node.input[0]], sample)[0]
             rows.append(sample_rows(node, x, out_shapes[job.node], picked[job.node][k], w.shape))
-        if node.op_type == "Conv":
-            w_mat = w.reshape(w.shape[0], -1).T  # [F, O]
-        elif node.op_type == "Gemm":
-            w_mat = w.T if attr(node, "transB", 0) else w
-        else:
-            w_mat = w
+        w_mat = _weight_matrix(node, w)
+        keep = None if job.keep is None else _weight_matrix(node, np.asarray(job.keep, dtype=bool))
         has_bias = len(node.input) > 2 and bool(node.input[2])
         b = compressed.get_constant(node.input[2]) if has_bias else None
         t = np.concatenate(targets[job.node])
         if (any(r is None for r in rows) or (has_bias and (b is None or b.size != w_mat.shape[1]))
-                or t.shape[1] != w_mat.shape[1]):
+                or t.shape[1] != w_mat.shape[1] or (job.keep is not None and np.shape(job.keep) != w.shape)):
             report["skipped"].append(job.node)
             continue
         p = np.concatenate(rows)
@@ -207,18 +248,16 @@ def sequential_refit(original, compressed, jobs: list[RefitJob], samples: list[d
         if before <= ALREADY_EXACT:  # nothing to recover; a refit would only fit float noise
             report.setdefault("already_exact", []).append(job.node)
             continue
-        new_w, new_b = ridge_refit(p, t, w_mat, None if b is None else b.reshape(-1), strength=ridge)
-        if _residual(p, t, new_w, new_b) >= before:  # never worse on the calibration data
+        new_w, new_b = ridge_refit(p, t, w_mat, None if b is None else b.reshape(-1), strength=ridge, keep=keep)
+        after = _residual(p, t, new_w, new_b)
+        if after >= before:  # never worse on the calibration data
             report["skipped"].append(job.node)
             continue
-        if node.op_type == "Conv":
-            new = new_w.T.reshape(w.shape)
-        elif node.op_type == "Gemm":
-            new = new_w.T if attr(node, "transB", 0) else new_w
-        else:
-            new = new_w
-        compressed.replace_constant_input(node, 1, new.astype(w.dtype), suffix="refit")
+        compressed.replace_constant_input(node, 1, _weight_from_matrix(node, new_w, w.shape).astype(w.dtype),
+                                          suffix="refit")
         if new_b is not None:
             compressed.replace_constant_input(node, 2, new_b.reshape(b.shape).astype(w.dtype), suffix="refit")
         report["layers"] += 1
+        # relative output error ||Y - Ŷ|| / ||Y|| on the calibration rows, before and after the refit
+        report.setdefault("errors", {})[job.node] = {"before": float(np.sqrt(before)), "after": float(np.sqrt(after))}
     return report

@@ -53,8 +53,17 @@ class Sparsify(Pass):
     (``scope=global``: one ranking of layer-normalised block scores, no layer above
     ``max_layer_sparsity``). The ONNX model keeps dense weights with zeros (it runs in onnxruntime
     unchanged); the TVM backend turns them into block-sparse kernels
-    (``sculpt.backends.tvm.sparse.apply_sparse_kernels``). Per-layer report: sparsity, block shape and
-    the layer's relative output error (on calibration data when given, else in weight space). Lossy."""
+    (``sculpt.backends.tvm.sparse.apply_sparse_kernels``).
+
+    ``reconstruct`` (with calibration data): once the zero pattern is chosen, the kept weights and
+    the bias of every sparsified layer are refit by ridge least squares, in network order, so that
+    the layer reproduces the original model's output of that layer on the inputs the sparsified
+    model really feeds it (``sculpt.ir.refit.sequential_refit`` with a ``keep`` mask: the zeros stay
+    exactly where they are, so the block-sparse kernels see the same pattern). Training-free.
+
+    Per-layer report: sparsity, block shape, the relative output error of the pattern alone (on
+    calibration data when given, else in weight space) and, when refit, the layer's relative output
+    error on its real inputs before and after the refit. Lossy."""
 
     name = "sparsify"
     exact = False
@@ -71,8 +80,11 @@ class Sparsify(Pass):
     layers: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) of layers to sparsify; empty: all")
     ignore: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) of layers left dense")
     min_macs: int = option(0, help="only layers with at least this many MACs")
-    samples: int = option(8, help="calibration samples for activation norms and error measurement")
-    positions: int = option(2048, help="sampled output positions per layer for error measurement")
+    reconstruct: bool = option(True, help="with calibration data: refit each sparsified layer's kept weights, in "
+                                          "network order, to reproduce the original layer's output")
+    samples: int = option(16, help="calibration samples for activation norms, error measurement and the refit")
+    positions: int = option(4096, help="sampled output positions per layer for error measurement and the refit")
+    ridge: float = option(1e-3, help="refit regularization, relative to the mean feature energy")
 
     def __post_init__(self):
         if not 0 <= self.sparsity < 1:
@@ -84,6 +96,8 @@ class Sparsify(Pass):
                 raise ValueError(f"layer_sparsity[{pattern!r}] must be in [0, 1), got {value}")
         if self.samples < 1 or self.positions < 1 or self.min_macs < 0:
             raise ValueError("samples and positions must be ≥ 1, min_macs ≥ 0")
+        if not self.ridge > 0:
+            raise ValueError(f"ridge must be > 0, got {self.ridge}")
 
     @property
     def block_rows(self) -> int:
@@ -105,19 +119,22 @@ class Sparsify(Pass):
         if not layers:
             stats.update({"sparsified": 0, "layers": [], "sparsity": 0.0})
             return PassResult(model, False, stats)
+        original = model.clone() if self.reconstruct and ctx.calibration is not None else None
         if ctx.calibration is not None:
             self._capture(model, layers, ctx)
         scores = [self._block_scores(layer) for layer in layers]
         prune_counts = self._prune_counts(layers, scores)
         report, zeroed, total = [], 0, 0
         modified = False
+        patterns: dict[str, np.ndarray] = {}  # sparsified layer → kept weights, as stored
         for layer, score, target in zip(layers, scores, prune_counts):
-            new, count = self._zero_blocks(layer, score, target)
+            new, count, keep = self._zero_blocks(layer, score, target)
             zeros = int(np.count_nonzero(new == 0))
             zeroed += zeros
             total += new.size
             if count:
                 model.set_initializer(layer.node.input[1], layer.to_stored(new).astype(layer.weight.dtype))
+                patterns[layer.node.name] = layer.to_stored(keep)
                 modified = True
             report.append({
                 "layer": layer.node.name, "op": layer.node.op_type, "weight_shape": list(layer.weight.shape),
@@ -127,7 +144,29 @@ class Sparsify(Pass):
             })
         stats.update({"sparsified": sum(1 for l in report if l["blocks_zeroed"]), "layers": report,
                       "sparsity": round(zeroed / total, 4) if total else 0.0})
+        if original is not None and patterns:
+            stats["refit"] = self._refit(original, model, patterns, report, ctx)
         return PassResult(model, modified, stats)
+
+    def _refit(self, original: Model, model: Model, patterns: dict[str, np.ndarray], report: list[dict],
+               ctx: PassContext) -> dict:
+        """Sequential masked ridge refit of the sparsified layers (mechanism: sculpt.ir.refit); checks
+        that every zero of the pattern is still zero."""
+        from sculpt.ir.refit import RefitJob, sequential_refit
+
+        jobs = [RefitJob(name, model.node_by_name(name).output[0], keep=keep) for name, keep in patterns.items()]
+        samples = [s for _, s in zip(range(self.samples), ctx.calibration)]
+        result = sequential_refit(original, model, jobs, samples, positions=self.positions, ridge=self.ridge,
+                                  seed=ctx.seed + 1)
+        errors = result.get("errors", {})
+        for entry in report:
+            if entry["layer"] in errors:
+                entry["refit"] = {k: round(v, 6) for k, v in errors[entry["layer"]].items()}
+        for name, keep in patterns.items():
+            weight = model.get_constant(model.node_by_name(name).input[1])
+            if np.any(weight[~keep] != 0):
+                raise PassError(self.name, f"the refit of layer '{name}' changed its zero pattern")
+        return {"layers": result["layers"], "skipped": result["skipped"]}
 
     # ------------------------------------------------------------------ which layers
     def _candidates(self, model: Model) -> tuple[list[_Layer], list[dict]]:
@@ -262,8 +301,9 @@ class Sparsify(Pass):
         return counts
 
     # ------------------------------------------------------------------ mechanism
-    def _zero_blocks(self, layer: _Layer, score: np.ndarray, weights: int) -> tuple[np.ndarray, int]:
-        """Zero the lowest-score blocks holding about ``weights`` weights; returns (matrix, blocks zeroed)."""
+    def _zero_blocks(self, layer: _Layer, score: np.ndarray, weights: int) -> tuple[np.ndarray, int, np.ndarray]:
+        """Zero the lowest-score blocks holding about ``weights`` weights; returns (matrix, blocks zeroed,
+        the kept entries as a bool matrix)."""
         r = self.block_rows
         order = np.argsort(score.ravel(), kind="stable")
         cumulative = np.cumsum(self._block_weights(layer).ravel()[order])
@@ -275,7 +315,7 @@ class Sparsify(Pass):
         keep = np.ones(score.size, dtype=bool)
         keep[order[:n]] = False
         mask = np.repeat(keep.reshape(score.shape), r, axis=0)[:layer.matrix.shape[0]]
-        return np.where(mask, layer.matrix, 0).astype(layer.matrix.dtype), n
+        return np.where(mask, layer.matrix, 0).astype(layer.matrix.dtype), n, mask
 
     def _error(self, layer: _Layer, new: np.ndarray) -> dict:
         """Relative error of the layer's own output: on calibration rows (about the output's mean), else
