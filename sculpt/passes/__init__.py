@@ -16,11 +16,12 @@ from sculpt.passes.remove_identity import RemoveIdentity
 from sculpt.passes.simplify_shapes import SimplifyShapes
 from sculpt.passes.sparsify import Sparsify
 from sculpt.passes.qdq import QDQ
+from sculpt.passes.cross_layer_equalization import CrossLayerEqualization
 from sculpt.passes.pipeline import Pipeline, PipelineResult
 
 __all__ = [
     "Pass", "PassContext", "PassResult", "Pipeline", "PipelineResult", "create_pass", "get_pass_class",
     "parse_pass_spec", "register", "registered_passes", "Canonicalize", "ConstantFolding", "FoldBatchNorm",
     "FoldConvAffine", "FreezeInitializers", "DeadChannelElimination", "ChannelPruning", "RemoveIdentity", "SimplifyShapes",
-    "QDQ",
+    "QDQ", "CrossLayerEqualization",
 ]

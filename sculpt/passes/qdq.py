@@ -89,13 +89,15 @@ class QDQ(Pass):
     exact = False
     needs_calibration = True
 
-    calibration: str = option("percentile", help="activation ranges: minmax | percentile | entropy | mse")
+    calibration: str = option("mse", help="activation ranges: minmax | percentile | entropy | mse")
     percentile: float = option(99.999, help="calibration=percentile: the percentile of the values kept")
     activations: str = option("uint8", help="activation type: uint8 (asymmetric) | int8 (symmetric)")
     per_channel: bool = option(True, help="per-output-channel weight scales (raises the opset to 13)")
     ops: list[str] = option(default_factory=lambda: list(DEFAULT_OPS),
                             help="op types to quantize: " + ", ".join(QUANTIZABLE_OPS))
     skip: list[str] = option(default_factory=list, help="fnmatch patterns of node names kept in float")
+    min_macs: int = option(0, help="Conv/Gemm/MatMul layers with fewer MACs stay float (their Q/DQ would "
+                                   "cost more than int8 saves)")
     keep_float: int = option(0, help="keep this many of the most sensitive layers in float")
     error_budget: float = option(0.0, help="if > 0: keep the most sensitive layers in float until the summed "
                                            "relative quantization error of the others is at most this")
@@ -115,8 +117,8 @@ class QDQ(Pass):
             raise ValueError(f"cannot quantize op '{unknown[0]}' (known: {', '.join(QUANTIZABLE_OPS)})")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
-        if self.samples < 1 or self.bins < 16 or self.keep_float < 0 or self.error_budget < 0:
-            raise ValueError("samples must be ≥ 1, bins ≥ 16, keep_float and error_budget ≥ 0")
+        if self.samples < 1 or self.bins < 16 or self.keep_float < 0 or self.error_budget < 0 or self.min_macs < 0:
+            raise ValueError("samples must be ≥ 1, bins ≥ 16, keep_float, error_budget and min_macs ≥ 0")
 
     # ------------------------------------------------------------------ run
     def requires(self, model: Model, ctx: PassContext) -> None:
@@ -189,6 +191,11 @@ class QDQ(Pass):
         outputs = set(model.output_names)
         graph_inputs = {i.name for i in model.graph.input} - consts
         elem = _elem_types(model)
+        macs = {}
+        if self.min_macs:
+            from sculpt.ir.cost import cost_of
+
+            macs = {c.name: c.macs for c in cost_of(model).layers}
         layers, skipped = [], []
         claimed_activations: set[str] = set()
         for node in model.graph.node:
@@ -199,6 +206,8 @@ class QDQ(Pass):
                 why = "skipped by name"
             elif node.name in keep_float:
                 why = "kept in float by sensitivity"
+            elif node.op_type in WEIGHTED_OPS and macs.get(node.name) is not None and macs[node.name] < self.min_macs:
+                why = f"{macs[node.name]} MACs < min_macs"
             else:
                 layer_or_reason = self._layer(model, node, consts, elem, graph_inputs)
                 if isinstance(layer_or_reason, str):

@@ -1,0 +1,224 @@
+"""Int8 lowering of QDQ models in TVM Relax.
+
+A QDQ model (the ``qdq`` pass) imports into Relax as ``dequantize → conv2d/matmul (→ + bias) →
+quantize`` in float32. :func:`lower_qdq_to_int8` rewrites each such unit, with ``relax.dpl`` patterns,
+into integer compute as onnxruntime's QLinearConv/QLinearMatMul do it:
+
+    acc = conv2d(x_q - zx, w_q, out_dtype=int32) (+ b_q)          # exact integer accumulation
+    y_q = clamp(round_half_even(float32(acc) * M) + zy)           # M = float32(sx·sw) / sy, per channel
+
+so the quantized outputs agree with onnxruntime's int8 kernels (up to float rounding of ``acc · M``
+at exact ties), instead of computing in float32 on dequantized values. Inputs are widened to int16
+before the multiply (``x_q - zx`` of a uint8 needs 9 bits), products accumulate in int32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from sculpt.backends.tvm.relax_import import TVMImportError, build, import_to_relax
+from sculpt.ir.model import Model, _one_line
+
+
+@dataclass
+class LoweringStats:
+    conv2d: int = 0
+    matmul: int = 0
+    left_float: dict[str, int] = field(default_factory=dict)  # op → units the patterns did not match
+
+    @property
+    def total(self) -> int:
+        return self.conv2d + self.matmul
+
+
+def _const_value(expr) -> np.ndarray:
+    value = getattr(expr, "data", None) or expr.value  # TVM 0.27: relax constants carry ``value``
+    return value.numpy()
+
+
+def _type_of(expr):
+    return getattr(expr, "struct_info", None) or expr.ty  # TVM 0.27 calls it ``ty``
+
+
+def _ndim(expr) -> int:
+    return int(_type_of(expr).ndim)
+
+
+def _is_constant(expr) -> bool:
+    import tvm
+
+    return isinstance(expr, tvm.ir.expr.Constant)
+
+
+def _scalar(expr) -> float | int | None:
+    value = _const_value(expr)
+    if value.size != 1:
+        return None
+    return value.reshape(()).item()
+
+
+def _patterns():
+    from tvm.relax.dpl import is_const, is_op, wildcard
+
+    def dq(data):
+        return is_op("relax.dequantize")(data, is_const(), is_const())
+
+    x_q = wildcard()
+    dq_x = dq(x_q)
+    dq_w = dq(is_const())
+    conv = is_op("relax.nn.conv2d")(dq_x, dq_w)
+    dq_b = dq(is_const())
+    bias = is_op("relax.reshape")(dq_b, wildcard())
+    conv_bias = is_op("relax.add")(conv, bias)
+    q_conv = is_op("relax.quantize")(conv_bias | conv, is_const(), is_const())
+
+    a_q, b_q = wildcard(), wildcard()
+    dq_a, dq_b2 = dq(a_q), dq(b_q)
+    mm = is_op("relax.matmul")(dq_a, dq_b2)
+    q_mm = is_op("relax.quantize")(mm, is_const(), is_const())
+    return {"conv": (q_conv, conv, conv_bias, dq_x, dq_w, dq_b, x_q), "matmul": (q_mm, mm, dq_a, dq_b2, a_q, b_q)}
+
+
+def _widen(bb_expr, zero_point: int):
+    """int16(q) - zero_point as a Relax expression."""
+    from tvm import relax
+
+    wide = relax.op.astype(bb_expr, "int16")
+    if zero_point:
+        wide = relax.op.subtract(wide, relax.const(np.int16(zero_point), "int16"))
+    return wide
+
+
+def _dq_params(call) -> tuple[np.ndarray, np.ndarray, int]:
+    """scale, zero point and axis of a matched dequantize call."""
+    return _const_value(call.args[1]), _const_value(call.args[2]), int(call.attrs.axis)
+
+
+def _requantize(acc, multiplier: np.ndarray, out_q_call, channel_axis: int, ndim: int):
+    """float32(acc) * M (per channel along ``channel_axis``) rounded to the output type with its
+    zero point — relax.quantize with scale 1 is round-half-even, add zp, saturate."""
+    from tvm import relax
+
+    mult = np.asarray(multiplier, np.float32)
+    if mult.size > 1:
+        shape = [1] * ndim
+        shape[channel_axis] = mult.size
+        mult = mult.reshape(shape)
+    scaled = relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(mult.reshape(mult.shape), "float32"))
+    zy = _const_value(out_q_call.args[2])
+    return relax.op.quantize(scaled, relax.const(np.float32(1.0), "float32"),
+                             relax.const(zy.reshape(()) if zy.size == 1 else zy, str(zy.dtype)),
+                             axis=-1, out_dtype=out_q_call.attrs.out_dtype)
+
+
+def _multiplier(sx, sw, sy) -> np.ndarray:
+    """float32(sx·sw)/sy in float32, as onnxruntime computes the requantization scale."""
+    return ((np.float32(sx) * np.asarray(sw, np.float32)).astype(np.float32) / np.float32(sy)).astype(np.float32)
+
+
+def lower_qdq_to_int8(mod):
+    """Rewrite the QDQ conv2d/matmul units of every Relax function of ``mod`` into int8 compute with
+    int32 accumulation and requantization. Returns (new module, LoweringStats)."""
+    from tvm import relax
+    from tvm.relax.dpl import rewrite_call
+
+    pats = _patterns()
+    stats = LoweringStats()
+    q_conv, conv_p, conv_bias_p, dq_x_p, dq_w_p, dq_b_p, x_q_p = pats["conv"]
+    q_mm, mm_p, dq_a_p, dq_b_p2, a_q_p, b_q_p = pats["matmul"]
+
+    def rewrite_conv(expr, m):
+        conv = m[conv_p]
+        dq_x, dq_w = m[dq_x_p], m[dq_w_p]
+        sx, zx, _ = _dq_params(dq_x)
+        sw, zw, w_axis = _dq_params(dq_w)
+        sy = _const_value(expr.args[1])
+        if sx.size != 1 or zx.size != 1 or sy.size != 1 or np.any(zw != 0) or \
+                (sw.size > 1 and w_axis not in (0, -4)) or conv.attrs.data_layout != "NCHW" or \
+                conv.attrs.kernel_layout != "OIHW":
+            return expr
+        w_q = _const_value(dq_w.args[0]).astype(np.int16)
+        data = _widen(m[x_q_p], int(zx.reshape(())))
+        a = conv.attrs
+        acc = relax.op.nn.conv2d(data, relax.const(w_q, "int16"), strides=a.strides, padding=a.padding,
+                                 dilation=a.dilation, groups=a.groups, data_layout="NCHW", kernel_layout="OIHW",
+                                 out_dtype="int32")
+        if conv_bias_p in m:
+            dq_b = m[dq_b_p]
+            b_q = _const_value(dq_b.args[0])
+            if b_q.dtype != np.int32 or np.any(_const_value(dq_b.args[2]) != 0):
+                return expr
+            # the bias scale is sx·sw by construction; check it so that a foreign model is not misread
+            if not np.allclose(_const_value(dq_b.args[1]), np.float32(sx.reshape(())) * sw.reshape(-1), rtol=1e-6):
+                return expr
+            acc = relax.op.add(acc, relax.const(b_q.reshape(1, -1, 1, 1), "int32"))
+        stats.conv2d += 1
+        return _requantize(acc, _multiplier(sx.reshape(()), sw.reshape(-1), sy.reshape(())), expr, 1, 4)
+
+    def rewrite_matmul(expr, m):
+        dq_a, dq_b = m[dq_a_p], m[dq_b_p2]
+        sa, za, _ = _dq_params(dq_a)
+        sb, zb, b_axis = _dq_params(dq_b)
+        sy = _const_value(expr.args[1])
+        b_rank = _ndim(dq_b)
+        if sa.size != 1 or za.size != 1 or sy.size != 1:
+            return expr
+        if sb.size > 1 and (b_rank != 2 or b_axis not in (1, -1) or np.any(zb != 0)):
+            return expr
+        a = _widen(m[a_q_p], int(za.reshape(())))
+        b_expr = m[b_q_p]
+        if _is_constant(b_expr) and sb.size > 1:
+            b = relax.const(_const_value(b_expr).astype(np.int16), "int16")
+        elif zb.size == 1:
+            b = _widen(b_expr, int(zb.reshape(())))
+        else:
+            return expr
+        acc = relax.op.matmul(a, b, out_dtype="int32")
+        out_rank = _ndim(expr)
+        stats.matmul += 1
+        return _requantize(acc, _multiplier(sa.reshape(()), sb.reshape(-1), sy.reshape(())), expr,
+                           out_rank - 1, out_rank)
+
+    out = {}
+    for gvar, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            func = rewrite_call(q_conv, rewrite_conv, func)
+            func = rewrite_call(q_mm, rewrite_matmul, func)
+        out[gvar] = func
+    new_mod = type(mod)(out, attrs=mod.attrs) if mod.attrs is not None else type(mod)(out)
+    new_mod = relax.transform.DeadCodeElimination()(new_mod)
+    stats.left_float = _float_units(new_mod)
+    return new_mod, stats
+
+
+def _float_units(mod) -> dict[str, int]:
+    """conv2d/matmul calls still computing in float32 (not rewritten)."""
+    from tvm import relax
+
+    counts: dict[str, int] = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and hasattr(expr.op, "name") and expr.op.name in (
+                "relax.nn.conv2d", "relax.matmul"):
+            dtype = _type_of(expr).dtype
+            if dtype == "float32":
+                counts[expr.op.name] = counts.get(expr.op.name, 0) + 1
+
+    for _, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return counts
+
+
+def compile_int8(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None, target: str | dict = "llvm"):
+    """Import a QDQ model, lower its quantized units to int8 compute, build. Returns (executable,
+    LoweringStats)."""
+    mod = import_to_relax(model, input_shapes)
+    try:
+        lowered, stats = lower_qdq_to_int8(mod)
+    except Exception as e:  # a TVM failure inside the rewrite: report in one line
+        raise TVMImportError(f"int8 lowering failed: {_one_line(e)}") from None
+    return build(lowered, target), stats
