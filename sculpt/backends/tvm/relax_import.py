@@ -31,12 +31,31 @@ def import_to_relax(model: Model, input_shapes: Mapping[str, Sequence[int]] | No
         raise TVMImportError(f"TVM Relax import failed: {_one_line(e)} (did you run 'canonicalize'?)") from None
 
 
-def build(mod, target: str | dict = "llvm"):
-    """Compile a Relax module to a VM executable for ``target`` (a kind name or a TVM target dict)."""
+KERNEL_CHOICES = ("sculpt", "default")
+
+
+def build(mod, target: str | dict = "llvm", *, kernels: str = "sculpt"):
+    """Compile a Relax module to a VM executable for ``target`` (a kind name or a TVM target dict).
+
+    ``kernels="sculpt"`` (CPU targets) schedules every operator with sculpt's kernel library
+    (sculpt.backends.tvm.kernels: register-tiled conv2d/depthwise/matmul/pooling, parallel and
+    vectorized elementwise ops); a host target without ``mcpu``/``mattr`` is compiled for the host
+    CPU. ``kernels="default"`` is TVM's own pipeline (naive loops on CPU). Non-CPU targets (OpenCL)
+    always use TVM's pipeline."""
     import tvm
 
-    tgt = tvm.target.Target({"kind": target} if isinstance(target, str) else target)
+    if kernels not in KERNEL_CHOICES:
+        raise SculptError(f"unknown kernels '{kernels}' (choose from {', '.join(KERNEL_CHOICES)})")
+    target_dict = {"kind": target} if isinstance(target, str) else target
     try:
+        tgt = tvm.target.Target(target_dict)
+    except Exception as e:
+        raise TVMImportError(f"bad TVM target {target}: {_one_line(e)}") from None
+    try:
+        if kernels == "sculpt" and tgt.kind.name == "llvm":
+            from sculpt.backends.tvm.kernels import compile_with_kernels, host_target
+
+            return compile_with_kernels(mod, tvm.target.Target(host_target(target_dict)))
         return tvm.compile(mod, target=tgt)
     except Exception as e:
         raise TVMImportError(f"TVM build for {target} failed: {_one_line(e)}") from None

@@ -181,3 +181,26 @@ def _is_multiply_accumulate(stmt) -> bool:
     muls = []
     tvm_ffi.structural_walk(stmt, (tirx.Mul, muls.append), order="post")
     return bool(muls)
+
+
+def contiguous_along_last_axis(sch, block_rv) -> bool:
+    """Every access moves by 0 or 1 element along the block's last iter var, and only in the
+    buffer's last dimension, and the body has no branch: a vector loop on it is plain loads/stores."""
+    from tvm import tirx
+
+    block = sch.get(block_rv)
+    if not block.iter_vars or has_if_then_else(sch, block_rv):
+        return False
+    last = block.iter_vars[-1].var
+    for region in list(block.reads) + list(block.writes):
+        mins = [r.min for r in region.region]
+        for dim, expr in enumerate(mins):
+            uses = any(v.same_as(last) for v in _vars_in(expr))
+            if not uses:
+                continue
+            if dim != len(mins) - 1:
+                return False
+            if not (isinstance(expr, tirx.Var) or (isinstance(expr, tirx.Add) and isinstance(expr.a, tirx.Var)
+                                                   and expr.a.same_as(last) and isinstance(expr.b, tirx.IntImm))):
+                return False
+    return True

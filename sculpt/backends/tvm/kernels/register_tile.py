@@ -22,8 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sculpt.backends.tvm.kernels.block_analysis import (
-    ReductionAnatomy, has_if_then_else, is_reduction, root_blocks, writes_function_output)
-from sculpt.backends.tvm.kernels.tiling import Tile
+    ReductionAnatomy, contiguous_along_last_axis, has_if_then_else, is_reduction, root_blocks,
+    writes_function_output)
+from sculpt.backends.tvm.kernels.tiling import Tile, vector_width, worth_parallel
+
+
+ACCUMULATOR_SCOPE = "global"
 
 
 @dataclass
@@ -55,18 +59,6 @@ def inline_epilogue(sch, func, main) -> list:
     return remaining
 
 
-def vector_width(vector_tile: int, lanes: int) -> int:
-    """Lanes of one vector instruction for a vector tile: the largest power of two <= the register
-    width dividing the tile (LLVM splits wider or odd vector types into inserts and shuffles); a
-    tile with no such divisor >= 4 is vectorized whole."""
-    width = lanes
-    while width >= 4:
-        if vector_tile % width == 0:
-            return width
-        width //= 2
-    return vector_tile
-
-
 def inline_branch_free_producers(sch, main) -> None:
     """Inline copies/reshapes before the main block; padding (a branch) stays a separate stage."""
     main_name = sch.get(main).name_hint
@@ -80,14 +72,86 @@ def inline_branch_free_producers(sch, main) -> None:
                 pass
 
 
+def deinterleave_strided_input(sch, main, anatomy: ReductionAnatomy) -> bool:
+    """Horizontal stride s > 1: store the padded input as (..., w % s, w // s) so that the kernel's
+    vector loads along ow are contiguous instead of strided (the padding stage writes it so)."""
+    from tvm import tirx
+
+    block = sch.get(main)
+    ow = block.iter_vars[anatomy.vector.index].var
+    for read_index, region in enumerate(block.reads):
+        buf = region.source
+        last = region.region[-1].min
+        stride = _coefficient_of(last, ow)
+        if stride is None or stride <= 1:
+            continue
+        width = int(buf.shape[-1])
+        producers = [b for b in root_blocks(sch) if any(w.source.same_as(buf) for w in sch.get(b).writes)]
+        if len(producers) != 1 or width % stride:
+            return False
+        index_map = tirx.IndexMap.from_func(_split_last_axis(stride), ndim=len(buf.shape))
+        sch.transform_layout(producers[0], ("write", 0), index_map)
+        # iterate the padding stage in the new layout: contiguous stores along w // s
+        sch.transform_block_layout(producers[0], index_map)
+        return True
+    return False
+
+
+def _split_last_axis(stride: int):
+    def split_last(*idx):
+        return (*idx[:-1], idx[-1] % stride, idx[-1] // stride)
+    return split_last
+
+
+def _coefficient_of(expr, var) -> int | None:
+    """c when expr is c * var + (terms without var), else None."""
+    from tvm import tirx
+
+    if isinstance(expr, tirx.Add):
+        a, b = _coefficient_of(expr.a, var), _coefficient_of(expr.b, var)
+        if a is not None and b is not None:
+            return a + b
+        return None
+    if isinstance(expr, tirx.Mul):
+        if isinstance(expr.b, tirx.IntImm):
+            inner = _coefficient_of(expr.a, var)
+            return None if inner is None else inner * int(expr.b.value)
+        if isinstance(expr.a, tirx.IntImm):
+            inner = _coefficient_of(expr.b, var)
+            return None if inner is None else inner * int(expr.a.value)
+    if isinstance(expr, tirx.Var):
+        return 1 if expr.same_as(var) else 0
+    if isinstance(expr, tirx.IntImm):
+        return 0
+    return None
+
+
+def schedule_padding_block(sch, block, lanes: int) -> None:
+    """A padding stage: split into a zero fill and a branch-free copy of the interior when TVM can
+    (both then vectorize), else an injective schedule."""
+    if has_if_then_else(sch, block):
+        try:
+            fill = sch.decompose_padding(block, sch.get_loops(block)[0])
+        except Exception:  # noqa: BLE001 - keep the single stage
+            fill = None
+        if fill is not None:
+            schedule_injective_block(sch, fill, lanes)
+    schedule_injective_block(sch, block, lanes)
+
+
 def schedule_injective_block(sch, block, lanes: int, max_vector: int = 64) -> None:
-    """Parallel over the outer loops, vectorized innermost loop (when it is branch-free)."""
+    """Parallel over the outer loops (when the block is big enough), vectorized innermost loop
+    (when its reads are contiguous or constant along it and branch-free)."""
     loops = sch.get_loops(block)
     if not loops:
         return
     extents = [int(sch.get(lp).extent) for lp in loops]
+    work = 1
+    for e in extents:
+        work *= e
+    reduction = is_reduction(sch, block)
     inner = loops[-1]
-    vectorize = not has_if_then_else(sch, block) and not is_reduction(sch, block)
+    vectorize = not reduction and contiguous_along_last_axis(sch, block) and extents[-1] > 1
     if vectorize and extents[-1] > max_vector:
         factor = next((d for d in range(max_vector - max_vector % lanes, lanes - 1, -lanes)
                        if d > 0 and extents[-1] % d == 0), None)
@@ -96,19 +160,16 @@ def schedule_injective_block(sch, block, lanes: int, max_vector: int = 64) -> No
         else:
             _, inner = sch.split(inner, factors=[None, factor])
             loops = sch.get_loops(block)
-    outer = loops[:-1] if len(loops) > 1 else []
-    if is_reduction(sch, block):
-        spatial_prefix = []
-        for lp, iv_type in zip(loops, _loop_kinds(sch, block)):
-            if iv_type != "S":
-                break
-            spatial_prefix.append(lp)
-        outer = spatial_prefix
-    if outer:
+    if reduction:
+        kinds = _loop_kinds(sch, block)
+        outer = loops[:kinds.index("R")] if "R" in kinds else loops
+    else:
+        outer = loops[:-1]
+    if outer and worth_parallel(work):
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         if int(sch.get(fused).extent) > 1:
             sch.parallel(fused)
-    if vectorize and extents[-1] > 1:
+    if vectorize:
         sch.vectorize(inner)
 
 
@@ -126,6 +187,7 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
     a = anatomy
     epilogue = inline_epilogue(sch, func, main)
     inline_branch_free_producers(sch, main)
+    deinterleave_strided_input(sch, main, a)
     skip = {sch.get(b).name_hint for b in epilogue} | {sch.get(main).name_hint}
     producers = [b for b in root_blocks(sch) if sch.get(b).name_hint not in skip]
 
@@ -151,11 +213,13 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
     inner = [inner_of[i] for i in tiled]
     sch.reorder(*outer, *reduce_loops, *inner)
 
+    # The accumulator tile: an intermediate buffer that CompactBufferAllocation shrinks to the tile.
+    # It stays in "global" scope: TVM 0.27 lowers small "global" allocations to a stack alloca that
+    # LLVM promotes to registers, but every "local" one to a TVMBackendAllocWorkspace call.
     if len(epilogue) == 1:
-        sch.set_scope(main, 0, "local")
         tail = epilogue[0]
     else:
-        tail = sch.cache_write(main, 0, "local")
+        tail = sch.cache_write(main, 0, ACCUMULATOR_SCOPE)
     sch.reverse_compute_at(tail, outer[-1], preserve_unit_loops=True)
     width = vector_width(tile.vector, lanes)
     if width < tile.vector:
@@ -171,7 +235,11 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
     elif int(sch.get(tail_loops[-1]).extent) > 1:
         sch.vectorize(tail_loops[-1])
     fused = sch.fuse(*outer)
-    sch.parallel(fused)
+    work = a.reduce_extent
+    for ax in a.spatial:
+        work *= ax.extent
+    if worth_parallel(work):
+        sch.parallel(fused)
     # last: after decomposition the update block is neither complete nor a reduction, and the
     # loop primitives above refuse such blocks; the init loops inherit the annotations
     sch.decompose_reduction(main, reduce_loops[0])
@@ -179,4 +247,4 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
         for b in epilogue:
             schedule_injective_block(sch, b, lanes)
     for b in producers:
-        schedule_injective_block(sch, b, lanes)
+        schedule_padding_block(sch, b, lanes)

@@ -37,12 +37,38 @@ def vector_candidates(extent: int, lanes: int) -> list[int]:
     return [d for d in divisors(extent, min(extent, 4 * lanes)) if d >= min(lanes, extent) // 2 or d == extent]
 
 
+# below this many multiply-adds (or elements) a kernel runs on one thread: waking the pool costs
+# microseconds, and far more when the cores are shared
+PARALLEL_MIN_WORK = 1 << 17
+
+
+def worth_parallel(work: int) -> bool:
+    return work >= PARALLEL_MIN_WORK
+
+
+def vector_width(vector_tile: int, lanes: int) -> int:
+    """Lanes of one vector instruction for a vector tile: the largest power of two <= the register
+    width dividing the tile (LLVM splits wider or odd vector types into inserts and shuffles); a
+    tile with no such divisor >= 4 is vectorized whole."""
+    width = lanes
+    while width >= 4:
+        if vector_tile % width == 0:
+            return width
+        width //= 2
+    return vector_tile
+
+
+def vector_registers(vector_tile: int, lanes: int) -> int:
+    width = vector_width(vector_tile, lanes)
+    return ceil(vector_tile / width) * ceil(width / lanes)
+
+
 def tile_score(tile: Tile, lanes: int, budget: int, outer_tiles: int, threads: int) -> tuple:
-    vregs = ceil(tile.vector / lanes)
+    vregs = vector_registers(tile.vector, lanes)
     acc = tile.broadcast * tile.rows * vregs
     if acc > budget:
         return (-1.0,)
-    lane_use = tile.vector / (vregs * lanes)
+    lane_use = tile.vector / (ceil(tile.vector / lanes) * lanes)
     loads = tile.broadcast + tile.rows * vregs
     intensity = min(acc / loads, 6.0)
     busy = min(outer_tiles / (2 * threads), 1.0)
@@ -54,7 +80,7 @@ def candidate_tiles(vector_extent: int, broadcast_extent: int, row_extent: int,
     budget = traits.accumulator_registers
     out = []
     for v in vector_candidates(vector_extent, traits.vector_lanes):
-        vregs = ceil(v / traits.vector_lanes)
+        vregs = vector_registers(v, traits.vector_lanes)
         for b in divisors(broadcast_extent, min(broadcast_extent, 16)):
             if b * vregs > budget:
                 continue
