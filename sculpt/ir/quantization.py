@@ -19,7 +19,7 @@ quantization error, rounding and clipping together, under the value histogram).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Literal, Mapping
 
 import numpy as np
@@ -314,16 +314,39 @@ class LayerError:
 
     layer: str
     error_energy: float = 0.0  # sum of squared differences
-    signal_energy: float = 0.0  # sum of squared float outputs about their per-channel mean
+    channel_sum: np.ndarray | None = None  # per output channel: sum and sum of squares of the float output
+    channel_sumsq: np.ndarray | None = None
     channel_shift: np.ndarray | None = None  # per output channel: sum of (float - quantized) before output rounding
-    positions: int = 0
-    extra: dict = field(default_factory=dict)
+    positions: int = 0  # values per channel observed (over all samples)
+
+    def observe(self, reference: np.ndarray, compared: np.ndarray, channel_axis: int) -> None:
+        """One sample: the float output and the quantized layer's output as the next layer sees it."""
+        ref = _per_channel_rows(reference, channel_axis)
+        if self.channel_sum is None:
+            self.channel_sum = np.zeros(ref.shape[1])
+            self.channel_sumsq = np.zeros(ref.shape[1])
+        self.channel_sum += ref.sum(0)
+        self.channel_sumsq += (ref ** 2).sum(0)
+        self.positions += ref.shape[0]
+        self.error_energy += float(np.sum((ref - _per_channel_rows(compared, channel_axis)) ** 2))
+
+    def observe_shift(self, reference: np.ndarray, quantized: np.ndarray, channel_axis: int) -> None:
+        """Accumulate float minus quantized output per channel (before activation and output rounding)."""
+        diff = _per_channel_rows(reference, channel_axis) - _per_channel_rows(quantized, channel_axis)
+        self.channel_shift = diff.sum(0) if self.channel_shift is None else self.channel_shift + diff.sum(0)
+
+    @property
+    def signal_energy(self) -> float:
+        """Sum of squared float outputs about their per-channel means."""
+        if self.channel_sum is None or not self.positions:
+            return 0.0
+        return float(np.sum(self.channel_sumsq - self.channel_sum ** 2 / self.positions))
 
     @property
     def relative_error(self) -> float:
         """Noise-to-signal ratio ||y - y_q||² / ||y - mean||²."""
-        return self.error_energy / self.signal_energy if self.signal_energy > 0 else (
-            0.0 if self.error_energy == 0 else np.inf)
+        signal = self.signal_energy
+        return self.error_energy / signal if signal > 0 else (0.0 if self.error_energy == 0 else float("inf"))
 
     def mean_shift(self) -> np.ndarray | None:
         """Per-channel mean of float minus quantized output: what bias correction adds to the bias."""
@@ -332,11 +355,9 @@ class LayerError:
         return self.channel_shift / self.positions
 
 
-def channel_moments(y: np.ndarray, channel_axis: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-channel sum and sum of squares of y (float64), and the number of positions per channel."""
-    moved = np.moveaxis(np.asarray(y, dtype=np.float64), channel_axis, -1)
-    flat = moved.reshape(-1, moved.shape[-1])
-    return flat.sum(0), (flat ** 2).sum(0), flat.shape[0]
+def _per_channel_rows(a: np.ndarray, channel_axis: int) -> np.ndarray:
+    moved = np.moveaxis(np.asarray(a, dtype=np.float64), channel_axis, -1)
+    return moved.reshape(-1, moved.shape[-1])
 
 
 def select_sensitive(errors: Mapping[str, float], *, count: int = 0, budget: float | None = None) -> list[str]:

@@ -381,11 +381,14 @@ class QDQ(Pass):
 
         # activations: one Q/DQ pair per tensor, read by every consumer
         outputs = set(model.output_names)
+        shared: dict[qz.QuantParams, tuple[str, str]] = {}  # equal parameters share initializers
         for tensor, p in params.items():
             if tensor in outputs:
                 continue
-            scale = model.add_initializer(f"{tensor}_scale", p.scale_array())
-            zp = model.add_initializer(f"{tensor}_zero_point", p.zero_point_array())
+            if p not in shared:
+                shared[p] = (model.add_initializer(f"{tensor}_scale", p.scale_array()),
+                             model.add_initializer(f"{tensor}_zero_point", p.zero_point_array()))
+            scale, zp = shared[p]
             q_out = model.unique_name(f"{tensor}_quantized")
             dq_out = model.unique_name(f"{tensor}_dequantized")
             model.replace_uses(tensor, dq_out)
@@ -469,22 +472,18 @@ def measure_layer_errors(model: Model, layers: list[Layer], params: dict[str, qz
     errors = {name: qz.LayerError(name) for name in pairs}
     for acts in iter_activations(shadow, names, calibration):
         for name, (layer, ref_name, q_name) in pairs.items():
-            y, yq = acts[ref_name].astype(np.float64), acts[q_name].astype(np.float64)
-            err = errors[name]
-            axis = layer.channel_axis % y.ndim
-            diff = np.moveaxis(y - yq, axis, -1).reshape(-1, y.shape[axis])
-            err.channel_shift = diff.sum(0) if err.channel_shift is None else err.channel_shift + diff.sum(0)
-            err.positions += diff.shape[0]
+            y, yq = acts[ref_name], acts[q_name]
             y_ref, y_out = y, yq
             if layer.folded is not None:
                 y_ref = _apply_activation(model, layer.folded, y)
             if layer.output and layer.output in params:
-                y_out = qz.fake_quantize(yq.astype(np.float32), params[layer.output]).astype(np.float64)
+                y_out = qz.fake_quantize(yq, params[layer.output])
             elif layer.folded is not None:
                 y_out = _apply_activation(model, layer.folded, yq)
-            s, ss, n = qz.channel_moments(y_ref, axis)
-            err.signal_energy += float(np.sum(ss - s * s / max(n, 1)))
-            err.error_energy += float(np.sum((y_ref - y_out) ** 2))
+            # the mean shift is measured before the activation and the output's rounding
+            axis = layer.channel_axis % y.ndim
+            errors[name].observe(y_ref, y_out, axis)
+            errors[name].observe_shift(y, yq, axis)
     return errors
 
 
