@@ -179,7 +179,12 @@ def _is_multiply_accumulate(stmt) -> bool:
     from tvm import tirx
 
     muls = []
-    tvm_ffi.structural_walk(stmt, (tirx.Mul, muls.append), order="post")
+
+    def visit(mul):
+        if "float" in str(getattr(mul, "dtype", None) or mul.ty):  # index arithmetic (oh * stride) is integer
+            muls.append(mul)
+
+    tvm_ffi.structural_walk(stmt, (tirx.Mul, visit), order="post")
     return bool(muls)
 
 

@@ -1,0 +1,142 @@
+"""sculpt's TVM CPU kernels: every kernel kind against onnxruntime over a grid of shapes (odd sizes,
+strides, padding, dilation, groups, depthwise, epilogues), the tiling heuristic, target traits, the
+build() switch, and aarch64 code generation (NEON). Running on arm64 under qemu is in
+test_tvm_kernels_arm64.py (slow)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from sculpt.backends.ort import make_session  # noqa: E402
+from sculpt.backends.tvm import build, import_to_relax, run_relax  # noqa: E402
+from sculpt.backends.tvm.kernels import compile_with_kernels, host_target, traits_of  # noqa: E402
+from sculpt.backends.tvm.kernels import onnx_cases as cases  # noqa: E402
+from sculpt.backends.tvm.kernels.tiling import (  # noqa: E402
+    candidate_tiles, heuristic_tile, vector_registers, vector_width)
+from sculpt.errors import SculptError  # noqa: E402
+from sculpt.ir.model import Model  # noqa: E402
+
+RTOL = 1e-4  # of each output's largest magnitude
+
+
+def _host():
+    import tvm
+
+    return tvm.target.Target(host_target("llvm"))
+
+
+def _compile_and_compare(proto, feeds, *, expect_kinds: dict[str, int] | None = None):
+    """Build with the sculpt kernels, run, compare every output with onnxruntime; return decisions."""
+    model = Model.wrap(proto)
+    decisions: list = []
+    executable = compile_with_kernels(import_to_relax(model), _host(), decisions=decisions)
+    got = run_relax(executable, feeds, model.input_names)
+    ref = make_session(model).run(None, dict(feeds))
+    assert len(got) == len(ref)
+    for name, g, r in zip(model.output_names, got, ref):
+        assert g.shape == r.shape, name
+        scale = float(np.abs(r).max()) or 1.0
+        err = float(np.abs(g - r).max())
+        assert err <= RTOL * scale, f"{name}: max error {err:.3g} > {RTOL} x {scale:.3g}"
+    unscheduled = [d.func for d in decisions if d.kind == "unscheduled"]
+    assert not unscheduled, f"left unscheduled: {unscheduled}"
+    if expect_kinds:
+        made = {}
+        for d in decisions:
+            made[d.kind] = made.get(d.kind, 0) + 1
+        for kind, count in expect_kinds.items():
+            assert made.get(kind, 0) >= count, f"expected >= {count} '{kind}' kernels, got {made}"
+    return decisions
+
+
+def test_conv_grid_matches_onnxruntime():
+    proto = cases.conv_model(cases.CONV_GRID, cases.CONV_GRID_INPUT)
+    x = np.random.default_rng(1).standard_normal(cases.CONV_GRID_INPUT).astype(np.float32)
+    decisions = _compile_and_compare(proto, {"x": x},
+                                     expect_kinds={"conv2d_1x1": 3, "conv2d": 8, "depthwise": 5})
+    tiled = [d for d in decisions if d.tile]
+    for d in tiled:
+        vector, broadcast, rows = d.tile
+        assert d.shape[-1] % vector == 0 and vector_registers(vector, 16) * broadcast * rows <= 24, d
+
+
+def test_pool_grid_matches_onnxruntime():
+    proto = cases.pool_model(cases.POOL_GRID, cases.POOL_GRID_INPUT)
+    x = np.random.default_rng(2).standard_normal(cases.POOL_GRID_INPUT).astype(np.float32)
+    _compile_and_compare(proto, {"x": x}, expect_kinds={"pool": 3})
+
+
+@pytest.mark.parametrize("m,k,n,batch", [(40, 120, 360, (1,)), (7, 33, 50, (2,)), (1, 200, 2, ())])
+def test_matmul_with_weight_and_bias(m, k, n, batch):
+    proto = cases.matmul_model(m, k, n, batch)
+    a = np.random.default_rng(3).standard_normal((*batch, m, k)).astype(np.float32)
+    _compile_and_compare(proto, {"a": a}, expect_kinds={"matmul": 1} if m > 1 else None)
+
+
+def test_batched_matmul_of_two_activations():
+    proto = cases.matmul_model(40, 15, 40, (1, 8), weight=False)
+    rng = np.random.default_rng(4)
+    feeds = {"a": rng.standard_normal((1, 8, 40, 15)).astype(np.float32),
+             "b": rng.standard_normal((1, 8, 15, 40)).astype(np.float32)}
+    _compile_and_compare(proto, feeds, expect_kinds={"matmul": 1})
+
+
+def test_build_switch_default_and_sculpt_agree_and_bad_value_is_rejected():
+    proto = cases.conv_model(cases.CONV_GRID[:2], cases.CONV_GRID_INPUT)
+    model = Model.wrap(proto)
+    mod = import_to_relax(model)
+    x = np.random.default_rng(5).standard_normal(cases.CONV_GRID_INPUT).astype(np.float32)
+    sculpt_out = run_relax(build(mod, "llvm"), {"x": x}, ["x"])
+    default_out = run_relax(build(mod, "llvm", kernels="default"), {"x": x}, ["x"])
+    for s, d in zip(sculpt_out, default_out):
+        np.testing.assert_allclose(s, d, rtol=1e-4, atol=1e-5)
+    with pytest.raises(SculptError, match="unknown kernels 'fast'"):
+        build(mod, "llvm", kernels="fast")
+
+
+def test_target_traits():
+    assert traits_of({"kind": "llvm", "mcpu": "znver4"}).vector_lanes == 16
+    assert traits_of({"kind": "llvm", "mattr": ["+avx2", "+fma"]}).vector_lanes == 8
+    assert traits_of({"kind": "llvm", "mcpu": "x86-64"}).isa == "sse"
+    arm = traits_of({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    assert (arm.isa, arm.vector_lanes, arm.vector_registers, arm.dotprod) == ("neon", 4, 32, False)
+    assert traits_of({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76"}).dotprod
+    assert traits_of({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}).dotprod
+    # a bare host target gets the host CPU; a cross target is left alone
+    assert "mcpu" in host_target("llvm")
+    cross = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    assert host_target(cross) == cross
+
+
+def test_tiling_heuristic_respects_registers_and_divisors():
+    for isa_target in ({"kind": "llvm", "mcpu": "znver4"}, {"kind": "llvm", "mattr": ["+avx2"]},
+                       {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}):
+        traits = traits_of(isa_target)
+        for vec, bcast, rows in [(80, 96, 80), (10, 384, 10), (96, 8, 12), (13, 7, 19), (6625, 40, 1)]:
+            tile = heuristic_tile(vec, bcast, rows, traits)
+            assert vec % tile.vector == 0 and bcast % tile.broadcast == 0 and rows % tile.rows == 0
+            used = vector_registers(tile.vector, traits.vector_lanes) * tile.broadcast * tile.rows
+            assert used <= traits.accumulator_registers, (traits, tile)
+            assert tile in candidate_tiles(vec, bcast, rows, traits)
+    # AVX-512 prefers full 16-lane vectors and uses most of its accumulators on a big 1x1 conv
+    big = heuristic_tile(80, 96, 80, traits_of({"kind": "llvm", "mcpu": "znver4"}))
+    assert big.vector % 16 == 0 and vector_registers(big.vector, 16) * big.broadcast * big.rows >= 12
+    assert vector_width(40, 16) == 8 and vector_width(10, 16) == 10 and vector_width(48, 16) == 16
+
+
+def test_arm64_codegen_uses_neon_vector_fma():
+    """The same kernels compile for aarch64 (cross-compiled); the conv inner loop is NEON fmla."""
+    import tvm
+
+    # (a prime width such as 19 is vectorized whole, which LLVM scalarizes on aarch64: see README)
+    proto = cases.conv_model([cases.CONV_GRID[0], cases.CONV_GRID[12]], (1, 8, 12, 16))
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    decisions: list = []
+    executable = compile_with_kernels(import_to_relax(Model.wrap(proto)), target, decisions=decisions)
+    assert {"conv2d_1x1", "depthwise"} <= {d.kind for d in decisions}
+    asm = executable.mod.imports[0].inspect_source("asm") if executable.mod.imports else \
+        executable.mod.inspect_source("asm")
+    assert asm.count("fmla\tv") >= 50 and ".4s" in asm
