@@ -179,12 +179,52 @@ def tune_and_build(mod, target: NamedTarget, trials: int, database_dir: Path, *,
     return executable, report
 
 
+EVOLUTIONARY_MIN_TRIALS = 64
+
+
+def search_strategy(trials_per_task: int) -> str:
+    """Evolutionary search pays off with enough trials to evolve a population; below that (a quick
+    tune, a CI test), random sampling of the design space costs far less for the same trials."""
+    return "evolutionary" if trials_per_task >= EVOLUTIONARY_MIN_TRIALS else "replay-trace"
+
+
+def import_tensor_intrinsics(depth: int = 6) -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` (MetaSchedule's TuneContext does on its first use) quickly.
+
+    Each of its ~500 TVMScript functions calls ``inspect.stack()``, which looks up the module of every
+    frame on the stack; for frames of frozen modules (the import machinery) that is a scan of all of
+    ``sys.modules``. Deep in a large process (pytest, the CLI with onnx and onnxruntime loaded) the
+    import took over two minutes here. The parser only reads the innermost frames (the decorated
+    function's definer and its caller), so while importing, ``inspect.stack`` stops after ``depth``."""
+    import inspect
+    import sys
+
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    full_stack = inspect.stack
+
+    def shallow_stack(context: int = 1):
+        frames = []
+        frame = sys._getframe(1)
+        while frame is not None and len(frames) < depth:
+            info = inspect.getframeinfo(frame, context)
+            frames.append(inspect.FrameInfo(frame, *info))
+            frame = frame.f_back
+        return frames
+
+    inspect.stack = shallow_stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = full_stack
+
+
 def _run_search(ms, pending, tvm_target, target: NamedTarget, database, per_task: int, total: int,
                 device: RemoteDevice | None, seed: int, count) -> None:
-    contexts, weights = [], []
+    import_tensor_intrinsics()
     with tempfile.TemporaryDirectory(prefix="sculpt-tune-") as work_dir:
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            pending, work_dir, seed=seed, num_threads="physical")
+            pending, work_dir, seed=seed, num_threads="physical", strategy=search_strategy(per_task))
         builder = ms.builder.LocalBuilder(
             f_build=build_for_measurement,
             f_export=functools.partial(export_for_measurement, cc=target.cross_compiler),
