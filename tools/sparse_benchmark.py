@@ -3,13 +3,19 @@
 Part 1 (kernels): for PP-OCR 1×1 conv layer shapes, each block shape and sparsity: the BSR kernel's
 median time against the dense TIR kernel of the same shape and style and against onnxruntime's
 dense Conv (a one-node model holding the same zero-filled weights), all measured in this run.
-Part 2 (end to end, ``--e2e``): PP-OCRv4 rec canonicalized, sparsified per setting, built with
-``apply_sparse_kernels(mode='auto')`` and without; latency of both TVM builds and of onnxruntime
-on the sparsified ONNX, the max relative difference TVM-sparse vs onnxruntime, and the rendered-text
-accuracy (``sculpt.ocr_task``) of each setting.
+Part 2 (end to end, ``--e2e``): PP-OCRv4 rec canonicalized, sparsified per setting (block:sparsity)
+and per variant (how the pattern is chosen — ``magnitude`` or ``activation`` saliency — and whether
+the kept weights are refit, ``+refit`` = ``sparsify:reconstruct=true``), calibrated on rendered
+lines of a seed other than the evaluation set's; built with ``apply_sparse_kernels(mode='auto')``.
+Per row: the rendered-text character accuracy and exact-line match (``sculpt.ocr_task``), the
+latency of the TVM sparse build and of onnxruntime on the sparsified ONNX, the max relative
+difference TVM-sparse vs onnxruntime, and the time the pass took. The dense TVM build (default Relax
+legalization) is measured once, on the dense model (``--tvm-dense``), as the reference of
+"× vs dense build".
 
     python tools/sparse_benchmark.py                              # kernels, all blocks × 50/70/80/90 %
-    python tools/sparse_benchmark.py --e2e --count 100 --settings 8x1:0.5,8x1:0.7,8x1:0.9 --skip-kernels
+    python tools/sparse_benchmark.py --e2e --skip-kernels --count 100 --settings 8x1:0.5,8x1:0.9 \
+        --variants magnitude,magnitude+refit
 """
 
 from __future__ import annotations
@@ -96,7 +102,17 @@ def print_kernel_table(rows: list[dict]) -> None:
     print(f"\ncost model agrees with the measured sparse-or-dense decision on {agree}/{len(rows)} rows")
 
 
-def e2e_table(settings: list[tuple[str, float]], count: int, runs: int) -> None:
+# variant name → sparsify options (every variant runs with the same calibration set)
+VARIANTS = {
+    "magnitude": {"saliency": "magnitude", "reconstruct": False},
+    "activation": {"saliency": "activation", "reconstruct": False},
+    "magnitude+refit": {"saliency": "magnitude", "reconstruct": True},
+    "activation+refit": {"saliency": "activation", "reconstruct": True},
+}
+
+
+def e2e_table(settings: list[tuple[str, float]], variants: list[str], count: int, runs: int,
+              calibration_count: int, tvm_dense: bool) -> None:
     import tvm
 
     from sculpt import ocr_task
@@ -104,12 +120,16 @@ def e2e_table(settings: list[tuple[str, float]], count: int, runs: int) -> None:
     from sculpt.backends.tvm import build, import_to_relax
     from sculpt.backends.tvm.sparse import apply_sparse_kernels, layer_names_from_onnx
     from sculpt.backends.tvm.sparse.timing import host_target
+    from sculpt.ir.calibration import CalibrationSet
     from sculpt.models import PPOCR_SHAPES, ppocr_model
-    from sculpt.passes import Pipeline
+    from sculpt.passes import PassContext, Pipeline, create_pass
 
     shape = PPOCR_SHAPES["rec"]
     base = Pipeline.from_specs(["canonicalize"], input_shapes={"x": shape}).run(ppocr_model("rec")).model
     data = ocr_task.rec_set(count)
+    calibration = CalibrationSet.from_arrays({"x": ocr_task.calibration_inputs("rec", calibration_count)},
+                                             "rendered lines")
+    characters = ocr_task.character_list(base)
     target = host_target()
     spec = {"kind": "llvm", "mcpu": str(target.attrs["mcpu"])}
     x = data.inputs[:1]
@@ -126,31 +146,38 @@ def e2e_table(settings: list[tuple[str, float]], count: int, runs: int) -> None:
             times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times), vm
 
-    print("| setting | char acc | exact | sparse layers | TVM dense build ms | TVM sparse auto ms | ORT ms | "
-          "× vs dense build | × vs ORT | max rel diff vs ORT |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for block, sparsity in [("dense", 0.0)] + settings:
-        model = base if block == "dense" else create_sparse(base, block, sparsity)
-        metrics = ocr_task.evaluate_rec(model, data)
-        mod = import_to_relax(model)
-        sparse_mod, decisions = apply_sparse_kernels(mod, target, "auto", layer_names=layer_names_from_onnx(model))
-        dense_ms, _ = vm_ms(build(mod, spec))
+    dense_ms = vm_ms(build(import_to_relax(base), spec))[0] if tvm_dense else None
+    print("| setting | pattern | refit | char acc | exact | sparse layers | TVM sparse auto ms | ORT ms | "
+          "× vs TVM dense build | × vs ORT | max rel diff vs ORT | pass s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = [("dense", 0.0, None)] + [(b, s, v) for b, s in settings for v in variants]
+    for block, sparsity, variant in rows:
+        t = time.perf_counter()
+        if variant is None:
+            model = base
+        else:
+            options = {"block": block, "sparsity": sparsity, **VARIANTS[variant]}
+            model = create_pass("sparsify", options)(base, PassContext(calibration=calibration)).model
+        pass_s = time.perf_counter() - t
+        metrics = ocr_task.evaluate_rec(model, data, characters=characters)
+        sparse_mod, decisions = apply_sparse_kernels(import_to_relax(model), target, "auto",
+                                                     layer_names=layer_names_from_onnx(model))
         sparse_ms, vm = vm_ms(build(sparse_mod, spec))
-        ort_ms = statistics.median([ocr_task.median_latency_ms(make_session(model), x, runs=runs)])
-        ref = ort_run(model, {"x": x})
-        ref = list(ref.values())[0]
+        ort_ms = ocr_task.median_latency_ms(make_session(model), x, runs=runs)
+        ref = list(ort_run(model, {"x": x}).values())[0]
         got = vm["main"](tvm.runtime.tensor(x)).numpy()
         diff = float(np.abs(got - ref).max() / np.abs(ref).max())
-        label = "dense (canonical)" if block == "dense" else f"{block} {sparsity:.0%}"
-        print(f"| {label} | {metrics.char_accuracy:.1%} | {metrics.exact_match:.1%} | "
-              f"{sum(d.sparse for d in decisions)}/{len(decisions)} | {dense_ms:.1f} | {sparse_ms:.1f} | {ort_ms:.1f} | "
-              f"{dense_ms / sparse_ms:.1f} | {ort_ms / sparse_ms:.2f} | {diff:.1e} |", flush=True)
-
-
-def create_sparse(model, block: str, sparsity: float):
-    from sculpt.passes import create_pass
-
-    return create_pass("sparsify", {"block": block, "sparsity": sparsity})(model).model
+        label = "dense (canonical)" if variant is None else f"{block} {sparsity:.0%}"
+        pattern = "—" if variant is None else VARIANTS[variant]["saliency"]
+        refit = "—" if variant is None else ("yes" if VARIANTS[variant]["reconstruct"] else "no")
+        vs_dense = "—" if dense_ms is None else f"{dense_ms / sparse_ms:.1f}"
+        print(f"| {label} | {pattern} | {refit} | {metrics.char_accuracy:.1%} | {metrics.exact_match:.1%} | "
+              f"{sum(d.sparse for d in decisions)}/{len(decisions)} | {sparse_ms:.1f} | {ort_ms:.1f} | "
+              f"{vs_dense} | {ort_ms / sparse_ms:.2f} | {diff:.1e} | {pass_s:.0f} |", flush=True)
+    if dense_ms is not None:
+        print(f"\nTVM dense build (default Relax legalization) of the dense model: {dense_ms:.1f} ms")
+    print(f"{count} evaluation lines (seed {ocr_task.EVAL_SEED}), calibration {calibration_count} lines "
+          f"(seed {ocr_task.CALIBRATION_SEED}); latency: batch 1, median of {runs} runs")
 
 
 def main(argv=None) -> None:
@@ -161,17 +188,27 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--e2e", action="store_true", help="also PP-OCRv4 rec end to end")
-    ap.add_argument("--settings", default="8x1:0.5,8x1:0.7,8x1:0.9,16x1:0.9,4x1:0.9,1x1:0.9")
+    ap.add_argument("--settings", default="8x1:0.5,8x1:0.7,8x1:0.9,16x1:0.9,4x1:0.9,1x1:0.9",
+                    help="end to end: BLOCK:SPARSITY,...")
+    ap.add_argument("--variants", default="magnitude,activation+refit",
+                    help=f"end to end: how each setting is sparsified, of {', '.join(VARIANTS)}")
     ap.add_argument("--count", type=int, default=100, help="rendered text lines for accuracy")
+    ap.add_argument("--calibration-count", type=int, default=64, help="rendered calibration lines")
+    ap.add_argument("--tvm-dense", action="store_true",
+                    help="also time the dense TVM build (default legalization; seconds per run) once")
     ap.add_argument("--runs", type=int, default=20)
     args = ap.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        ap.error(f"unknown variant '{unknown[0] if unknown else ''}' (known: {', '.join(VARIANTS)})")
     if not args.skip_kernels:
         rows = kernel_table([int(b) for b in args.blocks.split(",")], [float(s) for s in args.sparsities.split(",")],
                             args.number, args.repeat)
         print_kernel_table(rows)
     if args.e2e:
         settings = [(s.split(":")[0], float(s.split(":")[1])) for s in args.settings.split(",") if s]
-        e2e_table(settings, args.count, args.runs)
+        e2e_table(settings, variants, args.count, args.runs, args.calibration_count, args.tvm_dense)
 
 
 if __name__ == "__main__":

@@ -184,15 +184,31 @@ def _residual(p: np.ndarray, t: np.ndarray, w: np.ndarray, b: np.ndarray | None)
     return float(((t - y) ** 2).sum() / max(float((t ** 2).sum()), 1e-30))
 
 
+def _generalizes(rows: list[np.ndarray], t: np.ndarray, w: np.ndarray, b: np.ndarray | None,
+                 keep: np.ndarray | None, ridge: float, holdout: float) -> bool:
+    """Does a refit on the first samples' rows lower the error on the held-out last ones?"""
+    held = min(len(rows) - 1, max(1, int(round(holdout * len(rows)))))
+    split = sum(len(r) for r in rows[:-held])
+    p = np.concatenate(rows)
+    bias = None if b is None else b.reshape(-1)
+    new_w, new_b = ridge_refit(p[:split], t[:split], w, bias, strength=ridge, keep=keep)
+    return _residual(p[split:], t[split:], new_w, new_b) < _residual(p[split:], t[split:], w, b)
+
+
 def sequential_refit(original, compressed, jobs: list[RefitJob], samples: list[dict], *, positions: int = 4096,
-                     ridge: float = 1e-3, seed: int = 1) -> dict:
+                     ridge: float = 1e-3, seed: int = 1, holdout: float = 0.0) -> dict:
     """Refit every job's node by ridge least squares, in the compressed model's topological order,
     editing ``compressed`` in place. The targets are the original model's outputs at sampled
     positions (one run of it); the features are what each node receives in the compressed model
     *after* the nodes before it were refit, so errors do not compound along the network.
-    A job with a ``keep`` mask keeps its zero pattern exactly. Returns {"layers": refit count,
-    "skipped": [node names]} and, for the layers refit, "errors": {node: {"before", "after"}} (relative
-    output error on the calibration rows)."""
+    A job with a ``keep`` mask keeps its zero pattern exactly.
+
+    ``holdout`` > 0: that fraction of the samples (the last ones, at least one) is first held out; a
+    layer whose refit on the others does not lower its error on them is left as it is (listed in
+    "overfit": too few rows for its unknowns, e.g. a Conv on a 1×1 map), else it is refit on all.
+
+    Returns {"layers": refit count, "skipped": [node names]} and, for the layers refit, "errors":
+    {node: {"before", "after"}} (relative output error on the calibration rows)."""
     from sculpt.backends.ort import make_session
     from sculpt.ir.calibration import iter_activations
 
@@ -247,6 +263,10 @@ def sequential_refit(original, compressed, jobs: list[RefitJob], samples: list[d
         before = _residual(p, t, w_mat, b)
         if before <= ALREADY_EXACT:  # nothing to recover; a refit would only fit float noise
             report.setdefault("already_exact", []).append(job.node)
+            continue
+        if holdout > 0 and len(rows) > 1 and not _generalizes(rows, t, w_mat, b, keep, ridge, holdout):
+            report["skipped"].append(job.node)
+            report.setdefault("overfit", []).append(job.node)
             continue
         new_w, new_b = ridge_refit(p, t, w_mat, None if b is None else b.reshape(-1), strength=ridge, keep=keep)
         after = _residual(p, t, new_w, new_b)

@@ -16,6 +16,9 @@ from sculpt.ir.model import Model
 from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, option, register
 
 BLOCKS = {"1x1": 1, "4x1": 4, "8x1": 8, "16x1": 16}
+# fraction of the calibration samples held out to check that a layer's refit generalizes (a layer on a
+# 1×1 map, e.g. squeeze-excitation, sees one row per sample: fewer rows than kept weights)
+REFIT_HOLDOUT = 0.25
 
 
 @dataclass
@@ -157,7 +160,7 @@ class Sparsify(Pass):
         jobs = [RefitJob(name, model.node_by_name(name).output[0], keep=keep) for name, keep in patterns.items()]
         samples = [s for _, s in zip(range(self.samples), ctx.calibration)]
         result = sequential_refit(original, model, jobs, samples, positions=self.positions, ridge=self.ridge,
-                                  seed=ctx.seed + 1)
+                                  seed=ctx.seed + 1, holdout=REFIT_HOLDOUT)
         errors = result.get("errors", {})
         for entry in report:
             if entry["layer"] in errors:
@@ -166,7 +169,7 @@ class Sparsify(Pass):
             weight = model.get_constant(model.node_by_name(name).input[1])
             if np.any(weight[~keep] != 0):
                 raise PassError(self.name, f"the refit of layer '{name}' changed its zero pattern")
-        return {"layers": result["layers"], "skipped": result["skipped"]}
+        return {"layers": result["layers"], "skipped": result["skipped"], "overfit": result.get("overfit", [])}
 
     # ------------------------------------------------------------------ which layers
     def _candidates(self, model: Model) -> tuple[list[_Layer], list[dict]]:
