@@ -140,3 +140,17 @@ def test_arm64_codegen_uses_neon_vector_fma():
     asm = executable.mod.imports[0].inspect_source("asm") if executable.mod.imports else \
         executable.mod.inspect_source("asm")
     assert asm.count("fmla\tv") >= 50 and ".4s" in asm
+
+
+@pytest.mark.parametrize("kernel,stride,pads,rewritten", [(2, 2, 0, True), (3, 2, 1, False)])
+def test_transposed_conv(kernel, stride, pads, rewritten):
+    """stride == kernel: rewritten to a 1x1 conv (GEMM kernel) + pixel shuffle; else TVM's lowering."""
+    from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
+
+    shape = (1, 12, 9, 14)
+    proto = cases.conv_transpose_model(12, 6, kernel, stride, pads, shape)
+    mod = import_to_relax(Model.wrap(proto))
+    assert ("conv2d_transpose" not in rewrite_transposed_convs(mod).script()) == rewritten
+    x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
+    decisions = _compile_and_compare(proto, {"x": x})
+    assert any(d.kind == "conv2d_1x1" for d in decisions) == rewritten

@@ -30,8 +30,11 @@ def _verify_on_arm64(model_path, tmp_path, feeds=None, input_shapes=None):
     assert artifact.arch == "aarch64"
     result = verify_artifact(artifact, model_path, feeds, rtol=1e-4, timeout=900)
     assert result.emulated
+    # relative 1e-4 of each output's scale, or 1e-6 absolute (det's probability map is ~1e-5 on
+    # random inputs, where float rounding alone is ~1e-7)
+    assert result.ok, result.comparison.outputs
     for err in result.comparison.outputs:
-        assert err.shape_match and err.max_rel <= 1e-4, err
+        assert err.shape_match and (err.max_rel <= 1e-4 or err.max_abs <= 1e-6), err
     return result
 
 

@@ -146,3 +146,18 @@ POOL_GRID = [
     PoolCase("avg3_s1", "AveragePool", (3, 3), (1, 1)),
     PoolCase("gap", "GlobalAveragePool"),
 ]
+
+
+def conv_transpose_model(cin: int, cout: int, kernel: int, stride: int, pads: int, input_shape, *,
+                         seed: int = 0) -> onnx.ModelProto:
+    """ConvTranspose + bias + Relu (a detection head's upsampling)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((cin, cout, kernel, kernel)) / np.sqrt(cin)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["t"], kernel_shape=[kernel, kernel],
+                              strides=[stride, stride], pads=[pads] * 4),
+             helper.make_node("Relu", ["t"], ["y"])]
+    graph = helper.make_graph(nodes, "conv_transpose", [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    return _finish(graph)

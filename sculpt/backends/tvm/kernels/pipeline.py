@@ -1,6 +1,7 @@
 """The Relax compilation pipeline with sculpt's kernels: TVM's CPU pipeline plus one scheduling step.
 
-    dispatch -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
+    [sculpt: transposed convs with stride == kernel -> 1x1 conv + pixel shuffle]
+             -> dispatch -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
              -> [sculpt: schedule every PrimFunc (rules.schedule_module)]
              -> dataflow lowering -> memory planning / VM lowering
 
@@ -9,6 +10,7 @@ scheduled with their epilogues in place."""
 
 from __future__ import annotations
 
+from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
 from sculpt.backends.tvm.kernels.rules import TileChooser, heuristic_chooser, schedule_module
 
 
@@ -24,11 +26,15 @@ def sculpt_relax_pipeline(target, choose: TileChooser = heuristic_chooser, decis
             decisions.extend(made)
         return mod
 
+    @tvm.transform.module_pass(opt_level=0, name="SculptRewriteTransposedConvs")
+    def rewrite_transposed(mod, _ctx):
+        return rewrite_transposed_convs(mod)
+
     @tvm.transform.module_pass(opt_level=0, name="SculptPipeline")
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [schedule_kernels]
+                [rewrite_transposed] + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [schedule_kernels]
                 + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
             return seq(mod)
 

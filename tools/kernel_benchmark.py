@@ -1,0 +1,276 @@
+"""Benchmark sculpt's TVM CPU kernels against TVM's default legalization and onnxruntime.
+
+Per kernel (default): every distinct Conv / MatMul / pooling layer shape of the canonicalized PP-OCR
+models becomes a one-node ONNX model, run in onnxruntime, built by TVM with its default pipeline and
+with sculpt's kernels; GFLOP/s (2 x MACs / time) and ratios, medians of repeated runs, all measured in
+the same run.
+
+End to end (--end-to-end): the canonicalized models themselves: onnxruntime vs TVM default vs TVM
+with sculpt's kernels, compile times and the largest output error against onnxruntime.
+
+    python tools/kernel_benchmark.py --models det,rec,cls --top 12        # per kernel, 12 heaviest per model
+    python tools/kernel_benchmark.py --models det,rec,cls --end-to-end    # whole models
+
+TVM's default build is the bare ``llvm`` target (what ``build(..., kernels="default")`` does); sculpt's
+build is the same target completed with the host CPU. Both TVM and onnxruntime use all cores
+(TVM_NUM_THREADS / intra-op threads unset) unless --threads is given."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One distinct layer of a model, enough to rebuild it as a one-node ONNX model."""
+
+    op: str
+    input_shape: tuple
+    weight_shape: tuple = ()
+    attrs: tuple = ()          # sorted (name, value) pairs
+    has_bias: bool = False
+    macs: int = 0
+
+    def describe(self) -> str:
+        a = dict(self.attrs)
+        if self.op == "Conv":
+            k = "x".join(map(str, self.weight_shape[2:]))
+            extra = [f"s{a['strides'][0]}{a['strides'][1]}" if a.get("strides", (1, 1)) != (1, 1) else "",
+                     f"g{a['group']}" if a.get("group", 1) > 1 else ""]
+            return f"conv {self.input_shape[1]}->{self.weight_shape[0]} k{k} {' '.join(e for e in extra if e)} " \
+                   f"@{self.input_shape[2]}x{self.input_shape[3]}".replace("  ", " ")
+        if self.op == "MatMul":
+            return f"matmul {'x'.join(map(str, self.input_shape))} @ {'x'.join(map(str, self.weight_shape))}"
+        return f"{self.op.lower()} {a.get('kernel_shape', '')} @{'x'.join(map(str, self.input_shape))}"
+
+
+def _attr_value(attr):
+    v = helper.get_attribute_value(attr)
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def layer_shapes(model_path) -> list[LayerShape]:
+    """Distinct Conv/MatMul/pool layers of a (static-shape) model, heaviest first."""
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(model_path)))
+    shapes = {}
+    for vi in list(proto.graph.input) + list(proto.graph.value_info) + list(proto.graph.output):
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if dims and all(d > 0 for d in dims):
+            shapes[vi.name] = tuple(dims)
+    consts = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    found = {}
+    for node in proto.graph.node:
+        x = shapes.get(node.input[0]) if node.input else None
+        if x is None:
+            continue
+        attrs = tuple(sorted((a.name, _attr_value(a)) for a in node.attribute if a.name != "auto_pad"))
+        out = shapes.get(node.output[0])
+        if node.op_type == "Conv" and node.input[1] in consts and out:
+            w = consts[node.input[1]]
+            macs = int(np.prod(out)) * int(np.prod(w[1:]))
+            layer = LayerShape("Conv", x, w, attrs, len(node.input) > 2, macs)
+        elif node.op_type == "MatMul" and out and (node.input[1] in consts or node.input[1] in shapes):
+            w = consts.get(node.input[1]) or shapes[node.input[1]]
+            layer = LayerShape("MatMul", x, w, (("weight", node.input[1] in consts),), False,
+                               int(np.prod(out)) * int(w[-2]))
+        elif node.op_type in ("MaxPool", "AveragePool", "GlobalAveragePool") and out:
+            k = dict(attrs).get("kernel_shape", list(x[2:]))
+            layer = LayerShape(node.op_type, x, (), attrs, False, int(np.prod(out)) * int(np.prod(k)))
+        else:
+            continue
+        key = (layer.op, layer.input_shape, layer.weight_shape, layer.attrs)
+        found.setdefault(key, layer)
+    return sorted(found.values(), key=lambda s: -s.macs)
+
+
+def one_node_model(layer: LayerShape, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(layer.input_shape))]
+    inits = []
+    attrs = dict(layer.attrs)
+    if layer.op == "Conv":
+        inits.append(numpy_helper.from_array(rng.standard_normal(layer.weight_shape).astype(np.float32), "w"))
+        names = ["x", "w"]
+        if layer.has_bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(layer.weight_shape[0]).astype(np.float32), "b"))
+            names.append("b")
+        node = helper.make_node("Conv", names, ["y"], **{k: list(v) if isinstance(v, tuple) else v
+                                                          for k, v in attrs.items()})
+    elif layer.op == "MatMul":
+        if attrs.get("weight", True):
+            inits.append(numpy_helper.from_array(rng.standard_normal(layer.weight_shape).astype(np.float32), "w"))
+        else:
+            inputs.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, list(layer.weight_shape)))
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    else:
+        node = helper.make_node(layer.op, ["x"], ["y"], **{k: list(v) if isinstance(v, tuple) else v
+                                                           for k, v in attrs.items()})
+    graph = helper.make_graph([node], "one_node", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _median_ms(fn, runs: int, warmup: int = 2, budget_s: float = 20.0) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+        if time.perf_counter() - start > budget_s and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+def _tvm_runner(executable, feeds: dict, order: list[str]):
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), tvm.cpu()) for n in order]
+
+    def run():
+        return vm["main"](*args)
+
+    return run
+
+
+def _outputs(value) -> list[np.ndarray]:
+    if hasattr(value, "numpy"):
+        return [value.numpy()]
+    return [o for v in value for o in _outputs(v)]
+
+
+def _feeds(model) -> dict:
+    from sculpt.backends.ort import random_inputs
+
+    return dict(random_inputs(model, seed=0))
+
+
+def bench_layers(args) -> int:
+    from sculpt.backends.ort import make_session
+    from sculpt.backends.tvm import build, import_to_relax
+    from sculpt.ir.model import Model
+
+    print(f"{'model':5} {'layer':42} {'MMAC':>8} {'ort ms':>8} {'def ms':>9} {'sculpt ms':>9} "
+          f"{'ort GF/s':>8} {'scl GF/s':>8} {'scl/ort':>7} {'def/scl':>8} {'max rel err':>11}")
+    ratios = []
+    for kind in args.models:
+        layers = layer_shapes(_canonical_model_path(kind, args))
+        if args.top:
+            layers = layers[:args.top]
+        for layer in layers:
+            model = Model.wrap(one_node_model(layer))
+            feeds = _feeds(model)
+            sess = make_session(model, threads=args.threads)
+            ref = [np.array(o, copy=True) for o in sess.run(None, feeds)]
+            ort_ms = _median_ms(lambda: sess.run(None, feeds), args.runs)
+            mod = import_to_relax(model)
+            sculpt_run = _tvm_runner(build(mod, "llvm", kernels="sculpt"), feeds, model.input_names)
+            sculpt_ms = _median_ms(sculpt_run, args.runs)
+            got = _outputs(sculpt_run())
+            err = max(float(np.abs(g - r).max()) / (float(np.abs(r).max()) or 1.0) for g, r in zip(got, ref))
+            default_ms = float("nan")
+            if not args.skip_default:
+                default_run = _tvm_runner(build(mod, "llvm", kernels="default"), feeds, model.input_names)
+                default_ms = _median_ms(default_run, max(3, args.runs // 4), warmup=1, budget_s=5.0)
+            gflops = lambda ms: 2 * layer.macs / (ms * 1e6)  # noqa: E731
+            ratios.append(sculpt_ms / ort_ms)
+            print(f"{kind:5} {layer.describe()[:42]:42} {layer.macs / 1e6:8.2f} {ort_ms:8.3f} {default_ms:9.3f} "
+                  f"{sculpt_ms:9.3f} {gflops(ort_ms):8.1f} {gflops(sculpt_ms):8.1f} {sculpt_ms / ort_ms:7.2f} "
+                  f"{default_ms / sculpt_ms:8.1f} {err:11.2e}", flush=True)
+    if ratios:
+        geo = float(np.exp(np.mean(np.log(ratios))))
+        print(f"\n{len(ratios)} layers: sculpt / onnxruntime latency, geometric mean {geo:.2f} "
+              f"(median {statistics.median(ratios):.2f})")
+    return 0
+
+
+def bench_end_to_end(args) -> int:
+    from sculpt.backends.ort import make_session
+    from sculpt.backends.tvm import build, import_to_relax
+    from sculpt.ir.model import Model
+
+    print(f"{'model':5} {'ort ms':>8} {'tvm default ms':>14} {'tvm sculpt ms':>13} {'sculpt/ort':>10} "
+          f"{'default/ort':>11} {'compile s (def/scl)':>19} {'max rel err':>11}")
+    for kind in args.models:
+        model = Model.load(_canonical_model_path(kind, args))
+        feeds = _feeds(model)
+        sess = make_session(model, threads=args.threads)
+        ref = [np.array(o, copy=True) for o in sess.run(None, feeds)]
+        mod = import_to_relax(model)
+        t = time.perf_counter()
+        sculpt_exe = build(mod, "llvm", kernels="sculpt")
+        sculpt_compile = time.perf_counter() - t
+        sculpt_run = _tvm_runner(sculpt_exe, feeds, model.input_names)
+        got = _outputs(sculpt_run())
+        err = max(float(np.abs(g - r).max()) / (float(np.abs(r).max()) or 1.0) for g, r in zip(got, ref))
+        default_ms, default_compile = float("nan"), float("nan")
+        if not args.skip_default:
+            t = time.perf_counter()
+            default_run = _tvm_runner(build(mod, "llvm", kernels="default"), feeds, model.input_names)
+            default_compile = time.perf_counter() - t
+        # interleave the measurements so that load changes on a shared machine hit all three alike
+        ort_t, sculpt_t, default_t = [], [], []
+        for _ in range(args.rounds):
+            ort_t.append(_median_ms(lambda: sess.run(None, feeds), args.runs, budget_s=10))
+            sculpt_t.append(_median_ms(sculpt_run, args.runs, budget_s=10))
+            if not args.skip_default:
+                default_t.append(_median_ms(default_run, 3, warmup=1, budget_s=5))
+        ort_ms, sculpt_ms = statistics.median(ort_t), statistics.median(sculpt_t)
+        if default_t:
+            default_ms = statistics.median(default_t)
+        print(f"{kind:5} {ort_ms:8.2f} {default_ms:14.2f} {sculpt_ms:13.2f} {sculpt_ms / ort_ms:10.2f} "
+              f"{default_ms / ort_ms:11.2f} {default_compile:9.1f}/{sculpt_compile:<9.1f} {err:11.2e}", flush=True)
+    return 0
+
+
+def _canonical_model_path(kind: str, args) -> str:
+    """The canonicalized PP-OCR model at its static shape (made once per run, in a temp folder)."""
+    import tempfile
+    from pathlib import Path
+
+    from sculpt.models import PPOCR_SHAPES, ppocr_model
+    from sculpt.passes import Pipeline
+
+    if not hasattr(args, "_tmp"):
+        args._tmp = Path(tempfile.mkdtemp(prefix="sculpt-kernel-bench-"))
+    path = args._tmp / f"{kind}.onnx"
+    if not path.exists():
+        res = Pipeline.from_specs(["canonicalize"], input_shapes={"x": PPOCR_SHAPES[kind]}).run(ppocr_model(kind))
+        res.model.save(path)
+    return str(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="det,rec,cls", help="comma-separated PP-OCR models (det, rec, cls)")
+    p.add_argument("--end-to-end", action="store_true", help="whole models instead of layers")
+    p.add_argument("--top", type=int, default=0, help="only the N heaviest distinct layers per model")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per measurement (median)")
+    p.add_argument("--rounds", type=int, default=3, help="end to end: interleaved rounds (median of medians)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--skip-default", action="store_true", help="skip TVM's default build (slow: naive loops)")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    bad = [m for m in args.models if m not in ("det", "rec", "cls")]
+    if bad:
+        print(f"kernel_benchmark: error: unknown model(s) {', '.join(bad)} (det, rec, cls)", file=sys.stderr)
+        return 2
+    return bench_end_to_end(args) if args.end_to_end else bench_layers(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
