@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from sculpt.errors import PassError
 from sculpt.ir import quantization as qz
@@ -351,19 +351,20 @@ class QDQ(Pass):
     def _apply(self, model: Model, layers: list[Layer], params: dict[str, qz.QuantParams]) -> None:
         # weights, biases and constant operands behind DequantizeLinear
         const_operands: dict[str, str] = {}
+        names = _Names(model)
         for layer in layers:
             node = layer.node
             if layer.weight is not None:
                 wq = qz.quantize_weight(layer.weight.value, layer.weight.axis)
                 name = node.input[layer.weight.input_index]
                 node.input[layer.weight.input_index] = _dq_constant(
-                    model, f"{name}_{node.name}", wq.values, wq.scale, np.zeros(wq.scale.shape, np.int8), wq.axis)
+                    names, f"{name}_{node.name}", wq.values, wq.scale, np.zeros(wq.scale.shape, np.int8), wq.axis)
                 if layer.bias_index is not None:
                     x_scale = params[node.input[layer.activations[0]]].scale
                     b = model.get_constant(node.input[layer.bias_index])
                     bq, bscale = qz.quantize_bias(b, x_scale, wq.scale)
                     node.input[layer.bias_index] = _dq_constant(
-                        model, f"{node.input[layer.bias_index]}_{node.name}", bq, bscale,
+                        names, f"{node.input[layer.bias_index]}_{node.name}", bq, bscale,
                         np.zeros(bscale.shape, np.int32), 0 if bscale.ndim else None)
             for i in layer.constants:
                 name = node.input[i]
@@ -371,7 +372,7 @@ class QDQ(Pass):
                     value = model.get_constant(name).astype(np.float32)
                     p = qz.activation_params(float(value.min()), float(value.max()), self.activations)
                     q = qz.quantize(value, p.scale, p.zero_point, p.dtype)
-                    const_operands[name] = _dq_constant(model, name, q, p.scale_array(), p.zero_point_array(), None)
+                    const_operands[name] = _dq_constant(names, name, q, p.scale_array(), p.zero_point_array(), None)
                 node.input[i] = const_operands[name]
         # folded activations: the node writes the activation's output (the activation goes below)
         folded = {layer.folded.name for layer in layers if layer.folded is not None}
@@ -386,33 +387,58 @@ class QDQ(Pass):
             if tensor in outputs:
                 continue
             if p not in shared:
-                shared[p] = (model.add_initializer(f"{tensor}_scale", p.scale_array()),
-                             model.add_initializer(f"{tensor}_zero_point", p.zero_point_array()))
+                shared[p] = (names.initializer(f"{tensor}_scale", p.scale_array()),
+                             names.initializer(f"{tensor}_zero_point", p.zero_point_array()))
             scale, zp = shared[p]
-            q_out = model.unique_name(f"{tensor}_quantized")
-            dq_out = model.unique_name(f"{tensor}_dequantized")
+            q_out = names.fresh(f"{tensor}_quantized")
+            dq_out = names.fresh(f"{tensor}_dequantized")
             model.replace_uses(tensor, dq_out)
             model.graph.node.append(helper.make_node("QuantizeLinear", [tensor, scale, zp], [q_out],
-                                                     name=model.unique_name(f"{tensor}_QuantizeLinear")))
+                                                     name=names.fresh(f"{tensor}_QuantizeLinear")))
             model.graph.node.append(helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out],
-                                                     name=model.unique_name(f"{tensor}_DequantizeLinear")))
+                                                     name=names.fresh(f"{tensor}_DequantizeLinear")))
         if folded:
             keep = [n for n in model.graph.node if n.name not in folded]
             del model.graph.node[:]
             model.graph.node.extend(keep)
 
 # ---------------------------------------------------------------------------------------- helpers
-def _dq_constant(model: Model, base: str, values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+class _Names:
+    """Fresh tensor and node names for many additions (Model.unique_name rescans the graph per call)."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        g = model.graph
+        self.taken = {t.name for t in g.initializer} | {v.name for v in list(g.input) + list(g.output) + list(g.value_info)}
+        for node in g.node:
+            self.taken.update(node.output)
+            self.taken.add(node.name)
+
+    def fresh(self, prefix: str) -> str:
+        name, i = prefix, 0
+        while name in self.taken:
+            i += 1
+            name = f"{prefix}_{i}"
+        self.taken.add(name)
+        return name
+
+    def initializer(self, prefix: str, value: np.ndarray) -> str:
+        name = self.fresh(prefix)
+        self.model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+
+def _dq_constant(names: _Names, base: str, values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
                  axis: int | None) -> str:
     """A constant stored quantized: initializers for values, scale and zero point, and the
     DequantizeLinear that reads them. Returns the dequantized tensor's name."""
-    q = model.add_initializer(f"{base}_quantized", values)
-    s = model.add_initializer(f"{base}_scale", np.asarray(scale, np.float32))
-    z = model.add_initializer(f"{base}_zero_point", zero_point)
-    out = model.unique_name(f"{base}_dequantized")
+    q = names.initializer(f"{base}_quantized", values)
+    s = names.initializer(f"{base}_scale", np.asarray(scale, np.float32))
+    z = names.initializer(f"{base}_zero_point", zero_point)
+    out = names.fresh(f"{base}_dequantized")
     kwargs = {"axis": axis} if axis is not None and np.ndim(scale) == 1 else {}
-    model.graph.node.append(helper.make_node("DequantizeLinear", [q, s, z], [out],
-                                             name=model.unique_name(f"{base}_DequantizeLinear"), **kwargs))
+    names.model.graph.node.append(helper.make_node("DequantizeLinear", [q, s, z], [out],
+                                                   name=names.fresh(f"{base}_DequantizeLinear"), **kwargs))
     return out
 
 
@@ -449,6 +475,7 @@ def measure_layer_errors(model: Model, layers: list[Layer], params: dict[str, qz
     from sculpt.ir.calibration import iter_activations
 
     shadow = model.clone()
+    names = _Names(shadow)
     pairs: dict[str, tuple[Layer, str, str]] = {}
     for layer in layers:
         if layer.weight is None or any(layer.node.input[i] not in params for i in layer.activations):
@@ -457,11 +484,11 @@ def measure_layer_errors(model: Model, layers: list[Layer], params: dict[str, qz
         inputs = list(node.input)
         for i in layer.activations:
             p = params[inputs[i]]
-            inputs[i] = _fake_quant_nodes(shadow, inputs[i], p, f"{node.name}_shadow_in{i}")
+            inputs[i] = _fake_quant_nodes(names, inputs[i], p, f"{node.name}_shadow_in{i}")
         wq = qz.quantize_weight(layer.weight.value, layer.weight.axis)
-        inputs[layer.weight.input_index] = shadow.add_initializer(f"{node.name}_shadow_weight", wq.dequantized())
-        out = shadow.unique_name(f"{node.name}_shadow_out")
-        copy = helper.make_node(node.op_type, inputs, [out], name=shadow.unique_name(f"{node.name}_shadow"))
+        inputs[layer.weight.input_index] = names.initializer(f"{node.name}_shadow_weight", wq.dequantized())
+        out = names.fresh(f"{node.name}_shadow_out")
+        copy = helper.make_node(node.op_type, inputs, [out], name=names.fresh(f"{node.name}_shadow"))
         copy.attribute.extend(node.attribute)
         shadow.graph.node.append(copy)
         pairs[node.name] = (layer, node.output[0], out)
@@ -487,13 +514,14 @@ def measure_layer_errors(model: Model, layers: list[Layer], params: dict[str, qz
     return errors
 
 
-def _fake_quant_nodes(model: Model, tensor: str, p: qz.QuantParams, base: str) -> str:
-    scale = model.add_initializer(f"{base}_scale", p.scale_array())
-    zp = model.add_initializer(f"{base}_zero_point", p.zero_point_array())
-    q = model.unique_name(f"{base}_q")
-    dq = model.unique_name(f"{base}_dq")
-    model.graph.node.append(helper.make_node("QuantizeLinear", [tensor, scale, zp], [q], name=model.unique_name(f"{base}_Q")))
-    model.graph.node.append(helper.make_node("DequantizeLinear", [q, scale, zp], [dq], name=model.unique_name(f"{base}_DQ")))
+def _fake_quant_nodes(names: _Names, tensor: str, p: qz.QuantParams, base: str) -> str:
+    """A QuantizeLinear → DequantizeLinear pair on ``tensor``; returns the dequantized name."""
+    scale = names.initializer(f"{base}_scale", p.scale_array())
+    zp = names.initializer(f"{base}_zero_point", p.zero_point_array())
+    q, dq = names.fresh(f"{base}_q"), names.fresh(f"{base}_dq")
+    graph = names.model.graph
+    graph.node.append(helper.make_node("QuantizeLinear", [tensor, scale, zp], [q], name=names.fresh(f"{base}_Q")))
+    graph.node.append(helper.make_node("DequantizeLinear", [q, scale, zp], [dq], name=names.fresh(f"{base}_DQ")))
     return dq
 
 
