@@ -15,11 +15,17 @@ from sculpt.backends.tvm import build, import_to_relax, run_relax  # noqa: E402
 from sculpt.backends.tvm.kernels import compile_with_kernels, host_target, traits_of  # noqa: E402
 from sculpt.backends.tvm.kernels import onnx_cases as cases  # noqa: E402
 from sculpt.backends.tvm.kernels.tiling import (  # noqa: E402
-    candidate_tiles, heuristic_tile, vector_registers, vector_width)
+    candidate_tiles, ranked_tiles, vector_registers, vector_width)
 from sculpt.errors import SculptError  # noqa: E402
 from sculpt.ir.model import Model  # noqa: E402
 
 RTOL = 1e-4  # of each output's largest magnitude
+
+
+@pytest.fixture(autouse=True)
+def _private_tile_cache(tmp_path, monkeypatch):
+    """Builds read the tile-search cache: keep the user's out of these tests."""
+    monkeypatch.setenv("SCULPT_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def _host():
@@ -116,13 +122,13 @@ def test_tiling_heuristic_respects_registers_and_divisors():
                        {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}):
         traits = traits_of(isa_target)
         for vec, bcast, rows in [(80, 96, 80), (10, 384, 10), (96, 8, 12), (13, 7, 19), (6625, 40, 1)]:
-            tile = heuristic_tile(vec, bcast, rows, traits)
+            tile = ranked_tiles(vec, bcast, rows, traits, count=1)[0]
             assert vec % tile.vector == 0 and bcast % tile.broadcast == 0 and rows % tile.rows == 0
             used = vector_registers(tile.vector, traits.vector_lanes) * tile.broadcast * tile.rows
             assert used <= traits.accumulator_registers, (traits, tile)
             assert tile in candidate_tiles(vec, bcast, rows, traits)
     # AVX-512 prefers full 16-lane vectors and uses most of its accumulators on a big 1x1 conv
-    big = heuristic_tile(80, 96, 80, traits_of({"kind": "llvm", "mcpu": "znver4"}))
+    big = ranked_tiles(80, 96, 80, traits_of({"kind": "llvm", "mcpu": "znver4"}), count=1)[0]
     assert big.vector % 16 == 0 and vector_registers(big.vector, 16) * big.broadcast * big.rows >= 12
     assert vector_width(40, 16) == 8 and vector_width(10, 16) == 10 and vector_width(48, 16) == 16
 
@@ -154,3 +160,29 @@ def test_transposed_conv(kernel, stride, pads, rewritten):
     x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
     decisions = _compile_and_compare(proto, {"x": x})
     assert any(d.kind == "conv2d_1x1" for d in decisions) == rewritten
+
+
+def test_tile_search_caches_the_fastest_tile_and_builds_use_it(tmp_path):
+    import json
+
+    from sculpt.backends.tvm.kernels.tile_search import TileCache, cache_path, search_tiles
+
+    proto = cases.conv_model([cases.ConvCase("pw", 8, 32, (1, 1), epilogue="relu")], (1, 8, 16, 32))
+    mod = import_to_relax(Model.wrap(proto))
+    results = search_tiles(mod, _host(), candidates=3, number=2, repeat=2)
+    assert len(results) == 1 and results[0].kind == "conv2d_1x1"
+    assert len(results[0].tried) == 3 and results[0].best_ms == min(ms for _, ms in results[0].tried)
+    stored = json.loads(cache_path().read_text())["tiles"]
+    assert list(stored) == [results[0].key] and stored[results[0].key]["tile"] == results[0].best
+    # a later build takes the tile from the cache: plant one the heuristic would not pick
+    cache = TileCache()
+    planted = [8, 2, 2]
+    assert planted not in [t for t, _ in results[0].tried[:1]]
+    cache.put(results[0].key, type(cache.get(results[0].key))(*planted), 1.0)
+    cache.save()
+    decisions: list = []
+    executable = compile_with_kernels(mod, _host(), decisions=decisions)
+    assert [d.tile for d in decisions if d.kind == "conv2d_1x1"] == [planted]
+    x = np.random.default_rng(8).standard_normal((1, 8, 16, 32)).astype(np.float32)
+    ref = make_session(Model.wrap(proto)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run_relax(executable, {"x": x}, ["x"])[0], ref, rtol=1e-4, atol=1e-4)

@@ -11,13 +11,39 @@ scheduled with their epilogues in place."""
 from __future__ import annotations
 
 from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
-from sculpt.backends.tvm.kernels.rules import TileChooser, heuristic_chooser, schedule_module
+from sculpt.backends.tvm.kernels.rules import TileChooser, schedule_module
 
 
-def sculpt_relax_pipeline(target, choose: TileChooser = heuristic_chooser, decisions: list | None = None):
-    """A relax_pipeline for ``tvm.compile``; ``decisions`` (if a list) receives what was scheduled."""
+def _front_passes(target) -> list:
+    """Up to and including FuseTIR: the module whose PrimFuncs the kernels schedule."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="SculptRewriteTransposedConvs")
+    def rewrite_transposed(mod, _ctx):
+        return rewrite_transposed_convs(mod)
+
+    return [rewrite_transposed] + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+
+
+def legalized_and_fused(mod, target):
+    """``mod`` after the front of the pipeline (legalized, fused, not yet scheduled)."""
+    import tvm
+
+    with target:
+        return tvm.transform.Sequential(_front_passes(target))(mod)
+
+
+def sculpt_relax_pipeline(target, choose: TileChooser | None = None, decisions: list | None = None):
+    """A relax_pipeline for ``tvm.compile``; ``decisions`` (if a list) receives what was scheduled.
+    ``choose`` defaults to the search cache, then the heuristic (tile_search.cached_chooser)."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    if choose is None:
+        from sculpt.backends.tvm.kernels.tile_search import cached_chooser
+
+        choose = cached_chooser()
 
     @tvm.transform.module_pass(opt_level=0, name="SculptScheduleKernels")
     def schedule_kernels(mod, _ctx):
@@ -26,22 +52,18 @@ def sculpt_relax_pipeline(target, choose: TileChooser = heuristic_chooser, decis
             decisions.extend(made)
         return mod
 
-    @tvm.transform.module_pass(opt_level=0, name="SculptRewriteTransposedConvs")
-    def rewrite_transposed(mod, _ctx):
-        return rewrite_transposed_convs(mod)
-
     @tvm.transform.module_pass(opt_level=0, name="SculptPipeline")
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                [rewrite_transposed] + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + [schedule_kernels]
+                _front_passes(target) + [schedule_kernels]
                 + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
             return seq(mod)
 
     return _pipeline
 
 
-def compile_with_kernels(mod, target, choose: TileChooser = heuristic_chooser, decisions: list | None = None):
+def compile_with_kernels(mod, target, choose: TileChooser | None = None, decisions: list | None = None):
     """``tvm.compile`` of a Relax module with the sculpt kernels for ``target`` (a tvm Target)."""
     import tvm
 

@@ -20,20 +20,26 @@ from sculpt.backends.tvm.kernels.block_analysis import analyze_reduction, is_red
 from sculpt.backends.tvm.kernels.register_tile import (
     KernelDecision, inline_epilogue, schedule_injective_block, schedule_register_tile)
 from sculpt.backends.tvm.kernels.target_traits import TargetTraits, traits_of
-from sculpt.backends.tvm.kernels.tiling import Tile, heuristic_tile
+from sculpt.backends.tvm.kernels.tiling import Tile, ranked_tiles
 
-# (anatomy, traits) -> Tile; the default is the heuristic, the local search passes its cache lookup
-TileChooser = Callable[[object, TargetTraits], Tile]
+# (anatomy, traits, PrimFunc) -> Tile: the heuristic, or tile_search.cached_chooser (search cache first)
+TileChooser = Callable[..., Tile]
 
 
-def heuristic_chooser(anatomy, traits: TargetTraits) -> Tile:
+def tile_ranking(anatomy, traits: TargetTraits, count: int = 1) -> list[Tile]:
+    """The heuristic's best ``count`` tiles for a kernel (tiling.ranked_tiles on its axes)."""
     a = anatomy
     other = 1
     for s in a.spatial:
         if s not in (a.vector, a.broadcast, a.row):
             other *= s.extent
-    return heuristic_tile(a.vector.extent, a.broadcast.extent if a.broadcast else 1,
-                          a.row.extent if a.row else 1, traits, other_parallel=other)
+    return ranked_tiles(a.vector.extent, a.broadcast.extent if a.broadcast else 1,
+                        a.row.extent if a.row else 1, traits, other_parallel=other, count=count)
+
+
+def heuristic_chooser(anatomy, traits: TargetTraits, func=None) -> Tile:
+    ranked = tile_ranking(anatomy, traits)
+    return ranked[0] if ranked else Tile(1)
 
 
 def _main_reduction(sch):
@@ -52,7 +58,7 @@ def try_register_tile(func, traits: TargetTraits, choose: TileChooser, name: str
     anatomy = analyze_reduction(sch, main)
     if anatomy is None:
         return None
-    tile = choose(anatomy, traits)
+    tile = choose(anatomy, traits, func)
     schedule_register_tile(sch, sch.mod["main"], main, anatomy, tile, traits.vector_lanes)
     return sch, KernelDecision(name, anatomy.kind, anatomy.output_shape, tile.as_list())
 

@@ -90,13 +90,6 @@ def candidate_tiles(vector_extent: int, broadcast_extent: int, row_extent: int,
     return out
 
 
-def heuristic_tile(vector_extent: int, broadcast_extent: int, row_extent: int, traits: TargetTraits,
-                   other_parallel: int = 1, threads: int = 2) -> Tile:
-    """The best-scoring tile (see the module docstring)."""
-    ranked = ranked_tiles(vector_extent, broadcast_extent, row_extent, traits, other_parallel, threads, count=1)
-    return ranked[0] if ranked else Tile(1)
-
-
 def ranked_tiles(vector_extent: int, broadcast_extent: int, row_extent: int, traits: TargetTraits,
                  other_parallel: int = 1, threads: int = 2, count: int = 4) -> list[Tile]:
     """The ``count`` best tiles by the heuristic score (candidates for a local search)."""
