@@ -141,7 +141,11 @@ def test_activation_saliency_needs_and_uses_calibration():
     ctx = PassContext(calibration=cal)
     opts = {"sparsity": 0.8, "block": "8x1", "layers": ["conv3x3"]}
     by_act = create_pass("sparsify", {**opts, "saliency": "activation"})(model, ctx)
-    by_mag = create_pass("sparsify", opts)(model, ctx)
+    by_mag = create_pass("sparsify", {**opts, "saliency": "magnitude"})(model, ctx)
+    by_default = create_pass("sparsify", opts)(model, ctx)  # auto: activation, as there is calibration data
+    assert by_default.stats["saliency"] == "activation"
+    np.testing.assert_array_equal(by_default.model.get_constant("w1") == 0, by_act.model.get_constant("w1") == 0)
+    assert create_pass("sparsify", opts)(model).stats["saliency"] == "magnitude"
     col = lambda m: m.get_constant("w1")[:, 0]  # noqa: E731
     assert np.count_nonzero(col(by_act.model)) > np.count_nonzero(col(by_mag.model))
     err_act = by_act.stats["layers"][0]["error"]["output_rel"]

@@ -49,7 +49,8 @@ class Sparsify(Pass):
     """Zero the weights of Conv (group 1), Gemm and MatMul (constant 2-D weight) in blocks of R
     consecutive output channels × 1 input column (``block``: 1x1, 4x1, 8x1, 16x1), by saliency: the
     block's squared weights (``saliency=magnitude``) or squared weights × the mean square of the
-    input channel each reads on calibration data (``saliency=activation``, weight × activation norm).
+    input channel each reads on calibration data (``saliency=activation``, weight × activation norm;
+    the default ``auto`` uses it when calibration data is given).
 
     ``sparsity`` is the fraction of the chosen layers' weights zeroed: per layer (``scope=layer``,
     every layer the same, ``layer_sparsity`` overriding by name pattern) or globally
@@ -75,8 +76,9 @@ class Sparsify(Pass):
     sparsity: float = option(0.5, help="fraction of the chosen layers' weights zeroed")
     block: Literal["1x1", "4x1", "8x1", "16x1"] = option("8x1", help="zeroed blocks: R output channels × 1 input column")
     scope: Literal["layer", "global"] = option("layer", help="the same sparsity in every layer, or one global ranking")
-    saliency: Literal["magnitude", "activation"] = option(
-        "magnitude", help="block score: Σ w², or Σ w²·E[x²] of the input channel (needs calibration)")
+    saliency: Literal["auto", "magnitude", "activation"] = option(
+        "auto", help="block score: Σ w², or Σ w²·E[x²] of the input channel (needs calibration); "
+                     "auto: activation with calibration data, else magnitude")
     layer_sparsity: dict[str, float] = option(default_factory=dict,
                                               help="sparsity for layers matching a name pattern (fnmatch)")
     max_layer_sparsity: float = option(0.98, help="scope=global: no layer loses more than this fraction")
@@ -117,7 +119,7 @@ class Sparsify(Pass):
         allow_plain_initializers(model)
         model.infer_shapes(refresh=True)
         layers, skipped = self._candidates(model)
-        stats: dict[str, Any] = {"block": self.block, "scope": self.scope, "saliency": self.saliency,
+        stats: dict[str, Any] = {"block": self.block, "scope": self.scope, "saliency": self._saliency(ctx),
                                  "candidates": len(layers), "skipped": skipped}
         if not layers:
             stats.update({"sparsified": 0, "layers": [], "sparsity": 0.0})
@@ -125,7 +127,7 @@ class Sparsify(Pass):
         original = model.clone() if self.reconstruct and ctx.calibration is not None else None
         if ctx.calibration is not None:
             self._capture(model, layers, ctx)
-        scores = [self._block_scores(layer) for layer in layers]
+        scores = [self._block_scores(layer, self._saliency(ctx)) for layer in layers]
         prune_counts = self._prune_counts(layers, scores)
         report, zeroed, total = [], 0, 0
         modified = False
@@ -255,10 +257,17 @@ class Sparsify(Pass):
                     layer.rows.append(rows)
 
     # ------------------------------------------------------------------ policy: scores and counts
-    def _block_scores(self, layer: _Layer) -> np.ndarray:
+    def _saliency(self, ctx: PassContext) -> str:
+        """auto: weight × activation when there is calibration data (on PP-OCRv4 rec at 70% sparsity,
+        with the refit: 57% vs 45% character accuracy in 8×1 blocks, 92% vs 87% in 1×1), else magnitude."""
+        if self.saliency == "auto":
+            return "activation" if ctx.calibration is not None else "magnitude"
+        return self.saliency
+
+    def _block_scores(self, layer: _Layer, saliency: str) -> np.ndarray:
         """[block rows, columns] saliency of each R×1 block."""
         sq = layer.matrix.astype(np.float64) ** 2
-        if self.saliency == "activation" and layer.act_count:
+        if saliency == "activation" and layer.act_count:
             sq = sq * (layer.act_energy / layer.act_count)[layer.in_channel][None, :]
         return blocks_of(sq, self.block_rows).sum(axis=2)
 
