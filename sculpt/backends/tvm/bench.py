@@ -138,10 +138,12 @@ def _where(target: NamedTarget, device) -> str:
 def _runner(compiled, target: NamedTarget, device, ordered, runs: int, warmup: int):
     """A function returning (median ms, outputs) for one round of ``runs`` runs of a build."""
     if device is not None:
-        from sculpt.backends.tvm.rpc import run_remote
+        from sculpt.backends.tvm.rpc import remote_timer
+
+        timer = remote_timer(compiled.executable, target, device, ordered, runs=runs, warmup=warmup)
 
         def remote():
-            timed = run_remote(compiled.executable, target, device, ordered, runs=runs, warmup=warmup)
+            timed = timer()
             return timed.median_ms, timed.outputs
 
         return remote

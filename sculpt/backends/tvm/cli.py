@@ -94,7 +94,11 @@ def _device(args):
         if args.device_key:
             raise OptionError("--device-key needs --rpc HOST:PORT (the tracker)")
         return None
-    return RemoteDevice.parse(args.rpc, args.device_key)
+    from sculpt.backends.tvm.rpc import probe
+
+    device = RemoteDevice.parse(args.rpc, args.device_key)
+    probe(device)  # before any compiling: an unreachable tracker or unknown key is reported at once
+    return device
 
 
 @contextmanager
@@ -167,7 +171,7 @@ def cmd_compile(args) -> int:
     from sculpt.backends.tvm.artifact import check_artifact_path, compile_model, export_artifact
     from sculpt.backends.tvm.targets import get_target
     from sculpt.backends.tvm.tune import database_dir_for
-    from sculpt.cli import _check_output_file, _console, _load, _resolve_shapes, parse_input_shapes
+    from sculpt.cli import _console, _load, _resolve_shapes, parse_input_shapes
 
     target = get_target(args.target)
     if args.tune < 0:
@@ -179,7 +183,10 @@ def cmd_compile(args) -> int:
         tuning_db = Path(args.tuning_db)
         if tuning_db.exists() and not tuning_db.is_dir():
             raise OptionError(f"--tuning-db {tuning_db}: exists and is not a folder")
-        _check_output_file(str(tuning_db), "--tuning-db", "a folder")
+        if not tuning_db.exists() and not args.tune:
+            raise OptionError(f"--tuning-db {tuning_db}: no such folder (give --tune TRIALS to create it)")
+        if not tuning_db.resolve().parent.is_dir():
+            raise OptionError(f"--tuning-db {tuning_db}: the folder {tuning_db.resolve().parent} does not exist")
     elif args.tune:
         tuning_db = database_dir_for(library)
     model = _load(args.model)

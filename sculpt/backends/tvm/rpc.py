@@ -11,7 +11,7 @@ import os
 import statistics
 import tempfile
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -49,15 +49,37 @@ def _flatten(value) -> list[np.ndarray]:
     return [leaf for item in value for leaf in _flatten(item)]
 
 
-def request_session(device: RemoteDevice, timeout_sec: int | None = None):
-    """An RPC session with a device of ``device.key`` from the tracker."""
+def connect_tracker(device: RemoteDevice):
+    """The tracker, checked to have a device registered under ``device.key``."""
+    import socket
+
     from tvm import rpc
 
+    try:  # TVM's own connect retries for a minute; a tracker that is not there should fail now
+        socket.create_connection((device.tracker_host, device.tracker_port), timeout=10).close()
+    except OSError as e:
+        raise RemoteError(f"--rpc {device.tracker_host}:{device.tracker_port}: cannot reach the RPC tracker "
+                          f"({e.strerror or e})") from None
     try:
         tracker = rpc.connect_tracker(device.tracker_host, device.tracker_port)
     except Exception as e:
         raise RemoteError(f"--rpc {device.tracker_host}:{device.tracker_port}: cannot reach the RPC tracker "
                           f"({' '.join(str(e).split())[:200]})") from None
+    try:
+        queues = tracker.summary().get("queue_info", {})
+    except Exception as e:
+        raise RemoteError(f"--rpc {device.tracker_host}:{device.tracker_port}: the tracker did not answer "
+                          f"({' '.join(str(e).split())[:200]})") from None
+    if device.key not in queues:
+        known = ", ".join(sorted(queues)) or "none"
+        raise RemoteError(f"--device-key {device.key}: no device registered under this key at "
+                          f"{device.tracker_host}:{device.tracker_port} (registered keys: {known})")
+    return tracker
+
+
+def request_session(device: RemoteDevice, timeout_sec: int | None = None):
+    """An RPC session with a device of ``device.key`` from the tracker."""
+    tracker = connect_tracker(device)
     try:
         return tracker.request(device.key, priority=1, session_timeout=timeout_sec or device.session_timeout_sec,
                                max_retry=3)
@@ -66,9 +88,15 @@ def request_session(device: RemoteDevice, timeout_sec: int | None = None):
                           f"gave no device ({' '.join(str(e).split())[:200]})") from None
 
 
-def run_remote(executable, target: NamedTarget, device: RemoteDevice, args: Sequence[np.ndarray], *,
-               runs: int = 10, warmup: int = 1) -> TimedRun:
-    """Export ``executable`` for ``target``, upload it to ``device``, run it there and time it."""
+def probe(device: RemoteDevice) -> None:
+    """Fail now, with a one-line error, when the tracker is unreachable or has no device of the key."""
+    connect_tracker(device)
+
+
+def remote_timer(executable, target: NamedTarget, device: RemoteDevice, args: Sequence[np.ndarray], *,
+                 runs: int = 10, warmup: int = 1) -> Callable[[], TimedRun]:
+    """Export ``executable`` for ``target``, upload it to ``device`` and load it there once; the returned
+    function runs and times it on the device (``runs`` timed runs after ``warmup``) each time it is called."""
     from tvm import relax
 
     session = request_session(device)
@@ -85,12 +113,19 @@ def run_remote(executable, target: NamedTarget, device: RemoteDevice, args: Sequ
             dev = session.cl(0) if target.is_opencl else session.cpu(0)
             vm = relax.VirtualMachine(library, dev)
             remote_args = [_to_device(a, dev) for a in args]
+        except Exception as e:
+            raise RemoteError(f"the device {device} could not load the build: {' '.join(str(e).split())[:300]}") \
+                from None
+
+    def run() -> TimedRun:
+        try:
             return time_vm(vm, dev, remote_args, runs, warmup)
-        except RemoteError:
-            raise
         except Exception as e:
             raise RemoteError(f"the device {device} failed to run the build: {' '.join(str(e).split())[:300]}") \
                 from None
+
+    run.session = session  # keeps the session open as long as the timer lives
+    return run
 
 
 def _to_device(array: np.ndarray, dev):
