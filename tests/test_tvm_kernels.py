@@ -186,3 +186,19 @@ def test_tile_search_caches_the_fastest_tile_and_builds_use_it(tmp_path):
     x = np.random.default_rng(8).standard_normal((1, 8, 16, 32)).astype(np.float32)
     ref = make_session(Model.wrap(proto)).run(None, {"x": x})[0]
     np.testing.assert_allclose(run_relax(executable, {"x": x}, ["x"])[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_small_constant_folding_is_numpy_exact():
+    """Constant bias reshapes are evaluated in numpy before TVM's (compile-per-call) FoldConstant."""
+    from sculpt.backends.tvm.kernels.fold_small_constants import fold_small_constants
+
+    proto = cases.conv_model(cases.CONV_GRID[:3], cases.CONV_GRID_INPUT)
+    mod = import_to_relax(Model.wrap(proto))
+    assert mod.script().count("R.reshape") >= 3
+    folded = fold_small_constants(mod)
+    assert folded.script().count("R.reshape") == 0 and folded.script().count("R.nn.conv2d") == 3
+    x = np.random.default_rng(9).standard_normal(cases.CONV_GRID_INPUT).astype(np.float32)
+    a = run_relax(build(mod, "llvm", kernels="default"), {"x": x}, ["x"])
+    b = run_relax(build(folded, "llvm", kernels="default"), {"x": x}, ["x"])
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)

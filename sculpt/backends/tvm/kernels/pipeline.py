@@ -1,6 +1,7 @@
 """The Relax compilation pipeline with sculpt's kernels: TVM's CPU pipeline plus one scheduling step.
 
-    [sculpt: transposed convs with stride == kernel -> 1x1 conv + pixel shuffle]
+    [sculpt: constant reshapes / isnan / where evaluated in numpy (fold_small_constants)]
+             -> [sculpt: transposed convs with stride == kernel -> 1x1 conv + pixel shuffle]
              -> dispatch -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
              -> [sculpt: schedule every PrimFunc (rules.schedule_module)]
              -> dataflow lowering -> memory planning / VM lowering
@@ -10,6 +11,7 @@ scheduled with their epilogues in place."""
 
 from __future__ import annotations
 
+from sculpt.backends.tvm.kernels.fold_small_constants import fold_small_constants
 from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
 from sculpt.backends.tvm.kernels.rules import TileChooser, schedule_module
 
@@ -19,11 +21,15 @@ def _front_passes(target) -> list:
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    @tvm.transform.module_pass(opt_level=0, name="SculptFoldSmallConstants")
+    def fold_constants(mod, _ctx):
+        return fold_small_constants(mod)
+
     @tvm.transform.module_pass(opt_level=0, name="SculptRewriteTransposedConvs")
     def rewrite_transposed(mod, _ctx):
         return rewrite_transposed_convs(mod)
 
-    return [rewrite_transposed] + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    return [fold_constants, rewrite_transposed] + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 
 def legalized_and_fused(mod, target):
