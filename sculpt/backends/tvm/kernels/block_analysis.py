@@ -99,8 +99,6 @@ def _loops_match_iter_vars(sch, block_rv) -> bool:
     loops = sch.get_loops(block_rv)
     if len(loops) != len(block.iter_vars):
         return False
-    realize = sch.get_sref(block_rv).stmt  # the block itself; bindings live in the realize
-    del realize
     for loop_rv, iv in zip(loops, block.iter_vars):
         loop = sch.get(loop_rv)
         if int(loop.extent) != int(iv.dom.extent) or int(loop.min) != 0:
@@ -108,7 +106,7 @@ def _loops_match_iter_vars(sch, block_rv) -> bool:
     return True
 
 
-def _kind(spatial, reduce, broadcast, reads_with_vector, n_reads, multiply_accumulate) -> str:
+def _kind(spatial, reduce, broadcast, multiply_accumulate) -> str:
     if not multiply_accumulate:
         return "pool"
     if broadcast is None:
@@ -167,9 +165,8 @@ def analyze_reduction(sch, block_rv) -> ReductionAnatomy | None:
         if a is not broadcast and a.extent > 1 and a.name in streamed_vars:
             row = a
             break
-    update = block.body
-    multiply_accumulate = _is_multiply_accumulate(update)
-    kind = _kind(spatial, reduce, broadcast, streamed, len(reads), multiply_accumulate)
+    multiply_accumulate = _is_multiply_accumulate(block.body)
+    kind = _kind(spatial, reduce, broadcast, multiply_accumulate)
     return ReductionAnatomy(spatial, reduce, vector, broadcast, row, kind,
                             tuple(int(x) for x in out_buf.shape), [str(r.source.name) for r in reads])
 
