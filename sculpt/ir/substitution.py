@@ -152,13 +152,15 @@ def substitution_stats(before: CostReport, model: Model, count_key: str, report:
 
 
 def refit_last_layers(original: Model, model: Model, jobs, calibration, *, samples: int, positions: int,
-                      ridge: float = 1e-3) -> dict:
+                      ridge: float = 1e-3, holdout: float = 0.25) -> dict:
     """Sequential ridge refit (sculpt.ir.refit.sequential_refit) of the replacements' last layers, so
-    that the error of one replaced layer is compensated by the next instead of compounding."""
+    that the error of one replaced layer is compensated by the next instead of compounding. A
+    quarter of the samples is held out first: a layer whose refit does not lower the error on them
+    (too few rows for its unknowns) keeps its fitted weights."""
     from sculpt.ir.refit import sequential_refit
 
     data = [s for _, s in zip(range(samples), calibration)]
-    return sequential_refit(original, model, jobs, data, positions=positions, ridge=ridge)
+    return sequential_refit(original, model, jobs, data, positions=positions, ridge=ridge, holdout=holdout)
 
 
 def name_selected(name: str, layers: list[str], ignore: list[str]) -> bool:

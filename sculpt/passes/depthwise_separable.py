@@ -65,6 +65,8 @@ class DepthwiseSeparable(Pass):
     ridge: float = option(1e-4, help="least-squares regularization, relative to the mean diagonal")
     refit: bool = option(True, help="fit=data: after all replacements, refit each pointwise Conv in order on the "
                                     "compressed model's own inputs (errors do not compound)")
+    refit_samples: int = option(32, help="calibration samples for the refit (it solves for whole layers: more rows "
+                                         "than the fit of one layer needs)")
 
     def __post_init__(self):
         if self.multiplier < 1 or self.iterations < 0 or self.samples < 1 or self.positions < 1:
@@ -113,7 +115,7 @@ class DepthwiseSeparable(Pass):
         splice(model, replacements)
         stats.update(substitution_stats(before, model, "replaced", report, skipped, bool(replacements)))
         if replacements and original is not None:
-            stats["refit"] = refit_last_layers(original, model, jobs, ctx.calibration, samples=self.samples,
+            stats["refit"] = refit_last_layers(original, model, jobs, ctx.calibration, samples=self.refit_samples,
                                                positions=self.positions)
         return PassResult(model, bool(replacements), stats)
 

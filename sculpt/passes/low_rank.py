@@ -93,6 +93,8 @@ class LowRank(Pass):
     ridge: float = option(1e-4, help="data_aware: Σ + ridge·mean(diag Σ)·I, so unseen directions stay invertible")
     refit: bool = option(True, help="with calibration data: after factoring, refit each factored layer's last "
                                     "factor in order on the compressed model's own inputs (errors do not compound)")
+    refit_samples: int = option(32, help="calibration samples for the refit (it solves for whole layers: more rows "
+                                         "than the fit of one layer needs)")
 
     def __post_init__(self):
         if not 0 < self.energy <= 1:
@@ -143,7 +145,7 @@ class LowRank(Pass):
         splice(model, replacements)
         stats.update(substitution_stats(before, model, "factored", report, skipped, bool(replacements)))
         if replacements and original is not None:
-            stats["refit"] = refit_last_layers(original, model, jobs, ctx.calibration, samples=self.samples,
+            stats["refit"] = refit_last_layers(original, model, jobs, ctx.calibration, samples=self.refit_samples,
                                                positions=self.positions)
         return PassResult(model, bool(replacements), stats)
 
