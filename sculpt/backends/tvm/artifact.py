@@ -163,6 +163,7 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
                      else f"building for {target.name} with the tuning database {tuning_database}")
         executable, report = tune_and_build(mod, target, tune_trials, tuning_database, device=device,
                                             on_start=on_tuning_start, on_trials=on_trials)
+        build_options = {"kernels": "metaschedule"}  # tuned schedules of TVM's own operators
     else:
         if progress:
             progress(f"building for {target.name}")

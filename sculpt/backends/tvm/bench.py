@@ -48,8 +48,8 @@ def variants_for(kernels: str | None, tuned: bool) -> list[Variant]:
     if variants[0].build_options and not build_supports("kernels"):
         raise OptionError("--kernels: this TVM backend has no kernel choice yet (relax_import.build takes no "
                           "'kernels' option)")
-    if tuned:
-        variants.append(Variant("tvm_tuned_ms", dict(variants[-1].build_options), tune=True))
+    if tuned:  # MetaSchedule schedules TVM's own legalized operators (the kernels option does not apply)
+        variants.append(Variant("tvm_tuned_ms", {}, tune=True))
     return variants
 
 

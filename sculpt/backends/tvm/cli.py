@@ -69,9 +69,10 @@ def register(subparsers) -> None:
 
 def _kernel_choices() -> list[str]:
     """The values of relax_import.build's ``kernels`` option, if this TVM backend has one."""
+    from sculpt.backends.tvm import relax_import
     from sculpt.backends.tvm.bench import build_supports
 
-    return ["sculpt", "default"] if build_supports("kernels") else []
+    return list(getattr(relax_import, "KERNEL_CHOICES", ())) if build_supports("kernels") else []
 
 
 def _add_device_options(p) -> None:
@@ -82,7 +83,8 @@ def _add_device_options(p) -> None:
 def _add_build_options(p, kernels: list[str], allow_both: bool = False) -> None:
     if kernels:
         p.add_argument("--kernels", choices=kernels + (["both"] if allow_both else []), default=None,
-                       help="CPU kernels: sculpt's or TVM's default" + ("; both: measure each" if allow_both else ""))
+                       help="CPU kernels: sculpt's (the default) or TVM's own pipeline" + ("; both: measure each" if allow_both else "")
+                       + ("; a tuned build (--tune) uses MetaSchedule's schedules instead" if allow_both else ""))
     p.add_argument("--sparse", choices=["auto", "on", "off"], default="off",
                    help="block-sparse kernels for pruned weights: auto (where faster), on, off (default)")
 
