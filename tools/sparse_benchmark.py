@@ -111,7 +111,7 @@ VARIANTS = {
 
 
 def e2e_table(settings: list[tuple[str, float]], variants: list[str], count: int, runs: int,
-              calibration_count: int, kernels: str) -> None:
+              calibration_count: int, kernels: str, number: int, repeat: int) -> None:
     import tvm
 
     from sculpt import ocr_task
@@ -159,8 +159,8 @@ def e2e_table(settings: list[tuple[str, float]], variants: list[str], count: int
             model = create_pass("sparsify", options)(base, PassContext(calibration=calibration)).model
         pass_s = time.perf_counter() - t
         metrics = ocr_task.evaluate_rec(model, data, characters=characters)
-        sparse_mod, decisions = apply_sparse_kernels(import_to_relax(model), target, "auto",
-                                                     layer_names=layer_names_from_onnx(model))
+        sparse_mod, decisions = apply_sparse_kernels(import_to_relax(model), target, "auto", number=number,
+                                                     repeat=repeat, layer_names=layer_names_from_onnx(model))
         sparse_ms, vm = vm_ms(build(sparse_mod, spec, kernels=kernels))
         dense_ms = sparse_ms if variant is None else dense_ms
         ort_ms = ocr_task.median_latency_ms(make_session(model), x, runs=runs)
@@ -183,8 +183,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", default="1,4,8,16")
     ap.add_argument("--sparsities", default="0.5,0.7,0.8,0.9")
-    ap.add_argument("--number", type=int, default=10)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--number", type=int, default=10, help="kernel timings (also auto's per-layer decision)")
+    ap.add_argument("--repeat", type=int, default=5, help="kernel timings (also auto's per-layer decision)")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--e2e", action="store_true", help="also PP-OCRv4 rec end to end")
     ap.add_argument("--settings", default="8x1:0.5,8x1:0.7,8x1:0.9,16x1:0.9,4x1:0.9,1x1:0.9",
@@ -207,7 +207,8 @@ def main(argv=None) -> None:
         print_kernel_table(rows)
     if args.e2e:
         settings = [(s.split(":")[0], float(s.split(":")[1])) for s in args.settings.split(",") if s]
-        e2e_table(settings, variants, args.count, args.runs, args.calibration_count, args.kernels)
+        e2e_table(settings, variants, args.count, args.runs, args.calibration_count, args.kernels,
+                  args.number, args.repeat)
 
 
 if __name__ == "__main__":
