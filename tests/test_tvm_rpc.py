@@ -102,7 +102,7 @@ def test_tuning_measures_on_the_rpc_device(tracker, tmp_path):
 
     model = conv_relu_model(tmp_path / "conv.onnx")
     out = tmp_path / "conv.so"
-    assert main(["compile", str(model), "--tune", "1", "--rpc", tracker, "--device-key", KEY, "-o", str(out)]) == 0
+    assert main(["compile", str(model), "--tune", "1", "--tune-strategy", "random", "--rpc", tracker, "--device-key", KEY, "-o", str(out)]) == 0
     tuning = json.loads(out.with_suffix(".json").read_text())["tuning"]
     assert tuning["measured_on"] == f"{KEY}@{tracker}"
     assert tuning["trials"] >= 1 and tuning["tasks_tuned"] == tuning["tasks"] >= 1

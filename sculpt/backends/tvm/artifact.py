@@ -121,7 +121,7 @@ def prepare_model(model, input_shapes: Mapping[str, Sequence[int]] | None = None
 
 def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None, canonicalize: bool = True,
                   tune_trials: int = 0, tuning_database: Path | None = None, device=None,
-                  build_options: Mapping | None = None, sparse: str | None = None,
+                  tune_strategy: str = "evolutionary", build_options: Mapping | None = None, sparse: str | None = None,
                   progress: Callable[[str], None] | None = None,
                   on_tuning_start: Callable[[int], None] | None = None,
                   on_trials: Callable[[int], None] | None = None) -> CompiledModel:
@@ -162,7 +162,7 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
             progress(f"tuning for {target.name} ({tune_trials} trials)" if tune_trials
                      else f"building for {target.name} with the tuning database {tuning_database}")
         executable, report = tune_and_build(mod, target, tune_trials, tuning_database, device=device,
-                                            on_start=on_tuning_start, on_trials=on_trials)
+                                            strategy=tune_strategy, on_start=on_tuning_start, on_trials=on_trials)
         build_options = {"kernels": "metaschedule"}  # tuned schedules of TVM's own operators
     else:
         if progress:

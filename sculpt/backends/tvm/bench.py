@@ -56,6 +56,7 @@ def variants_for(kernels: str | None, tuned: bool) -> list[Variant]:
 def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=None, runs: int = 20,
               warmup: int = 3, rounds: int = 3, threads: int | None = None, kernels: str | None = None,
               tune_trials: int = 0, tuning_database: Path | None = None, device=None, sparse: str | None = None,
+              tune_strategy: str = "evolutionary",
               seed: int = 0, progress: Callable[[str], None] | None = None,
               on_tuning_start=None, on_trials=None) -> dict:
     """Median latency (ms) of onnxruntime and of each TVM build, plus the TVM builds' max relative error
@@ -100,6 +101,7 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
         compiled = compile_model(work, target, canonicalize=False, build_options=variant.build_options,
                                  tune_trials=tune_trials if variant.tune else 0,
                                  tuning_database=tuning_database if variant.tune else None, device=device,
+                                 tune_strategy=tune_strategy,
                                  sparse=sparse, on_tuning_start=on_tuning_start, on_trials=on_trials)
         result[variant.label.replace("_ms", "_compile_s")] = round(time.perf_counter() - start, 2)
         if compiled.tuning is not None:

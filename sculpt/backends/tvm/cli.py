@@ -32,6 +32,7 @@ def register(subparsers) -> None:
                    help="tune with MetaSchedule, about TRIALS trials in all (at least one per task); the database "
                         "goes beside the artifact (<name>.tuning/) and is reused by the next compile")
     c.add_argument("--tuning-db", metavar="DIR", help="the tuning database folder (default: beside the artifact)")
+    _add_strategy_option(c)
     c.add_argument("--no-canonicalize", action="store_true",
                    help="import the model as is (by default 'canonicalize' runs first; TVM's importer needs it)")
     _add_device_options(c)
@@ -61,6 +62,7 @@ def register(subparsers) -> None:
     b.add_argument("--threads", type=int, default=None, help="threads of both runtimes (default: all cores)")
     b.add_argument("--tune", type=int, default=0, metavar="TRIALS", help="also measure a build tuned with TRIALS trials")
     b.add_argument("--tuning-db", metavar="DIR", help="tuning database to use and extend (default: a temporary one)")
+    _add_strategy_option(b)
     _add_device_options(b)
     _add_build_options(b, kernels, allow_both=True)
     b.add_argument("--json", action="store_true", help='print one JSON object {"ort_ms": ..., "tvm_ms": ..., ...}')
@@ -73,6 +75,12 @@ def _kernel_choices() -> list[str]:
     from sculpt.backends.tvm.bench import build_supports
 
     return list(getattr(relax_import, "KERNEL_CHOICES", ())) if build_supports("kernels") else []
+
+
+def _add_strategy_option(p) -> None:
+    p.add_argument("--tune-strategy", choices=["evolutionary", "random"], default="evolutionary",
+                   help="evolutionary: MetaSchedule's cost-model-guided search (default); random: candidates "
+                        "sampled at random, much cheaper, for trying the flow")
 
 
 def _add_device_options(p) -> None:
@@ -199,7 +207,7 @@ def cmd_compile(args) -> int:
     with _status(console, enabled=not args.json) as (say, tuning_started, trials_done):
         compiled = compile_model(model, target, input_shapes=shapes, canonicalize=not args.no_canonicalize,
                                  tune_trials=args.tune, tuning_database=tuning_db, device=device,
-                                 build_options=build_options, sparse=args.sparse, progress=say,
+                                 tune_strategy=args.tune_strategy, build_options=build_options, sparse=args.sparse, progress=say,
                                  on_tuning_start=tuning_started, on_trials=trials_done)
         say(f"exporting {library}")
         artifact = export_artifact(compiled, library, source_model=args.model)
@@ -325,6 +333,7 @@ def cmd_bench(args) -> int:
             result = benchmark(args.model, target, input_shapes=shapes, runs=args.runs, warmup=args.warmup,
                                rounds=args.rounds, threads=args.threads, kernels=getattr(args, "kernels", None),
                                tune_trials=args.tune, tuning_database=tuning_db, device=device, sparse=args.sparse,
+                               tune_strategy=args.tune_strategy,
                                progress=say, on_tuning_start=tuning_started, on_trials=trials_done)
     finally:
         if tmp_db is not None:

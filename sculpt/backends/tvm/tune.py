@@ -42,13 +42,14 @@ class TuningReport:
     trials_requested: int = 0
     seconds: float = 0.0
     measured_on: str = "local"
+    strategy: str = "evolutionary"
     reused_task_names: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"database": self.database, "tasks": self.tasks, "tasks_tuned": self.tasks_tuned,
                 "tasks_reused": self.tasks_reused, "trials": self.trials,
                 "trials_requested": self.trials_requested, "seconds": round(self.seconds, 3),
-                "measured_on": self.measured_on}
+                "measured_on": self.measured_on, "strategy": self.strategy}
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def _has_record(database, task, target) -> bool:
 
 
 def tune_and_build(mod, target: NamedTarget, trials: int, database_dir: Path, *,
-                   device: RemoteDevice | None = None, seed: int = 0,
+                   device: RemoteDevice | None = None, seed: int = 0, strategy: str = "evolutionary",
                    on_start: Callable[[int], None] | None = None,
                    on_trials: Callable[[int], None] | None = None):
     """Tune the tasks of ``mod`` missing from ``database_dir`` with about ``trials`` trials in all
@@ -130,6 +131,8 @@ def tune_and_build(mod, target: NamedTarget, trials: int, database_dir: Path, *,
 
     if trials < 0:
         raise OptionError(f"--tune takes a number of trials >= 0, got {trials}")
+    if strategy not in SEARCH_STRATEGIES:
+        raise OptionError(f"unknown search strategy '{strategy}' (choose from {', '.join(SEARCH_STRATEGIES)})")
     if target.is_cross and device is None and trials > 0:
         raise TuningError(f"tuning for '{target.name}' measures candidates on the device: give --rpc HOST:PORT "
                           "--device-key KEY (a TVM RPC tracker with the device registered)")
@@ -137,7 +140,7 @@ def tune_and_build(mod, target: NamedTarget, trials: int, database_dir: Path, *,
     tvm_target = tuning_target(target)
     database_dir = Path(database_dir)
     report = TuningReport(str(database_dir), trials_requested=trials,
-                          measured_on=str(device) if device else "local")
+                          measured_on=str(device) if device else "local", strategy=strategy)
     tasks = [t for t in ms.relax_integration.extract_tasks(fused_for_tuning(mod, tvm_target), tvm_target)
              if not t.dispatched[0].attrs or not t.dispatched[0].attrs.get("tirx.is_scheduled", False)]
     report.tasks = len(tasks)
@@ -167,7 +170,8 @@ def tune_and_build(mod, target: NamedTarget, trials: int, database_dir: Path, *,
                 if on_trials:
                     on_trials(n)
 
-            _run_search(ms, pending, tvm_target, target, database, per_task, total, device, seed, count)
+            _run_search(ms, pending, tvm_target, target, database, per_task, total, device, seed, count,
+                        SEARCH_STRATEGIES[strategy])
             report.trials = counted[0]
             report.tasks_tuned = sum(1 for t in pending if _has_record(database, t, tvm_target))
         executable = _build_with_database(mod, tvm_target, database)
@@ -179,13 +183,13 @@ def tune_and_build(mod, target: NamedTarget, trials: int, database_dir: Path, *,
     return executable, report
 
 
-EVOLUTIONARY_MIN_TRIALS = 64
-
-
-def search_strategy(trials_per_task: int) -> str:
-    """Evolutionary search pays off with enough trials to evolve a population; below that (a quick
-    tune, a CI test), random sampling of the design space costs far less for the same trials."""
-    return "evolutionary" if trials_per_task >= EVOLUTIONARY_MIN_TRIALS else "replay-trace"
+SEARCH_STRATEGIES = {
+    # MetaSchedule's cost-model-guided search: each measured candidate is the best of a population the
+    # cost model ranked, so even one trial per task is an informed pick (slower search, better code)
+    "evolutionary": "evolutionary",
+    # candidates sampled at random from the design space: far cheaper, for smoke tests of the flow
+    "random": "replay-trace",
+}
 
 
 def import_tensor_intrinsics(depth: int = 6) -> None:
@@ -220,11 +224,11 @@ def import_tensor_intrinsics(depth: int = 6) -> None:
 
 
 def _run_search(ms, pending, tvm_target, target: NamedTarget, database, per_task: int, total: int,
-                device: RemoteDevice | None, seed: int, count) -> None:
+                device: RemoteDevice | None, seed: int, count, strategy: str) -> None:
     import_tensor_intrinsics()
     with tempfile.TemporaryDirectory(prefix="sculpt-tune-") as work_dir:
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            pending, work_dir, seed=seed, num_threads="physical", strategy=search_strategy(per_task))
+            pending, work_dir, seed=seed, num_threads="physical", strategy=strategy)
         builder = ms.builder.LocalBuilder(
             f_build=build_for_measurement,
             f_export=functools.partial(export_for_measurement, cc=target.cross_compiler),
