@@ -40,6 +40,7 @@ def test_artifact_is_a_library_with_its_manifest(cls_host):
     assert manifest["sculpt_version"] == __version__
     assert manifest["tvm_version"].startswith("0.27") and manifest["passes"] == ["canonicalize"]
     assert manifest["opencl_source"] is None and manifest["tuning"] is None
+    assert manifest["options"]["kernels"] == "sculpt"  # relax_import.build's default CPU kernels
 
 
 def test_host_artifact_runs_in_the_deploy_runner_and_matches_onnxruntime(cls_host):

@@ -169,8 +169,20 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
             progress(f"building for {target.name}")
         executable = build(mod, target.spec, **dict(build_options or {}))
     options.update({k: v for k, v in dict(build_options or {}).items()})
+    if "kernels" not in options:
+        options["kernels"] = "default" if target.is_opencl else _default_kernels()
     return CompiledModel(executable, target, inputs, outputs, passes, options, report,
                          time.perf_counter() - start)
+
+
+def _default_kernels() -> str:
+    """The CPU kernels relax_import.build uses when not told ("default" before it had a choice)."""
+    import inspect
+
+    from sculpt.backends.tvm.relax_import import build
+
+    parameter = inspect.signature(build).parameters.get("kernels")
+    return parameter.default if parameter is not None else "default"
 
 
 def _input_specs(model) -> list[TensorSpec]:
