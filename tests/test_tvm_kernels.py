@@ -15,7 +15,7 @@ from sculpt.backends.tvm import build, import_to_relax, run_relax  # noqa: E402
 from sculpt.backends.tvm.kernels import compile_with_kernels, host_target, traits_of  # noqa: E402
 from sculpt.backends.tvm.kernels import onnx_cases as cases  # noqa: E402
 from sculpt.backends.tvm.kernels.tiling import (  # noqa: E402
-    candidate_tiles, ranked_tiles, vector_registers, vector_width)
+    candidate_tiles, is_streaming, ranked_tiles, vector_registers, vector_width)
 from sculpt.errors import SculptError  # noqa: E402
 from sculpt.ir.model import Model  # noqa: E402
 
@@ -75,9 +75,15 @@ def test_pool_grid_matches_onnxruntime():
     _compile_and_compare(proto, {"x": x}, expect_kinds={"pool": 3})
 
 
-@pytest.mark.parametrize("m,k,n,batch", [(40, 120, 360, (1,)), (7, 33, 50, (2,)), (1, 200, 2, ())])
+@pytest.mark.parametrize("m,k,n,batch", [(40, 120, 360, (1,)), (7, 33, 50, (2,)), (1, 200, 2, ()),
+                                         (5, 24, 661, (1,))])
 def test_matmul_with_weight_and_bias(m, k, n, batch):
+    """661 columns (prime, like rec's 6625 = 5^3 x 53): the weight is padded to whole vectors."""
+    from sculpt.backends.tvm.kernels.pad_matmul_columns import pad_matmul_columns
+
     proto = cases.matmul_model(m, k, n, batch)
+    padded = pad_matmul_columns(import_to_relax(Model.wrap(proto))).script()
+    assert ("strided_slice" in padded) == (n == 661)
     a = np.random.default_rng(3).standard_normal((*batch, m, k)).astype(np.float32)
     _compile_and_compare(proto, {"a": a}, expect_kinds={"matmul": 1} if m > 1 else None)
 
@@ -124,6 +130,10 @@ def test_tiling_heuristic_respects_registers_and_divisors():
         for vec, bcast, rows in [(80, 96, 80), (10, 384, 10), (96, 8, 12), (13, 7, 19), (6625, 40, 1)]:
             tile = ranked_tiles(vec, bcast, rows, traits, count=1)[0]
             assert vec % tile.vector == 0 and bcast % tile.broadcast == 0 and rows % tile.rows == 0
+            if is_streaming(tile.vector, traits.vector_lanes):  # 6625: no vector tile divides it
+                assert tile.vector == vec and not any(
+                    d & (d - 1) == 0 and d >= 4 for d in range(4, 4 * traits.vector_lanes + 1) if vec % d == 0)
+                continue
             used = vector_registers(tile.vector, traits.vector_lanes) * tile.broadcast * tile.rows
             assert used <= traits.accumulator_registers, (traits, tile)
             assert tile in candidate_tiles(vec, bcast, rows, traits)

@@ -2,6 +2,7 @@
 
     [sculpt: constant reshapes / isnan / where evaluated in numpy (fold_small_constants)]
              -> [sculpt: transposed convs with stride == kernel -> 1x1 conv + pixel shuffle]
+             -> [sculpt: matmul weights padded to whole vectors of columns (pad_matmul_columns)]
              -> dispatch -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
              -> [sculpt: schedule every PrimFunc (rules.schedule_module)]
              -> dataflow lowering -> memory planning / VM lowering
@@ -12,6 +13,7 @@ scheduled with their epilogues in place."""
 from __future__ import annotations
 
 from sculpt.backends.tvm.kernels.fold_small_constants import fold_small_constants
+from sculpt.backends.tvm.kernels.pad_matmul_columns import pad_matmul_columns
 from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
 from sculpt.backends.tvm.kernels.rules import TileChooser, schedule_module
 
@@ -29,7 +31,11 @@ def _front_passes(target) -> list:
     def rewrite_transposed(mod, _ctx):
         return rewrite_transposed_convs(mod)
 
-    return [fold_constants, rewrite_transposed] + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    @tvm.transform.module_pass(opt_level=0, name="SculptPadMatmulColumns")
+    def pad_columns(mod, _ctx):
+        return pad_matmul_columns(mod)
+
+    return [fold_constants, rewrite_transposed, pad_columns] + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 
 def legalized_and_fused(mod, target):

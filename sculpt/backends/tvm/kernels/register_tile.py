@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from sculpt.backends.tvm.kernels.block_analysis import (
     ReductionAnatomy, contiguous_along_last_axis, has_if_then_else, is_reduction, root_blocks,
     writes_function_output)
-from sculpt.backends.tvm.kernels.tiling import Tile, vector_width, worth_parallel
+from sculpt.backends.tvm.kernels.tiling import Tile, is_streaming, vector_width, worth_parallel
 
 
 ACCUMULATOR_SCOPE = "global"
@@ -221,18 +221,22 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
     else:
         tail = sch.cache_write(main, 0, ACCUMULATOR_SCOPE)
     sch.reverse_compute_at(tail, outer[-1], preserve_unit_loops=True)
+    streaming = is_streaming(tile.vector, lanes)
     width = vector_width(tile.vector, lanes)
-    if width < tile.vector:
+    if streaming:  # left to LLVM's loop vectorizer (it handles the remainder)
+        width = tile.vector
+    elif width < tile.vector:
         vec_unrolled, vec_lanes = sch.split(inner[-1], factors=[None, width])
         inner = inner[:-1] + [vec_unrolled, vec_lanes]
-    for lp in inner[:-1]:
-        sch.unroll(lp)
-    sch.vectorize(inner[-1])
+    if not streaming:
+        for lp in inner[:-1]:
+            sch.unroll(lp)
+        sch.vectorize(inner[-1])
     tail_loops = sch.get_loops(tail)
     if width < tile.vector:
         _, tail_lanes = sch.split(tail_loops[-1], factors=[None, width])
         sch.vectorize(tail_lanes)
-    elif int(sch.get(tail_loops[-1]).extent) > 1:
+    elif int(sch.get(tail_loops[-1]).extent) > 1 and not streaming:
         sch.vectorize(tail_loops[-1])
     fused = sch.fuse(*outer)
     work = a.reduce_extent

@@ -33,8 +33,23 @@ def divisors(n: int, limit: int | None = None) -> list[int]:
 
 
 def vector_candidates(extent: int, lanes: int) -> list[int]:
-    """Divisors of ``extent`` worth vectorizing: up to 4 registers wide."""
-    return [d for d in divisors(extent, min(extent, 4 * lanes)) if d >= min(lanes, extent) // 2 or d == extent]
+    """Divisors of ``extent`` worth vectorizing: up to 4 registers wide, made of power-of-two
+    vectors when possible. An extent without such a divisor is taken whole: up to 4 registers it
+    is one (odd-sized) vector; longer, it is a *streaming* tile (see ``is_streaming``)."""
+    small = [d for d in divisors(extent, min(extent, 4 * lanes)) if d >= min(lanes, extent) // 2 or d == extent]
+    friendly = [d for d in small if _is_power_of_two(vector_width(d, lanes))]
+    return friendly or [extent]
+
+
+def is_streaming(vector_tile: int, lanes: int) -> bool:
+    """A vector tile too long for registers (an extent like 6625 = 5^3 x 53 with no power-of-two
+    divisor): its accumulators live in memory and LLVM vectorizes the loop over it, remainder
+    included."""
+    return vector_tile > 4 * lanes
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 4 and n & (n - 1) == 0
 
 
 # below this many multiply-adds (or elements) a kernel runs on one thread: waking the pool costs
@@ -64,6 +79,8 @@ def vector_registers(vector_tile: int, lanes: int) -> int:
 
 
 def tile_score(tile: Tile, lanes: int, budget: int, outer_tiles: int, threads: int) -> tuple:
+    if is_streaming(tile.vector, lanes):
+        return (min(outer_tiles / (2 * threads), 1.0), tile.broadcast, tile.vector)
     vregs = vector_registers(tile.vector, lanes)
     acc = tile.broadcast * tile.rows * vregs
     if acc > budget:
@@ -80,6 +97,9 @@ def candidate_tiles(vector_extent: int, broadcast_extent: int, row_extent: int,
     budget = traits.accumulator_registers
     out = []
     for v in vector_candidates(vector_extent, traits.vector_lanes):
+        if is_streaming(v, traits.vector_lanes):  # accumulators in memory: a few rows, no register budget
+            out += [Tile(v, b, 1) for b in divisors(broadcast_extent, min(broadcast_extent, 4))]
+            continue
         vregs = vector_registers(v, traits.vector_lanes)
         for b in divisors(broadcast_extent, min(broadcast_extent, 16)):
             if b * vregs > budget:
