@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls
+
 # op -> numpy evaluation on constant arguments (attrs from the call)
 _NUMPY_EVAL = {
     "relax.reshape": lambda call, args: args[0].reshape(args[1]),
@@ -19,51 +21,30 @@ _NUMPY_EVAL = {
 }
 
 
-def _constant_value(expr):
+def _argument_value(expr):
     values = getattr(expr, "values", None)  # a relax.ShapeExpr (reshape's target shape)
     if values is not None:
         return tuple(int(v) for v in values)
-    for attr in ("value", "data"):
-        value = getattr(expr, attr, None)
-        if value is not None and hasattr(value, "numpy"):
-            return value.numpy()
-    return None
+    value = constant_value(expr)
+    return None if value is None else value.numpy()
 
 
 def fold_small_constants(mod):
     """The module with every call in ``_NUMPY_EVAL`` on constant arguments replaced by its value."""
+    return rewrite_calls(mod, _evaluated)
+
+
+def _evaluated(call, rewriter):
     from tvm import relax
 
-    @relax.expr_functor.mutator
-    class _Folder(relax.PyExprMutator):
-        def __init__(self, module):
-            super().__init__(module)
-            self.module = module
-
-        def _const_arg(self, arg):
-            if isinstance(arg, relax.Var):
-                bound = self.lookup_binding(arg)
-                arg = bound if bound is not None else arg
-            return _constant_value(arg)
-
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            evaluate = _NUMPY_EVAL.get(getattr(call.op, "name", ""))
-            if evaluate is None:
-                return call
-            args = [self._const_arg(a) for a in call.args]
-            if any(a is None for a in args):
-                return call
-            try:
-                value = np.array(evaluate(call, args), order="C")  # keeps 0-d scalars 0-d
-            except Exception:  # noqa: BLE001 - anything unusual is left to TVM's FoldConstant
-                return call
-            return relax.const(value, str(value.dtype))
-
-        def run(self):
-            for gv, func in self.module.functions_items():
-                if isinstance(func, relax.Function):
-                    self.builder_.update_func(gv, self.visit_expr(func))
-            return self.builder_.get()
-
-    return _Folder(mod).run()
+    evaluate = _NUMPY_EVAL.get(getattr(call.op, "name", ""))
+    if evaluate is None:
+        return None
+    args = [_argument_value(rewriter.bound(a)) for a in call.args]
+    if any(a is None for a in args):
+        return None
+    try:
+        value = np.array(evaluate(call, args), order="C")  # keeps 0-d scalars 0-d
+    except Exception:  # noqa: BLE001 - anything unusual is left to TVM's FoldConstant
+        return None
+    return relax.const(value, str(value.dtype))

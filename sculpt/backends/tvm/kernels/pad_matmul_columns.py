@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls
+
 COLUMN_MULTIPLE = 16  # a multiple of every target's float32 lanes (NEON 4, AVX2 8, AVX-512 16)
 MIN_COLUMNS = 64      # below this the kernel takes the columns as one (odd-sized) vector
-
-
-def _constant_value(expr):
-    for attr in ("value", "data"):
-        value = getattr(expr, attr, None)
-        if value is not None and hasattr(value, "numpy") and hasattr(value, "shape"):
-            return value
-    return None
 
 
 def _padded_columns(n: int) -> int | None:
@@ -30,35 +24,23 @@ def _padded_columns(n: int) -> int | None:
 
 def pad_matmul_columns(mod):
     """The module with every such matmul padded (see the module docstring)."""
+    return rewrite_calls(mod, _padded_matmul)
+
+
+def _padded_matmul(call, rewriter):
     from tvm import relax
 
-    @relax.expr_functor.mutator
-    class _Padder(relax.PyExprMutator):
-        def __init__(self, module):
-            super().__init__(module)
-            self.module = module
-
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if getattr(call.op, "name", "") != "relax.matmul":
-                return call
-            weight = _constant_value(call.args[1])
-            if weight is None or len(weight.shape) != 2 or str(weight.dtype) != "float32":
-                return call
-            k, n = (int(d) for d in weight.shape)
-            padded = _padded_columns(n)
-            if padded is None:
-                return call
-            w = np.zeros((k, padded), np.float32)
-            w[:, :n] = weight.numpy()
-            out = self.builder_.emit(relax.op.matmul(call.args[0], relax.const(w)))
-            rank = len(call.args[0].ty.shape)
-            return relax.op.strided_slice(out, axes=[rank - 1], begin=[0], end=[n])
-
-        def run(self):
-            for gv, func in self.module.functions_items():
-                if isinstance(func, relax.Function):
-                    self.builder_.update_func(gv, self.visit_expr(func))
-            return self.builder_.get()
-
-    return _Padder(mod).run()
+    if getattr(call.op, "name", "") != "relax.matmul":
+        return None
+    weight = constant_value(call.args[1])
+    if weight is None or len(weight.shape) != 2 or str(weight.dtype) != "float32":
+        return None
+    k, n = (int(d) for d in weight.shape)
+    padded = _padded_columns(n)
+    if padded is None:
+        return None
+    w = np.zeros((k, padded), np.float32)
+    w[:, :n] = weight.numpy()
+    out = rewriter.emit(relax.op.matmul(call.args[0], relax.const(w)))
+    rank = len(call.args[0].ty.shape)
+    return relax.op.strided_slice(out, axes=[rank - 1], begin=[0], end=[n])

@@ -15,19 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _constant_value(expr):
-    """The tensor of a relax constant (``.value`` in TVM 0.27, ``.data`` before), else None."""
-    for attr in ("value", "data"):
-        value = getattr(expr, attr, None)
-        if value is not None and hasattr(value, "numpy") and hasattr(value, "shape"):
-            return value
-    return None
+from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls
 
 
 def _rewritable(call) -> bool:
     a = call.attrs
-    weights = _constant_value(call.args[1])
+    weights = constant_value(call.args[1])
     if weights is None:
         return False
     k = tuple(int(d) for d in weights.shape)
@@ -41,34 +34,20 @@ def _rewritable(call) -> bool:
 
 def rewrite_transposed_convs(mod):
     """The module with every rewritable conv2d_transpose replaced (see the module docstring)."""
+    return rewrite_calls(mod, _transposed_conv_as_pixel_shuffle)
+
+
+def _transposed_conv_as_pixel_shuffle(call, rewriter):
     from tvm import relax
 
-    @relax.expr_functor.mutator
-    class _Rewriter(relax.PyExprMutator):
-        def __init__(self, module):
-            super().__init__(module)
-            self.module = module
-            self.rewritten = 0
-
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if getattr(call.op, "name", "") != "relax.nn.conv2d_transpose" or not _rewritable(call):
-                return call
-            x, kernel = call.args
-            w = _constant_value(kernel).numpy()  # (ci, co, kh, kw)
-            ci, co, kh, kw = w.shape
-            n, _, h, wd = (int(d) for d in x.ty.shape)
-            w1x1 = np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(co * kh * kw, ci, 1, 1))
-            y = self.builder_.emit(relax.op.nn.conv2d(x, relax.const(w1x1), strides=1, padding=0))
-            y = self.builder_.emit(relax.op.reshape(y, (n, co, kh, kw, h, wd)))
-            y = self.builder_.emit(relax.op.permute_dims(y, [0, 1, 4, 2, 5, 3]))
-            self.rewritten += 1
-            return relax.op.reshape(y, (n, co, h * kh, wd * kw))
-
-        def run(self):
-            for gv, func in self.module.functions_items():
-                if isinstance(func, relax.Function):
-                    self.builder_.update_func(gv, self.visit_expr(func))
-            return self.builder_.get()
-
-    return _Rewriter(mod).run()
+    if getattr(call.op, "name", "") != "relax.nn.conv2d_transpose" or not _rewritable(call):
+        return None
+    x, kernel = call.args
+    w = constant_value(kernel).numpy()  # (ci, co, kh, kw)
+    ci, co, kh, kw = w.shape
+    n, _, h, wd = (int(d) for d in x.ty.shape)
+    w1x1 = np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(co * kh * kw, ci, 1, 1))
+    y = rewriter.emit(relax.op.nn.conv2d(x, relax.const(w1x1), strides=1, padding=0))
+    y = rewriter.emit(relax.op.reshape(y, (n, co, kh, kw, h, wd)))
+    y = rewriter.emit(relax.op.permute_dims(y, [0, 1, 4, 2, 5, 3]))
+    return relax.op.reshape(y, (n, co, h * kh, wd * kw))

@@ -1,0 +1,59 @@
+"""The mechanism shared by sculpt's Relax rewrites: visit every call of every Relax function
+(post-order) and let a rule replace it, emitting helper bindings as needed."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+def constant_value(expr):
+    """The tensor of a Relax constant (``.value`` in TVM 0.27, ``.data`` before), else None."""
+    for attr in ("value", "data"):
+        value = getattr(expr, attr, None)
+        if value is not None and hasattr(value, "numpy") and hasattr(value, "shape"):
+            return value
+    return None
+
+
+class Rewriter:
+    """Handed to a rule: ``emit(expr)`` binds a helper expression and returns its variable;
+    ``bound(var)`` is the expression a variable was bound to (or the variable itself)."""
+
+    def __init__(self, mutator):
+        self._mutator = mutator
+
+    def emit(self, expr):
+        return self._mutator.builder_.emit(expr)
+
+    def bound(self, expr):
+        from tvm import relax
+
+        if isinstance(expr, relax.Var):
+            value = self._mutator.lookup_binding(expr)
+            return value if value is not None else expr
+        return expr
+
+
+def rewrite_calls(mod, rule: Callable):
+    """``mod`` with each call ``c`` replaced by ``rule(c, rewriter)`` unless that returns None."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Mutator(relax.PyExprMutator):
+        def __init__(self, module):
+            super().__init__(module)
+            self.module = module
+            self.rewriter = Rewriter(self)
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            new = rule(call, self.rewriter)
+            return call if new is None else new
+
+        def run(self):
+            for gv, func in self.module.functions_items():
+                if isinstance(func, relax.Function):
+                    self.builder_.update_func(gv, self.visit_expr(func))
+            return self.builder_.get()
+
+    return _Mutator(mod).run()
