@@ -148,3 +148,23 @@ def test_verify_input_errors(cls_host, tmp_path, capsys):
     np.save(tmp_path / "small.npy", np.zeros((1, 3, 8, 8), np.float32))
     assert main(["verify", str(cls_host), "--model", model, "--input", f"x={tmp_path / 'small.npy'}"]) == 2
     assert "compiled for [1, 3, 48, 192]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compile_with_sparse_kernels_on_a_sparsified_model(tmp_path, capsys):
+    """`--sparse on` after the sparsify pass: block-sparse kernels replace layers, the artifact still
+    computes what the sparsified model computes."""
+    from sculpt.ir.calibration import CalibrationSet
+    from sculpt.ir.model import Model
+    from sculpt.passes import Pipeline
+
+    fixed = Model.load(ppocr_model_path("cls")).clone().fix_input_shapes({"x": CLS_SHAPE})
+    cal = CalibrationSet.random(fixed, count=4, low=0.0, high=1.0)
+    sparse = Pipeline.from_specs(["canonicalize", "sparsify:sparsity=0.8,reconstruct=false"], calibration=cal,
+                                 statistics=False).run(fixed).model
+    sparse.save(tmp_path / "cls_sparse.onnx")
+    out = tmp_path / "cls_sparse.so"
+    assert main(["compile", str(tmp_path / "cls_sparse.onnx"), "--sparse", "on", "-o", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["options"]["sparse"]["layers_sparse"] > 0
+    capsys.readouterr()
+    assert main(["verify", str(out), "--model", str(tmp_path / "cls_sparse.onnx")]) == 0
