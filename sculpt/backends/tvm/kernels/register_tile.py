@@ -187,7 +187,7 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
     a = anatomy
     epilogue = inline_epilogue(sch, func, main)
     inline_branch_free_producers(sch, main)
-    deinterleave_strided_input(sch, main, a)
+    deinterleaved = deinterleave_strided_input(sch, main, a)
     skip = {sch.get(b).name_hint for b in epilogue} | {sch.get(main).name_hint}
     producers = [b for b in root_blocks(sch) if sch.get(b).name_hint not in skip]
 
@@ -251,4 +251,7 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
         for b in epilogue:
             schedule_injective_block(sch, b, lanes)
     for b in producers:
-        schedule_padding_block(sch, b, lanes)
+        if deinterleaved:  # zero-fill + interior copy in the split layout measured slower than one pass
+            schedule_injective_block(sch, b, lanes)
+        else:
+            schedule_padding_block(sch, b, lanes)
