@@ -53,8 +53,8 @@ def small_net(activations="uint8"):
         model, PassContext(calibration=cal)).model
 
 
-@pytest.mark.parametrize("activations", ["uint8", "int8"])
-def test_small_net_is_exact_against_onnxruntime(activations):
+@pytest.mark.parametrize("activations, kernels", [("uint8", "sculpt"), ("int8", "sculpt"), ("uint8", "default")])
+def test_small_net_is_exact_against_onnxruntime(activations, kernels):
     model, q = small_net(activations)
     mod = import_to_relax(q)
     lowered, stats = lower_qdq_to_int8(mod)
@@ -64,7 +64,7 @@ def test_small_net_is_exact_against_onnxruntime(activations):
     assert 'out_dtype="int32"' in text and "int16" in text
     from sculpt.backends.tvm.relax_import import build
 
-    executable = build(lowered)
+    executable = build(lowered, kernels=kernels)  # sculpt's kernel library, or TVM's naive loops
     # the output is conv3's dequantized output, flattened: compare as integers on its grid
     out_dq = q.producers()[q.node_by_name("flatten").input[0]]
     scale = float(q.get_constant(out_dq.input[1]))

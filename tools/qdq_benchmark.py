@@ -10,9 +10,9 @@ Every model starts from the same canonicalized fp32 model with the input shape f
 model and config: exact match and character accuracy (rec) or orientation accuracy (cls), agreement
 with the fp32 model's predictions, onnxruntime latency (batch 1, median over rounds of the median of
 repeated runs, all configs in turn in each round) and its ratio to fp32, and — unless ``--no-tvm`` —
-TVM latency on the host (llvm; the fp32 model with TVM's default build, the QDQ models lowered to int8
-compute by ``sculpt.backends.tvm.int8``, both with the default naive-loop kernels) with its ratio to the
-fp32 TVM build, and how the TVM int8 build agrees with onnxruntime on the same QDQ model (decoded
+TVM latency on the host (llvm; the fp32 model, and the QDQ models lowered to int8 compute by
+``sculpt.backends.tvm.int8``, all built with the same ``--tvm-kernels``: sculpt's kernel library or
+TVM's default naive loops) with its ratio to the fp32 TVM build, and how the TVM int8 build agrees with onnxruntime on the same QDQ model (decoded
 predictions on ``--tvm-lines`` lines, and the largest output difference).
 """
 
@@ -124,12 +124,12 @@ def tvm_measure(kind: str, model: Model, quantized: bool, data, characters, args
 
     shapes = {"x": ocr_task.input_shape(kind)}
     if quantized:
-        executable, stats = compile_int8(model, shapes)
+        executable, stats = compile_int8(model, shapes, kernels=args.tvm_kernels)
         units = f"{stats.conv2d} conv + {stats.matmul} matmul int8"
         if stats.left_float:
             units += ", float: " + ", ".join(f"{v} {k.split('.')[-1]}" for k, v in stats.left_float.items())
     else:
-        executable, units = build(import_to_relax(model, shapes)), "fp32"
+        executable, units = build(import_to_relax(model, shapes), kernels=args.tvm_kernels), "fp32"
     dev = tvm.cpu()
     vm = relax.VirtualMachine(executable, dev)
     sess = ocr_task.session_for(model, threads=2, shape=shapes["x"])
@@ -271,6 +271,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating latency rounds")
     ap.add_argument("--min-ms", type=float, default=300.0, help="more runs per measurement for fast models")
     ap.add_argument("--no-tvm", dest="tvm", action="store_false", help="skip the TVM builds")
+    ap.add_argument("--tvm-kernels", default="sculpt", choices=["sculpt", "default"],
+                    help="TVM CPU kernels for every build, fp32 and int8 alike: sculpt's kernel library or TVM's "
+                         "default pipeline (naive loops)")
     ap.add_argument("--tvm-runs", type=int, default=5, help="timed TVM runs per model")
     ap.add_argument("--tvm-lines", type=int, default=20, help="lines on which TVM is compared with onnxruntime")
     ap.add_argument("--save-dir", help="save each config's model here as <model>_<config>.onnx")
@@ -316,7 +319,8 @@ def main(argv=None) -> int:
         print(f"failed: {f}")
     print(f"\n{args.count} lines per model (seed {ocr_task.EVAL_SEED}), calibration {args.calibration_count} lines "
           f"(seed {ocr_task.CALIBRATION_SEED}); onnxruntime batch 1, median over {args.rounds} rounds of the median "
-          f"of ≥ {args.runs} runs; TVM llvm host build, median of {args.tvm_runs} runs; total {seconds:.0f}s")
+          f"of ≥ {args.runs} runs; TVM llvm host build with {args.tvm_kernels} kernels, median of {args.tvm_runs} "
+          f"runs; total {seconds:.0f}s")
     return 0
 
 

@@ -213,12 +213,13 @@ def _float_units(mod) -> dict[str, int]:
     return counts
 
 
-def compile_int8(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None, target: str | dict = "llvm"):
-    """Import a QDQ model, lower its quantized units to int8 compute, build. Returns (executable,
-    LoweringStats)."""
+def compile_int8(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None, target: str | dict = "llvm",
+                 *, kernels: str = "sculpt"):
+    """Import a QDQ model, lower its quantized units to int8 compute, build (``kernels`` as in
+    :func:`sculpt.backends.tvm.relax_import.build`). Returns (executable, LoweringStats)."""
     mod = import_to_relax(model, input_shapes)
     try:
         lowered, stats = lower_qdq_to_int8(mod)
     except Exception as e:  # a TVM failure inside the rewrite: report in one line
         raise TVMImportError(f"int8 lowering failed: {_one_line(e)}") from None
-    return build(lowered, target), stats
+    return build(lowered, target, kernels=kernels), stats
