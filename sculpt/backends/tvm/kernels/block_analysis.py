@@ -56,6 +56,8 @@ class ReductionAnatomy:
     kind: str                       # conv2d, conv2d_1x1, depthwise, matmul, pool, reduce
     output_shape: tuple[int, ...]
     reads: list[str] = field(default_factory=list)
+    fused_rows: bool = False        # row and vector loops fused into one contiguous axis (oh*ow)
+    row_length: int = 0             # when fused: ow; a vector tile must divide it or be a multiple
 
     @property
     def reduce_extent(self) -> int:
@@ -206,3 +208,47 @@ def contiguous_along_last_axis(sch, block_rv) -> bool:
                                                    and expr.a.same_as(last) and isinstance(expr.b, tirx.IntImm))):
                 return False
     return True
+
+
+def rows_fusable(sch, block_rv, anatomy: ReductionAnatomy) -> bool:
+    """The row axis sits right before the vector axis and every streamed read and the output
+    index them as exactly ``[..., row, vector]`` over a last dimension of the vector's extent (a
+    1x1 stride-1 unpadded conv, a matmul): then (row, vector) is one contiguous axis."""
+    from tvm import tirx
+
+    a = anatomy
+    if a.row is None or a.row.index != a.vector.index - 1 or a.fused_rows:
+        return False
+    block = sch.get(block_rv)
+    row_var, vec_var = block.iter_vars[a.row.index].var, block.iter_vars[a.vector.index].var
+    out_buf = block.writes[0].source
+    regions = [block.writes[0]] + [r for r in block.reads if not r.source.same_as(out_buf)
+                                   and any(v.same_as(vec_var) for v in region_vars(r.region))]
+    unit_reduce = [block.iter_vars[r.index].var for r in a.reduce if r.extent == 1]
+
+    def is_exactly(expr, var) -> bool:  # var, or var + a reduction var of extent 1 (1x1 kernel taps)
+        if isinstance(expr, tirx.Var):
+            return expr.same_as(var)
+        if isinstance(expr, tirx.Add) and isinstance(expr.a, tirx.Var) and isinstance(expr.b, tirx.Var):
+            return expr.a.same_as(var) and any(expr.b.same_as(u) for u in unit_reduce)
+        return False
+
+    for region in regions:
+        mins = [r.min for r in region.region]
+        if len(mins) < 2 or int(region.source.shape[-1]) != a.vector.extent:
+            return False
+        if not (is_exactly(mins[-1], vec_var) and is_exactly(mins[-2], row_var)):
+            return False
+    return True
+
+
+def with_fused_rows(anatomy: ReductionAnatomy) -> ReductionAnatomy:
+    """The anatomy after fusing the row loop into the vector loop (loop positions shift by one)."""
+    import dataclasses
+
+    a = anatomy
+    vector = Axis(a.row.index, f"{a.row.name}_{a.vector.name}", a.row.extent * a.vector.extent)
+    spatial = [s for s in a.spatial if s.index < a.row.index] + [vector]
+    reduce = [Axis(r.index - 1, r.name, r.extent) for r in a.reduce]
+    return dataclasses.replace(a, spatial=spatial, reduce=reduce, vector=vector, row=None, fused_rows=True,
+                               row_length=a.vector.extent)

@@ -192,6 +192,9 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
     producers = [b for b in root_blocks(sch) if sch.get(b).name_hint not in skip]
 
     loops = sch.get_loops(main)
+    if a.fused_rows:  # (oh, ow) -> one contiguous axis: the 1x1 conv as a plain GEMM over oh*ow
+        sch.fuse(loops[a.vector.index], loops[a.vector.index + 1])
+        loops = sch.get_loops(main)
     outer_of, inner_of = {}, {}
     for axis, size in ((a.vector, tile.vector), (a.broadcast, tile.broadcast), (a.row, tile.rows)):
         if axis is None:

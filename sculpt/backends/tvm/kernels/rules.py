@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from sculpt.backends.tvm.kernels.block_analysis import analyze_reduction, is_reduction, root_blocks
+from sculpt.backends.tvm.kernels.block_analysis import (
+    analyze_reduction, is_reduction, root_blocks, rows_fusable, with_fused_rows)
 from sculpt.backends.tvm.kernels.register_tile import (
     KernelDecision, inline_epilogue, schedule_injective_block, schedule_register_tile)
 from sculpt.backends.tvm.kernels.target_traits import TargetTraits, traits_of
@@ -34,7 +35,8 @@ def tile_ranking(anatomy, traits: TargetTraits, count: int = 1) -> list[Tile]:
         if s not in (a.vector, a.broadcast, a.row):
             other *= s.extent
     return ranked_tiles(a.vector.extent, a.broadcast.extent if a.broadcast else 1,
-                        a.row.extent if a.row else 1, traits, other_parallel=other, count=count)
+                        a.row.extent if a.row else 1, traits, other_parallel=other, count=count,
+                        row_length=a.row_length)
 
 
 def heuristic_chooser(anatomy, traits: TargetTraits, func=None) -> Tile:
@@ -58,6 +60,8 @@ def try_register_tile(func, traits: TargetTraits, choose: TileChooser, name: str
     anatomy = analyze_reduction(sch, main)
     if anatomy is None:
         return None
+    if rows_fusable(sch, main, anatomy):
+        anatomy = with_fused_rows(anatomy)
     tile = choose(anatomy, traits, func)
     schedule_register_tile(sch, sch.mod["main"], main, anatomy, tile, traits.vector_lanes)
     return sch, KernelDecision(name, anatomy.kind, anatomy.output_shape, tile.as_list())

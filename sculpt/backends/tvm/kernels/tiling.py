@@ -93,10 +93,15 @@ def tile_score(tile: Tile, lanes: int, budget: int, outer_tiles: int, threads: i
 
 
 def candidate_tiles(vector_extent: int, broadcast_extent: int, row_extent: int,
-                    traits: TargetTraits) -> list[Tile]:
+                    traits: TargetTraits, row_length: int = 0) -> list[Tile]:
+    """``row_length`` (a vector axis fused from rows of that length): a tile must cover whole rows
+    or divide one, or the epilogue of a tile would span a partial row."""
     budget = traits.accumulator_registers
     out = []
-    for v in vector_candidates(vector_extent, traits.vector_lanes):
+    vectors = vector_candidates(vector_extent, traits.vector_lanes)
+    if row_length:
+        vectors = [v for v in _aligned_vectors(vector_extent, traits.vector_lanes, row_length)] or [row_length]
+    for v in vectors:
         if is_streaming(v, traits.vector_lanes):  # accumulators in memory: a few rows, no register budget
             out += [Tile(v, b, 1) for b in divisors(broadcast_extent, min(broadcast_extent, 4))]
             continue
@@ -110,11 +115,17 @@ def candidate_tiles(vector_extent: int, broadcast_extent: int, row_extent: int,
     return out
 
 
+def _aligned_vectors(extent: int, lanes: int, row_length: int) -> list[int]:
+    return [v for v in vector_candidates(extent, lanes) + divisors(extent, min(extent, 4 * lanes))
+            if (v % row_length == 0 or row_length % v == 0) and _is_power_of_two(vector_width(v, lanes))]
+
+
 def ranked_tiles(vector_extent: int, broadcast_extent: int, row_extent: int, traits: TargetTraits,
-                 other_parallel: int = 1, threads: int = 2, count: int = 4) -> list[Tile]:
+                 other_parallel: int = 1, threads: int = 2, count: int = 4, row_length: int = 0) -> list[Tile]:
     """The ``count`` best tiles by the heuristic score (candidates for a local search)."""
     scored = []
-    for t in candidate_tiles(vector_extent, broadcast_extent, row_extent, traits):
+    for t in sorted(set(candidate_tiles(vector_extent, broadcast_extent, row_extent, traits, row_length)),
+                    key=lambda t: t.as_list()):
         outer = other_parallel * (vector_extent // t.vector) * (broadcast_extent // t.broadcast) \
             * (row_extent // t.rows)
         scored.append((tile_score(t, traits.vector_lanes, traits.accumulator_registers, outer, threads), t))
