@@ -235,11 +235,15 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
         for lp in inner[:-1]:
             sch.unroll(lp)
         sch.vectorize(inner[-1])
-    tail_loops = sch.get_loops(tail)
-    if width < tile.vector:
-        _, tail_lanes = sch.split(tail_loops[-1], factors=[None, width])
+    tail_loops = sch.get_loops(tail)  # per tile: (broadcast, rows, vector), or whole rows when fused
+    tail_extent = int(sch.get(tail_loops[-1]).extent)
+    tail_width = vector_width(tail_extent, lanes)
+    if streaming or tail_extent == 1:
+        pass
+    elif tail_width < tail_extent:
+        _, tail_lanes = sch.split(tail_loops[-1], factors=[None, tail_width])
         sch.vectorize(tail_lanes)
-    elif int(sch.get(tail_loops[-1]).extent) > 1 and not streaming:
+    else:
         sch.vectorize(tail_loops[-1])
     fused = sch.fuse(*outer)
     work = a.reduce_extent
