@@ -334,3 +334,18 @@ def test_shapes_onnx_inference_cannot_reach_are_measured():
     assert measured.macs_by_op["Conv"] == static_only.macs_by_op["Conv"]
     # without static input shapes nothing can run: shapes stay unknown, no error
     assert cost_of(model).unknown_macs
+
+
+def test_quantized_weights_behind_dequantize_linear_count_as_parameters():
+    """An int8 weight read by DequantizeLinear is a parameter (1 byte each); its float scales too."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((8, 4, 3, 3), np.int8), "wq")
+    scale = numpy_helper.from_array(np.ones(8, np.float32), "ws")
+    nodes = [helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], axis=0, name="dq"),
+             helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, scale])
+    report = cost_of(Model.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])))
+    assert report.params == 8 * 4 * 3 * 3 + 8
+    assert report.weight_bytes == 8 * 4 * 3 * 3 * 1 + 8 * 4

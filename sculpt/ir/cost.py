@@ -146,7 +146,8 @@ def cost_of(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = Non
         work.fix_input_shapes(input_shapes)
     # recompute every shape from the inputs: value_info left behind by an edit may be stale
     work.infer_shapes(refresh=True)
-    # constants are counted as parameters only if floating point (shape tensors and indices are not)
+    # constants are counted as parameters only if floating point (shape tensors and indices are not),
+    # or if they are the quantized values a DequantizeLinear reads
     init = work.initializer_map()
     constants: dict[str, tuple[tuple[int, ...], int, bool]] = {}
     for name, t in init.items():
@@ -181,8 +182,9 @@ def cost_of(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = Non
             continue
         params = 0
         wbytes = 0
-        for i in node.input:
-            if i in constants and constants[i][2]:
+        for k, i in enumerate(node.input):
+            # quantized weights (the integer input of a DequantizeLinear) are parameters too
+            if i in constants and (constants[i][2] or (node.op_type == "DequantizeLinear" and k == 0)):
                 dims, itemsize, _ = constants[i]
                 n = _numel(dims)
                 params += n
