@@ -93,8 +93,12 @@ def log(msg: str) -> None:
 
 
 def agreement(metrics, reference) -> float:
-    """Fraction of lines on which two models predict the same thing (decoded text or orientation)."""
-    same = [a == b for a, b in zip(metrics.predictions, reference.predictions)]
+    """Fraction of lines on which two models predict the same thing (decoded text, whitespace
+    normalized as the accuracy metrics do, or orientation)."""
+    def norm(p):
+        return ocr_task.normalize_text(p) if isinstance(p, str) else p
+
+    same = [norm(a) == norm(b) for a, b in zip(metrics.predictions, reference.predictions)]
     return sum(same) / len(same) if same else 0.0
 
 
