@@ -116,6 +116,17 @@ def detect_block_rows(matrix: np.ndarray, tolerance: float = 0.01) -> int:
     matrix = np.asarray(matrix)
     zeros = zero_fraction(matrix)
     for r in sorted(BLOCK_ROWS, reverse=True):
-        if r <= matrix.shape[0] and block_zero_fraction(matrix, r) >= zeros - tolerance:
+        if r <= matrix.shape[0] and _zero_block_element_fraction(matrix, r) >= zeros - tolerance:
             return r
     return 1
+
+
+def _zero_block_element_fraction(matrix: np.ndarray, block_rows: int) -> float:
+    """Fraction of the matrix's elements that lie in all-zero R×1 blocks. Unlike the block count, it
+    weighs a short last block row (rows not a multiple of R) by the rows it really has."""
+    if matrix.size == 0:
+        return 0.0
+    zero_blocks = ~np.any(blocks_of(matrix, block_rows) != 0, axis=2)  # [block rows, columns]
+    rows = np.full(zero_blocks.shape[0], block_rows)
+    rows[-1] = matrix.shape[0] - block_rows * (zero_blocks.shape[0] - 1)
+    return float((zero_blocks * rows[:, None]).sum() / matrix.size)

@@ -343,7 +343,9 @@ def _emit_sparse(builder, call, cand: _Candidate):
     f32 = "float32"
 
     def add(func, name):
-        return builder.add_func(func.with_attr("global_symbol", name), name)
+        # opaque (op_pattern 8): already scheduled, so fusion passes must not merge it with its
+        # neighbours (the kernel library's FuseOps/FuseTIR would otherwise remap its buffers)
+        return builder.add_func(func.with_attr("global_symbol", name).with_attr("op_pattern", 8), name)
 
     if cand.kernel == "pointwise":
         gv = add(funcs["bsr"], base)
