@@ -8,9 +8,10 @@ and per variant (how the pattern is chosen — ``magnitude`` or ``activation`` s
 the kept weights are refit, ``+refit`` = ``sparsify:reconstruct=true``), calibrated on rendered
 lines of a seed other than the evaluation set's; built with ``apply_sparse_kernels(mode='auto')``.
 Per row: the rendered-text character accuracy and exact-line match (``sculpt.ocr_task``), the
-latency of the TVM build after the sparse rewrite (``--kernels``: the build pipeline for the rest of
-the model; ``default`` = TVM's own, so the dense row is TVM's dense build) and of onnxruntime on the
-sparsified ONNX, the max relative difference TVM vs onnxruntime, and the time the pass took.
+latency of the TVM build after the sparse rewrite (``--kernels``: the pipeline for the rest of the
+model, ``sculpt`` = the kernel library, ``default`` = TVM's own; the dense row is the same build of
+the dense model) and of onnxruntime on the sparsified ONNX, the max relative difference TVM vs
+onnxruntime, and the time the pass took.
 
     python tools/sparse_benchmark.py                              # kernels, all blocks × 50/70/80/90 %
     python tools/sparse_benchmark.py --e2e --skip-kernels --count 100 --settings 8x1:0.5,8x1:0.9 \
@@ -193,7 +194,7 @@ def main(argv=None) -> None:
                     help=f"end to end: how each setting is sparsified, of {', '.join(VARIANTS)}")
     ap.add_argument("--count", type=int, default=100, help="rendered text lines for accuracy")
     ap.add_argument("--calibration-count", type=int, default=64, help="rendered calibration lines")
-    ap.add_argument("--kernels", default="default", choices=["default", "sculpt"],
+    ap.add_argument("--kernels", default="sculpt", choices=["default", "sculpt"],
                     help="end to end: TVM build pipeline around the sparse kernels (sculpt.backends.tvm.build)")
     ap.add_argument("--runs", type=int, default=20)
     args = ap.parse_args(argv)
