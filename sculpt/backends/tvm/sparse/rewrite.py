@@ -287,8 +287,9 @@ def apply_sparse_kernels(mod, target="llvm", mode: Mode = "auto", *, min_sparsit
             d.sparse, d.decided_by = True, "mode=on"
         elif measurable:
             dense_ms, sparse_ms, tile = _measure(cand, target, lanes, number, repeat)
-            d.dense_ms, d.sparse_ms, d.tile_cols = round(dense_ms, 4), round(sparse_ms, 4), tile
-            d.speedup = round(dense_ms / max(sparse_ms, 1e-9), 3)
+            # stored unrounded: the decision below must be reproducible from the reported times
+            d.dense_ms, d.sparse_ms, d.tile_cols = dense_ms, sparse_ms, tile
+            d.speedup = dense_ms / max(sparse_ms, 1e-9)
             d.sparse, d.decided_by = sparse_ms < dense_ms * (1 - margin), "measured"
         else:
             d.speedup = round(predicted_speedup(r, cand.bsr.density), 3)
