@@ -120,10 +120,10 @@ class Tucker2:
         r1 = max(1, min(r1, self.full[0]))
         r2 = max(1, min(r2, self.full[1]))
         uo, ui = self.u_out[:, :r2], self.u_in[:, :r1]
-        core = np.einsum("odij,or,ds->rsij", self.wp, uo, ui)
+        core = np.einsum("odij,or,ds->rsij", self.wp, uo, ui, optimize=True)
         p_in = ui.T if self.inv is None else ui.T @ self.inv
         return p_in[:, :, None, None], core, uo[:, :, None, None]
 
     def approx(self, r1: int, r2: int) -> np.ndarray:
         p_in, core, uo = self.factors(r1, r2)
-        return np.einsum("rsij,or,sc->ocij", core, uo[:, :, 0, 0], p_in[:, :, 0, 0])
+        return np.einsum("rsij,or,sc->ocij", core, uo[:, :, 0, 0], p_in[:, :, 0, 0], optimize=True)

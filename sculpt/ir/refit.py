@@ -58,6 +58,25 @@ def sample_rows(node, x: np.ndarray, y_shape: tuple, positions: np.ndarray,
     return x.reshape(-1, x.shape[-1])[positions]
 
 
+def pick_positions(total: int, per: int, rng: np.random.Generator) -> np.ndarray:
+    """All ``total`` positions when there are at most ``per``, else ``per`` distinct ones at random, sorted."""
+    return np.arange(total) if total <= per else np.sort(rng.choice(total, size=per, replace=False))
+
+
+def layer_rows(node, x: np.ndarray, y_shape: tuple, w_shape: tuple, per: int,
+               rng: np.random.Generator) -> np.ndarray | None:
+    """What ``node`` sees in one calibration sample ``x``, at up to ``per`` random output positions:
+    im2col patches for a 2-D Conv (None for other ranks), input rows for Gemm/MatMul. The calibration
+    capture of every pass that fits weights to data (low-rank, the substitutions, sparsify)."""
+    if node.op_type == "Conv":
+        if x.ndim != 4:
+            return None
+        y_shape = (x.shape[0],) + tuple(y_shape[1:])
+        return sample_rows(node, x, y_shape, pick_positions(y_shape[0] * y_shape[2] * y_shape[3], per, rng), w_shape)
+    flat = x.reshape(-1, x.shape[-1])
+    return flat[pick_positions(flat.shape[0], per, rng)]
+
+
 def _patches(node, x, nn, ph, pw, w_shape):
     k, s, d, p = _conv_geometry(node, x.shape, w_shape)
     padded = np.pad(x, ((0, 0), (0, 0), (p[0], p[0] + k[0] * d[0]), (p[1], p[1] + k[1] * d[1])))
@@ -209,8 +228,8 @@ def sequential_refit(original, compressed, jobs: list[RefitJob], samples: list[d
 
     Returns {"layers": refit count, "skipped": [node names]} and, for the layers refit, "errors":
     {node: {"before", "after"}} (relative output error on the calibration rows)."""
-    from sculpt.backends.ort import make_session
     from sculpt.ir.calibration import iter_activations
+    from sculpt.ir.layer_inputs import LayerInputStream
 
     order = {n.name: i for i, n in enumerate(compressed.graph.node)}
     report: dict = {"layers": 0, "skipped": []}
@@ -238,18 +257,15 @@ def sequential_refit(original, compressed, jobs: list[RefitJob], samples: list[d
             y = acts[job.target]
             out_shapes[job.node] = y.shape
             flat = _flat_outputs(node.op_type, y)
-            pos = np.arange(flat.shape[0]) if flat.shape[0] <= per else \
-                np.sort(rng.choice(flat.shape[0], size=per, replace=False))
+            pos = pick_positions(flat.shape[0], per, rng)
             t = flat[pos] if job.channels is None else flat[pos][:, list(job.channels)]
             picked.setdefault(job.node, []).append(pos)
             targets.setdefault(job.node, []).append(t)
-    for _, job, node in todo:
-        sess = make_session(compressed, extra_outputs=[node.input[0]])
+    stream = LayerInputStream(compressed, list(samples))
+    for position, job, node in todo:
         w = compressed.get_constant(node.input[1])
-        rows = []
-        for k, sample in enumerate(samples):
-            x = sess.run([node.input[0]], sample)[0]
-            rows.append(sample_rows(node, x, out_shapes[job.node], picked[job.node][k], w.shape))
+        rows = [sample_rows(node, x, out_shapes[job.node], picked[job.node][k], w.shape)
+                for k, x in enumerate(stream.inputs(position, node.input[0]))]
         w_mat = _weight_matrix(node, w)
         keep = None if job.keep is None else _weight_matrix(node, np.asarray(job.keep, dtype=bool))
         has_bias = len(node.input) > 2 and bool(node.input[2])

@@ -69,7 +69,7 @@ def conv_candidates(model: Model, pattern_ok, *, min_macs: int = 0) -> tuple[lis
 def capture_patches(model: Model, layers: list[dict], calibration, samples: int, positions: int, seed: int = 0):
     """im2col patches [S, C·kh·kw] of each layer's input at sampled output positions (layer['rows'])."""
     from sculpt.ir.calibration import iter_activations
-    from sculpt.ir.refit import sample_rows
+    from sculpt.ir.refit import layer_rows
 
     rng = np.random.default_rng(seed)
     n = min(samples, len(calibration))
@@ -77,10 +77,7 @@ def capture_patches(model: Model, layers: list[dict], calibration, samples: int,
     for acts in iter_activations(model, sorted({lay["node"].input[0] for lay in layers}), calibration, limit=n):
         for lay in layers:
             x = acts[lay["node"].input[0]]
-            y_shape = (x.shape[0],) + tuple(lay["y_shape"][1:])
-            total = y_shape[0] * y_shape[2] * y_shape[3]
-            pos = np.arange(total) if total <= per else np.sort(rng.choice(total, size=per, replace=False))
-            lay["rows"].append(sample_rows(lay["node"], x, y_shape, pos, lay["w"].shape).astype(np.float32))
+            lay["rows"].append(layer_rows(lay["node"], x, lay["y_shape"], lay["w"].shape, per, rng).astype(np.float32))
 
 
 def patch_moments(lay: dict) -> tuple[np.ndarray, float]:
@@ -95,7 +92,8 @@ def patch_moments(lay: dict) -> tuple[np.ndarray, float]:
 
 
 def rel_error(sigma: np.ndarray, y2: float, delta: np.ndarray) -> float:
-    return float(np.sqrt(max(np.einsum("fo,fg,go->", delta, sigma, delta), 0.0) / max(y2, 1e-30)))
+    """sqrt(tr(Δᵀ Σp Δ) / E‖y‖²): one BLAS product, not a three-operand einsum (F²·O scalar loops)."""
+    return float(np.sqrt(max(float(((sigma @ delta) * delta).sum()), 0.0) / max(y2, 1e-30)))
 
 
 def ridge_solve(a: np.ndarray, b: np.ndarray, ridge: float) -> np.ndarray:

@@ -148,7 +148,9 @@ class DepthwiseSeparable(Pass):
         def approx(d, p):
             return np.einsum("ctk,cto->cko", d, p.reshape(c, m, o)).reshape(c * k, o)
 
-        info["error_svd"] = round(rel_error(sigma, y2, wmat - approx(d, p)), 6)
+        svd_error = rel_error(sigma, y2, wmat - approx(d, p))
+        info["error_svd"] = round(svd_error, 6)
+        svd_start = d.copy(), p.copy()
         if self.fit == "data":
             info["fit"] = "als"
             s4 = sigma.reshape(c, k, c, k)
@@ -168,7 +170,12 @@ class DepthwiseSeparable(Pass):
                 d = ridge_solve(g, rhs, self.ridge * 1e-2).reshape(c, m, k)
                 d /= np.maximum(np.linalg.norm(d, axis=2, keepdims=True), 1e-12)
             info["iterations"] = self.iterations
-        info["error"] = round(rel_error(sigma, y2, wmat - approx(d, p)), 6)
+            if rel_error(sigma, y2, wmat - approx(d, p.reshape(c, m, o))) > svd_error:
+                # the ridge-damped alternation can end a hair above an already near-exact start (a
+                # channel-separable kernel): keep the start, the fit is never worse than the SVD
+                d, p = svd_start
+                info["fit"] = "svd (als did not improve it)"
+        info["error"] = round(rel_error(sigma, y2, wmat - approx(d, p.reshape(c, m, o))), 6)
         return d, p.reshape(c * m, o) if p.ndim == 3 else p, info
 
     # ------------------------------------------------------------------ graph edit

@@ -176,8 +176,8 @@ class FireModule(Pass):
             fit_c = ridge_solve(sc, sigma[cidx] @ wmat, 1e-9)  # [C, O] best centre-only weights
             delta = wmat.copy()
             delta[cidx] -= fit_c
-            resid = np.einsum("fo,fg,go->o", delta, sigma, delta)
-            total = np.einsum("fo,fg,go->o", wmat, sigma, wmat)
+            resid = ((sigma @ delta) * delta).sum(axis=0)  # per output: δᵀ Σp δ
+            total = ((sigma @ wmat) * wmat).sum(axis=0)
             idx1 = np.sort(np.argsort(resid / np.maximum(total, 1e-30), kind="stable")[:e1])
         idx3 = np.setdiff1d(np.arange(o), idx1)
         # expand 1×1: features Sq·p_centre

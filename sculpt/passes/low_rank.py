@@ -219,7 +219,7 @@ class LowRank(Pass):
     # ------------------------------------------------------------------ calibration
     def _capture(self, model: Model, layers: list[_Layer], ctx: PassContext) -> None:
         from sculpt.ir.calibration import iter_activations
-        from sculpt.ir.refit import sample_rows
+        from sculpt.ir.refit import layer_rows
 
         rng = np.random.default_rng(ctx.seed)
         n_samples = min(self.samples, len(ctx.calibration))
@@ -237,15 +237,7 @@ class LowRank(Pass):
                     layer.sigma = layer.sigma + f64.T @ f64
                     layer.total = layer.total + f64.sum(0)
                     layer.count += flat.shape[0]
-                if layer.kind == "matrix":
-                    pos = np.arange(flat.shape[0]) if flat.shape[0] <= per else \
-                        np.sort(rng.choice(flat.shape[0], size=per, replace=False))
-                    layer.rows.append(flat[pos])
-                    continue
-                y_shape = (x.shape[0],) + tuple(layer.y_shape[1:])
-                total = int(np.prod([y_shape[0]] + list(y_shape[2:])))
-                pos = np.arange(total) if total <= per else np.sort(rng.choice(total, size=per, replace=False))
-                rows = sample_rows(layer.node, x, y_shape, pos, layer.w.shape) if x.ndim == 4 else None
+                rows = layer_rows(layer.node, x, layer.y_shape, layer.w.shape, per, rng)
                 if rows is not None:
                     layer.rows.append(rows)
 

@@ -234,7 +234,7 @@ class Sparsify(Pass):
     # ------------------------------------------------------------------ calibration
     def _capture(self, model: Model, layers: list[_Layer], ctx: PassContext) -> None:
         from sculpt.ir.calibration import iter_activations
-        from sculpt.ir.refit import sample_rows
+        from sculpt.ir.refit import layer_rows
 
         rng = np.random.default_rng(ctx.seed)
         n_samples = min(self.samples, len(ctx.calibration))
@@ -247,15 +247,7 @@ class Sparsify(Pass):
                 per_channel = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]) if conv else x.reshape(-1, x.shape[-1])
                 layer.act_energy = (per_channel ** 2).sum(0) + (0 if layer.act_energy is None else layer.act_energy)
                 layer.act_count += per_channel.shape[0]
-                if conv:
-                    y_shape = (x.shape[0],) + tuple(layer.y_shape[1:])
-                    total = int(np.prod([y_shape[0]] + list(y_shape[2:])))
-                    pos = np.arange(total) if total <= per else np.sort(rng.choice(total, per, replace=False))
-                    rows = sample_rows(layer.node, x, y_shape, pos, layer.weight.shape) if x.ndim == 4 else None
-                else:
-                    pos = np.arange(per_channel.shape[0]) if per_channel.shape[0] <= per else \
-                        np.sort(rng.choice(per_channel.shape[0], per, replace=False))
-                    rows = per_channel[pos]
+                rows = layer_rows(layer.node, x, layer.y_shape, layer.weight.shape, per, rng)
                 if rows is not None:
                     layer.rows.append(rows)
 
