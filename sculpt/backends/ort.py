@@ -33,7 +33,7 @@ def make_session(model: Model | onnx.ModelProto, *, optimize: bool = True, threa
     import onnxruntime as ort
 
     proto = model.proto if isinstance(model, Model) else model
-    big = proto.ByteSize() > _model_mod._PROTOBUF_LIMIT
+    big = _model_mod.proto_byte_size(proto) > _model_mod._PROTOBUF_LIMIT
     added: list[str] = []
     if extra_outputs:
         if big:  # too big to copy cheaply: add the outputs for the session's sake, then take them away

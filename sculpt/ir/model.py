@@ -29,6 +29,50 @@ MAX_TENSOR_ELEMENTS = 2**34
 ModelSource = "str | os.PathLike | bytes | onnx.ModelProto | Model"
 
 
+def proto_byte_size(proto: onnx.ModelProto) -> int:
+    """The serialized size of a model. Past 2 GiB protobuf refuses even to compute it (EncodeError):
+    then it is the tensors' payload, which alone exceeds the limit (a lower bound, always > limit)."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return proto.ByteSize()
+    except EncodeError:
+        return max(_PROTOBUF_LIMIT + 1, _tensor_payload(proto.graph))
+
+
+def _copy_fields(src, dst, *, skip: str) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except the field ``skip``."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _tensor_payload(graph: onnx.GraphProto) -> int:
+    """Bytes of tensor data held in a graph: initializers, Constant values, subgraphs."""
+    def size(t: onnx.TensorProto) -> int:
+        typed = (len(t.float_data) + len(t.int32_data)) * 4 + (len(t.int64_data) + len(t.double_data)
+                                                               + len(t.uint64_data)) * 8
+        return len(t.raw_data) + typed + sum(len(x) for x in t.string_data)
+
+    total = sum(size(t) for t in graph.initializer)
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                total += size(a.t)
+            elif a.type == onnx.AttributeProto.GRAPH:
+                total += _tensor_payload(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                total += sum(_tensor_payload(g) for g in a.graphs)
+    return total
+
+
 def _describe(source) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)
@@ -141,7 +185,8 @@ class Model:
         return self.proto.SerializeToString()
 
     def byte_size(self) -> int:
-        return self.proto.ByteSize()
+        """Serialized size in bytes (past protobuf's 2 GiB limit: the tensor payload, see proto_byte_size)."""
+        return proto_byte_size(self.proto)
 
     def clone(self) -> "Model":
         m = Model.__new__(Model)
@@ -150,7 +195,18 @@ class Model:
         return m
 
     def sha256(self) -> str:
-        return hashlib.sha256(self.proto.SerializeToString(deterministic=True)).hexdigest()
+        """Digest of the serialized model; past 2 GiB (not serializable in one piece) of the model
+        without its initializers followed by each initializer, in order."""
+        if self.byte_size() <= _PROTOBUF_LIMIT:
+            return hashlib.sha256(self.proto.SerializeToString(deterministic=True)).hexdigest()
+        digest = hashlib.sha256()
+        stub = onnx.ModelProto()
+        _copy_fields(self.proto, stub, skip="graph")
+        _copy_fields(self.graph, stub.graph, skip="initializer")
+        digest.update(stub.SerializeToString(deterministic=True))
+        for t in self.graph.initializer:
+            digest.update(t.SerializeToString(deterministic=True))
+        return digest.hexdigest()
 
     # ------------------------------------------------------------------ graphsurgeon
     def to_graphsurgeon(self):
