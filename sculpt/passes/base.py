@@ -102,8 +102,10 @@ class Pass:
     @classmethod
     def options(cls) -> list["OptionSpec"]:
         hints = typing.get_type_hints(cls)
+        # a pass's own options first, then those it inherits (the shared layer selection, say)
+        declared = list(dict.fromkeys(n for k in cls.__mro__ for n in vars(k).get("__annotations__", {})))
         specs = []
-        for f in dataclasses.fields(cls):
+        for f in sorted(dataclasses.fields(cls), key=lambda f: declared.index(f.name) if f.name in declared else 0):
             if not f.init or f.name.startswith("_"):
                 continue
             default = f.default if f.default is not dataclasses.MISSING else (

@@ -9,14 +9,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from sculpt.errors import PassError
 from sculpt.ir.channel_handlers import attr
 from sculpt.ir.cost import cost_of
 from sculpt.ir.model import Model
 from sculpt.ir.refit import RefitJob
-from sculpt.ir.substitution import (NameAllocator, capture_patches, conv_candidates, name_selected, patch_moments,
+from sculpt.ir.substitution import (NameAllocator, capture_patches, conv_candidates, patch_moments,
                                     refit_last_layers, rel_error, ridge_solve, splice, substitution_stats)
-from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, option, register
+from sculpt.passes.base import PassContext, PassResult, allow_plain_initializers, option, register
+from sculpt.passes.layer_substitution import LayerSubstitutionPass
 
 # above this many depthwise weights (C·m·kh·kw) the depthwise step of the alternation is not solved
 # jointly (its normal equations are that square); the pointwise step still is
@@ -25,7 +25,7 @@ MAX_JOINT = 6000
 
 @register
 @dataclass
-class DepthwiseSeparable(Pass):
+class DepthwiseSeparable(LayerSubstitutionPass):
     """Replace a standard k×k Conv (2-D, group 1) by a depthwise k×k Conv (``multiplier`` filters
     per input channel, MobileNet-style) followed by a pointwise 1×1 Conv, with no training.
 
@@ -54,34 +54,18 @@ class DepthwiseSeparable(Pass):
     fit: Literal["data", "weights"] = option("data", help="data: alternating least squares on calibration "
                                                           "patches; weights: per-channel SVD only")
     iterations: int = option(4, help="alternating least-squares rounds (fit=data)")
-    layers: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) to replace; empty: all")
-    ignore: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) left alone")
-    min_macs: int = option(0, help="only layers with at least this many MACs")
-    min_saving: float = option(0.1, help="leave a layer alone unless the replacement saves this fraction of its MACs")
-    max_error: float = option(1.0, help="leave a layer alone if its fitted relative output error exceeds this")
-    force: bool = option(False, help="replace even where it does not cut MACs")
-    samples: int = option(8, help="calibration samples")
-    positions: int = option(2048, help="sampled output positions per layer")
-    ridge: float = option(1e-4, help="least-squares regularization, relative to the mean diagonal")
     refit: bool = option(True, help="fit=data: after all replacements, refit each pointwise Conv in order on the "
                                     "compressed model's own inputs (errors do not compound)")
-    refit_samples: int = option(32, help="calibration samples for the refit (it solves for whole layers: more rows "
-                                         "than the fit of one layer needs)")
 
     def __post_init__(self):
-        if self.multiplier < 1 or self.iterations < 0 or self.samples < 1 or self.positions < 1:
-            raise ValueError("multiplier, samples and positions must be ≥ 1, iterations ≥ 0")
-        if not 0 <= self.min_saving < 1:
-            raise ValueError(f"min_saving must be in [0, 1), got {self.min_saving}")
+        super().__post_init__()
+        if self.multiplier < 1 or self.iterations < 0:
+            raise ValueError("multiplier must be ≥ 1, iterations ≥ 0")
 
     def requires(self, model, ctx):
         super().requires(model, ctx)
-        if self.fit == "data" and ctx.calibration is None:
-            raise PassError(self.name, "fit=data needs calibration data: give --calibration (an .npz, an image "
-                                       "folder or random:N), or use fit=weights")
-
-    def _pattern_ok(self, name: str) -> bool:
-        return name_selected(name, self.layers, self.ignore)
+        if self.fit == "data":
+            self._require_calibration(ctx, "fit=data", "or use fit=weights")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         allow_plain_initializers(model)

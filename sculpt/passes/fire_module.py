@@ -10,20 +10,20 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from sculpt.errors import PassError
 from sculpt.ir.channel_handlers import attr
 from sculpt.ir.cost import cost_of
 from sculpt.ir.factorize import Tucker2, whitening
 from sculpt.ir.model import Model
 from sculpt.ir.refit import RefitJob
-from sculpt.ir.substitution import (NameAllocator, capture_patches, conv_candidates, name_selected, patch_moments,
+from sculpt.ir.substitution import (NameAllocator, capture_patches, conv_candidates, patch_moments,
                                     refit_last_layers, rel_error, ridge_solve, splice, substitution_stats)
-from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, option, register
+from sculpt.passes.base import PassContext, PassResult, allow_plain_initializers, option, register
+from sculpt.passes.layer_substitution import LayerSubstitutionPass
 
 
 @register
 @dataclass
-class FireModule(Pass):
+class FireModule(LayerSubstitutionPass):
     """Replace a k×k Conv (2-D, group 1, odd kernel, "same" symmetric padding so that a 1×1 branch
     lines up with the kernel's centre) by SqueezeNet's fire module, with no activation in between
     (the replacement stays linear, so it can be fitted to the linear layer it replaces):
@@ -53,36 +53,22 @@ class FireModule(Pass):
     assign: Literal["center", "first"] = option("center", help="which output channels the 1×1 expand computes")
     round_to: int = option(8, help="squeeze and expand-1×1 channel counts rounded to a multiple")
     fit: Literal["data", "weights"] = option("data", help="data: least squares on calibration patches; weights: Σp = I")
-    layers: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) to replace; empty: all")
-    ignore: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) left alone")
-    min_macs: int = option(0, help="only layers with at least this many MACs")
-    min_saving: float = option(0.1, help="leave a layer alone unless the replacement saves this fraction of its MACs")
-    max_error: float = option(1.0, help="leave a layer alone if its fitted relative output error exceeds this")
-    force: bool = option(False, help="replace even where it does not cut MACs")
-    samples: int = option(8, help="calibration samples")
-    positions: int = option(2048, help="sampled output positions per layer")
-    ridge: float = option(1e-4, help="least-squares regularization, relative to the mean diagonal")
     refit: bool = option(True, help="fit=data: after all replacements, refit both expand Convs in order on the "
                                     "compressed model's own inputs (errors do not compound)")
-    refit_samples: int = option(32, help="calibration samples for the refit (it solves for whole layers: more rows "
-                                         "than the fit of one layer needs)")
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 < self.squeeze_ratio <= 4:
             raise ValueError(f"squeeze_ratio must be in (0, 4], got {self.squeeze_ratio}")
         if not 0 < self.expand_split < 1:
             raise ValueError(f"expand_split must be in (0, 1), got {self.expand_split}")
-        if self.round_to < 1 or self.samples < 1 or self.positions < 1:
-            raise ValueError("round_to, samples and positions must be ≥ 1")
+        if self.round_to < 1:
+            raise ValueError(f"round_to must be ≥ 1, got {self.round_to}")
 
     def requires(self, model, ctx):
         super().requires(model, ctx)
-        if self.fit == "data" and ctx.calibration is None:
-            raise PassError(self.name, "fit=data needs calibration data: give --calibration (an .npz, an image "
-                                       "folder or random:N), or use fit=weights")
-
-    def _pattern_ok(self, name: str) -> bool:
-        return name_selected(name, self.layers, self.ignore)
+        if self.fit == "data":
+            self._require_calibration(ctx, "fit=data", "or use fit=weights")
 
     def _shape_reason(self, node, w) -> str | None:
         o, c, kh, kw = w.shape

@@ -10,14 +10,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from sculpt.errors import PassError
 from sculpt.ir.channel_handlers import attr
 from sculpt.ir.cost import cost_of
 from sculpt.ir.factorize import MatrixSVD, SpatialSVD, Tucker2, energy_rank, kept_energy, whitening
 from sculpt.ir.model import Model
 from sculpt.ir.refit import RefitJob
 from sculpt.ir.substitution import NameAllocator, conv_unsupported, name_selected, refit_last_layers, splice, substitution_stats
-from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, option, register
+from sculpt.passes.base import PassContext, PassResult, allow_plain_initializers, option, register
+from sculpt.passes.layer_substitution import LayerSubstitutionPass
 
 # above this many input features the data-aware weighting (an F×F covariance) is not used
 MAX_COVARIANCE_FEATURES = 8192
@@ -46,7 +46,7 @@ class _Layer:
 
 @register
 @dataclass
-class LowRank(Pass):
+class LowRank(LayerSubstitutionPass):
     """Factor layers into two or three cheaper ones, with no training.
 
     - Gemm / MatMul with a constant 2-D weight, and 1×1 Conv: truncated SVD, W ≈ A·B — two
@@ -83,37 +83,24 @@ class LowRank(Pass):
         "auto", help="k×k Conv: spatial SVD, Tucker-2, or auto (the one with fewer MACs)")
     data_aware: bool = option(False, help="weight the factorization by the input covariance (needs calibration)")
     round_to: int = option(8, help="ranks rounded up to a multiple (capped at full rank)")
-    min_saving: float = option(0.1, help="leave a layer alone unless factoring saves this fraction of its MACs")
-    force: bool = option(False, help="factor the chosen layers even where it does not cut MACs")
-    layers: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) of layers to factor; empty: all")
-    ignore: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) of layers left alone")
-    min_macs: int = option(0, help="only layers with at least this many MACs")
     samples: int = option(8, help="calibration samples for covariance and error measurement")
-    positions: int = option(2048, help="sampled output positions per layer for error measurement")
     ridge: float = option(1e-4, help="data_aware: Σ + ridge·mean(diag Σ)·I, so unseen directions stay invertible")
     refit: bool = option(True, help="with calibration data: after factoring, refit each factored layer's last "
                                     "factor in order on the compressed model's own inputs (errors do not compound)")
-    refit_samples: int = option(32, help="calibration samples for the refit (it solves for whole layers: more rows "
-                                         "than the fit of one layer needs)")
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 < self.energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
         if self.compression < 1:
             raise ValueError(f"compression must be ≥ 1, got {self.compression}")
-        if self.max_error <= 0:
-            raise ValueError(f"max_error must be > 0, got {self.max_error}")
-        if self.round_to < 1 or self.samples < 1 or self.positions < 1:
-            raise ValueError("round_to, samples and positions must be ≥ 1")
-        if not 0 <= self.min_saving < 1:
-            raise ValueError(f"min_saving must be in [0, 1), got {self.min_saving}")
+        if self.round_to < 1:
+            raise ValueError(f"round_to must be ≥ 1, got {self.round_to}")
 
     def requires(self, model, ctx):
         super().requires(model, ctx)
-        if ctx.calibration is None and (self.data_aware or self.criterion == "error"):
-            what = "data_aware=true" if self.data_aware else "criterion=error"
-            raise PassError(self.name, f"{what} needs calibration data: give --calibration (an .npz, an image "
-                                       "folder or random:N)")
+        if self.data_aware or self.criterion == "error":
+            self._require_calibration(ctx, "data_aware=true" if self.data_aware else "criterion=error")
 
     # ------------------------------------------------------------------ run
     def run(self, model: Model, ctx: PassContext) -> PassResult:

@@ -1,0 +1,44 @@
+"""The options and layer selection shared by the passes that replace layers by cheaper structures
+fitted on calibration data (low-rank, depthwise-separable, fire-module). Not a pass itself: each
+pass subclasses it and adds the options of its own method; the mechanism they share is in
+``sculpt.ir.substitution``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sculpt.errors import PassError
+from sculpt.ir.substitution import name_selected
+from sculpt.passes.base import Pass, option
+
+
+@dataclass
+class LayerSubstitutionPass(Pass):
+    layers: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) of layers to replace; "
+                                                          "empty: all")
+    ignore: list[str] = option(default_factory=list, help="node-name patterns (fnmatch) of layers left alone")
+    min_macs: int = option(0, help="only layers with at least this many MACs")
+    min_saving: float = option(0.1, help="leave a layer alone unless the replacement saves this fraction of its MACs")
+    max_error: float = option(1.0, help="leave a layer alone if its fitted relative output error exceeds this")
+    force: bool = option(False, help="replace the chosen layers even where it does not cut MACs")
+    samples: int = option(8, help="calibration samples for the fit of each layer")
+    positions: int = option(2048, help="sampled output positions per layer")
+    ridge: float = option(1e-4, help="least-squares regularization, relative to the mean diagonal")
+    refit_samples: int = option(32, help="calibration samples for the refit (it solves for whole layers: more rows "
+                                         "than the fit of one layer needs)")
+
+    def __post_init__(self):
+        if self.samples < 1 or self.positions < 1 or self.refit_samples < 1:
+            raise ValueError("samples, positions and refit_samples must be ≥ 1")
+        if not 0 <= self.min_saving < 1:
+            raise ValueError(f"min_saving must be in [0, 1), got {self.min_saving}")
+        if self.max_error <= 0:
+            raise ValueError(f"max_error must be > 0, got {self.max_error}")
+
+    def _require_calibration(self, ctx, what: str, alternative: str = "") -> None:
+        if ctx.calibration is None:
+            raise PassError(self.name, f"{what} needs calibration data: give --calibration (an .npz, an image "
+                                       f"folder or random:N){', ' + alternative if alternative else ''}")
+
+    def _pattern_ok(self, name: str) -> bool:
+        return name_selected(name, self.layers, self.ignore)
