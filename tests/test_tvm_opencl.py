@@ -1,17 +1,20 @@
 """Mobile GPU builds (Mali, Adreno: OpenCL with aarch64 host code): every OpenCL kernel TVM generates for
-the PP-OCRv4 det/rec/cls models is compiled by a real OpenCL implementation (PoCL, through pyopencl).
+the PP-OCRv4 det/rec/cls models is compiled by a real OpenCL implementation (PoCL, through pyopencl);
+`sculpt verify` also runs them there (more in test_tvm_opencl_run.py).
 
 The default suite builds det at a reduced input of 1x3x96x96 (the same layers, fewer work-items);
 the full-size det builds are slow tests."""
 
 import json
 
+import numpy as np
 import pytest
 
 from sculpt.backends.tvm.artifact import compile_model
 from sculpt.backends.tvm.opencl import OpenCLError, check_kernels, kernel_definitions
 from sculpt.cli import main
 from sculpt.models import ppocr_model, ppocr_model_path
+from sculpt.textdata import text_input
 
 SHAPES = {"cls": [1, 3, 48, 192], "rec": [1, 3, 48, 320], "det": [1, 3, 96, 96]}
 
@@ -40,18 +43,27 @@ def test_full_size_det_kernels_compile_on_pocl(target):
     _check_build("det", target, [1, 3, 320, 320])
 
 
-def test_sculpt_compile_mali_writes_the_kernels_and_verify_compiles_them(tmp_path, capsys):
+def test_sculpt_compile_mali_writes_the_kernels_and_verify_runs_them_on_pocl(tmp_path, capsys):
+    """cls for mali end to end: compile, compile the kernels on PoCL, run them there in TVM's launch order
+    on rendered text and compare with onnxruntime (1e-4 relative); ``--compile-only`` stops after compiling."""
     out = tmp_path / "cls_mali.so"
     assert main(["compile", str(ppocr_model_path("cls")), "--target", "mali", "--input-shape", "x=1,3,48,192",
                  "-o", str(out)]) == 0
     manifest = json.loads(out.with_suffix(".json").read_text())
     assert manifest["opencl_source"] == "cls_mali.cl" and manifest["target"]["opencl"]
     assert int.from_bytes(out.read_bytes()[18:20], "little") == 183  # the host side is aarch64
+    kernels = len(kernel_definitions(out.with_suffix(".cl").read_text()))
+    np.save(tmp_path / "x.npy", text_input(SHAPES["cls"], 1))
     capsys.readouterr()
-    assert main(["verify", str(out), "--model", str(ppocr_model_path("cls")), "--json"]) == 0
+    assert main(["verify", str(out), "--model", str(ppocr_model_path("cls")), "--input", f"x={tmp_path / 'x.npy'}",
+                 "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["ok"] and data["kind"] == "opencl-compile"
-    assert data["opencl"]["kernels"] == len(kernel_definitions(out.with_suffix(".cl").read_text()))
+    assert data["ok"] and data["kind"] == "opencl-run" and data["max_rel"] <= 1e-4
+    assert data["opencl"]["kernels"] == kernels
+    assert main(["verify", str(out), "--model", str(ppocr_model_path("cls")), "--compile-only", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] and data["kind"] == "opencl-compile" and "max_rel" not in data
+    assert data["opencl"]["kernels"] == kernels
 
 
 def test_a_kernel_that_does_not_compile_is_named():

@@ -40,7 +40,8 @@ def register(subparsers) -> None:
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")
     c.set_defaults(func=cmd_compile)
 
-    v = subparsers.add_parser("verify", help="run an artifact (ARM under qemu) and compare it with onnxruntime")
+    v = subparsers.add_parser("verify", help="run an artifact (ARM under qemu, Mali/Adreno kernels on PoCL) and "
+                                             "compare it with onnxruntime")
     v.add_argument("artifact", help="the .so written by 'sculpt compile' (its .json manifest beside it)")
     v.add_argument("--model", required=True, help="the ONNX model to compare with (through onnxruntime)")
     v.add_argument("--input", action="append", metavar="NAME=FILE.npy",
@@ -49,6 +50,9 @@ def register(subparsers) -> None:
     v.add_argument("--atol", type=float, default=1e-6)
     v.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     v.add_argument("--timeout", type=float, default=None, help="seconds the run may take (default: no limit)")
+    v.add_argument("--compile-only", action="store_true",
+                   help="Mali/Adreno artifacts: only compile the OpenCL kernels on PoCL (by default they also run "
+                        "there, in TVM's launch order, and are compared with onnxruntime)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
 
@@ -277,7 +281,7 @@ def cmd_verify(args) -> int:
     console = _console(stderr=True)
     with _status(console, enabled=not args.json) as (say, _, _unused):
         result = verify_artifact(artifact, args.model, feeds, rtol=args.rtol, atol=args.atol, seed=args.seed,
-                                 timeout=args.timeout, progress=say)
+                                 timeout=args.timeout, compile_only=args.compile_only, progress=say)
     if args.json:
         data = {"artifact": str(artifact.library), "target": artifact.manifest["target"]["name"], "ok": result.ok,
                 "kind": result.kind, "emulated": result.emulated, "notes": result.notes,
@@ -291,7 +295,7 @@ def cmd_verify(args) -> int:
         for note in result.notes:
             print(f"note: {note}", file=sys.stderr)
         if result.comparison is not None:
-            where = " (under qemu)" if result.emulated else ""
+            where = " (under qemu)" if result.emulated else " (kernels on PoCL)" if result.kind == "opencl-run" else ""
             for o in result.comparison.outputs:
                 print(f"{o.name}: max abs {o.max_abs:.3g}, relative {o.max_rel:.3g}"
                       + ("" if o.shape_match else " (shape mismatch)"))

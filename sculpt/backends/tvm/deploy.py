@@ -57,8 +57,7 @@ def run_artifact(artifact: Artifact | str | Path, feeds: Mapping[str, np.ndarray
         artifact = load_artifact(artifact)
     if artifact.manifest["target"].get("opencl"):
         raise ToolchainError(f"{artifact.library.name} is built for an OpenCL GPU ({artifact.manifest['target']['name']}):"
-                             " it runs on the device; here its kernels can only be compiled "
-                             "('sculpt verify' does that with PoCL)")
+                             " it runs on the device; here 'sculpt verify' runs its kernels on PoCL)")
     ordered = check_feeds(artifact, feeds)
     work = Path(tempfile.mkdtemp(prefix="sculpt-deploy-"))
     try:
@@ -89,7 +88,7 @@ class Verification:
     comparison: object  # sculpt.backends.ort.Comparison
     rtol: float
     atol: float
-    kind: str  # "run" (deploy runner) or "opencl-compile" (kernels compiled on PoCL)
+    kind: str  # "run" (deploy runner), "opencl-run" (kernels run on PoCL), "opencl-compile" (only compiled)
     emulated: bool = False
     notes: list[str] = field(default_factory=list)
     kernel_check: object | None = None
@@ -128,10 +127,10 @@ def random_feeds(specs, seed: int = 0) -> dict[str, np.ndarray]:
 
 def verify_artifact(artifact: Artifact | str | Path, model_path, feeds: Mapping[str, np.ndarray] | None = None, *,
                     rtol: float = 1e-4, atol: float = 1e-6, seed: int = 0, timeout: float | None = None,
-                    progress: Callable[[str], None] | None = None) -> Verification:
-    """Run the artifact (CPU targets) and compare with onnxruntime; OpenCL artifacts: compile every
-    kernel on PoCL (no GPU here to run them on)."""
-    from sculpt.backends.ort import Comparison, output_error
+                    compile_only: bool = False, progress: Callable[[str], None] | None = None) -> Verification:
+    """Run the artifact and compare with onnxruntime: CPU targets in the deploy runner; OpenCL targets
+    (no GPU here) compile every kernel on PoCL, then run the kernels there in the order TVM's host code
+    launches them (``compile_only``: only compile)."""
     from sculpt.backends.tvm.artifact import file_sha256
 
     if not isinstance(artifact, Artifact):
@@ -151,22 +150,45 @@ def verify_artifact(artifact: Artifact | str | Path, model_path, feeds: Mapping[
         if progress:
             progress(f"compiling the OpenCL kernels of {artifact.library.name}")
         check = check_kernels(source_path.read_text())
-        notes.append(f"OpenCL target: {len(check.kernels)} kernels compiled by {check.platform} ({check.device}); "
-                     "there is no GPU here to run them")
-        return Verification(None, rtol, atol, "opencl-compile", notes=notes, kernel_check=check)
-    feeds = dict(feeds) if feeds else {}
-    for name, value in random_feeds(artifact.inputs, seed).items():
-        feeds.setdefault(name, value)
+        notes.append(f"OpenCL target: {len(check.kernels)} kernels compiled by {check.platform} ({check.device})")
+        if compile_only:
+            return Verification(None, rtol, atol, "opencl-compile", notes=notes, kernel_check=check)
+        from sculpt.backends.tvm.opencl_run import run_artifact_kernels
+
+        feeds = _with_random_feeds(artifact, feeds, seed)
+        run = run_artifact_kernels(artifact, model_path, check_feeds(artifact, feeds), progress=progress)
+        notes.append(f"{run.launches} kernel launches ran on {run.platform}, a CPU OpenCL: this checks the generated "
+                     "kernels and their launch order, not a Mali/Adreno driver or its speed")
+        outputs = dict(zip((s.name for s in artifact.outputs), run.outputs))
+        return Verification(_compare(artifact, model_path, feeds, outputs), rtol, atol, "opencl-run", notes=notes,
+                            kernel_check=check)
+    feeds = _with_random_feeds(artifact, feeds, seed)
     if progress:
         progress(f"running {artifact.library.name}" + (" under qemu" if artifact.arch != _machine() else ""))
     run = run_artifact(artifact, feeds, timeout=timeout, progress=progress)
+    return Verification(_compare(artifact, model_path, feeds, run.outputs), rtol, atol, "run", emulated=run.emulated,
+                        notes=notes)
+
+
+def _with_random_feeds(artifact: Artifact, feeds: Mapping[str, np.ndarray] | None, seed: int) -> dict[str, np.ndarray]:
+    """``feeds``, with random values for the inputs not given."""
+    feeds = dict(feeds) if feeds else {}
+    for name, value in random_feeds(artifact.inputs, seed).items():
+        feeds.setdefault(name, value)
+    return feeds
+
+
+def _compare(artifact: Artifact, model_path, feeds, outputs: Mapping[str, np.ndarray]):
+    """Per-output errors of the artifact's ``outputs`` against onnxruntime on the ONNX model."""
+    from sculpt.backends.ort import Comparison, output_error
+
     ref = reference_outputs(model_path, artifact, feeds)
     errors = []
     for spec in artifact.outputs:
         if spec.name not in ref:
             raise ArtifactError(f"output '{spec.name}' of {artifact.library.name} is not an output of {model_path}")
-        errors.append(output_error(spec.name, run.outputs[spec.name], np.asarray(ref[spec.name])))
-    return Verification(Comparison(errors, 1), rtol, atol, "run", emulated=run.emulated, notes=notes)
+        errors.append(output_error(spec.name, outputs[spec.name], np.asarray(ref[spec.name])))
+    return Comparison(errors, 1)
 
 
 def _machine() -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -82,7 +83,7 @@ class Step:
 
     ``storage``: var <- a buffer of ``nbytes``; ``tensor``: var <- a view at ``offset`` into storage
     ``source``; ``reshape``: var <- ``source`` with ``shape``; ``call``: TIR function ``function`` on
-    ``operands`` (outputs included, as TVM passes them); ``free``: drop var ``source``."""
+    ``operands`` (outputs included, as TVM passes them)."""
 
     op: str
     var: int = -1
@@ -282,6 +283,7 @@ def _main_plan(module, functions: dict[str, TIRFunction]) -> OpenCLPlan:
     variables: dict = {}
     constants: list[np.ndarray] = []
     constant_index: dict[int, int] = {}
+    tuples: dict[int, list[int]] = {}  # a tuple variable -> the tensor variables it holds
     inputs = []
     for p in main.params:
         shape, dtype = _static_tensor(p.ty, f"input '{p.name}'")
@@ -300,6 +302,17 @@ def _main_plan(module, functions: dict[str, TIRFunction]) -> OpenCLPlan:
             return Operand("const", constant_index[_key(expr)])
         raise OpenCLRunError(f"main: an argument {_short(expr)} is not a tensor")
 
+    def tensors(expr) -> list[int]:
+        """The variables a (possibly nested) tuple expression or tuple variable stands for."""
+        if isinstance(expr, relax.Tuple):
+            return [leaf for f in expr.fields for leaf in tensors(f)]
+        if isinstance(expr, relax.Var) and _key(expr) in tuples:
+            return list(tuples[_key(expr)])
+        found = operand(expr)
+        if found.kind != "var":
+            raise OpenCLRunError(f"main returns a constant ({_short(expr)})")
+        return [found.index]
+
     def define(var) -> int:
         variables[_key(var)] = len(variables)
         return variables[_key(var)]
@@ -310,10 +323,17 @@ def _main_plan(module, functions: dict[str, TIRFunction]) -> OpenCLPlan:
         for binding in block.bindings:
             value, var = binding.value, binding.var
             if not isinstance(value, relax.Call):
-                if isinstance(value, relax.Var):  # an alias
+                if isinstance(value, relax.Var) and _key(value) in tuples:
+                    tuples[_key(var)] = tuples[_key(value)]
+                elif isinstance(value, relax.Var):  # an alias
                     variables[_key(var)] = variables[_key(value)]
-                    continue
-                raise OpenCLRunError(f"main: {var.name} = {_short(value)} is not a call")
+                elif isinstance(value, relax.Tuple):  # the results, gathered
+                    tuples[_key(var)] = [leaf for f in value.fields for leaf in tensors(f)]
+                elif isinstance(value, relax.TupleGetItem) and _key(value.tuple_value) in tuples:
+                    variables[_key(var)] = tuples[_key(value.tuple_value)][int(value.index)]
+                else:
+                    raise OpenCLRunError(f"main: {var.name} = {_short(value)} is not a call")
+                continue
             op = value.op
             if isinstance(op, tvm.ir.GlobalVar):
                 if op.name_hint not in functions:
@@ -336,8 +356,7 @@ def _main_plan(module, functions: dict[str, TIRFunction]) -> OpenCLPlan:
                 steps.append(Step("tensor", var=define(var), source=storage.index,
                                   offset=int(value.args[1].value), shape=shape, dtype=str(value.args[3].value)))
             elif isinstance(op, tvm.ir.Op) and op.name == "relax.vm.kill_object":
-                steps.append(Step("free", source=operand(value.args[0]).index))
-                define(var)
+                define(var)  # drops a reference; the object lives on while a tuple or view holds it
             elif isinstance(op, tvm.ir.Op) and op.name == "relax.null_value":
                 define(var)
             elif isinstance(op, relax.ExternFunc) and op.global_symbol == "vm.builtin.reshape":
@@ -351,21 +370,19 @@ def _main_plan(module, functions: dict[str, TIRFunction]) -> OpenCLPlan:
             else:
                 what = op.global_symbol if isinstance(op, relax.ExternFunc) else getattr(op, "name", str(op))
                 raise OpenCLRunError(f"main calls {what}, which the PoCL launcher does not handle")
-    results, specs = [], []
-    for leaf in _flatten_expr(body.body):
-        if not isinstance(leaf, relax.Var) or _key(leaf) not in variables:
-            raise OpenCLRunError(f"main returns {_short(leaf)}, not a tensor variable")
-        results.append(variables[_key(leaf)])
-        specs.append(_static_tensor(leaf.ty, f"main's result {leaf.name}"))
+    results = tensors(body.body)
+    specs = [_static_tensor(ty, "main's result") for ty in _flatten_type(main.ret_ty)]
+    if len(specs) != len(results):
+        raise OpenCLRunError(f"main returns {len(results)} tensors, its type lists {len(specs)}")
     return OpenCLPlan("", inputs, steps, results, specs, constants, functions)
 
 
-def _flatten_expr(expr) -> list:
+def _flatten_type(ty) -> list:
     from tvm import relax
 
-    if isinstance(expr, relax.Tuple):
-        return [leaf for f in expr.fields for leaf in _flatten_expr(f)]
-    return [expr]
+    if isinstance(ty, relax.TupleType):
+        return [leaf for f in ty.fields for leaf in _flatten_type(f)]
+    return [ty]
 
 
 def _static_tensor(ty, what: str) -> tuple[tuple[int, ...], str]:
@@ -449,8 +466,6 @@ class OpenCLRunner:
             elif step.op == "reshape":
                 source = values[step.source]
                 values[step.var] = _Tensor(source.buffer, step.shape, step.dtype)
-            elif step.op == "free":
-                values.pop(step.source, None)
             elif step.op == "call":
                 tensors = [self._constants[o.index] if o.kind == "const" else values[o.index] for o in step.operands]
                 launched += self._call(plan.functions[step.function], tensors)
@@ -517,3 +532,57 @@ def _ordered_feeds(plan: OpenCLPlan, feeds) -> list[np.ndarray]:
                              f"{dtype}{list(shape)}")
         ordered.append(np.ascontiguousarray(value))
     return ordered
+
+
+# ------------------------------------------------------------------ models and artifacts
+def plan_model(model, target, *, input_shapes=None, canonicalize: bool = True) -> OpenCLPlan:
+    """The OpenCL plan of a sculpt Model for an OpenCL target (a name like "mali", a dict or a
+    NamedTarget), prepared and imported as ``sculpt compile`` does (canonicalize, static shapes)."""
+    from sculpt.backends.tvm.artifact import prepare_model
+    from sculpt.backends.tvm.relax_import import import_to_relax
+    from sculpt.backends.tvm.targets import get_target
+
+    target = get_target(target)
+    if not target.is_opencl:
+        raise OpenCLRunError(f"target '{target.name}' is not an OpenCL target")
+    work, _ = prepare_model(model, input_shapes, canonicalize=canonicalize)
+    _, plan = plan_build(import_to_relax(work), target.tvm_target())
+    return plan
+
+
+def run_model(model, target, feeds: Mapping[str, np.ndarray], *, input_shapes=None) -> OpenCLRun:
+    """Build ``model`` for an OpenCL target and run its kernels on PoCL on ``feeds`` (by input name)."""
+    plan = plan_model(model, target, input_shapes=input_shapes)
+    return OpenCLRunner(plan).run([feeds[name] for name in model.input_names if name in feeds])
+
+
+def run_artifact_kernels(artifact, model_path, ordered_inputs: Sequence[np.ndarray], *,
+                         progress=None) -> OpenCLRun:
+    """Run an exported Mali/Adreno artifact's kernels on PoCL.
+
+    The launch plan is not in the artifact (its host code is aarch64 machine code), so the model it was
+    compiled from is built again the same way and the plan read from that build; its OpenCL C must be
+    byte-identical to the artifact's ``.cl``, so the kernels launched are the artifact's own."""
+    from sculpt.backends.tvm.artifact import ArtifactError
+    from sculpt.ir.model import Model
+
+    manifest = artifact.manifest
+    source_path = artifact.opencl_source_path
+    if source_path is None or not source_path.is_file():
+        raise ArtifactError(f"{artifact.library.name}: the OpenCL source beside it is missing ({source_path})")
+    options = manifest.get("options") or {}
+    if manifest.get("tuning") or (options.get("sparse") or {}).get("mode", "off") != "off":
+        raise OpenCLRunError(f"{artifact.library.name} was compiled with tuning or sparse kernels; running its "
+                             "kernels on PoCL supports plain compiles only (use --compile-only)")
+    model = Model.load(model_path)
+    shapes = {s.name: s.shape for s in artifact.inputs if s.name in model.input_names}
+    if progress:
+        progress(f"rebuilding {Path(model_path).name} for {artifact.target.name} to read the kernel launch order")
+    plan = plan_model(model, artifact.target, input_shapes=shapes,
+                      canonicalize="canonicalize" in (manifest.get("passes") or []))
+    if plan.source != source_path.read_text():
+        raise OpenCLRunError(f"the kernels built from {model_path} differ from {source_path.name}: the artifact "
+                             "was compiled from another model, other options or another TVM")
+    if progress:
+        progress(f"running {plan.launches} kernel launches of {artifact.library.name} on PoCL")
+    return OpenCLRunner(plan).run(list(ordered_inputs))
