@@ -217,6 +217,28 @@ def table(rows: list[Row], threads: list[int]) -> str:
     return "\n".join(lines)
 
 
+def add_latency_options(ap: argparse.ArgumentParser, *, threads: str) -> None:
+    """The onnxruntime latency options every OCR benchmark takes."""
+    ap.add_argument("--threads", default=threads, help="onnxruntime intra-op threads for latency, e.g. 1,2")
+    ap.add_argument("--runs", type=int, default=20, help="runs per latency measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating latency rounds")
+    ap.add_argument("--min-ms", type=float, default=300.0,
+                    help="more runs per measurement for fast models, so that one lasts at least this long")
+
+
+def parse_threads_and_models(ap: argparse.ArgumentParser, args) -> list[str]:
+    """args.threads → list of ints; the --models list checked (rec, cls) and returned."""
+    try:
+        args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    except ValueError:
+        ap.error(f"--threads takes integers separated by commas, got '{args.threads}'")
+    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
+    for k in kinds:
+        if k not in ("rec", "cls"):
+            ap.error(f"unknown model '{k}' (rec, cls)")
+    return kinds
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -226,25 +248,14 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="rec,cls", help="rec, cls or rec,cls")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     ap.add_argument("--calibration-count", type=int, default=64, help="calibration lines per model")
-    ap.add_argument("--threads", default="2", help="onnxruntime intra-op threads for latency, e.g. 1,2")
     ap.add_argument("--eval-threads", type=int, default=2, help="onnxruntime threads for the accuracy runs")
-    ap.add_argument("--runs", type=int, default=20, help="runs per latency measurement")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating latency rounds")
-    ap.add_argument("--min-ms", type=float, default=300.0,
-                    help="more runs per measurement for fast models, so that one lasts at least this long")
+    add_latency_options(ap, threads="2")
     ap.add_argument("--work-dir", help="where the calibration .npz files go (default: a temporary folder)")
     ap.add_argument("--save-dir", help="save each config's output model here as <model>_<config>.onnx")
     args = ap.parse_args(argv)
     if args.count <= 0 or args.calibration_count <= 0 or args.runs <= 0 or args.rounds <= 0:
         ap.error("--count, --calibration-count, --runs and --rounds must be positive")
-    try:
-        args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
-    except ValueError:
-        ap.error(f"--threads takes integers separated by commas, got '{args.threads}'")
-    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
-    for k in kinds:
-        if k not in ("rec", "cls"):
-            ap.error(f"unknown model '{k}' (rec, cls)")
+    kinds = parse_threads_and_models(ap, args)
 
     configs = [parse_config(c) for c in (args.config or DEFAULT_CONFIGS)]
     names = [c.name for c in configs]

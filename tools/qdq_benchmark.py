@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ocr_benchmark import Config, check_config, fmt_pct, log, one_line, parse_config  # noqa: E402
+from ocr_benchmark import (Config, add_latency_options, agreement, check_config, fmt_pct, log, one_line,  # noqa: E402
+                           parse_config, parse_threads_and_models)
 
 from sculpt import ocr_task  # noqa: E402
 from sculpt.ir.calibration import CalibrationSet  # noqa: E402
@@ -91,14 +92,6 @@ def ort_quantize_static(model: Model, calibration: np.ndarray, workdir: Path) ->
     quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return Model.load(dst)
-
-
-def agreement(metrics, reference) -> float:
-    """Fraction of lines with the same prediction as the reference model's: decoded text compared after
-    whitespace normalization (as the accuracy metrics are), or the orientation."""
-    same = [ocr_task.normalize_text(a) == ocr_task.normalize_text(b) if isinstance(a, str) else a == b
-            for a, b in zip(metrics.predictions, reference.predictions)]
-    return sum(same) / len(same) if same else 0.0
 
 
 def evaluate(kind: str, model: Model, data, characters):
@@ -266,10 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", action="append", default=[], metavar="NAME=SPEC;SPEC",
                     help="a sculpt pipeline to quantize with (repeatable); default: qdq with each calibration "
                          "method, with and without CLE and bias correction")
-    ap.add_argument("--threads", default="1,2", help="onnxruntime intra-op threads for latency, e.g. 1,2")
-    ap.add_argument("--runs", type=int, default=20, help="runs per latency measurement")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating latency rounds")
-    ap.add_argument("--min-ms", type=float, default=300.0, help="more runs per measurement for fast models")
+    add_latency_options(ap, threads="1,2")
     ap.add_argument("--no-tvm", dest="tvm", action="store_false", help="skip the TVM builds")
     ap.add_argument("--tvm-kernels", default="sculpt", choices=["sculpt", "default"],
                     help="TVM CPU kernels for every build, fp32 and int8 alike: sculpt's kernel library or TVM's "
@@ -282,14 +272,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if min(args.count, args.calibration_count, args.runs, args.rounds, args.tvm_runs, args.tvm_lines) <= 0:
         ap.error("counts, runs and rounds must be positive")
-    try:
-        args.threads = [int(t) for t in args.threads.split(",") if t.strip()]
-    except ValueError:
-        ap.error(f"--threads takes integers separated by commas, got '{args.threads}'")
-    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
-    for k in kinds:
-        if k not in ("rec", "cls"):
-            ap.error(f"unknown model '{k}' (rec, cls)")
+    kinds = parse_threads_and_models(ap, args)
     configs = [parse_config(c) for c in (args.config or DEFAULT_CONFIGS)]
     names = [c.name for c in configs]
     if {"fp32", ORT_QUANTIZER} & set(names) or len(set(names)) != len(names):
