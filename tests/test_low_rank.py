@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
-import onnx
 import pytest
 from onnx import helper
 
@@ -14,7 +12,7 @@ from sculpt.backends.ort import compare_models, make_session, random_inputs
 from sculpt.errors import PassError
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.cost import cost_of
-from sculpt.passes import Pipeline, PassContext, create_pass
+from sculpt.passes import PassContext, create_pass
 
 EXACT = dict(energy=1.0, force=True, round_to=1)
 
@@ -226,41 +224,3 @@ def test_skips_grouped_and_nonconstant():
     assert not r.modified
     reasons = {s["layer"]: s["reason"] for s in r.stats["skipped"]}
     assert reasons == {"dw": "grouped Conv", "act_mm": "weight is not a constant"}
-
-
-# ---------------------------------------------------------------------------- real models
-def _real(name):
-    from sculpt.ir.model import Model
-    from sculpt.models import PPOCR_SHAPES, backend_test_data_dir, ppocr_model
-    from sculpt.textdata import text_input
-
-    if name in PPOCR_SHAPES:
-        shapes = {"x": PPOCR_SHAPES[name]}
-        m = Pipeline.from_specs(["canonicalize"], input_shapes=shapes).run(ppocr_model(name)).model
-        cal = CalibrationSet.from_arrays({"x": np.concatenate([text_input(shapes["x"], k) for k in range(4)])})
-    else:
-        m = Pipeline.from_specs(["canonicalize"]).run(
-            Model.load(backend_test_data_dir() / "light" / f"light_{name}.onnx")).model
-        cal = CalibrationSet.random(m, 2)
-    return m, cal
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["rec", "det", "vgg19", "resnet50", "inception_v1"])
-def test_real_models(name, tmp_path):
-    m, cal = _real(name)
-    t = time.perf_counter()
-    r = create_pass("low-rank", {"energy": 0.95, "data_aware": True, "samples": 2})(m, PassContext(calibration=cal))
-    seconds = time.perf_counter() - t
-    assert r.modified and r.stats["factored"] > 0, r.stats["skipped"][:5]
-    before, after = cost_of(m).macs, cost_of(r.model).macs
-    assert after < before
-    saved = sum(layer["macs_before"] - layer["macs_after"] for layer in r.stats["layers"])
-    assert before - after == saved == r.stats["macs_before"] - r.stats["macs_after"]
-    path = tmp_path / "out.onnx"
-    r.model.save(path)
-    onnx.checker.check_model(str(path), full_check=True)
-    out = make_session(r.model).run(None, cal[0])
-    assert all(np.isfinite(o).all() for o in out)
-    assert r.model.output_names == m.output_names
-    print(name, f"{seconds:.1f}s", before, "→", after)
