@@ -4,10 +4,11 @@ each output's scale). cls on mali runs through `sculpt verify` in test_tvm_openc
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
 from graphs import f32, make_model
 from sculpt.backends import ort
@@ -51,8 +52,12 @@ def _run_and_compare(model, target, shape=None):
 
 
 def _every_kernel_launched(plan) -> bool:
-    launched = {launch.kernel for f in plan.functions.values() for launch in f.launches}
-    return launched == set(kernel_definitions(plan.source))
+    """Every kernel of the source is launched, except those of TIR functions ``main`` never calls (TVM keeps
+    e.g. a reshape's function after the VM's own reshape replaced the call)."""
+    launched, defined = plan.kernels_launched(), set(kernel_definitions(plan.source))
+    called = {s.function for s in plan.calls}
+    unused = {k for k in defined - launched if re.sub(r"_kernel(_\d+)?$", "", k) not in called}
+    return launched <= defined and launched == defined - unused and len(unused) <= 2
 
 
 def test_tiny_net_with_two_outputs_matches_onnxruntime_on_pocl():
@@ -61,6 +66,21 @@ def test_tiny_net_with_two_outputs_matches_onnxruntime_on_pocl():
     assert [o.shape for o in run.outputs] == [(1, 8, 16, 16), (1, 5)]
     assert cmp.within(RTOL), cmp.as_dict()
     assert _every_kernel_launched(plan) and run.launches == plan.launches >= 3
+
+
+def test_host_code_with_loops_and_workspaces_runs_on_pocl():
+    """TopK lowers to a GPU sort: one TIR function whose host code allocates workspaces and launches
+    several kernels; values and indices match onnxruntime exactly."""
+    nodes = [helper.make_node("TopK", ["x", "k"], ["values", "indices"], axis=-1)]
+    model = make_model(nodes, [("x", [1, 64, 300])],
+                       [("values", [1, 64, 5]), helper.make_tensor_value_info("indices", TensorProto.INT64, [1, 64, 5])],
+                       {"k": np.array([5], np.int64)})
+    plan = plan_model(model, "mali", canonicalize=False)
+    sort = max(plan.calls, key=lambda s: len(s.launches))
+    assert len(sort.launches) >= 3 and sort.workspaces
+    feeds = {"x": f32(1, 64, 300)}
+    run = OpenCLRunner(plan).run(feeds)
+    assert _compare(model, run.outputs, feeds).max_abs == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +106,13 @@ def test_cls_adreno_kernels_on_pocl_match_onnxruntime(cls_adreno):
 def test_a_corrupted_launch_is_detected(cls_adreno):
     """Halve the grid of the first kernel launch: part of the first feature map is never computed."""
     plan, runner, feeds, work = cls_adreno
-    first = next(s.function for s in plan.steps if s.op == "call")
-    function = plan.functions[first]
-    launch = function.launches[0]
+    first = plan.steps.index(plan.calls[0])
+    step = plan.steps[first]
+    launch = step.launches[0]
     assert launch.global_size[0] >= 2 * launch.local_size[0]
     half = (launch.global_size[0] // 2 // launch.local_size[0] * launch.local_size[0],) + launch.global_size[1:]
-    broken = dataclasses.replace(function, launches=[dataclasses.replace(launch, global_size=half),
-                                                     *function.launches[1:]])
-    runner.plan = dataclasses.replace(plan, functions={**plan.functions, first: broken})
+    broken = dataclasses.replace(step, launches=(dataclasses.replace(launch, global_size=half), *step.launches[1:]))
+    runner.plan = dataclasses.replace(plan, steps=[*plan.steps[:first], broken, *plan.steps[first + 1:]])
     try:
         run = runner.run(feeds)
     finally:

@@ -6,8 +6,9 @@ reads what the VM would do from the build itself:
 
 * the Relax ``main`` after TVM's lowering pipeline: a straight line of storage and tensor
   allocations (the static memory plan, with its buffer reuse), calls of TIR functions, reshapes;
-* each TIR function right before ``MakePackedAPI``: its device-kernel launches in order, each with
-  its kernel name, arguments (the function's buffers, or constants) and launch extents.
+* each TIR function right before ``MakePackedAPI``: its host code, executed here for each call of
+  ``main`` (symbolic shapes bound to the call's tensors, lets, loops, conditions, workspaces) into
+  the device-kernel launches it makes, in order: kernel name, arguments, launch extents.
 
 Both are captured by a pass instrument while ``tvm.compile`` builds the executable, so the plan and
 the OpenCL C source (``opencl.opencl_source`` of that same executable) come from one build. Launching
@@ -22,7 +23,7 @@ speed, or anything about float precision modes specific to those GPUs.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -42,10 +43,10 @@ class OpenCLRunError(OpenCLError):
 # ------------------------------------------------------------------ the plan
 @dataclass(frozen=True)
 class KernelArg:
-    """One argument of a kernel launch: a buffer parameter of the TIR function (``param``), a
-    workspace the function allocates (``workspace``), or a scalar (``value`` with ``dtype``)."""
+    """One argument of a kernel launch: a tensor operand of the call (``operand``), a workspace the TIR
+    function allocates (``workspace``), or a scalar (``value`` with ``dtype``)."""
 
-    kind: str  # "param" | "workspace" | "scalar"
+    kind: str  # "operand" | "workspace" | "scalar"
     index: int = -1
     value: int | float = 0
     dtype: str = ""
@@ -59,22 +60,14 @@ class KernelLaunch:
     local_size: tuple[int, ...]
 
 
-@dataclass
-class TIRFunction:
-    """A TIR function of the build as its host code runs it: kernel launches in order."""
-
-    name: str
-    num_params: int
-    launches: list[KernelLaunch]
-    workspaces: list[int] = field(default_factory=list)  # bytes of each global workspace it allocates
-
-
 @dataclass(frozen=True)
 class Operand:
-    """A value of ``main``: a variable (``var``), a constant tensor (``const``) or nothing (``null``)."""
+    """An argument of a call in ``main``: a variable (``var``), a constant tensor (``const``) or an
+    integer (``int``, e.g. a symbolic shape TVM passes to a TIR function)."""
 
-    kind: str  # "var" | "const" | "null"
+    kind: str  # "var" | "const" | "int"
     index: int = -1
+    value: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,7 +76,8 @@ class Step:
 
     ``storage``: var <- a buffer of ``nbytes``; ``tensor``: var <- a view at ``offset`` into storage
     ``source``; ``reshape``: var <- ``source`` with ``shape``; ``call``: TIR function ``function`` on
-    ``operands`` (outputs included, as TVM passes them)."""
+    ``operands`` (outputs included, as TVM passes them), which its host code turns into ``launches``
+    using ``workspaces`` (bytes of each global buffer it allocates)."""
 
     op: str
     var: int = -1
@@ -94,6 +88,8 @@ class Step:
     dtype: str = ""
     function: str = ""
     operands: tuple[Operand, ...] = ()
+    launches: tuple[KernelLaunch, ...] = ()
+    workspaces: tuple[int, ...] = ()
 
 
 @dataclass
@@ -106,12 +102,18 @@ class OpenCLPlan:
     results: list[int]  # vars main returns, flattened
     result_specs: list[tuple[tuple[int, ...], str]]
     constants: list[np.ndarray]
-    functions: dict[str, TIRFunction]
+
+    @property
+    def calls(self) -> list[Step]:
+        return [s for s in self.steps if s.op == "call"]
 
     @property
     def launches(self) -> int:
         """How many kernel launches one run makes."""
-        return sum(len(self.functions[s.function].launches) for s in self.steps if s.op == "call")
+        return sum(len(s.launches) for s in self.calls)
+
+    def kernels_launched(self) -> set[str]:
+        return {launch.kernel for s in self.calls for launch in s.launches}
 
 
 def plan_build(mod, target) -> tuple[object, OpenCLPlan]:
@@ -122,7 +124,7 @@ def plan_build(mod, target) -> tuple[object, OpenCLPlan]:
     import tvm
     from tvm import relax
 
-    from sculpt.backends.tvm.opencl import opencl_source
+    from sculpt.backends.tvm.opencl import kernel_definitions, opencl_source
 
     captured: dict = {}
 
@@ -144,12 +146,11 @@ def plan_build(mod, target) -> tuple[object, OpenCLPlan]:
     if "relax" not in captured or "tir" not in captured:
         raise OpenCLRunError("could not observe TVM's lowering of the build (the Relax pipeline or "
                              "MakePackedAPI did not run)")
-    source = opencl_source(executable)
-    functions = _tir_functions(captured["tir"])
-    plan = _main_plan(captured["relax"], functions)
-    plan.source = source
-    kernels = set(_defined_kernels(source))
-    missing = sorted({launch.kernel for f in functions.values() for launch in f.launches} - kernels)
+    host_functions = {gv.name_hint: f for gv, f in captured["tir"].functions.items()
+                      if int(f.attrs.get("calling_conv", 0)) != 2}  # 2: a device kernel
+    plan = _main_plan(captured["relax"], host_functions)
+    plan.source = opencl_source(executable)
+    missing = sorted(plan.kernels_launched() - set(kernel_definitions(plan.source)))
     if missing:
         raise OpenCLRunError(f"kernels launched by the host code but not in the OpenCL source: {', '.join(missing)}")
     return executable, plan
@@ -160,107 +161,207 @@ def _key(node) -> int:
     return node.__chandle__()
 
 
-def _defined_kernels(source: str) -> list[str]:
-    from sculpt.backends.tvm.opencl import kernel_definitions
-
-    return list(kernel_definitions(source))
+def _short(node) -> str:
+    return " ".join(str(node).split())[:120]
 
 
 # ------------------------------------------------------------------ TIR host code -> launches
-def _tir_functions(module) -> dict[str, TIRFunction]:
-    functions = {}
-    for gv, func in module.functions.items():
-        if int(func.attrs.get("calling_conv", 0)) == 2:  # a device kernel
-            continue
-        functions[gv.name_hint] = _read_host_function(gv.name_hint, func)
-    return functions
+MAX_LAUNCHES_PER_CALL = 100_000
 
 
-def _read_host_function(name: str, func) -> TIRFunction:
-    import tvm
+@dataclass(frozen=True)
+class _Ref:
+    """A buffer in the host code: a tensor operand of the call or a workspace."""
+
+    arg: KernelArg
+
+
+def _trunc_div(a, b):
+    if isinstance(a, float) or isinstance(b, float):
+        return a / b
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+def _binary_ops() -> dict:
+    import operator
+
     from tvm import tirx
 
-    params = {_key(p): i for i, p in enumerate(func.params)}
-    aliases: dict = {}  # a buffer declared over another buffer's data -> that buffer
-    workspaces: dict = {}  # buffer var -> workspace index
-    sizes: list[int] = []
-    launches: list[KernelLaunch] = []
+    return {tirx.Add: operator.add, tirx.Sub: operator.sub, tirx.Mul: operator.mul,
+            tirx.FloorDiv: operator.floordiv, tirx.FloorMod: operator.mod, tirx.Div: _trunc_div,
+            tirx.Mod: lambda a, b: a - b * _trunc_div(a, b), tirx.Min: min, tirx.Max: max,
+            tirx.EQ: operator.eq, tirx.NE: operator.ne, tirx.LT: operator.lt, tirx.LE: operator.le,
+            tirx.GT: operator.gt, tirx.GE: operator.ge, tirx.And: lambda a, b: a and b,
+            tirx.Or: lambda a, b: a or b, tirx.RShift: operator.rshift, tirx.LShift: operator.lshift,
+            tirx.BitwiseAnd: operator.and_, tirx.BitwiseOr: operator.or_, tirx.BitwiseXor: operator.xor}
 
-    def origin(var) -> KernelArg:
-        seen = 0
-        while _key(var) in aliases and seen < 64:
-            var, seen = aliases[_key(var)], seen + 1
-        if _key(var) in params:
-            return KernelArg("param", params[_key(var)])
-        if _key(var) in workspaces:
-            return KernelArg("workspace", workspaces[_key(var)])
-        raise OpenCLRunError(f"{name}: a kernel argument ({var}) is neither a parameter nor a workspace")
 
-    def argument(expr) -> KernelArg:
-        if isinstance(expr, tvm.ir.expr.Call) and expr.op.name == "tirx.buffer_data":
-            return origin(expr.args[0])
+class _HostCode:
+    """Executes a TIR function's host code for one call (known argument shapes): binds its symbolic
+    shapes, evaluates its lets, loops and conditions, and records the kernel launches and workspaces."""
+
+    def __init__(self, name: str, func, operands: list):
+        self.name = name
+        self.env: dict[int, object] = {}
+        self.launches: list[KernelLaunch] = []
+        self.workspaces: list[int] = []
+        self.binary = _binary_ops()
+        if len(operands) != len(func.params):
+            raise OpenCLRunError(f"main calls {name} with {len(operands)} arguments, it takes {len(func.params)}")
+        for i, (param, value) in enumerate(zip(func.params, operands)):
+            self._bind_param(i, param, value)
+        self.visit(func.body)
+
+    def fail(self, what: str):
+        raise OpenCLRunError(f"{self.name}: {what}")
+
+    def _bind_param(self, i: int, param, value) -> None:
+        from tvm.tirx.buffer import BufferType
+
+        if not isinstance(param.ty, BufferType):
+            if not isinstance(value, int):
+                self.fail(f"parameter {param} is a scalar, main passes a tensor")
+            self.env[_key(param)] = value
+            return
+        if isinstance(value, int):
+            self.fail(f"parameter {param} is a buffer, main passes the integer {value}")
+        shape = value
+        dims = list(param.ty.shape)
+        if len(dims) != len(shape):
+            self.fail(f"parameter {param} has {len(dims)} dimensions, main passes a tensor of shape {list(shape)}")
+        from tvm import tirx
+
+        for dim, actual in zip(dims, shape):
+            if isinstance(dim, tirx.Var) and _key(dim) not in self.env:
+                self.env[_key(dim)] = int(actual)  # a symbolic shape takes the call's value
+            elif self.eval(dim) != actual:
+                self.fail(f"parameter {param} expects shape {list(dims)}, main passes {list(shape)}")
+        offset = param.ty.elem_offset
+        if isinstance(offset, tirx.Var) and _key(offset) not in self.env:
+            self.env[_key(offset)] = 0  # every tensor starts its own buffer (views are sub-buffers)
+        compact = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
+        for stride, actual in zip(list(param.ty.strides or []), compact):
+            if isinstance(stride, tirx.Var) and _key(stride) not in self.env:
+                self.env[_key(stride)] = actual
+        self.env[_key(param)] = _Ref(KernelArg("operand", i))
+
+    # -- expressions
+    def eval(self, expr):
+        import tvm
+        from tvm import tirx
+
         if isinstance(expr, (tirx.IntImm, tirx.FloatImm)):
-            return KernelArg("scalar", value=expr.value, dtype=str(expr.dtype))
-        raise OpenCLRunError(f"{name}: a kernel argument computed on the host ({expr}) is not supported")
+            return expr.value
+        if isinstance(expr, tirx.Var):
+            if _key(expr) not in self.env:
+                self.fail(f"{expr} is used before it has a value")
+            return self.env[_key(expr)]
+        op = self.binary.get(type(expr))
+        if op is not None:
+            return op(self.eval(expr.a), self.eval(expr.b))
+        if isinstance(expr, tirx.Not):
+            return not self.eval(expr.a)
+        if isinstance(expr, tirx.BitwiseNot):
+            return ~self.eval(expr.a)
+        if isinstance(expr, tirx.Cast):
+            value = self.eval(expr.value)
+            dtype = _dtype(expr)
+            return bool(value) if dtype == "bool" else float(value) if dtype.startswith(("float", "bfloat")) \
+                else int(value)
+        if isinstance(expr, tirx.Select):
+            return self.eval(expr.true_value) if self.eval(expr.condition) else self.eval(expr.false_value)
+        if isinstance(expr, tirx.Let):
+            self.env[_key(expr.var)] = self.eval(expr.value)
+            return self.eval(expr.body)
+        if isinstance(expr, tvm.ir.expr.Call):
+            name = expr.op.name
+            if name == "tirx.buffer_data":
+                return self.eval(expr.args[0])
+            if name == "tirx.if_then_else":
+                return self.eval(expr.args[1]) if self.eval(expr.args[0]) else self.eval(expr.args[2])
+        self.fail(f"the host code computes {_short(expr)}, which the PoCL launcher cannot evaluate")
 
-    def launch(call) -> KernelLaunch:
-        tags = [str(t) for t in call.attrs.launch_params]
-        kernel = str(call.args[0].value)
-        values = list(call.args[1:])
-        args, extents = values[: len(values) - len(tags)], values[len(values) - len(tags):]
-        grid, block = [1, 1, 1], [1, 1, 1]
-        dims = 0
-        for tag, extent in zip(tags, extents):
-            if tag not in _THREAD_AXES:
-                raise OpenCLRunError(f"{name}: kernel {kernel} has launch parameter '{tag}' (dynamic shared "
-                                     "memory or another axis the PoCL launcher does not handle)")
-            if not isinstance(extent, tirx.IntImm):
-                raise OpenCLRunError(f"{name}: kernel {kernel} has a dynamic launch extent {tag}={extent}")
-            level, axis = _THREAD_AXES[tag]
-            (grid if level == 0 else block)[axis] = int(extent.value)
-            dims = max(dims, axis + 1)
-        return KernelLaunch(kernel, tuple(argument(a) for a in args),
-                            tuple(grid[d] * block[d] for d in range(dims)), tuple(block[:dims]))
+    # -- statements
+    def visit(self, stmt) -> None:
+        import tvm
+        from tvm import tirx
 
-    def visit(stmt) -> None:
         if isinstance(stmt, tirx.SeqStmt):
             for s in stmt:
-                visit(s)
+                self.visit(s)
         elif isinstance(stmt, tirx.DeclBuffer):
-            data = stmt.data
-            if isinstance(data, tvm.ir.expr.Call) and data.op.name == "tirx.buffer_data":
-                aliases[_key(stmt.buffer)] = data.args[0]
-            else:
-                raise OpenCLRunError(f"{name}: buffer {stmt.buffer} is declared over {data}, not a buffer")
+            self.env[_key(stmt.buffer)] = self.eval(stmt.data)
         elif isinstance(stmt, tirx.AllocBuffer):
-            buffer = stmt.buffer
-            scope = str(buffer.scope() if callable(getattr(buffer, "scope", None)) else "global")
-            if scope not in ("global", ""):
-                raise OpenCLRunError(f"{name}: host code allocates {buffer} in scope '{scope}'")
-            count = 1
-            for d in buffer.shape:
-                if not isinstance(d, tirx.IntImm):
-                    raise OpenCLRunError(f"{name}: workspace {buffer} has a dynamic size")
-                count *= int(d.value)
-            workspaces[_key(buffer)] = len(sizes)
-            sizes.append(count * np.dtype(str(buffer.dtype)).itemsize)
+            self._allocate(stmt.buffer)
+        elif isinstance(stmt, (tirx.Bind, tirx.LetStmt)):
+            self.env[_key(stmt.var)] = self.eval(stmt.value)
         elif isinstance(stmt, tirx.AttrStmt):
-            visit(stmt.body)
+            self.visit(stmt.body)
+        elif isinstance(stmt, tirx.For):
+            begin, extent = self.eval(stmt.min), self.eval(stmt.extent)
+            step = self.eval(stmt.step) if stmt.step is not None else 1
+            for i in range(begin, begin + extent, step):
+                self.env[_key(stmt.loop_var)] = i
+                self.visit(stmt.body)
+        elif isinstance(stmt, tirx.IfThenElse):
+            branch = stmt.then_case if self.eval(stmt.condition) else stmt.else_case
+            if branch is not None:
+                self.visit(branch)
+        elif isinstance(stmt, tirx.AssertStmt):
+            if not self.eval(stmt.condition):
+                self.fail(f"a host-code check fails: {_short(stmt.condition)}")
         elif isinstance(stmt, tirx.Evaluate):
             call = stmt.value
             if isinstance(call, tvm.ir.expr.Call) and call.op.name == "tirx.call_ffi_kernel":
-                launches.append(launch(call))
-            elif isinstance(call, tvm.ir.expr.Call) and _is_set_device(call):
-                pass
-            else:
-                raise OpenCLRunError(f"{name}: host code evaluates {_short(call)}; the PoCL launcher only "
-                                     "follows kernel launches")
+                self._launch(call)
+            elif not (isinstance(call, tvm.ir.expr.Call) and _is_set_device(call)):
+                self.fail(f"the host code evaluates {_short(call)}; the PoCL launcher follows kernel launches, "
+                          "loops, conditions and lets")
         else:
-            raise OpenCLRunError(f"{name}: host code has a {type(stmt).__name__} "
-                                 f"({_short(stmt)}); the PoCL launcher only follows straight-line kernel launches")
+            self.fail(f"the host code has a {type(stmt).__name__} ({_short(stmt)}), which the PoCL launcher does "
+                      "not follow")
 
-    visit(func.body)
-    return TIRFunction(name, len(func.params), launches, sizes)
+    def _allocate(self, buffer) -> None:
+        ty = buffer.ty
+        scope = str(getattr(ty, "storage_scope", "global") or "global")
+        if scope != "global":
+            self.fail(f"the host code allocates {buffer} in scope '{scope}'")
+        count = 1
+        for d in ty.shape:
+            count *= int(self.eval(d))
+        self.env[_key(buffer)] = _Ref(KernelArg("workspace", len(self.workspaces)))
+        self.workspaces.append(count * np.dtype(str(ty.dtype)).itemsize)
+
+    def _launch(self, call) -> None:
+        tags = [str(t) for t in call.attrs.launch_params]
+        kernel = str(call.args[0].value)
+        values = list(call.args[1:])
+        split = len(values) - len(tags)
+        args = []
+        for expr in values[:split]:
+            value = self.eval(expr)
+            if isinstance(value, _Ref):
+                args.append(value.arg)
+            else:
+                args.append(KernelArg("scalar", value=value, dtype=_dtype(expr)))
+        grid, block, dims = [1, 1, 1], [1, 1, 1], 0
+        for tag, extent in zip(tags, values[split:]):
+            if tag not in _THREAD_AXES:
+                self.fail(f"kernel {kernel} has launch parameter '{tag}' (dynamic shared memory or another axis "
+                          "the PoCL launcher does not handle)")
+            level, axis = _THREAD_AXES[tag]
+            (grid if level == 0 else block)[axis] = int(self.eval(extent))
+            dims = max(dims, axis + 1)
+        if len(self.launches) >= MAX_LAUNCHES_PER_CALL:
+            self.fail(f"more than {MAX_LAUNCHES_PER_CALL} kernel launches in one call")
+        self.launches.append(KernelLaunch(kernel, tuple(args), tuple(grid[d] * block[d] for d in range(dims)),
+                                          tuple(block[:dims])))
+
+
+def _dtype(expr) -> str:
+    """The dtype of a TIR expression ("int32", "float32", ...)."""
+    return str(expr.ty.dtype)
 
 
 def _is_set_device(call) -> bool:
@@ -270,27 +371,34 @@ def _is_set_device(call) -> bool:
             and isinstance(call.args[0], tirx.StringImm) and call.args[0].value == "__tvm_set_device")
 
 
-def _short(node) -> str:
-    return " ".join(str(node).split())[:120]
-
-
 # ------------------------------------------------------------------ Relax main -> steps
-def _main_plan(module, functions: dict[str, TIRFunction]) -> OpenCLPlan:
+def _main_plan(module, host_functions: dict) -> OpenCLPlan:
     import tvm
     from tvm import relax
 
     main = module["main"]
-    variables: dict = {}
+    variables: dict[int, int] = {}  # relax variable -> index of its value
+    shapes: dict[int, tuple[int, ...]] = {}  # value index -> tensor shape
     constants: list[np.ndarray] = []
     constant_index: dict[int, int] = {}
     tuples: dict[int, list[int]] = {}  # a tuple variable -> the tensor variables it holds
+    expanded: dict[tuple, _HostCode] = {}  # (function, argument shapes) -> its launches
     inputs = []
+
+    def define(var, shape=None) -> int:
+        variables[_key(var)] = len(variables)
+        if shape is not None:
+            shapes[variables[_key(var)]] = tuple(shape)
+        return variables[_key(var)]
+
     for p in main.params:
         shape, dtype = _static_tensor(p.ty, f"input '{p.name}'")
-        variables[_key(p)] = len(variables)
+        define(p, shape)
         inputs.append((p.name, shape, dtype))
 
     def operand(expr) -> Operand:
+        from tvm import tirx
+
         if isinstance(expr, relax.Var):
             if _key(expr) not in variables:
                 raise OpenCLRunError(f"main: {expr.name} is used before it is defined")
@@ -300,7 +408,18 @@ def _main_plan(module, functions: dict[str, TIRFunction]) -> OpenCLPlan:
                 constant_index[_key(expr)] = len(constants)
                 constants.append(expr.value.numpy())
             return Operand("const", constant_index[_key(expr)])
-        raise OpenCLRunError(f"main: an argument {_short(expr)} is not a tensor")
+        if isinstance(expr, tirx.IntImm):
+            return Operand("int", value=int(expr.value))
+        raise OpenCLRunError(f"main: an argument {_short(expr)} is neither a tensor nor an integer")
+
+    def arguments(args) -> list[Operand]:
+        out = []
+        for a in args:
+            if isinstance(a, relax.ShapeExpr):  # symbolic values TVM passes to a TIR function
+                out.extend(operand(v) for v in a.values)
+            else:
+                out.append(operand(a))
+        return out
 
     def tensors(expr) -> list[int]:
         """The variables a (possibly nested) tuple expression or tuple variable stands for."""
@@ -313,9 +432,14 @@ def _main_plan(module, functions: dict[str, TIRFunction]) -> OpenCLPlan:
             raise OpenCLRunError(f"main returns a constant ({_short(expr)})")
         return [found.index]
 
-    def define(var) -> int:
-        variables[_key(var)] = len(variables)
-        return variables[_key(var)]
+    def shape_of(o: Operand):
+        if o.kind == "int":
+            return o.value
+        if o.kind == "const":
+            return tuple(constants[o.index].shape)
+        if o.index not in shapes:
+            raise OpenCLRunError("main passes a value that is not a tensor to a TIR function")
+        return shapes[o.index]
 
     steps: list[Step] = []
     body = main.body
@@ -336,35 +460,35 @@ def _main_plan(module, functions: dict[str, TIRFunction]) -> OpenCLPlan:
                 continue
             op = value.op
             if isinstance(op, tvm.ir.GlobalVar):
-                if op.name_hint not in functions:
-                    raise OpenCLRunError(f"main calls {op.name_hint}, which is not a TIR function of the build")
-                operands = tuple(operand(a) for a in value.args)
-                if len(operands) != functions[op.name_hint].num_params:
-                    raise OpenCLRunError(f"main calls {op.name_hint} with {len(operands)} arguments, it takes "
-                                         f"{functions[op.name_hint].num_params}")
-                steps.append(Step("call", function=op.name_hint, operands=operands))
+                name = op.name_hint
+                if name not in host_functions:
+                    raise OpenCLRunError(f"main calls {name}, which is not a TIR function of the build")
+                operands = tuple(arguments(value.args))
+                signature = (name, tuple(shape_of(o) for o in operands))
+                if signature not in expanded:
+                    expanded[signature] = _HostCode(name, host_functions[name], list(signature[1]))
+                code = expanded[signature]
+                steps.append(Step("call", function=name, operands=operands, launches=tuple(code.launches),
+                                  workspaces=tuple(code.workspaces)))
                 define(var)
             elif isinstance(op, tvm.ir.Op) and op.name == "relax.vm.alloc_storage":
-                size = value.args[0]
-                steps.append(Step("storage", var=define(var), nbytes=int(size.values[0].value)))
                 scope = str(value.args[3].value) if len(value.args) > 3 else "global"
                 if scope != "global":
                     raise OpenCLRunError(f"main allocates storage in scope '{scope}' (textures are not handled)")
+                steps.append(Step("storage", var=define(var), nbytes=int(value.args[0].values[0].value)))
             elif isinstance(op, tvm.ir.Op) and op.name == "relax.vm.alloc_tensor":
                 storage = operand(value.args[0])
                 shape = tuple(int(d.value) for d in value.args[2].values)
-                steps.append(Step("tensor", var=define(var), source=storage.index,
+                steps.append(Step("tensor", var=define(var, shape), source=storage.index,
                                   offset=int(value.args[1].value), shape=shape, dtype=str(value.args[3].value)))
-            elif isinstance(op, tvm.ir.Op) and op.name == "relax.vm.kill_object":
-                define(var)  # drops a reference; the object lives on while a tuple or view holds it
-            elif isinstance(op, tvm.ir.Op) and op.name == "relax.null_value":
-                define(var)
+            elif isinstance(op, tvm.ir.Op) and op.name in ("relax.vm.kill_object", "relax.null_value"):
+                define(var)  # kill_object drops a reference; the object lives on while a tuple or view holds it
             elif isinstance(op, relax.ExternFunc) and op.global_symbol == "vm.builtin.reshape":
                 source = operand(value.args[0])
                 shape, dtype = _static_tensor(var.ty, f"main: {var.name}")
                 if source.kind != "var":
                     raise OpenCLRunError(f"main reshapes a constant ({var.name})")
-                steps.append(Step("reshape", var=define(var), source=source.index, shape=shape, dtype=dtype))
+                steps.append(Step("reshape", var=define(var, shape), source=source.index, shape=shape, dtype=dtype))
             elif isinstance(op, relax.ExternFunc) and op.global_symbol in _CHECKS_ONLY:
                 define(var)
             else:
@@ -374,7 +498,7 @@ def _main_plan(module, functions: dict[str, TIRFunction]) -> OpenCLPlan:
     specs = [_static_tensor(ty, "main's result") for ty in _flatten_type(main.ret_ty)]
     if len(specs) != len(results):
         raise OpenCLRunError(f"main returns {len(results)} tensors, its type lists {len(specs)}")
-    return OpenCLPlan("", inputs, steps, results, specs, constants, functions)
+    return OpenCLPlan("", inputs, steps, results, specs, constants)
 
 
 def _flatten_type(ty) -> list:
@@ -467,8 +591,9 @@ class OpenCLRunner:
                 source = values[step.source]
                 values[step.var] = _Tensor(source.buffer, step.shape, step.dtype)
             elif step.op == "call":
-                tensors = [self._constants[o.index] if o.kind == "const" else values[o.index] for o in step.operands]
-                launched += self._call(plan.functions[step.function], tensors)
+                tensors = [self._constants[o.index] if o.kind == "const" else values.get(o.index)
+                           for o in step.operands]
+                launched += self._call(step, tensors)
         self.queue.finish()
         seconds = time.perf_counter() - start
         outputs = []
@@ -489,15 +614,15 @@ class OpenCLRunner:
         nbytes = int(np.prod(step.shape, dtype=np.int64)) * np.dtype(step.dtype).itemsize
         return storage.get_sub_region(step.offset, nbytes)
 
-    def _call(self, function: TIRFunction, tensors: list[_Tensor]) -> int:
-        workspaces = [self._buffer(n) for n in function.workspaces]
-        for launch in function.launches:
+    def _call(self, step: Step, tensors: list) -> int:
+        workspaces = [self._buffer(n) for n in step.workspaces]
+        for launch in step.launches:
             kernel = self.kernels.get(launch.kernel)
             if kernel is None:
                 raise OpenCLRunError(f"kernel {launch.kernel} is not in the built program")
             args = []
             for a in launch.args:
-                if a.kind == "param":
+                if a.kind == "operand":
                     args.append(tensors[a.index].buffer)
                 elif a.kind == "workspace":
                     args.append(workspaces[a.index])
@@ -514,7 +639,7 @@ class OpenCLRunner:
             except cl.Error as e:
                 raise OpenCLRunError(f"launching kernel {launch.kernel} (global {launch.global_size}, local "
                                      f"{launch.local_size}) failed: {' '.join(str(e).split())[:200]}") from None
-        return len(function.launches)
+        return len(step.launches)
 
 
 def _ordered_feeds(plan: OpenCLPlan, feeds) -> list[np.ndarray]:
