@@ -57,7 +57,7 @@ def _every_kernel_launched(plan) -> bool:
     launched, defined = plan.kernels_launched(), set(kernel_definitions(plan.source))
     called = {s.function for s in plan.calls}
     unused = {k for k in defined - launched if re.sub(r"_kernel(_\d+)?$", "", k) not in called}
-    return launched <= defined and launched == defined - unused and len(unused) <= 2
+    return launched <= defined and launched == defined - unused
 
 
 def test_tiny_net_with_two_outputs_matches_onnxruntime_on_pocl():

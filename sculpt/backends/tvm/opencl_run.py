@@ -675,12 +675,6 @@ def plan_model(model, target, *, input_shapes=None, canonicalize: bool = True) -
     return plan
 
 
-def run_model(model, target, feeds: Mapping[str, np.ndarray], *, input_shapes=None) -> OpenCLRun:
-    """Build ``model`` for an OpenCL target and run its kernels on PoCL on ``feeds`` (by input name)."""
-    plan = plan_model(model, target, input_shapes=input_shapes)
-    return OpenCLRunner(plan).run([feeds[name] for name in model.input_names if name in feeds])
-
-
 def run_artifact_kernels(artifact, model_path, ordered_inputs: Sequence[np.ndarray], *,
                          progress=None) -> OpenCLRun:
     """Run an exported Mali/Adreno artifact's kernels on PoCL.
