@@ -17,7 +17,11 @@ follows TVM's OpenCL runtime: work dimension = highest thread axis used + 1, loc
 
 PoCL is a CPU implementation of OpenCL: a match shows that the kernels TVM generated, launched the way
 TVM launches them, compute the model. It does not show how a Mali/Adreno driver compiles them, their
-speed, or anything about float precision modes specific to those GPUs.
+speed, or anything about float precision modes specific to those GPUs. PoCL runs the work-items of a
+group one after another between barriers, so a kernel that races on local memory (reads what another
+work-item writes with no barrier in between) fails here even where a GPU's lock-step execution hides
+it: TVM 0.27's GPU cumsum (``gpu_2d_continuous_cumsum``, an in-place scan) does, at rows longer than
+a few elements; PP-OCR does not use it.
 """
 
 from __future__ import annotations
@@ -615,6 +619,8 @@ class OpenCLRunner:
         return storage.get_sub_region(step.offset, nbytes)
 
     def _call(self, step: Step, tensors: list) -> int:
+        import pyopencl as cl
+
         workspaces = [self._buffer(n) for n in step.workspaces]
         for launch in step.launches:
             kernel = self.kernels.get(launch.kernel)
@@ -632,8 +638,6 @@ class OpenCLRunner:
                 raise OpenCLRunError(f"kernel {launch.kernel}: work-group {launch.local_size} exceeds the device's "
                                      f"maximum of {self.max_group} work-items")
             kernel.set_args(*args)
-            import pyopencl as cl
-
             try:
                 cl.enqueue_nd_range_kernel(self.queue, kernel, launch.global_size, launch.local_size)
             except cl.Error as e:
