@@ -229,3 +229,18 @@ def test_hangs_crashes_and_broken_passes_are_failed_cases(monkeypatch, tmp_path)
     summary = cr.summarize(results, list(by))
     assert summary["test-inexact"]["mismatch"] == 1 and summary["canonicalize"]["applied"] == 1
     assert "| `test-hang` | 0 | 0 | 0 | 1 | 0 |" in cr.markdown_table(summary, 1)
+
+
+def test_an_output_raised_to_an_opset_onnxruntime_runs_is_checked_across_runtimes(tmp_path):
+    """pytorch-converted/test_Linear is opset 6: onnxruntime cannot run it, onnx's reference evaluator
+    can. qdq raises it to opset 13, which the reference evaluator cannot run (DequantizeLinear-13) but
+    onnxruntime can: the output is then measured in onnxruntime against the reference's outputs of
+    the input, not reported as a failure of the pass."""
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, str(RUNNER), "--passes", "qdq", "--models", "pytorch-converted/test_Linear",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = _result(json.loads(out.read_text()), "pytorch-converted/test_Linear", "qdq")
+    assert r["outcome"] == "applied" and r["modified"], r
+    assert r["runtime"] == "onnx-reference → onnxruntime"
+    assert 0 < r["max_rel"] < 0.1  # int8: a small, measured error

@@ -112,6 +112,18 @@ def test_opset_is_raised_for_per_channel_weights():
     assert all(not n.attribute for n in per_tensor.model.graph.node if n.op_type == "DequantizeLinear")
 
 
+def test_nothing_to_quantize_returns_the_model_as_it_came():
+    """No quantizable layer: no opset upgrade, no equalization — the same bytes, reported unmodified
+    (an old-opset BatchNormalization model upgraded for nothing was the corpus runner's catch)."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Sigmoid", ["r"], ["y"], name="sig")]
+    model = make_model(nodes, [("x", [1, 4, 8, 8])], [("y", [1, 4, 8, 8])], opset=9)
+    before = model.sha256()
+    for options in ({}, {"equalize": True}):
+        res = create_pass("qdq", options)(model, calib(model))
+        assert not res.modified and res.stats["quantized"] == 0 and "opset" not in res.stats
+        assert res.model.opset == 9 and res.model.sha256() == before
+
+
 def _single_op_model(op, rng):
     """A graph around one op kind, float inputs from Convs' Relus so that they are activations."""
     x = ("x", [1, 4, 8, 8])

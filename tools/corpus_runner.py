@@ -273,7 +273,13 @@ def apply_and_check(model, pass_name: str, options: dict, feeds: list[dict], sha
         runner = _Runner(model)
     except _NoRuntime as e:
         return done("skipped", str(e))
-    rec["runtime"] = runner.kind
+    out_runner = runner
+    if runner.kind != "onnxruntime":  # a pass may raise an old opset onnxruntime cannot run to one it can
+        try:
+            out_runner = _Runner(out)
+        except _NoRuntime:
+            pass
+    rec["runtime"] = runner.kind if out_runner.kind == runner.kind else f"{runner.kind} → {out_runner.kind}"
     errors: list[dict] = []
     ref_range: dict[str, list[float]] = {}
     for k, f in enumerate(feeds):
@@ -283,9 +289,9 @@ def apply_and_check(model, pass_name: str, options: dict, feeds: list[dict], sha
             return done("skipped", f"{runner.kind} cannot run the input model: {_one_line(e)}")
         _track_range(ref_range, ref)
         try:
-            got = runner.run(out, f)
+            got = out_runner.run(out, f)
         except Exception as e:
-            return done("failed", f"{runner.kind} cannot run the output model: {_one_line(e)}")
+            return done("failed", f"{out_runner.kind} cannot run the output model: {_one_line(e)}")
         for e in _compare(ref, got):
             prev = next((x for x in errors if x["output"] == e["output"]), None)
             if prev is None:

@@ -128,6 +128,9 @@ class QDQ(Pass):
                 raise PassError(self.name, "the model is already quantized", node.name)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
+        # nothing to quantize: the model goes back exactly as it came (no opset upgrade, no equalization)
+        untouched = model.clone() if self.equalize or model.opset < PER_CHANNEL_OPSET or \
+            model.proto.ir_version < 4 else model
         allow_plain_initializers(model)
         stats: dict[str, Any] = {}
         if self.per_channel and model.opset < PER_CHANNEL_OPSET:
@@ -170,7 +173,9 @@ class QDQ(Pass):
             stats["bias_corrected"] = self._correct_biases(model, layers, errors)
         if not layers:
             stats.update({"quantized": 0, "skipped": skipped})
-            return PassResult(model, False, stats)
+            stats.pop("opset", None)
+            stats.pop("equalized_pairs", None)
+            return PassResult(untouched, False, stats)
         self._apply(model, layers, params)
         model.topological_sort()  # the new nodes were appended; remove_unused needs the order
         model.remove_unused()
