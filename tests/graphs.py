@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from sculpt.backends.ort import compare_models, random_inputs
+from sculpt.backends.ort import compare_models, random_inputs, run
 from sculpt.ir.model import Model
 
 RNG = np.random.default_rng(1234)
@@ -53,3 +53,13 @@ def assert_exact(before: Model, after: Model, *, rtol=1e-5, atol=1e-6, samples=3
         onnx.checker.check_model(after.proto, full_check=True)
     after.verify()
     return cmp
+
+
+def rms_error(reference, model, feeds, output: str = "y") -> float:
+    """‖y − y_ref‖ / ‖y_ref‖ of one output over all the feeds (steadier than the max error)."""
+    num = den = 0.0
+    for f in feeds:
+        ref, got = run(reference, f)[output].astype(np.float64), run(model, f)[output].astype(np.float64)
+        num += float(((got - ref) ** 2).sum())
+        den += float((ref ** 2).sum())
+    return float(np.sqrt(num / den))

@@ -14,8 +14,8 @@ import pytest
 from onnx import helper
 
 import graphs
-from graphs import f32, make_model
-from sculpt.backends.ort import compare_models, run
+from graphs import f32, make_model, rms_error
+from sculpt.backends.ort import compare_models
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.refit import RefitJob, sequential_refit
 from sculpt.passes import PassContext, create_pass
@@ -51,16 +51,6 @@ def smooth_data(count: int, seed: int) -> CalibrationSet:
         x = np.einsum("cs,shw->chw", mix, src)[None] + 0.05 * rng.standard_normal((1, 16, 14, 14))
         xs.append(x.astype(np.float32))
     return CalibrationSet.from_arrays({"x": np.concatenate(xs)}, "smooth")
-
-
-def rms_error(reference, model, feeds) -> float:
-    """‖y − y_ref‖ / ‖y_ref‖ over all held-out samples (steadier than the max error)."""
-    num = den = 0.0
-    for f in feeds:
-        ref, got = run(reference, f)["y"].astype(np.float64), run(model, f)["y"].astype(np.float64)
-        num += float(((got - ref) ** 2).sum())
-        den += float((ref ** 2).sum())
-    return float(np.sqrt(num / den))
 
 
 # (pass, options, how much lower the held-out error must be with the refit than without). The

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from graphs import make_model
-from sculpt.backends.ort import run
+from graphs import make_model, rms_error
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.refit import RefitJob, ridge_refit, sequential_refit
 from sculpt.passes import PassContext, create_pass
@@ -54,15 +53,6 @@ def data(count: int, seed: int) -> CalibrationSet:
     src = (src[:, :, :-2, :-2] + src[:, :, 1:-1, 1:-1] + src[:, :, 2:, 2:]) / 3  # spatially smooth
     x = np.einsum("cs,nshw->nchw", MIX, src) + 0.1 * rng.standard_normal((count, 8, 6, 6))
     return CalibrationSet.from_arrays({"x": x.astype(np.float32)}, "smooth")
-
-
-def rms_error(reference, model, feeds) -> float:
-    num = den = 0.0
-    for f in feeds:
-        ref, got = run(reference, f)["y"].astype(np.float64), run(model, f)["y"].astype(np.float64)
-        num += float(((got - ref) ** 2).sum())
-        den += float((ref ** 2).sum())
-    return float(np.sqrt(num / den))
 
 
 LAYERS = {"conv3x3": "w1", "conv1x1": "w2", "gemm": "wg", "matmul": "wm"}
