@@ -80,7 +80,8 @@ class LayerInputStream:
         produced = [o for n in nodes for o in n.output if o]
         keep = [t for t in dict.fromkeys(list(self._frontier[0]) + produced)
                 if self._last_read.get(t, -1) >= stop]
-        fetch = [t for t in keep if t in set(produced)]
+        made_here, kept = set(produced), set(keep)
+        fetch = [t for t in keep if t in made_here]
         if fetch:
             proto = self._segment(nodes, fetch)
             sess = make_session(proto)
@@ -88,7 +89,7 @@ class LayerInputStream:
             for values in self._frontier:
                 values.update(run(proto, {k: values[k] for k in feeds}, session=sess, outputs=fetch))
         for values in self._frontier:
-            for t in [t for t in values if t not in set(keep)]:
+            for t in [t for t in values if t not in kept]:
                 del values[t]
         self._position = stop
 
