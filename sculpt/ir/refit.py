@@ -63,6 +63,19 @@ def pick_positions(total: int, per: int, rng: np.random.Generator) -> np.ndarray
     return np.arange(total) if total <= per else np.sort(rng.choice(total, size=per, replace=False))
 
 
+def sampled_activations(model, tensors, calibration, samples: int, positions: int, seed: int):
+    """For each of the first ``samples`` calibration samples: (the values of ``tensors``, how many
+    output positions to sample per layer in it, the random generator to sample them with). The
+    ``positions`` budget per layer is spread over the samples. One model run per sample."""
+    from sculpt.ir.calibration import iter_activations
+
+    rng = np.random.default_rng(seed)
+    n = min(samples, len(calibration))
+    per = max(1, positions // max(n, 1))
+    for acts in iter_activations(model, sorted(set(tensors)), calibration, limit=n):
+        yield acts, per, rng
+
+
 def layer_rows(node, x: np.ndarray, y_shape: tuple, w_shape: tuple, per: int,
                rng: np.random.Generator) -> np.ndarray | None:
     """What ``node`` sees in one calibration sample ``x``, at up to ``per`` random output positions:

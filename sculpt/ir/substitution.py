@@ -68,13 +68,10 @@ def conv_candidates(model: Model, pattern_ok, *, min_macs: int = 0) -> tuple[lis
 
 def capture_patches(model: Model, layers: list[dict], calibration, samples: int, positions: int, seed: int = 0):
     """im2col patches [S, C·kh·kw] of each layer's input at sampled output positions (layer['rows'])."""
-    from sculpt.ir.calibration import iter_activations
-    from sculpt.ir.refit import layer_rows
+    from sculpt.ir.refit import layer_rows, sampled_activations
 
-    rng = np.random.default_rng(seed)
-    n = min(samples, len(calibration))
-    per = max(1, positions // max(n, 1))
-    for acts in iter_activations(model, sorted({lay["node"].input[0] for lay in layers}), calibration, limit=n):
+    inputs = [lay["node"].input[0] for lay in layers]
+    for acts, per, rng in sampled_activations(model, inputs, calibration, samples, positions, seed):
         for lay in layers:
             x = acts[lay["node"].input[0]]
             lay["rows"].append(layer_rows(lay["node"], x, lay["y_shape"], lay["w"].shape, per, rng).astype(np.float32))

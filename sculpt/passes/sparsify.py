@@ -233,14 +233,11 @@ class Sparsify(Pass):
 
     # ------------------------------------------------------------------ calibration
     def _capture(self, model: Model, layers: list[_Layer], ctx: PassContext) -> None:
-        from sculpt.ir.calibration import iter_activations
-        from sculpt.ir.refit import layer_rows
+        from sculpt.ir.refit import layer_rows, sampled_activations
 
-        rng = np.random.default_rng(ctx.seed)
-        n_samples = min(self.samples, len(ctx.calibration))
-        per = max(1, self.positions // max(n_samples, 1))
-        inputs = sorted({layer.node.input[0] for layer in layers})
-        for acts in iter_activations(model, inputs, ctx.calibration, limit=n_samples):
+        inputs = [layer.node.input[0] for layer in layers]
+        for acts, per, rng in sampled_activations(model, inputs, ctx.calibration, self.samples, self.positions,
+                                                  ctx.seed):
             for layer in layers:
                 x = acts[layer.node.input[0]].astype(np.float64)
                 conv = layer.node.op_type == "Conv"
