@@ -57,7 +57,7 @@ def run_artifact(artifact: Artifact | str | Path, feeds: Mapping[str, np.ndarray
         artifact = load_artifact(artifact)
     if artifact.manifest["target"].get("opencl"):
         raise ToolchainError(f"{artifact.library.name} is built for an OpenCL GPU ({artifact.manifest['target']['name']}):"
-                             " it runs on the device; here 'sculpt verify' runs its kernels on PoCL)")
+                             " it runs on the device; here 'sculpt verify' runs its kernels on PoCL")
     ordered = check_feeds(artifact, feeds)
     work = Path(tempfile.mkdtemp(prefix="sculpt-deploy-"))
     try:
