@@ -62,8 +62,47 @@ def is_aarch64(target) -> bool:
     return "aarch64" in d.get("mtriple", "") or "arm64" in d.get("mtriple", "")
 
 
+# LLVM feature name -> /proc/cpuinfo flag, for the vector features the kernels' code may use. A
+# virtual machine can hide some of them from a CPU LLVM knows by name (an AVX-512 Zen 4 reported
+# with AVX2 only): code built for the name alone then dies of an illegal instruction.
+_X86_VECTOR_FEATURES = {"avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512f",
+                        "avxvnni": "avx_vnni", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
+                        "avx512fp16": "avx512_fp16", "amx-tile": "amx_tile"}
+
+
+def _cpuinfo_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def hidden_host_features(cpu: str, flags: set[str] | None = None) -> list[str]:
+    """``-feature`` attributes for the vector features ``cpu`` implies that this machine does not
+    report (x86 Linux; an empty list elsewhere or when nothing is hidden)."""
+    import platform
+
+    import tvm
+
+    if flags is None:
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return []
+        flags = _cpuinfo_flags()
+    if not flags:
+        return []
+    implied = {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(
+        tvm.target.Target({"kind": "llvm", "mcpu": cpu}))}
+    return [f"-{feature}" for feature, flag in _X86_VECTOR_FEATURES.items()
+            if feature in implied and flag not in flags]
+
+
 def host_target(target) -> dict:
-    """The target as a dict; a host llvm target without mcpu/mattr gets the host CPU as mcpu."""
+    """The target as a dict; a host llvm target without mcpu/mattr gets the host CPU as mcpu, less
+    any vector feature this machine hides (``hidden_host_features``)."""
     import tvm
 
     d = _target_dict(target)
@@ -76,7 +115,20 @@ def host_target(target) -> dict:
     cpu = str(tvm.target.codegen.llvm_get_system_cpu())
     if cpu and cpu != "generic":
         d["mcpu"] = cpu
+        hidden = hidden_host_features(cpu)
+        if hidden:
+            d["mattr"] = hidden
     return d
+
+
+def _llvm_features(d: dict) -> set[str] | None:
+    """The features LLVM enables for an x86 llvm target dict (its mcpu and mattr), or None."""
+    import tvm
+
+    try:
+        return {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target(d))}
+    except Exception:  # noqa: BLE001 - an LLVM without this CPU: fall back to the names
+        return None
 
 
 def traits_of(target) -> TargetTraits:
@@ -89,8 +141,14 @@ def traits_of(target) -> TargetTraits:
         big_core = any(c in cpu for c in ("a72", "a73", "a75", "a76", "a77", "a78", "x1", "neoverse"))
         return TargetTraits("neon", 4, 32, 32 * 1024 if not big_core else 64 * 1024,
                             512 * 1024 if big_core else 256 * 1024, dot)
-    if "+avx512f" in mattr or any(cpu.startswith(c) for c in _AVX512_CPUS):
+    features = _llvm_features(d) if d["kind"] == "llvm" and (cpu or mattr) else None
+    if features is not None:
+        avx512, avx2 = "avx512f" in features, "avx2" in features and "fma" in features
+    else:
+        avx512 = "-avx512f" not in mattr and ("+avx512f" in mattr or any(cpu.startswith(c) for c in _AVX512_CPUS))
+        avx2 = "-avx2" not in mattr and ("+avx2" in mattr or any(cpu.startswith(c) for c in _AVX2_CPUS))
+    if avx512:
         return TargetTraits("avx512", 16, 32, 32 * 1024, 1024 * 1024)
-    if "+avx2" in mattr or any(cpu.startswith(c) for c in _AVX2_CPUS):
+    if avx2 or avx512:
         return TargetTraits("avx2", 8, 16, 32 * 1024, 512 * 1024)
     return TargetTraits("sse", 4, 16, 32 * 1024, 256 * 1024)

@@ -218,10 +218,9 @@ def im2col_kernel(geo: ConvGeometry, n_rows: int):
 # ------------------------------------------------------------------ tiles
 def vector_lanes(target) -> int:
     """float32 lanes of the widest vector unit the target has (4 for NEON, 8 AVX2, 16 AVX-512)."""
-    attrs = target.attrs if hasattr(target, "attrs") else {}
-    triple = str(attrs.get("mtriple", "")) if hasattr(attrs, "get") else ""
-    if triple.startswith("aarch64") or triple.startswith("arm"):
-        return 4
+    from sculpt.backends.tvm.kernels.target_traits import traits_of
+
+    return traits_of(target).vector_lanes
     cpu = str(attrs.get("mcpu", "")) if hasattr(attrs, "get") else ""
     mattr = " ".join(str(a) for a in (attrs.get("mattr", []) if hasattr(attrs, "get") else []))
     if "avx512" in mattr or cpu in ("znver4", "znver5", "skylake-avx512", "icelake-server", "sapphirerapids",

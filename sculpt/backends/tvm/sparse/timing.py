@@ -25,10 +25,13 @@ def as_target(target):
 
 
 def host_target():
-    """The llvm target of this machine's CPU (``mcpu`` set: the kernels rely on its vector width)."""
+    """The llvm target of this machine's CPU (``mcpu`` set: the kernels rely on its vector width;
+    features the machine hides are turned off, as in ``kernels.host_target``)."""
     import tvm
 
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    from sculpt.backends.tvm.kernels.target_traits import host_target as host_target_dict
+
+    return tvm.target.Target(host_target_dict("llvm"))
 
 
 def runs_on_host(target) -> bool:
