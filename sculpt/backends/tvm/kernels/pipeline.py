@@ -14,8 +14,16 @@ from __future__ import annotations
 
 from sculpt.backends.tvm.kernels.fold_small_constants import fold_small_constants
 from sculpt.backends.tvm.kernels.pad_matmul_columns import pad_matmul_columns
+from sculpt.backends.tvm.kernels.blocked_conv import rewrite_blocked_convs
+from sculpt.backends.tvm.kernels.target_traits import traits_of
+from sculpt.backends.tvm.kernels.tiling import conv_tile
 from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
 from sculpt.backends.tvm.kernels.rules import TileChooser, schedule_module
+
+
+def conv_policy(shape, traits):
+    """Which conv2d layers take the channel-blocked kernel, and its tile (tiling.conv_tile)."""
+    return conv_tile(shape, traits)
 
 
 def _front_passes(target) -> list:
@@ -31,11 +39,15 @@ def _front_passes(target) -> list:
     def rewrite_transposed(mod, _ctx):
         return rewrite_transposed_convs(mod)
 
+    @tvm.transform.module_pass(opt_level=0, name="SculptBlockedConvs")
+    def blocked_convs(mod, _ctx):
+        return rewrite_blocked_convs(mod, conv_policy, traits_of(target))
+
     @tvm.transform.module_pass(opt_level=0, name="SculptPadMatmulColumns")
     def pad_columns(mod, _ctx):
         return pad_matmul_columns(mod)
 
-    return [fold_constants, rewrite_transposed, pad_columns] + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    return [fold_constants, rewrite_transposed, blocked_convs, pad_columns] + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 
 def legalized_and_fused(mod, target):

@@ -25,6 +25,10 @@ class Rewriter:
     def emit(self, expr):
         return self._mutator.builder_.emit(expr)
 
+    def add_func(self, func, name: str):
+        """Add a PrimFunc to the module under a fresh name; returns its GlobalVar."""
+        return self._mutator.builder_.add_func(func, name)
+
     def bound(self, expr):
         from tvm import relax
 

@@ -20,8 +20,9 @@ from sculpt.backends.tvm.kernels.block_analysis import (
     analyze_reduction, is_reduction, root_blocks, rows_fusable, with_fused_rows)
 from sculpt.backends.tvm.kernels.register_tile import (
     KernelDecision, inline_epilogue, schedule_injective_block, schedule_register_tile)
+from sculpt.backends.tvm.kernels.blocked_conv import schedule_blocked_conv, tile_from_block_name
 from sculpt.backends.tvm.kernels.target_traits import TargetTraits, traits_of
-from sculpt.backends.tvm.kernels.tiling import Tile, ranked_tiles
+from sculpt.backends.tvm.kernels.tiling import Tile, ranked_tiles, worth_parallel
 
 # (anatomy, traits, PrimFunc) -> Tile: the heuristic, or tile_search.cached_chooser (search cache first)
 TileChooser = Callable[..., Tile]
@@ -57,6 +58,9 @@ def try_register_tile(func, traits: TargetTraits, choose: TileChooser, name: str
     main = _main_reduction(sch)
     if main is None:
         return None
+    conv_tile = tile_from_block_name(sch.get(main).name_hint)
+    if conv_tile is not None:
+        return _blocked_conv(sch, main, conv_tile, traits, name)
     anatomy = analyze_reduction(sch, main)
     if anatomy is None:
         return None
@@ -67,6 +71,16 @@ def try_register_tile(func, traits: TargetTraits, choose: TileChooser, name: str
     tile = choose(anatomy, traits, func)
     schedule_register_tile(sch, sch.mod["main"], main, anatomy, tile, traits.vector_lanes)
     return sch, KernelDecision(name, anatomy.kind, anatomy.output_shape, tile.as_list())
+
+
+def _blocked_conv(sch, main, tile, traits: TargetTraits, name: str):
+    block = sch.get(main)
+    shape = tuple(int(d) for d in block.writes[0].source.shape)
+    work = 1
+    for iv in block.iter_vars:
+        work *= int(iv.dom.extent)
+    schedule_blocked_conv(sch, sch.mod["main"], main, tile, traits.vector_lanes, worth_parallel(work))
+    return sch, KernelDecision(name, "conv2d_blocked", shape, tile.as_list())
 
 
 def schedule_every_block(func, traits: TargetTraits, name: str = ""):

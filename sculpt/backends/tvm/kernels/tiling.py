@@ -131,3 +131,37 @@ def ranked_tiles(vector_extent: int, broadcast_extent: int, row_extent: int, tra
         scored.append((tile_score(t, traits.vector_lanes, traits.accumulator_registers, outer, threads), t))
     scored.sort(key=lambda st: st[0], reverse=True)
     return [t for _, t in scored[:count]]
+
+
+def conv_tile(shape, traits: TargetTraits):
+    """The channel-blocked conv kernel's tile for a conv2d (blocked_conv.ConvShape), or None to keep
+    the width-vectorized kernel (output channels not a multiple of the vector width).
+
+    Measured on AVX2 (16 registers): 8 accumulator vectors is the sweet spot (12-16 spill and run at
+    half speed), 2 vectors of channels x 4 pixels the best shape of it. So: half the register file
+    for accumulators, the widest channel block (2 vectors) first, pixels as columns (a row pair when
+    the width is small), the least padding of the width, then the most FMAs per load."""
+    from sculpt.backends.tvm.kernels.blocked_conv import ConvTile
+
+    lanes = traits.vector_lanes
+    if shape.out_channels % lanes:
+        return None
+    budget = max(2, traits.vector_registers // 2)
+    oh, ow = shape.out_height, shape.out_width
+    best, best_score = None, None
+    for vregs in (2, 1):
+        ob = vregs * lanes
+        if shape.out_channels % ob:
+            continue
+        pixels = max(1, budget // vregs)
+        for th in (1, 2, 4):
+            if th > pixels or oh % th:
+                continue
+            tw = max(1, min(pixels // th, ow))
+            padded = -(-ow // tw) * tw
+            acc = th * tw * vregs
+            intensity = acc / (th * tw + vregs)
+            score = (round(intensity * ow / padded, 3), vregs, -th)
+            if best_score is None or score > best_score:
+                best, best_score = ConvTile(ob, th, tw), score
+    return best

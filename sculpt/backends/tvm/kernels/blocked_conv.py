@@ -1,0 +1,242 @@
+"""Convolutions vectorized over blocks of output channels: the kernel design that does not depend on
+the image's shape.
+
+The NCHW register tile (register_tile) vectorizes along the output width, so a 55-, 27- or 13-wide
+map leaves vectors partly empty and tiles badly. Here the vector axis is a block of ``ob`` output
+channels instead (onnxruntime's MLAS and oneDNN do the same with NCHWc), which only asks that the
+channel count be a multiple of the vector width:
+
+    for each tile of ob output channels x th rows x tw columns (parallel over channel blocks and rows):
+        acc[th][tw][ob] = 0                                    # th * tw * ob / lanes vector registers
+        for ic, kh, kw:
+            w = packed[oc // ob, ic, kh, kw, 0:ob]             # ob / lanes vector loads
+            for each of the th x tw pixels: acc[pixel][:] += broadcast(x[ic, ih, iw]) * w
+        epilogue(acc) -> y[n, oc, oh, ow]                      # bias, activation, residual: fused
+
+Activations stay NCHW at the graph's edges and between layers (no layout transform anywhere); only
+the constant weights are repacked, once, at compile time ([O/ob, I, KH, KW, ob]). A width that the
+column tile does not divide is computed over a padded width and sliced (the input padding covers
+the extra columns).
+
+Mechanism only: ``rewrite_blocked_convs`` replaces ``relax.nn.conv2d`` calls chosen by a policy
+(``choose``) with ``call_tir`` to the TE definition below, before legalization, so TVM's FuseOps
+still fuses the epilogues; ``schedule_blocked_conv`` schedules the fused function. The tile travels
+in the main block's name (``sculpt_conv_oc<ob>_h<th>_w<tw>``) through fusion."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls
+
+BLOCK_PREFIX = "sculpt_conv_oc"
+_BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_h(\d+)_w(\d+)")
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A static NCHW/OIHW conv2d, groups 1."""
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: tuple[int, int, int, int]  # top, left, bottom, right
+
+    @property
+    def out_height(self) -> int:
+        return (self.height + self.padding[0] + self.padding[2] - self.dilation[0] * (self.kernel[0] - 1) - 1) \
+            // self.strides[0] + 1
+
+    @property
+    def out_width(self) -> int:
+        return (self.width + self.padding[1] + self.padding[3] - self.dilation[1] * (self.kernel[1] - 1) - 1) \
+            // self.strides[1] + 1
+
+    @property
+    def macs(self) -> int:
+        return self.batch * self.out_channels * self.out_height * self.out_width * self.in_channels \
+            * self.kernel[0] * self.kernel[1]
+
+    def describe(self) -> str:
+        k = f"k{self.kernel[0]}x{self.kernel[1]}"
+        s = f" s{self.strides[0]}" if self.strides != (1, 1) else ""
+        return f"conv {self.in_channels}->{self.out_channels} {k}{s} @{self.height}x{self.width}"
+
+
+@dataclass(frozen=True)
+class ConvTile:
+    """Output channels per vector block (``ob``, a multiple of the vector width), rows and columns
+    per register tile."""
+
+    ob: int
+    th: int
+    tw: int
+
+    def padded_width(self, out_width: int) -> int:
+        return -(-out_width // self.tw) * self.tw
+
+    def as_list(self) -> list[int]:
+        return [self.ob, self.th, self.tw]
+
+
+# a policy: (ConvShape, TargetTraits) -> ConvTile, or None to keep the width-vectorized kernel
+ConvPolicy = Callable[..., "ConvTile | None"]
+
+
+def tile_from_block_name(name: str) -> ConvTile | None:
+    m = _BLOCK_NAME.search(name)
+    return ConvTile(int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def conv_shape_of(call) -> ConvShape | None:
+    """The ConvShape of a ``relax.nn.conv2d`` call this kernel can take (NCHW/OIHW, groups 1, float32,
+    static shapes, a constant weight), else None."""
+    if getattr(call.op, "name", "") != "relax.nn.conv2d" or len(call.args) != 2:
+        return None
+    a = call.attrs
+    weight = constant_value(call.args[1])
+    if weight is None or str(weight.dtype) != "float32":
+        return None
+    if (str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW"
+            or int(a.groups) != 1 or (a.out_dtype is not None and str(a.out_dtype) not in ("", "float32", "void"))):
+        return None
+    try:
+        x_shape = [int(d) for d in call.args[0].ty.shape]
+    except (TypeError, AttributeError):
+        return None
+    if len(x_shape) != 4 or str(call.args[0].ty.dtype) != "float32":
+        return None
+    w_shape = [int(d) for d in weight.shape]
+    pads = [int(p) for p in a.padding]
+    if len(pads) == 2:
+        pads = pads * 2
+    if len(w_shape) != 4 or w_shape[1] != x_shape[1] or len(pads) != 4:
+        return None
+    return ConvShape(x_shape[0], x_shape[1], x_shape[2], x_shape[3], w_shape[0], (w_shape[2], w_shape[3]),
+                     tuple(int(s) for s in a.strides), tuple(int(d) for d in a.dilation), tuple(pads))
+
+
+def pack_weight(w: np.ndarray, ob: int) -> np.ndarray:
+    """OIHW -> [O/ob, I, KH, KW, ob]: the ob output channels of one vector load are contiguous."""
+    o, i, kh, kw = w.shape
+    return np.ascontiguousarray(w.reshape(o // ob, ob, i, kh, kw).transpose(0, 2, 3, 4, 1))
+
+
+def blocked_conv_func(shape: ConvShape, tile: ConvTile):
+    """The TE definition (unscheduled PrimFunc): padding stage, then the conv block over the padded
+    output width, reading the packed weight."""
+    from tvm import te, tirx
+
+    s = shape
+    ob, owp = tile.ob, tile.padded_width(s.out_width)
+    (sh, sw), (dh, dw), (pt, pl, _, _) = s.strides, s.dilation, s.padding
+    need_h = (s.out_height - 1) * sh + dh * (s.kernel[0] - 1) + 1
+    need_w = (owp - 1) * sw + dw * (s.kernel[1] - 1) + 1
+    def i64(*dims):  # Relax's legalized functions index in int64: FuseTIR needs equal buffer types
+        return [tirx.IntImm("int64", int(d)) for d in dims]
+
+    x = te.placeholder(i64(s.batch, s.in_channels, s.height, s.width), "float32", name="x")
+    w = te.placeholder(i64(s.out_channels // ob, s.in_channels, s.kernel[0], s.kernel[1], ob), "float32", name="w")
+    if pt or pl or need_h > s.height + pt or need_w > s.width + pl:
+        def pad(n, c, h, wi):
+            inside = tirx.all(h >= pt, h < s.height + pt, wi >= pl, wi < s.width + pl)
+            return tirx.if_then_else(inside, x[n, c, h - pt, wi - pl], tirx.const(0.0, "float32"))
+        src = te.compute(i64(s.batch, s.in_channels, need_h, need_w), pad, name="pad_temp")
+    else:
+        src = x
+    rc = te.reduce_axis(i64(0, s.in_channels), "rc")
+    ry = te.reduce_axis(i64(0, s.kernel[0]), "ry")
+    rx = te.reduce_axis(i64(0, s.kernel[1]), "rx")
+    name = f"{BLOCK_PREFIX}{ob}_h{tile.th}_w{tile.tw}"
+    y = te.compute(
+        i64(s.batch, s.out_channels, s.out_height, owp),
+        lambda n, o, h, wi: te.sum(src[n, rc, h * sh + ry * dh, wi * sw + rx * dw]
+                                   * w[o // ob, rc, ry, rx, o % ob], axis=[rc, ry, rx]),
+        name=name)
+    return te.create_prim_func([x, w, y])
+
+
+def rewrite_blocked_convs(mod, choose: ConvPolicy, traits, decisions: list | None = None):
+    """``mod`` with every conv2d that ``choose(shape, traits)`` gives a tile replaced by the
+    blocked-channel kernel (``decisions`` receives (ConvShape, ConvTile) pairs)."""
+    from tvm import relax
+
+    made: dict[tuple, object] = {}
+
+    def rule(call, rewriter):
+        shape = conv_shape_of(call)
+        if shape is None:
+            return None
+        tile = choose(shape, traits)
+        if tile is None:
+            return None
+        key = (shape, tile)
+        if key not in made:
+            name = f"sculpt_conv_oc{len(made)}"
+            # private (no global symbol): once fused into its callers, DeadCodeElimination drops it
+            made[key] = rewriter.add_func(blocked_conv_func(shape, tile).without_attr("global_symbol"), name)
+        if decisions is not None:
+            decisions.append((shape, tile))
+        weight = constant_value(call.args[1]).numpy()
+        packed = relax.const(pack_weight(weight, tile.ob))
+        owp = tile.padded_width(shape.out_width)
+        out = (shape.batch, shape.out_channels, shape.out_height, owp)
+        y = relax.call_tir(made[key], [call.args[0], packed], relax.TensorType(out, "float32"))
+        if owp == shape.out_width:
+            return y
+        y = rewriter.emit(y)
+        return relax.op.strided_slice(y, axes=[3], begin=[0], end=[shape.out_width])
+
+    return rewrite_calls(mod, rule)
+
+
+def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel: bool) -> None:
+    """The register tile of the module docstring on the main block ``main`` (n, o, h, w | rc, ry, rx)
+    of a fused function; the epilogue blocks are inlined into the output block, which is computed per
+    tile from the accumulators."""
+    from sculpt.backends.tvm.kernels.register_tile import (
+        ACCUMULATOR_SCOPE, inline_branch_free_producers, inline_epilogue, schedule_injective_block,
+        schedule_padding_block)
+    from sculpt.backends.tvm.kernels.block_analysis import root_blocks
+
+    epilogue = inline_epilogue(sch, func, main)
+    inline_branch_free_producers(sch, main)
+    skip = {sch.get(b).name_hint for b in epilogue} | {sch.get(main).name_hint}
+    producers = [b for b in root_blocks(sch) if sch.get(b).name_hint not in skip]
+    n, o, h, w, rc, ry, rx = sch.get_loops(main)
+    oo, oi = sch.split(o, factors=[None, tile.ob])
+    ho, hi = sch.split(h, factors=[None, tile.th])
+    wo, wi = sch.split(w, factors=[None, tile.tw])
+    sch.reorder(n, oo, ho, wo, rc, ry, rx, hi, wi, oi)
+    # accumulators: the main block's output buffer, shrunk to one tile by computing the output block
+    # per tile (a cache stage when the conv itself is the function's output), with the channel block
+    # innermost so that the FMAs' stores are whole vectors and LLVM keeps the buffer in registers
+    if len(epilogue) == 1:
+        tail = epilogue[0]
+    else:
+        tail = sch.cache_write(main, 0, ACCUMULATOR_SCOPE)
+    ob = tile.ob
+    sch.transform_layout(main, ("write", 0), lambda a, b, c, d: (a, b // ob, c, d, b % ob))
+    sch.reverse_compute_at(tail, wo, preserve_unit_loops=True)
+    for lp in (hi, wi):
+        if int(sch.get(lp).extent) > 1:
+            sch.unroll(lp)
+    sch.vectorize(oi)
+    outer = sch.fuse(n, oo, ho)
+    if parallel:
+        sch.parallel(outer)
+    sch.decompose_reduction(main, rc)
+    if len(epilogue) > 1:
+        for b in epilogue:
+            schedule_injective_block(sch, b, lanes)
+    for b in producers:
+        schedule_padding_block(sch, b, lanes)
