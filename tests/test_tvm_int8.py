@@ -68,7 +68,9 @@ def test_small_net_is_exact_against_onnxruntime(activations, kernels):
     # the output is conv3's dequantized output, flattened: compare as integers on its grid
     out_dq = q.producers()[q.node_by_name("flatten").input[0]]
     scale = float(q.get_constant(out_dq.input[1]))
-    sess = make_session(q)
+    # the QDQ graph run as written (dequantize, float op, quantize): onnxruntime's fused QLinearConv
+    # on an AVX2 CPU without VNNI saturates its int16 pair sums (112 of 144 outputs off on this net)
+    sess = make_session(q, optimize=False)
     rng = np.random.default_rng(0)
     for k in range(4):
         x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32) * (1 + k)

@@ -14,6 +14,7 @@ from sculpt.backends.tvm import build, import_to_relax, run_relax
 from sculpt.backends.tvm.sparse import apply_sparse_kernels, detect_block_rows, layer_names_from_onnx, pack_bsr
 from sculpt.backends.tvm.sparse.kernels import (ConvGeometry, PanelShape, bsr_panel_kernel, dense_panel_kernel,
                                                 im2col_kernel)
+from sculpt.backends.tvm.kernels.target_traits import host_target as host_target_dict  # noqa: E402
 from sculpt.backends.tvm.sparse.timing import host_target, run_function
 from sculpt.errors import OptionError
 from sculpt.passes import create_pass
@@ -127,7 +128,7 @@ def test_rewrite_matches_onnxruntime(sparse_model, mode):
     assert calls == sum(d.sparse for d in decisions) + sum(d.sparse and d.kernel == "im2col" for d in decisions)
     x = RNG.standard_normal((1, 16, 9, 11)).astype(np.float32)
     ref = ort_run(sparse_model, {"x": x})["y"]
-    got = run_relax(build(new, {"kind": "llvm", "mcpu": str(target.attrs["mcpu"])}), {"x": x}, ["x"])[0]
+    got = run_relax(build(new, host_target_dict("llvm")), {"x": x}, ["x"])[0]
     assert _rel(got, ref) < TOL
 
 
@@ -200,7 +201,7 @@ def test_sparsified_ppocr_rec_auto_matches_onnxruntime_and_beats_the_dense_build
     new, decisions = apply_sparse_kernels(mod, target, "auto", layer_names=layer_names_from_onnx(model),
                                           number=3, repeat=3)
     assert sum(d.sparse for d in decisions) >= len(decisions) // 2
-    spec = {"kind": "llvm", "mcpu": str(target.attrs["mcpu"])}
+    spec = host_target_dict("llvm")
     x = RNG.standard_normal(PPOCR_SHAPES["rec"]).astype(np.float32)
     ref = list(ort_run(model, {"x": x}).values())[0]
 

@@ -165,7 +165,7 @@ def bench_layers(args) -> int:
     from sculpt.backends.tvm import build, import_to_relax
     from sculpt.ir.model import Model
 
-    print(f"{'model':5} {'layer':42} {'MMAC':>8} {'ort ms':>8} {'def ms':>9} {'sculpt ms':>9} "
+    print(f"{'model':12} {'layer':42} {'MMAC':>8} {'ort ms':>8} {'def ms':>9} {'sculpt ms':>9} "
           f"{'ort GF/s':>8} {'scl GF/s':>8} {'scl/ort':>7} {'def/scl':>8} {'max rel err':>11}")
     ratios = []
     for kind in args.models:
@@ -189,7 +189,7 @@ def bench_layers(args) -> int:
                 default_ms = _median_ms(default_run, max(3, args.runs // 4), warmup=1, budget_s=5.0)
             gflops = lambda ms: 2 * layer.macs / (ms * 1e6)  # noqa: E731
             ratios.append(sculpt_ms / ort_ms)
-            print(f"{kind:5} {layer.describe()[:42]:42} {layer.macs / 1e6:8.2f} {ort_ms:8.3f} {default_ms:9.3f} "
+            print(f"{kind:12} {layer.describe()[:42]:42} {layer.macs / 1e6:8.2f} {ort_ms:8.3f} {default_ms:9.3f} "
                   f"{sculpt_ms:9.3f} {gflops(ort_ms):8.1f} {gflops(sculpt_ms):8.1f} {sculpt_ms / ort_ms:7.2f} "
                   f"{default_ms / sculpt_ms:8.1f} {err:11.2e}", flush=True)
     if ratios:
@@ -228,7 +228,7 @@ def bench_end_to_end(args) -> int:
           + (f" {'search s':>8}" if args.search else ""))
     for kind in args.models:
         model = Model.load(_canonical_model_path(kind, args))
-        feeds = _text_feeds(kind)
+        feeds = _text_feeds(kind) if kind in PPOCR else _feeds(model)
         sess = make_session(model, threads=args.threads)
         ref = [np.array(o, copy=True) for o in sess.run(None, feeds)]
         mod = import_to_relax(model)
@@ -268,26 +268,69 @@ def bench_end_to_end(args) -> int:
     return 0
 
 
+PPOCR = ("det", "rec", "cls")
+LIGHT = ("resnet50", "densenet121", "inception_v1", "inception_v2", "shufflenet", "squeezenet", "vgg19",
+         "zfnet512", "bvlc_alexnet")
+
+
+def zoo_names() -> list[str]:
+    """Every model the benchmark knows: PP-OCR, the onnx wheel's light models, the wheel zoo (tools/zoo.py)."""
+    return list(PPOCR) + list(LIGHT) + _wheel_zoo_names()
+
+
+def _wheel_zoo():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("sculpt_tools_zoo", Path(__file__).with_name("zoo.py"))
+    if spec is None or not Path(spec.origin).is_file():
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _wheel_zoo_names() -> list[str]:
+    zoo = _wheel_zoo()
+    return list(zoo.zoo_names()) if zoo else []
+
+
+def _source_model(kind: str):
+    """(sculpt Model, static input shapes) of a zoo model."""
+    from sculpt.ir.model import Model
+    from sculpt.models import PPOCR_SHAPES, backend_test_data_dir, ppocr_model
+
+    if kind in PPOCR:
+        return ppocr_model(kind), {"x": PPOCR_SHAPES[kind]}
+    if kind in LIGHT:
+        return Model.load(backend_test_data_dir() / "light" / f"light_{kind}.onnx"), None
+    zoo = _wheel_zoo()
+    entry = zoo.ZOO[kind]
+    return Model.load(zoo.fetch(kind)), {entry.input_name: list(entry.input_shape)}
+
+
 def _canonical_model_path(kind: str, args) -> str:
-    """The canonicalized PP-OCR model at its static shape (made once per run, in a temp folder)."""
+    """The canonicalized zoo model at its static shape (made once per run, in a temp folder)."""
     import tempfile
     from pathlib import Path
 
-    from sculpt.models import PPOCR_SHAPES, ppocr_model
     from sculpt.passes import Pipeline
 
     if not hasattr(args, "_tmp"):
         args._tmp = Path(tempfile.mkdtemp(prefix="sculpt-kernel-bench-"))
     path = args._tmp / f"{kind}.onnx"
     if not path.exists():
-        res = Pipeline.from_specs(["canonicalize"], input_shapes={"x": PPOCR_SHAPES[kind]}).run(ppocr_model(kind))
+        model, shapes = _source_model(kind)
+        res = Pipeline.from_specs(["canonicalize"], input_shapes=shapes).run(model)
         res.model.save(path)
     return str(path)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="det,rec,cls", help="comma-separated PP-OCR models (det, rec, cls)")
+    p.add_argument("--models", default="det,rec,cls",
+                   help="comma-separated zoo models (PP-OCR det, rec, cls; the onnx wheel's light models: "
+                        f"{', '.join(LIGHT)}; the wheel zoo of tools/zoo.py), or 'zoo' for all")
     p.add_argument("--end-to-end", action="store_true", help="whole models instead of layers")
     p.add_argument("--top", type=int, default=0, help="only the N heaviest distinct layers per model")
     p.add_argument("--runs", type=int, default=20, help="timed runs per measurement (median)")
@@ -298,10 +341,14 @@ def main(argv=None) -> int:
                         "(~/.cache/sculpt/kernel_tiles.json; later builds use it)")
     p.add_argument("--skip-default", action="store_true", help="skip TVM's default build (slow: naive loops)")
     args = p.parse_args(argv)
+    known = zoo_names()
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    bad = [m for m in args.models if m not in ("det", "rec", "cls")]
+    if args.models == ["zoo"]:
+        args.models = known
+    bad = [m for m in args.models if m not in known]
     if bad:
-        print(f"kernel_benchmark: error: unknown model(s) {', '.join(bad)} (det, rec, cls)", file=sys.stderr)
+        print(f"kernel_benchmark: error: unknown model(s) {', '.join(bad)} (known: {', '.join(known)})",
+              file=sys.stderr)
         return 2
     return bench_end_to_end(args) if args.end_to_end else bench_layers(args)
 

@@ -74,6 +74,20 @@ class Artifact:
             else get_target(self.manifest["target"]["name"])
 
     @property
+    def thread_policy(self) -> str:
+        """The thread pool policy the artifact expects (manifests older than the policy: the default)."""
+        from sculpt.backends.tvm.thread_policy import DEFAULT_POLICY, POLICIES
+
+        runtime = self.manifest.get("runtime")
+        policy = runtime.get("thread_policy") if isinstance(runtime, dict) else None
+        if policy is None:
+            return DEFAULT_POLICY
+        if policy not in POLICIES:
+            raise ArtifactError(f"{self.manifest_path}: unknown thread_policy '{policy}' "
+                                f"(known: {', '.join(POLICIES)})")
+        return policy
+
+    @property
     def arch(self) -> str:
         return self.manifest["target"]["arch"]
 
@@ -237,11 +251,12 @@ def check_artifact_path(output: str | os.PathLike, *protected: str | os.PathLike
 
 
 def export_artifact(compiled: CompiledModel, library: str | os.PathLike, *, source_model: str | os.PathLike | None,
-                    source_sha256: str | None = None) -> Artifact:
+                    source_sha256: str | None = None, thread_policy: str = "shared") -> Artifact:
     """Export the library (cross-linked when the target is not this machine), write the manifest and,
     for OpenCL targets, the kernels' source; all atomically."""
     from sculpt import __version__
     from sculpt.backends.tvm.runtime_libs import installed_versions, require_tool
+    from sculpt.backends.tvm.thread_policy import manifest_entry as thread_policy_entry
     from sculpt.ir.model import _atomic_write_bytes, _one_line
 
     library = Path(library)
@@ -271,6 +286,8 @@ def export_artifact(compiled: CompiledModel, library: str | os.PathLike, *, sour
         "tvm_ffi_version": ffi_version,
         "tvm_target_full": _full_target(target),
         "compile_seconds": round(compiled.compile_seconds, 3),
+        # how the CPU thread pool should run it (the deploy runner and 'sculpt bench' apply it)
+        "runtime": thread_policy_entry(thread_policy),
     }
     fd, tmp_lib = tempfile.mkstemp(dir=library.parent if str(library.parent) else ".",
                                    prefix=f".{library.stem}.", suffix=".so")

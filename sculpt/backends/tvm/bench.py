@@ -56,7 +56,7 @@ def variants_for(kernels: str | None, tuned: bool) -> list[Variant]:
 def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=None, runs: int = 20,
               warmup: int = 3, rounds: int = 3, threads: int | None = None, kernels: str | None = None,
               tune_trials: int = 0, tuning_database: Path | None = None, device=None, sparse: str | None = None,
-              tune_strategy: str = "evolutionary",
+              tune_strategy: str = "evolutionary", thread_policy: str | None = None,
               seed: int = 0, progress: Callable[[str], None] | None = None,
               on_tuning_start=None, on_trials=None) -> dict:
     """Median latency (ms) of onnxruntime and of each TVM build, plus the TVM builds' max relative error
@@ -76,8 +76,12 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
     target = get_target(target)
     if target.is_opencl and device is None:
         raise OptionError(f"benchmarking '{target.name}' needs the GPU: give --rpc HOST:PORT --device-key KEY")
-    threads = threads or os.cpu_count() or 1
-    os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
+    from sculpt.backends.tvm import thread_policy as pool
+
+    threads = threads or pool.default_threads()
+    policy = pool.check_policy(thread_policy or pool.DEFAULT_POLICY)
+    # read when TVM's thread pool starts: a bench run in a process whose pool already runs keeps the old
+    pool.apply(policy, threads)
     tuned = bool(tune_trials) or tuning_database is not None
     variants = variants_for(kernels, tuned)
 
@@ -92,7 +96,8 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
 
     runners: dict[str, Callable[[], tuple[float, list[np.ndarray]]]] = {}
     result: dict = {"model": str(model_path), "target": target.name,
-                    "inputs": {s.name: s.shape for s in inputs}, "threads": threads, "runs": runs,
+                    "inputs": {s.name: s.shape for s in inputs}, "threads": threads,
+                    "thread_policy": policy, "runs": runs,
                     "rounds": rounds, "measured_on": _where(target, device)}
     for variant in variants:
         if progress:
@@ -106,7 +111,7 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
         result[variant.label.replace("_ms", "_compile_s")] = round(time.perf_counter() - start, 2)
         if compiled.tuning is not None:
             result["tuning"] = compiled.tuning.as_dict()
-        runners[variant.label] = _runner(compiled, target, device, ordered, runs, warmup)
+        runners[variant.label] = _runner(compiled, target, device, ordered, runs, warmup, threads, policy)
 
     samples: dict[str, list[float]] = {"ort_ms": []}
     samples.update({label: [] for label in runners})
@@ -137,7 +142,7 @@ def _where(target: NamedTarget, device) -> str:
     return f"this machine ({platform.machine()})"
 
 
-def _runner(compiled, target: NamedTarget, device, ordered, runs: int, warmup: int):
+def _runner(compiled, target: NamedTarget, device, ordered, runs: int, warmup: int, threads: int, policy: str):
     """A function returning (median ms, outputs) for one round of ``runs`` runs of a build."""
     if device is not None:
         from sculpt.backends.tvm.rpc import remote_timer
@@ -150,7 +155,7 @@ def _runner(compiled, target: NamedTarget, device, ordered, runs: int, warmup: i
 
         return remote
     if target.is_cross:
-        return _emulated_runner(compiled, ordered, runs, warmup)
+        return _emulated_runner(compiled, ordered, runs, warmup, threads, policy)
     import tvm
     from tvm import relax
 
@@ -167,7 +172,7 @@ def _runner(compiled, target: NamedTarget, device, ordered, runs: int, warmup: i
     return local
 
 
-def _emulated_runner(compiled, ordered, runs: int, warmup: int):
+def _emulated_runner(compiled, ordered, runs: int, warmup: int, threads: int, policy: str):
     import tempfile
 
     from sculpt.backends.tvm.artifact import export_artifact
@@ -178,11 +183,11 @@ def _emulated_runner(compiled, ordered, runs: int, warmup: int):
 
     folder = tempfile.mkdtemp(prefix="sculpt-bench-")
     atexit.register(shutil.rmtree, folder, True)
-    artifact = export_artifact(compiled, Path(folder) / "model.so", source_model=None)
+    artifact = export_artifact(compiled, Path(folder) / "model.so", source_model=None, thread_policy=policy)
     feeds = {spec.name: value for spec, value in zip(compiled.inputs, ordered)}
 
     def emulated():
-        run = run_artifact(artifact, feeds, runs=runs, warmup=warmup)
+        run = run_artifact(artifact, feeds, runs=runs, warmup=warmup, threads=threads)
         return run.median_ms, list(run.outputs.values())
 
     return emulated

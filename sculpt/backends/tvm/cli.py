@@ -37,6 +37,9 @@ def register(subparsers) -> None:
                    help="import the model as is (by default 'canonicalize' runs first; TVM's importer needs it)")
     _add_device_options(c)
     _add_build_options(c, kernels)
+    c.add_argument("--thread-policy", choices=["shared", "dedicated"], default="shared",
+                   help="the CPU thread pool the artifact expects, recorded in its manifest: shared (default: "
+                        "workers neither pinned nor spinning, for devices that run other apps) or dedicated")
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")
     c.set_defaults(func=cmd_compile)
 
@@ -64,6 +67,9 @@ def register(subparsers) -> None:
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--rounds", type=int, default=3, help="rounds; each reports a median, the result is their median")
     b.add_argument("--threads", type=int, default=None, help="threads of both runtimes (default: all cores)")
+    b.add_argument("--thread-policy", choices=["shared", "dedicated"], default=None,
+                   help="TVM's thread pool: shared (default: workers neither pinned nor spinning, for cores "
+                        "other processes use too) or dedicated (TVM's pinned, spinning pool)")
     b.add_argument("--tune", type=int, default=0, metavar="TRIALS", help="also measure a build tuned with TRIALS trials")
     b.add_argument("--tuning-db", metavar="DIR", help="tuning database to use and extend (default: a temporary one)")
     _add_strategy_option(b)
@@ -214,7 +220,7 @@ def cmd_compile(args) -> int:
                                  tune_strategy=args.tune_strategy, build_options=build_options, sparse=args.sparse, progress=say,
                                  on_tuning_start=tuning_started, on_trials=trials_done)
         say(f"exporting {library}")
-        artifact = export_artifact(compiled, library, source_model=args.model)
+        artifact = export_artifact(compiled, library, source_model=args.model, thread_policy=args.thread_policy)
     if args.json:
         print(json.dumps(artifact.manifest))
         return 0
@@ -337,7 +343,7 @@ def cmd_bench(args) -> int:
             result = benchmark(args.model, target, input_shapes=shapes, runs=args.runs, warmup=args.warmup,
                                rounds=args.rounds, threads=args.threads, kernels=getattr(args, "kernels", None),
                                tune_trials=args.tune, tuning_database=tuning_db, device=device, sparse=args.sparse,
-                               tune_strategy=args.tune_strategy,
+                               tune_strategy=args.tune_strategy, thread_policy=args.thread_policy,
                                progress=say, on_tuning_start=tuning_started, on_trials=trials_done)
     finally:
         if tmp_db is not None:
@@ -345,7 +351,8 @@ def cmd_bench(args) -> int:
     if args.json:
         print(json.dumps(_jsonable(result), allow_nan=False))
         return 0
-    table = Table(title=f"{args.model} on {result['target']} ({result['measured_on']}), {result['threads']} threads, "
+    table = Table(title=f"{args.model} on {result['target']} ({result['measured_on']}), {result['threads']} threads "
+                        f"({result['thread_policy']} pool), "
                         f"median of {result['rounds']}x{result['runs']} runs")
     for col in ("runtime", "median ms", "ort / this", "max rel. error vs ort"):
         table.add_column(col, justify="left" if col == "runtime" else "right")

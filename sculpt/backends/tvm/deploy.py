@@ -49,6 +49,7 @@ def run_artifact(artifact: Artifact | str | Path, feeds: Mapping[str, np.ndarray
                  progress: Callable[[str], None] | None = None) -> DeployRun:
     """Run ``artifact`` once per ``runs`` (after ``warmup`` runs) with the deploy runner; outputs of the
     last run by the manifest's output names."""
+    from sculpt.backends.tvm import thread_policy
     from sculpt.backends.tvm.runner import run_runner
     from sculpt.backends.tvm.runtime_libs import ToolchainError
     import platform
@@ -68,7 +69,7 @@ def run_artifact(artifact: Artifact | str | Path, feeds: Mapping[str, np.ndarray
             files.append(path)
         out_dir = work / "outputs"
         out_dir.mkdir()
-        env = {"TVM_NUM_THREADS": str(threads)} if threads else None
+        env = thread_policy.runtime_env(artifact.thread_policy, threads)
         result = run_runner(artifact.library, artifact.arch, files, out_dir, runs=runs, warmup=warmup,
                             timeout=timeout, env=env, progress=progress)
         specs = artifact.outputs

@@ -34,7 +34,7 @@ import numpy as np
 from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls
 
 BLOCK_PREFIX = "sculpt_conv_oc"
-_BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_h(\d+)_w(\d+)")
+_BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_h(\d+)_w(\d+)_c(\d+)")
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,18 @@ class ConvTile:
     ob: int
     th: int
     tw: int
+    rc: int = 0  # input channels per pass over a row (0: all); a chunk's weights stay in L1
+
 
     def padded_width(self, out_width: int) -> int:
         return -(-out_width // self.tw) * self.tw
 
     def as_list(self) -> list[int]:
-        return [self.ob, self.th, self.tw]
+        return [self.ob, self.th, self.tw, self.rc]
+
+    @property
+    def name(self) -> str:
+        return f"{BLOCK_PREFIX}{self.ob}_h{self.th}_w{self.tw}_c{self.rc}"
 
 
 # a policy: (ConvShape, TargetTraits) -> ConvTile, or None to keep the width-vectorized kernel
@@ -94,7 +100,7 @@ ConvPolicy = Callable[..., "ConvTile | None"]
 
 def tile_from_block_name(name: str) -> ConvTile | None:
     m = _BLOCK_NAME.search(name)
-    return ConvTile(int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+    return ConvTile(*(int(g) for g in m.groups())) if m else None
 
 
 def conv_shape_of(call) -> ConvShape | None:
@@ -156,12 +162,11 @@ def blocked_conv_func(shape: ConvShape, tile: ConvTile):
     rc = te.reduce_axis(i64(0, s.in_channels), "rc")
     ry = te.reduce_axis(i64(0, s.kernel[0]), "ry")
     rx = te.reduce_axis(i64(0, s.kernel[1]), "rx")
-    name = f"{BLOCK_PREFIX}{ob}_h{tile.th}_w{tile.tw}"
     y = te.compute(
         i64(s.batch, s.out_channels, s.out_height, owp),
         lambda n, o, h, wi: te.sum(src[n, rc, h * sh + ry * dh, wi * sw + rx * dw]
                                    * w[o // ob, rc, ry, rx, o % ob], axis=[rc, ry, rx]),
-        name=name)
+        name=tile.name)
     return te.create_prim_func([x, w, y])
 
 
@@ -216,17 +221,26 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
     oo, oi = sch.split(o, factors=[None, tile.ob])
     ho, hi = sch.split(h, factors=[None, tile.th])
     wo, wi = sch.split(w, factors=[None, tile.tw])
-    sch.reorder(n, oo, ho, wo, rc, ry, rx, hi, wi, oi)
-    # accumulators: the main block's output buffer, shrunk to one tile by computing the output block
-    # per tile (a cache stage when the conv itself is the function's output), with the channel block
-    # innermost so that the FMAs' stores are whole vectors and LLVM keeps the buffer in registers
+    if tile.rc:
+        # one chunk of input channels at a time over the whole row: the chunk's weights stay in L1,
+        # the row's accumulators live in a small stack buffer between chunks
+        rco, rci = sch.split(rc, factors=[None, tile.rc])
+        sch.reorder(n, oo, ho, rco, wo, rci, ry, rx, hi, wi, oi)
+        first_reduce, tail_at = rco, ho
+    else:
+        sch.reorder(n, oo, ho, wo, rc, ry, rx, hi, wi, oi)
+        first_reduce, tail_at = rc, wo
+    # accumulators: the main block's output buffer, shrunk to one tile (a row with chunks) by
+    # computing the output block per tile (a cache stage when the conv itself is the function's
+    # output), with the channel block innermost so that the FMAs' stores are whole vectors and
+    # LLVM keeps the buffer in registers
     if len(epilogue) == 1:
         tail = epilogue[0]
     else:
         tail = sch.cache_write(main, 0, ACCUMULATOR_SCOPE)
     ob = tile.ob
     sch.transform_layout(main, ("write", 0), lambda a, b, c, d: (a, b // ob, c, d, b % ob))
-    sch.reverse_compute_at(tail, wo, preserve_unit_loops=True)
+    sch.reverse_compute_at(tail, tail_at, preserve_unit_loops=True)
     for lp in (hi, wi):
         if int(sch.get(lp).extent) > 1:
             sch.unroll(lp)
@@ -234,7 +248,7 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
     outer = sch.fuse(n, oo, ho)
     if parallel:
         sch.parallel(outer)
-    sch.decompose_reduction(main, rc)
+    sch.decompose_reduction(main, first_reduce)
     if len(epilogue) > 1:
         for b in epilogue:
             schedule_injective_block(sch, b, lanes)

@@ -41,7 +41,7 @@ def _front_passes(target) -> list:
 
     @tvm.transform.module_pass(opt_level=0, name="SculptBlockedConvs")
     def blocked_convs(mod, _ctx):
-        return rewrite_blocked_convs(mod, conv_policy, traits_of(target))
+        return rewrite_blocked_convs(mod, lambda shape, traits: conv_policy(shape, traits), traits_of(target))
 
     @tvm.transform.module_pass(opt_level=0, name="SculptPadMatmulColumns")
     def pad_columns(mod, _ctx):

@@ -184,6 +184,7 @@ struct Options {
   std::string output_dir;
   int runs = 1;
   int warmup = 0;
+  std::string thread_policy;  // "", "shared" or "dedicated"
 };
 
 int ParseCount(const std::string& flag, const char* value, int minimum) {
@@ -211,6 +212,11 @@ Options ParseArgs(int argc, char** argv) {
       o.runs = ParseCount(a, next(), 1);
     } else if (a == "--warmup") {
       o.warmup = ParseCount(a, next(), 0);
+    } else if (a == "--thread-policy") {
+      o.thread_policy = next();
+      if (o.thread_policy != "shared" && o.thread_policy != "dedicated") {
+        throw std::runtime_error("--thread-policy must be shared or dedicated, got " + o.thread_policy);
+      }
     } else if (!a.empty() && a[0] == '-') {
       throw std::runtime_error("unknown option " + a);
     } else if (o.artifact.empty()) {
@@ -221,7 +227,8 @@ Options ParseArgs(int argc, char** argv) {
   }
   if (o.artifact.empty()) {
     throw std::runtime_error(
-        "usage: sculpt_deploy_runner ARTIFACT.so [--input FILE.npy]... [--output-dir DIR] [--runs N] [--warmup N]");
+        "usage: sculpt_deploy_runner ARTIFACT.so [--input FILE.npy]... [--output-dir DIR] [--runs N] [--warmup N] "
+        "[--thread-policy shared|dedicated]");
   }
   return o;
 }
@@ -235,7 +242,17 @@ std::string JsonString(const std::string& s) {
   return out + "\"";
 }
 
+// TVM's CPU thread pool reads these once, at its first parallel call. "shared" (the default; the
+// variables the caller set win): workers not pinned to cores and not spinning, so that a core busy with
+// another process does not stall the model. "dedicated": TVM's own pinned, spinning pool.
+void ApplyThreadPolicy(const std::string& policy, bool explicit_choice) {
+  const bool shared = policy == "shared";
+  setenv("TVM_BIND_THREADS", shared ? "0" : "1", explicit_choice ? 1 : 0);
+  setenv("TVM_THREAD_POOL_SPIN_COUNT", shared ? "0" : "300000", explicit_choice ? 1 : 0);
+}
+
 int Run(const Options& o) {
+  ApplyThreadPolicy(o.thread_policy.empty() ? "shared" : o.thread_policy, !o.thread_policy.empty());
   std::vector<ffi::Tensor> inputs;
   for (const auto& path : o.inputs) inputs.push_back(ReadNpy(path));
 

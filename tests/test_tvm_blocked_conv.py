@@ -1,0 +1,117 @@
+"""The channel-blocked conv kernel (sculpt.backends.tvm.kernels.blocked_conv): numerics against
+onnxruntime over strides, padding, dilation, widths the column tile does not divide and fused
+epilogues; the tile policy; the weight packing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from sculpt.backends.ort import make_session  # noqa: E402
+from sculpt.backends.tvm import import_to_relax, run_relax  # noqa: E402
+from sculpt.backends.tvm.kernels import compile_with_kernels, host_target, traits_of  # noqa: E402
+from sculpt.backends.tvm.kernels.blocked_conv import (ConvShape, ConvTile, pack_weight,  # noqa: E402
+                                                      tile_from_block_name)
+from sculpt.backends.tvm.kernels.target_traits import TargetTraits  # noqa: E402
+from sculpt.backends.tvm.kernels.tiling import conv_tile  # noqa: E402
+from sculpt.ir.model import Model  # noqa: E402
+
+AVX2 = TargetTraits("avx2", 8, 16, 32 * 1024, 512 * 1024)
+NEON = TargetTraits("neon", 4, 32, 32 * 1024, 256 * 1024)
+
+
+@pytest.fixture(autouse=True)
+def _private_tile_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCULPT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _conv_model(cin, cout, hw, k, stride, pads, dilation, epilogue, seed):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
+    inits, ins = [numpy_helper.from_array(w, "w")], ["x", "w"]
+    if epilogue != "none":
+        inits.append(numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "b"))
+        ins.append("b")
+    nodes = [helper.make_node("Conv", ins, ["c"], kernel_shape=[k, k], strides=[stride, stride], pads=pads,
+                              dilations=[dilation, dilation])]
+    oh = (hw[0] + pads[0] + pads[2] - dilation * (k - 1) - 1) // stride + 1
+    ow = (hw[1] + pads[1] + pads[3] - dilation * (k - 1) - 1) // stride + 1
+    last = "c"
+    if epilogue in ("relu", "residual"):
+        nodes.append(helper.make_node("Relu", [last], ["r"]))
+        last = "r"
+    if epilogue == "hardswish":
+        nodes.append(helper.make_node("HardSwish", [last], ["h"]))
+        last = "h"
+    if epilogue == "residual":
+        inits.append(numpy_helper.from_array(rng.standard_normal((1, cout, oh, ow)).astype(np.float32), "z"))
+        nodes.append(helper.make_node("Add", [last, "z"], ["a"]))
+        last = "a"
+    nodes.append(helper.make_node("Identity", [last], ["y"]))
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, *hw])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, oh, ow])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    return model
+
+
+CASES = [  # cin, cout, (h, w), k, stride, pads (t, l, b, r), dilation, epilogue
+    (40, 32, (10, 12), 3, 1, [1, 1, 1, 1], 1, "relu"),          # width divides the column tile
+    (40, 32, (13, 13), 3, 1, [1, 1, 1, 1], 1, "none"),          # 13 wide: padded width, sliced; no epilogue
+    (3, 16, (17, 23), 7, 2, [3, 3, 3, 3], 1, "relu"),           # stem: 7x7 stride 2
+    (64, 48, (9, 11), 1, 1, [0, 0, 0, 0], 1, "residual"),       # 1x1 with a residual add
+    (48, 16, (12, 12), 3, 2, [0, 1, 1, 0], 1, "hardswish"),     # asymmetric padding, stride 2, HardSwish
+    (24, 24, (15, 15), 3, 1, [2, 2, 2, 2], 2, "relu"),          # dilation 2
+    (50, 8, (1, 1), 1, 1, [0, 0, 0, 0], 1, "none"),             # 1x1 map (squeeze-and-excitation)
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{c[2][0]}x{c[2][1]}-k{c[3]}s{c[4]}-{c[7]}" for c in CASES])
+def test_blocked_conv_matches_onnxruntime(case):
+    cin, cout, hw, k, stride, pads, dilation, epilogue = case
+    proto = _conv_model(cin, cout, hw, k, stride, pads, dilation, epilogue, seed=cin + k)
+    model = Model.wrap(proto)
+    x = np.random.default_rng(1).standard_normal((1, cin, *hw)).astype(np.float32)
+    decisions = []
+    import tvm
+
+    executable = compile_with_kernels(import_to_relax(model), tvm.target.Target(host_target("llvm")),
+                                      decisions=decisions)
+    got = run_relax(executable, {"x": x}, ["x"])[0]
+    ref = make_session(model).run(None, {"x": x})[0]
+    assert got.shape == ref.shape
+    assert float(np.abs(got - ref).max()) <= 1e-5 * float(np.abs(ref).max())
+    blocked = [d for d in decisions if d.kind == "conv2d_blocked"]
+    assert len(blocked) == 1, [(d.func, d.kind) for d in decisions]  # the unfused copy is gone
+    ob, th, tw, _ = blocked[0].tile
+    assert ob % traits_of(host_target("llvm")).vector_lanes == 0
+
+
+def test_policy_tiles_within_the_register_budget_and_keeps_the_width_kernel_where_it_wins():
+    shape = ConvShape(1, 64, 56, 56, 192, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+    tile = conv_tile(shape, AVX2)
+    assert tile == ConvTile(16, 1, 4)  # 2 vectors of channels x 4 pixels: the measured best on AVX2
+    neon = conv_tile(shape, NEON)
+    assert neon.ob % 4 == 0 and neon.th * neon.tw * neon.ob // 4 <= NEON.vector_registers // 2
+    # 13 wide: the least padding of the width wins
+    narrow = conv_tile(ConvShape(1, 256, 13, 13, 256, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2)
+    assert narrow.padded_width(13) - 13 <= 3
+    # channels not a multiple of the vector width, or a short reduction over whole vectors of width
+    assert conv_tile(ConvShape(1, 64, 28, 28, 12, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2) is None
+    assert conv_tile(ConvShape(1, 16, 3, 96, 104, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)), AVX2) is None
+    assert conv_tile(ConvShape(1, 16, 3, 95, 104, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)), AVX2) is not None
+
+
+def test_tile_travels_in_the_block_name_and_weights_pack_channel_blocks_innermost():
+    tile = ConvTile(16, 2, 3, 64)
+    assert tile_from_block_name(f"fused_{tile.name}_1") == tile
+    assert tile_from_block_name("conv2d_nchw") is None
+    w = np.arange(32 * 3 * 2 * 2, dtype=np.float32).reshape(32, 3, 2, 2)
+    packed = pack_weight(w, 16)
+    assert packed.shape == (2, 3, 2, 2, 16)
+    for o, i, kh, kw in [(0, 0, 0, 0), (17, 2, 1, 0), (31, 1, 1, 1)]:
+        assert packed[o // 16, i, kh, kw, o % 16] == w[o, i, kh, kw]
