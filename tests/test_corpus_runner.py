@@ -17,6 +17,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from sculpt.backends.host_cpu import fused_int8_saturates
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "tools" / "corpus_runner.py"
 
@@ -243,4 +245,6 @@ def test_an_output_raised_to_an_opset_onnxruntime_runs_is_checked_across_runtime
     r = _result(json.loads(out.read_text()), "pytorch-converted/test_Linear", "qdq")
     assert r["outcome"] == "applied" and r["modified"], r
     assert r["runtime"] == "onnx-reference → onnxruntime"
-    assert 0 < r["max_rel"] < 0.1  # int8: a small, measured error
+    # int8: a small, measured error (in onnxruntime: on x86 without VNNI its fused kernels saturate the
+    # pair sums of 8-bit weights, test_qdq.test_seven_bit_weights_keep_onnxruntimes_avx2_int8_kernels_exact)
+    assert 0 < r["max_rel"] < (0.5 if fused_int8_saturates() else 0.1)

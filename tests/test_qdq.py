@@ -10,6 +10,7 @@ import pytest
 from onnx import helper
 
 from graphs import make_model
+from sculpt.backends.host_cpu import fused_int8_saturates
 from sculpt.backends.ort import compare_models, make_session
 from sculpt.errors import CalibrationError, OptionError, PassError
 from sculpt.ir.calibration import CalibrationSet
@@ -40,6 +41,10 @@ def conv_net(opset=13, rng=None):
     return make_model(nodes, [("x", [1, 3, 12, 12])], [("y", [1, 5])], inits, opset=opset)
 
 
+# the weights onnxruntime's fused int8 kernels compute exactly on this CPU (x86 without VNNI: 7 bits)
+THIS_CPU = {"weight_bits": 7} if fused_int8_saturates() else {}
+
+
 def calib(model, count=8, seed=0):
     return PassContext(calibration=CalibrationSet.random(model, count, seed=seed))
 
@@ -63,7 +68,7 @@ def ort_optimized_ops(model: Model, tmp_path) -> dict:
 # ------------------------------------------------------------------------------------ layout
 def test_conv_layout_weights_bias_and_folded_relu(tmp_path):
     model = conv_net()
-    res = create_pass("qdq")(model, calib(model))
+    res = create_pass("qdq", THIS_CPU)(model, calib(model))
     q = res.model
     assert res.modified and res.stats["quantized_by_op"] == {"Conv": 2, "Gemm": 1}
     assert res.stats["folded_activations"] == 1
@@ -316,8 +321,9 @@ def test_equalize_option_lowers_per_tensor_quantization_error():
     model = _imbalanced_pair()
     ctx = calib(model, 8)
     feeds = [CalibrationSet.random(model, 1, seed=50)[0]]
-    plain = create_pass("qdq", {"per_channel": False, "calibration": "minmax"})(model, ctx)
-    equalized = create_pass("qdq", {"per_channel": False, "calibration": "minmax", "equalize": True})(model, ctx)
+    plain = create_pass("qdq", {"per_channel": False, "calibration": "minmax", **THIS_CPU})(model, ctx)
+    equalized = create_pass("qdq", {"per_channel": False, "calibration": "minmax", "equalize": True,
+                                    **THIS_CPU})(model, ctx)
     assert equalized.stats["equalized_pairs"] == 1
     e_plain = compare_models(model, plain.model, feeds).max_rel
     e_eq = compare_models(model, equalized.model, feeds).max_rel
@@ -374,3 +380,31 @@ def test_listed_in_the_registry_with_options():
     assert {"calibration", "activations", "per_channel", "ops", "skip", "keep_float", "error_budget", "equalize",
             "bias_correction"} <= names
     assert fnmatch.fnmatch(cls.__doc__, "*QuantizeLinear*")
+
+
+@pytest.mark.skipif(not fused_int8_saturates(), reason="this CPU has VNNI: onnxruntime's fused int8 kernels are exact")
+def test_seven_bit_weights_keep_onnxruntimes_avx2_int8_kernels_exact():
+    """On x86 without VNNI onnxruntime's QLinearConv sums uint8 x int8 pairs in int16 (vpmaddubsw), which
+    saturates with 8-bit weights: the fused model then differs from the QDQ graph as written. 7-bit
+    weights keep every pair sum in range."""
+    model = conv_net()
+    feeds = CalibrationSet.random(model, 1, seed=7)[0]
+
+    def fused_vs_written(bits):
+        q = create_pass("qdq", {"weight_bits": bits})(model, calib(model)).model
+        fused = make_session(q).run(None, feeds)[0]
+        written = make_session(q, optimize=False).run(None, feeds)[0]
+        return float(np.abs(fused - written).max()) / float(np.abs(written).max())
+
+    assert fused_vs_written(8) > 1e-2
+    assert fused_vs_written(7) < 1e-3
+
+
+def test_weight_bits_option():
+    model = conv_net()
+    q = create_pass("qdq", {"weight_bits": 7})(model, calib(model)).model
+    w_dq = q.producers()[q.node_by_name("conv1").input[1]]
+    values = q.get_constant(w_dq.input[0])
+    assert values.dtype == np.int8 and int(np.abs(values).max()) == 63
+    with pytest.raises((OptionError, ValueError), match="weight_bits must be 7 or 8"):
+        create_pass("qdq", {"weight_bits": 4})

@@ -1,7 +1,12 @@
 """Benchmark sculpt's TVM CPU kernels against TVM's default legalization and onnxruntime.
 
-Per kernel (default): every distinct Conv / MatMul / pooling layer shape of the canonicalized PP-OCR
-models becomes a one-node ONNX model, run in onnxruntime, built by TVM with its default pipeline and
+The zoo: PP-OCR det/rec/cls (rapidocr-onnxruntime), the onnx wheel's light models (resnet50,
+densenet121, inception_v1/v2, shufflenet, squeezenet, vgg19, zfnet512, bvlc_alexnet) and the models
+found inside other PyPI wheels (tools/zoo.py: a PP-LCNet orientation classifier, a PicoDet layout
+detector at 800x608, PP-OCRv6 small det/rec), ``--models zoo`` for all of them.
+
+Per kernel (default): every distinct Conv / MatMul / pooling layer shape of the canonicalized models
+becomes a one-node ONNX model, run in onnxruntime, built by TVM with its default pipeline and
 with sculpt's kernels; GFLOP/s (2 x MACs / time) and ratios, medians of repeated runs, all measured in
 the same run.
 
@@ -10,10 +15,13 @@ with sculpt's kernels, compile times and the largest output error against onnxru
 
     python tools/kernel_benchmark.py --models det,rec,cls --top 12        # per kernel, 12 heaviest per model
     python tools/kernel_benchmark.py --models det,rec,cls --end-to-end    # whole models
+    python tools/kernel_benchmark.py --models zoo --end-to-end --skip-default --threads 1
+    python tools/kernel_benchmark.py --models rec --end-to-end --skip-default --threads 2 --load 2  # busy cores
 
 TVM's default build is the bare ``llvm`` target (what ``build(..., kernels="default")`` does); sculpt's
 build is the same target completed with the host CPU. Both TVM and onnxruntime use all cores
-(TVM_NUM_THREADS / intra-op threads unset) unless --threads is given."""
+(TVM_NUM_THREADS / intra-op threads unset) unless --threads is given; TVM's pool runs under the
+thread policy given (default shared: not pinned, not spinning)."""
 
 from __future__ import annotations
 
@@ -223,7 +231,8 @@ def bench_end_to_end(args) -> int:
     from sculpt.backends.tvm import build, import_to_relax
     from sculpt.ir.model import Model
 
-    print(f"{'model':5} {'ort ms':>8} {'tvm default ms':>14} {'tvm sculpt ms':>13} {'sculpt/ort':>10} "
+    ratios = []
+    print(f"{'model':12} {'ort ms':>8} {'tvm default ms':>14} {'tvm sculpt ms':>13} {'sculpt/ort':>10} "
           f"{'default/ort':>11} {'compile s (def/scl)':>19} {'max abs err':>11} {'max rel err':>11}"
           + (f" {'search s':>8}" if args.search else ""))
     for kind in args.models:
@@ -262,9 +271,14 @@ def bench_end_to_end(args) -> int:
         ort_ms, sculpt_ms = statistics.median(ort_t), statistics.median(sculpt_t)
         if default_t:
             default_ms = statistics.median(default_t)
-        print(f"{kind:5} {ort_ms:8.2f} {default_ms:14.2f} {sculpt_ms:13.2f} {sculpt_ms / ort_ms:10.2f} "
+        ratios.append(sculpt_ms / ort_ms)
+        print(f"{kind:12} {ort_ms:8.2f} {default_ms:14.2f} {sculpt_ms:13.2f} {sculpt_ms / ort_ms:10.2f} "
               f"{default_ms / ort_ms:11.2f} {default_compile:9.1f}/{sculpt_compile:<9.1f} {abs_err:11.2e} {err:11.2e}"
               + (f" {search_s:8.1f}" if args.search else ""), flush=True)
+    if ratios:
+        geo = float(np.exp(np.mean(np.log(ratios))))
+        print(f"\n{len(ratios)} models, {args.threads or 'all'} thread(s), {args.load} busy process(es): "
+              f"sculpt / onnxruntime latency, geometric mean {geo:.2f}, worst {max(ratios):.2f}")
     return 0
 
 
@@ -340,6 +354,10 @@ def main(argv=None) -> int:
                    help="end to end: first time the N best tiles of every kernel and cache the fastest "
                         "(~/.cache/sculpt/kernel_tiles.json; later builds use it)")
     p.add_argument("--skip-default", action="store_true", help="skip TVM's default build (slow: naive loops)")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="keep N other processes busy (spinning) while measuring: a device whose cores other apps use")
+    p.add_argument("--thread-policy", choices=["shared", "dedicated"], default="shared",
+                   help="TVM's thread pool (sculpt.backends.tvm.thread_policy; default shared)")
     args = p.parse_args(argv)
     known = zoo_names()
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -350,7 +368,30 @@ def main(argv=None) -> int:
         print(f"kernel_benchmark: error: unknown model(s) {', '.join(bad)} (known: {', '.join(known)})",
               file=sys.stderr)
         return 2
-    return bench_end_to_end(args) if args.end_to_end else bench_layers(args)
+    from sculpt.backends.tvm import thread_policy
+
+    thread_policy.apply(args.thread_policy, args.threads)  # before TVM's pool starts
+    with busy_processes(args.load):
+        return bench_end_to_end(args) if args.end_to_end else bench_layers(args)
+
+
+class busy_processes:
+    """``n`` processes spinning on the CPU for the duration of a ``with`` block (killed at its end)."""
+
+    def __init__(self, n: int):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        import subprocess
+
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        return False
 
 
 if __name__ == "__main__":

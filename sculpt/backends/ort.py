@@ -284,3 +284,4 @@ def median_latency_ms(model_or_session, feeds: Mapping[str, np.ndarray], *, runs
         sess.run(None, dict(feeds))
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+

@@ -130,20 +130,27 @@ class QuantizedWeight:
         return dequantize(self.values, self.scale, 0, self.axis)
 
 
-def quantize_weight(w: np.ndarray, axis: int | None) -> QuantizedWeight:
-    """Symmetric int8 weights, per channel along ``axis`` (None: per tensor). A channel of zeros gets
-    scale 1 (its values stay exactly 0)."""
+def weight_qmax(bits: int) -> int:
+    """The symmetric weight range [-qmax, qmax] of ``bits``-bit weights (8: 127, 7: 63)."""
+    if bits not in (7, 8):
+        raise ValueError(f"weight bits must be 7 or 8, got {bits}")
+    return (1 << (bits - 1)) - 1
+
+
+def quantize_weight(w: np.ndarray, axis: int | None, qmax: int = WEIGHT_QMAX) -> QuantizedWeight:
+    """Symmetric int8 weights in [-qmax, qmax], per channel along ``axis`` (None: per tensor). A
+    channel of zeros gets scale 1 (its values stay exactly 0)."""
     w = np.asarray(w, dtype=np.float32)
     if axis is None:
         bound = float(np.max(np.abs(w))) if w.size else 0.0
-        scale = np.asarray(bound / WEIGHT_QMAX if bound > 0 else 1.0, dtype=np.float32)
+        scale = np.asarray(bound / qmax if bound > 0 else 1.0, dtype=np.float32)
     else:
         axis = axis % w.ndim
         reduce = tuple(i for i in range(w.ndim) if i != axis)
         bound = np.max(np.abs(w), axis=reduce) if w.size else np.zeros(w.shape[axis])
-        scale = np.where(bound > 0, bound / WEIGHT_QMAX, 1.0).astype(np.float32)
+        scale = np.where(bound > 0, bound / qmax, 1.0).astype(np.float32)
     q = quantize(w, scale, np.zeros(scale.shape, np.int64), np.int8, axis)
-    return QuantizedWeight(np.clip(q, -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8), scale, axis)
+    return QuantizedWeight(np.clip(q, -qmax, qmax).astype(np.int8), scale, axis)
 
 
 def bias_scale(input_scale: float, weight_scale: np.ndarray) -> np.ndarray:

@@ -92,6 +92,9 @@ class QDQ(Pass):
     calibration: str = option("mse", help="activation ranges: minmax | percentile | entropy | mse")
     percentile: float = option(99.999, help="calibration=percentile: the percentile of the values kept")
     activations: str = option("uint8", help="activation type: uint8 (asymmetric) | int8 (symmetric)")
+    weight_bits: int = option(8, help="8: weights in [-127, 127]; 7: in [-63, 63], for onnxruntime on x86 CPUs "
+                                      "without VNNI, whose QLinearConv/MatMul saturate the int16 sums of "
+                                      "uint8 x 8-bit weight pairs")
     per_channel: bool = option(True, help="per-output-channel weight scales (raises the opset to 13)")
     ops: list[str] = option(default_factory=lambda: list(DEFAULT_OPS),
                             help="op types to quantize: " + ", ".join(QUANTIZABLE_OPS))
@@ -110,6 +113,8 @@ class QDQ(Pass):
     def __post_init__(self):
         if self.calibration not in qz.RANGE_METHODS:
             raise ValueError(f"calibration must be one of {', '.join(qz.RANGE_METHODS)}, got '{self.calibration}'")
+        if self.weight_bits not in (7, 8):
+            raise ValueError(f"weight_bits must be 7 or 8, got {self.weight_bits}")
         if self.activations not in ("uint8", "int8"):
             raise ValueError(f"activations must be uint8 or int8, got '{self.activations}'")
         unknown = [o for o in self.ops if o not in QUANTIZABLE_OPS]
@@ -155,7 +160,8 @@ class QDQ(Pass):
 
         errors: dict[str, qz.LayerError] = {}
         if self.keep_float or self.error_budget or self.bias_correction:
-            errors = measure_layer_errors(model, layers, params, calibration, per_channel=self.per_channel)
+            errors = measure_layer_errors(model, layers, params, calibration, per_channel=self.per_channel,
+                                          weight_bits=self.weight_bits)
             stats["layer_errors"] = {k: round(float(e.relative_error), 6) for k, e in
                                      sorted(errors.items(), key=lambda kv: -kv[1].relative_error)}
         sensitive = []
@@ -360,7 +366,7 @@ class QDQ(Pass):
         for layer in layers:
             node = layer.node
             if layer.weight is not None:
-                wq = qz.quantize_weight(layer.weight.value, layer.weight.axis)
+                wq = qz.quantize_weight(layer.weight.value, layer.weight.axis, qz.weight_qmax(self.weight_bits))
                 name = node.input[layer.weight.input_index]
                 node.input[layer.weight.input_index] = _dq_constant(
                     names, f"{name}_{node.name}", wq.values, wq.scale, np.zeros(wq.scale.shape, np.int8), wq.axis)
@@ -472,7 +478,7 @@ def _foldable(model: Model, node: onnx.NodeProto) -> bool:
 
 
 def measure_layer_errors(model: Model, layers: list[Layer], params: dict[str, qz.QuantParams], calibration, *,
-                         per_channel: bool = True) -> dict[str, qz.LayerError]:
+                         per_channel: bool = True, weight_bits: int = 8) -> dict[str, qz.LayerError]:
     """Per-layer quantization error on calibration data, each layer alone: a shadow copy of every
     weighted layer reads fake-quantized inputs and dequantized int8 weights beside the float layer, in
     one onnxruntime session; the shadow's output is quantized (after its folded activation) in numpy and
@@ -490,7 +496,7 @@ def measure_layer_errors(model: Model, layers: list[Layer], params: dict[str, qz
         for i in layer.activations:
             p = params[inputs[i]]
             inputs[i] = _fake_quant_nodes(names, inputs[i], p, f"{node.name}_shadow_in{i}")
-        wq = qz.quantize_weight(layer.weight.value, layer.weight.axis)
+        wq = qz.quantize_weight(layer.weight.value, layer.weight.axis, qz.weight_qmax(weight_bits))
         inputs[layer.weight.input_index] = names.initializer(f"{node.name}_shadow_weight", wq.dequantized())
         out = names.fresh(f"{node.name}_shadow_out")
         copy = helper.make_node(node.op_type, inputs, [out], name=names.fresh(f"{node.name}_shadow"))

@@ -70,28 +70,17 @@ _X86_VECTOR_FEATURES = {"avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16
                         "avx512fp16": "avx512_fp16", "amx-tile": "amx_tile"}
 
 
-def _cpuinfo_flags() -> set[str] | None:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        return None
-    return None
-
-
 def hidden_host_features(cpu: str, flags: set[str] | None = None) -> list[str]:
     """``-feature`` attributes for the vector features ``cpu`` implies that this machine does not
     report (x86 Linux; an empty list elsewhere or when nothing is hidden)."""
-    import platform
-
     import tvm
 
+    from sculpt.backends.host_cpu import cpu_flags, is_x86
+
     if flags is None:
-        if platform.machine().lower() not in ("x86_64", "amd64"):
+        if not is_x86():
             return []
-        flags = _cpuinfo_flags()
+        flags = cpu_flags()
     if not flags:
         return []
     implied = {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(
