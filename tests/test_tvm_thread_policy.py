@@ -82,3 +82,31 @@ def test_vector_features_a_virtual_machine_hides_are_turned_off():
     assert hidden_host_features("znver4", flags={"avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni",
                                                  "avx512_bf16"}) == []
     assert traits_of({"kind": "llvm", "mcpu": "znver4"}).isa == "avx512"
+
+
+def test_bench_layers_times_every_kernel_and_names_it(tmp_path, capsys):
+    """`sculpt bench --layers`: per TIR function, the kernel sculpt gave it, calls, time and share."""
+    import onnx
+
+    from sculpt.backends.tvm.kernels import onnx_cases as cases
+    from sculpt.cli import main
+
+    path = tmp_path / "grid.onnx"
+    onnx.save(cases.conv_model(cases.CONV_GRID[:6], cases.CONV_GRID_INPUT), str(path))
+    assert main(["bench", str(path), "--layers", "--runs", "3", "--rounds", "1", "--threads", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = result["layers"]["tvm_ms"]
+    assert result["thread_policy"] == "shared"
+    kinds = {r["kernel"] for r in rows}
+    assert {"conv2d_blocked", "conv2d"} <= kinds, kinds
+    assert all(r["calls"] >= 1 and r["ms"] >= 0 for r in rows)
+    assert abs(sum(r["share"] for r in rows) - 1) < 1e-6
+    assert sum(r["calls"] for r in rows if r["func"] != "(runtime)") == 6  # one fused kernel per conv
+    assert rows == sorted(rows, key=lambda r: -r["ms"])
+    assert main(["bench", str(path), "--layers"]) == 0  # the table
+    out = capsys.readouterr().out
+    assert "time per kernel" in out and "conv2d_blocked" in out
+    with pytest.raises(OptionError, match="--layers times each kernel on this machine"):
+        from sculpt.backends.tvm.bench import benchmark
+
+        benchmark(path, "arm64", layers=True)

@@ -54,6 +54,7 @@ class CompiledModel:
     options: dict = field(default_factory=dict)  # kernels, sparse decisions: recorded in the manifest
     tuning: object | None = None  # tune.TuningReport
     compile_seconds: float = 0.0
+    kernels: list = field(default_factory=list)  # KernelDecisions of sculpt's CPU kernels (per TIR function)
 
     def opencl_source(self) -> str | None:
         """The OpenCL C of every kernel (OpenCL targets), else None."""
@@ -167,6 +168,7 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
                              "decisions": [_jsonable(dataclasses.asdict(d)) for d in decisions]}
     outputs = _output_specs(mod, [o.name for o in work.graph.output])
     report = None
+    kernel_decisions: list = []
     if tune_trials or tuning_database is not None:
         from sculpt.backends.tvm.tune import tune_and_build
 
@@ -181,12 +183,15 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
     else:
         if progress:
             progress(f"building for {target.name}")
-        executable = build(mod, target.spec, **dict(build_options or {}))
+        if dict(build_options or {}).get("kernels", "sculpt") == "sculpt" and not target.is_opencl:
+            executable = build(mod, target.spec, decisions=kernel_decisions, **dict(build_options or {}))
+        else:
+            executable = build(mod, target.spec, **dict(build_options or {}))
     options.update({k: v for k, v in dict(build_options or {}).items()})
     if "kernels" not in options:
         options["kernels"] = "default" if target.is_opencl else _default_kernels()
     return CompiledModel(executable, target, inputs, outputs, passes, options, report,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, kernel_decisions)
 
 
 def _default_kernels() -> str:

@@ -56,7 +56,7 @@ def variants_for(kernels: str | None, tuned: bool) -> list[Variant]:
 def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=None, runs: int = 20,
               warmup: int = 3, rounds: int = 3, threads: int | None = None, kernels: str | None = None,
               tune_trials: int = 0, tuning_database: Path | None = None, device=None, sparse: str | None = None,
-              tune_strategy: str = "evolutionary", thread_policy: str | None = None,
+              tune_strategy: str = "evolutionary", thread_policy: str | None = None, layers: bool = False,
               seed: int = 0, progress: Callable[[str], None] | None = None,
               on_tuning_start=None, on_trials=None) -> dict:
     """Median latency (ms) of onnxruntime and of each TVM build, plus the TVM builds' max relative error
@@ -84,6 +84,8 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
     pool.apply(policy, threads)
     tuned = bool(tune_trials) or tuning_database is not None
     variants = variants_for(kernels, tuned)
+    if layers and (target.is_cross or device is not None):
+        raise OptionError(f"--layers times each kernel on this machine; '{target.name}' does not run here")
 
     model = Model.load(model_path)
     work, _ = prepare_model(model, input_shapes)
@@ -95,6 +97,7 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
     output_names = [o.name for o in work.graph.output]
 
     runners: dict[str, Callable[[], tuple[float, list[np.ndarray]]]] = {}
+    builds: dict = {}
     result: dict = {"model": str(model_path), "target": target.name,
                     "inputs": {s.name: s.shape for s in inputs}, "threads": threads,
                     "thread_policy": policy, "runs": runs,
@@ -112,6 +115,7 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
         if compiled.tuning is not None:
             result["tuning"] = compiled.tuning.as_dict()
         runners[variant.label] = _runner(compiled, target, device, ordered, runs, warmup, threads, policy)
+        builds[variant.label] = compiled
 
     samples: dict[str, list[float]] = {"ort_ms": []}
     samples.update({label: [] for label in runners})
@@ -131,6 +135,18 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
         errors = [output_error(n, np.asarray(got), np.asarray(reference[n]))
                   for n, got in zip(output_names, last_outputs[label])]
         result[label.replace("_ms", "_max_rel_error")] = max((e.max_rel for e in errors), default=0.0)
+    if layers:
+        import tvm
+
+        from sculpt.backends.tvm.layer_profile import profile_layers
+
+        result["layers"] = {}
+        for label, compiled in builds.items():
+            if progress:
+                progress(f"timing each kernel of {label.removesuffix('_ms')}")
+            args = [tvm.runtime.tensor(a, tvm.cpu()) for a in ordered]
+            rows = profile_layers(compiled.executable, args, compiled.kernels, runs=max(3, min(runs, 10)))
+            result["layers"][label] = [r.as_dict() for r in rows]
     return result
 
 

@@ -67,6 +67,8 @@ def register(subparsers) -> None:
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--rounds", type=int, default=3, help="rounds; each reports a median, the result is their median")
     b.add_argument("--threads", type=int, default=None, help="threads of both runtimes (default: all cores)")
+    b.add_argument("--layers", action="store_true",
+                   help="also time every kernel of the TVM build (this machine only): kernel used, ms, share")
     b.add_argument("--thread-policy", choices=["shared", "dedicated"], default=None,
                    help="TVM's thread pool: shared (default: workers neither pinned nor spinning, for cores "
                         "other processes use too) or dedicated (TVM's pinned, spinning pool)")
@@ -344,6 +346,7 @@ def cmd_bench(args) -> int:
                                rounds=args.rounds, threads=args.threads, kernels=getattr(args, "kernels", None),
                                tune_trials=args.tune, tuning_database=tuning_db, device=device, sparse=args.sparse,
                                tune_strategy=args.tune_strategy, thread_policy=args.thread_policy,
+                               layers=args.layers,
                                progress=say, on_tuning_start=tuning_started, on_trials=trials_done)
     finally:
         if tmp_db is not None:
@@ -363,8 +366,28 @@ def cmd_bench(args) -> int:
             table.add_row(label, f"{value:.3f}", f"{result['ort_ms'] / value:.2f}",
                           f"{result[key.replace('_ms', '_max_rel_error')]:.2g}")
     _console().print(table)
+    for label, rows in result.get("layers", {}).items():
+        _print_layers(label, rows)
     if result.get("tuning"):
         tr = result["tuning"]
         _console().print(f"tuning: {tr['tasks']} tasks, {tr['trials']} trials now, {tr['tasks_reused']} from the "
                          "database")
     return 0
+
+
+def _print_layers(label: str, rows: list[dict], top: int = 30) -> None:
+    """The per-kernel table of ``sculpt bench --layers``: slowest first, the rest summed in one row."""
+    from rich.table import Table
+
+    from sculpt.cli import _console
+
+    table = Table(title=f"{label.removesuffix('_ms').replace('_', ' ')}: time per kernel (one run)")
+    for col in ("function", "kernel", "calls", "ms", "share"):
+        table.add_column(col, justify="left" if col in ("function", "kernel") else "right")
+    for r in rows[:top]:
+        table.add_row(r["func"], r["kernel"], str(r["calls"]), f"{r['ms']:.3f}", f"{100 * r['share']:.1f}%")
+    rest = rows[top:]
+    if rest:
+        table.add_row(f"({len(rest)} more)", "", str(sum(r["calls"] for r in rest)),
+                      f"{sum(r['ms'] for r in rest):.3f}", f"{100 * sum(r['share'] for r in rest):.1f}%")
+    _console().print(table)

@@ -34,14 +34,14 @@ def import_to_relax(model: Model, input_shapes: Mapping[str, Sequence[int]] | No
 KERNEL_CHOICES = ("sculpt", "default")
 
 
-def build(mod, target: str | dict = "llvm", *, kernels: str = "sculpt"):
+def build(mod, target: str | dict = "llvm", *, kernels: str = "sculpt", decisions: list | None = None):
     """Compile a Relax module to a VM executable for ``target`` (a kind name or a TVM target dict).
 
     ``kernels="sculpt"`` (CPU targets) schedules every operator with sculpt's kernel library
     (sculpt.backends.tvm.kernels: register-tiled conv2d/depthwise/matmul/pooling, parallel and
     vectorized elementwise ops); a host target without ``mcpu``/``mattr`` is compiled for the host
     CPU. ``kernels="default"`` is TVM's own pipeline (naive loops on CPU). Non-CPU targets (OpenCL)
-    always use TVM's pipeline."""
+    always use TVM's pipeline. ``decisions`` (a list) receives the sculpt kernels' KernelDecisions."""
     import tvm
 
     if kernels not in KERNEL_CHOICES:
@@ -55,7 +55,7 @@ def build(mod, target: str | dict = "llvm", *, kernels: str = "sculpt"):
         if kernels == "sculpt" and tgt.kind.name == "llvm":
             from sculpt.backends.tvm.kernels import compile_with_kernels, host_target
 
-            return compile_with_kernels(mod, tvm.target.Target(host_target(target_dict)))
+            return compile_with_kernels(mod, tvm.target.Target(host_target(target_dict)), decisions=decisions)
         return tvm.compile(mod, target=tgt)
     except Exception as e:
         raise TVMImportError(f"TVM build for {target} failed: {_one_line(e)}") from None
