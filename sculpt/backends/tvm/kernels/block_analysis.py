@@ -252,3 +252,25 @@ def with_fused_rows(anatomy: ReductionAnatomy) -> ReductionAnatomy:
     reduce = [Axis(r.index - 1, r.name, r.extent) for r in a.reduce]
     return dataclasses.replace(a, spatial=spatial, reduce=reduce, vector=vector, row=None, fused_rows=True,
                                row_length=a.vector.extent)
+
+
+def reads_pointwise(sch, block, main) -> bool:
+    """``block`` reads the main block's output only at its own position ``[v0, v1, ...]`` (an
+    elementwise epilogue, a slice of the width included): then it can be computed per tile of the
+    main block. A padding after the kernel (its output is larger: the border would never be
+    written), a broadcast (a squeeze-and-excitation gate) or a shuffle cannot."""
+    from tvm import tirx
+
+    out = sch.get(main).writes[0].source
+    b = sch.get(block)
+    ivs = [iv.var for iv in b.iter_vars]
+    regions = [r for r in b.reads if r.source.same_as(out)]
+    if not regions or len(ivs) != len(out.shape):
+        return False
+    if any(int(iv.dom.extent) > int(dim) for iv, dim in zip(b.iter_vars, out.shape)):
+        return False  # it writes more than the kernel computes (a padding's border)
+    for region in regions:
+        for rng, var in zip(region.region, ivs):
+            if not (isinstance(rng.min, tirx.Var) and rng.min.same_as(var) and int(rng.extent) == 1):
+                return False
+    return True

@@ -211,7 +211,7 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
     from sculpt.backends.tvm.kernels.register_tile import (
         ACCUMULATOR_SCOPE, inline_branch_free_producers, inline_epilogue, schedule_injective_block,
         schedule_padding_block)
-    from sculpt.backends.tvm.kernels.block_analysis import root_blocks
+    from sculpt.backends.tvm.kernels.block_analysis import reads_pointwise, root_blocks
 
     epilogue = inline_epilogue(sch, func, main)
     inline_branch_free_producers(sch, main)
@@ -234,10 +234,12 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
     # computing the output block per tile (a cache stage when the conv itself is the function's
     # output), with the channel block innermost so that the FMAs' stores are whole vectors and
     # LLVM keeps the buffer in registers
-    if len(epilogue) == 1:
+    if len(epilogue) == 1 and reads_pointwise(sch, epilogue[0], main):
         tail = epilogue[0]
-    else:
+    else:  # the conv's output is broadcast (a squeeze-and-excitation gate), reshaped or shuffled after it
         tail = sch.cache_write(main, 0, ACCUMULATOR_SCOPE)
+        if len(epilogue) == 1:
+            epilogue = epilogue + [tail]  # schedule the epilogue as its own injective stage
     ob = tile.ob
     sch.transform_layout(main, ("write", 0), lambda a, b, c, d: (a, b // ob, c, d, b % ob))
     sch.reverse_compute_at(tail, tail_at, preserve_unit_loops=True)
@@ -251,6 +253,8 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
     sch.decompose_reduction(main, first_reduce)
     if len(epilogue) > 1:
         for b in epilogue:
-            schedule_injective_block(sch, b, lanes)
+            if not sch.get(b).same_as(sch.get(tail)):
+                schedule_injective_block(sch, b, lanes)
     for b in producers:
         schedule_padding_block(sch, b, lanes)
+

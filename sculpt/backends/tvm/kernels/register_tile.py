@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sculpt.backends.tvm.kernels.block_analysis import (
-    ReductionAnatomy, contiguous_along_last_axis, has_if_then_else, is_reduction, root_blocks,
+    ReductionAnatomy, contiguous_along_last_axis, has_if_then_else, is_reduction, reads_pointwise, root_blocks,
     writes_function_output)
 from sculpt.backends.tvm.kernels.tiling import Tile, is_streaming, vector_width, worth_parallel
 
@@ -219,10 +219,12 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
     # The accumulator tile: an intermediate buffer that CompactBufferAllocation shrinks to the tile.
     # It stays in "global" scope: TVM 0.27 lowers small "global" allocations to a stack alloca that
     # LLVM promotes to registers, but every "local" one to a TVMBackendAllocWorkspace call.
-    if len(epilogue) == 1:
+    if len(epilogue) == 1 and reads_pointwise(sch, epilogue[0], main):
         tail = epilogue[0]
-    else:
+    else:  # an epilogue that pads, broadcasts or shuffles the kernel's output: its own stage
         tail = sch.cache_write(main, 0, ACCUMULATOR_SCOPE)
+        if len(epilogue) == 1:
+            epilogue = epilogue + [tail]
     sch.reverse_compute_at(tail, outer[-1], preserve_unit_loops=True)
     streaming = is_streaming(tile.vector, lanes)
     width = vector_width(tile.vector, lanes)
@@ -256,7 +258,8 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
     sch.decompose_reduction(main, reduce_loops[0])
     if len(epilogue) != 1:
         for b in epilogue:
-            schedule_injective_block(sch, b, lanes)
+            if not sch.get(b).same_as(sch.get(tail)):
+                schedule_injective_block(sch, b, lanes)
     for b in producers:
         if deinterleaved:  # zero-fill + interior copy in the split layout measured slower than one pass
             schedule_injective_block(sch, b, lanes)
