@@ -246,7 +246,12 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
     for lp in (hi, wi):
         if int(sch.get(lp).extent) > 1:
             sch.unroll(lp)
-    sch.vectorize(oi)
+    if tile.ob > lanes and tile.ob % lanes == 0:  # whole registers: LLVM splits odd-sized vectors badly
+        oi_regs, oi_lanes = sch.split(oi, factors=[None, lanes])
+        sch.unroll(oi_regs)
+        sch.vectorize(oi_lanes)
+    else:
+        sch.vectorize(oi)
     outer = sch.fuse(n, oo, ho)
     if parallel:
         sch.parallel(outer)

@@ -2,7 +2,9 @@
 
     [sculpt: constant reshapes / isnan / where evaluated in numpy (fold_small_constants)]
              -> [sculpt: transposed convs with stride == kernel -> 1x1 conv + pixel shuffle]
+             -> [sculpt: conv2d -> the channel-blocked kernel where the policy gives a tile (blocked_conv)]
              -> [sculpt: matmul weights padded to whole vectors of columns (pad_matmul_columns)]
+             -> [sculpt: erf as a rational approximation that vectorizes (vector_erf)]
              -> dispatch -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
              -> [sculpt: schedule every PrimFunc (rules.schedule_module)]
              -> dataflow lowering -> memory planning / VM lowering
@@ -15,6 +17,7 @@ from __future__ import annotations
 from sculpt.backends.tvm.kernels.fold_small_constants import fold_small_constants
 from sculpt.backends.tvm.kernels.pad_matmul_columns import pad_matmul_columns
 from sculpt.backends.tvm.kernels.blocked_conv import rewrite_blocked_convs
+from sculpt.backends.tvm.kernels.vector_erf import rewrite_erf
 from sculpt.backends.tvm.kernels.target_traits import traits_of
 from sculpt.backends.tvm.kernels.tiling import conv_tile
 from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
@@ -47,7 +50,12 @@ def _front_passes(target) -> list:
     def pad_columns(mod, _ctx):
         return pad_matmul_columns(mod)
 
-    return [fold_constants, rewrite_transposed, blocked_convs, pad_columns] + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+    @tvm.transform.module_pass(opt_level=0, name="SculptVectorErf")
+    def vector_erf(mod, _ctx):
+        return rewrite_erf(mod)
+
+    return [fold_constants, rewrite_transposed, blocked_convs, pad_columns, vector_erf] \
+        + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 
 def legalized_and_fused(mod, target):
