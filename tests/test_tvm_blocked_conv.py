@@ -200,3 +200,31 @@ def test_gelu_erf_is_a_vector_approximation_within_float_precision():
     got = run_relax(executable, {"x": x}, ["x"])[0]
     ref = make_session(model).run(None, {"x": x})[0]
     assert float(np.abs(got - ref).max()) <= 2e-6 * float(np.abs(ref).max())
+
+
+@pytest.mark.parametrize("groups, cin, cout", [(2, 32, 64), (3, 48, 48)])
+def test_a_grouped_conv_runs_as_one_blocked_conv_per_group(groups, cin, cout):
+    """AlexNet's 2 groups, ShuffleNet's 3: the groups are split, each runs the channel-blocked kernel,
+    and the outputs are concatenated; the bias and activation still apply."""
+    import tvm
+
+    rng = np.random.default_rng(groups)
+    w = (rng.standard_normal((cout, cin // groups, 3, 3)) / 6).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=groups),
+             helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "grouped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 9, 13])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, 9, 13])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    proto.ir_version = 8
+    model = Model.wrap(proto)
+    decisions = []
+    executable = compile_with_kernels(import_to_relax(model), tvm.target.Target(host_target("llvm")),
+                                      decisions=decisions)
+    x = rng.standard_normal((1, cin, 9, 13)).astype(np.float32)
+    got = run_relax(executable, {"x": x}, ["x"])[0]
+    ref = make_session(model).run(None, {"x": x})[0]
+    assert float(np.abs(got - ref).max()) <= 1e-5 * float(np.abs(ref).max())
+    kinds = {d.kind for d in decisions}  # the groups' calls share one kernel function
+    assert "conv2d_blocked" in kinds and not kinds & {"conv2d", "depthwise"}, kinds

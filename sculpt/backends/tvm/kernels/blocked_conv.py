@@ -103,9 +103,9 @@ def tile_from_block_name(name: str) -> ConvTile | None:
     return ConvTile(*(int(g) for g in m.groups())) if m else None
 
 
-def conv_shape_of(call) -> ConvShape | None:
-    """The ConvShape of a ``relax.nn.conv2d`` call this kernel can take (NCHW/OIHW, groups 1, float32,
-    static shapes, a constant weight), else None."""
+def _static_conv(call) -> tuple[ConvShape, int] | None:
+    """(ConvShape of one group, groups) of a ``relax.nn.conv2d`` call with NCHW/OIHW layouts, float32,
+    static shapes and a constant weight, else None."""
     if getattr(call.op, "name", "") != "relax.nn.conv2d" or len(call.args) != 2:
         return None
     a = call.attrs
@@ -113,22 +113,42 @@ def conv_shape_of(call) -> ConvShape | None:
     if weight is None or str(weight.dtype) != "float32":
         return None
     if (str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW"
-            or int(a.groups) != 1 or (a.out_dtype is not None and str(a.out_dtype) not in ("", "float32", "void"))):
+            or (a.out_dtype is not None and str(a.out_dtype) not in ("", "float32", "void"))):
         return None
     try:
         x_shape = [int(d) for d in call.args[0].ty.shape]
     except (TypeError, AttributeError):
         return None
-    if len(x_shape) != 4 or str(call.args[0].ty.dtype) != "float32":
-        return None
+    groups = int(a.groups)
     w_shape = [int(d) for d in weight.shape]
     pads = [int(p) for p in a.padding]
     if len(pads) == 2:
         pads = pads * 2
-    if len(w_shape) != 4 or w_shape[1] != x_shape[1] or len(pads) != 4:
+    if (len(x_shape) != 4 or str(call.args[0].ty.dtype) != "float32" or len(w_shape) != 4 or len(pads) != 4
+            or groups < 1 or w_shape[0] % groups or w_shape[1] * groups != x_shape[1]):
         return None
-    return ConvShape(x_shape[0], x_shape[1], x_shape[2], x_shape[3], w_shape[0], (w_shape[2], w_shape[3]),
-                     tuple(int(s) for s in a.strides), tuple(int(d) for d in a.dilation), tuple(pads))
+    shape = ConvShape(x_shape[0], w_shape[1], x_shape[2], x_shape[3], w_shape[0] // groups, (w_shape[2], w_shape[3]),
+                      tuple(int(s) for s in a.strides), tuple(int(d) for d in a.dilation), tuple(pads))
+    return shape, groups
+
+
+def conv_shape_of(call) -> ConvShape | None:
+    """The ConvShape of a ``relax.nn.conv2d`` call this kernel can take (NCHW/OIHW, groups 1, float32,
+    static shapes, a constant weight), else None (``grouped_shape_of`` for groups > 1)."""
+    found = _static_conv(call)
+    return found[0] if found is not None and found[1] == 1 else None
+
+
+MAX_SPLIT_GROUPS = 8
+
+
+def grouped_shape_of(call) -> tuple[ConvShape, int] | None:
+    """(the ConvShape of one group, groups) of a grouped conv2d with at most ``MAX_SPLIT_GROUPS``
+    groups and at least 8 input channels per group (not depthwise), else None."""
+    found = _static_conv(call)
+    if found is None or not 1 < found[1] <= MAX_SPLIT_GROUPS or found[0].in_channels < 8:
+        return None
+    return found
 
 
 def pack_weight(w: np.ndarray, ob: int) -> np.ndarray:
@@ -177,13 +197,7 @@ def rewrite_blocked_convs(mod, choose: ConvPolicy, traits, decisions: list | Non
 
     made: dict[tuple, object] = {}
 
-    def rule(call, rewriter):
-        shape = conv_shape_of(call)
-        if shape is None:
-            return None
-        tile = choose(shape, traits)
-        if tile is None:
-            return None
+    def blocked(x, weight: np.ndarray, shape: ConvShape, tile: ConvTile, rewriter):
         key = (shape, tile)
         if key not in made:
             name = f"sculpt_conv_oc{len(made)}"
@@ -191,15 +205,36 @@ def rewrite_blocked_convs(mod, choose: ConvPolicy, traits, decisions: list | Non
             made[key] = rewriter.add_func(blocked_conv_func(shape, tile).without_attr("global_symbol"), name)
         if decisions is not None:
             decisions.append((shape, tile))
-        weight = constant_value(call.args[1]).numpy()
         packed = relax.const(pack_weight(weight, tile.ob))
         owp = tile.padded_width(shape.out_width)
         out = (shape.batch, shape.out_channels, shape.out_height, owp)
-        y = relax.call_tir(made[key], [call.args[0], packed], relax.TensorType(out, "float32"))
+        y = relax.call_tir(made[key], [x, packed], relax.TensorType(out, "float32"))
         if owp == shape.out_width:
             return y
         y = rewriter.emit(y)
         return relax.op.strided_slice(y, axes=[3], begin=[0], end=[shape.out_width])
+
+    def rule(call, rewriter):
+        shape = conv_shape_of(call)
+        if shape is not None:
+            tile = choose(shape, traits)
+            return None if tile is None else blocked(call.args[0], constant_value(call.args[1]).numpy(), shape,
+                                                      tile, rewriter)
+        grouped = grouped_shape_of(call)
+        if grouped is None:
+            return None
+        # a few groups (AlexNet's 2, ShuffleNet's 3): one blocked conv per group, concatenated
+        per_group, groups = grouped
+        tile = choose(per_group, traits)
+        if tile is None:
+            return None
+        weight = constant_value(call.args[1]).numpy()
+        cin, cout = per_group.in_channels, per_group.out_channels
+        parts = []
+        for g in range(groups):
+            xg = rewriter.emit(relax.op.strided_slice(call.args[0], axes=[1], begin=[g * cin], end=[(g + 1) * cin]))
+            parts.append(rewriter.emit(blocked(xg, weight[g * cout:(g + 1) * cout], per_group, tile, rewriter)))
+        return relax.op.concat(parts, axis=1)
 
     return rewrite_calls(mod, rule)
 
