@@ -183,10 +183,8 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
     else:
         if progress:
             progress(f"building for {target.name}")
-        if dict(build_options or {}).get("kernels", "sculpt") == "sculpt" and not target.is_opencl:
-            executable = build(mod, target.spec, decisions=kernel_decisions, **dict(build_options or {}))
-        else:
-            executable = build(mod, target.spec, **dict(build_options or {}))
+        # decisions: filled by sculpt's CPU kernels, left empty by TVM's own pipeline
+        executable = build(mod, target.spec, decisions=kernel_decisions, **dict(build_options or {}))
     options.update({k: v for k, v in dict(build_options or {}).items()})
     if "kernels" not in options:
         options["kernels"] = "default" if target.is_opencl else _default_kernels()

@@ -39,7 +39,7 @@ _BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_h(\d+)_w(\d+)_c(\d+)")
 
 @dataclass(frozen=True)
 class ConvShape:
-    """A static NCHW/OIHW conv2d, groups 1."""
+    """A static NCHW/OIHW conv2d of one group."""
 
     batch: int
     in_channels: int
@@ -61,16 +61,6 @@ class ConvShape:
         return (self.width + self.padding[1] + self.padding[3] - self.dilation[1] * (self.kernel[1] - 1) - 1) \
             // self.strides[1] + 1
 
-    @property
-    def macs(self) -> int:
-        return self.batch * self.out_channels * self.out_height * self.out_width * self.in_channels \
-            * self.kernel[0] * self.kernel[1]
-
-    def describe(self) -> str:
-        k = f"k{self.kernel[0]}x{self.kernel[1]}"
-        s = f" s{self.strides[0]}" if self.strides != (1, 1) else ""
-        return f"conv {self.in_channels}->{self.out_channels} {k}{s} @{self.height}x{self.width}"
-
 
 @dataclass(frozen=True)
 class ConvTile:
@@ -81,7 +71,6 @@ class ConvTile:
     th: int
     tw: int
     rc: int = 0  # input channels per pass over a row (0: all); a chunk's weights stay in L1
-
 
     def padded_width(self, out_width: int) -> int:
         return -(-out_width // self.tw) * self.tw
@@ -243,10 +232,10 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
     """The register tile of the module docstring on the main block ``main`` (n, o, h, w | rc, ry, rx)
     of a fused function; the epilogue blocks are inlined into the output block, which is computed per
     tile from the accumulators."""
+    from sculpt.backends.tvm.kernels.block_analysis import root_blocks
     from sculpt.backends.tvm.kernels.register_tile import (
-        ACCUMULATOR_SCOPE, inline_branch_free_producers, inline_epilogue, schedule_injective_block,
+        accumulator_tail, inline_branch_free_producers, inline_epilogue, schedule_injective_block,
         schedule_padding_block)
-    from sculpt.backends.tvm.kernels.block_analysis import reads_pointwise, root_blocks
 
     epilogue = inline_epilogue(sch, func, main)
     inline_branch_free_producers(sch, main)
@@ -269,12 +258,7 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
     # computing the output block per tile (a cache stage when the conv itself is the function's
     # output), with the channel block innermost so that the FMAs' stores are whole vectors and
     # LLVM keeps the buffer in registers
-    if len(epilogue) == 1 and reads_pointwise(sch, epilogue[0], main):
-        tail = epilogue[0]
-    else:  # the conv's output is broadcast (a squeeze-and-excitation gate), reshaped or shuffled after it
-        tail = sch.cache_write(main, 0, ACCUMULATOR_SCOPE)
-        if len(epilogue) == 1:
-            epilogue = epilogue + [tail]  # schedule the epilogue as its own injective stage
+    tail, epilogue = accumulator_tail(sch, main, epilogue)
     ob = tile.ob
     sch.transform_layout(main, ("write", 0), lambda a, b, c, d: (a, b // ob, c, d, b % ob))
     sch.reverse_compute_at(tail, tail_at, preserve_unit_loops=True)

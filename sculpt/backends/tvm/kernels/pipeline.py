@@ -24,11 +24,6 @@ from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
 from sculpt.backends.tvm.kernels.rules import TileChooser, schedule_module
 
 
-def conv_policy(shape, traits):
-    """Which conv2d layers take the channel-blocked kernel, and its tile (tiling.conv_tile)."""
-    return conv_tile(shape, traits)
-
-
 def _front_passes(target) -> list:
     """Up to and including FuseTIR: the module whose PrimFuncs the kernels schedule."""
     import tvm
@@ -44,7 +39,7 @@ def _front_passes(target) -> list:
 
     @tvm.transform.module_pass(opt_level=0, name="SculptBlockedConvs")
     def blocked_convs(mod, _ctx):
-        return rewrite_blocked_convs(mod, lambda shape, traits: conv_policy(shape, traits), traits_of(target))
+        return rewrite_blocked_convs(mod, conv_tile, traits_of(target))  # the policy: tiling.conv_tile
 
     @tvm.transform.module_pass(opt_level=0, name="SculptPadMatmulColumns")
     def pad_columns(mod, _ctx):

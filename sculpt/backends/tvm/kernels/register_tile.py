@@ -59,6 +59,17 @@ def inline_epilogue(sch, func, main) -> list:
     return remaining
 
 
+def accumulator_tail(sch, main, epilogue: list) -> tuple[object, list]:
+    """(tail, epilogue): the block computed per register tile from the accumulators, and the blocks
+    that run as stages of their own. The tail is the one epilogue block (bias, activation, residual
+    inlined) when it reads the kernel's output pointwise; otherwise (a padding, a broadcast gate, a
+    shuffle after the kernel) a cache stage of the accumulators, and the epilogue gets its own stage."""
+    if len(epilogue) == 1 and reads_pointwise(sch, epilogue[0], main):
+        return epilogue[0], epilogue
+    tail = sch.cache_write(main, 0, ACCUMULATOR_SCOPE)
+    return tail, (epilogue + [tail] if len(epilogue) == 1 else epilogue)
+
+
 def inline_branch_free_producers(sch, main) -> None:
     """Inline copies/reshapes before the main block; padding (a branch) stays a separate stage."""
     main_name = sch.get(main).name_hint
@@ -219,12 +230,7 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
     # The accumulator tile: an intermediate buffer that CompactBufferAllocation shrinks to the tile.
     # It stays in "global" scope: TVM 0.27 lowers small "global" allocations to a stack alloca that
     # LLVM promotes to registers, but every "local" one to a TVMBackendAllocWorkspace call.
-    if len(epilogue) == 1 and reads_pointwise(sch, epilogue[0], main):
-        tail = epilogue[0]
-    else:  # an epilogue that pads, broadcasts or shuffles the kernel's output: its own stage
-        tail = sch.cache_write(main, 0, ACCUMULATOR_SCOPE)
-        if len(epilogue) == 1:
-            epilogue = epilogue + [tail]
+    tail, epilogue = accumulator_tail(sch, main, epilogue)
     sch.reverse_compute_at(tail, outer[-1], preserve_unit_loops=True)
     streaming = is_streaming(tile.vector, lanes)
     width = vector_width(tile.vector, lanes)
