@@ -446,3 +446,168 @@ def test_external_data_model_through_the_cli(tmp_path, monkeypatch, capsys):
     out = Model.load(tmp_path / "out" / "o.onnx")
     out.verify()
     assert compare_models(src, out, count=2).within(1e-5, 1e-6)
+
+
+# ------------------------------------------------------------------------------------------ external data, anywhere
+# A tensor's external data is found in the model's folder, whoever holds the tensor (an initializer, a
+# Constant node, a sparse tensor, a subgraph, a model-local function), never in the current folder and
+# never outside the model's folder ('..', an absolute path, a symlink out of it).
+GOOD = np.array([1.5, 2.5, 3.5, 4.5], np.float32)
+DECOY = np.array([-7.25, -7.25, -7.25, -7.25], np.float32)
+HOLDERS = ["initializer", "constant", "sparse-constant", "sparse-initializer", "subgraph", "function"]
+
+
+def _external_tensor(name: str, location: str, arr=GOOD) -> onnx.TensorProto:
+    t = numpy_helper.from_array(arr, name)
+    onnx.external_data_helper.set_external_data(t, location=location, offset=0, length=arr.nbytes)
+    t.ClearField("raw_data")
+    return t
+
+
+def external_model(holder: str, location: str) -> onnx.ModelProto:
+    """y = x + c, where c (GOOD) lives in ``location`` and is held by ``holder``; its tensor is 'ext_c'."""
+    x, y = f32("x", [4]), f32("y", [4])
+    add = helper.make_node("Add", ["x", "c"], ["y"], name="add")
+
+    def constant(out="c"):
+        return helper.make_node("Constant", [], [out], name="const", value=_external_tensor("ext_c", location))
+
+    def sparse(values_name):
+        return helper.make_sparse_tensor(_external_tensor(values_name, location),
+                                         numpy_helper.from_array(np.arange(4, dtype=np.int64), "idx"), [4])
+
+    if holder == "initializer":
+        t = _external_tensor("ext_c", location)
+        return model_proto([helper.make_node("Identity", ["ext_c"], ["c"], name="id"), add], [x], [y], [t])
+    if holder == "constant":
+        return model_proto([constant(), add], [x], [y])
+    if holder == "sparse-constant":
+        node = helper.make_node("Constant", [], ["c"], name="const", sparse_value=sparse("ext_c"))
+        return model_proto([node, add], [x], [y])
+    if holder == "sparse-initializer":
+        proto = model_proto([helper.make_node("Identity", ["ext_c"], ["c"], name="id"), add], [x], [y])
+        proto.graph.sparse_initializer.append(sparse("ext_c"))
+        return proto
+    if holder == "subgraph":
+        branch = helper.make_graph([constant("c_then")], "then", [], [f32("c_then", [4])])
+        other = helper.make_graph([helper.make_node("Constant", [], ["c_else"], name="zero",
+                                                    value=numpy_helper.from_array(np.zeros(4, np.float32), "z"))],
+                                  "else", [], [f32("c_else", [4])])
+        cond = numpy_helper.from_array(np.array(True), "cond")
+        node = helper.make_node("If", ["cond"], ["c"], name="if", then_branch=branch, else_branch=other)
+        return model_proto([node, add], [x], [y], [cond])
+    if holder == "function":
+        fn = helper.make_function("local", "AddC", ["a"], ["b"],
+                                  [constant("k"), helper.make_node("Add", ["a", "k"], ["b"], name="fadd")],
+                                  [helper.make_opsetid("", 13)])
+        proto = model_proto([helper.make_node("AddC", ["x"], ["y"], name="call", domain="local")], [x], [y])
+        proto.functions.append(fn)
+        proto.opset_import.append(helper.make_opsetid("local", 1))
+        return proto
+    raise AssertionError(holder)
+
+
+def _external_work(tmp_path: Path, holder: str, location: str) -> tuple[Path, bytes]:
+    """in/model.onnx (external data at ``location``), GOOD in in/data.bin, DECOY in data.bin and
+    secret.bin of the folder above (the current folder of the test)."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    data = external_model(holder, location).SerializeToString()
+    (tmp_path / "in" / "model.onnx").write_bytes(data)
+    (tmp_path / "in" / "data.bin").write_bytes(GOOD.tobytes())
+    (tmp_path / "data.bin").write_bytes(DECOY.tobytes())
+    (tmp_path / "secret.bin").write_bytes(DECOY.tobytes())
+    return tmp_path, data
+
+
+@pytest.mark.parametrize("holder", HOLDERS)
+def test_external_data_is_read_from_the_model_folder(holder, tmp_path, monkeypatch):
+    """Whoever holds the tensor, its data comes from the model's folder (GOOD), not from the same
+    name in the current folder (DECOY), and onnxruntime computes x + GOOD."""
+    work, _ = _external_work(tmp_path, holder, "data.bin")
+    monkeypatch.chdir(work)
+    m = Model.load("in/model.onnx")
+    raw = m.proto.SerializeToString()
+    assert GOOD.tobytes() in raw and DECOY.tobytes() not in raw and b"data.bin" not in raw
+    x = np.arange(4, dtype=np.float32)
+    np.testing.assert_array_equal(run(m, {"x": x})["y"], x + GOOD)
+
+
+ESCAPES = {
+    "dotdot": "../secret.bin",  # the file exists: one folder up
+    "absolute": None,  # the absolute path of that file
+    "symlink": "link.bin",  # in/link.bin -> ../secret.bin
+    "nested-dotdot": "sub/../../secret.bin",
+    "current-folder-only": "secret.bin",  # exists in the current folder, not in the model's
+}
+
+
+def _escape_location(work: Path, escape: str) -> str:
+    if escape == "absolute":
+        return str(work / "secret.bin")
+    if escape == "symlink":
+        os.symlink(work / "secret.bin", work / "in" / "link.bin")
+    return ESCAPES[escape]
+
+
+@pytest.mark.parametrize("escape", list(ESCAPES))
+@pytest.mark.parametrize("holder", HOLDERS)
+def test_external_data_outside_the_model_folder_is_refused(holder, escape, tmp_path, monkeypatch):
+    from sculpt.errors import ModelLoadError
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "secret.bin").write_bytes(DECOY.tobytes())
+    location = _escape_location(tmp_path, escape)
+    (tmp_path / "in" / "model.onnx").write_bytes(external_model(holder, location).SerializeToString())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError) as info:
+        Model.load("in/model.onnx")
+    message = str(info.value)
+    assert "\n" not in message and "in/model.onnx" in message and "'ext_c'" in message, message
+    # not even a reference is kept: without reading the data, the location is still checked
+    with pytest.raises(ModelLoadError):
+        Model.load("in/model.onnx", load_external_data=False)
+
+
+def test_external_data_in_a_model_given_as_bytes_is_refused():
+    from sculpt.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="<bytes>.*'ext_c'"):
+        Model.load(external_model("constant", "data.bin").SerializeToString())
+
+
+@pytest.mark.parametrize("command", ["run", "compile"])
+@pytest.mark.parametrize("escape", ["dotdot", "absolute", "symlink", "current-folder-only"])
+def test_constant_external_data_outside_the_folder_through_the_cli(command, escape, tmp_path, monkeypatch, capsys):
+    """`sculpt run` and `sculpt compile` refuse the model in one line naming the file and the tensor, and
+    write nothing (compile used to embed the current folder's file in the artifact)."""
+    from sculpt.cli import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "secret.bin").write_bytes(DECOY.tobytes())
+    location = _escape_location(tmp_path, escape)
+    (tmp_path / "in" / "model.onnx").write_bytes(external_model("constant", location).SerializeToString())
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    args = (["run", "in/model.onnx", "--pass", "canonicalize", "-o", "out/o.onnx"] if command == "run"
+            else ["compile", "in/model.onnx", "-o", "out/m.so"])
+    rc = main(args)
+    cap = capsys.readouterr()
+    assert rc == 2, cap.err
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sculpt: error: in/model.onnx"), cap.err
+    assert "'ext_c'" in lines[0] and "Traceback" not in cap.err
+    assert list((tmp_path / "out").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_compile_embeds_the_model_folder_data_not_the_current_folder(tmp_path, monkeypatch, capsys):
+    from sculpt.backends.tvm.deploy import run_artifact
+    from sculpt.cli import main
+
+    work, _ = _external_work(tmp_path, "constant", "data.bin")
+    monkeypatch.chdir(work)
+    assert main(["compile", "in/model.onnx", "-o", "out/m.so"]) == 0, capsys.readouterr().err
+    x = np.arange(4, dtype=np.float32)
+    np.testing.assert_allclose(run_artifact(work / "out" / "m.so", {"x": x}).outputs["y"], x + GOOD)

@@ -116,6 +116,7 @@ class Model:
             return cls(proto)
         if isinstance(source, (bytes, bytearray)):
             proto = _parse(bytes(source), "<bytes>")
+            _refuse_external_data(proto, "<bytes>")
             return cls(proto)
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
@@ -131,13 +132,8 @@ class Model:
             except OSError as e:
                 raise ModelLoadError(f"{path}: cannot read: {e.strerror or e}") from None
             proto = _parse(data, path)
-            if load_external_data and _uses_external_data(proto):
-                try:
-                    onnx.external_data_helper.load_external_data_for_model(
-                        proto, os.path.dirname(os.path.abspath(path))
-                    )
-                except Exception as e:  # OSError, ValueError, onnx's ValidationError (missing file, bad path)
-                    raise ModelLoadError(f"{path}: cannot read its external data: {_one_line(e)}") from None
+            if _uses_external_data(proto):
+                _load_external_data(proto, path, read=load_external_data)
             return cls(proto, source_path=path)
         raise ModelLoadError(f"cannot load a model from a {type(source).__name__}")
 
@@ -784,7 +780,87 @@ def _all_tensors(graph: onnx.GraphProto):
 
 
 def _uses_external_data(proto: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    return any(True for _ in _external_tensors(proto))
+
+
+def _external_tensors(proto: onnx.ModelProto):
+    """(what, tensor) for every tensor of the model whose data lives in another file: initializers,
+    sparse initializers, tensor and sparse-tensor attributes (Constant nodes), in the main graph, its
+    subgraphs and the model's functions."""
+
+    def sparse(kind, s):
+        yield kind, s.values
+        yield kind, s.indices
+
+    def in_nodes(nodes):
+        for node in nodes:
+            label = node.name or (f"{node.op_type} -> {node.output[0]}" if node.output else node.op_type)
+            kind = f"tensor attribute of node '{label}'"
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield kind, a.t
+                yield from ((kind, t) for t in a.tensors)
+                if a.HasField("sparse_tensor"):
+                    yield from sparse(kind, a.sparse_tensor)
+                for s in a.sparse_tensors:
+                    yield from sparse(kind, s)
+                if a.HasField("g"):
+                    yield from in_graph(a.g)
+                for g in a.graphs:
+                    yield from in_graph(g)
+
+    def in_graph(graph):
+        yield from (("initializer", t) for t in graph.initializer)
+        for s in graph.sparse_initializer:
+            yield from sparse("sparse initializer", s)
+        yield from in_nodes(graph.node)
+
+    def every():
+        yield from in_graph(proto.graph)
+        for f in proto.functions:
+            yield from in_nodes(f.node)
+
+    return ((kind, t) for kind, t in every() if t.data_location == onnx.TensorProto.EXTERNAL)
+
+
+def _external_location(t: onnx.TensorProto) -> str:
+    return next((e.value for e in t.external_data if e.key == "location"), "")
+
+
+def _refuse_external_data(proto: onnx.ModelProto, where: str) -> None:
+    """A model given as bytes has no folder its external data could be found in."""
+    for kind, t in _external_tensors(proto):
+        raise ModelLoadError(f"{where}: {kind} '{t.name}' keeps its data in an external file "
+                             f"'{_external_location(t)}'; load the model from its file instead")
+
+
+def _load_external_data(proto: onnx.ModelProto, path: str, *, read: bool = True) -> None:
+    """Check that every external tensor's file lies inside the model's folder (no absolute path, no
+    '..', no symlink out of it) and, with ``read``, read the data into the tensors."""
+    folder = os.path.dirname(os.path.abspath(path))
+    real_folder = os.path.realpath(folder)
+    for kind, t in _external_tensors(proto):
+        what = f"{path}: {kind} '{t.name}'"
+        location = _external_location(t)
+        if not location:
+            raise ModelLoadError(f"{what} is stored externally but names no file")
+        parts = location.replace("\\", "/").split("/")
+        if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts:
+            raise ModelLoadError(f"{what} keeps its data in '{location}', outside the model's folder "
+                                 "(external data must be a relative path inside it)")
+        target = os.path.realpath(os.path.join(folder, location))
+        if os.path.commonpath([real_folder, target]) != real_folder:
+            raise ModelLoadError(f"{what} keeps its data in '{location}', a link that leads out of the "
+                                 f"model's folder (to {target})")
+        if not os.path.isfile(target):
+            raise ModelLoadError(f"{what} keeps its data in '{location}', which is "
+                                 f"{'not a regular file' if os.path.exists(target) else 'missing'}")
+        if read:
+            try:
+                onnx.external_data_helper.load_external_data_for_tensor(t, folder)
+            except Exception as e:  # OSError, ValueError, onnx's ValidationError (bad offset or length)
+                raise ModelLoadError(f"{what}: cannot read its external data '{location}': {_one_line(e)}") \
+                    from None
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
