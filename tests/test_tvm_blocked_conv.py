@@ -67,11 +67,18 @@ CASES = [  # cin, cout, (h, w), k, stride, pads (t, l, b, r), dilation, epilogue
     (48, 16, (12, 12), 3, 2, [0, 1, 1, 0], 1, "hardswish"),     # asymmetric padding, stride 2, HardSwish
     (24, 24, (15, 15), 3, 1, [2, 2, 2, 2], 2, "relu"),          # dilation 2
     (50, 8, (1, 1), 1, 1, [0, 0, 0, 0], 1, "none"),             # 1x1 map (squeeze-and-excitation)
+    (20, 34, (14, 14), 1, 1, [0, 0, 0, 0], 1, "relu"),          # 34 channels: 40 computed, 6 sliced off
+    (16, 68, (13, 13), 3, 2, [1, 1, 1, 1], 1, "residual"),      # 68 channels and a padded width, residual
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{c[2][0]}x{c[2][1]}-k{c[3]}s{c[4]}-{c[7]}" for c in CASES])
 def test_blocked_conv_matches_onnxruntime(case):
+    _compile_and_compare(case)
+
+
+def _compile_and_compare(case):
+    """The one conv2d_blocked decision of a case's build, whose output matched onnxruntime."""
     cin, cout, hw, k, stride, pads, dilation, epilogue = case
     proto = _conv_model(cin, cout, hw, k, stride, pads, dilation, epilogue, seed=cin + k)
     model = Model.wrap(proto)
@@ -87,15 +94,30 @@ def test_blocked_conv_matches_onnxruntime(case):
     assert float(np.abs(got - ref).max()) <= 1e-5 * float(np.abs(ref).max())
     blocked = [d for d in decisions if d.kind == "conv2d_blocked"]
     assert len(blocked) == 1, [(d.func, d.kind) for d in decisions]  # the unfused copy is gone
-    ob, th, tw, _ = blocked[0].tile
+    ob, th, tw = blocked[0].tile[:3]
     assert ob % traits_of(host_target("llvm")).vector_lanes == 0
+    return blocked[0]
+
+
+ROWS_OUTER_CASES = [CASES[1], CASES[3], CASES[4], CASES[-1]]  # padded width, 1x1 residual, stride 2, 68 channels
+
+
+@pytest.mark.parametrize("case", ROWS_OUTER_CASES, ids=[f"{c[0]}-{c[1]}-k{c[3]}s{c[4]}" for c in ROWS_OUTER_CASES])
+def test_rows_outer_order_pads_one_band_at_a_time_and_matches(case, monkeypatch):
+    """Bands of rows outermost (the policy's choice for large maps): the padding stage is computed per
+    band inside the parallel loop; the result is the same."""
+    from sculpt.backends.tvm.kernels import tiling
+
+    monkeypatch.setattr(tiling, "_rows_outer", lambda *a: True)
+    decision = _compile_and_compare(case)
+    assert decision.tile[4] == 1
 
 
 def test_policy_tiles_within_the_register_budget_and_keeps_the_width_kernel_where_it_wins():
     shape = ConvShape(1, 64, 56, 56, 192, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
     tile = conv_tile(shape, AVX2)
     assert tile == ConvTile(24, 1, 3)  # 3 vectors of channels x 3 pixels: the measured best on AVX2
-    assert conv_tile(ConvShape(1, 64, 56, 56, 64, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2) == ConvTile(16, 1, 4)
+    assert conv_tile(ConvShape(1, 64, 56, 56, 64, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2) == ConvTile(16, 1, 4, rows_outer=1)
     for traits in (AVX2, NEON):
         for cout, hw in ((192, 56), (64, 7), (1000, 13), (40, 112)):
             t = conv_tile(ConvShape(1, 64, hw, hw, cout, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
@@ -103,11 +125,17 @@ def test_policy_tiles_within_the_register_budget_and_keeps_the_width_kernel_wher
             acc = t.th * t.tw * vregs
             assert t.ob % traits.vector_lanes == 0 and cout % t.ob == 0
             assert acc <= traits.vector_registers // 2 + 1 and acc + vregs + 1 <= traits.vector_registers - 3
+    # 64 channels x 56x56 (800 KB) leaves L2 between channel blocks, its 147 KB of weights do not: rows
+    # outermost; the 442 KB of weights of 64->192 would not stay either: channel blocks outermost
+    assert conv_tile(ConvShape(1, 256, 14, 14, 256, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)), AVX2).rows_outer == 0
     # 13 wide: the least padding of the width wins
     narrow = conv_tile(ConvShape(1, 256, 13, 13, 256, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2)
     assert narrow.padded_width(13) - 13 <= 3
-    # channels not a multiple of the vector width, or a short reduction over whole vectors of width
+    # channels whole vectors would pad by more than a quarter, or a short reduction over whole vectors
+    # of width, keep the width kernel; 68 channels compute 72
     assert conv_tile(ConvShape(1, 64, 28, 28, 12, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2) is None
+    padded = conv_tile(ConvShape(1, 64, 28, 28, 68, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2)
+    assert padded is not None and padded.padded_channels(68) == 72
     assert conv_tile(ConvShape(1, 16, 3, 96, 104, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)), AVX2) is None
     assert conv_tile(ConvShape(1, 16, 3, 95, 104, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)), AVX2) is not None
 
@@ -121,6 +149,10 @@ def test_tile_travels_in_the_block_name_and_weights_pack_channel_blocks_innermos
     assert packed.shape == (2, 3, 2, 2, 16)
     for o, i, kh, kw in [(0, 0, 0, 0), (17, 2, 1, 0), (31, 1, 1, 1)]:
         assert packed[o // 16, i, kh, kw, o % 16] == w[o, i, kh, kw]
+    partial = pack_weight(w[:20], 16)  # a last partial block: zero weights for channels 20..31
+    assert partial.shape == (2, 3, 2, 2, 16)
+    assert np.array_equal(partial[0], packed[0]) and np.array_equal(partial[1, ..., :4], packed[1, ..., :4])
+    assert not partial[1, ..., 4:].any()
 
 
 def _pad_after_conv_model(cout: int):
@@ -202,9 +234,9 @@ def test_gelu_erf_is_a_vector_approximation_within_float_precision():
     assert float(np.abs(got - ref).max()) <= 2e-6 * float(np.abs(ref).max())
 
 
-@pytest.mark.parametrize("groups, cin, cout", [(2, 32, 64), (3, 48, 48)])
+@pytest.mark.parametrize("groups, cin, cout", [(2, 32, 64), (3, 48, 48), (4, 136, 136)])
 def test_a_grouped_conv_runs_as_one_blocked_conv_per_group(groups, cin, cout):
-    """AlexNet's 2 groups, ShuffleNet's 3: the groups are split, each runs the channel-blocked kernel,
+    """AlexNet's 2 groups, ShuffleNet's 3 and 4 (34 channels a group: padded to 40): the groups are split, each runs the channel-blocked kernel,
     and the outputs are concatenated; the bias and activation still apply."""
     import tvm
 

@@ -69,7 +69,7 @@ def test_conv_grid_matches_onnxruntime():
     registers = traits_of(_host()).vector_registers
     for d in (d for d in decisions if d.tile):
         if d.kind == "conv2d_blocked":  # whole vectors of channels, accumulators within half the registers
-            ob, th, tw, _ = d.tile
+            ob, th, tw = d.tile[:3]
             assert ob % lanes == 0 and d.shape[1] % ob == 0, d
             acc = th * tw * (ob // lanes)  # + the weight vectors and the broadcast: 3 registers to spare
             assert acc <= registers // 2 + 1 and acc + ob // lanes + 1 <= registers - 3, d
@@ -228,11 +228,39 @@ def test_small_constant_folding_is_numpy_exact():
 
 def test_small_spatial_1x1_conv_is_a_gemm_over_oh_ow():
     """A 1x1 conv on 10x10 tiles oh*ow as one contiguous axis: its vector tile spans whole rows (the
-    width-vectorized kernel: output channels that are no multiple of the vector width)."""
-    proto = cases.conv_model([cases.ConvCase("pw10", 12, 20, (1, 1), epilogue="hardswish"),
+    width-vectorized kernel: output channels that whole vectors would pad by more than a quarter)."""
+    proto = cases.conv_model([cases.ConvCase("pw10", 12, 18, (1, 1), epilogue="hardswish"),
                               cases.ConvCase("pw10_res", 12, 12, (1, 1), epilogue="residual")], (1, 12, 10, 10))
     x = np.random.default_rng(10).standard_normal((1, 12, 10, 10)).astype(np.float32)
     decisions = _compile_and_compare(proto, {"x": x}, expect_kinds={"conv2d_1x1": 2})
     for d in decisions:
         if d.kind == "conv2d_1x1":
             assert d.tile[0] % 10 == 0 and d.tile[0] > 10, d
+
+
+@pytest.mark.parametrize("operands", [[(1, 8, 6, 6), (1, 8, 6, 6)], [(1, 8, 6, 6), (1, 8, 1, 1), (1, 1, 6, 6)],
+                                      [(1, 8, 1, 6), (1, 1, 6, 1)]])
+def test_onnx_sum_becomes_adds_and_stays_bit_exact(operands):
+    """ONNX Sum (ResNet's and ShuffleNet's residual joins): TVM's importer stacks the operands into a
+    5-D tensor and reduces it; sculpt rewrites that to adds (no stack left) with the same result to the
+    bit, broadcasting included."""
+    from onnx import TensorProto, helper
+
+    from sculpt.backends.tvm.kernels.sum_as_adds import rewrite_sum_of_stack
+
+    names = [f"x{i}" for i in range(len(operands))]
+    out_shape = list(np.broadcast_shapes(*operands))
+    graph = helper.make_graph([helper.make_node("Sum", names, ["y"])], "sum",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s)) for n, s in zip(names, operands)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    mod = import_to_relax(Model.wrap(proto))
+    assert "R.stack" in mod.script() and "R.stack" not in rewrite_sum_of_stack(mod).script()
+    rng = np.random.default_rng(len(operands))
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in zip(names, operands)}
+    got = run_relax(compile_with_kernels(mod, _host()), feeds, names)[0]
+    expect = feeds[names[0]]
+    for n in names[1:]:
+        expect = expect + feeds[n]
+    assert got.shape == tuple(out_shape) and np.array_equal(got, expect)

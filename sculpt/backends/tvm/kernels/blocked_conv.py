@@ -3,8 +3,9 @@ the image's shape.
 
 The NCHW register tile (register_tile) vectorizes along the output width, so a 55-, 27- or 13-wide
 map leaves vectors partly empty and tiles badly. Here the vector axis is a block of ``ob`` output
-channels instead (onnxruntime's MLAS and oneDNN do the same with NCHWc), which only asks that the
-channel count be a multiple of the vector width:
+channels instead (onnxruntime's MLAS and oneDNN do the same with NCHWc), which does not depend on the
+image's shape; a channel count that is not a whole number of blocks is computed with zero weights
+in the last block and sliced:
 
     for each tile of ob output channels x th rows x tw columns (parallel over channel blocks and rows):
         acc[th][tw][ob] = 0                                    # th * tw * ob / lanes vector registers
@@ -16,12 +17,14 @@ channel count be a multiple of the vector width:
 Activations stay NCHW at the graph's edges and between layers (no layout transform anywhere); only
 the constant weights are repacked, once, at compile time ([O/ob, I, KH, KW, ob]). A width that the
 column tile does not divide is computed over a padded width and sliced (the input padding covers
-the extra columns).
+the extra columns). The loop over channel blocks is outermost (each block's weights stay in cache
+over the whole map) or, for maps larger than the cache with small weights, inside bands of rows
+(``rows_outer``: a band of input rows is padded and read once for every channel block).
 
 Mechanism only: ``rewrite_blocked_convs`` replaces ``relax.nn.conv2d`` calls chosen by a policy
 (``choose``) with ``call_tir`` to the TE definition below, before legalization, so TVM's FuseOps
 still fuses the epilogues; ``schedule_blocked_conv`` schedules the fused function. The tile travels
-in the main block's name (``sculpt_conv_oc<ob>_h<th>_w<tw>``) through fusion."""
+in the main block's name (``sculpt_conv_oc<ob>_h<th>_w<tw>_c<rc>_r<rows_outer>``) through fusion."""
 
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import numpy as np
 from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls
 
 BLOCK_PREFIX = "sculpt_conv_oc"
-_BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_h(\d+)_w(\d+)_c(\d+)")
+_BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_h(\d+)_w(\d+)_c(\d+)_r(\d+)")
 
 
 @dataclass(frozen=True)
@@ -71,16 +74,22 @@ class ConvTile:
     th: int
     tw: int
     rc: int = 0  # input channels per pass over a row (0: all); a chunk's weights stay in L1
+    rows_outer: int = 0  # 1: bands of rows outermost, channel blocks inside (large maps, small weights)
 
     def padded_width(self, out_width: int) -> int:
         return -(-out_width // self.tw) * self.tw
 
+    def padded_channels(self, out_channels: int) -> int:
+        """Output channels computed: a whole number of channel blocks (the weights' extra rows are
+        zero and the extra channels are sliced off)."""
+        return -(-out_channels // self.ob) * self.ob
+
     def as_list(self) -> list[int]:
-        return [self.ob, self.th, self.tw, self.rc]
+        return [self.ob, self.th, self.tw, self.rc, self.rows_outer]
 
     @property
     def name(self) -> str:
-        return f"{BLOCK_PREFIX}{self.ob}_h{self.th}_w{self.tw}_c{self.rc}"
+        return f"{BLOCK_PREFIX}{self.ob}_h{self.th}_w{self.tw}_c{self.rc}_r{self.rows_outer}"
 
 
 # a policy: (ConvShape, TargetTraits) -> ConvTile, or None to keep the width-vectorized kernel
@@ -141,9 +150,13 @@ def grouped_shape_of(call) -> tuple[ConvShape, int] | None:
 
 
 def pack_weight(w: np.ndarray, ob: int) -> np.ndarray:
-    """OIHW -> [O/ob, I, KH, KW, ob]: the ob output channels of one vector load are contiguous."""
+    """OIHW -> [ceil(O/ob), I, KH, KW, ob]: the ob output channels of one vector load are contiguous;
+    a last partial block is filled with zero weights."""
     o, i, kh, kw = w.shape
-    return np.ascontiguousarray(w.reshape(o // ob, ob, i, kh, kw).transpose(0, 2, 3, 4, 1))
+    blocks = -(-o // ob)
+    if blocks * ob != o:
+        w = np.concatenate([w, np.zeros((blocks * ob - o, i, kh, kw), w.dtype)])
+    return np.ascontiguousarray(w.reshape(blocks, ob, i, kh, kw).transpose(0, 2, 3, 4, 1))
 
 
 def blocked_conv_func(shape: ConvShape, tile: ConvTile):
@@ -152,7 +165,7 @@ def blocked_conv_func(shape: ConvShape, tile: ConvTile):
     from tvm import te, tirx
 
     s = shape
-    ob, owp = tile.ob, tile.padded_width(s.out_width)
+    ob, owp, ocp = tile.ob, tile.padded_width(s.out_width), tile.padded_channels(s.out_channels)
     (sh, sw), (dh, dw), (pt, pl, _, _) = s.strides, s.dilation, s.padding
     need_h = (s.out_height - 1) * sh + dh * (s.kernel[0] - 1) + 1
     need_w = (owp - 1) * sw + dw * (s.kernel[1] - 1) + 1
@@ -160,7 +173,7 @@ def blocked_conv_func(shape: ConvShape, tile: ConvTile):
         return [tirx.IntImm("int64", int(d)) for d in dims]
 
     x = te.placeholder(i64(s.batch, s.in_channels, s.height, s.width), "float32", name="x")
-    w = te.placeholder(i64(s.out_channels // ob, s.in_channels, s.kernel[0], s.kernel[1], ob), "float32", name="w")
+    w = te.placeholder(i64(ocp // ob, s.in_channels, s.kernel[0], s.kernel[1], ob), "float32", name="w")
     if pt or pl or need_h > s.height + pt or need_w > s.width + pl:
         def pad(n, c, h, wi):
             inside = tirx.all(h >= pt, h < s.height + pt, wi >= pl, wi < s.width + pl)
@@ -172,7 +185,7 @@ def blocked_conv_func(shape: ConvShape, tile: ConvTile):
     ry = te.reduce_axis(i64(0, s.kernel[0]), "ry")
     rx = te.reduce_axis(i64(0, s.kernel[1]), "rx")
     y = te.compute(
-        i64(s.batch, s.out_channels, s.out_height, owp),
+        i64(s.batch, ocp, s.out_height, owp),
         lambda n, o, h, wi: te.sum(src[n, rc, h * sh + ry * dh, wi * sw + rx * dw]
                                    * w[o // ob, rc, ry, rx, o % ob], axis=[rc, ry, rx]),
         name=tile.name)
@@ -195,13 +208,13 @@ def rewrite_blocked_convs(mod, choose: ConvPolicy, traits, decisions: list | Non
         if decisions is not None:
             decisions.append((shape, tile))
         packed = relax.const(pack_weight(weight, tile.ob))
-        owp = tile.padded_width(shape.out_width)
-        out = (shape.batch, shape.out_channels, shape.out_height, owp)
+        owp, ocp = tile.padded_width(shape.out_width), tile.padded_channels(shape.out_channels)
+        out = (shape.batch, ocp, shape.out_height, owp)
         y = relax.call_tir(made[key], [x, packed], relax.TensorType(out, "float32"))
-        if owp == shape.out_width:
+        if (ocp, owp) == (shape.out_channels, shape.out_width):
             return y
         y = rewriter.emit(y)
-        return relax.op.strided_slice(y, axes=[3], begin=[0], end=[shape.out_width])
+        return relax.op.strided_slice(y, axes=[1, 3], begin=[0, 0], end=[shape.out_channels, shape.out_width])
 
     def rule(call, rewriter):
         shape = conv_shape_of(call)
@@ -235,13 +248,14 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
     from sculpt.backends.tvm.kernels.block_analysis import root_blocks
     from sculpt.backends.tvm.kernels.register_tile import (
         accumulator_tail, inline_branch_free_producers, inline_epilogue, schedule_injective_block,
-        schedule_padding_block)
+        schedule_padding_block, schedule_padding_at)
 
     epilogue = inline_epilogue(sch, func, main)
     inline_branch_free_producers(sch, main)
     skip = {sch.get(b).name_hint for b in epilogue} | {sch.get(main).name_hint}
     producers = [b for b in root_blocks(sch) if sch.get(b).name_hint not in skip]
     n, o, h, w, rc, ry, rx = sch.get_loops(main)
+    rows_outer = tile.rows_outer and not tile.rc
     oo, oi = sch.split(o, factors=[None, tile.ob])
     ho, hi = sch.split(h, factors=[None, tile.th])
     wo, wi = sch.split(w, factors=[None, tile.tw])
@@ -252,7 +266,10 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
         sch.reorder(n, oo, ho, rco, wo, rci, ry, rx, hi, wi, oi)
         first_reduce, tail_at = rco, ho
     else:
-        sch.reorder(n, oo, ho, wo, rc, ry, rx, hi, wi, oi)
+        if rows_outer:
+            sch.reorder(n, ho, oo, wo, rc, ry, rx, hi, wi, oi)
+        else:
+            sch.reorder(n, oo, ho, wo, rc, ry, rx, hi, wi, oi)
         first_reduce, tail_at = rc, wo
     # accumulators: the main block's output buffer, shrunk to one tile (a row with chunks) by
     # computing the output block per tile (a cache stage when the conv itself is the function's
@@ -271,7 +288,8 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
         sch.vectorize(oi_lanes)
     else:
         sch.vectorize(oi)
-    outer = sch.fuse(n, oo, ho)
+    # rows outer: one band of input rows (padded once, below) serves every channel block in turn
+    outer = sch.fuse(n, ho) if rows_outer else sch.fuse(n, oo, ho)
     if parallel:
         sch.parallel(outer)
     sch.decompose_reduction(main, first_reduce)
@@ -280,5 +298,8 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
             if not sch.get(b).same_as(sch.get(tail)):
                 schedule_injective_block(sch, b, lanes)
     for b in producers:
-        schedule_padding_block(sch, b, lanes)
+        if rows_outer:
+            schedule_padding_at(sch, b, outer, lanes)
+        else:
+            schedule_padding_block(sch, b, lanes)
 

@@ -1,6 +1,7 @@
 """The Relax compilation pipeline with sculpt's kernels: TVM's CPU pipeline plus one scheduling step.
 
     [sculpt: constant reshapes / isnan / where evaluated in numpy (fold_small_constants)]
+             -> [sculpt: ONNX Sum's stack + reduce as adds (sum_as_adds)]
              -> [sculpt: transposed convs with stride == kernel -> 1x1 conv + pixel shuffle]
              -> [sculpt: conv2d -> the channel-blocked kernel where the policy gives a tile (blocked_conv)]
              -> [sculpt: matmul weights padded to whole vectors of columns (pad_matmul_columns)]
@@ -17,6 +18,7 @@ from __future__ import annotations
 from sculpt.backends.tvm.kernels.fold_small_constants import fold_small_constants
 from sculpt.backends.tvm.kernels.pad_matmul_columns import pad_matmul_columns
 from sculpt.backends.tvm.kernels.blocked_conv import rewrite_blocked_convs
+from sculpt.backends.tvm.kernels.sum_as_adds import rewrite_sum_of_stack
 from sculpt.backends.tvm.kernels.vector_erf import rewrite_erf
 from sculpt.backends.tvm.kernels.target_traits import traits_of
 from sculpt.backends.tvm.kernels.tiling import conv_tile
@@ -32,6 +34,10 @@ def _front_passes(target) -> list:
     @tvm.transform.module_pass(opt_level=0, name="SculptFoldSmallConstants")
     def fold_constants(mod, _ctx):
         return fold_small_constants(mod)
+
+    @tvm.transform.module_pass(opt_level=0, name="SculptSumAsAdds")
+    def sum_as_adds(mod, _ctx):
+        return rewrite_sum_of_stack(mod)
 
     @tvm.transform.module_pass(opt_level=0, name="SculptRewriteTransposedConvs")
     def rewrite_transposed(mod, _ctx):
@@ -49,7 +55,7 @@ def _front_passes(target) -> list:
     def vector_erf(mod, _ctx):
         return rewrite_erf(mod)
 
-    return [fold_constants, rewrite_transposed, blocked_convs, pad_columns, vector_erf] \
+    return [fold_constants, sum_as_adds, rewrite_transposed, blocked_convs, pad_columns, vector_erf] \
         + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 
