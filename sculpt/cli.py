@@ -347,15 +347,11 @@ def _pipeline_from_file(path: str, overrides: dict):
 
 def _explain_pipeline(path: str) -> str | None:
     """Which value of a pipeline file is of the wrong kind (Pipeline.from_dict converts them blindly)."""
-    try:
-        text = Path(path).read_text()
-        if Path(path).suffix == ".json":
-            spec = json.loads(text)
-        else:
-            import yaml
+    from sculpt.passes.pipeline import read_pipeline_file
 
-            spec = yaml.safe_load(text)
-    except Exception:
+    try:
+        spec = read_pipeline_file(path)
+    except SculptError:
         return None
     if not isinstance(spec, dict):
         return None

@@ -611,3 +611,56 @@ def test_compile_embeds_the_model_folder_data_not_the_current_folder(tmp_path, m
     assert main(["compile", "in/model.onnx", "-o", "out/m.so"]) == 0, capsys.readouterr().err
     x = np.arange(4, dtype=np.float32)
     np.testing.assert_allclose(run_artifact(work / "out" / "m.so", {"x": x}).outputs["y"], x + GOOD)
+
+
+# ------------------------------------------------------------------------------------------ pipeline files
+def _alias_bomb(levels: int = 10) -> str:
+    """A few hundred bytes of YAML whose nested aliases stand for 9^levels strings, as the value of
+    'seed' (whose error message used to print it)."""
+    lists = ["&a0 [" + ",".join(["lol"] * 9) + "]"]
+    for k in range(1, levels):
+        lists.append(f"&a{k} [" + ",".join([f"*a{k - 1}"] * 9) + "]")
+    return "passes: [canonicalize]\nseed: [\n  " + ",\n  ".join(lists) + "]\n"
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    """The file names 3.5 billion strings through aliases: refused in one line naming the file, fast
+    and within the memory limit, before anything is expanded (it used to exhaust 4 GiB)."""
+    from sculpt.examples import tiny_convnet
+
+    data = tiny_convnet(batch=1).proto.SerializeToString()
+    work = _setup(tmp_path, data)
+    bomb = _alias_bomb()
+    assert len(bomb) < 600
+    (work / "bomb.yaml").write_text(bomb)
+    env = {k: v for k, v in os.environ.items() if k != "SCULPT_DEBUG"}
+    start = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "sculpt", "run", "in/model.onnx", "--pipeline", "bomb.yaml",
+                        "-o", "out/o.onnx", "--report", "out/report.json"],
+                       capture_output=True, text=True, cwd=work, env=env, timeout=TIME_LIMIT, preexec_fn=_limit_memory)
+    assert time.perf_counter() - start < 60
+    assert_one_clear_error(p, "bomb.yaml", "line 3", "aliases")
+    assert list((work / "out").iterdir()) == [] and (work / "in" / "model.onnx").read_bytes() == data
+
+
+def test_pipeline_reader_refuses_aliases_and_repeated_keys(tmp_path):
+    from sculpt.errors import OptionError
+    from sculpt.passes.pipeline import Pipeline, read_pipeline_file
+
+    cases = {
+        "alias.yaml": ("options: &o {ratio: 0.3}\npasses: [{channel-pruning: *o}]\n", "line 1.*aliases"),
+        "merge.yaml": ("base: &b {ratio: 0.3}\npasses: [{channel-pruning: {<<: *b, ratio: 0.5}}]\n", "aliases"),
+        "twice.yaml": ("passes:\n  - channel-pruning:\n      ratio: 0.3\n      ratio: 0.5\n", "line 4.*'ratio'.*twice"),
+        "twice.json": ('{"passes": [{"channel-pruning": {"ratio": 0.3, "ratio": 0.5}}]}', "'ratio'.*twice"),
+    }
+    for name, (text, match) in cases.items():
+        (tmp_path / name).write_text(text)
+        for read in (read_pipeline_file, Pipeline.from_file):
+            with pytest.raises(OptionError, match=f"{name}.*{match}"):
+                read(tmp_path / name)
+    # the same options, each once, are read as before
+    (tmp_path / "ok.yaml").write_text("passes:\n  - channel-pruning: {ratio: 0.3, round_to: 4}\n  - canonicalize\n")
+    assert read_pipeline_file(tmp_path / "ok.yaml") == {"passes": [{"channel-pruning": {"ratio": 0.3, "round_to": 4}},
+                                                                  "canonicalize"]}
+    pipe = Pipeline.from_file(tmp_path / "ok.yaml")
+    assert [p.name for p in pipe.passes] == ["channel-pruning", "canonicalize"] and pipe.passes[0].round_to == 4

@@ -140,6 +140,66 @@ class TimingInstrument(Instrument):
     """Records wall time per pass (always on; kept as an instrument for custom reporting)."""
 
 
+def read_pipeline_file(path: str | os.PathLike) -> Any:
+    """The data of a YAML or JSON pipeline file (JSON when the name ends in .json), or an OptionError
+    naming the file. YAML anchors and aliases are refused before anything is built (a few hundred bytes
+    of nested aliases expand to gigabytes), and so is a key given twice in one mapping (YAML and JSON
+    would otherwise keep the last one silently)."""
+    path = Path(path)
+    if not path.is_file():
+        raise OptionError(f"{path}: no such pipeline file")
+    try:
+        text = path.read_text()
+        if path.suffix == ".json":
+            return json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
+        return _load_yaml(text, path)
+    except OptionError:
+        raise
+    except Exception as e:  # yaml.YAMLError, ValueError (JSON, bad UTF-8), RecursionError (absurd nesting)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OptionError(f"{path}: cannot parse the pipeline ({first})") from None
+
+
+def _unique_keys(pairs, path: Path) -> dict:
+    """A JSON object as a dict, refusing a key given twice."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise OptionError(f"{path}: key '{key}' is given twice in the same object")
+        out[key] = value
+    return out
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise OptionError(f"{path}: line {event.start_mark.line + 1}: YAML anchors and aliases "
+                                  "('&name', '*name') are not allowed in a pipeline file")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                self.flatten_mapping(node)
+                seen = set()
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        again = key in seen
+                    except TypeError:  # an unhashable key: the base class says so
+                        continue
+                    if again:
+                        raise OptionError(f"{path}: line {key_node.start_mark.line + 1}: key '{key}' is given "
+                                          "twice in the same mapping")
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=Loader)
+
+
 def _relative_to(cal: Any, folder: Path) -> Any:
     """A relative calibration source in a pipeline file names a path beside that file."""
     def resolve(src: str) -> str:
@@ -223,18 +283,7 @@ class Pipeline:
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> "Pipeline":
         path = Path(path)
-        if not path.is_file():
-            raise OptionError(f"{path}: no such pipeline file")
-        text = path.read_text()
-        try:
-            if path.suffix == ".json":
-                spec = json.loads(text)
-            else:
-                import yaml
-
-                spec = yaml.safe_load(text)
-        except Exception as e:
-            raise OptionError(f"{path}: cannot parse the pipeline ({str(e).splitlines()[0]})") from None
+        spec = read_pipeline_file(path)
         pipe = cls.from_dict(spec, source=str(path), **overrides)
         pipe.calibration_spec = _relative_to(pipe.calibration_spec, path.parent)
         return pipe
