@@ -61,6 +61,17 @@ def parse_input_shapes(items: Sequence[str] | None) -> dict[str, list[int]]:
     return shapes
 
 
+def check_number_flag(flag: str, value: float | None, *, positive: bool = False) -> None:
+    """A numeric command-line flag must be finite and not negative (``positive``: above 0); NaN would
+    fail every comparison made with it and pass silently."""
+    import math
+
+    if value is None:
+        return
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise OptionError(f"{flag} must be a finite number {'> 0' if positive else '≥ 0'}, got {value}")
+
+
 def _resolve_shapes(model, shapes: dict[str, list[int]]) -> dict[str, list[int]]:
     if "" in shapes:
         names = model.input_names
@@ -600,8 +611,8 @@ def cmd_compare(args) -> int:
 
     if args.samples < 1:
         raise OptionError(f"--samples must be at least 1, got {args.samples}")
-    if args.rtol < 0 or args.atol < 0:
-        raise OptionError("--rtol and --atol must not be negative")
+    check_number_flag("--rtol", args.rtol)
+    check_number_flag("--atol", args.atol)
     ref = _load(args.reference)
     cand = _load(args.candidate)
     shapes = _resolve_shapes(ref, parse_input_shapes(args.input_shape))

@@ -20,6 +20,7 @@ import onnx
 from sculpt.errors import CalibrationError, ShapeError
 from sculpt.ir.model import Model, _one_line
 
+MAX_IMAGE_SIDE = 8192  # pixels: a calibration image resized beyond this is a mistake (3·8192² floats = 800 MB)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
@@ -43,13 +44,18 @@ class ImagePreprocessing:
             raise CalibrationError(f"image layout must be NCHW or NHWC, got '{self.layout}'")
         if self.channel_order.upper() not in ("RGB", "BGR"):
             raise CalibrationError(f"image channel order must be RGB or BGR, got '{self.channel_order}'")
-        if int(self.height) <= 0 or int(self.width) <= 0:
-            raise CalibrationError(f"image size must be positive, got {self.height}x{self.width}")
+        if not (0 < int(self.height) <= MAX_IMAGE_SIDE and 0 < int(self.width) <= MAX_IMAGE_SIDE):
+            raise CalibrationError(f"image size must be positive and at most {MAX_IMAGE_SIDE} per side, got "
+                                   f"{self.height}x{self.width}")
         channels = 1 if self.grayscale else 3
         for what in ("mean", "std"):
             values = np.atleast_1d(np.asarray(getattr(self, what), dtype=np.float64))
             if values.ndim != 1 or 1 < len(values) < channels or len(values) == 0:
                 raise CalibrationError(f"image {what} needs 1 or {channels} values, got {values.tolist()}")
+            if not np.isfinite(values).all():
+                raise CalibrationError(f"image {what} must be finite numbers, got {values.tolist()}")
+        if not np.isfinite(float(self.scale)):
+            raise CalibrationError(f"image scale must be a finite number, got {self.scale}")
         if any(float(v) == 0.0 for v in np.atleast_1d(np.asarray(self.std, dtype=np.float64))):
             raise CalibrationError(f"image std must be nonzero, got {list(np.atleast_1d(self.std))}")
 

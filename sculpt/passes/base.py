@@ -8,6 +8,8 @@ model, so a pass that fails leaves its input untouched and never returns a half-
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -185,6 +187,8 @@ def create_pass(name: str, options: Mapping[str, Any] | None = None) -> Pass:
         if key_norm not in specs:
             known = ", ".join(specs) or "none"
             raise OptionError(f"pass '{name}' has no option '{key}' (its options: {known})")
+        if key_norm in kwargs:  # max-rounds and max_rounds: one option given twice
+            raise OptionError(f"pass '{name}': option '{key_norm}' is given twice")
         kwargs[key_norm] = coerce_option(name, key_norm, specs[key_norm].type, value)
     try:
         return cls(**kwargs)
@@ -205,7 +209,10 @@ def parse_pass_spec(spec: str) -> tuple[str, dict[str, str]]:
             if "=" not in item:
                 raise OptionError(f"pass '{name}': option '{item}' is not KEY=VALUE")
             k, v = item.split("=", 1)
-            options[k.strip()] = v.strip()
+            k = k.strip()
+            if k.replace("-", "_") in {o.replace("-", "_") for o in options}:
+                raise OptionError(f"pass '{name}': option '{k}' is given twice")
+            options[k] = v.strip()
     return name, options
 
 
@@ -273,9 +280,12 @@ def coerce_option(pass_name: str, key: str, typ: Any, value: Any) -> Any:
         if isinstance(value, bool):
             raise bad("a number")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise bad("a number") from None
+        if not math.isfinite(number):
+            raise bad("a finite number")
+        return number
     if typ is str:
         if isinstance(value, (dict, list)):
             raise bad("a string")
@@ -299,6 +309,39 @@ def coerce_option(pass_name: str, key: str, typ: Any, value: Any) -> Any:
         return {coerce_option(pass_name, key, kt, k): (v if vt is Any else coerce_option(pass_name, key, vt, v))
                 for k, v in value.items()}
     return value
+
+
+# upper bounds of numeric options shared by several passes (beyond them a value is a mistake, and some
+# would overflow: ridge · the features' energy, positions as an index, rounds as a loop count)
+MAX_POSITIONS = 2**31 - 1
+MAX_RIDGE = 1e6
+MAX_ROUNDS = 1000
+MAX_TENSOR_MB = 1e6  # a terabyte
+
+
+def check_range(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ValueError naming option ``name`` unless ``value`` is a finite number within the bounds
+    (NaN fails every comparison, so ``value < low`` alone would let it through)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and (
+        isinstance(value, numbers.Integral) or math.isfinite(value))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return
+    text = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    if low is not None and high is not None:
+        want = f"in {'(' if low_open else '['}{text(low)}, {text(high)}{')' if high_open else ']'}"
+    elif low is not None:
+        want = f"{'>' if low_open else '≥'} {text(low)}"
+    elif high is not None:
+        want = f"{'<' if high_open else '≤'} {text(high)}"
+    else:
+        want = "a finite number"
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+    raise ValueError(f"{name} must be {want}, got {shown}")
 
 
 def _type_name(typ: Any) -> str:

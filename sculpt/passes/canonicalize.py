@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sculpt.ir.model import Model
-from sculpt.passes.base import Pass, PassContext, PassResult, option, register
+from sculpt.passes.base import MAX_ROUNDS, MAX_TENSOR_MB, Pass, PassContext, PassResult, check_range, option, register
 from sculpt.passes.constant_folding import ConstantFolding
 from sculpt.passes.fold_batchnorm import FoldBatchNorm
 from sculpt.passes.fold_conv_affine import FoldConvAffine
@@ -30,6 +30,10 @@ class Canonicalize(Pass):
     freeze_initializers: bool = option(True, help="initializers listed as graph inputs become constants")
     max_rounds: int = option(4, help="maximum rounds of the whole sequence")
     max_tensor_mb: float = option(256.0, help="largest tensor constant folding may create (MB)")
+
+    def __post_init__(self):
+        check_range("max_rounds", self.max_rounds, 1, MAX_ROUNDS)
+        check_range("max_tensor_mb", self.max_tensor_mb, 0, MAX_TENSOR_MB)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         steps: list[Pass] = []

@@ -13,7 +13,8 @@ from sculpt.errors import PassError
 from sculpt.ir.channels import ChannelGraph, Dim, Group
 from sculpt.ir.cost import cost_of
 from sculpt.ir.model import Model
-from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, option, register
+from sculpt.passes.base import (MAX_POSITIONS, MAX_RIDGE, Pass, PassContext, PassResult, allow_plain_initializers,
+                                check_range, option, register)
 
 Criterion = Literal["l1", "l2", "bn-scale", "activation", "reconstruction"]
 
@@ -59,6 +60,8 @@ class ChannelPruning(Pass):
         for k, v in self.layer_ratios.items():
             if not 0 <= float(v) < 1:
                 raise ValueError(f"layer_ratios['{k}'] must be in [0, 1)")
+        check_range("positions", self.positions, 1, MAX_POSITIONS)
+        check_range("ridge", self.ridge, 0, MAX_RIDGE, low_open=True)
 
     @property
     def uses_calibration(self) -> bool:

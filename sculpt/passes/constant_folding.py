@@ -10,7 +10,8 @@ from onnx import numpy_helper
 
 from sculpt.errors import InvalidModelError
 from sculpt.ir.model import Model, _subgraph_outer_inputs, constant_node_value
-from sculpt.passes.base import Pass, allow_plain_initializers, PassContext, PassResult, option, register
+from sculpt.passes.base import (MAX_TENSOR_MB, Pass, allow_plain_initializers, PassContext, PassResult, check_range,
+                                option, register)
 
 NONDETERMINISTIC_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                         "Multinomial", "Bernoulli"}
@@ -60,6 +61,9 @@ class ConstantFolding(Pass):
     exact = True
 
     max_tensor_mb: float = option(256.0, help="largest folded tensor (MB); bigger results stay as nodes")
+
+    def __post_init__(self):
+        check_range("max_tensor_mb", self.max_tensor_mb, 0, MAX_TENSOR_MB)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         allow_plain_initializers(model)

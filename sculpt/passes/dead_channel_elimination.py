@@ -11,7 +11,7 @@ from sculpt.ir.channel_handlers import attr
 from sculpt.ir.channel_values import ChannelValues
 from sculpt.ir.channels import ChannelGraph, Dim
 from sculpt.ir.model import Model
-from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, option, register
+from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, check_range, option, register
 
 
 @register
@@ -36,8 +36,9 @@ class DeadChannelElimination(Pass):
     def __post_init__(self):
         if self.data_driven:
             self.exact = False  # instance-level: the pipeline measures, rather than checks, its error
-        if self.threshold < 0 or self.samples < 1:
-            raise ValueError("threshold must be ≥ 0 and samples ≥ 1")
+        check_range("threshold", self.threshold, 0)
+        if self.samples < 1:
+            raise ValueError("samples must be ≥ 1")
 
     def requires(self, model, ctx):
         super().requires(model, ctx)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from sculpt.errors import PassError
 from sculpt.ir.substitution import name_selected
-from sculpt.passes.base import Pass, option
+from sculpt.passes.base import MAX_POSITIONS, MAX_RIDGE, Pass, check_range, option
 
 
 @dataclass
@@ -32,8 +32,9 @@ class LayerSubstitutionPass(Pass):
             raise ValueError("samples, positions and refit_samples must be ≥ 1")
         if not 0 <= self.min_saving < 1:
             raise ValueError(f"min_saving must be in [0, 1), got {self.min_saving}")
-        if self.max_error <= 0:
-            raise ValueError(f"max_error must be > 0, got {self.max_error}")
+        check_range("max_error", self.max_error, 0, low_open=True)
+        check_range("positions", self.positions, 1, MAX_POSITIONS)
+        check_range("ridge", self.ridge, 0, MAX_RIDGE, low_open=True)
 
     def _require_calibration(self, ctx, what: str, alternative: str = "") -> None:
         if ctx.calibration is None:

@@ -16,7 +16,7 @@ from sculpt.ir.factorize import MatrixSVD, SpatialSVD, Tucker2, energy_rank, kep
 from sculpt.ir.model import Model
 from sculpt.ir.refit import RefitJob
 from sculpt.ir.substitution import NameAllocator, conv_unsupported, name_selected, refit_last_layers, splice, substitution_stats
-from sculpt.passes.base import PassContext, PassResult, allow_plain_initializers, option, register
+from sculpt.passes.base import PassContext, PassResult, allow_plain_initializers, check_range, option, register
 from sculpt.passes.layer_substitution import LayerSubstitutionPass
 
 # above this many input features the data-aware weighting (an F×F covariance) is not used
@@ -92,8 +92,7 @@ class LowRank(LayerSubstitutionPass):
         super().__post_init__()
         if not 0 < self.energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
-        if self.compression < 1:
-            raise ValueError(f"compression must be ≥ 1, got {self.compression}")
+        check_range("compression", self.compression, 1)
         if self.round_to < 1:
             raise ValueError(f"round_to must be ≥ 1, got {self.round_to}")
 

@@ -34,8 +34,9 @@ from onnx import helper, numpy_helper
 from sculpt.errors import PassError
 from sculpt.ir import quantization as qz
 from sculpt.ir.model import Model
-from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, option, register
+from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, check_range, option, register
 
+MAX_BINS = 2**16  # histogram bins per sign: 2^16 already resolves ranges far finer than int8 can use
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "GlobalAveragePool",
                    "MaxPool", "Concat", "Resize")
 DEFAULT_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul"]
@@ -124,6 +125,8 @@ class QDQ(Pass):
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.samples < 1 or self.bins < 16 or self.keep_float < 0 or self.error_budget < 0 or self.min_macs < 0:
             raise ValueError("samples must be ≥ 1, bins ≥ 16, keep_float, error_budget and min_macs ≥ 0")
+        check_range("error_budget", self.error_budget, 0)
+        check_range("bins", self.bins, 16, MAX_BINS)
 
     # ------------------------------------------------------------------ run
     def requires(self, model: Model, ctx: PassContext) -> None:

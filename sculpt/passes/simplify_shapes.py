@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 
 from sculpt.ir.model import Model
-from sculpt.passes.base import Pass, allow_plain_initializers, PassContext, PassResult, option, register
+from sculpt.passes.base import (MAX_ROUNDS, Pass, allow_plain_initializers, PassContext, PassResult, check_range,
+                                option, register)
 from sculpt.passes.constant_folding import ConstantFolding
 
 
@@ -34,6 +35,9 @@ class SimplifyShapes(Pass):
     exact = True
 
     max_rounds: int = option(8, help="rounds of shape folding + constant folding")
+
+    def __post_init__(self):
+        check_range("max_rounds", self.max_rounds, 1, MAX_ROUNDS)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         allow_plain_initializers(model)

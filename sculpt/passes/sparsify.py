@@ -13,7 +13,8 @@ from sculpt.backends.tvm.sparse.bsr import blocks_of
 from sculpt.errors import PassError
 from sculpt.ir.channel_handlers import attr
 from sculpt.ir.model import Model
-from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, option, register
+from sculpt.passes.base import (MAX_POSITIONS, MAX_RIDGE, Pass, PassContext, PassResult, allow_plain_initializers,
+                                check_range, option, register)
 
 BLOCKS = {"1x1": 1, "4x1": 4, "8x1": 8, "16x1": 16}
 # fraction of the calibration samples held out to check that a layer's refit generalizes (a layer on a
@@ -104,8 +105,8 @@ class Sparsify(Pass):
                 raise ValueError(f"layer_sparsity[{pattern!r}] must be in [0, 1), got {value}")
         if self.samples < 1 or self.positions < 1 or self.min_macs < 0:
             raise ValueError("samples and positions must be ≥ 1, min_macs ≥ 0")
-        if not self.ridge > 0:
-            raise ValueError(f"ridge must be > 0, got {self.ridge}")
+        check_range("positions", self.positions, 1, MAX_POSITIONS)
+        check_range("ridge", self.ridge, 0, MAX_RIDGE, low_open=True)
 
     @property
     def block_rows(self) -> int:

@@ -275,8 +275,11 @@ def parse_input_files(items) -> dict[str, "object"]:
 def cmd_verify(args) -> int:
     from sculpt.backends.tvm.artifact import load_artifact
     from sculpt.backends.tvm.deploy import verify_artifact
-    from sculpt.cli import _console, _jsonable, _load
+    from sculpt.cli import _console, _jsonable, _load, check_number_flag
 
+    check_number_flag("--rtol", args.rtol)
+    check_number_flag("--atol", args.atol)
+    check_number_flag("--timeout", args.timeout, positive=True)
     artifact = load_artifact(args.artifact)
     _load(args.model)  # a clear error for a missing or broken model before anything runs
     feeds = parse_input_files(args.input)
