@@ -131,9 +131,12 @@ def test_policy_tiles_within_the_register_budget_and_keeps_the_width_kernel_wher
     # 13 wide: the least padding of the width wins
     narrow = conv_tile(ConvShape(1, 256, 13, 13, 256, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2)
     assert narrow.padded_width(13) - 13 <= 3
-    # channels whole vectors would pad by more than a quarter, or a short reduction over whole vectors
-    # of width, keep the width kernel; 68 channels compute 72
-    assert conv_tile(ConvShape(1, 64, 28, 28, 12, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2) is None
+    # channels whole vectors would pad by more than a quarter on rows of whole vectors, or a short
+    # reduction over whole vectors of width, keep the width kernel; 68 channels compute 72
+    assert conv_tile(ConvShape(1, 64, 32, 32, 12, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2) is None
+    # on rows of no whole vectors (28) the width kernel wastes as much: up to twice the channels
+    assert conv_tile(ConvShape(1, 64, 28, 28, 12, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2).padded_channels(12) == 16
+    assert conv_tile(ConvShape(1, 64, 28, 28, 3, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2) is None
     padded = conv_tile(ConvShape(1, 64, 28, 28, 68, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2)
     assert padded is not None and padded.padded_channels(68) == 72
     assert conv_tile(ConvShape(1, 16, 3, 96, 104, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)), AVX2) is None
@@ -173,7 +176,7 @@ def _pad_after_conv_model(cout: int):
     return model
 
 
-@pytest.mark.parametrize("cout, kind", [(16, "conv2d_blocked"), (12, "conv2d")])
+@pytest.mark.parametrize("cout, kind", [(16, "conv2d_blocked"), (3, "conv2d")])
 def test_an_epilogue_that_pads_writes_its_border_every_run(cout, kind):
     """The border of a padding fused after a conv is written by the kernel, not left to memory that
     happens to be zero: the scheduled function, called on an output full of NaN, equals the unscheduled

@@ -61,10 +61,11 @@ def _compile_and_compare(proto, feeds, *, expect_kinds: dict[str, int] | None = 
 def test_conv_grid_matches_onnxruntime():
     proto = cases.conv_model(cases.CONV_GRID, cases.CONV_GRID_INPUT)
     x = np.random.default_rng(1).standard_normal(cases.CONV_GRID_INPUT).astype(np.float32)
-    # output channels in whole vectors take the channel-blocked kernel (8 cases: 1x1 and k x k,
-    # strides, dilation, asymmetric padding); 12, 10 and 6 channels and groups keep the width-vectorized one
+    # 19 columns (no whole vectors): every conv of 6 or more output channels takes the channel-blocked
+    # kernel (11 cases: 1x1 and k x k, strides, dilation, asymmetric padding, 12, 10 and 6 channels
+    # computed as 16, 16 and 8); 3 channels and groups of 4 input channels keep the width-vectorized one
     decisions = _compile_and_compare(proto, {"x": x},
-                                     expect_kinds={"conv2d_blocked": 8, "conv2d": 3, "depthwise": 5})
+                                     expect_kinds={"conv2d_blocked": 11, "conv2d": 1, "depthwise": 6})
     lanes = traits_of(_host()).vector_lanes
     registers = traits_of(_host()).vector_registers
     for d in (d for d in decisions if d.tile):
@@ -228,10 +229,10 @@ def test_small_constant_folding_is_numpy_exact():
 
 def test_small_spatial_1x1_conv_is_a_gemm_over_oh_ow():
     """A 1x1 conv on 10x10 tiles oh*ow as one contiguous axis: its vector tile spans whole rows (the
-    width-vectorized kernel: output channels that whole vectors would pad by more than a quarter)."""
-    proto = cases.conv_model([cases.ConvCase("pw10", 12, 18, (1, 1), epilogue="hardswish"),
-                              cases.ConvCase("pw10_res", 12, 12, (1, 1), epilogue="residual")], (1, 12, 10, 10))
-    x = np.random.default_rng(10).standard_normal((1, 12, 10, 10)).astype(np.float32)
+    width-vectorized kernel: 3 output channels, too few for whole vectors of channels)."""
+    proto = cases.conv_model([cases.ConvCase("pw10", 3, 3, (1, 1), epilogue="hardswish"),
+                              cases.ConvCase("pw10_res", 3, 3, (1, 1), epilogue="residual")], (1, 3, 10, 10))
+    x = np.random.default_rng(10).standard_normal((1, 3, 10, 10)).astype(np.float32)
     decisions = _compile_and_compare(proto, {"x": x}, expect_kinds={"conv2d_1x1": 2})
     for d in decisions:
         if d.kind == "conv2d_1x1":

@@ -137,6 +137,7 @@ CONV_GRID = [
     ConvCase("dw5", 8, 8, (5, 5), pads=(2, 2, 2, 2), group=8, epilogue="hardswish"),
     ConvCase("dw5_s21", 8, 8, (5, 5), stride=(2, 1), pads=(2, 2, 2, 2), group=8),
     ConvCase("dw3_d2", 8, 8, (3, 3), pads=(2, 2, 2, 2), dilation=(2, 2), group=8),
+    ConvCase("k3_c3", 8, 3, (3, 3), pads=(1, 1, 1, 1), epilogue="hardswish"),  # too few channels to block
 ]
 POOL_GRID_INPUT = (1, 6, 11, 20)
 POOL_GRID = [
