@@ -16,7 +16,9 @@ model, absurd initializers, external data, bad shapes and options):
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -664,3 +666,106 @@ def test_pipeline_reader_refuses_aliases_and_repeated_keys(tmp_path):
                                                                   "canonicalize"]}
     pipe = Pipeline.from_file(tmp_path / "ok.yaml")
     assert [p.name for p in pipe.passes] == ["channel-pruning", "canonicalize"] and pipe.passes[0].round_to == 4
+
+
+# ------------------------------------------------------------------------------------------ artifact manifests
+@pytest.fixture(scope="module")
+def host_artifact(tmp_path_factory):
+    """The example model compiled for this machine: (folder, library, manifest, model path)."""
+    from sculpt.cli import main
+    from sculpt.examples import tiny_convnet
+
+    folder = tmp_path_factory.mktemp("artifact")
+    tiny_convnet(batch=1).save(folder / "m.onnx")
+    assert main(["compile", str(folder / "m.onnx"), "-o", str(folder / "m.so")]) == 0
+    return folder, folder / "m.so", json.loads((folder / "m.json").read_text()), folder / "m.onnx"
+
+
+def _opencl(source):
+    def edit(m):
+        m["target"]["opencl"] = True
+        m["opencl_source"] = source
+    return edit
+
+
+def _set(path, value):
+    def edit(m):
+        *parents, last = path
+        for key in parents:
+            m = m[key]
+        m[last] = value
+    return edit
+
+
+def _add_key(m):
+    m["inputs"][0]["layout"] = "NCHW"
+
+
+def _drop_dtype(m):
+    del m["inputs"][0]["dtype"]
+
+
+def _twice(m):
+    m["inputs"].append(dict(m["inputs"][0]))
+
+
+# (id, edit of the manifest, the field the error must name)
+MANIFEST_CASES = [
+    ("opencl-source-dotdot", _opencl("../outside.cl"), "opencl_source"),
+    ("opencl-source-absolute", _opencl("/etc/hostname"), "opencl_source"),
+    ("opencl-source-parent-folder", _opencl(".."), "opencl_source"),
+    ("opencl-source-symlink-out", _opencl("link.cl"), "opencl_source"),
+    ("opencl-source-not-a-string", _opencl(["m.cl"]), "opencl_source"),
+    ("input-unknown-key", _add_key, "inputs[0]"),
+    ("input-missing-key", _drop_dtype, "inputs[0]"),
+    ("input-huge-shape", _set(["inputs", 0, "shape"], [100000, 100000, 100000]), "inputs[0].shape"),
+    ("input-negative-dimension", _set(["inputs", 0, "shape"], [-1, 3, 32, 32]), "inputs[0].shape"),
+    ("input-shape-of-strings", _set(["inputs", 0, "shape"], ["1", "3"]), "inputs[0].shape"),
+    ("input-unknown-dtype", _set(["inputs", 0, "dtype"], "float99"), "inputs[0].dtype"),
+    ("input-object-dtype", _set(["inputs", 0, "dtype"], "object"), "inputs[0].dtype"),
+    ("input-name-not-a-string", _set(["inputs", 0, "name"], 7), "inputs[0].name"),
+    ("input-given-twice", _twice, "inputs[1].name"),
+    ("inputs-not-a-list", _set(["inputs"], {"input": [1, 3, 32, 32]}), "inputs"),
+    ("output-shape-not-a-list", _set(["outputs", 0, "shape"], "big"), "outputs[0].shape"),
+    ("target-not-an-object", _set(["target"], "host"), "target"),
+    ("target-name-not-a-string", _set(["target", "name"], 5), "target.name"),
+    ("target-opencl-not-a-bool", _set(["target", "opencl"], "yes"), "target.opencl"),
+    ("runtime-not-an-object", _set(["runtime"], "fast"), "runtime"),
+    ("unknown-thread-policy", _set(["runtime"], {"thread_policy": "spinning"}), "thread_policy"),
+    ("passes-not-names", _set(["passes"], [1, 2]), "passes"),
+    ("sha256-not-a-string", _set(["source_model", "sha256"], 5), "source_model.sha256"),
+]
+
+
+@pytest.mark.parametrize("edit,field", [pytest.param(e, f, id=i) for i, e, f in MANIFEST_CASES])
+def test_tampered_manifest_is_one_clear_error(edit, field, host_artifact, tmp_path, capsys):
+    """`sculpt verify` on an artifact whose manifest was edited: one line naming the manifest and the
+    field, exit status 2 (these used to end in 'internal error', exit 3)."""
+    import shutil
+
+    from sculpt.backends.tvm.artifact import ArtifactError, load_artifact
+    from sculpt.cli import main
+
+    _, library, manifest, model = host_artifact
+    (tmp_path / "art").mkdir()
+    (tmp_path / "outside.cl").write_text("__kernel void k() {}\n")
+    os.symlink(tmp_path / "outside.cl", tmp_path / "art" / "link.cl")
+    shutil.copy(library, tmp_path / "art" / "t.so")
+    tampered = json.loads(json.dumps(manifest))
+    edit(tampered)
+    (tmp_path / "art" / "t.json").write_text(json.dumps(tampered))
+    with pytest.raises(ArtifactError, match=re.escape(f"'{field}'") if "thread_policy" not in field else field):
+        load_artifact(tmp_path / "art" / "t.so")
+    rc = main(["verify", str(tmp_path / "art" / "t.so"), "--model", str(model)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sculpt: error: ") and "internal error" not in err, err
+    assert str(tmp_path / "art" / "t.json") in lines[0] and field in lines[0], lines[0]
+
+
+def test_untampered_manifest_still_verifies(host_artifact, capsys):
+    from sculpt.cli import main
+
+    _, library, _, model = host_artifact
+    assert main(["verify", str(library), "--model", str(model)]) == 0, capsys.readouterr().err

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
+
 from sculpt.backends.tvm.targets import NamedTarget, get_target
 from sculpt.errors import OptionError, SculptError
 
@@ -342,7 +344,7 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
                             "the library by 'sculpt compile')")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurdly deep nesting
         raise ArtifactError(f"{manifest_path}: not a valid manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ArtifactError(f"{manifest_path}: not a sculpt artifact manifest (format "
@@ -351,7 +353,91 @@ def load_artifact(path: str | os.PathLike) -> Artifact:
     for key in ("inputs", "outputs", "target"):
         if key not in manifest:
             raise ArtifactError(f"{manifest_path}: the manifest has no '{key}'")
-    return Artifact(library, manifest_path, manifest)
+    _check_manifest(manifest, manifest_path, library)
+    artifact = Artifact(library, manifest_path, manifest)
+    artifact.thread_policy  # noqa: B018  (an unknown policy is refused now, not when the artifact runs)
+    return artifact
+
+
+_TENSOR_KEYS = ("name", "shape", "dtype")
+
+
+def _check_manifest(manifest: dict, where: Path, library: Path) -> None:
+    """Every field sculpt reads from a manifest has the type and range 'sculpt compile' writes: a
+    tampered or foreign manifest is one error naming the manifest and the field, never a crash."""
+    from sculpt.backends.ort import MAX_RANDOM_INPUT_ELEMENTS
+
+    def refuse(field: str, why: str):
+        raise ArtifactError(f"{where}: manifest field '{field}' {why}")
+
+    def optional(field: str, kind: type, what: str):
+        value = manifest.get(field)
+        if value is not None and not isinstance(value, kind):
+            refuse(field, f"must be {what} or null, got {type(value).__name__}")
+        return value
+
+    target = manifest["target"]
+    if not isinstance(target, dict):
+        refuse("target", "must be an object")
+    for key in ("name", "arch"):
+        if not isinstance(target.get(key), str) or not target[key]:
+            refuse(f"target.{key}", f"must be a non-empty string, got {target.get(key)!r}")
+    if not isinstance(target.get("opencl", False), bool):
+        refuse("target.opencl", f"must be true or false, got {target['opencl']!r}")
+    if not isinstance(target.get("tvm_target", {}), (dict, str)):
+        refuse("target.tvm_target", "must be an object or a string")
+    for field in ("inputs", "outputs"):
+        specs = manifest[field]
+        if not isinstance(specs, list):
+            refuse(field, "must be a list of {name, shape, dtype} objects")
+        names = set()
+        for i, spec in enumerate(specs):
+            item = f"{field}[{i}]"
+            if not isinstance(spec, dict):
+                refuse(item, "must be an object {name, shape, dtype}")
+            unknown = sorted(set(map(str, spec)) - set(_TENSOR_KEYS))
+            if unknown:
+                refuse(item, f"has an unknown key '{unknown[0]}' (known: {', '.join(_TENSOR_KEYS)})")
+            missing = [k for k in _TENSOR_KEYS if k not in spec]
+            if missing:
+                refuse(item, f"has no '{missing[0]}'")
+            if not isinstance(spec["name"], str) or not spec["name"] or spec["name"] in names:
+                refuse(f"{item}.name", f"must be a non-empty string, unique in '{field}', got {spec['name']!r}")
+            names.add(spec["name"])
+            shape = spec["shape"]
+            if not isinstance(shape, list) or len(shape) > 32 or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                refuse(f"{item}.shape", f"must be a list of at most 32 dimensions ≥ 0, got {str(shape)[:80]}")
+            elements = 1
+            for d in shape:
+                elements *= d
+            if elements > MAX_RANDOM_INPUT_ELEMENTS:
+                refuse(f"{item}.shape", f"declares {elements:.3g} elements (shape {str(shape)[:80]}), more than the "
+                                        f"{MAX_RANDOM_INPUT_ELEMENTS:.3g} sculpt handles")
+            try:
+                kind = np.dtype(spec["dtype"]).kind if isinstance(spec["dtype"], str) else None
+            except Exception:  # TypeError for most strings numpy does not know
+                kind = None
+            if kind is None or kind not in "biuf":
+                refuse(f"{item}.dtype", f"must name a numeric dtype (float32, int64, ...), got {spec['dtype']!r}")
+    source = manifest.get("opencl_source")
+    if source is not None:
+        if not isinstance(source, str) or source in ("", ".", "..") or any(c in source for c in "/\\\0"):
+            refuse("opencl_source", f"must be the name of a file beside the library, got {str(source)[:80]!r}")
+        path = library.with_name(source)
+        folder = os.path.realpath(library.parent)
+        if os.path.commonpath([folder, os.path.realpath(path)]) != folder:
+            refuse("opencl_source", f"'{source}' is a link that leads out of the artifact's folder")
+    for field in ("runtime", "options", "tuning"):
+        optional(field, dict, "an object")
+    passes = optional("passes", list, "a list of pass names")
+    if passes is not None and not all(isinstance(n, str) for n in passes):
+        refuse("passes", "must be a list of pass names")
+    source_model = optional("source_model", dict, "an object")
+    for key in ("file", "sha256"):
+        value = (source_model or {}).get(key)
+        if value is not None and not isinstance(value, str):
+            refuse(f"source_model.{key}", f"must be a string or null, got {type(value).__name__}")
 
 
 def _full_target(target: NamedTarget) -> dict:
