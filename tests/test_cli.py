@@ -1,8 +1,10 @@
 """The `sculpt` command end to end: inspect, run, passes, compare, demo.
 
 Most cases call ``sculpt.cli.main([...])`` in-process (fast); a few start the real command
-(``sculpt``, ``python -m sculpt``, ``python -m sculpt.cli``) to check the entry points. The
-models are the real PP-OCR ones from the rapidocr-onnxruntime wheel.
+(``sculpt``, ``python -m sculpt``, ``python -m sculpt.cli``) to check the entry points. They run on
+the built-in example model (``sculpt.examples.tiny_convnet``); the model cases run on the real
+PP-OCR models too when the optional rapidocr-onnxruntime wheel is installed, and those (with the
+demo's PP-OCR half) are skipped one by one without it.
 """
 
 from __future__ import annotations
@@ -17,23 +19,36 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
 from sculpt.cli import main
+from sculpt.examples import tiny_convnet
+from sculpt.models import PPOCR_SHAPES
 from sculpt.passes.base import registered_passes
 
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("rapidocr_onnxruntime")
 
-from sculpt.models import PPOCR_SHAPES, ppocr_model_path  # noqa: E402
+def _has_ppocr() -> bool:
+    try:
+        import rapidocr_onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
-KINDS = ["det", "rec", "cls"]
+
+needs_ppocr = pytest.mark.skipif(not _has_ppocr(), reason="the PP-OCR models come from the optional "
+                                                             "rapidocr-onnxruntime wheel")
+
+# model -> (input name, the static shape used here)
+INPUTS = {"tiny": ("input", [1, 3, 32, 32]), **{kind: ("x", shape) for kind, shape in PPOCR_SHAPES.items()}}
+KINDS = ["tiny", *[pytest.param(kind, marks=needs_ppocr) for kind in ("det", "rec", "cls")]]
 RTOL = 1e-4  # canonicalize is exact: outputs equal within 1e-4 of each output's largest magnitude
 
 
 def shape_arg(kind: str) -> str:
-    return "x=" + ",".join(map(str, PPOCR_SHAPES[kind]))
+    name, shape = INPUTS[kind]
+    return f"{name}=" + ",".join(map(str, shape))
 
 
 def sha256(path) -> str:
@@ -86,38 +101,60 @@ def rel_error(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(got.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
+class _Models(dict):
+    """kind -> a private copy of the model file, made when first asked for: 'tiny' (the example
+    model), 'tiny-other' (another example model, 7 classes) and the PP-OCR 'det', 'rec', 'cls'."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, kind: str) -> Path:
+        dst = self.root / f"{kind}.onnx"
+        if kind == "tiny":
+            tiny_convnet().save(dst)
+        elif kind == "tiny-other":
+            tiny_convnet(seed=1, classes=7).save(dst)
+        else:
+            from sculpt.models import ppocr_model_path
+
+            shutil.copyfile(ppocr_model_path(kind), dst)
+        self[kind] = dst
+        return dst
+
+
 @pytest.fixture(scope="module")
 def model_copies(tmp_path_factory):
-    """The three PP-OCR models copied into a private folder (so tests can hash and never touch the
-    installed files)."""
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for kind in KINDS:
-        dst = root / f"{kind}.onnx"
-        shutil.copyfile(ppocr_model_path(kind), dst)
-        out[kind] = dst
-    return out
+    """The models copied into a private folder (so tests can hash and never touch the installed files)."""
+    return _Models(tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(scope="module")
-def canonical(model_copies, tmp_path_factory):
-    """`sculpt run MODEL --pass canonicalize` for the three models, with --report and --dump-dir;
-    returns {kind: (rc, stdout, stderr, out_path, report_path, dump_dir, hash_before, hash_after)}."""
-    import contextlib
-    import io
+class _Canonical(dict):
+    """kind -> `sculpt run MODEL --pass canonicalize` with --report and --dump-dir, run when first asked
+    for: (rc, stdout, stderr, out_path, report_path, dump_dir, hash_before, hash_after)."""
 
-    root = tmp_path_factory.mktemp("canonical")
-    results = {}
-    for kind in KINDS:
-        src = model_copies[kind]
+    def __init__(self, models: _Models, root: Path):
+        super().__init__()
+        self.models, self.root = models, root
+
+    def __missing__(self, kind: str):
+        import contextlib
+        import io
+
+        src = self.models[kind]
         before = sha256(src)
-        out, report, dump = root / f"{kind}.canonical.onnx", root / f"{kind}.json", root / f"{kind}.dump"
+        out, report, dump = self.root / f"{kind}.canonical.onnx", self.root / f"{kind}.json", self.root / f"{kind}.dump"
         so, se = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
             rc = main(["run", str(src), "--pass", "canonicalize", "--input-shape", shape_arg(kind), "-o", str(out),
                        "--report", str(report), "--dump-dir", str(dump)])
-        results[kind] = (rc, so.getvalue(), se.getvalue(), out, report, dump, before, sha256(src))
-    return results
+        self[kind] = (rc, so.getvalue(), se.getvalue(), out, report, dump, before, sha256(src))
+        return self[kind]
+
+
+@pytest.fixture(scope="module")
+def canonical(model_copies, tmp_path_factory):
+    return _Canonical(model_copies, tmp_path_factory.mktemp("canonical"))
 
 
 # ------------------------------------------------------------------ passes
@@ -167,7 +204,7 @@ def _independent_params(path) -> int:
     return total
 
 
-def _independent_conv_macs(path, shape) -> int:
+def _independent_conv_macs(path, name, shape) -> int:
     """Conv MACs from the output shapes onnxruntime actually produces at a fixed input shape."""
     m = onnx.load(str(path))
     consts = {n.output[0]: list(a.t.dims) for n in m.graph.node if n.op_type == "Constant" for a in n.attribute
@@ -179,7 +216,7 @@ def _independent_conv_macs(path, shape) -> int:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    values = sess.run([n.output[0] for n in convs], {"x": np.zeros(shape, np.float32)})
+    values = sess.run([n.output[0] for n in convs], {name: np.zeros(shape, np.float32)})
     return sum(int(v.size) * int(np.prod(consts[n.input[1]][1:])) for n, v in zip(convs, values))
 
 
@@ -205,39 +242,44 @@ def test_inspect_json(capsys, model_copies, kind):
     unknown = [l["name"] for l in layers if l["op_type"] == "Conv" and l["macs"] is None]
     assert not unknown, f"Conv MACs not counted at a static input shape: {unknown[:3]}"
     conv_macs = sum(l["macs"] for l in layers if l["op_type"] == "Conv")
-    assert conv_macs == _independent_conv_macs(path, PPOCR_SHAPES[kind])
+    name, shape = INPUTS[kind]
+    assert conv_macs == _independent_conv_macs(path, name, shape)
     assert totals["macs"] >= conv_macs
-    assert data["inputs"] == {"x": PPOCR_SHAPES[kind]}
+    assert data["inputs"] == {name: shape}
     assert sha256(path) == before
 
 
-def test_inspect_without_shape_is_dynamic(capsys, model_copies):
-    rc, out, err = cli(capsys, "inspect", model_copies["cls"], "--json")
+@pytest.mark.parametrize("kind", ["tiny", pytest.param("cls", marks=needs_ppocr)])
+def test_inspect_without_shape_is_dynamic(capsys, model_copies, kind):
+    name, _ = INPUTS[kind]
+    rc, out, err = cli(capsys, "inspect", model_copies[kind], "--json")
     assert rc == 0 and not err
     data = json.loads(out)
-    assert data["totals"]["params"] == _independent_params(model_copies["cls"])
-    batch = data["inputs"]["x"][0]
-    assert data["inputs"]["x"][1] == 3 and not (isinstance(batch, int) and batch > 0)  # -1 in PP-OCR's files
+    assert data["totals"]["params"] == _independent_params(model_copies[kind])
+    batch = data["inputs"][name][0]
+    assert data["inputs"][name][1] == 3 and not (isinstance(batch, int) and batch > 0)  # 'N', or -1 in PP-OCR's
     # the table says how to get the MACs
-    rc, out, err = cli(capsys, "inspect", model_copies["cls"])
-    assert rc == 0 and "--input-shape x=" in out
+    rc, out, err = cli(capsys, "inspect", model_copies[kind])
+    assert rc == 0 and f"--input-shape {name}=" in out
 
 
-def test_inspect_table(capsys, model_copies):
-    rc, out, err = cli(capsys, "inspect", model_copies["det"], "--input-shape", shape_arg("det"))
+@pytest.mark.parametrize("kind", ["tiny", pytest.param("det", marks=needs_ppocr)])
+def test_inspect_table(capsys, model_copies, kind):
+    name, shape = INPUTS[kind]
+    rc, out, err = cli(capsys, "inspect", model_copies[kind], "--input-shape", shape_arg(kind))
     assert rc == 0 and not err
     assert "total:" in out and "params" in out and "MACs" in out
-    assert "Conv" in out and "x=[1, 3, 320, 320]" in out
-    rc, top, _ = cli(capsys, "inspect", model_copies["det"], "--input-shape", shape_arg("det"), "--top", "3")
+    assert "Conv" in out and f"{name}={shape}" in out
+    rc, top, _ = cli(capsys, "inspect", model_copies[kind], "--input-shape", shape_arg(kind), "--top", "3")
     assert rc == 0 and len(top.splitlines()) < len(out.splitlines())
     # unnamed shape for a single-input model
-    rc, out2, _ = cli(capsys, "inspect", model_copies["det"], "--input-shape", "1,3,320,320", "--json")
-    assert rc == 0 and json.loads(out2)["inputs"] == {"x": [1, 3, 320, 320]}
+    rc, out2, _ = cli(capsys, "inspect", model_copies[kind], "--input-shape", ",".join(map(str, shape)), "--json")
+    assert rc == 0 and json.loads(out2)["inputs"] == {name: shape}
 
 
 # ------------------------------------------------------------------ run --pass canonicalize
 @pytest.mark.parametrize("kind", KINDS)
-def test_run_canonicalize(canonical, kind):
+def test_run_canonicalize(canonical, model_copies, kind):
     rc, out, err, path, report_path, dump, before, after = canonical[kind]
     assert rc == 0, err
     assert_no_traceback(out + err)
@@ -248,17 +290,17 @@ def test_run_canonicalize(canonical, kind):
         assert word in out, word
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
-    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == PPOCR_SHAPES[kind]
+    name, shape = INPUTS[kind]
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == shape
     # numerically the same model
-    ref, got = session(ppocr_model_path(kind)), session(path)
-    shape = PPOCR_SHAPES[kind]
+    ref, got = session(model_copies[kind]), session(path)
     inputs = [image_like(shape, seed) for seed in range(2)]
     if kind == "det":
         # DB's sigmoid map is saturated (max ~1e-4) on noise, where the relative error is float
         # rounding amplified; a text image gives a real probability map
         inputs = [text_image(shape)]
     for x in inputs:
-        for a, b in zip(ref.run(None, {"x": x}), got.run(None, {"x": x})):
+        for a, b in zip(ref.run(None, {name: x}), got.run(None, {name: x})):
             assert rel_error(b, a) <= RTOL, (kind, rel_error(b, a))
     # fewer nodes, no more parameters
     rep = json.loads(report_path.read_text())
@@ -266,13 +308,14 @@ def test_run_canonicalize(canonical, kind):
     assert rep["after"]["params"] <= rep["before"]["params"]
 
 
-def test_run_canonicalize_det_on_noise_matches_onnxruntime_own_fusion(canonical):
+@needs_ppocr
+def test_run_canonicalize_det_on_noise_matches_onnxruntime_own_fusion(canonical, model_copies):
     """On noise images the det map is ~1e-4 everywhere: relative error is then dominated by float
     rounding. sculpt's result must be no worse than onnxruntime's own graph optimisation of the
     original (the rounding floor), and within 1e-4 of the map's full scale (probability 1)."""
     rc, _, err, path, *_ = canonical["det"]
     assert rc == 0, err
-    plain, fused, got = session(ppocr_model_path("det")), session(ppocr_model_path("det"), True), session(path)
+    plain, fused, got = session(model_copies["det"]), session(model_copies["det"], True), session(path)
     for seed in range(2):
         x = image_like(PPOCR_SHAPES["det"], seed)
         a = plain.run(None, {"x": x})[0].astype(np.float64)
@@ -309,8 +352,8 @@ def test_run_report_and_dump(canonical, kind):
 def test_run_output_files_are_not_private(tmp_path, capsys, model_copies):
     """Outputs get the usual permissions (umask), not mkstemp's 0600."""
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
-    rc, _, err = cli(capsys, "run", model_copies["cls"], "--pass", "remove-identity", "--input-shape",
-                     shape_arg("cls"), "-o", out, "--report", report)
+    rc, _, err = cli(capsys, "run", model_copies["tiny"], "--pass", "remove-identity", "--input-shape",
+                     shape_arg("tiny"), "-o", out, "--report", report)
     assert rc == 0, err
     mask = os.umask(0)
     os.umask(mask)
@@ -320,7 +363,7 @@ def test_run_output_files_are_not_private(tmp_path, capsys, model_copies):
 
 # ------------------------------------------------------------------ pipelines, options, calibration
 PIPELINE = {
-    "input_shapes": {"x": [1, 3, 48, 192]},
+    "input_shapes": {"input": [1, 3, 32, 32]},
     "verify_each": True,
     "seed": 3,
     "passes": ["remove-identity", {"constant-folding": {"max_tensor_mb": 64}},
@@ -354,7 +397,7 @@ def test_run_yaml_pipeline(tmp_path, capsys, model_copies):
     pipe = tmp_path / "pipe.yaml"
     pipe.write_text(yaml.safe_dump(PIPELINE, sort_keys=False))
     out, report, dump = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "dump"
-    rc, stdout, err = cli(capsys, "run", model_copies["cls"], "--pipeline", pipe, "-o", out, "--report", report,
+    rc, stdout, err = cli(capsys, "run", model_copies["tiny"], "--pipeline", pipe, "-o", out, "--report", report,
                           "--dump-dir", dump)
     assert rc == 0, err
     for k in range(1, 5):
@@ -366,7 +409,7 @@ def test_run_json_pipeline(tmp_path, capsys, model_copies):
     pipe = tmp_path / "pipe.json"
     pipe.write_text(json.dumps(PIPELINE))
     out, report, dump = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "deep" / "er" / "dump"
-    rc, stdout, err = cli(capsys, "run", model_copies["cls"], "--pipeline", pipe, "-o", out, "--report", report,
+    rc, stdout, err = cli(capsys, "run", model_copies["tiny"], "--pipeline", pipe, "-o", out, "--report", report,
                           "--dump-dir", dump)
     assert rc == 0, err
     _check_pipeline_result(tmp_path, out, report, dump)
@@ -374,19 +417,19 @@ def test_run_json_pipeline(tmp_path, capsys, model_copies):
 
 def test_run_cli_shape_overrides_pipeline_shape(tmp_path, capsys, model_copies):
     pipe = tmp_path / "pipe.yaml"
-    pipe.write_text("input_shapes: {x: [1, 3, 48, 192]}\npasses: [remove-identity]\n")
+    pipe.write_text("input_shapes: {input: [1, 3, 32, 32]}\npasses: [remove-identity]\n")
     out = tmp_path / "o.onnx"
-    rc, _, err = cli(capsys, "run", model_copies["cls"], "--pipeline", pipe, "--input-shape", "x=2,3,48,96",
+    rc, _, err = cli(capsys, "run", model_copies["tiny"], "--pipeline", pipe, "--input-shape", "input=2,3,32,32",
                      "-o", out)
     assert rc == 0, err
     dims = [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
-    assert dims == [2, 3, 48, 96]
+    assert dims == [2, 3, 32, 32]
 
 
 def test_run_pass_options(tmp_path, capsys, model_copies):
     out, report, dump = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "dump"
-    rc, stdout, err = cli(capsys, "run", model_copies["cls"], "--pass", "constant-folding:max_tensor_mb=64",
-                          "--pass", "canonicalize:max_rounds=2,fold_affine=false", "--input-shape", shape_arg("cls"),
+    rc, stdout, err = cli(capsys, "run", model_copies["tiny"], "--pass", "constant-folding:max_tensor_mb=64",
+                          "--pass", "canonicalize:max_rounds=2,fold_affine=false", "--input-shape", shape_arg("tiny"),
                           "-o", out, "--report", report, "--dump-dir", dump, "--verify-each")
     assert rc == 0, err
     rep = json.loads(report.read_text())
@@ -397,11 +440,12 @@ def test_run_pass_options(tmp_path, capsys, model_copies):
     assert sorted(p.name for p in dump.iterdir()) == ["001_constant-folding.onnx", "002_canonicalize.onnx"]
 
 
-def _cls_calibration(tmp_path, kind):
-    shape = PPOCR_SHAPES["cls"]
+def _calibration(tmp_path, kind):
+    """Calibration data for the example model: (source, samples the run measures with)."""
+    name, shape = INPUTS["tiny"]
     if kind == "npz":
         path = tmp_path / "cal.npz"
-        np.savez(path, x=np.concatenate([image_like(shape, s) for s in range(3)]))
+        np.savez(path, **{name: np.concatenate([image_like(shape, s) for s in range(3)])})
         return str(path), 2
     if kind == "images":
         from PIL import Image
@@ -418,10 +462,10 @@ def _cls_calibration(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["npz", "images", "random"])
 def test_run_calibration(tmp_path, capsys, model_copies, kind):
-    source, samples = _cls_calibration(tmp_path, kind)
+    source, samples = _calibration(tmp_path, kind)
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
-    rc, stdout, err = cli(capsys, "run", model_copies["cls"], "--pass", "canonicalize", "--input-shape",
-                          shape_arg("cls"), "--calibration", source, "--verify-each", "-o", out, "--report", report)
+    rc, stdout, err = cli(capsys, "run", model_copies["tiny"], "--pass", "canonicalize", "--input-shape",
+                          shape_arg("tiny"), "--calibration", source, "--verify-each", "-o", out, "--report", report)
     assert rc == 0, err
     rep = json.loads(report.read_text())
     assert rep["error"]["samples"] == samples
@@ -431,12 +475,12 @@ def test_run_calibration(tmp_path, capsys, model_copies, kind):
 
 
 def test_run_calibration_in_pipeline_file(tmp_path, capsys, model_copies):
-    source, _ = _cls_calibration(tmp_path, "images")
+    source, _ = _calibration(tmp_path, "images")
     pipe = tmp_path / "pipe.yaml"
-    pipe.write_text(f"input_shapes: {{x: [1, 3, 48, 192]}}\ncalibration: {{source: '{source}', count: 2, "
+    pipe.write_text(f"input_shapes: {{input: [1, 3, 32, 32]}}\ncalibration: {{source: '{source}', count: 2, "
                     f"mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}}\npasses: [canonicalize]\n")
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
-    rc, _, err = cli(capsys, "run", model_copies["cls"], "--pipeline", pipe, "-o", out, "--report", report,
+    rc, _, err = cli(capsys, "run", model_copies["tiny"], "--pipeline", pipe, "-o", out, "--report", report,
                      "--compare-samples", "5")
     assert rc == 0, err
     assert json.loads(report.read_text())["error"]["samples"] == 2  # count: 2
@@ -444,11 +488,11 @@ def test_run_calibration_in_pipeline_file(tmp_path, capsys, model_copies):
 
 # ------------------------------------------------------------------ compare
 @pytest.fixture(scope="module")
-def cls_pair(model_copies, tmp_path_factory):
-    """The cls model canonicalized, and a copy with one weight changed."""
+def pair(model_copies, tmp_path_factory):
+    """The example model canonicalized, and a copy with one weight changed."""
     root = tmp_path_factory.mktemp("compare")
     good, bad = root / "good.onnx", root / "bad.onnx"
-    assert main(["run", str(model_copies["cls"]), "--pass", "canonicalize", "--input-shape", shape_arg("cls"),
+    assert main(["run", str(model_copies["tiny"]), "--pass", "canonicalize", "--input-shape", shape_arg("tiny"),
                  "-o", str(good)]) == 0
     m = onnx.load(str(good))
     for t in m.graph.initializer:
@@ -457,12 +501,12 @@ def cls_pair(model_copies, tmp_path_factory):
             t.CopyFrom(numpy_helper.from_array((a * 1.5).astype(a.dtype), t.name))
             break
     onnx.save(m, str(bad))
-    return model_copies["cls"], good, bad
+    return model_copies["tiny"], good, bad
 
 
-def test_compare_equal(capsys, cls_pair):
-    orig, good, _ = cls_pair
-    rc, out, err = cli(capsys, "compare", orig, good, "--input-shape", shape_arg("cls"))
+def test_compare_equal(capsys, pair):
+    orig, good, _ = pair
+    rc, out, err = cli(capsys, "compare", orig, good, "--input-shape", shape_arg("tiny"))
     assert rc == 0, err
     assert "max abs" in out and not err
     # the candidate has static shapes: no --input-shape needed
@@ -474,12 +518,12 @@ def test_compare_equal(capsys, cls_pair):
     assert data["equal"] is True and data["max_abs"] == 0.0 and data["samples"] == 2
 
 
-def test_compare_differs(capsys, cls_pair):
-    orig, good, bad = cls_pair
+def test_compare_differs(capsys, pair):
+    orig, good, bad = pair
     rc, out, err = cli(capsys, "compare", good, bad)
     assert rc == 1
     assert len(err.strip().splitlines()) == 1 and "differ" in err
-    rc, out, err = cli(capsys, "compare", orig, bad, "--input-shape", shape_arg("cls"), "--json")
+    rc, out, err = cli(capsys, "compare", orig, bad, "--input-shape", shape_arg("tiny"), "--json")
     assert rc == 1
     data = json.loads(out)
     assert data["equal"] is False and data["max_rel"] > 1e-3
@@ -488,23 +532,40 @@ def test_compare_differs(capsys, cls_pair):
     assert rc == 0
 
 
-def test_compare_with_calibration(tmp_path, capsys, cls_pair):
-    orig, good, bad = cls_pair
-    source, _ = _cls_calibration(tmp_path, "npz")
-    rc, out, err = cli(capsys, "compare", orig, good, "--input-shape", shape_arg("cls"), "--calibration", source,
+def test_compare_with_calibration(tmp_path, capsys, pair):
+    orig, good, bad = pair
+    source, _ = _calibration(tmp_path, "npz")
+    rc, out, err = cli(capsys, "compare", orig, good, "--input-shape", shape_arg("tiny"), "--calibration", source,
                        "--samples", "3", "--json")
     assert rc == 0, err
     assert json.loads(out)["samples"] == 3
 
 
-def test_compare_different_models(capsys, model_copies, cls_pair):
-    _, good, _ = cls_pair
-    rc, out, err = cli(capsys, "compare", model_copies["rec"], good, "--input-shape", "x=1,3,48,192")
+def test_compare_different_models(capsys, model_copies, pair):
+    _, good, _ = pair
+    rc, out, err = cli(capsys, "compare", model_copies["tiny-other"], good, "--input-shape", shape_arg("tiny"))
     assert rc == 1  # different outputs entirely: a mismatch, not a crash
     assert_no_traceback(err)
 
 
 # ------------------------------------------------------------------ demo
+def test_demo_without_ppocr(tmp_path, capsys, monkeypatch):
+    """Without the PP-OCR models the demo says so and compresses the built-in model alone."""
+    import sculpt.models
+    from sculpt.errors import SculptError
+
+    def unavailable(kind):
+        raise SculptError("the PP-OCR models come from the 'rapidocr-onnxruntime' package")
+
+    monkeypatch.setattr(sculpt.models, "ppocr_model", unavailable)
+    rc, out, err = cli(capsys, "demo", "-o", tmp_path / "demo")
+    assert rc == 0, err
+    assert "skipping the PP-OCR classifier" in out and "tiny_convnet" in out and "max rel. output error" in out
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["tiny_convnet.sculpt.onnx"]
+    onnx.checker.check_model(onnx.load(str(tmp_path / "demo" / "tiny_convnet.sculpt.onnx")), full_check=True)
+
+
+@needs_ppocr
 def test_demo(tmp_path, capsys):
     rc, out, err = cli(capsys, "demo", "-o", tmp_path / "demo")
     assert rc == 0, err
@@ -523,6 +584,8 @@ def test_demo(tmp_path, capsys):
 
     for f in files:
         onnx.checker.check_model(onnx.load(str(tmp_path / "demo" / f)), full_check=True)
+    from sculpt.models import ppocr_model_path
+
     pruned = Model.load(tmp_path / "demo" / "ppocr_cls.sculpt.onnx")
     original = Model.load(ppocr_model_path("cls")).fix_input_shapes({"x": [1, 3, 48, 192]})
     assert cost_of(pruned).macs < 0.8 * cost_of(original).macs
@@ -552,8 +615,8 @@ def test_entry_points(tmp_path):
 
 def test_subprocess_run_and_inspect(tmp_path, model_copies):
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "-m", "sculpt", "run", str(model_copies["cls"]), "--pass", "canonicalize",
-                        "--input-shape", shape_arg("cls"), "-o", str(out), "--report", str(report)],
+    p = subprocess.run([sys.executable, "-m", "sculpt", "run", str(model_copies["tiny"]), "--pass", "canonicalize",
+                        "--input-shape", shape_arg("tiny"), "-o", str(out), "--report", str(report)],
                        capture_output=True, text=True, env=_env(), timeout=300)
     assert p.returncode == 0, p.stderr
     assert "canonicalize" in p.stderr and "max error" in p.stdout
@@ -561,4 +624,4 @@ def test_subprocess_run_and_inspect(tmp_path, model_copies):
     p = subprocess.run([sys.executable, "-m", "sculpt", "inspect", str(out), "--json"], capture_output=True,
                        text=True, env=_env(), timeout=300)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["inputs"] == {"x": PPOCR_SHAPES["cls"]}
+    assert json.loads(p.stdout)["inputs"] == {"input": INPUTS["tiny"][1]}

@@ -51,7 +51,6 @@ def test_canonical_ppocr_equals_original(canonical, kind, tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_canonical_ppocr_compiles_and_runs_in_tvm(canonical, kind):
-    pytest.importorskip("tvm")
     from sculpt.backends.ort import run
     from sculpt.backends.tvm import build, import_to_relax, run_relax
 
@@ -69,7 +68,6 @@ def test_canonical_ppocr_compiles_and_runs_in_tvm(canonical, kind):
 
 def test_original_ppocr_is_rejected_by_tvm_without_canonicalize():
     """The reason canonicalize exists: Relax's importer rejects the computed Reshape of rec and cls."""
-    pytest.importorskip("tvm")
     from sculpt.backends.tvm import import_to_relax
     from sculpt.backends.tvm.relax_import import TVMImportError
 

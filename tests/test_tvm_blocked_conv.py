@@ -7,8 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("tvm")
-
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from sculpt.backends.ort import make_session  # noqa: E402

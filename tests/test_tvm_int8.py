@@ -18,8 +18,6 @@ from sculpt.backends.ort import make_session
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.passes import PassContext, Pipeline, create_pass
 
-pytest.importorskip("tvm")
-
 from sculpt.backends.tvm.int8 import compile_int8, lower_qdq_to_int8  # noqa: E402
 from sculpt.backends.tvm.relax_import import import_to_relax, run_relax  # noqa: E402
 

@@ -9,8 +9,6 @@ import numpy as np
 import onnx
 import pytest
 
-pytest.importorskip("tvm")
-
 from sculpt.backends.tvm.kernels import onnx_cases as cases  # noqa: E402
 
 pytestmark = [

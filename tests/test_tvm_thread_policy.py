@@ -7,8 +7,6 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("tvm")
-
 from sculpt.backends.tvm import thread_policy  # noqa: E402
 from sculpt.backends.tvm.kernels.target_traits import hidden_host_features, traits_of  # noqa: E402
 from sculpt.errors import OptionError  # noqa: E402
