@@ -266,7 +266,7 @@ def test_onnx_sum_becomes_adds_and_stays_bit_exact(operands):
 
 
 def test_depthwise_on_large_planes_pads_one_plane_at_a_time():
-    """Depthwise convs whose padded channel plane is large (here 62x62 and 66x66) pad inside the
+    """Depthwise convs and pools whose padded channel plane is large (here 62x62 and 66x66) pad inside the
     parallel loop over channels, one plane at a time, stride 2 (de-interleaved columns) included; the
     results match onnxruntime."""
     from sculpt.backends.tvm.kernels.register_tile import PER_PLANE_MIN_ELEMENTS
@@ -277,4 +277,40 @@ def test_depthwise_on_large_planes_pads_one_plane_at_a_time():
     assert 62 * 62 >= PER_PLANE_MIN_ELEMENTS
     x = np.random.default_rng(7).standard_normal((1, 8, 60, 60)).astype(np.float32)
     decisions = _compile_and_compare(cases.conv_model(grid, (1, 8, 60, 60)), {"x": x}, expect_kinds={"depthwise": 3})
+    pools = [cases.PoolCase("max3_s2_big", "MaxPool", (3, 3), (2, 2), (1, 1, 1, 1)),
+             cases.PoolCase("avg3_s1_big", "AveragePool", (3, 3), (1, 1), (1, 1, 1, 1))]
+    decisions += _compile_and_compare(cases.pool_model(pools, (1, 8, 60, 60)), {"x": x}, expect_kinds={"pool": 2})
     assert not [d for d in decisions if d.note], [(d.func, d.note) for d in decisions if d.note]
+
+
+def test_unused_right_columns_never_change_the_output_width():
+    from sculpt.backends.tvm.kernels.even_strided_width import unused_right_columns
+
+    assert unused_right_columns(111, 0, 0, 3, 2) == 1       # SqueezeNet's max pools: 111 -> 112
+    assert unused_right_columns(112, 1, 1, 3, 2) == 0       # already even
+    assert unused_right_columns(10, 0, 0, 2, 2) == 0        # stride divides the width
+    assert unused_right_columns(12, 0, 0, 3, 2) == 0        # (12 - 3) % 2 == 1: a 13th column would add an output
+    assert unused_right_columns(11, 0, 0, 3, 1) == 0        # stride 1
+    for width in range(5, 40):
+        for k, s, d in ((3, 2, 1), (3, 3, 1), (5, 2, 1), (3, 2, 2), (2, 2, 1)):
+            span = d * (k - 1) + 1
+            extra = unused_right_columns(width, 0, 0, k, s, d)
+            assert (width + extra - span) // s == (width - span) // s
+            assert extra == 0 or (width + extra) % s == 0
+
+
+def test_strided_windows_over_odd_widths_match_onnxruntime():
+    """Pools and a depthwise conv of stride 2 over 111 (and 27) columns get an unused column of
+    right padding (so their padding stage de-interleaves the columns); outputs equal onnxruntime's."""
+    from sculpt.backends.tvm.kernels.even_strided_width import rewrite_even_strided_widths
+
+    pools = [cases.PoolCase("max3_s2", "MaxPool", (3, 3), (2, 2)),
+             cases.PoolCase("avg3_s2", "AveragePool", (3, 3), (2, 2))]
+    x = np.random.default_rng(5).standard_normal((1, 4, 21, 111)).astype(np.float32)
+    proto = cases.pool_model(pools, (1, 4, 21, 111))
+    assert "padding=[0, 0, 0, 1]" in rewrite_even_strided_widths(import_to_relax(Model.wrap(proto))).script() \
+        .replace("(", "[").replace(")", "]")
+    _compile_and_compare(proto, {"x": x}, expect_kinds={"pool": 2})
+    dw = [cases.ConvCase("dw3_s2_odd", 8, 8, (3, 3), stride=(2, 2), group=8, epilogue="relu")]
+    x = np.random.default_rng(6).standard_normal((1, 8, 27, 27)).astype(np.float32)
+    _compile_and_compare(cases.conv_model(dw, (1, 8, 27, 27)), {"x": x}, expect_kinds={"depthwise": 1})

@@ -4,6 +4,7 @@
              -> [sculpt: ONNX Sum's stack + reduce as adds (sum_as_adds)]
              -> [sculpt: transposed convs with stride == kernel -> 1x1 conv + pixel shuffle]
              -> [sculpt: conv2d -> the channel-blocked kernel where the policy gives a tile (blocked_conv)]
+             -> [sculpt: strided pools/depthwise over odd widths get an unused column (even_strided_width)]
              -> [sculpt: matmul weights padded to whole vectors of columns (pad_matmul_columns)]
              -> [sculpt: erf as a rational approximation that vectorizes (vector_erf)]
              -> dispatch -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
@@ -18,6 +19,7 @@ from __future__ import annotations
 from sculpt.backends.tvm.kernels.fold_small_constants import fold_small_constants
 from sculpt.backends.tvm.kernels.pad_matmul_columns import pad_matmul_columns
 from sculpt.backends.tvm.kernels.blocked_conv import rewrite_blocked_convs
+from sculpt.backends.tvm.kernels.even_strided_width import rewrite_even_strided_widths
 from sculpt.backends.tvm.kernels.sum_as_adds import rewrite_sum_of_stack
 from sculpt.backends.tvm.kernels.vector_erf import rewrite_erf
 from sculpt.backends.tvm.kernels.target_traits import traits_of
@@ -47,6 +49,10 @@ def _front_passes(target) -> list:
     def blocked_convs(mod, _ctx):
         return rewrite_blocked_convs(mod, conv_tile, traits_of(target))  # the policy: tiling.conv_tile
 
+    @tvm.transform.module_pass(opt_level=0, name="SculptEvenStridedWidths")
+    def even_strided_widths(mod, _ctx):
+        return rewrite_even_strided_widths(mod)
+
     @tvm.transform.module_pass(opt_level=0, name="SculptPadMatmulColumns")
     def pad_columns(mod, _ctx):
         return pad_matmul_columns(mod)
@@ -55,7 +61,7 @@ def _front_passes(target) -> list:
     def vector_erf(mod, _ctx):
         return rewrite_erf(mod)
 
-    return [fold_constants, sum_as_adds, rewrite_transposed, blocked_convs, pad_columns, vector_erf] \
+    return [fold_constants, sum_as_adds, rewrite_transposed, blocked_convs, even_strided_widths, pad_columns, vector_erf] \
         + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 

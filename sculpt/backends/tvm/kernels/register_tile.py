@@ -212,10 +212,10 @@ def _loop_kinds(sch, block) -> list[str]:
     return ["S" if int(iv.iter_type) == 0 else "R" for iv in ivs]
 
 
-# depthwise inputs whose padded channel plane has at least this many elements are padded one plane
-# at a time (measured on AVX2, 1 thread: 64 channels at 56x56 0.18 -> 0.13 ms, 32 at 112x112 stride 2
-# 0.32 -> 0.21, 96 at 184x184 7x7 20 -> 13); on smaller planes (14x14, 28x28) one pass over the whole
-# input measured faster
+# depthwise and pool inputs whose padded channel plane has at least this many elements are padded one
+# plane at a time (measured on AVX2, 1 thread: 64 channels at 56x56 0.18 -> 0.13 ms, 32 at 112x112
+# stride 2 0.32 -> 0.21, 96 at 184x184 7x7 20 -> 13, a 3x3 stride-2 max pool over 64 x 112x112
+# 1.08 -> 0.66); on smaller planes (14x14, 28x28) one pass over the whole input measured faster
 PER_PLANE_MIN_ELEMENTS = 2048
 
 
@@ -287,9 +287,9 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
         sch.vectorize(tail_lanes)
     else:
         sch.vectorize(tail_loops[-1])
-    # depthwise: padding per channel plane (it stays in cache) instead of one pass over the whole
+    # depthwise and pools: padding per channel plane (it stays in cache) instead of one pass over the whole
     # input, so the parallel loop covers (n, c) only and the tiles of a plane run inside it
-    per_plane = a.kind == "depthwise" and len(outer) > 2 and len(producers) == 1 \
+    per_plane = a.kind in ("depthwise", "pool") and len(outer) > 2 and len(producers) == 1 \
         and _plane_elements(sch, producers[0], deinterleaved) >= PER_PLANE_MIN_ELEMENTS
     fused = sch.fuse(*outer[:2]) if per_plane else sch.fuse(*outer)
     work = a.reduce_extent
