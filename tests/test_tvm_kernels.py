@@ -314,3 +314,34 @@ def test_strided_windows_over_odd_widths_match_onnxruntime():
     dw = [cases.ConvCase("dw3_s2_odd", 8, 8, (3, 3), stride=(2, 2), group=8, epilogue="relu")]
     x = np.random.default_rng(6).standard_normal((1, 8, 27, 27)).astype(np.float32)
     _compile_and_compare(cases.conv_model(dw, (1, 8, 27, 27)), {"x": x}, expect_kinds={"depthwise": 1})
+
+
+def test_softmax_exp_tanh_sigmoid_are_vector_approximations_within_tolerance():
+    """softmax (PP-OCRv6 rec's 6625 classes), exp, tanh and sigmoid (detection heads) become TVM's
+    fast approximations: none of the scalar ops is left, and the outputs match onnxruntime within
+    2e-6 of their scale, over inputs wide enough to reach the functions' tails."""
+    from onnx import TensorProto, helper
+
+    from sculpt.backends.tvm.kernels.fast_math import rewrite_fast_math
+
+    shape = [1, 40, 6625]
+    nodes = [helper.make_node("Softmax", ["x"], ["softmax"], axis=-1), helper.make_node("Exp", ["x"], ["exp"]),
+             helper.make_node("Tanh", ["x"], ["tanh"]), helper.make_node("Sigmoid", ["x"], ["sigmoid"])]
+    graph = helper.make_graph(nodes, "fast_math", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, shape) for n in nodes])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    mod = import_to_relax(Model.wrap(proto))
+    script = rewrite_fast_math(mod).script()
+    for op in ("R.nn.softmax", "R.exp", "R.tanh", "R.sigmoid"):
+        assert op in mod.script() and op not in script, op
+    x = (np.random.default_rng(4).standard_normal(shape) * 12).astype(np.float32)  # [-60, 60]: the tails
+    got = run_relax(compile_with_kernels(mod, _host()), {"x": x}, ["x"])
+    ref = make_session(Model.wrap(proto)).run(None, {"x": x})
+    for name, g, r in zip(["softmax", "exp", "tanh", "sigmoid"], got, ref):
+        assert np.isfinite(g).all(), name
+        if name == "exp":  # relative: exp spans 50 orders of magnitude
+            tiny = r > 1e-30
+            assert float(np.max(np.abs(g - r)[tiny] / r[tiny])) <= 5e-6, name
+        else:
+            assert float(np.abs(g - r).max()) <= 2e-6 * float(np.abs(r).max()), name

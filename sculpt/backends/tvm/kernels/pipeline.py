@@ -6,7 +6,7 @@
              -> [sculpt: conv2d -> the channel-blocked kernel where the policy gives a tile (blocked_conv)]
              -> [sculpt: strided pools/depthwise over odd widths get an unused column (even_strided_width)]
              -> [sculpt: matmul weights padded to whole vectors of columns (pad_matmul_columns)]
-             -> [sculpt: erf as a rational approximation that vectorizes (vector_erf)]
+             -> [sculpt: softmax/exp/erf/tanh/sigmoid as approximations that vectorize (fast_math)]
              -> dispatch -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
              -> [sculpt: schedule every PrimFunc (rules.schedule_module)]
              -> dataflow lowering -> memory planning / VM lowering
@@ -21,7 +21,7 @@ from sculpt.backends.tvm.kernels.pad_matmul_columns import pad_matmul_columns
 from sculpt.backends.tvm.kernels.blocked_conv import rewrite_blocked_convs
 from sculpt.backends.tvm.kernels.even_strided_width import rewrite_even_strided_widths
 from sculpt.backends.tvm.kernels.sum_as_adds import rewrite_sum_of_stack
-from sculpt.backends.tvm.kernels.vector_erf import rewrite_erf
+from sculpt.backends.tvm.kernels.fast_math import rewrite_fast_math
 from sculpt.backends.tvm.kernels.target_traits import traits_of
 from sculpt.backends.tvm.kernels.tiling import conv_tile
 from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
@@ -57,11 +57,11 @@ def _front_passes(target) -> list:
     def pad_columns(mod, _ctx):
         return pad_matmul_columns(mod)
 
-    @tvm.transform.module_pass(opt_level=0, name="SculptVectorErf")
-    def vector_erf(mod, _ctx):
-        return rewrite_erf(mod)
+    @tvm.transform.module_pass(opt_level=0, name="SculptFastMath")
+    def fast_math(mod, _ctx):
+        return rewrite_fast_math(mod)
 
-    return [fold_constants, sum_as_adds, rewrite_transposed, blocked_convs, even_strided_widths, pad_columns, vector_erf] \
+    return [fold_constants, sum_as_adds, rewrite_transposed, blocked_convs, even_strided_widths, pad_columns, fast_math] \
         + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 
