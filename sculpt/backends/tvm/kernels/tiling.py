@@ -140,6 +140,12 @@ def ranked_tiles(vector_extent: int, broadcast_extent: int, row_extent: int, tra
 MAX_CHANNEL_PADDING = 1.25
 
 
+# wider channel blocks may compute up to this fraction more channels than whole vectors do (zero
+# weights): SqueezeNet's 512->1000 1x1 at 13x13 computes 1008 channels in blocks of 3 vectors
+# (9 accumulators) instead of 1000 in blocks of one (7)
+EXTRA_BLOCK_PADDING = 1 / 16
+
+
 def conv_tile(shape, traits: TargetTraits):
     """The channel-blocked conv kernel's tile for a conv2d (blocked_conv.ConvShape), or None to keep
     the width-vectorized kernel (output channels that whole vectors would pad by more than
@@ -167,7 +173,8 @@ def conv_tile(shape, traits: TargetTraits):
     best, best_score = None, None
     for vregs in (3, 2, 1):
         ob = vregs * lanes
-        if channels % ob:
+        computed = -(-channels // ob) * ob
+        if computed > channels * (1 + EXTRA_BLOCK_PADDING):
             continue
         budget = min(traits.vector_registers // 2 + 1, traits.vector_registers - 3 - vregs - 1)
         pixels = max(1, budget // vregs)
@@ -178,7 +185,7 @@ def conv_tile(shape, traits: TargetTraits):
                 padded = -(-ow // tw) * tw
                 acc = th * tw * vregs
                 intensity = acc / (th * tw + vregs)
-                score = (round(intensity * ow / padded, 3), vregs, -th, tw)
+                score = (round(intensity * ow / padded * channels / computed, 3), vregs, -th, tw)
                 if best_score is None or score > best_score:
                     best, best_score = ConvTile(ob, th, tw), score
     if best is not None and _rows_outer(shape, channels, traits):
