@@ -90,7 +90,8 @@ def test_bench_layers_times_every_kernel_and_names_it(tmp_path, capsys):
     from sculpt.cli import main
 
     path = tmp_path / "grid.onnx"
-    onnx.save(cases.conv_model(cases.CONV_GRID[:6], cases.CONV_GRID_INPUT), str(path))
+    grid = [*cases.CONV_GRID[:6], cases.CONV_GRID[-1]]  # the last: 3 channels, the width-vectorized conv
+    onnx.save(cases.conv_model(grid, cases.CONV_GRID_INPUT), str(path))
     assert main(["bench", str(path), "--layers", "--runs", "3", "--rounds", "1", "--threads", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     rows = result["layers"]["tvm_ms"]
@@ -99,7 +100,7 @@ def test_bench_layers_times_every_kernel_and_names_it(tmp_path, capsys):
     assert {"conv2d_blocked", "conv2d"} <= kinds, kinds
     assert all(r["calls"] >= 1 and r["ms"] >= 0 for r in rows)
     assert abs(sum(r["share"] for r in rows) - 1) < 1e-6
-    assert sum(r["calls"] for r in rows if r["func"] != "(runtime)") == 6  # one fused kernel per conv
+    assert sum(r["calls"] for r in rows if r["func"] != "(runtime)") == 7  # one fused kernel per conv
     assert rows == sorted(rows, key=lambda r: -r["ms"])
     assert main(["bench", str(path), "--layers"]) == 0  # the table
     out = capsys.readouterr().out
