@@ -345,3 +345,12 @@ def test_softmax_exp_tanh_sigmoid_are_vector_approximations_within_tolerance():
             assert float(np.max(np.abs(g - r)[tiny] / r[tiny])) <= 5e-6, name
         else:
             assert float(np.abs(g - r).max()) <= 2e-6 * float(np.abs(r).max()), name
+
+
+def test_matrix_vector_product_streams_whole_weight_rows():
+    """A fully connected layer at batch 1 (AlexNet's, VGG's): one accumulator per column for the
+    whole row of 1000 columns, the weight rows read in order; matches onnxruntime."""
+    proto = cases.matmul_model(1, 512, 1000)
+    a = np.random.default_rng(11).standard_normal((1, 1, 512)).astype(np.float32)
+    decisions = _compile_and_compare(proto, {"a": a})
+    assert [d.tile for d in decisions if d.tile] == [[1000, 1, 1]], decisions

@@ -22,7 +22,7 @@ from sculpt.backends.tvm.kernels.register_tile import (
     KernelDecision, inline_epilogue, schedule_injective_block, schedule_register_tile)
 from sculpt.backends.tvm.kernels.blocked_conv import schedule_blocked_conv, tile_from_block_name
 from sculpt.backends.tvm.kernels.target_traits import TargetTraits, traits_of
-from sculpt.backends.tvm.kernels.tiling import Tile, ranked_tiles, worth_parallel
+from sculpt.backends.tvm.kernels.tiling import Tile, gemv_tile, ranked_tiles, worth_parallel
 
 # (anatomy, traits, PrimFunc) -> Tile: the heuristic, or tile_search.cached_chooser (search cache first)
 TileChooser = Callable[..., Tile]
@@ -41,6 +41,15 @@ def tile_ranking(anatomy, traits: TargetTraits, count: int = 1) -> list[Tile]:
 
 
 def heuristic_chooser(anatomy, traits: TargetTraits, func=None) -> Tile:
+    a = anatomy
+    if a.broadcast is None and a.row is None and len(a.reduce) == 1 and not a.fused_rows:
+        other = 1
+        for s in a.spatial:
+            if s is not a.vector:
+                other *= s.extent
+        gemv = gemv_tile(a.vector.extent, a.reduce[0].extent, other, traits.vector_lanes)
+        if gemv is not None:
+            return gemv
     ranked = tile_ranking(anatomy, traits)
     return ranked[0] if ranked else Tile(1)
 
