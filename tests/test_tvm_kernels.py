@@ -354,3 +354,40 @@ def test_matrix_vector_product_streams_whole_weight_rows():
     a = np.random.default_rng(11).standard_normal((1, 1, 512)).astype(np.float32)
     decisions = _compile_and_compare(proto, {"a": a})
     assert [d.tile for d in decisions if d.tile] == [[1000, 1, 1]], decisions
+
+
+@pytest.mark.parametrize("exponent", [0.25, 0.5, 0.75, 1.5, 2.0, 3.0, -0.5, -0.75, 2.2])
+def test_power_by_quarters_is_roots_and_products_within_a_few_ulp(exponent):
+    """x ** p for p in quarters (LRN's 0.75) becomes square roots and products: no R.power left, and
+    the result within 4 ulp of the correctly rounded power; other exponents stay powf."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sculpt.backends.tvm.kernels.fast_math import rewrite_fast_math
+
+    shape = [2, 3, 50]
+    p = numpy_helper.from_array(np.array(exponent, np.float32), "p")
+    graph = helper.make_graph([helper.make_node("Pow", ["x", "p"], ["y"])], "pow",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], [p])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    mod = import_to_relax(Model.wrap(proto))
+    assert ("R.power" in rewrite_fast_math(mod).script()) == (exponent == 2.2)
+    x = np.random.default_rng(9).uniform(1e-3, 40, shape).astype(np.float32)
+    got = run_relax(compile_with_kernels(mod, _host()), {"x": x}, ["x"])[0]
+    exact = np.power(x.astype(np.float64), exponent)
+    ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
+    assert float(np.max(np.abs(got - exact) / ulp)) <= 4
+
+
+def test_lrn_matches_onnxruntime():
+    """Local response normalization (AlexNet, GoogLeNet, ZFNet): its beta = 0.75 power as roots."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("LRN", ["x"], ["y"], size=5, alpha=1e-4, beta=0.75, bias=1.0)], "lrn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 9, 11])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 9, 11])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    x = (np.random.default_rng(12).standard_normal((1, 16, 9, 11)) * 30).astype(np.float32)
+    _compile_and_compare(proto, {"x": x})

