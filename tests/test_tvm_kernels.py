@@ -391,3 +391,23 @@ def test_lrn_matches_onnxruntime():
     proto.ir_version = 8
     x = (np.random.default_rng(12).standard_normal((1, 16, 9, 11)) * 30).astype(np.float32)
     _compile_and_compare(proto, {"x": x})
+
+
+def test_depthwise_over_a_width_of_no_whole_vectors_computes_whole_vectors():
+    """A 14-wide depthwise conv (PP-LCNet's 5x5) is computed 16 wide and sliced back: the vector
+    tile is whole vectors, the epilogue writes only the real columns, results match onnxruntime."""
+    from sculpt.backends.tvm.kernels.whole_vector_width import padded_output_width
+
+    lanes = traits_of(_host()).vector_lanes
+    assert padded_output_width(14, 8) == 16 and padded_output_width(10, 8) == 10 and padded_output_width(7, 8) == 7
+    assert padded_output_width(16, 8) == 16 and padded_output_width(55, 8) == 56
+    grid = [cases.ConvCase("dw5_14", 8, 8, (5, 5), pads=(2, 2, 2, 2), group=8, epilogue="hardswish"),
+            cases.ConvCase("dw3_s2_14", 8, 8, (3, 3), stride=(2, 2), pads=(1, 1, 1, 1), group=8, epilogue="relu")]
+    x = np.random.default_rng(13).standard_normal((1, 8, 14, 14)).astype(np.float32)
+    decisions = _compile_and_compare(cases.conv_model(grid[:1], (1, 8, 14, 14)), {"x": x}, expect_kinds={"depthwise": 1})
+    x2 = np.random.default_rng(14).standard_normal((1, 8, 28, 28)).astype(np.float32)
+    decisions += _compile_and_compare(cases.conv_model(grid[1:], (1, 8, 28, 28)), {"x": x2}, expect_kinds={"depthwise": 1})
+    widths = {padded_output_width(14, lanes)}
+    for d in decisions:
+        if d.kind == "depthwise":
+            assert d.shape[-1] in widths and d.tile[0] % min(lanes, 8) == 0, d

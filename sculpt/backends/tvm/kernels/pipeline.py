@@ -5,6 +5,7 @@
              -> [sculpt: transposed convs with stride == kernel -> 1x1 conv + pixel shuffle]
              -> [sculpt: conv2d -> the channel-blocked kernel where the policy gives a tile (blocked_conv)]
              -> [sculpt: strided pools/depthwise over odd widths get an unused column (even_strided_width)]
+             -> [sculpt: depthwise convs over widths of no whole vectors computed wider, sliced (whole_vector_width)]
              -> [sculpt: matmul weights padded to whole vectors of columns (pad_matmul_columns)]
              -> [sculpt: softmax/exp/erf/tanh/sigmoid as approximations that vectorize (fast_math)]
              -> dispatch -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
@@ -24,6 +25,7 @@ from sculpt.backends.tvm.kernels.sum_as_adds import rewrite_sum_of_stack
 from sculpt.backends.tvm.kernels.fast_math import rewrite_fast_math
 from sculpt.backends.tvm.kernels.target_traits import traits_of
 from sculpt.backends.tvm.kernels.tiling import conv_tile
+from sculpt.backends.tvm.kernels.whole_vector_width import rewrite_depthwise_widths
 from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
 from sculpt.backends.tvm.kernels.rules import TileChooser, schedule_module
 
@@ -53,6 +55,10 @@ def _front_passes(target) -> list:
     def even_strided_widths(mod, _ctx):
         return rewrite_even_strided_widths(mod)
 
+    @tvm.transform.module_pass(opt_level=0, name="SculptDepthwiseWidths")
+    def depthwise_widths(mod, _ctx):
+        return rewrite_depthwise_widths(mod, traits_of(target).vector_lanes)
+
     @tvm.transform.module_pass(opt_level=0, name="SculptPadMatmulColumns")
     def pad_columns(mod, _ctx):
         return pad_matmul_columns(mod)
@@ -61,7 +67,7 @@ def _front_passes(target) -> list:
     def fast_math(mod, _ctx):
         return rewrite_fast_math(mod)
 
-    return [fold_constants, sum_as_adds, rewrite_transposed, blocked_convs, even_strided_widths, pad_columns, fast_math] \
+    return [fold_constants, sum_as_adds, rewrite_transposed, blocked_convs, even_strided_widths, depthwise_widths, pad_columns, fast_math] \
         + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 
