@@ -55,7 +55,8 @@ def rewrite_fast_math(mod):
         return relax.call_tir(made[shape], [call.args[0]], relax.TensorType(shape, "float32"))
 
     def rule(call, rewriter):
-        return sigmoid_rule(call, rewriter) or power_rule(call, rewriter)
+        new = sigmoid_rule(call, rewriter)
+        return new if new is not None else power_rule(call, rewriter)
 
     return relax.transform.FastMathTransform()(rewrite_calls(mod, rule))
 
