@@ -384,9 +384,7 @@ class SplitHandler(Handler):
             if a.name in ("split", "num_outputs"):
                 node.attribute.remove(a)
         if cg.model.opset >= 13:
-            while len(node.input) < 2:
-                node.input.append("")
-            node.input[1] = cg.model.add_initializer(f"{node.name}_split", sizes)
+            cg.model.set_input(node, 1, cg.model.add_initializer(f"{node.name}_split", sizes))
         else:
             set_attr(node, "split", [int(s) for s in sizes])
 

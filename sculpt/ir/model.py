@@ -7,6 +7,7 @@ back to plain ONNX tooling (``model.proto``) or to onnx-graphsurgeon (``to_graph
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -20,6 +21,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from sculpt.errors import InvalidModelError, ModelLoadError, ShapeError
+from sculpt.ir.graph_index import GraphIndex
 
 # protobuf refuses to serialize a message of 2 GiB or more: such models are saved with external data
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -87,7 +89,16 @@ class Model:
     ``Model.load`` accepts a path, bytes, an ``onnx.ModelProto`` or another Model. Loading gives every
     node a unique, non-empty name (exporters often leave them empty) so that reports and errors can
     name nodes; nothing else about the model changes.
+
+    Lookups by name (``tensor_shape``, ``get_constant``, ``node_by_name``, ``unique_name``) and the
+    editing helpers go through a :class:`~sculpt.ir.graph_index.GraphIndex`, cached inside
+    ``with model.indexed():`` (each pass run) and kept valid by the editing helpers; see that module.
     """
+
+    # the cached graph index and how many `indexed()` scopes are open (class defaults: wrap and clone
+    # build instances without __init__)
+    _index: GraphIndex | None = None
+    _index_depth: int = 0
 
     def __init__(self, proto: onnx.ModelProto, source_path: str | None = None):
         if not isinstance(proto, onnx.ModelProto):
@@ -234,6 +245,40 @@ class Model:
     def graph(self) -> onnx.GraphProto:
         return self.proto.graph
 
+    # ------------------------------------------------------------------ graph index
+    @contextlib.contextmanager
+    def indexed(self):
+        """Cache the graph index while the block runs (re-entrant). Inside, edit the graph through this
+        class's editing methods or call ``model.index.invalidate()`` after editing the proto directly."""
+        if self._index_depth == 0:
+            self._index = None
+        self._index_depth += 1
+        try:
+            yield self.index
+        finally:
+            self._index_depth -= 1
+            if self._index_depth == 0:
+                self._index = None
+
+    def graph_edited(self, *, nodes: bool = True) -> None:
+        """Tell the cached graph index that the proto was edited directly (``nodes=False``: only
+        initializers, inputs, outputs or value infos). A no-op outside ``indexed()``."""
+        if self._index is not None:
+            if nodes:
+                self._index.invalidate()
+            else:
+                self._index.invalidate_tensors()
+
+    @property
+    def index(self) -> GraphIndex:
+        """The graph index: the cached one inside ``indexed()``, else a fresh one (built lazily as it is
+        asked, so outside a scope every lookup costs a scan, as before the index existed)."""
+        if self._index_depth == 0:
+            return GraphIndex(self)
+        if self._index is None:
+            self._index = GraphIndex(self)
+        return self._index
+
     @property
     def opset(self) -> int:
         for op in self.proto.opset_import:
@@ -272,10 +317,11 @@ class Model:
 
     def tensor_shape(self, name: str) -> list[int | str | None] | None:
         """The shape recorded for a tensor (inputs, value_info, outputs or initializer), else None."""
-        init = self.initializer_map().get(name)
+        ix = self.index
+        init = ix.initializer(name, last=True)
         if init is not None:
             return list(init.dims)
-        vi = self.value_infos().get(name)
+        vi = ix.value_info(name)
         if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
             return None
         return _dims(vi)
@@ -305,10 +351,7 @@ class Model:
         return out
 
     def node_by_name(self, name: str) -> onnx.NodeProto | None:
-        for node in self.graph.node:
-            if node.name == name:
-                return node
-        return None
+        return self.index.node(name)
 
     # ------------------------------------------------------------------ constants
     def constant_names(self) -> set[str]:
@@ -323,65 +366,70 @@ class Model:
 
     def get_constant(self, name: str) -> np.ndarray | None:
         """The value of a constant tensor, or None when ``name`` is not a constant."""
-        if name in {i.name for i in self.graph.input}:
+        ix = self.index
+        if ix.is_input(name):
             return None
-        for t in self.graph.initializer:
-            if t.name == name:
-                return numpy_helper.to_array(t)
-        for node in self.graph.node:
-            if node.op_type == "Constant" and node.output[0] == name:
-                return constant_node_value(node)
+        t = ix.initializer(name)
+        if t is not None:
+            return numpy_helper.to_array(t)
+        node = ix.constant_node(name)
+        if node is not None:
+            return constant_node_value(node)
         return None
 
     def set_initializer(self, name: str, value: np.ndarray) -> str:
         """Create or replace an initializer. Returns its name."""
         tensor = numpy_helper.from_array(np.asarray(value), name)
+        ix = self.index
         # a recorded shape of the old value would now be stale; an input declaring it (an overridable
         # initializer) must declare the new type and shape
-        stale = [v for v in self.graph.value_info if v.name == name]
-        for v in stale:
-            self.graph.value_info.remove(v)
-        for vi in self.graph.input:
-            if vi.name == name:
-                vi.type.CopyFrom(onnx.helper.make_tensor_type_proto(tensor.data_type, list(tensor.dims)))
-        for i, t in enumerate(self.graph.initializer):
-            if t.name == name:
-                self.graph.initializer[i].CopyFrom(tensor)
-                return name
-        self.graph.initializer.append(tensor)
+        for v in ix.value_info_entries(name):
+            ix.remove_value_info(v)
+        for vi in ix.inputs_named(name):
+            vi.type.CopyFrom(onnx.helper.make_tensor_type_proto(tensor.data_type, list(tensor.dims)))
+        t = ix.initializer(name)
+        if t is not None:
+            t.CopyFrom(tensor)
+            return name
+        ix.append_initializer(tensor)
         return name
 
     def add_initializer(self, prefix: str, value: np.ndarray) -> str:
         """Add an initializer under a fresh name derived from ``prefix``."""
         name = self.unique_name(prefix)
-        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        self.append_initializer(numpy_helper.from_array(np.asarray(value), name))
         return name
+
+    def append_initializer(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """``graph.initializer.append(tensor)``, keeping the graph index valid. Returns the graph's copy."""
+        if self._index_depth == 0:
+            self.graph.initializer.append(tensor)
+            return self.graph.initializer[len(self.graph.initializer) - 1]
+        return self.index.append_initializer(tensor)
 
     def replace_constant_input(self, node: onnx.NodeProto, index: int, value: np.ndarray,
                                suffix: str = "folded") -> str:
         """Make input ``index`` of ``node`` the constant ``value``. The old tensor is edited in place
         when this node is its only reader, otherwise a new initializer is added. Returns the name."""
         value = np.asarray(value)
+        ix = self.index
         old = node.input[index] if index < len(node.input) else ""
-        readers = self.consumers().get(old, []) if old else []
-        is_init = old and any(t.name == old for t in self.graph.initializer)
-        graph_io = {i.name for i in self.graph.input} | set(self.output_names)
-        if old and is_init and len(readers) == 1 and old not in graph_io:
+        readers = ix.consumer_count(old) if old else 0
+        is_init = old and ix.initializer(old) is not None
+        if old and is_init and readers == 1 and not ix.is_input(old) and not ix.is_output(old):
             self.set_initializer(old, value)
             return old
         base = f"{old or node.name + '_input' + str(index)}_{suffix}"
         name = self.add_initializer(base, value)
-        while len(node.input) <= index:
-            node.input.append("")
-        node.input[index] = name
+        self.set_input(node, index, name)
         return name
 
     def unique_name(self, prefix: str) -> str:
-        taken = self._all_names()
-        if prefix not in taken:
+        ix = self.index
+        if not ix.name_taken(prefix):
             return prefix
         i = 1
-        while f"{prefix}_{i}" in taken:
+        while ix.name_taken(f"{prefix}_{i}"):
             i += 1
         return f"{prefix}_{i}"
 
@@ -396,10 +444,61 @@ class Model:
         return names
 
     # ------------------------------------------------------------------ structural edits
+    # The editing methods below keep the cached graph index valid inside ``indexed()``; outside a
+    # scope there is no cached index and they are the plain proto edits.
     def replace_uses(self, old: str, new: str) -> None:
         """Make every consumer of tensor ``old`` (subgraphs included) read ``new`` instead."""
-        for node in self.graph.node:
-            _rename_input(node, old, new)
+        if self._index_depth == 0:
+            for node in self.graph.node:
+                _rename_input(node, old, new)
+            return
+        self.index.replace_uses(old, new, _rename_input)
+
+    def remove_node(self, node: onnx.NodeProto) -> None:
+        """``graph.node.remove(node)``; inside ``indexed()`` found in O(log n), not by comparing every node
+        before it."""
+        if self._index_depth == 0:
+            self.graph.node.remove(node)
+            return
+        self.index.remove_node(node)
+
+    def append_node(self, node: onnx.NodeProto) -> onnx.NodeProto:
+        """``graph.node.append(node)``. Returns the graph's copy."""
+        if self._index_depth == 0:
+            self.graph.node.append(node)
+            return self.graph.node[len(self.graph.node) - 1]
+        return self.index.append_node(node)
+
+    def set_input(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        """``node.input[index] = name``, the inputs padded with "" up to ``index``."""
+        if self._index_depth == 0:
+            while len(node.input) <= index:
+                node.input.append("")
+            node.input[index] = name
+            return
+        self.index.set_input(node, index, name)
+
+    def set_output(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        """``node.output[index] = name``."""
+        if self._index_depth == 0:
+            node.output[index] = name
+            return
+        self.index.set_output(node, index, name)
+
+    def remove_value_info(self, name: str) -> bool:
+        """Delete the first ``graph.value_info`` entry called ``name``; False if there is none."""
+        if self._index_depth == 0:
+            for vi in self.graph.value_info:
+                if vi.name == name:
+                    self.graph.value_info.remove(vi)
+                    return True
+            return False
+        ix = self.index
+        entries = ix.value_info_entries(name)
+        if not entries:
+            return False
+        ix.remove_value_info(entries[0])
+        return True
 
     def remove_unused(self) -> int:
         """Remove nodes whose outputs nobody needs, and unused initializers/value_info.
@@ -416,16 +515,19 @@ class Model:
         if removed:
             del self.graph.node[:]
             self.graph.node.extend(keep)
+            self.graph_edited()
         graph_inputs = {i.name for i in self.graph.input}
         inits = [t for t in self.graph.initializer if t.name in needed or t.name in graph_inputs]
         if len(inits) != len(self.graph.initializer):
             del self.graph.initializer[:]
             self.graph.initializer.extend(inits)
+            self.graph_edited(nodes=False)
         produced = needed | graph_inputs
         vis = [v for v in self.graph.value_info if v.name in produced]
         if len(vis) != len(self.graph.value_info):
             del self.graph.value_info[:]
             self.graph.value_info.extend(vis)
+            self.graph_edited(nodes=False)
         return removed
 
     def topological_sort(self) -> None:
@@ -459,6 +561,7 @@ class Model:
             copies = [copy.deepcopy(n) for n in ordered]
             del self.graph.node[:]
             self.graph.node.extend(copies)
+            self.graph_edited()
 
     # ------------------------------------------------------------------ shapes
     def infer_shapes(self, *, strict: bool = False, data_prop: bool = True, refresh: bool = False) -> "Model":
@@ -473,12 +576,14 @@ class Model:
             if refresh else None
         if refresh:
             del self.graph.value_info[:]
+            self.graph_edited(nodes=False)
         try:
             inferred = shape_inference.infer_shapes(self.proto, check_type=False, strict_mode=strict,
                                                     data_prop=data_prop)
         except Exception as e:  # onnx raises InferenceError, ValidationError, RuntimeError
             if saved is not None:
                 self.graph.value_info.extend(saved)
+                self.graph_edited(nodes=False)
             if strict:
                 raise InvalidModelError(f"shape inference failed: {_one_line(e)}") from None
             return self
@@ -488,6 +593,7 @@ class Model:
         for out, inf in zip(self.graph.output, inferred.graph.output):
             if out.name == inf.name:
                 out.CopyFrom(inf)
+        self.graph_edited(nodes=False)
         return self
 
     def fix_input_shapes(self, shapes: Mapping[str, Sequence[int]]) -> "Model":
@@ -528,6 +634,7 @@ class Model:
                         dims.dim.add().dim_value = d
         # value_info computed with the old shapes is stale
         del self.graph.value_info[:]
+        self.graph_edited(nodes=False)
         # symbolic or invalid (negative) output dimensions may now be known: make them unknown so that
         # shape inference fills them in; the rank and the static dimensions stay
         for out in self.graph.output:
@@ -588,6 +695,7 @@ class Model:
         _restore_model_info(converted, _model_info(self.proto))
         self.proto = converted
         self._ensure_node_names()
+        self.graph_edited()
         return self
 
     # ------------------------------------------------------------------ internals
@@ -609,6 +717,7 @@ class Model:
                 node.name = candidate
                 taken.add(candidate)
             seen.add(node.name)
+        self.graph_edited()
 
     def __repr__(self) -> str:
         return (f"Model(opset={self.opset}, nodes={len(self.graph.node)}, "
@@ -654,23 +763,32 @@ def check_invariants(model: Model) -> None:
         if vi.name in defined:
             raise InvalidModelError(f"duplicate graph input '{vi.name}'")
         defined.add(vi.name)
+    graph_inputs = {i.name for i in graph.input}
     for t in graph.initializer:
-        if t.name in defined and t.name not in {i.name for i in graph.input}:
+        if t.name in defined and t.name not in graph_inputs:
             raise InvalidModelError(f"duplicate initializer '{t.name}'")
         defined.add(t.name)
+
+    def undefined(node: onnx.NodeProto, name: str):
+        cycle = describe_cycle(model)
+        if cycle:
+            raise InvalidModelError(cycle)
+        raise InvalidModelError(
+            f"node '{node.name}' ({node.op_type}) reads '{name}', which is not produced before it "
+            "(dangling tensor or nodes out of topological order)")
+
     node_names: set[str] = set()
     for node in graph.node:
         if node.name in node_names:
             raise InvalidModelError(f"duplicate node name '{node.name}'")
         node_names.add(node.name)
-        for i in list(node.input) + list(_subgraph_outer_inputs(node)):
+        for i in node.input:
             if i not in defined:
-                cycle = describe_cycle(model)
-                if cycle:
-                    raise InvalidModelError(cycle)
-                raise InvalidModelError(
-                    f"node '{node.name}' ({node.op_type}) reads '{i}', which is not produced before it "
-                    "(dangling tensor or nodes out of topological order)")
+                undefined(node, i)
+        if node.attribute:  # subgraphs read the enclosing scope too
+            for i in _subgraph_outer_inputs(node):
+                if i not in defined:
+                    undefined(node, i)
         for o in node.output:
             if o and o in defined:
                 raise InvalidModelError(f"tensor '{o}' is produced twice (second time by node '{node.name}')")

@@ -134,6 +134,7 @@ def splice(model: Model, replacements: dict[str, list[onnx.NodeProto]]) -> None:
         nodes.extend(replacements.get(n.name, [n]))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    model.graph_edited()
     model.remove_unused()
     model.infer_shapes(refresh=True)
 

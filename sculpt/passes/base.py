@@ -83,9 +83,10 @@ class Pass:
             copy = False
         work = model.clone() if copy else model
         _refuse_cyclic_input(work)
-        self.requires(work, ctx)
-        result = self.run(work, ctx)
-        self.ensures(result.model, ctx)
+        with work.indexed():  # lookups by name answer from one graph index while the pass runs
+            self.requires(work, ctx)
+            result = self.run(work, ctx)
+            self.ensures(result.model, ctx)
         if result.modified:
             # cheap structural invariants (topological order, unique names, nothing dangling): a pass
             # never hands back a half-edited graph

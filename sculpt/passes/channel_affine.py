@@ -86,12 +86,7 @@ def absorb_channel_affine(model: Model, node: onnx.NodeProto, scale: np.ndarray 
         model.replace_constant_input(node, 2, new_b.astype(dtype))
     else:
         name = model.add_initializer(f"{node.name}_bias", new_b.astype(dtype))
-        while len(node.input) < 2:
-            node.input.append("")
-        if len(node.input) == 2:
-            node.input.append(name)
-        else:
-            node.input[2] = name
+        model.set_input(node, 2, name)
 
 
 def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
@@ -120,5 +115,5 @@ def absorb_node(model: Model, producer: onnx.NodeProto, folded: onnx.NodeProto, 
     (so graph output names and readers stay) and the folded node goes."""
     for k, o in enumerate(producer.output):
         if o == via:
-            producer.output[k] = folded.output[0]
-    model.graph.node.remove(folded)
+            model.set_output(producer, k, folded.output[0])
+    model.remove_node(folded)

@@ -37,6 +37,7 @@ def constants_to_initializers(model: Model) -> int:
     if moved:
         del model.graph.node[:]
         model.graph.node.extend(keep)
+        model.graph_edited()
     return moved
 
 
@@ -101,13 +102,14 @@ class ConstantFolding(Pass):
                 if any(values[o].size > limit for o in outs):
                     continue
                 for o in outs:
-                    model.graph.initializer.append(numpy_helper.from_array(values[o], o))
+                    model.append_initializer(numpy_helper.from_array(values[o], o))
                 done.add(node.name)
                 folded += 1
             if done:
                 keep = [n for n in model.graph.node if n.name not in done]
                 del model.graph.node[:]
                 model.graph.node.extend(keep)
+                model.graph_edited()
         removed = model.remove_unused()
         return PassResult(model, bool(moved or folded or removed),
                           {"constants_to_initializers": moved, "folded_nodes": folded, "removed_unused": removed})

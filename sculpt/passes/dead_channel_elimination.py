@@ -140,6 +140,4 @@ def _absorb(model: Model, node, channel: int, value: float) -> None:
         model.replace_constant_input(node, 2, (b + delta).astype(dtype), suffix="absorbed")
     else:
         name = model.add_initializer(f"{node.name}_bias", delta.astype(dtype))
-        while len(node.input) < 3:
-            node.input.append("")
-        node.input[2] = name
+        model.set_input(node, 2, name)

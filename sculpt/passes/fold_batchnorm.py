@@ -33,13 +33,14 @@ class FoldBatchNorm(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         allow_plain_initializers(model)
         folded, skipped = 0, []
-        for bn in [n for n in model.graph.node if n.op_type == "BatchNormalization"
-                   and n.domain in ("", "ai.onnx")]:
-            reason = self._fold(model, bn)
-            if reason is None:
-                folded += 1
-            else:
-                skipped.append(f"{bn.name}: {reason}")
+        with model.indexed():  # the folds edit through the model, which keeps the index valid
+            for bn in [n for n in model.graph.node if n.op_type == "BatchNormalization"
+                       and n.domain in ("", "ai.onnx")]:
+                reason = self._fold(model, bn)
+                if reason is None:
+                    folded += 1
+                else:
+                    skipped.append(f"{bn.name}: {reason}")
         if folded:
             model.remove_unused()
         return PassResult(model, folded > 0, {"folded": folded, "skipped": skipped})
@@ -53,13 +54,13 @@ class FoldBatchNorm(Pass):
         if len(params) != 4 or any(p is None for p in params):
             return "statistics are not constant"
         x = bn.input[0]
-        producer = model.producers().get(x)
+        producer = model.index.producer(x)
         if producer is None:
             return "input is not produced by a node"
         cout = output_channels(model, producer)
         if cout is None:
             return f"producer '{producer.name}' ({producer.op_type}) cannot absorb it"
-        if x in model.output_names or len(model.consumers().get(x, [])) != 1:
+        if model.index.is_output(x) or model.index.consumer_count(x) != 1:
             return f"output of '{producer.name}' has other readers"
         if producer.op_type == "Gemm" and model.static_shape(x) is not None and len(model.static_shape(x)) != 2:
             return "Gemm output is not 2-D"

@@ -27,12 +27,13 @@ class FoldConvAffine(Pass):
         allow_plain_initializers(model)
         folded = 0
         changed = True
-        while changed:  # a chain Conv → Mul → Add folds one node per sweep
-            changed = False
-            for node in list(model.graph.node):
-                if self._fold(model, node):
-                    folded += 1
-                    changed = True
+        with model.indexed():  # the folds edit through the model, which keeps the index valid
+            while changed:  # a chain Conv → Mul → Add folds one node per sweep
+                changed = False
+                for node in list(model.graph.node):
+                    if self._fold(model, node):
+                        folded += 1
+                        changed = True
         if folded:
             model.remove_unused()
         return PassResult(model, folded > 0, {"folded": folded})
@@ -41,19 +42,19 @@ class FoldConvAffine(Pass):
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("Mul", "Div", "Add", "Sub") \
                 or len(node.input) != 2:
             return False
-        producers = model.producers()
+        index = model.index
         for data_idx in (0, 1):
             if node.op_type in ("Div", "Sub") and data_idx == 1:
                 break  # c / x and c - x are not affine in x
             x, c_name = node.input[data_idx], node.input[1 - data_idx]
             const = model.get_constant(c_name)
-            producer = producers.get(x)
+            producer = index.producer(x)
             if const is None or producer is None or const.dtype.kind != "f":
                 continue
             cout = output_channels(model, producer)
             if cout is None:
                 continue
-            if x in model.output_names or len(model.consumers().get(x, [])) != 1:
+            if index.is_output(x) or index.consumer_count(x) != 1:
                 continue
             out_shape = model.static_shape(x)
             rank = len(out_shape) if out_shape is not None else None

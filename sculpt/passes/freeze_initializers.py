@@ -25,6 +25,7 @@ class FreezeInitializers(Pass):
         if dropped:
             del model.graph.input[:]
             model.graph.input.extend(keep)
+            model.graph_edited(nodes=False)
             if model.proto.ir_version < 4:
                 model.proto.ir_version = 4  # initializers need not be inputs from IR 4 on
         return PassResult(model, dropped > 0, {"frozen_inputs": dropped})

@@ -352,9 +352,7 @@ class QDQ(Pass):
             if layer.bias_index is None:
                 if node.op_type == "Gemm" and (_attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0):
                     continue
-                while len(node.input) < 3:
-                    node.input.append("")
-                node.input[2] = model.add_initializer(f"{node.name}_bias", np.zeros(shift.shape, np.float32))
+                model.set_input(node, 2, model.add_initializer(f"{node.name}_bias", np.zeros(shift.shape, np.float32)))
                 layer.bias_index = 2
             bias = model.get_constant(node.input[2]).astype(np.float64)
             model.replace_constant_input(node, 2, (bias + shift).astype(np.float32), suffix="bias_corrected")
@@ -371,15 +369,15 @@ class QDQ(Pass):
             if layer.weight is not None:
                 wq = qz.quantize_weight(layer.weight.value, layer.weight.axis, qz.weight_qmax(self.weight_bits))
                 name = node.input[layer.weight.input_index]
-                node.input[layer.weight.input_index] = _dq_constant(
-                    names, f"{name}_{node.name}", wq.values, wq.scale, np.zeros(wq.scale.shape, np.int8), wq.axis)
+                model.set_input(node, layer.weight.input_index, _dq_constant(
+                    names, f"{name}_{node.name}", wq.values, wq.scale, np.zeros(wq.scale.shape, np.int8), wq.axis))
                 if layer.bias_index is not None:
                     x_scale = params[node.input[layer.activations[0]]].scale
                     b = model.get_constant(node.input[layer.bias_index])
                     bq, bscale = qz.quantize_bias(b, x_scale, wq.scale)
-                    node.input[layer.bias_index] = _dq_constant(
+                    model.set_input(node, layer.bias_index, _dq_constant(
                         names, f"{node.input[layer.bias_index]}_{node.name}", bq, bscale,
-                        np.zeros(bscale.shape, np.int32), 0 if bscale.ndim else None)
+                        np.zeros(bscale.shape, np.int32), 0 if bscale.ndim else None))
             for i in layer.constants:
                 name = node.input[i]
                 if name not in const_operands:
@@ -387,12 +385,12 @@ class QDQ(Pass):
                     p = qz.activation_params(float(value.min()), float(value.max()), self.activations)
                     q = qz.quantize(value, p.scale, p.zero_point, p.dtype)
                     const_operands[name] = _dq_constant(names, name, q, p.scale_array(), p.zero_point_array(), None)
-                node.input[i] = const_operands[name]
+                model.set_input(node, i, const_operands[name])
         # folded activations: the node writes the activation's output (the activation goes below)
         folded = {layer.folded.name for layer in layers if layer.folded is not None}
         for layer in layers:
             if layer.folded is not None:
-                layer.node.output[0] = layer.folded.output[0]
+                model.set_output(layer.node, 0, layer.folded.output[0])
 
         # activations: one Q/DQ pair per tensor, read by every consumer
         outputs = set(model.output_names)
@@ -407,14 +405,15 @@ class QDQ(Pass):
             q_out = names.fresh(f"{tensor}_quantized")
             dq_out = names.fresh(f"{tensor}_dequantized")
             model.replace_uses(tensor, dq_out)
-            model.graph.node.append(helper.make_node("QuantizeLinear", [tensor, scale, zp], [q_out],
-                                                     name=names.fresh(f"{tensor}_QuantizeLinear")))
-            model.graph.node.append(helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out],
-                                                     name=names.fresh(f"{tensor}_DequantizeLinear")))
+            model.append_node(helper.make_node("QuantizeLinear", [tensor, scale, zp], [q_out],
+                                               name=names.fresh(f"{tensor}_QuantizeLinear")))
+            model.append_node(helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out],
+                                               name=names.fresh(f"{tensor}_DequantizeLinear")))
         if folded:
             keep = [n for n in model.graph.node if n.name not in folded]
             del model.graph.node[:]
             model.graph.node.extend(keep)
+            model.graph_edited()
 
 # ---------------------------------------------------------------------------------------- helpers
 class _Names:
@@ -438,7 +437,7 @@ class _Names:
 
     def initializer(self, prefix: str, value: np.ndarray) -> str:
         name = self.fresh(prefix)
-        self.model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        self.model.append_initializer(numpy_helper.from_array(np.asarray(value), name))
         return name
 
 
@@ -451,8 +450,8 @@ def _dq_constant(names: _Names, base: str, values: np.ndarray, scale: np.ndarray
     z = names.initializer(f"{base}_zero_point", zero_point)
     out = names.fresh(f"{base}_dequantized")
     kwargs = {"axis": axis} if axis is not None and np.ndim(scale) == 1 else {}
-    names.model.graph.node.append(helper.make_node("DequantizeLinear", [q, s, z], [out],
-                                                   name=names.fresh(f"{base}_DequantizeLinear"), **kwargs))
+    names.model.append_node(helper.make_node("DequantizeLinear", [q, s, z], [out],
+                                             name=names.fresh(f"{base}_DequantizeLinear"), **kwargs))
     return out
 
 

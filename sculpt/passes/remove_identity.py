@@ -10,15 +10,15 @@ from sculpt.ir.model import Model
 from sculpt.passes.base import Pass, PassContext, PassResult, register
 
 
-def _is_passthrough(model: Model, node: onnx.NodeProto, consumers) -> bool:
+def _is_passthrough(model: Model, node: onnx.NodeProto) -> bool:
     if node.domain not in ("", "ai.onnx") or len(node.input) < 1 or not node.input[0]:
         return False
     if node.op_type == "Identity":
         return True
     if node.op_type == "Dropout":
         # the mask output must be unused; training_mode (opset >= 12) must be absent or constant false
-        if len(node.output) > 1 and node.output[1] and (consumers.get(node.output[1])
-                                                         or node.output[1] in model.output_names):
+        if len(node.output) > 1 and node.output[1] and (model.index.consumer_count(node.output[1])
+                                                         or model.index.is_output(node.output[1])):
             return False
         if len(node.input) >= 3 and node.input[2]:
             mode = model.get_constant(node.input[2])
@@ -46,29 +46,25 @@ class RemoveIdentity(Pass):
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         removed = 0
         graph_inputs = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
-        for node in list(model.graph.node):
-            consumers = model.consumers()
-            if not _is_passthrough(model, node, consumers):
-                continue
-            src, dst = node.input[0], node.output[0]
-            outputs = set(model.output_names)
-            if dst not in outputs:
-                model.graph.node.remove(node)
-                model.replace_uses(dst, src)
+        # the edits go through the model's editing methods, which keep the index valid
+        with model.indexed() as index:
+            for node in list(model.graph.node):
+                if not _is_passthrough(model, node):
+                    continue
+                src, dst = node.input[0], node.output[0]
+                if not index.is_output(dst):
+                    model.remove_node(node)
+                    model.replace_uses(dst, src)
+                    removed += 1
+                    continue
+                prod = index.producer(src)
+                if src in graph_inputs or index.is_output(src) or prod is None:
+                    continue
+                model.remove_node(node)
+                for k, o in enumerate(prod.output):
+                    if o == src:
+                        model.set_output(prod, k, dst)
+                model.replace_uses(src, dst)
+                model.remove_value_info(src)
                 removed += 1
-                continue
-            producers = model.producers()
-            if src in graph_inputs or src in outputs or src not in producers:
-                continue
-            model.graph.node.remove(node)
-            prod = producers[src]
-            for k, o in enumerate(prod.output):
-                if o == src:
-                    prod.output[k] = dst
-            model.replace_uses(src, dst)
-            for vi in model.graph.value_info:
-                if vi.name == src:
-                    model.graph.value_info.remove(vi)
-                    break
-            removed += 1
         return PassResult(model, removed > 0, {"removed_nodes": removed})

@@ -60,7 +60,7 @@ class SimplifyShapes(Pass):
                         else:
                             value = np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
                             total["shape_nodes"] += 1
-                        model.graph.initializer.append(onnx.numpy_helper.from_array(value, node.output[0]))
+                        model.append_initializer(onnx.numpy_helper.from_array(value, node.output[0]))
                         changed += 1
                         continue
                 if node.domain in ("", "ai.onnx") and node.op_type == "Reshape" and len(node.input) > 1 \
@@ -70,7 +70,7 @@ class SimplifyShapes(Pass):
                     if in_shape is not None and out_shape is not None and 0 not in out_shape and \
                             int(np.prod(in_shape, dtype=np.int64)) == int(np.prod(out_shape, dtype=np.int64)):
                         name = model.add_initializer(node.name + "_shape", np.array(out_shape, dtype=np.int64))
-                        node.input[1] = name
+                        model.set_input(node, 1, name)
                         # allowzero=1 would give 0 a literal meaning; the static target has no zeros to read
                         total["reshape_targets"] += 1
                         changed += 1
@@ -78,6 +78,7 @@ class SimplifyShapes(Pass):
             if len(keep) != len(model.graph.node):
                 del model.graph.node[:]
                 model.graph.node.extend(keep)
+                model.graph_edited()
             folded = folding(model, ctx, copy=False)
             total["folded_nodes"] += folded.stats.get("folded_nodes", 0)
             if not changed and not folded.stats.get("folded_nodes", 0):
