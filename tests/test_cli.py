@@ -24,21 +24,11 @@ import pytest
 from onnx import numpy_helper
 
 from sculpt.cli import main
+from markers import needs_ppocr
 from sculpt.examples import tiny_convnet
 from sculpt.models import PPOCR_SHAPES
 from sculpt.passes.base import registered_passes
 
-
-def _has_ppocr() -> bool:
-    try:
-        import rapidocr_onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_ppocr = pytest.mark.skipif(not _has_ppocr(), reason="the PP-OCR models come from the optional "
-                                                             "rapidocr-onnxruntime wheel")
 
 # model -> (input name, the static shape used here)
 INPUTS = {"tiny": ("input", [1, 3, 32, 32]), **{kind: ("x", shape) for kind, shape in PPOCR_SHAPES.items()}}

@@ -27,21 +27,10 @@ import numpy as np
 import pytest
 
 from sculpt.cli import main
+from markers import needs_ppocr
 from sculpt.examples import tiny_convnet
 
 SHAPE = "input=1,3,32,32"
-
-
-def _has_ppocr() -> bool:
-    try:
-        import rapidocr_onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_ppocr = pytest.mark.skipif(not _has_ppocr(), reason="the PP-OCR models come from the optional "
-                                                             "rapidocr-onnxruntime wheel")
 
 
 def _hashes(folder: Path) -> dict[str, str]:
