@@ -51,3 +51,48 @@ def test_ppocr_runs_on_arm64_under_qemu(kind, tmp_path):
     from sculpt.models import PPOCR_SHAPES, ppocr_model_path
 
     _verify_on_arm64(ppocr_model_path(kind), tmp_path, input_shapes={"x": PPOCR_SHAPES[kind]})
+
+
+def _fast_math_model():
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("LRN", ["x"], ["lrn"], size=5, alpha=1e-4, beta=0.75, bias=1.0),
+             helper.make_node("Sigmoid", ["x"], ["sigmoid"]), helper.make_node("Softmax", ["x"], ["softmax"], axis=-1)]
+    shape = [1, 8, 9, 27]
+    graph = helper.make_graph(nodes, "fast_math", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, shape) for n in nodes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model, shape
+
+
+def test_layout_and_math_rewrites_run_on_arm64_under_qemu(tmp_path):
+    """What the zoo work added, on NEON: depthwise and pools padded per plane (60x60), strided windows
+    over odd widths (27), a depthwise width computed in whole vectors (27 -> 28), channel counts padded to
+    whole blocks (34, 68), a matrix-vector product of whole rows, LRN's power as roots, the fast
+    sigmoid and softmax."""
+    rng = np.random.default_rng(8)
+    models = [
+        (cases.conv_model([cases.ConvCase("dw3_big", 8, 8, (3, 3), pads=(1, 1, 1, 1), group=8, epilogue="relu"),
+                           cases.ConvCase("c34", 8, 34, (1, 1), epilogue="relu"),
+                           cases.ConvCase("c68_s2", 8, 68, (3, 3), stride=(2, 2), pads=(1, 1, 1, 1))], (1, 8, 60, 60)),
+         (1, 8, 60, 60)),
+        (cases.conv_model([cases.ConvCase("dw3_s2_odd", 8, 8, (3, 3), stride=(2, 2), group=8),
+                           cases.ConvCase("dw5_p2", 8, 8, (5, 5), pads=(2, 2, 2, 2), group=8, epilogue="hardswish")],
+                          (1, 8, 14, 27)), (1, 8, 14, 27)),
+        (cases.pool_model([cases.PoolCase("max3_s2", "MaxPool", (3, 3), (2, 2)),
+                           cases.PoolCase("max3_s2_big", "MaxPool", (3, 3), (2, 2), (1, 1, 1, 1))], (1, 8, 61, 61)),
+         (1, 8, 61, 61)),
+        _fast_math_model(),
+    ]
+    for i, (model, shape) in enumerate(models):
+        path = tmp_path / f"m{i}.onnx"
+        onnx.save(model, path)
+        folder = tmp_path / f"build{i}"
+        folder.mkdir()
+        _verify_on_arm64(path, folder, {"x": (rng.standard_normal(shape) * 3).astype(np.float32)})
+    path = tmp_path / "gemv.onnx"
+    onnx.save(cases.matmul_model(1, 512, 1000), path)
+    folder = tmp_path / "build_gemv"
+    folder.mkdir()
+    _verify_on_arm64(path, folder, {"a": rng.standard_normal((1, 1, 512)).astype(np.float32)})
