@@ -115,6 +115,7 @@ def cmd_inspect(args) -> int:
     from rich.table import Table
 
     from sculpt.ir.cost import cost_of
+    from sculpt.plain_table import print_table
 
     if args.top < 0:
         raise OptionError(f"--top must not be negative, got {args.top}")
@@ -148,7 +149,7 @@ def cmd_inspect(args) -> int:
         table.add_row(str(i), layer.name, layer.op_type,
                       "x".join(map(str, layer.output_shape)) if layer.output_shape is not None else "?",
                       _fmt_int(layer.params), _fmt_int(layer.macs), _fmt_bytes(layer.weight_bytes))
-    con.print(table)
+    print_table(con, table)  # rich takes a minute on 50,000 rows; the same text, written directly
     dyn = work.dynamic_inputs()
     con.print("inputs: " + ", ".join(f"{n}={s}" for n, s in work.input_shapes().items()))
     con.print(f"total: {len(report.layers)} nodes, params {_fmt_int(report.params)}, MACs {_fmt_int(report.macs)}, "

@@ -122,6 +122,11 @@ class ChannelGraph:
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, model: Model) -> "ChannelGraph":
+        with model.indexed():  # shape and constant lookups per tensor: one graph index answers them
+            return cls._build(model)
+
+    @classmethod
+    def _build(cls, model: Model) -> "ChannelGraph":
         from sculpt.ir.channel_handlers import handler_for
 
         cg = cls(model)
