@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls
+from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, four_pads, rewrite_calls, static_shape
 
 BLOCK_PREFIX = "sculpt_conv_oc"
 _BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_h(\d+)_w(\d+)_c(\d+)_r(\d+)")
@@ -113,17 +113,11 @@ def _static_conv(call) -> tuple[ConvShape, int] | None:
     if (str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW"
             or (a.out_dtype is not None and str(a.out_dtype) not in ("", "float32", "void"))):
         return None
-    try:
-        x_shape = [int(d) for d in call.args[0].ty.shape]
-    except (TypeError, AttributeError):
-        return None
+    x_shape, pads = static_shape(call.args[0]), four_pads(a)
     groups = int(a.groups)
     w_shape = [int(d) for d in weight.shape]
-    pads = [int(p) for p in a.padding]
-    if len(pads) == 2:
-        pads = pads * 2
-    if (len(x_shape) != 4 or str(call.args[0].ty.dtype) != "float32" or len(w_shape) != 4 or len(pads) != 4
-            or groups < 1 or w_shape[0] % groups or w_shape[1] * groups != x_shape[1]):
+    if (x_shape is None or pads is None or len(x_shape) != 4 or str(call.args[0].ty.dtype) != "float32"
+            or len(w_shape) != 4 or groups < 1 or w_shape[0] % groups or w_shape[1] * groups != x_shape[1]):
         return None
     shape = ConvShape(x_shape[0], w_shape[1], x_shape[2], x_shape[3], w_shape[0] // groups, (w_shape[2], w_shape[3]),
                       tuple(int(s) for s in a.strides), tuple(int(d) for d in a.dilation), tuple(pads))
@@ -266,10 +260,7 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
         sch.reorder(n, oo, ho, rco, wo, rci, ry, rx, hi, wi, oi)
         first_reduce, tail_at = rco, ho
     else:
-        if rows_outer:
-            sch.reorder(n, ho, oo, wo, rc, ry, rx, hi, wi, oi)
-        else:
-            sch.reorder(n, oo, ho, wo, rc, ry, rx, hi, wi, oi)
+        sch.reorder(*((n, ho, oo) if rows_outer else (n, oo, ho)), wo, rc, ry, rx, hi, wi, oi)
         first_reduce, tail_at = rc, wo
     # accumulators: the main block's output buffer, shrunk to one tile (a row with chunks) by
     # computing the output block per tile (a cache stage when the conv itself is the function's

@@ -15,7 +15,7 @@ makes the padded width a multiple of the stride."""
 
 from __future__ import annotations
 
-from sculpt.backends.tvm.kernels.relax_rewrite import rewrite_calls
+from sculpt.backends.tvm.kernels.relax_rewrite import four_pads, rewrite_calls, static_shape
 
 _POOLS = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d")
 _CONV = "relax.nn.conv2d"
@@ -36,14 +36,6 @@ def unused_right_columns(width: int, pad_left: int, pad_right: int, kernel: int,
     return extra
 
 
-def _nchw_width(call) -> int | None:
-    try:
-        shape = [int(d) for d in call.args[0].ty.shape]
-    except (TypeError, AttributeError, ValueError):
-        return None
-    return shape[3] if len(shape) == 4 else None
-
-
 def rewrite_even_strided_widths(mod):
     """``mod`` with the pools and remaining convs of stride > 1 over a width the stride does not
     divide given the unused right columns that make it divide (see the module docstring)."""
@@ -56,22 +48,19 @@ def rewrite_even_strided_widths(mod):
             return None
         a = call.attrs
         layout = str(a.layout) if name in _POOLS else str(a.data_layout)
-        width = _nchw_width(call)
-        if layout != "NCHW" or width is None or (name in _POOLS and bool(a.ceil_mode)):
+        shape, pads = static_shape(call.args[0]), four_pads(a)
+        if layout != "NCHW" or shape is None or len(shape) != 4 or pads is None \
+                or (name in _POOLS and bool(a.ceil_mode)):
             return None
-        pads = [int(p) for p in a.padding]
-        if len(pads) == 2:
-            pads = pads * 2
-        if len(pads) != 4:
-            return None
+        width = shape[3]
         stride, dilation = int(a.strides[1]), int(a.dilation[1])
         if name in _POOLS:
             kernel = int(a.pool_size[1])
         else:
-            try:
-                kernel = int(call.args[1].ty.shape[3])
-            except (TypeError, AttributeError, ValueError, IndexError):
+            weight = static_shape(call.args[1])
+            if weight is None or len(weight) != 4:
                 return None
+            kernel = weight[3]
         extra = unused_right_columns(width, pads[1], pads[3], kernel, stride, dilation)
         if not extra:
             return None

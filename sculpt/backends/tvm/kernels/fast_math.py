@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sculpt.backends.tvm.kernels.relax_rewrite import rewrite_calls
+from sculpt.backends.tvm.kernels.relax_rewrite import rewrite_calls, static_shape
 
 
 def _sigmoid(x):
@@ -41,12 +41,8 @@ def rewrite_fast_math(mod):
 
         if getattr(call.op, "name", "") != "relax.sigmoid" or len(call.args) != 1:
             return None
-        ty = call.args[0].ty
-        try:
-            shape = tuple(int(d) for d in ty.shape)
-        except (TypeError, AttributeError):
-            return None
-        if str(ty.dtype) != "float32":
+        shape = static_shape(call.args[0])
+        if shape is None or str(call.args[0].ty.dtype) != "float32":
             return None
         if shape not in made:
             x = te.placeholder([tirx.IntImm("int64", d) for d in shape], "float32", name="x")

@@ -287,8 +287,8 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
         sch.vectorize(tail_lanes)
     else:
         sch.vectorize(tail_loops[-1])
-    # depthwise and pools: padding per channel plane (it stays in cache) instead of one pass over the whole
-    # input, so the parallel loop covers (n, c) only and the tiles of a plane run inside it
+    # depthwise and pools: padding per channel plane (it stays in cache) instead of one pass over the
+    # whole input, so the parallel loop covers (n, c) only and the tiles of a plane run inside it
     per_plane = a.kind in ("depthwise", "pool") and len(outer) > 2 and len(producers) == 1 \
         and _plane_elements(sch, producers[0], deinterleaved) >= PER_PLANE_MIN_ELEMENTS
     fused = sch.fuse(*outer[:2]) if per_plane else sch.fuse(*outer)

@@ -15,6 +15,22 @@ def constant_value(expr):
     return None
 
 
+def static_shape(expr) -> tuple[int, ...] | None:
+    """The static shape of a Relax expression's tensor type, or None (symbolic or not a tensor)."""
+    try:
+        return tuple(int(d) for d in expr.ty.shape)
+    except (TypeError, AttributeError, ValueError):
+        return None
+
+
+def four_pads(attrs) -> list[int] | None:
+    """A conv/pool's 2-D padding as [top, left, bottom, right] (Relax allows 2 values), else None."""
+    pads = [int(p) for p in attrs.padding]
+    if len(pads) == 2:
+        pads = pads * 2
+    return pads if len(pads) == 4 else None
+
+
 class Rewriter:
     """Handed to a rule: ``emit(expr)`` binds a helper expression and returns its variable;
     ``bound(var)`` is the expression a variable was bound to (or the variable itself)."""

@@ -11,14 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sculpt.backends.tvm.kernels.relax_rewrite import rewrite_calls
-
-
-def _static_shape(expr) -> tuple[int, ...] | None:
-    try:
-        return tuple(int(d) for d in expr.ty.shape)
-    except (TypeError, AttributeError, ValueError):
-        return None
+from sculpt.backends.tvm.kernels.relax_rewrite import rewrite_calls, static_shape
 
 
 def rewrite_sum_of_stack(mod):
@@ -40,7 +33,7 @@ def rewrite_sum_of_stack(mod):
         parts = rewriter.bound(stacked.args[0])
         if not isinstance(parts, relax.Tuple) or len(parts.fields) < 2:
             return None
-        out_shape = _static_shape(call)
+        out_shape = static_shape(call)
         operands = []
         for field in parts.fields:
             value = rewriter.bound(field)
@@ -51,7 +44,7 @@ def rewrite_sum_of_stack(mod):
             if str(value.ty.dtype) != str(call.ty.dtype):
                 return None
             operands.append(value)
-        shapes = [_static_shape(v) for v in operands]
+        shapes = [static_shape(v) for v in operands]
         if out_shape is None or any(s is None for s in shapes):
             return None
         total = operands[0]

@@ -11,7 +11,7 @@ the kernel, which writes only the real columns. Applied when the extra columns a
 
 from __future__ import annotations
 
-from sculpt.backends.tvm.kernels.relax_rewrite import rewrite_calls
+from sculpt.backends.tvm.kernels.relax_rewrite import four_pads, rewrite_calls, static_shape
 
 MAX_EXTRA_COLUMNS = 0.25
 
@@ -37,22 +37,16 @@ def rewrite_depthwise_widths(mod, lanes: int):
         a = call.attrs
         if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW":
             return None
-        try:
-            x_shape = [int(d) for d in call.args[0].ty.shape]
-            w_shape = [int(d) for d in call.args[1].ty.shape]
-            y_shape = [int(d) for d in call.ty.shape]
-        except (TypeError, AttributeError, ValueError):
-            return None
+        x_shape, w_shape, y_shape = static_shape(call.args[0]), static_shape(call.args[1]), static_shape(call)
+        pads = four_pads(a)
         groups = int(a.groups)
-        if len(x_shape) != 4 or groups == 1 or groups != x_shape[1] or w_shape[1] != 1:
+        if x_shape is None or w_shape is None or y_shape is None or pads is None or len(x_shape) != 4 \
+                or groups == 1 or groups != x_shape[1] or w_shape[1] != 1:
             return None
         out_width = y_shape[3]
         width = padded_output_width(out_width, lanes)
         if width == out_width:
             return None
-        pads = [int(p) for p in a.padding]
-        if len(pads) == 2:
-            pads = pads * 2
         stride = int(a.strides[1])
         padding = [pads[0], pads[1], pads[2], pads[3] + (width - out_width) * stride]
         wide = rewriter.emit(relax.op.nn.conv2d(call.args[0], call.args[1], a.strides, padding, a.dilation, groups,
