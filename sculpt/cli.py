@@ -7,6 +7,7 @@ input at fault, exit with status 2, and write nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Sequence
 
 from sculpt import __version__
+from sculpt.common import (atomic_write_bytes, check_output_file, existing_ancestor, give_default_mode, one_line,
+                           same_path, to_plain_json)
+from sculpt.common.messages import LINE_LIMIT
 from sculpt.errors import OptionError, SculptError, ShapeError
 
 EXIT_USER_ERROR = 2
@@ -82,12 +86,6 @@ def _resolve_shapes(model, shapes: dict[str, list[int]]) -> dict[str, list[int]]
     return shapes
 
 
-def _one_line(e) -> str:
-    """An error message on one line (some libraries put newlines in theirs)."""
-    text = " ".join(str(e).split())
-    return text[:1000] + (" ..." if len(text) > 1000 else "")
-
-
 def _load(path: str):
     from sculpt.ir.model import Model
 
@@ -133,7 +131,7 @@ def cmd_inspect(args) -> int:
         data["opset"] = model.opset
         data["inputs"] = work.input_shapes()
         data["outputs"] = model.output_names
-        print(json.dumps(_jsonable(data), allow_nan=False))
+        print(json.dumps(to_plain_json(data), allow_nan=False))
         return 0
     con = _console()
     table = Table(title=f"{args.model}  (opset {model.opset})", show_lines=False)
@@ -270,35 +268,6 @@ class _ProgressInstrument:
 
 
 # ------------------------------------------------------------------ run: checks before any pass runs
-def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """True when ``a`` and ``b`` name the same file (symlinks and hard links included)."""
-    try:
-        if os.path.exists(a) and os.path.exists(b):
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _existing_ancestor(path: Path) -> Path:
-    p = Path(os.path.abspath(path))
-    while not p.exists():
-        p = p.parent
-    return p
-
-
-def _check_output_file(path: str, flag: str, what: str) -> Path:
-    p = Path(path)
-    if not p.name or p.is_dir():
-        raise OptionError(f"{p}: is a directory; {flag} takes {what}")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise OptionError(f"{p}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OptionError(f"{p}: the folder {parent} is not writable")
-    return p
-
-
 def _check_calibration_spec(spec, where: str) -> None:
     """Catch what CalibrationSet.from_source would only notice late (or report as a crash)."""
     from sculpt.errors import CalibrationError
@@ -354,7 +323,7 @@ def _pipeline_from_file(path: str, overrides: dict):
         raise OptionError(f"{path}: {e}") from None  # name the file: 'unknown pass' alone does not say where
     except (ValueError, TypeError) as e:  # e.g. 'seed: abc' or 'input_shapes: {x: [1, a]}'
         why = _explain_pipeline(path)
-        raise OptionError(f"{path}: {why}" if why else f"{path}: invalid pipeline ({_one_line(e)})") from None
+        raise OptionError(f"{path}: {why}" if why else f"{path}: invalid pipeline ({one_line(e, LINE_LIMIT)})") from None
 
 
 def _explain_pipeline(path: str) -> str | None:
@@ -378,44 +347,10 @@ def _explain_pipeline(path: str) -> str | None:
     return None
 
 
-def _jsonable(obj):
-    """Plain JSON: numpy scalars as numbers, non-finite floats as the strings 'inf', '-inf', 'nan'."""
-    import math
-
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return str(obj)
-
-
-def _default_mode(path: Path) -> None:
-    """Give a file written through a private temporary file the mode a plain open() would give."""
-    mask = os.umask(0)
-    os.umask(mask)
-    try:
-        os.chmod(path, 0o666 & ~mask)
-    except OSError:
-        pass
-
-
-def _write_file_atomic(path: Path, data: bytes) -> None:
-    from sculpt.ir.model import _atomic_write_bytes
-
-    _atomic_write_bytes(path, data)
-    _default_mode(path)
+def _give_default_mode_quietly(path: Path) -> None:
+    """A file moved or written into place gets the mode a plain open() would give, if it can."""
+    with contextlib.suppress(OSError):
+        give_default_mode(path)
 
 
 def _remove(path: Path) -> None:
@@ -441,13 +376,13 @@ def cmd_run(args) -> int:
     if args.compare_samples < 1:
         raise OptionError(f"--compare-samples must be at least 1, got {args.compare_samples}")
     # ---- where the results go: checked before anything is loaded or run
-    out = _check_output_file(args.output, "-o", "the output .onnx file")
-    report_path = _check_output_file(args.report, "--report", "a .json file") if args.report else None
+    out = check_output_file(args.output, "-o", "the output .onnx file")
+    report_path = check_output_file(args.report, "--report", "a .json file") if args.report else None
     dump_dir = Path(args.dump_dir) if args.dump_dir else None
     if dump_dir is not None and dump_dir.exists() and not dump_dir.is_dir():
         raise OptionError(f"{dump_dir}: exists and is not a folder; --dump-dir takes a folder")
-    if dump_dir is not None and not os.access(_existing_ancestor(dump_dir), os.W_OK | os.X_OK):
-        raise OptionError(f"{dump_dir}: cannot create files there (the folder {_existing_ancestor(dump_dir)} "
+    if dump_dir is not None and not os.access(existing_ancestor(dump_dir), os.W_OK | os.X_OK):
+        raise OptionError(f"{dump_dir}: cannot create files there (the folder {existing_ancestor(dump_dir)} "
                           "is not writable)")
     protected = [(args.model, "the input model")]
     if args.pipeline:
@@ -457,14 +392,14 @@ def cmd_run(args) -> int:
     protected = [(p, what) for p, what in protected if os.path.exists(p)]
     for path, flag in [(out, "-o")] + ([(report_path, "--report")] if report_path else []):
         for src, what in protected:
-            if _same_path(path, src):
+            if same_path(path, src):
                 raise OptionError(f"{path}: {flag} would overwrite {what}; choose another path")
-    if report_path and _same_path(report_path, out):
+    if report_path and same_path(report_path, out):
         raise OptionError(f"{report_path}: --report and -o name the same file")
     if dump_dir is not None:
         for path, what in protected + [(out, "the -o file")] + ([(report_path, "the --report file")]
                                                                if report_path else []):
-            if _same_path(dump_dir, path):
+            if same_path(dump_dir, path):
                 raise OptionError(f"{dump_dir}: --dump-dir is {what}")
 
     # ---- the model, the pipeline, the shapes and the calibration data
@@ -505,7 +440,7 @@ def cmd_run(args) -> int:
             target = dump_dir / f"{index:03d}_{p.name}.onnx"
             for path, what in protected + [(out, "the -o file")] + ([(report_path, "the --report file")]
                                                                    if report_path else []):
-                if _same_path(target, path):
+                if same_path(target, path):
                     raise OptionError(f"{target}: the dump of pass {index} would overwrite {what}")
 
     # ---- run; nothing is written where the user can see it until everything succeeded
@@ -517,7 +452,7 @@ def cmd_run(args) -> int:
     try:
         if dump_dir is not None:
             # dumps go to a private folder first and are moved into --dump-dir only on success
-            tmp_dump = Path(tempfile.mkdtemp(prefix=".sculpt-dump-", dir=_existing_ancestor(dump_dir)))
+            tmp_dump = Path(tempfile.mkdtemp(prefix=".sculpt-dump-", dir=existing_ancestor(dump_dir)))
             pipeline.dump_dir = str(tmp_dump)
         start = time.perf_counter()
         result = pipeline.run(model)
@@ -543,7 +478,7 @@ def cmd_run(args) -> int:
             "before": before.as_dict()["totals"], "after": after.as_dict()["totals"],
             "error": cmp.as_dict(),
         }
-        report_bytes = json.dumps(_jsonable(report), indent=2, allow_nan=False).encode()
+        report_bytes = json.dumps(to_plain_json(report), indent=2, allow_nan=False).encode()
 
         # ---- write: the dumps, the model, the report
         if tmp_dump is not None:
@@ -558,15 +493,15 @@ def cmd_run(args) -> int:
                 if not target.exists():
                     written.append(target)
                 shutil.move(str(f), str(target))
-                _default_mode(target)
+                _give_default_mode_quietly(target)
         if not out.exists():
             written.append(out)
         final.save(out)
-        _default_mode(out)
+        _give_default_mode_quietly(out)
         if report_path is not None:
             if not report_path.exists():
                 written.append(report_path)
-            _write_file_atomic(report_path, report_bytes)
+            atomic_write_bytes(report_path, report_bytes)
     except BaseException:
         for path in reversed(written):
             _remove(path)
@@ -645,7 +580,7 @@ def cmd_compare(args) -> int:
     if args.json:
         data = cmp.as_dict()
         data.update(equal=ok, rtol=args.rtol, atol=args.atol)
-        print(json.dumps(_jsonable(data), allow_nan=False))
+        print(json.dumps(to_plain_json(data), allow_nan=False))
     else:
         for o in cmp.outputs:
             print(f"{o.name}: max abs {o.max_abs:.3g}, relative {o.max_rel:.3g}"
@@ -795,13 +730,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USER_ERROR
         return int(args.func(args) or 0)
     except SculptError as e:
-        print(f"sculpt: error: {_one_line(e)}", file=sys.stderr)
+        print(f"sculpt: error: {one_line(e, LINE_LIMIT)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except OSError as e:  # a file the user named cannot be read or written (permissions, disk full)
         if os.environ.get("SCULPT_DEBUG"):
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"sculpt: error: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
+        print(f"sculpt: error: {where}{one_line(e.strerror or e, LINE_LIMIT)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("sculpt: interrupted", file=sys.stderr)
@@ -809,7 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug in sculpt: one line, the traceback on request
         if os.environ.get("SCULPT_DEBUG"):
             raise
-        print(f"sculpt: internal error: {type(e).__name__}: {_one_line(e)} (set SCULPT_DEBUG=1 for the "
+        print(f"sculpt: internal error: {type(e).__name__}: {one_line(e, LINE_LIMIT)} (set SCULPT_DEBUG=1 for the "
               "traceback)", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
 

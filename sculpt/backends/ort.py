@@ -12,7 +12,8 @@ import onnx
 
 from sculpt.errors import ShapeError, SculptError
 import sculpt.ir.model as _model_mod
-from sculpt.ir.model import Model, _dims, _one_line
+from sculpt.common import one_line
+from sculpt.ir.model import Model, _dims
 
 _ORT_TO_NUMPY = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -56,7 +57,7 @@ def make_session(model: Model | onnx.ModelProto, *, optimize: bool = True, threa
                 return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise RuntimeFailure(f"onnxruntime cannot load the model: {_one_line(e)}") from None
+        raise RuntimeFailure(f"onnxruntime cannot load the model: {one_line(e)}") from None
     finally:
         if added:
             keep = [o for o in proto.graph.output if o.name not in set(added)]
@@ -85,7 +86,7 @@ def run(model: Model | onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, sess
     try:
         values = sess.run(names, dict(feeds))
     except Exception as e:
-        raise RuntimeFailure(f"onnxruntime failed to run the model: {_one_line(e)}") from None
+        raise RuntimeFailure(f"onnxruntime failed to run the model: {one_line(e)}") from None
     return dict(zip(names, values))
 
 

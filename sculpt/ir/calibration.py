@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 
 from sculpt.errors import CalibrationError, ShapeError
-from sculpt.ir.model import Model, _one_line
+from sculpt.common import one_line
+from sculpt.ir.model import Model
 
 MAX_IMAGE_SIDE = 8192  # pixels: a calibration image resized beyond this is a mistake (3·8192² floats = 800 MB)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -68,7 +69,7 @@ class ImagePreprocessing:
                                                                          Image.BILINEAR)
                 arr = np.asarray(img, dtype=np.float32)
         except Exception as e:
-            raise CalibrationError(f"{path}: cannot read the image ({_one_line(e)})") from None
+            raise CalibrationError(f"{path}: cannot read the image ({one_line(e)})") from None
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if self.channel_order.upper() == "BGR" and arr.shape[2] == 3:

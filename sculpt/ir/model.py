@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
+from sculpt.common import atomic_write_bytes, one_line
 from sculpt.errors import InvalidModelError, ModelLoadError, ShapeError
 from sculpt.ir.graph_index import GraphIndex
 
@@ -168,7 +169,7 @@ class Model:
         if not external_data:
             data = proto.SerializeToString()
             try:
-                _atomic_write_bytes(path, data)
+                atomic_write_bytes(path, data)
             except OSError as e:
                 raise ModelLoadError(f"{path}: cannot write the model: {e.strerror or e}") from None
             return path
@@ -585,7 +586,7 @@ class Model:
                 self.graph.value_info.extend(saved)
                 self.graph_edited(nodes=False)
             if strict:
-                raise InvalidModelError(f"shape inference failed: {_one_line(e)}") from None
+                raise InvalidModelError(f"shape inference failed: {one_line(e)}") from None
             return self
         del self.graph.value_info[:]
         self.graph.value_info.extend(inferred.graph.value_info)
@@ -680,7 +681,7 @@ class Model:
             else:
                 onnx.checker.check_model(self.proto, full_check=full_check)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-            raise InvalidModelError(f"onnx checker: {_one_line(e)}") from None
+            raise InvalidModelError(f"onnx checker: {one_line(e)}") from None
 
     def upgrade_opset(self, target: int) -> "Model":
         """Convert to opset ``target`` with onnx.version_converter (no-op if already there)."""
@@ -691,7 +692,7 @@ class Model:
         try:
             converted = version_converter.convert_version(self.proto, target)
         except Exception as e:
-            raise InvalidModelError(f"cannot upgrade opset {self.opset} -> {target}: {_one_line(e)}") from None
+            raise InvalidModelError(f"cannot upgrade opset {self.opset} -> {target}: {one_line(e)}") from None
         _restore_model_info(converted, _model_info(self.proto))
         self.proto = converted
         self._ensure_node_names()
@@ -832,7 +833,7 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     try:
         proto.ParseFromString(data)
     except Exception as e:  # google.protobuf.message.DecodeError and friends
-        raise ModelLoadError(f"{where}: not an ONNX model (protobuf parse failed: {_one_line(e)}); "
+        raise ModelLoadError(f"{where}: not an ONNX model (protobuf parse failed: {one_line(e)}); "
                              "truncated or another format?") from None
     _check_is_model(proto, where)
     return proto
@@ -977,27 +978,8 @@ def _load_external_data(proto: onnx.ModelProto, path: str, *, read: bool = True)
             try:
                 onnx.external_data_helper.load_external_data_for_tensor(t, folder)
             except Exception as e:  # OSError, ValueError, onnx's ValidationError (bad offset or length)
-                raise ModelLoadError(f"{what}: cannot read its external data '{location}': {_one_line(e)}") \
+                raise ModelLoadError(f"{what}: cannot read its external data '{location}': {one_line(e)}") \
                     from None
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600; give the file the mode a plain open() would (0666 less the umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _as_dim(d) -> int:
@@ -1072,12 +1054,6 @@ _SIDE_EFFECT_OPS: set[str] = set()
 
 def _has_side_effects(node: onnx.NodeProto) -> bool:
     return node.op_type in _SIDE_EFFECT_OPS
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    msg = " ".join(line.strip() for line in text if line.strip()) or type(e).__name__
-    return msg[:400]
 
 
 def iter_nodes(model: Model, op_types: Iterable[str] | None = None):

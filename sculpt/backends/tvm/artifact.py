@@ -25,6 +25,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from sculpt.backends.tvm.targets import NamedTarget, get_target
+from sculpt.common import (atomic_write_bytes, check_output_file, give_default_mode, one_line, same_path,
+                           to_plain_json)
 from sculpt.errors import OptionError, SculptError
 
 MANIFEST_FORMAT = "sculpt-tvm-artifact/1"
@@ -167,7 +169,7 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
             progress(f"sparse kernels ({sparse})")
         mod, decisions = apply_sparse_kernels(mod, target.tvm_target(), sparse, layer_names=layer_names_from_onnx(work))
         options["sparse"] = {"mode": sparse, "layers_sparse": sum(1 for d in decisions if d.sparse),
-                             "decisions": [_jsonable(dataclasses.asdict(d)) for d in decisions]}
+                             "decisions": [to_plain_json(dataclasses.asdict(d)) for d in decisions]}
     outputs = _output_specs(mod, [o.name for o in work.graph.output])
     report = None
     kernel_decisions: list = []
@@ -243,14 +245,12 @@ def _output_specs(mod, names: list[str]) -> list[TensorSpec]:
 def check_artifact_path(output: str | os.PathLike, *protected: str | os.PathLike) -> Path:
     """Validate ``-o``: a ``.so`` path in a writable folder, whose artifact files overwrite none of
     ``protected`` (the input model)."""
-    from sculpt.cli import _check_output_file, _same_path
-
-    library = _check_output_file(str(output), "-o", "an artifact path ending in .so")
+    library = check_output_file(str(output), "-o", "an artifact path ending in .so")
     if library.suffix != ".so":
         raise OptionError(f"{library}: the artifact is a shared library; give -o a path ending in .so")
     for path in (library, manifest_path_for(library), library.with_suffix(".cl")):
         for other in protected:
-            if _same_path(path, other):
+            if same_path(path, other):
                 raise OptionError(f"{path}: writing the artifact would overwrite the input model {other}")
     return library
 
@@ -262,7 +262,6 @@ def export_artifact(compiled: CompiledModel, library: str | os.PathLike, *, sour
     from sculpt import __version__
     from sculpt.backends.tvm.runtime_libs import installed_versions, require_tool
     from sculpt.backends.tvm.thread_policy import manifest_entry as thread_policy_entry
-    from sculpt.ir.model import _atomic_write_bytes, _one_line
 
     library = Path(library)
     target = compiled.target
@@ -283,7 +282,7 @@ def export_artifact(compiled: CompiledModel, library: str | os.PathLike, *, sour
         "source_model": {"file": str(Path(source_model).resolve()) if source_model else None,
                          "sha256": source_sha256 or (file_sha256(source_model) if source_model else None)},
         "passes": compiled.passes,
-        "options": _jsonable(compiled.options),
+        "options": to_plain_json(compiled.options),
         "tuning": compiled.tuning.as_dict() if compiled.tuning is not None else None,
         "opencl_source": library.with_suffix(".cl").name if cl_source is not None else None,
         "sculpt_version": __version__,
@@ -304,13 +303,13 @@ def export_artifact(compiled: CompiledModel, library: str | os.PathLike, *, sour
             else:
                 compiled.executable.export_library(tmp_lib)
         except Exception as e:
-            raise ArtifactError(f"{library}: exporting the library for {target.name} failed: {_one_line(e)}") \
+            raise ArtifactError(f"{library}: exporting the library for {target.name} failed: {one_line(e)}") \
                 from None
-        _give_default_mode(tmp_lib, executable=True)
+        give_default_mode(tmp_lib, executable=True)
         for path, data in files.items():
-            _atomic_write_bytes(path, data)
+            atomic_write_bytes(path, data)
         os.replace(tmp_lib, library)
-        _atomic_write_bytes(manifest_path_for(library), (json.dumps(manifest, indent=2) + "\n").encode())
+        atomic_write_bytes(manifest_path_for(library), (json.dumps(manifest, indent=2) + "\n").encode())
     finally:
         if os.path.exists(tmp_lib):
             os.unlink(tmp_lib)
@@ -446,15 +445,3 @@ def _full_target(target: NamedTarget) -> dict:
         return json.loads(str(target.tvm_target()))
     except ValueError:
         return dict(target.spec)
-
-
-def _give_default_mode(path: str, executable: bool = False) -> None:
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, (0o777 if executable else 0o666) & ~mask)
-
-
-def _jsonable(value):
-    from sculpt.cli import _jsonable as plain
-
-    return plain(value)

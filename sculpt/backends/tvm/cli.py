@@ -10,6 +10,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from sculpt.common import one_line, to_plain_json
 from sculpt.errors import OptionError
 
 SHAPE_HELP = "fix an input's shape: NAME=1,3,48,320 (repeatable; the name may be left out for one input)"
@@ -262,7 +263,7 @@ def parse_input_files(items) -> dict[str, "object"]:
         try:
             value = np.load(p, allow_pickle=False)
         except Exception as e:
-            raise OptionError(f"--input {item}: {p} is not a readable .npy file ({' '.join(str(e).split())[:200]})") \
+            raise OptionError(f"--input {item}: {p} is not a readable .npy file ({one_line(e, limit=200)})") \
                 from None
         if not isinstance(value, np.ndarray):
             raise OptionError(f"--input {item}: {p} holds several arrays (.npz); give one .npy per input")
@@ -275,7 +276,7 @@ def parse_input_files(items) -> dict[str, "object"]:
 def cmd_verify(args) -> int:
     from sculpt.backends.tvm.artifact import load_artifact
     from sculpt.backends.tvm.deploy import verify_artifact
-    from sculpt.cli import _console, _jsonable, _load, check_number_flag
+    from sculpt.cli import _console, _load, check_number_flag
 
     check_number_flag("--rtol", args.rtol)
     check_number_flag("--atol", args.atol)
@@ -301,7 +302,7 @@ def cmd_verify(args) -> int:
             data.update(result.comparison.as_dict())
         if result.kernel_check is not None:
             data["opencl"] = result.kernel_check.as_dict()
-        print(json.dumps(_jsonable(data), allow_nan=False))
+        print(json.dumps(to_plain_json(data), allow_nan=False))
     else:
         for note in result.notes:
             print(f"note: {note}", file=sys.stderr)
@@ -328,7 +329,7 @@ def cmd_bench(args) -> int:
 
     from sculpt.backends.tvm.bench import benchmark
     from sculpt.backends.tvm.targets import get_target
-    from sculpt.cli import _console, _jsonable, _load, _resolve_shapes, parse_input_shapes
+    from sculpt.cli import _console, _load, _resolve_shapes, parse_input_shapes
 
     target = get_target(args.target)
     device = _device(args)
@@ -355,7 +356,7 @@ def cmd_bench(args) -> int:
         if tmp_db is not None:
             tmp_db.cleanup()
     if args.json:
-        print(json.dumps(_jsonable(result), allow_nan=False))
+        print(json.dumps(to_plain_json(result), allow_nan=False))
         return 0
     table = Table(title=f"{args.model} on {result['target']} ({result['measured_on']}), {result['threads']} threads "
                         f"({result['thread_policy']} pool), "

@@ -20,7 +20,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from sculpt.backends.tvm.relax_import import TVMImportError, build, import_to_relax
-from sculpt.ir.model import Model, _one_line
+from sculpt.common import one_line
+from sculpt.ir.model import Model
 
 
 @dataclass
@@ -221,5 +222,5 @@ def compile_int8(model: Model, input_shapes: Mapping[str, Sequence[int]] | None 
     try:
         lowered, stats = lower_qdq_to_int8(mod)
     except Exception as e:  # a TVM failure inside the rewrite: report in one line
-        raise TVMImportError(f"int8 lowering failed: {_one_line(e)}") from None
+        raise TVMImportError(f"int8 lowering failed: {one_line(e)}") from None
     return build(lowered, target, kernels=kernels), stats

@@ -12,6 +12,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from sculpt.common import one_line
 from sculpt.errors import SculptError
 
 _KERNEL_DEF = re.compile(r"__kernel\s+void\s+(\w+)\s*\(([^)]*)\)\s*\{")
@@ -97,7 +98,7 @@ def check_kernels(source: str) -> KernelCheck:
         program = cl.Program(context, source).build()
     except cl.Error as e:
         failing = _failing_kernels(context, source, expected)
-        log = " ".join(str(e).split())[:400]
+        log = one_line(e, 400)
         raise OpenCLError(f"{device.platform.name} could not compile the OpenCL kernels"
                           + (f" {', '.join(failing)}" if failing else "") + f": {log}") from None
     seconds = time.perf_counter() - start

@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from sculpt.backends.tvm.opencl import OpenCLError, opencl_device
+from sculpt.common import one_line
 
 _THREAD_AXES = {"blockIdx.x": (0, 0), "blockIdx.y": (0, 1), "blockIdx.z": (0, 2),
                 "threadIdx.x": (1, 0), "threadIdx.y": (1, 1), "threadIdx.z": (1, 2)}
@@ -558,7 +559,7 @@ class OpenCLRunner:
             self.program = cl.Program(self.context, plan.source).build()
         except cl.Error as e:
             raise OpenCLRunError(f"{self.device.platform.name} could not build the OpenCL program: "
-                                 f"{' '.join(str(e).split())[:300]}") from None
+                                 f"{one_line(e, 300)}") from None
         self.build_seconds = time.perf_counter() - start
         self.kernels = {k.function_name: k for k in self.program.all_kernels()}
         self.max_group = int(self.device.max_work_group_size)
@@ -642,7 +643,7 @@ class OpenCLRunner:
                 cl.enqueue_nd_range_kernel(self.queue, kernel, launch.global_size, launch.local_size)
             except cl.Error as e:
                 raise OpenCLRunError(f"launching kernel {launch.kernel} (global {launch.global_size}, local "
-                                     f"{launch.local_size}) failed: {' '.join(str(e).split())[:200]}") from None
+                                     f"{launch.local_size}) failed: {one_line(e, 200)}") from None
         return len(step.launches)
 
 

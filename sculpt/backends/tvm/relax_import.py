@@ -7,7 +7,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from sculpt.errors import SculptError, ShapeError
-from sculpt.ir.model import Model, _one_line
+from sculpt.common import one_line
+from sculpt.ir.model import Model
 
 
 class TVMImportError(SculptError):
@@ -28,7 +29,7 @@ def import_to_relax(model: Model, input_shapes: Mapping[str, Sequence[int]] | No
     try:
         return from_onnx(work.proto, shape_dict=shapes, keep_params_in_input=False)
     except Exception as e:
-        raise TVMImportError(f"TVM Relax import failed: {_one_line(e)} (did you run 'canonicalize'?)") from None
+        raise TVMImportError(f"TVM Relax import failed: {one_line(e)} (did you run 'canonicalize'?)") from None
 
 
 KERNEL_CHOICES = ("sculpt", "default")
@@ -50,7 +51,7 @@ def build(mod, target: str | dict = "llvm", *, kernels: str = "sculpt", decision
     try:
         tgt = tvm.target.Target(target_dict)
     except Exception as e:
-        raise TVMImportError(f"bad TVM target {target}: {_one_line(e)}") from None
+        raise TVMImportError(f"bad TVM target {target}: {one_line(e)}") from None
     try:
         if kernels == "sculpt" and tgt.kind.name == "llvm":
             from sculpt.backends.tvm.kernels import compile_with_kernels, host_target
@@ -58,7 +59,7 @@ def build(mod, target: str | dict = "llvm", *, kernels: str = "sculpt", decision
             return compile_with_kernels(mod, tvm.target.Target(host_target(target_dict)), decisions=decisions)
         return tvm.compile(mod, target=tgt)
     except Exception as e:
-        raise TVMImportError(f"TVM build for {target} failed: {_one_line(e)}") from None
+        raise TVMImportError(f"TVM build for {target} failed: {one_line(e)}") from None
 
 
 def run_relax(executable, feeds: Mapping[str, np.ndarray], input_order: Sequence[str]) -> list[np.ndarray]:

@@ -18,6 +18,7 @@ import numpy as np
 from sculpt.backends.tvm.runtime_libs import ToolchainError
 from sculpt.backends.tvm.targets import NamedTarget
 from sculpt.backends.tvm.tune import RemoteDevice
+from sculpt.common import one_line
 
 
 class RemoteError(ToolchainError):
@@ -64,12 +65,12 @@ def connect_tracker(device: RemoteDevice):
         tracker = rpc.connect_tracker(device.tracker_host, device.tracker_port)
     except Exception as e:
         raise RemoteError(f"--rpc {device.tracker_host}:{device.tracker_port}: cannot reach the RPC tracker "
-                          f"({' '.join(str(e).split())[:200]})") from None
+                          f"({one_line(e, 200)})") from None
     try:
         queues = tracker.summary().get("queue_info", {})
     except Exception as e:
         raise RemoteError(f"--rpc {device.tracker_host}:{device.tracker_port}: the tracker did not answer "
-                          f"({' '.join(str(e).split())[:200]})") from None
+                          f"({one_line(e, 200)})") from None
     if device.key not in queues:
         known = ", ".join(sorted(queues)) or "none"
         raise RemoteError(f"--device-key {device.key}: no device registered under this key at "
@@ -85,7 +86,7 @@ def request_session(device: RemoteDevice, timeout_sec: int | None = None):
                                max_retry=3)
     except Exception as e:
         raise RemoteError(f"--device-key {device.key}: the tracker at {device.tracker_host}:{device.tracker_port} "
-                          f"gave no device ({' '.join(str(e).split())[:200]})") from None
+                          f"gave no device ({one_line(e, 200)})") from None
 
 
 def probe(device: RemoteDevice) -> None:
@@ -114,14 +115,14 @@ def remote_timer(executable, target: NamedTarget, device: RemoteDevice, args: Se
             vm = relax.VirtualMachine(library, dev)
             remote_args = [_to_device(a, dev) for a in args]
         except Exception as e:
-            raise RemoteError(f"the device {device} could not load the build: {' '.join(str(e).split())[:300]}") \
+            raise RemoteError(f"the device {device} could not load the build: {one_line(e, 300)}") \
                 from None
 
     def run() -> TimedRun:
         try:
             return time_vm(vm, dev, remote_args, runs, warmup)
         except Exception as e:
-            raise RemoteError(f"the device {device} failed to run the build: {' '.join(str(e).split())[:300]}") \
+            raise RemoteError(f"the device {device} failed to run the build: {one_line(e, 300)}") \
                 from None
 
     run.session = session  # keeps the session open as long as the timer lives

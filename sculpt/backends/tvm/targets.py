@@ -11,6 +11,7 @@ import json
 import platform
 from dataclasses import dataclass, field
 
+from sculpt.common import one_line
 from sculpt.errors import OptionError
 
 AARCH64_TRIPLE = "aarch64-linux-gnu"
@@ -62,7 +63,7 @@ class NamedTarget:
             return tvm.target.Target(self.spec)
         except Exception as e:
             raise OptionError(f"target '{self.name}': TVM rejects {json.dumps(self.spec)}: "
-                              f"{' '.join(str(e).split())[:300]}") from None
+                              f"{one_line(e, 300)}") from None
 
     def as_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "arch": self.arch,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from sculpt.backends.tvm.targets import NamedTarget
+from sculpt.common import one_line
 from sculpt.errors import OptionError, SculptError
 
 WORKLOAD_FILE = "database_workload.json"
@@ -292,12 +293,11 @@ def _build_with_database(mod, tvm_target, database):
     from tvm.s_tir import meta_schedule as ms
 
     from sculpt.backends.tvm.relax_import import TVMImportError
-    from sculpt.ir.model import _one_line
 
     try:
         return ms.relax_integration.compile_relax(database, mod, tvm_target, params=None)
     except Exception as e:
-        raise TVMImportError(f"TVM build with the tuning database failed: {_one_line(e)}") from None
+        raise TVMImportError(f"TVM build with the tuning database failed: {one_line(e)}") from None
 
 
 def _replace_dir(new: Path, final: Path) -> None:

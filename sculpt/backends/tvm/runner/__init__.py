@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 from sculpt.backends.tvm.runtime_libs import (ToolchainError, RuntimeLibraries, aarch64_runtime, cache_dir,
                                               host_runtime, qemu_command, require_tool)
+from sculpt.common import one_line
 
 SOURCE = Path(__file__).with_name("deploy_runner.cc")
 _COMPILERS = {"aarch64": ("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")}
@@ -65,7 +66,7 @@ def runner_path(arch: str | None = None, progress: Callable[[str], None] | None 
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise ToolchainError(f"building the deploy runner for {arch} failed: "
-                                 f"{' '.join(done.stderr.split())[:600]}")
+                                 f"{one_line(done.stderr, 600)}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, binary)
     finally:
