@@ -366,7 +366,7 @@ def _remove(path: Path) -> None:
 def cmd_run(args) -> int:
     from rich.table import Table
 
-    from sculpt.backends.ort import compare_models
+    from sculpt.runtime import compare_models
     from sculpt.ir.calibration import CalibrationSet
     from sculpt.ir.cost import cost_of
     from sculpt.passes.pipeline import Pipeline
@@ -543,7 +543,7 @@ def cmd_run(args) -> int:
 
 # ------------------------------------------------------------------ compare
 def cmd_compare(args) -> int:
-    from sculpt.backends.ort import compare_models
+    from sculpt.runtime import compare_models
 
     if args.samples < 1:
         raise OptionError(f"--samples must be at least 1, got {args.samples}")
@@ -597,7 +597,7 @@ def cmd_demo(args) -> int:
     (calibrated and evaluated on rendered text lines)."""
     from rich.table import Table
 
-    from sculpt.backends.ort import compare_models
+    from sculpt.runtime import compare_models
     from sculpt.ir.calibration import CalibrationSet
     from sculpt.ir.cost import cost_of
     from sculpt.passes.pipeline import Pipeline
@@ -655,7 +655,7 @@ def cmd_demo(args) -> int:
 
 
 def _median_ms(model, feed, runs: int = 30) -> float:
-    from sculpt.backends.ort import median_latency_ms
+    from sculpt.runtime import median_latency_ms
 
     return median_latency_ms(model, feed, runs=runs, warmup=1, threads=2)
 

@@ -53,3 +53,7 @@ class PipelineError(SculptError):
 
 class CalibrationError(SculptError):
     """The calibration data is missing, unreadable or does not match the model's inputs."""
+
+
+class RuntimeFailure(SculptError):
+    """onnxruntime refused or failed to run the model (or no input data can be made for it)."""

@@ -240,7 +240,7 @@ def cls_set(count: int = DEFAULT_COUNT, seed: int = EVAL_SEED, **line_kwargs) ->
 def session_for(model, *, threads: int | None = None, shape: Sequence[int] | None = None):
     """An onnxruntime session for a Model or path, with the input ``x`` fixed to ``shape`` (when the
     model's own input shape is dynamic)."""
-    from sculpt.backends.ort import make_session
+    from sculpt.runtime import make_session
 
     m = _as_model(model)
     if shape is not None and m.dynamic_inputs():
@@ -321,6 +321,6 @@ def write_calibration(path: str | os.PathLike, kind: str, count: int = 64,
 # ------------------------------------------------------------------------------------ latency
 def median_latency_ms(session, feed: np.ndarray, runs: int = 20, warmup: int = 3) -> float:
     """Median wall time of ``runs`` single-sample runs of a session (after ``warmup`` runs)."""
-    from sculpt.backends.ort import median_latency_ms as median_ms
+    from sculpt.runtime import median_latency_ms as median_ms
 
     return median_ms(session, {session.get_inputs()[0].name: feed}, runs=runs, warmup=warmup)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from sculpt.backends.ort import compare_models, random_inputs, run
+from sculpt.runtime import compare_models, random_inputs, run
 from sculpt.ir.model import Model
 
 RNG = np.random.default_rng(1234)

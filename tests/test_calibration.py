@@ -10,7 +10,8 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from sculpt.errors import CalibrationError
-from sculpt.ir.calibration import CalibrationSet, ImagePreprocessing, iter_activations
+from sculpt.ir.calibration import CalibrationSet, ImagePreprocessing
+from sculpt.runtime import iter_activations
 from sculpt.ir.model import Model
 from sculpt.models import PPOCR_SHAPES, ppocr_model
 
@@ -196,7 +197,7 @@ def test_random_for_static_scalar_and_integer_inputs():
 
 
 def test_random_builds_no_session_per_sample(monkeypatch):
-    import sculpt.backends.ort as ortmod
+    import sculpt.runtime.session as ortmod
 
     m = ppocr_model("cls")
     cal = CalibrationSet.random(m, count=3, input_shapes={"x": CLS})

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphs import f32, make_model
-from sculpt.backends.ort import compare_models, make_session, random_inputs
+from sculpt.runtime import compare_models, make_session, random_inputs
 from sculpt.errors import InvalidModelError
 from sculpt.ir.channel_handlers import attr
 from sculpt.ir.channels import ChannelGraph, Dim

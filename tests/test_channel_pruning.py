@@ -5,7 +5,7 @@ import onnx
 import pytest
 
 from graphs import op_counts
-from sculpt.backends.ort import compare_models
+from sculpt.runtime import compare_models
 from sculpt.errors import OptionError, PassError
 from sculpt.examples import tiny_convnet
 from sculpt.ir.calibration import CalibrationSet

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import pytest
 
-from sculpt.backends.ort import make_session
+from sculpt.runtime import make_session
 from sculpt.cli import main
 from sculpt.ir.channels import ChannelGraph
 from sculpt.ir.cost import cost_of
@@ -56,7 +56,7 @@ def _samples(name, model: Model, count, seed=0):
     """Rendered text for the PP-OCR models, N(0, 1) noise for the others."""
     if name in PPOCR_SHAPES:
         return [{"x": text_input(PPOCR_SHAPES[name], seed + k)} for k in range(count)]
-    from sculpt.backends.ort import random_inputs
+    from sculpt.runtime import random_inputs
 
     return [random_inputs(model, seed=seed + k) for k in range(count)]
 
@@ -98,7 +98,7 @@ def assert_groups_consistent(model: Model):
     # declared shapes against the shapes onnxruntime computes
     names = sorted(t for t in cg.shapes if t not in cg.constants and t not in work.input_names)
     sess = make_session(work, optimize=False, extra_outputs=names)
-    from sculpt.backends.ort import random_inputs
+    from sculpt.runtime import random_inputs
 
     values = sess.run(names, random_inputs(work, seed=0))
     wrong = [(t, cg.shapes[t], v.shape) for t, v in zip(names, values) if tuple(v.shape) != tuple(cg.shapes[t])]

@@ -12,7 +12,7 @@ import pytest
 from onnx import helper
 
 from graphs import assert_exact, f32, make_model, op_counts
-from sculpt.backends.ort import compare_models
+from sculpt.runtime import compare_models
 from sculpt.errors import OptionError, PassError
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.channels import ChannelGraph, Dim
@@ -321,7 +321,7 @@ def test_data_driven_threshold_and_needs_calibration():
 def _dead_by_measurement(model, cg, units, feeds):
     """The units whose channels are exactly zero, on ``feeds``, wherever they are read (the inputs of
     the Convs/Gemms that reduce over them): an oracle independent of the pass's own analysis."""
-    from sculpt.backends.ort import make_session
+    from sculpt.runtime import make_session
 
     readers = cg.consumers + cg.partial_consumers
     tensors = sorted({c.dim.tensor for c in readers})
@@ -352,7 +352,7 @@ def _residual_and_se_units(cg, per_group=3, groups=6):
 
 def _noise_floor(model, feeds):
     """onnxruntime's own float noise on this model: optimized against unoptimized graph."""
-    from sculpt.backends.ort import make_session
+    from sculpt.runtime import make_session
 
     a, b = make_session(model), make_session(model, optimize=False)
     return max(float(np.abs(x - y).max()) for f in feeds for x, y in zip(a.run(None, f), b.run(None, f)))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from graphs import assert_exact, op_counts
-from sculpt.backends.ort import compare_models
+from sculpt.runtime import compare_models
 from sculpt.errors import OptionError, PassError
 from sculpt.ir.cost import cost_of
 from sculpt.passes import PassContext, create_pass

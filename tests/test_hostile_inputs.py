@@ -31,7 +31,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sculpt.backends.ort import compare_models, random_inputs, run
+from sculpt.runtime import compare_models, random_inputs, run
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.model import Model
 from sculpt.passes import PassContext, create_pass

@@ -1,4 +1,4 @@
-"""Tests of sculpt.ir.model (the Model wrapper) and sculpt.backends.ort (the onnxruntime reference).
+"""Tests of sculpt.ir.model (the Model wrapper) and sculpt.runtime (the onnxruntime reference).
 
 Everything runs for real: models are written to disk, read back, and executed in onnxruntime.
 """
@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sculpt.backends.ort import (compare_models, make_session, output_error, random_inputs, run)
+from sculpt.runtime import (compare_models, make_session, output_error, random_inputs, run)
 from sculpt.errors import InvalidModelError, ModelLoadError, SculptError, ShapeError
 from sculpt.examples import tiny_convnet
 from sculpt.ir.model import Model
@@ -866,3 +866,12 @@ def test_a_real_model_over_2_gib_is_saved_with_external_data_and_runs(tmp_path):
     (tmp_path / "out").mkdir()
     out = result.model.save(tmp_path / "out" / "big.onnx")
     np.testing.assert_array_equal(run(Model.load(out), ids)["y"], want)
+
+
+def test_the_former_onnxruntime_module_name_still_works():
+    """``sculpt.backends.ort`` (the name README used to show) is the runtime layer under another name."""
+    import sculpt.backends.ort as former
+    import sculpt.runtime
+
+    for name in former.__all__:
+        assert getattr(former, name) is getattr(sculpt.runtime, name)

@@ -11,8 +11,8 @@ import pytest
 from onnx import helper
 
 from graphs import f32, make_model
-from sculpt.backends.ort import make_session
-from sculpt.ir.layer_inputs import LayerInputStream
+from sculpt.runtime import make_session
+from sculpt.runtime.layer_inputs import LayerInputStream
 from sculpt.ir.model import Model
 from sculpt.models import PPOCR_SHAPES, ppocr_model
 from sculpt.passes import Pipeline

@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from graphs import assert_exact, f32, make_model, op_counts
-from sculpt.backends.ort import compare_models, make_session, random_inputs
+from sculpt.runtime import compare_models, make_session, random_inputs
 from sculpt.errors import PassError
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.cost import cost_of

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from sculpt.backends.ort import compare_models
+from sculpt.runtime import compare_models
 from sculpt.ir.cost import cost_of
 from sculpt.models import PPOCR_SHAPES, ppocr_model
 from sculpt.passes import Pipeline
@@ -51,7 +51,7 @@ def test_canonical_ppocr_equals_original(canonical, kind, tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_canonical_ppocr_compiles_and_runs_in_tvm(canonical, kind):
-    from sculpt.backends.ort import run
+    from sculpt.runtime import run
     from sculpt.backends.tvm import build, import_to_relax, run_relax
 
     _, model, _ = canonical[kind]

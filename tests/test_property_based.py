@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from sculpt.backends.ort import compare_models, random_inputs, run
+from sculpt.runtime import compare_models, random_inputs, run
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.channels import ChannelGraph
 from sculpt.ir.model import Model

@@ -11,7 +11,7 @@ from onnx import helper
 
 from graphs import make_model
 from sculpt.backends.host_cpu import fused_int8_saturates
-from sculpt.backends.ort import compare_models, make_session
+from sculpt.runtime import compare_models, make_session
 from sculpt.errors import CalibrationError, OptionError, PassError
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.model import Model

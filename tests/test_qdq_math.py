@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sculpt.backends.ort import make_session
+from sculpt.runtime import make_session
 from sculpt.ir import quantization as qz
 
 

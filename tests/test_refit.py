@@ -1,4 +1,4 @@
-"""Sequential refit (sculpt.ir.refit.sequential_refit) and its use by the substitution passes.
+"""Sequential refit (sculpt.passes.refit.sequential_refit) and its use by the substitution passes.
 
 A chain of three 3×3 Convs: factoring each one alone leaves an error that the next factored layer
 receives and passes on. Refitting each replacement's last layer, in order, on what the compressed
@@ -15,9 +15,10 @@ from onnx import helper
 
 import graphs
 from graphs import f32, make_model, rms_error
-from sculpt.backends.ort import compare_models
+from sculpt.runtime import compare_models
 from sculpt.ir.calibration import CalibrationSet
-from sculpt.ir.refit import RefitJob, sequential_refit
+from sculpt.ir.refit import RefitJob
+from sculpt.passes.refit import sequential_refit
 from sculpt.passes import PassContext, create_pass
 
 

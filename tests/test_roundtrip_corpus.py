@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from sculpt.backends.ort import RuntimeFailure, make_session, output_error, run
+from sculpt.runtime import RuntimeFailure, make_session, output_error, run
 from sculpt.ir.model import Model
 from sculpt.models import backend_test_cases
 from sculpt.passes import create_pass
@@ -32,7 +32,7 @@ def _feeds(case, model: Model) -> dict[str, np.ndarray]:
     arrays = [numpy_helper.to_array(onnx.load_tensor(str(p))) for p in case.input_paths]
     if arrays:
         return dict(zip(model.input_names, arrays))
-    from sculpt.backends.ort import random_inputs
+    from sculpt.runtime import random_inputs
 
     return random_inputs(model, seed=0)
 

@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from graphs import make_model
-from sculpt.backends.ort import compare_models, random_inputs
+from sculpt.runtime import compare_models, random_inputs
 from sculpt.errors import OptionError, PassError
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.passes import PassContext, create_pass

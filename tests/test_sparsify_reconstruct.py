@@ -15,7 +15,8 @@ from onnx import helper
 
 from graphs import make_model, rms_error
 from sculpt.ir.calibration import CalibrationSet
-from sculpt.ir.refit import RefitJob, ridge_refit, sequential_refit
+from sculpt.ir.refit import RefitJob, ridge_refit
+from sculpt.passes.refit import sequential_refit
 from sculpt.passes import PassContext, create_pass
 
 MIX = np.random.default_rng(11).standard_normal((8, 3))  # input channels mix 3 sources: correlated, as images are

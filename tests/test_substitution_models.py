@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from sculpt.backends.ort import make_session
+from sculpt.runtime import make_session
 from sculpt.cli import main
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.cost import cost_of

@@ -9,7 +9,7 @@ import pytest
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from sculpt.backends.ort import make_session  # noqa: E402
+from sculpt.runtime import make_session  # noqa: E402
 from sculpt.backends.tvm import import_to_relax, run_relax  # noqa: E402
 from sculpt.backends.tvm.kernels import compile_with_kernels, host_target, traits_of  # noqa: E402
 from sculpt.backends.tvm.kernels.blocked_conv import (ConvShape, ConvTile, pack_weight,  # noqa: E402

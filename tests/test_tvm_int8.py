@@ -14,7 +14,7 @@ from onnx import helper
 
 from graphs import make_model
 from sculpt import ocr_task
-from sculpt.backends.ort import make_session
+from sculpt.runtime import make_session
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.passes import PassContext, Pipeline, create_pass
 

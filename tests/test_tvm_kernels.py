@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sculpt.backends.ort import make_session  # noqa: E402
+from sculpt.runtime import make_session  # noqa: E402
 from sculpt.backends.tvm import build, import_to_relax, run_relax  # noqa: E402
 from sculpt.backends.tvm.kernels import compile_with_kernels, host_target, traits_of  # noqa: E402
 from sculpt.backends.tvm.kernels import onnx_cases as cases  # noqa: E402

@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphs import f32, make_model
-from sculpt.backends import ort
-from sculpt.backends.ort import Comparison, output_error
+from sculpt import runtime as ort
+from sculpt.runtime import Comparison, output_error
 from sculpt.backends.tvm.opencl import kernel_definitions
 from sculpt.backends.tvm.opencl_run import OpenCLRunError, OpenCLRunner, plan_model
 from sculpt.cli import main

@@ -9,7 +9,7 @@ import pytest
 from onnx import helper
 
 from graphs import make_model
-from sculpt.backends.ort import run as ort_run
+from sculpt.runtime import run as ort_run
 from sculpt.backends.tvm import build, import_to_relax, run_relax
 from sculpt.backends.tvm.sparse import apply_sparse_kernels, detect_block_rows, layer_names_from_onnx, pack_bsr
 from sculpt.backends.tvm.sparse.kernels import (ConvGeometry, PanelShape, bsr_panel_kernel, dense_panel_kernel,

@@ -14,7 +14,7 @@ import sys
 import time
 
 
-from sculpt.backends.ort import compare_models, median_latency_ms
+from sculpt.runtime import compare_models, median_latency_ms
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.cost import cost_of
 from sculpt.ir.model import Model

@@ -116,7 +116,7 @@ class _Runner:
     onnxruntime cannot load (old opsets it no longer implements)."""
 
     def __init__(self, reference):
-        from sculpt.backends.ort import make_session
+        from sculpt.runtime import make_session
 
         self.kind = "onnxruntime"
         try:
@@ -136,7 +136,7 @@ class _Runner:
         names = set(model.input_names)
         feeds = {k: v for k, v in feeds.items() if k in names}
         if self.kind == "onnxruntime":
-            from sculpt.backends.ort import run
+            from sculpt.runtime import run
 
             return run(model, feeds)
         from onnx.reference import ReferenceEvaluator
@@ -148,7 +148,7 @@ class _Runner:
 def _compare(ref: dict, got: dict) -> list[dict]:
     import numpy as np
 
-    from sculpt.backends.ort import output_error
+    from sculpt.runtime import output_error
 
     out = []
     for name, a in ref.items():
@@ -386,7 +386,7 @@ def _load_feeds(cm: CorpusModel, model) -> tuple[list[dict], dict[str, list[int]
 def job_prepare(cm: CorpusModel, workdir: str) -> dict:
     """Load, fix shapes, pick inputs; write raw.onnx + feeds.pkl; then the canonicalize case, whose
     output (when applied) is canon.onnx, the input of every other pass."""
-    from sculpt.backends.ort import random_inputs
+    from sculpt.runtime import random_inputs
     from sculpt.errors import SculptError
     from sculpt.ir.model import Model
 

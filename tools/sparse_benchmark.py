@@ -39,7 +39,7 @@ LAYERS = [
 
 
 def ort_conv_ms(w: np.ndarray, x: np.ndarray, runs: int) -> float:
-    from sculpt.backends.ort import median_latency_ms
+    from sculpt.runtime import median_latency_ms
     from sculpt.ir.model import Model
 
     node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
@@ -116,7 +116,7 @@ def e2e_table(settings: list[tuple[str, float]], variants: list[str], count: int
     import tvm
 
     from sculpt import ocr_task
-    from sculpt.backends.ort import make_session, run as ort_run
+    from sculpt.runtime import make_session, run as ort_run
     from sculpt.backends.tvm import build, import_to_relax
     from sculpt.backends.tvm.sparse import apply_sparse_kernels, layer_names_from_onnx
     from sculpt.backends.tvm.sparse.timing import host_target

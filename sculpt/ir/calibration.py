@@ -1,10 +1,10 @@
-"""Calibration data for data-aware passes, and activation capture through onnxruntime.
+"""Calibration data for data-aware passes.
 
 A CalibrationSet yields samples: dicts ``{input name: array}`` with a leading batch axis of 1.
 Sources: an .npz file (arrays keyed by input name, first axis = samples), a folder of images with
 stated preprocessing, or random data. Samples are produced one at a time (images are decoded on
-demand), and :func:`iter_activations` runs onnxruntime sample by sample, so a pass holds only the
-activations it asks for, for one sample at a time, unless it keeps them itself.
+demand), and ``sculpt.runtime.iter_activations`` runs onnxruntime sample by sample, so a pass holds
+only the activations it asks for, for one sample at a time, unless it keeps them itself.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import onnx
 from sculpt.errors import CalibrationError, ShapeError
 from sculpt.common import one_line
 from sculpt.ir.model import Model
+from sculpt.ir.random_inputs import check_random_input_size, random_inputs
 
 MAX_IMAGE_SIDE = 8192  # pixels: a calibration image resized beyond this is a mistake (3·8192² floats = 800 MB)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -193,8 +194,6 @@ class CalibrationSet:
                input_shapes: Mapping[str, Sequence[int]] | None = None,
                low: float | None = None, high: float | None = None) -> "CalibrationSet":
         """Random samples: float inputs N(0, 1), or uniform in [low, high) when both are given."""
-        from sculpt.backends.ort import check_random_input_size, random_inputs
-
         if count <= 0:
             raise CalibrationError(f"random calibration: the sample count must be positive, got {count}")
         real = model.input_shapes()
@@ -296,28 +295,3 @@ def _positive_int(value, what: str) -> int:
     if n <= 0:
         raise CalibrationError(f"{what} must be a positive integer, got {value!r}")
     return n
-
-
-def iter_activations(model: Model, tensors: Sequence[str], calibration: CalibrationSet,
-                     *, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """Run the model on each calibration sample; yield ``{tensor: value}`` for the tensors asked
-    for only (graph outputs are not kept unless asked), one sample at a time."""
-    from sculpt.backends.ort import make_session, run
-
-    names = list(dict.fromkeys(tensors))
-    known = set(model.producers()) | {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise CalibrationError(f"activation capture: the model has no tensor '{missing[0]}'")
-    if not names:
-        for k, _ in enumerate(calibration):
-            if limit is not None and k >= limit:
-                break
-            yield {}
-        return
-    sess = make_session(model, extra_outputs=names)
-    inputs = {i.name for i in sess.get_inputs()}
-    for k, sample in enumerate(calibration):
-        if limit is not None and k >= limit:
-            break
-        yield run(model, {n: v for n, v in sample.items() if n in inputs}, session=sess, outputs=names)

@@ -7,17 +7,32 @@ Resize and normalizations; one per input element for reductions and Softmax. Dat
 a copy of the model with the given input shapes; when that leaves tensors without a static shape
 (exporters often compute Reshape targets at run time, which ONNX inference cannot follow) and every
 input shape is static, the missing shapes are measured by one onnxruntime run on random inputs.
+
+The IR does not run models itself: the runtime layer (``sculpt.runtime``, which ``import sculpt``
+loads) installs that measurement with :func:`set_shape_measurer`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 
 from sculpt.ir.model import Model
+
+# (model with static inputs, tensor names) -> {name: shape} of those it could measure
+ShapeMeasurer = Callable[[Model, Sequence[str]], dict[str, tuple[int, ...]]]
+_shape_measurer: ShapeMeasurer | None = None
+
+
+def set_shape_measurer(measure: ShapeMeasurer | None) -> ShapeMeasurer | None:
+    """Install how :func:`cost_of` measures the shapes ONNX shape inference leaves unknown (None: they
+    stay unknown); returns the one installed before."""
+    global _shape_measurer
+    previous, _shape_measurer = _shape_measurer, measure
+    return previous
 
 ELEMENTWISE = {
     "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp", "Log", "Abs", "Neg", "Reciprocal", "Relu", "LeakyRelu",
@@ -123,21 +138,6 @@ def node_macs(model: Model, node: onnx.NodeProto, shape_of) -> int | None:
     return 0
 
 
-def _runtime_shapes(work: Model, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Shapes of ``names`` measured by running the model once in onnxruntime ({} if it cannot run)."""
-    from sculpt.backends.ort import make_session, random_inputs
-
-    if not names or work.dynamic_inputs():
-        return {}
-    try:
-        sess = make_session(work, optimize=False, extra_outputs=names)
-        values = sess.run(list(names), random_inputs(work, seed=0))
-    except Exception:  # noqa: BLE001 - RuntimeFailure, ShapeError, onnxruntime errors: shapes stay unknown
-        return {}
-    # sequences and optionals are not tensors and have no shape
-    return {n: tuple(int(d) for d in v.shape) for n, v in zip(names, values) if isinstance(v, np.ndarray)}
-
-
 def cost_of(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None,
             model_bytes: int | None = None, *, runtime_shapes: bool = True) -> CostReport:
     """Per-node and total cost. ``input_shapes`` fixes dynamic inputs (on a copy).
@@ -174,10 +174,10 @@ def _cost(model: Model, work: Model, model_bytes: int | None, runtime_shapes: bo
             constants[node.output[0]] = (tuple(t.dims), dtype.itemsize if dtype != object else 0, dtype.kind == "f")
 
     measured: dict[str, tuple[int, ...]] = {}
-    if runtime_shapes:
+    if runtime_shapes and _shape_measurer is not None:
         unknown = [o for node in work.graph.node if node.op_type != "Constant" for o in node.output
                    if o and o not in constants and work.static_shape(o) is None]
-        measured = _runtime_shapes(work, unknown)
+        measured = _shape_measurer(work, unknown)
 
     def shape_of(name: str):
         if name in constants:

@@ -32,6 +32,12 @@ MAX_TENSOR_ELEMENTS = 2**34
 ModelSource = "str | os.PathLike | bytes | onnx.ModelProto | Model"
 
 
+def over_protobuf_limit(proto: onnx.ModelProto) -> bool:
+    """True when the model is too big for protobuf to serialize in one piece (2 GiB): it then goes
+    through files with external data."""
+    return proto_byte_size(proto) > _PROTOBUF_LIMIT
+
+
 def proto_byte_size(proto: onnx.ModelProto) -> int:
     """The serialized size of a model. Past 2 GiB protobuf refuses even to compute it (EncodeError):
     then it is the tensors' payload, which alone exceeds the limit (a lower bound, always > limit)."""
@@ -307,7 +313,7 @@ class Model:
         for vi in self.graph.input:
             if vi.name in inits:
                 continue
-            shapes[vi.name] = _dims(vi)
+            shapes[vi.name] = value_info_dims(vi)
         return shapes
 
     def value_infos(self) -> dict[str, onnx.ValueInfoProto]:
@@ -325,7 +331,7 @@ class Model:
         vi = ix.value_info(name)
         if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
             return None
-        return _dims(vi)
+        return value_info_dims(vi)
 
     def static_shape(self, name: str) -> tuple[int, ...] | None:
         shape = self.tensor_shape(name)
@@ -653,7 +659,7 @@ class Model:
         for vi in self.graph.input:
             if vi.name in inits:
                 continue
-            s = _dims(vi)
+            s = value_info_dims(vi)
             has_shape = vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
             if not has_shape or any(not isinstance(d, int) or d <= 0 for d in s):
                 out[vi.name] = s
@@ -992,7 +998,8 @@ def _as_dim(d) -> int:
     return int(d)
 
 
-def _dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+def value_info_dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+    """The dimensions of a tensor value info: ints, symbolic names (str), None where unknown; [] without a shape."""
     tt = vi.type.tensor_type
     if not tt.HasField("shape"):
         return []

@@ -9,6 +9,9 @@ regression pulled towards the current weights:
 where P holds im2col patches (Conv) or input rows (Gemm/MatMul) at sampled output positions.
 With a ``keep`` mask (a sparsity pattern, e.g. from ``sparsify``) the weights outside it stay
 exactly zero: each output is solved over only the input features it keeps.
+
+This is the algebra; the sequential refit that captures the activations through onnxruntime and
+applies it layer after layer is ``sculpt.passes.refit.sequential_refit``.
 """
 
 from __future__ import annotations
@@ -61,19 +64,6 @@ def sample_rows(node, x: np.ndarray, y_shape: tuple, positions: np.ndarray,
 def pick_positions(total: int, per: int, rng: np.random.Generator) -> np.ndarray:
     """All ``total`` positions when there are at most ``per``, else ``per`` distinct ones at random, sorted."""
     return np.arange(total) if total <= per else np.sort(rng.choice(total, size=per, replace=False))
-
-
-def sampled_activations(model, tensors, calibration, samples: int, positions: int, seed: int):
-    """For each of the first ``samples`` calibration samples: (the values of ``tensors``, how many
-    output positions to sample per layer in it, the random generator to sample them with). The
-    ``positions`` budget per layer is spread over the samples. One model run per sample."""
-    from sculpt.ir.calibration import iter_activations
-
-    rng = np.random.default_rng(seed)
-    n = min(samples, len(calibration))
-    per = max(1, positions // max(n, 1))
-    for acts in iter_activations(model, sorted(set(tensors)), calibration, limit=n):
-        yield acts, per, rng
 
 
 def layer_rows(node, x: np.ndarray, y_shape: tuple, w_shape: tuple, per: int,
@@ -178,7 +168,7 @@ def refittable(model, node) -> bool:
     return True
 
 
-def _flat_outputs(op: str, y: np.ndarray) -> np.ndarray:
+def flat_outputs(op: str, y: np.ndarray) -> np.ndarray:
     if op == "Conv":
         return y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
     if op == "Gemm":
@@ -186,7 +176,7 @@ def _flat_outputs(op: str, y: np.ndarray) -> np.ndarray:
     return y.reshape(-1, y.shape[-1])
 
 
-def _weight_matrix(node, w: np.ndarray) -> np.ndarray:
+def weight_matrix(node, w: np.ndarray) -> np.ndarray:
     """A stored weight (or a mask of its shape) as the [features, outputs] matrix ridge_refit solves for."""
     if node.op_type == "Conv":
         return w.reshape(w.shape[0], -1).T
@@ -195,7 +185,7 @@ def _weight_matrix(node, w: np.ndarray) -> np.ndarray:
     return w
 
 
-def _weight_from_matrix(node, matrix: np.ndarray, shape: tuple) -> np.ndarray:
+def weight_from_matrix(node, matrix: np.ndarray, shape: tuple) -> np.ndarray:
     if node.op_type == "Conv":
         return matrix.T.reshape(shape)
     if node.op_type == "Gemm" and attr(node, "transB", 0):
@@ -208,7 +198,7 @@ def _weight_from_matrix(node, matrix: np.ndarray, shape: tuple) -> np.ndarray:
 ALREADY_EXACT = 1e-8
 
 
-def _residual(p: np.ndarray, t: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> float:
+def residual(p: np.ndarray, t: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> float:
     y = p.astype(np.float64) @ w.astype(np.float64)
     if b is not None:
         y = y + b.reshape(-1).astype(np.float64)
@@ -216,7 +206,7 @@ def _residual(p: np.ndarray, t: np.ndarray, w: np.ndarray, b: np.ndarray | None)
     return float(((t - y) ** 2).sum() / max(float((t ** 2).sum()), 1e-30))
 
 
-def _generalizes(rows: list[np.ndarray], t: np.ndarray, w: np.ndarray, b: np.ndarray | None,
+def generalizes(rows: list[np.ndarray], t: np.ndarray, w: np.ndarray, b: np.ndarray | None,
                  keep: np.ndarray | None, ridge: float, holdout: float) -> bool:
     """Does a refit on the first samples' rows lower the error on the held-out last ones?"""
     held = min(len(rows) - 1, max(1, int(round(holdout * len(rows)))))
@@ -224,89 +214,4 @@ def _generalizes(rows: list[np.ndarray], t: np.ndarray, w: np.ndarray, b: np.nda
     p = np.concatenate(rows)
     bias = None if b is None else b.reshape(-1)
     new_w, new_b = ridge_refit(p[:split], t[:split], w, bias, strength=ridge, keep=keep)
-    return _residual(p[split:], t[split:], new_w, new_b) < _residual(p[split:], t[split:], w, b)
-
-
-def sequential_refit(original, compressed, jobs: list[RefitJob], samples: list[dict], *, positions: int = 4096,
-                     ridge: float = 1e-3, seed: int = 1, holdout: float = 0.0) -> dict:
-    """Refit every job's node by ridge least squares, in the compressed model's topological order,
-    editing ``compressed`` in place. The targets are the original model's outputs at sampled
-    positions (one run of it); the features are what each node receives in the compressed model
-    *after* the nodes before it were refit, so errors do not compound along the network.
-    A job with a ``keep`` mask keeps its zero pattern exactly.
-
-    ``holdout`` > 0: that fraction of the samples (the last ones, at least one) is first held out; a
-    layer whose refit on the others does not lower its error on them is left as it is (listed in
-    "overfit": too few rows for its unknowns, e.g. a Conv on a 1×1 map), else it is refit on all.
-
-    Returns {"layers": refit count, "skipped": [node names]} and, for the layers refit, "errors":
-    {node: {"before", "after"}} (relative output error on the calibration rows)."""
-    from sculpt.ir.calibration import iter_activations
-    from sculpt.ir.layer_inputs import LayerInputStream
-
-    order = {n.name: i for i, n in enumerate(compressed.graph.node)}
-    report: dict = {"layers": 0, "skipped": []}
-    todo, seen = [], set()
-    for job in jobs:
-        if job.node in seen:
-            continue
-        seen.add(job.node)
-        node = compressed.node_by_name(job.node)
-        if node is None or not refittable(compressed, node):
-            report["skipped"].append(job.node)
-        else:
-            todo.append((order[node.name], job, node))
-    todo.sort(key=lambda t: t[0])
-    if not todo or not samples:
-        return report
-    rng = np.random.default_rng(seed)
-    per = max(16, positions // len(samples))
-    picked: dict[str, list[np.ndarray]] = {}
-    targets: dict[str, list[np.ndarray]] = {}
-    out_shapes: dict[str, tuple] = {}
-    wanted = sorted({job.target for _, job, _ in todo})
-    for acts in iter_activations(original, wanted, samples):
-        for _, job, node in todo:
-            y = acts[job.target]
-            out_shapes[job.node] = y.shape
-            flat = _flat_outputs(node.op_type, y)
-            pos = pick_positions(flat.shape[0], per, rng)
-            t = flat[pos] if job.channels is None else flat[pos][:, list(job.channels)]
-            picked.setdefault(job.node, []).append(pos)
-            targets.setdefault(job.node, []).append(t)
-    stream = LayerInputStream(compressed, list(samples))
-    for position, job, node in todo:
-        w = compressed.get_constant(node.input[1])
-        rows = [sample_rows(node, x, out_shapes[job.node], picked[job.node][k], w.shape)
-                for k, x in enumerate(stream.inputs(position, node.input[0]))]
-        w_mat = _weight_matrix(node, w)
-        keep = None if job.keep is None else _weight_matrix(node, np.asarray(job.keep, dtype=bool))
-        has_bias = len(node.input) > 2 and bool(node.input[2])
-        b = compressed.get_constant(node.input[2]) if has_bias else None
-        t = np.concatenate(targets[job.node])
-        if (any(r is None for r in rows) or (has_bias and (b is None or b.size != w_mat.shape[1]))
-                or t.shape[1] != w_mat.shape[1] or (job.keep is not None and np.shape(job.keep) != w.shape)):
-            report["skipped"].append(job.node)
-            continue
-        p = np.concatenate(rows)
-        before = _residual(p, t, w_mat, b)
-        if before <= ALREADY_EXACT:  # nothing to recover; a refit would only fit float noise
-            report.setdefault("already_exact", []).append(job.node)
-            continue
-        if holdout > 0 and len(rows) > 1 and not _generalizes(rows, t, w_mat, b, keep, ridge, holdout):
-            report["skipped"].append(job.node)
-            report.setdefault("overfit", []).append(job.node)
-            continue
-        new_w, new_b = ridge_refit(p, t, w_mat, None if b is None else b.reshape(-1), strength=ridge, keep=keep)
-        after = _residual(p, t, new_w, new_b)
-        if after >= before:  # never worse on the calibration data
-            report["skipped"].append(job.node)
-            continue
-        compressed.replace_constant_input(node, 1, _weight_from_matrix(node, new_w, w.shape).astype(w.dtype),
-                                          suffix="refit")
-        if new_b is not None:
-            compressed.replace_constant_input(node, 2, new_b.reshape(b.shape).astype(w.dtype), suffix="refit")
-        report["layers"] += 1
-        # relative output error ||Y - Ŷ|| / ||Y|| on the calibration rows, before and after the refit
-        report.setdefault("errors", {})[job.node] = {"before": float(np.sqrt(before)), "after": float(np.sqrt(after))}
-    return report
+    return residual(p[split:], t[split:], new_w, new_b) < residual(p[split:], t[split:], w, b)

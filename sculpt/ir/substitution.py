@@ -66,17 +66,6 @@ def conv_candidates(model: Model, pattern_ok, *, min_macs: int = 0) -> tuple[lis
     return layers, skipped
 
 
-def capture_patches(model: Model, layers: list[dict], calibration, samples: int, positions: int, seed: int = 0):
-    """im2col patches [S, C·kh·kw] of each layer's input at sampled output positions (layer['rows'])."""
-    from sculpt.ir.refit import layer_rows, sampled_activations
-
-    inputs = [lay["node"].input[0] for lay in layers]
-    for acts, per, rng in sampled_activations(model, inputs, calibration, samples, positions, seed):
-        for lay in layers:
-            x = acts[lay["node"].input[0]]
-            lay["rows"].append(layer_rows(lay["node"], x, lay["y_shape"], lay["w"].shape, per, rng).astype(np.float32))
-
-
 def patch_moments(lay: dict) -> tuple[np.ndarray, float]:
     """(Σp = E[p pᵀ] over the sampled patches, E‖W p + b‖²) — the output error of any replacement
     weight Ŵ is tr((W − Ŵ)ᵀ Σp (W − Ŵ)) in im2col form."""
@@ -145,18 +134,6 @@ def substitution_stats(before: CostReport, model: Model, count_key: str, report:
     return {count_key: len(report), "macs_before": before.macs, "macs_after": after.macs,
             "macs_reduction": 1 - after.macs / before.macs if before.macs else 0.0,
             "params_before": before.params, "params_after": after.params, "layers": report, "skipped": skipped}
-
-
-def refit_last_layers(original: Model, model: Model, jobs, calibration, *, samples: int, positions: int,
-                      ridge: float = 1e-3, holdout: float = 0.25) -> dict:
-    """Sequential ridge refit (sculpt.ir.refit.sequential_refit) of the replacements' last layers, so
-    that the error of one replaced layer is compensated by the next instead of compounding. A
-    quarter of the samples is held out first: a layer whose refit does not lower the error on them
-    (too few rows for its unknowns) keeps its fitted weights."""
-    from sculpt.ir.refit import sequential_refit
-
-    data = [s for _, s in zip(range(samples), calibration)]
-    return sequential_refit(original, model, jobs, data, positions=positions, ridge=ridge, holdout=holdout)
 
 
 def name_selected(name: str, layers: list[str], ignore: list[str]) -> bool:

@@ -282,7 +282,7 @@ class ChannelPruning(Pass):
 
     # ------------------------------------------------------------------ calibration statistics
     def _activations(self, model: Model, cg: ChannelGraph, groups: list[Group], ctx: PassContext) -> dict:
-        from sculpt.ir.calibration import iter_activations
+        from sculpt.runtime import iter_activations
 
         out: dict = {}
         want_mean = self.criterion == "activation"
@@ -330,7 +330,8 @@ class ChannelPruning(Pass):
         """Refit every reader whose input lost channels, in topological order: the target is the
         original model's output of that reader, the features are the inputs it receives in the
         pruned model *after* the readers before it were refit (so errors do not compound)."""
-        from sculpt.ir.refit import RefitJob, sequential_refit
+        from sculpt.ir.refit import RefitJob
+        from sculpt.passes.refit import sequential_refit
 
         jobs = []
         for c in cg.consumers:

@@ -95,7 +95,7 @@ class DeadChannelElimination(Pass):
                                                    "changed_tensors": len(kept)})
 
     def _inactive(self, model: Model, cg: ChannelGraph, ctx: PassContext) -> dict[Dim, np.ndarray]:
-        from sculpt.ir.calibration import iter_activations
+        from sculpt.runtime import iter_activations
 
         dims = {c.dim for c in cg.consumers + cg.partial_consumers}
         tensors = sorted({d.tensor for d in dims})

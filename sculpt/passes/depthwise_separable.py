@@ -13,10 +13,10 @@ from sculpt.ir.channel_handlers import attr
 from sculpt.ir.cost import cost_of
 from sculpt.ir.model import Model
 from sculpt.ir.refit import RefitJob
-from sculpt.ir.substitution import (NameAllocator, capture_patches, conv_candidates, patch_moments,
-                                    refit_last_layers, rel_error, ridge_solve, splice, substitution_stats)
+from sculpt.ir.substitution import (NameAllocator, conv_candidates, patch_moments, rel_error, ridge_solve, splice,
+                                    substitution_stats)
 from sculpt.passes.base import PassContext, PassResult, allow_plain_initializers, option, register
-from sculpt.passes.layer_substitution import LayerSubstitutionPass
+from sculpt.passes.layer_substitution import LayerSubstitutionPass, capture_patches, refit_last_layers
 
 # above this many depthwise weights (C·m·kh·kw) the depthwise step of the alternation is not solved
 # jointly (its normal equations are that square); the pointwise step still is

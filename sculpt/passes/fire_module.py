@@ -15,10 +15,10 @@ from sculpt.ir.cost import cost_of
 from sculpt.ir.factorize import Tucker2, whitening
 from sculpt.ir.model import Model
 from sculpt.ir.refit import RefitJob
-from sculpt.ir.substitution import (NameAllocator, capture_patches, conv_candidates, patch_moments,
-                                    refit_last_layers, rel_error, ridge_solve, splice, substitution_stats)
+from sculpt.ir.substitution import (NameAllocator, conv_candidates, patch_moments, rel_error, ridge_solve, splice,
+                                    substitution_stats)
 from sculpt.passes.base import PassContext, PassResult, allow_plain_initializers, option, register
-from sculpt.passes.layer_substitution import LayerSubstitutionPass
+from sculpt.passes.layer_substitution import LayerSubstitutionPass, capture_patches, refit_last_layers
 
 
 @register

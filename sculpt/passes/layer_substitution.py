@@ -1,15 +1,21 @@
 """The options and layer selection shared by the passes that replace layers by cheaper structures
 fitted on calibration data (low-rank, depthwise-separable, fire-module). Not a pass itself: each
 pass subclasses it and adds the options of its own method; the mechanism they share is in
-``sculpt.ir.substitution``."""
+``sculpt.ir.substitution``, the calibration capture and the refit of the replacements here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from sculpt.errors import PassError
+from sculpt.ir.model import Model
+from sculpt.ir.refit import layer_rows
 from sculpt.ir.substitution import name_selected
 from sculpt.passes.base import MAX_POSITIONS, MAX_RIDGE, Pass, check_range, option
+from sculpt.passes.refit import sequential_refit
+from sculpt.runtime import sampled_activations
 
 
 @dataclass
@@ -43,3 +49,22 @@ class LayerSubstitutionPass(Pass):
 
     def _pattern_ok(self, name: str) -> bool:
         return name_selected(name, self.layers, self.ignore)
+
+
+def capture_patches(model: Model, layers: list[dict], calibration, samples: int, positions: int, seed: int = 0):
+    """im2col patches [S, C·kh·kw] of each layer's input at sampled output positions (layer['rows'])."""
+    inputs = [lay["node"].input[0] for lay in layers]
+    for acts, per, rng in sampled_activations(model, inputs, calibration, samples, positions, seed):
+        for lay in layers:
+            x = acts[lay["node"].input[0]]
+            lay["rows"].append(layer_rows(lay["node"], x, lay["y_shape"], lay["w"].shape, per, rng).astype(np.float32))
+
+
+def refit_last_layers(original: Model, model: Model, jobs, calibration, *, samples: int, positions: int,
+                      ridge: float = 1e-3, holdout: float = 0.25) -> dict:
+    """Sequential ridge refit (sculpt.passes.refit.sequential_refit) of the replacements' last layers, so
+    that the error of one replaced layer is compensated by the next instead of compounding. A
+    quarter of the samples is held out first: a layer whose refit does not lower the error on them
+    (too few rows for its unknowns) keeps its fitted weights."""
+    data = [s for _, s in zip(range(samples), calibration)]
+    return sequential_refit(original, model, jobs, data, positions=positions, ridge=ridge, holdout=holdout)

@@ -15,9 +15,9 @@ from sculpt.ir.cost import cost_of
 from sculpt.ir.factorize import MatrixSVD, SpatialSVD, Tucker2, energy_rank, kept_energy, whitening
 from sculpt.ir.model import Model
 from sculpt.ir.refit import RefitJob
-from sculpt.ir.substitution import NameAllocator, conv_unsupported, name_selected, refit_last_layers, splice, substitution_stats
+from sculpt.ir.substitution import NameAllocator, conv_unsupported, name_selected, splice, substitution_stats
 from sculpt.passes.base import PassContext, PassResult, allow_plain_initializers, check_range, option, register
-from sculpt.passes.layer_substitution import LayerSubstitutionPass
+from sculpt.passes.layer_substitution import LayerSubstitutionPass, refit_last_layers
 
 # above this many input features the data-aware weighting (an F×F covariance) is not used
 MAX_COVARIANCE_FEATURES = 8192
@@ -204,7 +204,8 @@ class LowRank(LayerSubstitutionPass):
 
     # ------------------------------------------------------------------ calibration
     def _capture(self, model: Model, layers: list[_Layer], ctx: PassContext) -> None:
-        from sculpt.ir.refit import layer_rows, sampled_activations
+        from sculpt.ir.refit import layer_rows
+        from sculpt.runtime import sampled_activations
 
         inputs = [layer.node.input[0] for layer in layers]
         for acts, per, rng in sampled_activations(model, inputs, ctx.calibration, self.samples, self.positions,

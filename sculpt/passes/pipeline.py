@@ -116,14 +116,14 @@ class VerifyInstrument(Instrument):
         self.rtol, self.atol, self.count, self.seed = rtol, atol, count, seed
 
     def after_pass(self, index, pass_, before, result, record):
-        from sculpt.backends.ort import compare_models
+        from sculpt.runtime import compare_models
 
         if not result.modified:
             record.error = {"max_abs": 0.0, "max_rel": 0.0, "samples": 0}
             return
         samples = self.samples
         if samples is None:
-            from sculpt.backends.ort import random_inputs
+            from sculpt.runtime import random_inputs
 
             samples = [random_inputs(before, seed=self.seed + k) for k in range(self.count)]
             self.samples = samples

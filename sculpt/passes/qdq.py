@@ -319,7 +319,7 @@ class QDQ(Pass):
         return self._calibrate_tensors(model, tensors, calibration)
 
     def _calibrate_tensors(self, model: Model, tensors: list[str], calibration) -> dict[str, qz.TensorStats]:
-        from sculpt.ir.calibration import iter_activations
+        from sculpt.runtime import iter_activations
 
         def sweep():
             return iter_activations(model, tensors, calibration)
@@ -485,7 +485,7 @@ def measure_layer_errors(model: Model, layers: list[Layer], params: dict[str, qz
     weighted layer reads fake-quantized inputs and dequantized int8 weights beside the float layer, in
     one onnxruntime session; the shadow's output is quantized (after its folded activation) in numpy and
     compared with the float layer's (activated) output."""
-    from sculpt.ir.calibration import iter_activations
+    from sculpt.runtime import iter_activations
 
     shadow = model.clone()
     names = _Names(shadow)

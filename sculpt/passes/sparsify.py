@@ -63,7 +63,7 @@ class Sparsify(Pass):
     ``reconstruct`` (with calibration data): once the zero pattern is chosen, the kept weights and
     the bias of every sparsified layer are refit by ridge least squares, in network order, so that
     the layer reproduces the original model's output of that layer on the inputs the sparsified
-    model really feeds it (``sculpt.ir.refit.sequential_refit`` with a ``keep`` mask: the zeros stay
+    model really feeds it (``sculpt.passes.refit.sequential_refit`` with a ``keep`` mask: the zeros stay
     exactly where they are, so the block-sparse kernels see the same pattern). Training-free. A layer
     whose refit on 3/4 of the samples does not lower its error on the other 1/4 (too few rows for its
     kept weights, e.g. a squeeze-excitation Conv on a 1×1 map) keeps its pruned weights
@@ -161,7 +161,8 @@ class Sparsify(Pass):
                ctx: PassContext) -> dict:
         """Sequential masked ridge refit of the sparsified layers (mechanism: sculpt.ir.refit); checks
         that every zero of the pattern is still zero."""
-        from sculpt.ir.refit import RefitJob, sequential_refit
+        from sculpt.ir.refit import RefitJob
+        from sculpt.passes.refit import sequential_refit
 
         jobs = [RefitJob(name, model.node_by_name(name).output[0], keep=keep) for name, keep in patterns.items()]
         samples = [s for _, s in zip(range(self.samples), ctx.calibration)]
@@ -234,7 +235,8 @@ class Sparsify(Pass):
 
     # ------------------------------------------------------------------ calibration
     def _capture(self, model: Model, layers: list[_Layer], ctx: PassContext) -> None:
-        from sculpt.ir.refit import layer_rows, sampled_activations
+        from sculpt.ir.refit import layer_rows
+        from sculpt.runtime import sampled_activations
 
         inputs = [layer.node.input[0] for layer in layers]
         for acts, per, rng in sampled_activations(model, inputs, ctx.calibration, self.samples, self.positions,

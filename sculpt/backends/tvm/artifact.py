@@ -364,7 +364,7 @@ _TENSOR_KEYS = ("name", "shape", "dtype")
 def _check_manifest(manifest: dict, where: Path, library: Path) -> None:
     """Every field sculpt reads from a manifest has the type and range 'sculpt compile' writes: a
     tampered or foreign manifest is one error naming the manifest and the field, never a crash."""
-    from sculpt.backends.ort import MAX_RANDOM_INPUT_ELEMENTS
+    from sculpt.runtime import MAX_RANDOM_INPUT_ELEMENTS
 
     def refuse(field: str, why: str):
         raise ArtifactError(f"{where}: manifest field '{field}' {why}")

@@ -62,8 +62,8 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
     """Median latency (ms) of onnxruntime and of each TVM build, plus the TVM builds' max relative error
     against onnxruntime. Keys: ort_ms, tvm_ms (or tvm_default_ms/tvm_sculpt_ms), tvm_tuned_ms when
     tuning, speedup_* (ort_ms / tvm_*), ..."""
-    from sculpt.backends import ort
-    from sculpt.backends.ort import output_error
+    from sculpt import runtime as ort
+    from sculpt.runtime import output_error
     from sculpt.backends.tvm.artifact import _input_specs, compile_model, prepare_model
     from sculpt.backends.tvm.deploy import random_feeds
     from sculpt.ir.model import Model

@@ -86,7 +86,7 @@ def run_artifact(artifact: Artifact | str | Path, feeds: Mapping[str, np.ndarray
 class Verification:
     """Per-output errors of the artifact against onnxruntime on the ONNX model."""
 
-    comparison: object  # sculpt.backends.ort.Comparison
+    comparison: object  # sculpt.runtime.Comparison
     rtol: float
     atol: float
     kind: str  # "run" (deploy runner), "opencl-run" (kernels run on PoCL), "opencl-compile" (only compiled)
@@ -101,7 +101,7 @@ class Verification:
 
 def reference_outputs(model_path, artifact: Artifact, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """onnxruntime's outputs of the ONNX model at the artifact's input shapes."""
-    from sculpt.backends import ort
+    from sculpt import runtime as ort
     from sculpt.ir.model import Model
 
     model = Model.load(model_path)
@@ -181,7 +181,7 @@ def _with_random_feeds(artifact: Artifact, feeds: Mapping[str, np.ndarray] | Non
 
 def _compare(artifact: Artifact, model_path, feeds, outputs: Mapping[str, np.ndarray]):
     """Per-output errors of the artifact's ``outputs`` against onnxruntime on the ONNX model."""
-    from sculpt.backends.ort import Comparison, output_error
+    from sculpt.runtime import Comparison, output_error
 
     ref = reference_outputs(model_path, artifact, feeds)
     errors = []

@@ -19,6 +19,7 @@ import onnx
 from onnx import helper
 
 from sculpt.ir.model import Model
+from sculpt.runtime.session import make_session, run
 
 
 def _has_subgraphs(graph: onnx.GraphProto) -> bool:
@@ -53,8 +54,6 @@ class LayerInputStream:
                     self._last_read[name] = k
 
     def inputs(self, position: int, tensor: str) -> list[np.ndarray]:
-        from sculpt.backends.ort import make_session, run
-
         if self._whole:
             sess = make_session(self.model, extra_outputs=[tensor])
             feeds = {i.name for i in sess.get_inputs()}
@@ -73,8 +72,6 @@ class LayerInputStream:
 
     def _advance(self, stop: int):
         """Run nodes [current position, stop) from the frontier; keep what nodes ≥ stop read."""
-        from sculpt.backends.ort import make_session, run
-
         graph = self.model.graph
         nodes = list(graph.node[self._position:stop])
         produced = [o for n in nodes for o in n.output if o]
