@@ -9,8 +9,8 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from sculpt.backends.tvm.sparse.bsr import blocks_of
 from sculpt.errors import PassError
+from sculpt.ir.blocks import blocks_of
 from sculpt.ir.channel_handlers import attr
 from sculpt.ir.model import Model
 from sculpt.passes.base import (MAX_POSITIONS, MAX_RIDGE, Pass, PassContext, PassResult, allow_plain_initializers,
