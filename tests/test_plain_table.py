@@ -1,4 +1,4 @@
-"""sculpt.plain_table prints exactly what rich prints, and hands rich every case it does not cover."""
+"""sculpt.cli.plain_table prints exactly what rich prints, and hands rich every case it does not cover."""
 
 import io
 import random
@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from sculpt.plain_table import print_table, render_plain
+from sculpt.cli.plain_table import print_table, render_plain
 
 
 def _console(width=160, **kw):

@@ -1,1 +1,1 @@
-"""Backends: onnxruntime (reference runs, equivalence) and TVM (compile for ARM CPU / mobile GPU)."""
+"""Backends: TVM (compile for ARM CPU / mobile GPU); `ort` is the old name of `sculpt.runtime` (onnxruntime)."""

@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 
 from sculpt.errors import InvalidModelError
+from sculpt.ir.graph_index import subgraph_outer_inputs
 from sculpt.ir.model import Model
 
 
@@ -233,9 +234,7 @@ class ChannelGraph:
                 self.freeze(self.dim(tensor, axis), reason)
 
     def freeze_node(self, node: onnx.NodeProto, reason: str) -> None:
-        from sculpt.ir.model import _subgraph_outer_inputs
-
-        for t in list(node.input) + list(node.output) + sorted(_subgraph_outer_inputs(node)):
+        for t in list(node.input) + list(node.output) + sorted(subgraph_outer_inputs(node)):
             if t:
                 self.freeze_tensor(t, reason)
 

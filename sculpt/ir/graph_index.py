@@ -51,9 +51,31 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
 
 
 def _outer_inputs(node: onnx.NodeProto) -> set[str]:
-    from sculpt.ir.model import _subgraph_outer_inputs
+    return subgraph_outer_inputs(node) if _has_subgraph(node) else set()
 
-    return _subgraph_outer_inputs(node) if _has_subgraph(node) else set()
+
+def subgraph_outer_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing scope."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = []
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attr.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                local.update(n.output)
+            for n in g.node:
+                for i in n.input:
+                    if i and i not in local:
+                        names.add(i)
+                names.update(x for x in subgraph_outer_inputs(n) if x not in local)
+            for o in g.output:
+                if o.name not in local:
+                    names.add(o.name)
+    return names
 
 
 def _remove_one(keys: list[int], key: int) -> None:

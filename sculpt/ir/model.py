@@ -22,7 +22,7 @@ from onnx import numpy_helper, shape_inference
 
 from sculpt.common import atomic_write_bytes, one_line
 from sculpt.errors import InvalidModelError, ModelLoadError, ShapeError
-from sculpt.ir.graph_index import GraphIndex
+from sculpt.ir.graph_index import GraphIndex, subgraph_outer_inputs
 
 # protobuf refuses to serialize a message of 2 GiB or more: such models are saved with external data
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -353,7 +353,7 @@ class Model:
             for i in node.input:
                 if i:
                     out[i].append(node)
-            for sub in _subgraph_outer_inputs(node):
+            for sub in subgraph_outer_inputs(node):
                 out[sub].append(node)
         return out
 
@@ -516,7 +516,7 @@ class Model:
             if any(o in needed for o in node.output if o) or _has_side_effects(node):
                 keep.append(node)
                 needed.update(i for i in node.input if i)
-                needed.update(_subgraph_outer_inputs(node))
+                needed.update(subgraph_outer_inputs(node))
         keep.reverse()
         removed = len(self.graph.node) - len(keep)
         if removed:
@@ -546,7 +546,7 @@ class Model:
             progress = False
             rest = []
             for node in pending:
-                needs = [i for i in node.input] + list(_subgraph_outer_inputs(node))
+                needs = [i for i in node.input] + list(subgraph_outer_inputs(node))
                 if all(i in available for i in needs):
                     ordered.append(node)
                     available.update(node.output)
@@ -555,11 +555,11 @@ class Model:
                     rest.append(node)
             if not progress:
                 pending_outputs = {o for m in rest for o in m.output}
-                missing = sorted({i for n in rest for i in list(n.input) + sorted(_subgraph_outer_inputs(n))
+                missing = sorted({i for n in rest for i in list(n.input) + sorted(subgraph_outer_inputs(n))
                                   if i not in available and i not in pending_outputs})
                 if missing:
                     reader = next(n for n in rest
-                                  if missing[0] in list(n.input) + sorted(_subgraph_outer_inputs(n)))
+                                  if missing[0] in list(n.input) + sorted(subgraph_outer_inputs(n)))
                     raise InvalidModelError(
                         f"node '{reader.name}' reads tensor '{missing[0]}' that nothing produces")
                 raise InvalidModelError(f"the graph has a cycle through node '{rest[0].name}'")
@@ -793,7 +793,7 @@ def check_invariants(model: Model) -> None:
             if i not in defined:
                 undefined(node, i)
         if node.attribute:  # subgraphs read the enclosing scope too
-            for i in _subgraph_outer_inputs(node):
+            for i in subgraph_outer_inputs(node):
                 if i not in defined:
                     undefined(node, i)
         for o in node.output:
@@ -813,7 +813,7 @@ def find_cycle(model: Model) -> list[str]:
     g = nx.DiGraph()
     for k, n in enumerate(model.graph.node):
         g.add_node(k)
-        for i in list(n.input) + list(_subgraph_outer_inputs(n)):
+        for i in list(n.input) + list(subgraph_outer_inputs(n)):
             if i in producer:
                 g.add_edge(producer[i], k)
     try:
@@ -1012,30 +1012,6 @@ def value_info_dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
         else:
             out.append(None)
     return out
-
-
-def _subgraph_outer_inputs(node: onnx.NodeProto) -> set[str]:
-    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing scope."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        graphs = []
-        if attr.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            graphs.extend(attr.graphs)
-        for g in graphs:
-            local = {i.name for i in g.input} | {t.name for t in g.initializer}
-            for n in g.node:
-                local.update(n.output)
-            for n in g.node:
-                for i in n.input:
-                    if i and i not in local:
-                        names.add(i)
-                names.update(x for x in _subgraph_outer_inputs(n) if x not in local)
-            for o in g.output:
-                if o.name not in local:
-                    names.add(o.name)
-    return names
 
 
 def _rename_input(node: onnx.NodeProto, old: str, new: str) -> None:

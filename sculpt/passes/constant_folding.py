@@ -9,7 +9,8 @@ import onnx
 from onnx import numpy_helper
 
 from sculpt.errors import InvalidModelError
-from sculpt.ir.model import Model, _subgraph_outer_inputs, constant_node_value
+from sculpt.ir.graph_index import subgraph_outer_inputs
+from sculpt.ir.model import Model, constant_node_value
 from sculpt.passes.base import (MAX_TENSOR_MB, Pass, allow_plain_initializers, PassContext, PassResult, check_range,
                                 option, register)
 
@@ -76,7 +77,7 @@ class ConstantFolding(Pass):
         foldable: list[onnx.NodeProto] = []
         for node in model.graph.node:
             if (node.domain not in ("", "ai.onnx") or node.op_type in NONDETERMINISTIC_OPS
-                    or _subgraph_outer_inputs(node) or any(a.type in (onnx.AttributeProto.GRAPH,
+                    or subgraph_outer_inputs(node) or any(a.type in (onnx.AttributeProto.GRAPH,
                                                                       onnx.AttributeProto.GRAPHS)
                                                            for a in node.attribute)):
                 continue

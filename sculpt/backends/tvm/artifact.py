@@ -24,10 +24,14 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from sculpt import __version__
 from sculpt.backends.tvm.targets import NamedTarget, get_target
 from sculpt.common import (atomic_write_bytes, check_output_file, give_default_mode, one_line, same_path,
                            to_plain_json)
 from sculpt.errors import OptionError, SculptError
+from sculpt.ir.model import Model
+from sculpt.ir.random_inputs import MAX_RANDOM_INPUT_ELEMENTS
+from sculpt.passes import create_pass
 
 MANIFEST_FORMAT = "sculpt-tvm-artifact/1"
 
@@ -125,8 +129,6 @@ def file_sha256(path: str | os.PathLike) -> str:
 # ------------------------------------------------------------------ compile
 def prepare_model(model, input_shapes: Mapping[str, Sequence[int]] | None = None, *, canonicalize: bool = True):
     """The model with fixed input shapes, canonicalized (what TVM's Relax importer needs)."""
-    from sculpt.passes import create_pass
-
     work = model.clone()
     if input_shapes:
         work.fix_input_shapes(input_shapes)
@@ -155,7 +157,7 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
     start = time.perf_counter()
     target = get_target(target)
     work, passes = prepare_model(model, input_shapes, canonicalize=canonicalize)
-    inputs = _input_specs(work)
+    inputs = input_tensor_specs(work)
     if progress:
         progress(f"importing into TVM Relax ({', '.join(f'{t.name}={t.shape}' for t in inputs)})")
     mod = import_to_relax(work)
@@ -206,7 +208,7 @@ def _default_kernels() -> str:
     return parameter.default if parameter is not None else "default"
 
 
-def _input_specs(model) -> list[TensorSpec]:
+def input_tensor_specs(model) -> list[TensorSpec]:
     import onnx
 
     specs = []
@@ -259,7 +261,6 @@ def export_artifact(compiled: CompiledModel, library: str | os.PathLike, *, sour
                     source_sha256: str | None = None, thread_policy: str = "shared") -> Artifact:
     """Export the library (cross-linked when the target is not this machine), write the manifest and,
     for OpenCL targets, the kernels' source; all atomically."""
-    from sculpt import __version__
     from sculpt.backends.tvm.runtime_libs import installed_versions, require_tool
     from sculpt.backends.tvm.thread_policy import manifest_entry as thread_policy_entry
 
@@ -320,7 +321,6 @@ def compile_artifact(model_path: str | os.PathLike, target: str | dict | NamedTa
                      input_shapes=None, tune_trials: int = 0, tuning_database: Path | None = None, **kwargs) -> Artifact:
     """Load, compile and export in one call (what ``sculpt compile`` does)."""
     from sculpt.backends.tvm.tune import database_dir_for
-    from sculpt.ir.model import Model
 
     library = check_artifact_path(output, model_path)
     model = Model.load(model_path)
@@ -364,8 +364,6 @@ _TENSOR_KEYS = ("name", "shape", "dtype")
 def _check_manifest(manifest: dict, where: Path, library: Path) -> None:
     """Every field sculpt reads from a manifest has the type and range 'sculpt compile' writes: a
     tampered or foreign manifest is one error naming the manifest and the field, never a crash."""
-    from sculpt.runtime import MAX_RANDOM_INPUT_ELEMENTS
-
     def refuse(field: str, why: str):
         raise ArtifactError(f"{where}: manifest field '{field}' {why}")
 

@@ -18,8 +18,10 @@ from typing import Callable
 
 import numpy as np
 
+from sculpt import runtime
 from sculpt.backends.tvm.targets import NamedTarget, get_target
 from sculpt.errors import OptionError
+from sculpt.ir.model import Model
 
 
 def build_supports(keyword: str) -> bool:
@@ -62,11 +64,8 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
     """Median latency (ms) of onnxruntime and of each TVM build, plus the TVM builds' max relative error
     against onnxruntime. Keys: ort_ms, tvm_ms (or tvm_default_ms/tvm_sculpt_ms), tvm_tuned_ms when
     tuning, speedup_* (ort_ms / tvm_*), ..."""
-    from sculpt import runtime as ort
-    from sculpt.runtime import output_error
-    from sculpt.backends.tvm.artifact import _input_specs, compile_model, prepare_model
+    from sculpt.backends.tvm.artifact import compile_model, input_tensor_specs, prepare_model
     from sculpt.backends.tvm.deploy import random_feeds
-    from sculpt.ir.model import Model
 
     for name, value, low in (("--runs", runs, 1), ("--warmup", warmup, 0), ("--rounds", rounds, 1)):
         if value < low:
@@ -89,11 +88,11 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
 
     model = Model.load(model_path)
     work, _ = prepare_model(model, input_shapes)
-    inputs = _input_specs(work)
+    inputs = input_tensor_specs(work)
     feeds = random_feeds(inputs, seed)
     ordered = [feeds[s.name] for s in inputs]
-    session = ort.make_session(work, threads=threads)
-    reference = ort.run(work, feeds, session=session)
+    session = runtime.make_session(work, threads=threads)
+    reference = runtime.run(work, feeds, session=session)
     output_names = [o.name for o in work.graph.output]
 
     runners: dict[str, Callable[[], tuple[float, list[np.ndarray]]]] = {}
@@ -123,7 +122,7 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
     for r in range(rounds):
         if progress:
             progress(f"measuring, round {r + 1}/{rounds}")
-        samples["ort_ms"].append(ort.median_latency_ms(session, feeds, runs=runs, warmup=warmup))
+        samples["ort_ms"].append(runtime.median_latency_ms(session, feeds, runs=runs, warmup=warmup))
         for label, run in runners.items():
             ms, outputs = run()
             samples[label].append(ms)
@@ -132,7 +131,7 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
         result[label] = round(statistics.median(values), 4)
     for label in runners:
         result[label.replace("tvm", "speedup", 1).removesuffix("_ms")] = round(result["ort_ms"] / result[label], 3)
-        errors = [output_error(n, np.asarray(got), np.asarray(reference[n]))
+        errors = [runtime.output_error(n, np.asarray(got), np.asarray(reference[n]))
                   for n, got in zip(output_names, last_outputs[label])]
         result[label.replace("_ms", "_max_rel_error")] = max((e.max_rel for e in errors), default=0.0)
     if layers:

@@ -11,8 +11,11 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from sculpt import runtime
 from sculpt.backends.tvm.artifact import Artifact, ArtifactError, load_artifact
 from sculpt.errors import ShapeError
+from sculpt.ir.model import Model
+from sculpt.runtime import Comparison, output_error
 
 
 @dataclass
@@ -101,13 +104,10 @@ class Verification:
 
 def reference_outputs(model_path, artifact: Artifact, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """onnxruntime's outputs of the ONNX model at the artifact's input shapes."""
-    from sculpt import runtime as ort
-    from sculpt.ir.model import Model
-
     model = Model.load(model_path)
     work = model.clone()
     work.fix_input_shapes({s.name: s.shape for s in artifact.inputs if s.name in work.input_names})
-    return ort.run(work, feeds)
+    return runtime.run(work, feeds)
 
 
 def random_feeds(specs, seed: int = 0) -> dict[str, np.ndarray]:
@@ -181,8 +181,6 @@ def _with_random_feeds(artifact: Artifact, feeds: Mapping[str, np.ndarray] | Non
 
 def _compare(artifact: Artifact, model_path, feeds, outputs: Mapping[str, np.ndarray]):
     """Per-output errors of the artifact's ``outputs`` against onnxruntime on the ONNX model."""
-    from sculpt.runtime import Comparison, output_error
-
     ref = reference_outputs(model_path, artifact, feeds)
     errors = []
     for spec in artifact.outputs:

@@ -35,6 +35,8 @@ import numpy as np
 
 from sculpt.backends.tvm.opencl import OpenCLError, opencl_device
 from sculpt.common import one_line
+from sculpt.errors import ShapeError
+from sculpt.ir.model import Model
 
 _THREAD_AXES = {"blockIdx.x": (0, 0), "blockIdx.y": (0, 1), "blockIdx.z": (0, 2),
                 "threadIdx.x": (1, 0), "threadIdx.y": (1, 1), "threadIdx.z": (1, 2)}
@@ -648,8 +650,6 @@ class OpenCLRunner:
 
 
 def _ordered_feeds(plan: OpenCLPlan, feeds) -> list[np.ndarray]:
-    from sculpt.errors import ShapeError
-
     if not isinstance(feeds, Mapping):
         feeds = {name: value for (name, _, _), value in zip(plan.inputs, feeds)}
     ordered = []
@@ -688,7 +688,6 @@ def run_artifact_kernels(artifact, model_path, ordered_inputs: Sequence[np.ndarr
     compiled from is built again the same way and the plan read from that build; its OpenCL C must be
     byte-identical to the artifact's ``.cl``, so the kernels launched are the artifact's own."""
     from sculpt.backends.tvm.artifact import ArtifactError
-    from sculpt.ir.model import Model
 
     manifest = artifact.manifest
     source_path = artifact.opencl_source_path

@@ -1,22 +1,37 @@
 """`sculpt targets`, `sculpt compile`, `sculpt verify`, `sculpt bench`: the TVM backend's commands.
 
-``register(subparsers)`` adds them to the `sculpt` parser; nothing here imports TVM until a command runs.
+``register_tvm_commands(subparsers)`` adds them to the `sculpt` parser. The backend modules imported
+here do not import TVM at module level: TVM itself loads only when a command runs.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sculpt.backends.tvm import relax_import
+from sculpt.backends.tvm.artifact import check_artifact_path, compile_model, export_artifact, load_artifact
+from sculpt.backends.tvm.bench import benchmark, build_supports
+from sculpt.backends.tvm.deploy import verify_artifact
+from sculpt.backends.tvm.rpc import probe
+from sculpt.backends.tvm.targets import TARGETS, get_target
+from sculpt.backends.tvm.tune import RemoteDevice, database_dir_for
+from sculpt.cli.common import check_number_flag, load_model, make_console, parse_input_shapes, resolve_input_shapes
 from sculpt.common import one_line, to_plain_json
 from sculpt.errors import OptionError
 
 SHAPE_HELP = "fix an input's shape: NAME=1,3,48,320 (repeatable; the name may be left out for one input)"
 
 
-def register(subparsers) -> None:
+def register_tvm_commands(subparsers) -> None:
     kernels = _kernel_choices()
 
     t = subparsers.add_parser("targets", help="list the named TVM targets and their TVM target JSON")
@@ -84,9 +99,6 @@ def register(subparsers) -> None:
 
 def _kernel_choices() -> list[str]:
     """The values of relax_import.build's ``kernels`` option, if this TVM backend has one."""
-    from sculpt.backends.tvm import relax_import
-    from sculpt.backends.tvm.bench import build_supports
-
     return list(getattr(relax_import, "KERNEL_CHOICES", ())) if build_supports("kernels") else []
 
 
@@ -111,14 +123,10 @@ def _add_build_options(p, kernels: list[str], allow_both: bool = False) -> None:
 
 
 def _device(args):
-    from sculpt.backends.tvm.tune import RemoteDevice
-
     if args.rpc is None:
         if args.device_key:
             raise OptionError("--device-key needs --rpc HOST:PORT (the tracker)")
         return None
-    from sculpt.backends.tvm.rpc import probe
-
     device = RemoteDevice.parse(args.rpc, args.device_key)
     probe(device)  # before any compiling: an unreachable tracker or unknown key is reported at once
     return device
@@ -127,8 +135,6 @@ def _device(args):
 @contextmanager
 def _status(console, enabled: bool = True):
     """A status line updated by the returned callback; a progress bar for tuning trials."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     status = console.status("") if enabled else None
     bar = {"progress": None, "task": None}
 
@@ -163,19 +169,12 @@ def _status(console, enabled: bool = True):
 
 def _quiet_tvm_logs() -> None:
     """MetaSchedule logs every task table at INFO; sculpt shows a progress bar instead."""
-    import logging
-
     for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule", "tvm"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
 # ------------------------------------------------------------------ targets
 def cmd_targets(args) -> int:
-    from rich.table import Table
-
-    from sculpt.backends.tvm.targets import TARGETS
-    from sculpt.cli import _console
-
     if args.json:
         print(json.dumps({name: t.as_dict() for name, t in TARGETS.items()}))
         return 0
@@ -185,17 +184,12 @@ def cmd_targets(args) -> int:
     for name, t in TARGETS.items():
         where = ("OpenCL GPU, " if t.is_opencl else "CPU, ") + t.arch
         table.add_row(name, where, t.description, json.dumps(t.spec))
-    _console().print(table)
+    make_console().print(table)
     return 0
 
 
 # ------------------------------------------------------------------ compile
 def cmd_compile(args) -> int:
-    from sculpt.backends.tvm.artifact import check_artifact_path, compile_model, export_artifact
-    from sculpt.backends.tvm.targets import get_target
-    from sculpt.backends.tvm.tune import database_dir_for
-    from sculpt.cli import _console, _load, _resolve_shapes, parse_input_shapes
-
     target = get_target(args.target)
     if args.tune < 0:
         raise OptionError(f"--tune takes a number of trials >= 0, got {args.tune}")
@@ -212,10 +206,10 @@ def cmd_compile(args) -> int:
             raise OptionError(f"--tuning-db {tuning_db}: the folder {tuning_db.resolve().parent} does not exist")
     elif args.tune:
         tuning_db = database_dir_for(library)
-    model = _load(args.model)
-    shapes = _resolve_shapes(model, parse_input_shapes(args.input_shape))
+    model = load_model(args.model)
+    shapes = resolve_input_shapes(model, parse_input_shapes(args.input_shape))
     build_options = {"kernels": args.kernels} if getattr(args, "kernels", None) else {}
-    console = _console(stderr=True)
+    console = make_console(stderr=True)
     _quiet_tvm_logs()
     with _status(console, enabled=not args.json) as (say, tuning_started, trials_done):
         compiled = compile_model(model, target, input_shapes=shapes, canonicalize=not args.no_canonicalize,
@@ -227,7 +221,7 @@ def cmd_compile(args) -> int:
     if args.json:
         print(json.dumps(artifact.manifest))
         return 0
-    out = _console()
+    out = make_console()
     m = artifact.manifest
     out.print(f"wrote {artifact.library} ({artifact.library.stat().st_size / 2**20:.2f} MB, {m['target']['name']}: "
               f"{m['target']['arch']}{', OpenCL' if m['target']['opencl'] else ''}) and {artifact.manifest_path.name}"
@@ -248,8 +242,6 @@ def cmd_compile(args) -> int:
 # ------------------------------------------------------------------ verify
 def parse_input_files(items) -> dict[str, "object"]:
     """``NAME=FILE.npy`` (or ``FILE.npy`` alone, keyed by '') -> loaded arrays."""
-    import numpy as np
-
     feeds = {}
     for item in items or []:
         name, sep, path = item.partition("=")
@@ -274,15 +266,11 @@ def parse_input_files(items) -> dict[str, "object"]:
 
 
 def cmd_verify(args) -> int:
-    from sculpt.backends.tvm.artifact import load_artifact
-    from sculpt.backends.tvm.deploy import verify_artifact
-    from sculpt.cli import _console, _load, check_number_flag
-
     check_number_flag("--rtol", args.rtol)
     check_number_flag("--atol", args.atol)
     check_number_flag("--timeout", args.timeout, positive=True)
     artifact = load_artifact(args.artifact)
-    _load(args.model)  # a clear error for a missing or broken model before anything runs
+    load_model(args.model)  # a clear error for a missing or broken model before anything runs
     feeds = parse_input_files(args.input)
     if "" in feeds:
         names = [s.name for s in artifact.inputs]
@@ -290,7 +278,7 @@ def cmd_verify(args) -> int:
             raise OptionError(f"--input without a name is only for single-input artifacts; this one has "
                               f"{', '.join(names)}")
         feeds = {names[0]: feeds.pop("")}
-    console = _console(stderr=True)
+    console = make_console(stderr=True)
     with _status(console, enabled=not args.json) as (say, _, _unused):
         result = verify_artifact(artifact, args.model, feeds, rtol=args.rtol, atol=args.atol, seed=args.seed,
                                  timeout=args.timeout, compile_only=args.compile_only, progress=say)
@@ -323,18 +311,10 @@ def cmd_verify(args) -> int:
 
 # ------------------------------------------------------------------ bench
 def cmd_bench(args) -> int:
-    import tempfile
-
-    from rich.table import Table
-
-    from sculpt.backends.tvm.bench import benchmark
-    from sculpt.backends.tvm.targets import get_target
-    from sculpt.cli import _console, _load, _resolve_shapes, parse_input_shapes
-
     target = get_target(args.target)
     device = _device(args)
-    model = _load(args.model)
-    shapes = _resolve_shapes(model, parse_input_shapes(args.input_shape))
+    model = load_model(args.model)
+    shapes = resolve_input_shapes(model, parse_input_shapes(args.input_shape))
     if args.tune < 0:
         raise OptionError(f"--tune takes a number of trials >= 0, got {args.tune}")
     tmp_db = None
@@ -342,7 +322,7 @@ def cmd_bench(args) -> int:
     if args.tune and tuning_db is None:
         tmp_db = tempfile.TemporaryDirectory(prefix="sculpt-bench-tuning-")
         tuning_db = Path(tmp_db.name) / "db"
-    console = _console(stderr=True)
+    console = make_console(stderr=True)
     _quiet_tvm_logs()
     try:
         with _status(console, enabled=not args.json) as (say, tuning_started, trials_done):
@@ -369,22 +349,18 @@ def cmd_bench(args) -> int:
             label = key.removesuffix("_ms").replace("_", " ")
             table.add_row(label, f"{value:.3f}", f"{result['ort_ms'] / value:.2f}",
                           f"{result[key.replace('_ms', '_max_rel_error')]:.2g}")
-    _console().print(table)
+    make_console().print(table)
     for label, rows in result.get("layers", {}).items():
         _print_layers(label, rows)
     if result.get("tuning"):
         tr = result["tuning"]
-        _console().print(f"tuning: {tr['tasks']} tasks, {tr['trials']} trials now, {tr['tasks_reused']} from the "
+        make_console().print(f"tuning: {tr['tasks']} tasks, {tr['trials']} trials now, {tr['tasks_reused']} from the "
                          "database")
     return 0
 
 
 def _print_layers(label: str, rows: list[dict], top: int = 30) -> None:
     """The per-kernel table of ``sculpt bench --layers``: slowest first, the rest summed in one row."""
-    from rich.table import Table
-
-    from sculpt.cli import _console
-
     table = Table(title=f"{label.removesuffix('_ms').replace('_', ' ')}: time per kernel (one run)")
     for col in ("function", "kernel", "calls", "ms", "share"):
         table.add_column(col, justify="left" if col in ("function", "kernel") else "right")
@@ -394,4 +370,4 @@ def _print_layers(label: str, rows: list[dict], top: int = 30) -> None:
     if rest:
         table.add_row(f"({len(rest)} more)", "", str(sum(r["calls"] for r in rest)),
                       f"{sum(r['ms'] for r in rest):.3f}", f"{100 * sum(r['share'] for r in rest):.1f}%")
-    _console().print(table)
+    make_console().print(table)
