@@ -37,7 +37,7 @@ import numpy as np
 from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, four_pads, rewrite_calls, static_shape
 
 BLOCK_PREFIX = "sculpt_conv_oc"
-_BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_h(\d+)_w(\d+)_c(\d+)_r(\d+)")
+_BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_h(\d+)_w(\d+)_c(\d+)_r(\d+)(?:_i(\d+)_o(\d+))?")
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,8 @@ class ConvTile:
     tw: int
     rc: int = 0  # input channels per pass over a row (0: all); a chunk's weights stay in L1
     rows_outer: int = 0  # 1: bands of rows outermost, channel blocks inside (large maps, small weights)
+    in_block: int = 0  # input layout: 0 NCHW, else NCHW<in_block>c (channels blocked innermost)
+    out_block: int = 0  # output layout: 0 NCHW, else NCHW<out_block>c (ob a multiple of it)
 
     def padded_width(self, out_width: int) -> int:
         return -(-out_width // self.tw) * self.tw
@@ -85,11 +87,18 @@ class ConvTile:
         return -(-out_channels // self.ob) * self.ob
 
     def as_list(self) -> list[int]:
-        return [self.ob, self.th, self.tw, self.rc, self.rows_outer]
+        return [self.ob, self.th, self.tw, self.rc, self.rows_outer, self.in_block, self.out_block]
+
+    @property
+    def weight_block(self) -> int:
+        """Output channels per contiguous run of the packed weight: the output block of a blocked
+        output layout, else the register tile's channel block."""
+        return self.out_block or self.ob
 
     @property
     def name(self) -> str:
-        return f"{BLOCK_PREFIX}{self.ob}_h{self.th}_w{self.tw}_c{self.rc}_r{self.rows_outer}"
+        return (f"{BLOCK_PREFIX}{self.ob}_h{self.th}_w{self.tw}_c{self.rc}_r{self.rows_outer}"
+                f"_i{self.in_block}_o{self.out_block}")
 
 
 # a policy: (ConvShape, TargetTraits) -> ConvTile, or None to keep the width-vectorized kernel
@@ -98,7 +107,7 @@ ConvPolicy = Callable[..., "ConvTile | None"]
 
 def tile_from_block_name(name: str) -> ConvTile | None:
     m = _BLOCK_NAME.search(name)
-    return ConvTile(*(int(g) for g in m.groups())) if m else None
+    return ConvTile(*(int(g) for g in m.groups() if g is not None)) if m else None
 
 
 def _static_conv(call) -> tuple[ConvShape, int] | None:
@@ -143,96 +152,142 @@ def grouped_shape_of(call) -> tuple[ConvShape, int] | None:
     return found
 
 
-def pack_weight(w: np.ndarray, ob: int) -> np.ndarray:
+def pack_weight(w: np.ndarray, ob: int, in_block: int = 0, channels: int = 0) -> np.ndarray:
     """OIHW -> [ceil(O/ob), I, KH, KW, ob]: the ob output channels of one vector load are contiguous;
-    a last partial block is filled with zero weights."""
+    a last partial block (and blocks up to ``channels`` output channels) are zero weights. With a
+    blocked input layout (``in_block``): [ceil(O/ob), I/in_block, KH, KW, in_block, ob], in the
+    order the kernel reads them."""
     o, i, kh, kw = w.shape
-    blocks = -(-o // ob)
+    blocks = -(-max(o, channels) // ob)
     if blocks * ob != o:
         w = np.concatenate([w, np.zeros((blocks * ob - o, i, kh, kw), w.dtype)])
+    if in_block:
+        w = w.reshape(blocks, ob, i // in_block, in_block, kh, kw).transpose(0, 2, 4, 5, 3, 1)
+        return np.ascontiguousarray(w)
     return np.ascontiguousarray(w.reshape(blocks, ob, i, kh, kw).transpose(0, 2, 3, 4, 1))
 
 
 def blocked_conv_func(shape: ConvShape, tile: ConvTile):
     """The TE definition (unscheduled PrimFunc): padding stage, then the conv block over the padded
-    output width, reading the packed weight."""
+    output width, reading the packed weight, in the tile's input and output layouts."""
     from tvm import te, tirx
 
     s = shape
-    ob, owp, ocp = tile.ob, tile.padded_width(s.out_width), tile.padded_channels(s.out_channels)
+    owp, ocp, ib, cb = tile.padded_width(s.out_width), tile.padded_channels(s.out_channels), tile.in_block, \
+        tile.weight_block
     (sh, sw), (dh, dw), (pt, pl, _, _) = s.strides, s.dilation, s.padding
-    need_h = (s.out_height - 1) * sh + dh * (s.kernel[0] - 1) + 1
-    need_w = (owp - 1) * sw + dw * (s.kernel[1] - 1) + 1
+    (kh, kw) = s.kernel
+    need_h = (s.out_height - 1) * sh + dh * (kh - 1) + 1
+    need_w = (owp - 1) * sw + dw * (kw - 1) + 1
     def i64(*dims):  # Relax's legalized functions index in int64: FuseTIR needs equal buffer types
         return [tirx.IntImm("int64", int(d)) for d in dims]
 
-    x = te.placeholder(i64(s.batch, s.in_channels, s.height, s.width), "float32", name="x")
-    w = te.placeholder(i64(ocp // ob, s.in_channels, s.kernel[0], s.kernel[1], ob), "float32", name="w")
+    channel_dims = (s.in_channels // ib, ) if ib else (s.in_channels, )
+    lane_dims = (ib, ) if ib else ()
+    x = te.placeholder(i64(s.batch, *channel_dims, s.height, s.width, *lane_dims), "float32", name="x")
+    if ib:
+        w = te.placeholder(i64(ocp // cb, s.in_channels // ib, kh, kw, ib, cb), "float32", name="w")
+    else:
+        w = te.placeholder(i64(ocp // cb, s.in_channels, kh, kw, cb), "float32", name="w")
     if pt or pl or need_h > s.height + pt or need_w > s.width + pl:
-        def pad(n, c, h, wi):
+        def pad(n, c, h, wi, *lane):
             inside = tirx.all(h >= pt, h < s.height + pt, wi >= pl, wi < s.width + pl)
-            return tirx.if_then_else(inside, x[n, c, h - pt, wi - pl], tirx.const(0.0, "float32"))
-        src = te.compute(i64(s.batch, s.in_channels, need_h, need_w), pad, name="pad_temp")
+            return tirx.if_then_else(inside, x[(n, c, h - pt, wi - pl, *lane)], tirx.const(0.0, "float32"))
+        src = te.compute(i64(s.batch, *channel_dims, need_h, need_w, *lane_dims), pad, name="pad_temp")
     else:
         src = x
-    rc = te.reduce_axis(i64(0, s.in_channels), "rc")
-    ry = te.reduce_axis(i64(0, s.kernel[0]), "ry")
-    rx = te.reduce_axis(i64(0, s.kernel[1]), "rx")
-    y = te.compute(
-        i64(s.batch, ocp, s.out_height, owp),
-        lambda n, o, h, wi: te.sum(src[n, rc, h * sh + ry * dh, wi * sw + rx * dw]
-                                   * w[o // ob, rc, ry, rx, o % ob], axis=[rc, ry, rx]),
-        name=tile.name)
+    ry = te.reduce_axis(i64(0, kh), "ry")
+    rx = te.reduce_axis(i64(0, kw), "rx")
+    if ib:  # input channel blocks outermost, the block's channels innermost (contiguous broadcasts)
+        rco, rci = te.reduce_axis(i64(0, s.in_channels // ib), "rco"), te.reduce_axis(i64(0, ib), "rci")
+        axes = [rco, ry, rx, rci]
+        def product(n, o_block, o_lane, h, wi):
+            return src[n, rco, h * sh + ry * dh, wi * sw + rx * dw, rci] * w[o_block, rco, ry, rx, rci, o_lane]
+    else:
+        rc = te.reduce_axis(i64(0, s.in_channels), "rc")
+        axes = [rc, ry, rx]
+        def product(n, o_block, o_lane, h, wi):
+            return src[n, rc, h * sh + ry * dh, wi * sw + rx * dw] * w[o_block, rc, ry, rx, o_lane]
+    if tile.out_block:
+        y = te.compute(i64(s.batch, ocp // cb, s.out_height, owp, cb),
+                       lambda n, o, h, wi, lane: te.sum(product(n, o, lane, h, wi), axis=axes), name=tile.name)
+    else:
+        y = te.compute(i64(s.batch, ocp, s.out_height, owp),
+                       lambda n, o, h, wi: te.sum(product(n, o // cb, o % cb, h, wi), axis=axes), name=tile.name)
     return te.create_prim_func([x, w, y])
 
 
-def rewrite_blocked_convs(mod, choose: ConvPolicy, traits, decisions: list | None = None):
-    """``mod`` with every conv2d that ``choose(shape, traits)`` gives a tile replaced by the
-    blocked-channel kernel (``decisions`` receives (ConvShape, ConvTile) pairs)."""
-    from tvm import relax
+class BlockedConvBuilder:
+    """Emits the blocked-channel kernel for ``relax.nn.conv2d`` calls that ``choose(shape, traits)``
+    gives a tile (one PrimFunc per distinct shape and tile; ``decisions`` receives (ConvShape,
+    ConvTile) pairs)."""
 
-    made: dict[tuple, object] = {}
+    def __init__(self, choose: ConvPolicy, traits, decisions: list | None = None):
+        self.choose, self.traits, self.decisions = choose, traits, decisions
+        self._made: dict[tuple, object] = {}
 
-    def blocked(x, weight: np.ndarray, shape: ConvShape, tile: ConvTile, rewriter):
+    def tile_for(self, call) -> ConvTile | None:
+        """The tile of a conv of one group this kernel takes, else None."""
+        shape = conv_shape_of(call)
+        return None if shape is None else self.choose(shape, self.traits)
+
+    def _emit(self, x, weight: np.ndarray, shape: ConvShape, tile: ConvTile, rewriter):
+        from tvm import relax
+
         key = (shape, tile)
-        if key not in made:
-            name = f"sculpt_conv_oc{len(made)}"
+        if key not in self._made:
+            name = f"sculpt_conv_oc{len(self._made)}"
             # private (no global symbol): once fused into its callers, DeadCodeElimination drops it
-            made[key] = rewriter.add_func(blocked_conv_func(shape, tile).without_attr("global_symbol"), name)
-        if decisions is not None:
-            decisions.append((shape, tile))
-        packed = relax.const(pack_weight(weight, tile.ob))
-        owp, ocp = tile.padded_width(shape.out_width), tile.padded_channels(shape.out_channels)
-        out = (shape.batch, ocp, shape.out_height, owp)
-        y = relax.call_tir(made[key], [x, packed], relax.TensorType(out, "float32"))
+            self._made[key] = rewriter.add_func(blocked_conv_func(shape, tile).without_attr("global_symbol"), name)
+        if self.decisions is not None:
+            self.decisions.append((shape, tile))
+        packed = relax.const(pack_weight(weight, tile.weight_block, tile.in_block, tile.padded_channels(shape.out_channels)))
+        owp, ocp, cb = tile.padded_width(shape.out_width), tile.padded_channels(shape.out_channels), tile.out_block
+        if cb:
+            out, channel_end = (shape.batch, ocp // cb, shape.out_height, owp, cb), shape.out_channels // cb
+        else:
+            out, channel_end = (shape.batch, ocp, shape.out_height, owp), shape.out_channels
+        y = relax.call_tir(self._made[key], [x, packed], relax.TensorType(out, "float32"))
         if (ocp, owp) == (shape.out_channels, shape.out_width):
             return y
         y = rewriter.emit(y)
-        return relax.op.strided_slice(y, axes=[1, 3], begin=[0, 0], end=[shape.out_channels, shape.out_width])
+        return relax.op.strided_slice(y, axes=[1, 3], begin=[0, 0], end=[channel_end, shape.out_width])
 
-    def rule(call, rewriter):
+    def rewrite(self, call, rewriter, in_block: int = 0, out_block: int = 0, x=None):
+        """The replacement of ``call`` (its input ``x``, default its own, in NCHW<in_block>c, its
+        output in NCHW<out_block>c; 0: NCHW), or None to keep it."""
+        from tvm import relax
+
         shape = conv_shape_of(call)
+        x = call.args[0] if x is None else x
         if shape is not None:
-            tile = choose(shape, traits)
-            return None if tile is None else blocked(call.args[0], constant_value(call.args[1]).numpy(), shape,
-                                                      tile, rewriter)
+            tile = self.choose(shape, self.traits)
+            if tile is None:
+                return None
+            if in_block or out_block:
+                tile = ConvTile(tile.ob, tile.th, tile.tw, 0, tile.rows_outer, in_block, out_block)
+            return self._emit(x, constant_value(call.args[1]).numpy(), shape, tile, rewriter)
         grouped = grouped_shape_of(call)
         if grouped is None:
             return None
         # a few groups (AlexNet's 2, ShuffleNet's 3): one blocked conv per group, concatenated
         per_group, groups = grouped
-        tile = choose(per_group, traits)
+        tile = self.choose(per_group, self.traits)
         if tile is None:
             return None
         weight = constant_value(call.args[1]).numpy()
         cin, cout = per_group.in_channels, per_group.out_channels
         parts = []
         for g in range(groups):
-            xg = rewriter.emit(relax.op.strided_slice(call.args[0], axes=[1], begin=[g * cin], end=[(g + 1) * cin]))
-            parts.append(rewriter.emit(blocked(xg, weight[g * cout:(g + 1) * cout], per_group, tile, rewriter)))
+            xg = rewriter.emit(relax.op.strided_slice(x, axes=[1], begin=[g * cin], end=[(g + 1) * cin]))
+            parts.append(rewriter.emit(self._emit(xg, weight[g * cout:(g + 1) * cout], per_group, tile, rewriter)))
         return relax.op.concat(parts, axis=1)
 
-    return rewrite_calls(mod, rule)
+
+def rewrite_blocked_convs(mod, choose: ConvPolicy, traits, decisions: list | None = None):
+    """``mod`` with every conv2d that ``choose(shape, traits)`` gives a tile replaced by the
+    blocked-channel kernel, NCHW in and out (``decisions`` receives (ConvShape, ConvTile) pairs)."""
+    return rewrite_calls(mod, BlockedConvBuilder(choose, traits, decisions).rewrite)
 
 
 def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel: bool) -> None:
@@ -248,37 +303,48 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
     inline_branch_free_producers(sch, main)
     skip = {sch.get(b).name_hint for b in epilogue} | {sch.get(main).name_hint}
     producers = [b for b in root_blocks(sch) if sch.get(b).name_hint not in skip]
-    n, o, h, w, rc, ry, rx = sch.get_loops(main)
+    loops = sch.get_loops(main)
     rows_outer = tile.rows_outer and not tile.rc
-    oo, oi = sch.split(o, factors=[None, tile.ob])
+    ob = tile.ob
+    if tile.out_block:  # (n, channel blocks, h, w, lanes | reduction): ob / out_block blocks per tile
+        n, o, h, w, lane = loops[:5]
+        reduce = loops[5:]
+        oo, ok = sch.split(o, factors=[None, ob // tile.out_block])
+        channel = [ok, lane]
+    else:
+        n, o, h, w = loops[:4]
+        reduce = loops[4:]
+        oo, oi = sch.split(o, factors=[None, ob])
+        channel = [oi]
     ho, hi = sch.split(h, factors=[None, tile.th])
     wo, wi = sch.split(w, factors=[None, tile.tw])
-    if tile.rc:
+    if tile.rc and not tile.in_block:
         # one chunk of input channels at a time over the whole row: the chunk's weights stay in L1,
         # the row's accumulators live in a small stack buffer between chunks
+        rc, ry, rx = reduce
         rco, rci = sch.split(rc, factors=[None, tile.rc])
-        sch.reorder(n, oo, ho, rco, wo, rci, ry, rx, hi, wi, oi)
+        sch.reorder(n, oo, ho, rco, wo, rci, ry, rx, hi, wi, *channel)
         first_reduce, tail_at = rco, ho
     else:
-        sch.reorder(*((n, ho, oo) if rows_outer else (n, oo, ho)), wo, rc, ry, rx, hi, wi, oi)
-        first_reduce, tail_at = rc, wo
+        sch.reorder(*((n, ho, oo) if rows_outer else (n, oo, ho)), wo, *reduce, hi, wi, *channel)
+        first_reduce, tail_at = reduce[0], wo
     # accumulators: the main block's output buffer, shrunk to one tile (a row with chunks) by
     # computing the output block per tile (a cache stage when the conv itself is the function's
     # output), with the channel block innermost so that the FMAs' stores are whole vectors and
     # LLVM keeps the buffer in registers
     tail, epilogue = accumulator_tail(sch, main, epilogue)
-    ob = tile.ob
-    sch.transform_layout(main, ("write", 0), lambda a, b, c, d: (a, b // ob, c, d, b % ob))
+    if not tile.out_block:
+        sch.transform_layout(main, ("write", 0), lambda a, b, c, d: (a, b // ob, c, d, b % ob))
     sch.reverse_compute_at(tail, tail_at, preserve_unit_loops=True)
-    for lp in (hi, wi):
+    for lp in (hi, wi) + ((channel[0],) if tile.out_block else ()):
         if int(sch.get(lp).extent) > 1:
             sch.unroll(lp)
-    if tile.ob > lanes and tile.ob % lanes == 0:  # whole registers: LLVM splits odd-sized vectors badly
-        oi_regs, oi_lanes = sch.split(oi, factors=[None, lanes])
-        sch.unroll(oi_regs)
-        sch.vectorize(oi_lanes)
-    else:
-        sch.vectorize(oi)
+    vector = channel[-1]
+    width = int(sch.get(vector).extent)
+    if width > lanes and width % lanes == 0:  # whole registers: LLVM splits odd-sized vectors badly
+        regs, vector = sch.split(vector, factors=[None, lanes])
+        sch.unroll(regs)
+    sch.vectorize(vector)
     # rows outer: one band of input rows (padded once, below) serves every channel block in turn
     outer = sch.fuse(n, ho) if rows_outer else sch.fuse(n, oo, ho)
     if parallel:
@@ -290,7 +356,7 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
                 schedule_injective_block(sch, b, lanes)
     for b in producers:
         if rows_outer:
-            schedule_padding_at(sch, b, outer, lanes)
+            schedule_padding_at(sch, b, outer, lanes, blocked=bool(tile.in_block))
         else:
             schedule_padding_block(sch, b, lanes)
 

@@ -1,9 +1,11 @@
 """The Relax compilation pipeline with sculpt's kernels: TVM's CPU pipeline plus one scheduling step.
 
     [sculpt: constant reshapes / isnan / where evaluated in numpy (fold_small_constants)]
+             -> [sculpt: the importer's Clip (call_tir of TE maximum/minimum) as Relax ops (clip_as_ops)]
              -> [sculpt: ONNX Sum's stack + reduce as adds (sum_as_adds)]
              -> [sculpt: transposed convs with stride == kernel -> 1x1 conv + pixel shuffle]
-             -> [sculpt: conv2d -> the channel-blocked kernel where the policy gives a tile (blocked_conv)]
+             -> [sculpt: conv2d -> the channel-blocked kernel where the policy gives a tile (blocked_conv),
+                 activations NCHW<lanes>c between such convs where no transform is needed (blocked_layout)]
              -> [sculpt: strided pools/depthwise over odd widths get an unused column (even_strided_width)]
              -> [sculpt: depthwise convs over widths of no whole vectors computed wider, sliced (whole_vector_width)]
              -> [sculpt: matmul weights padded to whole vectors of columns (pad_matmul_columns)]
@@ -18,8 +20,9 @@ scheduled with their epilogues in place."""
 from __future__ import annotations
 
 from sculpt.backends.tvm.kernels.fold_small_constants import fold_small_constants
+from sculpt.backends.tvm.kernels.clip_as_ops import rewrite_clip_calls
 from sculpt.backends.tvm.kernels.pad_matmul_columns import pad_matmul_columns
-from sculpt.backends.tvm.kernels.blocked_conv import rewrite_blocked_convs
+from sculpt.backends.tvm.kernels.blocked_layout import rewrite_in_blocked_layout
 from sculpt.backends.tvm.kernels.even_strided_width import rewrite_even_strided_widths
 from sculpt.backends.tvm.kernels.sum_as_adds import rewrite_sum_of_stack
 from sculpt.backends.tvm.kernels.fast_math import rewrite_fast_math
@@ -39,6 +42,10 @@ def _front_passes(target) -> list:
     def fold_constants(mod, _ctx):
         return fold_small_constants(mod)
 
+    @tvm.transform.module_pass(opt_level=0, name="SculptClipAsOps")
+    def clip_as_ops(mod, _ctx):
+        return rewrite_clip_calls(mod)
+
     @tvm.transform.module_pass(opt_level=0, name="SculptSumAsAdds")
     def sum_as_adds(mod, _ctx):
         return rewrite_sum_of_stack(mod)
@@ -49,7 +56,7 @@ def _front_passes(target) -> list:
 
     @tvm.transform.module_pass(opt_level=0, name="SculptBlockedConvs")
     def blocked_convs(mod, _ctx):
-        return rewrite_blocked_convs(mod, conv_tile, traits_of(target))  # the policy: tiling.conv_tile
+        return rewrite_in_blocked_layout(mod, conv_tile, traits_of(target))  # the policy: tiling.conv_tile
 
     @tvm.transform.module_pass(opt_level=0, name="SculptEvenStridedWidths")
     def even_strided_widths(mod, _ctx):
@@ -67,7 +74,7 @@ def _front_passes(target) -> list:
     def fast_math(mod, _ctx):
         return rewrite_fast_math(mod)
 
-    return [fold_constants, sum_as_adds, rewrite_transposed, blocked_convs, even_strided_widths, depthwise_widths, pad_columns, fast_math] \
+    return [fold_constants, clip_as_ops, sum_as_adds, rewrite_transposed, blocked_convs, even_strided_widths, depthwise_widths, pad_columns, fast_math] \
         + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 

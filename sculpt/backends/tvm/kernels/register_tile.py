@@ -150,23 +150,24 @@ def schedule_padding_block(sch, block, lanes: int) -> None:
     schedule_injective_block(sch, block, lanes)
 
 
-def schedule_padding_at(sch, block, loop, lanes: int) -> None:
+def schedule_padding_at(sch, block, loop, lanes: int, blocked: bool = False) -> None:
     """A padding stage computed under ``loop`` of its consumer (only the rows one iteration reads):
     a zero fill and a branch-free copy of the interior when TVM can split it, whole vectors of the
-    innermost loop vectorized, nothing parallel (``loop`` is)."""
+    innermost loop vectorized, nothing parallel (``loop`` is). ``blocked``: the padded tensor is
+    NCHW<c>c (channel blocks, rows, columns, lanes) instead of NCHW."""
     sch.compute_at(block, loop, preserve_unit_loops=True)
     stages = [block]
     if has_if_then_else(sch, block):
         try:
-            stages.insert(0, sch.decompose_padding(block, sch.get_loops(block)[-3]))
+            stages.insert(0, sch.decompose_padding(block, sch.get_loops(block)[-4 if blocked else -3]))
         except Exception:  # noqa: BLE001 - keep the single stage
             pass
     for stage in stages:
         inner = sch.get_loops(stage)[-1]
         extent = int(sch.get(inner).extent)
-        if extent % lanes == 0 and extent > lanes and contiguous_along_last_axis(sch, stage) \
+        if extent % lanes == 0 and extent >= lanes and contiguous_along_last_axis(sch, stage) \
                 and not has_if_then_else(sch, stage):
-            sch.vectorize(sch.split(inner, factors=[None, lanes])[1])
+            sch.vectorize(sch.split(inner, factors=[None, lanes])[1] if extent > lanes else inner)
 
 
 def schedule_injective_block(sch, block, lanes: int, max_vector: int = 64) -> None:
