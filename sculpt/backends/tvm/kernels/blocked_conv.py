@@ -101,7 +101,8 @@ class ConvTile:
                 f"_i{self.in_block}_o{self.out_block}")
 
 
-# a policy: (ConvShape, TargetTraits) -> ConvTile, or None to keep the width-vectorized kernel
+# a policy: (ConvShape, TargetTraits, in_block=0, out_block=0) -> ConvTile in those layouts, or None
+# to keep the width-vectorized kernel
 ConvPolicy = Callable[..., "ConvTile | None"]
 
 
@@ -261,11 +262,9 @@ class BlockedConvBuilder:
         shape = conv_shape_of(call)
         x = call.args[0] if x is None else x
         if shape is not None:
-            tile = self.choose(shape, self.traits)
+            tile = self.choose(shape, self.traits, in_block, out_block)
             if tile is None:
                 return None
-            if in_block or out_block:
-                tile = ConvTile(tile.ob, tile.th, tile.tw, 0, tile.rows_outer, in_block, out_block)
             return self._emit(x, constant_value(call.args[1]).numpy(), shape, tile, rewriter)
         grouped = grouped_shape_of(call)
         if grouped is None:

@@ -163,9 +163,10 @@ MAX_CHANNEL_PADDING = 1.25
 EXTRA_BLOCK_PADDING = 1 / 16
 
 
-def conv_tile(shape, traits: TargetTraits):
-    """The channel-blocked conv kernel's tile for a conv2d (blocked_conv.ConvShape), or None to keep
-    the width-vectorized kernel (output channels that whole vectors would pad by more than
+def conv_tile(shape, traits: TargetTraits, in_block: int = 0, out_block: int = 0):
+    """The channel-blocked conv kernel's tile for a conv2d (blocked_conv.ConvShape) reading NCHW
+    (``in_block`` 0) or NCHW<in_block>c and writing NCHW or NCHW<out_block>c, or None to keep the
+    width-vectorized kernel (output channels that whole vectors would pad by more than
     ``MAX_CHANNEL_PADDING``, or a short reduction over rows of whole vectors).
 
     Measured on AVX2 (16 registers): 8-9 accumulator vectors is the sweet spot (12-16 spill and run
@@ -173,7 +174,13 @@ def conv_tile(shape, traits: TargetTraits):
     broadcast: 13 registers) beat 2 x 4 by 10-25% where the channels allow it. So: accumulators,
     weights and the broadcast within the register file less 3, and at most half of it plus one for
     accumulators; pixels as columns (a row pair when the width is small); the least padding of the
-    width, then the most FMAs per load."""
+    width, then the most FMAs per load.
+
+    A blocked input (its broadcasts walk contiguous channels) takes up to 3/4 of the register file
+    in accumulators, all but the weights and the broadcast: on AVX2 3 vectors of channels x 4 pixels
+    (12 accumulators) beat 3 x 3 by 8-20% with NCHW8c in and out (resnet50's 64->256 1x1 at 56x56
+    1.33 -> 1.21 ms, 128->512 1x1 at 28x28 1.38 -> 1.21, 256->256 3x3 at 14x14 3.00 -> 2.66;
+    PP-OCRv6 det's 384->192 1x1 at 46x46 4.8 -> 3.7 with 2 rows x 2 columns, no padded width)."""
 
     from sculpt.backends.tvm.kernels.blocked_conv import ConvTile
 
@@ -182,9 +189,12 @@ def conv_tile(shape, traits: TargetTraits):
     # a width of no whole vectors costs the width kernel as much: then up to twice the channels
     if channels > (MAX_CHANNEL_PADDING if shape.out_width % lanes == 0 else 2) * shape.out_channels:
         return None
-    if shape.in_channels * shape.kernel[0] * shape.kernel[1] <= 32 and shape.out_width % lanes == 0:
+    if shape.in_channels * shape.kernel[0] * shape.kernel[1] <= 32 and shape.out_width % lanes == 0 \
+            and shape.strides == (1, 1):
         # short reductions over whole vectors of width (PP-OCR cls 16->104 1x1 at 3x96, det 12->96 at
-        # 80x80): the width-vectorized kernel measured up to 1.8x faster
+        # 80x80): the width-vectorized kernel measured up to 1.8x faster. Not at stride 2, where it
+        # reads every other column: PP-OCRv6 det's 3->24 3x3 stem at 736x736 7.3 -> 3.7 ms blocked
+        # (2.7 writing NCHW8c; onnxruntime 4.5)
         return None
     oh, ow = shape.out_height, shape.out_width
     best, best_score = None, None
@@ -193,7 +203,10 @@ def conv_tile(shape, traits: TargetTraits):
         computed = -(-channels // ob) * ob
         if computed > channels * (1 + EXTRA_BLOCK_PADDING):
             continue
-        budget = min(traits.vector_registers // 2 + 1, traits.vector_registers - 3 - vregs - 1)
+        if in_block:
+            budget = min(traits.vector_registers * 3 // 4, traits.vector_registers - vregs - 1)
+        else:
+            budget = min(traits.vector_registers // 2 + 1, traits.vector_registers - 3 - vregs - 1)
         pixels = max(1, budget // vregs)
         for th in (1, 2, 4):
             if th > pixels or oh % th:
@@ -205,9 +218,9 @@ def conv_tile(shape, traits: TargetTraits):
                 score = (round(intensity * ow / padded * channels / computed, 3), vregs, -th, tw)
                 if best_score is None or score > best_score:
                     best, best_score = ConvTile(ob, th, tw), score
-    if best is not None and _rows_outer(shape, channels, traits):
-        best = ConvTile(best.ob, best.th, best.tw, rows_outer=1)
-    return best
+    if best is None:
+        return None
+    return ConvTile(best.ob, best.th, best.tw, 0, int(_rows_outer(shape, channels, traits)), in_block, out_block)
 
 
 def _rows_outer(shape, channels: int, traits: TargetTraits) -> bool:
