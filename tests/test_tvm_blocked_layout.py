@@ -30,11 +30,11 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(np.asarray(array, np.float32), name))
         return name
 
-    def conv(self, out, x, cin, cout, k, stride=1):
-        w = self.const(out + "_w", self.rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k))
+    def conv(self, out, x, cin, cout, k, stride=1, group=1):
+        w = self.const(out + "_w", self.rng.standard_normal((cout, cin // group, k, k)) / np.sqrt(cin // group * k * k))
         b = self.const(out + "_b", self.rng.standard_normal(cout))
         self.nodes.append(helper.make_node("Conv", [x, w, b], [out], kernel_shape=[k, k], strides=[stride] * 2,
-                                           pads=[k // 2] * 4))
+                                           pads=[k // 2] * 4, group=group))
         return out
 
     def op(self, kind, ins, out, **attrs):
@@ -69,7 +69,18 @@ def _residual_chain(pool_branch: bool):
     return g.model(8, (20, 19), outputs)
 
 
-def _compile_and_compare(proto, cin, hw):
+def _mobile_chain():
+    """pointwise -> depthwise 3x3 -> ReLU6 -> pointwise + residual -> depthwise 5x5 stride 2 over an
+    odd width -> HardSwish -> pointwise (the graph's output)."""
+    g = _Graph(11)
+    g.op("Relu", [g.conv("p1", "x", 8, 16, 1)], "r1")
+    g.op("Clip", [g.conv("d1", "r1", 16, 16, 3, group=16), g.const("lo", 0.0), g.const("hi", 6.0)], "c1")
+    g.op("Add", [g.conv("p2", "c1", 16, 16, 1), "r1"], "s")
+    g.op("HardSwish", [g.conv("d2", "s", 16, 16, 5, stride=2, group=16)], "h")
+    return g.model(8, (14, 21), [g.conv("y", "h", 16, 24, 1)])
+
+
+def _compile_and_compare(proto, cin, hw, kinds: list | None = None):
     import tvm
 
     model = Model.wrap(proto)
@@ -77,6 +88,8 @@ def _compile_and_compare(proto, cin, hw):
     decisions = []
     executable = compile_with_kernels(import_to_relax(model), tvm.target.Target(host_target("llvm")),
                                       decisions=decisions)
+    if kinds is not None:
+        kinds.extend(d.kind for d in decisions)
     names = [o.name for o in proto.graph.output]
     got = run_relax(executable, {"x": x}, ["x"])
     ref = make_session(model).run(names, {"x": x})
@@ -109,6 +122,13 @@ def test_rows_outer_with_blocked_input_pads_one_band_at_a_time(monkeypatch):
     monkeypatch.setattr(tiling, "_rows_outer", lambda *a: True)
     tiles = _compile_and_compare(_residual_chain(pool_branch=False), 8, (20, 19))
     assert all(t[4] == 1 for t in tiles) and any(t[5] for t in tiles)
+
+
+def test_depthwise_convs_keep_a_mobile_block_blocked_from_one_pointwise_conv_to_the_next():
+    kinds = []
+    tiles = _compile_and_compare(_mobile_chain(), 8, (14, 21), kinds)
+    assert kinds.count("depthwise_blocked") == 2, kinds
+    assert sum(1 for t in tiles if t[5]) == 2 and sum(1 for t in tiles if t[6]) == 2  # p2, y read; p1, p2 write
 
 
 def test_blocked_constants():

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sculpt.backends.tvm.kernels.blocked_conv import BlockedConvBuilder, ConvPolicy
+from sculpt.backends.tvm.kernels.blocked_depthwise import BlockedDepthwiseBuilder
 from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, static_shape
 
 ELEMENTWISE_OPS = frozenset({
@@ -45,6 +46,7 @@ class BlockedLayoutPlan:
     kept: set = field(default_factory=set)
     convs: dict = field(default_factory=dict)
     ops: set = field(default_factory=set)
+    depthwise: set = field(default_factory=set)  # depthwise conv calls computed blocked (in and out)
     constants: dict = field(default_factory=dict)  # variables bound to constants -> the constant
 
 
@@ -93,8 +95,10 @@ def _blockable_shape(var, block: int) -> bool:
     return float32 and shape is not None and len(shape) == 4 and shape[1] % block == 0
 
 
-def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int) -> BlockedLayoutPlan:
-    """The tensors of a Relax function that stay blocked (see the module docstring)."""
+def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
+                        depthwise: BlockedDepthwiseBuilder | None = None) -> BlockedLayoutPlan:
+    """The tensors of a Relax function that stay blocked (see the module docstring). A depthwise
+    conv (``depthwise`` given) is blocked in and out, or neither, like an elementwise op."""
     from tvm import relax
 
     plan = BlockedLayoutPlan(block)
@@ -111,12 +115,22 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int) -> Blocke
     def constant_of(arg):
         return constant_value(constants.get(arg, arg))
 
+    def kind(value) -> str:
+        name = _op_name(value)
+        if name == "relax.nn.conv2d":
+            if builder.tile_for(value) is not None:
+                return "conv"
+            return "depthwise" if depthwise is not None and depthwise.takes(value) else ""
+        return name
+
     def candidate(var, value) -> bool:
         if not isinstance(value, relax.Call) or not _blockable_shape(var, block):
             return False
-        name = _op_name(value)
-        if name == "relax.nn.conv2d":
-            return builder.tile_for(value) is not None
+        name = kind(value)
+        if name == "conv":
+            return True
+        if name == "depthwise":
+            return isinstance(value.args[0], relax.Var) and _blockable_shape(value.args[0], block)
         if name not in ELEMENTWISE_OPS and not (name == CONCAT_OP and _concat_on_channels(value)):
             return False
         channels = static_shape(var)[1]
@@ -132,8 +146,11 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int) -> Blocke
 
     def takes_blocked(var, consumer) -> bool:
         value = consumer.value
-        if _op_name(value) == "relax.nn.conv2d":  # one this kernel takes (not grouped, not depthwise)
-            return value.args[0].same_as(var) and builder.tile_for(value) is not None
+        name = kind(value)
+        if name == "conv":  # one this kernel takes (either input layout)
+            return value.args[0].same_as(var)
+        if name == "depthwise":
+            return value.args[0].same_as(var) and consumer.var in kept
         return consumer.var in kept
 
     changed = True
@@ -141,7 +158,7 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int) -> Blocke
         changed = False
         for var in list(kept):
             value = producer[var]
-            inputs_kept = _op_name(value) == "relax.nn.conv2d" or all(
+            inputs_kept = kind(value) == "conv" or all(
                 constant_of(a) is not None or a in kept for a in _tensor_args(value))
             if (var in outputs or not isinstance(var, relax.DataflowVar) or not inputs_kept
                     or not all(takes_blocked(var, c) for c in uses[var])):
@@ -149,8 +166,10 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int) -> Blocke
                 changed = True
     plan.kept, plan.constants = kept, constants
     for b in bindings:
-        name = _op_name(b.value)
-        if name == "relax.nn.conv2d" and builder.tile_for(b.value) is not None:
+        name = kind(b.value)
+        if name == "depthwise" and b.var in kept:
+            plan.depthwise.add(b.value)
+        elif name == "conv":
             x = b.value.args[0]
             in_block = block if isinstance(x, relax.Var) and x in kept else 0
             out_block = block if b.var in kept else 0
@@ -175,6 +194,7 @@ def rewrite_in_blocked_layout(mod, choose: ConvPolicy, traits, decisions: list |
 
     block = traits.vector_lanes
     builder = BlockedConvBuilder(choose, traits, decisions)
+    depthwise = BlockedDepthwiseBuilder(block, traits.vector_registers)
 
     @relax.expr_functor.mutator
     class _Mutator(relax.PyExprMutator):
@@ -185,6 +205,8 @@ def rewrite_in_blocked_layout(mod, choose: ConvPolicy, traits, decisions: list |
             self.plan = BlockedLayoutPlan(block)
 
         def visit_call_(self, call):
+            if call in self.plan.depthwise:
+                return depthwise.rewrite(call, self.visit_expr(call.args[0]), self.rewriter)
             if call in self.plan.ops:
                 call = _with_blocked_constants(call, block, self.plan.constants)
                 return super().visit_call_(call)
@@ -198,7 +220,7 @@ def rewrite_in_blocked_layout(mod, choose: ConvPolicy, traits, decisions: list |
         def run(self):
             for gv, func in self.module.functions_items():
                 if isinstance(func, relax.Function):
-                    self.plan = plan_blocked_layout(func, builder, block)
+                    self.plan = plan_blocked_layout(func, builder, block, depthwise)
                     self.builder_.update_func(gv, self.visit_expr(func))
             return self.builder_.get()
 

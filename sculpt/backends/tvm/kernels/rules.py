@@ -21,6 +21,7 @@ from sculpt.backends.tvm.kernels.block_analysis import (
 from sculpt.backends.tvm.kernels.register_tile import (
     KernelDecision, inline_epilogue, schedule_injective_block, schedule_register_tile)
 from sculpt.backends.tvm.kernels.blocked_conv import schedule_blocked_conv, tile_from_block_name
+from sculpt.backends.tvm.kernels import blocked_depthwise
 from sculpt.backends.tvm.kernels.target_traits import TargetTraits, traits_of
 from sculpt.backends.tvm.kernels.tiling import Tile, gemv_tile, ranked_tiles, worth_parallel
 
@@ -70,6 +71,12 @@ def try_register_tile(func, traits: TargetTraits, choose: TileChooser, name: str
     conv_tile = tile_from_block_name(sch.get(main).name_hint)
     if conv_tile is not None:
         return _blocked_conv(sch, main, conv_tile, traits, name)
+    dw_tile = blocked_depthwise.tile_from_block_name(sch.get(main).name_hint)
+    if dw_tile is not None:
+        shape, work = _output_and_work(sch, main)
+        blocked_depthwise.schedule_blocked_depthwise(sch, sch.mod["main"], main, dw_tile, traits.vector_lanes,
+                                                     worth_parallel(work))
+        return sch, KernelDecision(name, "depthwise_blocked", shape, [dw_tile.th, dw_tile.tw])
     anatomy = analyze_reduction(sch, main)
     if anatomy is None:
         return None
@@ -82,12 +89,17 @@ def try_register_tile(func, traits: TargetTraits, choose: TileChooser, name: str
     return sch, KernelDecision(name, anatomy.kind, anatomy.output_shape, tile.as_list())
 
 
-def _blocked_conv(sch, main, tile, traits: TargetTraits, name: str):
+def _output_and_work(sch, main) -> tuple[tuple, int]:
+    """The main block's output shape and its multiply-adds (the product of its loop extents)."""
     block = sch.get(main)
-    shape = tuple(int(d) for d in block.writes[0].source.shape)
     work = 1
     for iv in block.iter_vars:
         work *= int(iv.dom.extent)
+    return tuple(int(d) for d in block.writes[0].source.shape), work
+
+
+def _blocked_conv(sch, main, tile, traits: TargetTraits, name: str):
+    shape, work = _output_and_work(sch, main)
     schedule_blocked_conv(sch, sch.mod["main"], main, tile, traits.vector_lanes, worth_parallel(work))
     return sch, KernelDecision(name, "conv2d_blocked", shape, tile.as_list())
 

@@ -1,0 +1,220 @@
+"""Depthwise convolutions over channel-blocked activations (NCHW<c>c in and out).
+
+In NCHW the depthwise kernel vectorizes along the output width, so a 46-, 23- or 7-wide map leaves
+vectors partly empty, and strided widths are de-interleaved first. In NCHW<c>c the vector is the
+block's ``c`` channels, contiguous for every pixel: the same code for any width or stride, and it
+keeps the activations of a MobileNet-style block (pointwise -> depthwise -> pointwise) blocked from
+one pointwise conv to the next.
+
+    for each band of th rows of a channel block (parallel):
+        pad the band's input rows (once)
+        for each tile of tw columns:
+            acc[th][tw] = 0                                    # th * tw vector registers
+            for kh, kw: acc[r][c] += x[block, r*s+kh, c*s+kw, :] * w[block, kh, kw, :]
+            epilogue(acc) -> y[n, block, row, col, :]
+
+Mechanism only: ``blocked_depthwise_call`` emits the ``call_tir`` (before legalization, so FuseOps
+fuses the epilogue) and ``schedule_blocked_depthwise`` schedules the fused function, found by its
+main block's name (``sculpt_dw_h<th>_w<tw>``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, four_pads, static_shape
+
+BLOCK_PREFIX = "sculpt_dw_h"
+_BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_w(\d+)")
+
+
+@dataclass(frozen=True)
+class DepthwiseShape:
+    """A static depthwise conv2d (groups == channels, one output channel per group)."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: tuple[int, int, int, int]  # top, left, bottom, right
+
+    @property
+    def out_height(self) -> int:
+        return (self.height + self.padding[0] + self.padding[2] - self.dilation[0] * (self.kernel[0] - 1) - 1) \
+            // self.strides[0] + 1
+
+    @property
+    def out_width(self) -> int:
+        return (self.width + self.padding[1] + self.padding[3] - self.dilation[1] * (self.kernel[1] - 1) - 1) \
+            // self.strides[1] + 1
+
+
+@dataclass(frozen=True)
+class DepthwiseTile:
+    th: int
+    tw: int
+
+    def padded_width(self, out_width: int) -> int:
+        return -(-out_width // self.tw) * self.tw
+
+    @property
+    def name(self) -> str:
+        return f"{BLOCK_PREFIX}{self.th}_w{self.tw}"
+
+
+def tile_from_block_name(name: str) -> DepthwiseTile | None:
+    m = _BLOCK_NAME.search(name)
+    return DepthwiseTile(int(m.group(1)), int(m.group(2))) if m else None
+
+
+def depthwise_shape_of(call) -> DepthwiseShape | None:
+    """The shape of a ``relax.nn.conv2d`` that is depthwise (NCHW/OIHW, float32, static, a constant
+    weight of one input channel per group, groups == channels), else None."""
+    if getattr(call.op, "name", "") != "relax.nn.conv2d" or len(call.args) != 2:
+        return None
+    a = call.attrs
+    weight = constant_value(call.args[1])
+    x_shape, pads = static_shape(call.args[0]), four_pads(a)
+    if weight is None or str(weight.dtype) != "float32" or x_shape is None or pads is None or len(x_shape) != 4:
+        return None
+    if (str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW"
+            or (a.out_dtype is not None and str(a.out_dtype) not in ("", "float32", "void"))):
+        return None
+    w_shape = [int(d) for d in weight.shape]
+    channels = x_shape[1]
+    if int(a.groups) != channels or w_shape[:2] != [channels, 1] or len(w_shape) != 4:
+        return None
+    return DepthwiseShape(x_shape[0], channels, x_shape[2], x_shape[3], (w_shape[2], w_shape[3]),
+                          tuple(int(s) for s in a.strides), tuple(int(d) for d in a.dilation), tuple(pads))
+
+
+# accumulators of one tile (one vector register each); the loads feed the FMAs directly
+DEPTHWISE_ACCUMULATORS = 8
+
+
+def depthwise_tile(shape: DepthwiseShape, lanes: int, registers: int = 16) -> DepthwiseTile:
+    """Columns (and rows) per register tile: the widest tile of up to ``DEPTHWISE_ACCUMULATORS``
+    (half the register file) pixels with the least padded width; two rows when the map is narrow."""
+    budget = min(DEPTHWISE_ACCUMULATORS, registers // 2)
+    best, best_key = DepthwiseTile(1, 1), None
+    for th in (1, 2):
+        if shape.out_height % th:
+            continue
+        for tw in range(1, budget // th + 1):
+            padded = -(-shape.out_width // tw) * tw
+            key = (round(shape.out_width / padded, 2), th * tw, -th)
+            if best_key is None or key > best_key:
+                best, best_key = DepthwiseTile(th, tw), key
+    return best
+
+
+def pack_depthwise_weight(w: np.ndarray, block: int) -> np.ndarray:
+    """[C, 1, KH, KW] -> [C/block, KH, KW, block]."""
+    c, _, kh, kw = w.shape
+    return np.ascontiguousarray(w.reshape(c // block, block, kh, kw).transpose(0, 2, 3, 1))
+
+
+def blocked_depthwise_func(shape: DepthwiseShape, tile: DepthwiseTile, block: int):
+    """The TE definition: padding stage, then the depthwise block over the padded output width."""
+    from tvm import te, tirx
+
+    s = shape
+    owp = tile.padded_width(s.out_width)
+    (sh, sw), (dh, dw), (pt, pl, _, _) = s.strides, s.dilation, s.padding
+    kh, kw = s.kernel
+    need_h = (s.out_height - 1) * sh + dh * (kh - 1) + 1
+    need_w = (owp - 1) * sw + dw * (kw - 1) + 1
+
+    def i64(*dims):
+        return [tirx.IntImm("int64", int(d)) for d in dims]
+
+    blocks = s.channels // block
+    x = te.placeholder(i64(s.batch, blocks, s.height, s.width, block), "float32", name="x")
+    w = te.placeholder(i64(blocks, kh, kw, block), "float32", name="w")
+    if pt or pl or need_h > s.height + pt or need_w > s.width + pl:
+        def pad(n, c, h, wi, lane):
+            inside = tirx.all(h >= pt, h < s.height + pt, wi >= pl, wi < s.width + pl)
+            return tirx.if_then_else(inside, x[n, c, h - pt, wi - pl, lane], tirx.const(0.0, "float32"))
+        src = te.compute(i64(s.batch, blocks, need_h, need_w, block), pad, name="pad_temp")
+    else:
+        src = x
+    ry = te.reduce_axis(i64(0, kh), "ry")
+    rx = te.reduce_axis(i64(0, kw), "rx")
+    y = te.compute(i64(s.batch, blocks, s.out_height, owp, block),
+                   lambda n, c, h, wi, lane: te.sum(src[n, c, h * sh + ry * dh, wi * sw + rx * dw, lane]
+                                                    * w[c, ry, rx, lane], axis=[ry, rx]),
+                   name=tile.name)
+    return te.create_prim_func([x, w, y])
+
+
+class BlockedDepthwiseBuilder:
+    """Emits the blocked depthwise kernel for depthwise conv2d calls (one PrimFunc per shape)."""
+
+    def __init__(self, block: int, registers: int = 16):
+        self.block, self.registers = block, registers
+        self._made: dict[tuple, object] = {}
+
+    def takes(self, call) -> bool:
+        shape = depthwise_shape_of(call)
+        return shape is not None and shape.channels % self.block == 0
+
+    def rewrite(self, call, x, rewriter):
+        """The blocked replacement of depthwise ``call`` whose input ``x`` is NCHW<block>c."""
+        from tvm import relax
+
+        shape = depthwise_shape_of(call)
+        tile = depthwise_tile(shape, self.block, self.registers)
+        key = (shape, tile)
+        if key not in self._made:
+            func = blocked_depthwise_func(shape, tile, self.block).without_attr("global_symbol")
+            self._made[key] = rewriter.add_func(func, f"sculpt_dw{len(self._made)}")
+        packed = relax.const(pack_depthwise_weight(constant_value(call.args[1]).numpy(), self.block))
+        owp, blocks = tile.padded_width(shape.out_width), shape.channels // self.block
+        y = relax.call_tir(self._made[key], [x, packed],
+                           relax.TensorType((shape.batch, blocks, shape.out_height, owp, self.block), "float32"))
+        if owp == shape.out_width:
+            return y
+        y = rewriter.emit(y)
+        return relax.op.strided_slice(y, axes=[3], begin=[0], end=[shape.out_width])
+
+
+def schedule_blocked_depthwise(sch, func, main, tile: DepthwiseTile, lanes: int, parallel: bool) -> None:
+    """The register tile of the module docstring on the main block (n, c, h, w, lane | ry, rx)."""
+    from sculpt.backends.tvm.kernels.block_analysis import root_blocks
+    from sculpt.backends.tvm.kernels.register_tile import (
+        accumulator_tail, inline_branch_free_producers, inline_epilogue, schedule_injective_block,
+        schedule_padding_at)
+
+    epilogue = inline_epilogue(sch, func, main)
+    inline_branch_free_producers(sch, main)
+    skip = {sch.get(b).name_hint for b in epilogue} | {sch.get(main).name_hint}
+    producers = [b for b in root_blocks(sch) if sch.get(b).name_hint not in skip]
+    n, c, h, w, lane, ry, rx = sch.get_loops(main)
+    ho, hi = sch.split(h, factors=[None, tile.th])
+    wo, wi = sch.split(w, factors=[None, tile.tw])
+    sch.reorder(n, c, ho, wo, ry, rx, hi, wi, lane)
+    tail, epilogue = accumulator_tail(sch, main, epilogue)
+    sch.reverse_compute_at(tail, wo, preserve_unit_loops=True)
+    for lp in (hi, wi):
+        if int(sch.get(lp).extent) > 1:
+            sch.unroll(lp)
+    width = int(sch.get(lane).extent)
+    if width > lanes and width % lanes == 0:
+        regs, lane = sch.split(lane, factors=[None, lanes])
+        sch.unroll(regs)
+    sch.vectorize(lane)
+    outer = sch.fuse(n, c, ho)
+    if parallel:
+        sch.parallel(outer)
+    sch.decompose_reduction(main, ry)
+    if len(epilogue) > 1:
+        for b in epilogue:
+            if not sch.get(b).same_as(sch.get(tail)):
+                schedule_injective_block(sch, b, lanes)
+    for b in producers:
+        schedule_padding_at(sch, b, outer, lanes, blocked=True)
