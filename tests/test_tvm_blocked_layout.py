@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sculpt.backends.ort import make_session
+from sculpt.runtime import make_session
 from sculpt.backends.tvm import import_to_relax, run_relax
 from sculpt.backends.tvm.kernels import compile_with_kernels, host_target, traits_of
 from sculpt.backends.tvm.kernels.blocked_layout import blocked_constant
