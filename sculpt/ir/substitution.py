@@ -6,6 +6,7 @@ The passes keep the policy (which layers, which shapes, how to fit)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,22 @@ def conv_unsupported(node, bias) -> str | None:
     return None
 
 
-def conv_candidates(model: Model, pattern_ok, *, min_macs: int = 0) -> tuple[list[dict], list[dict]]:
+@dataclass
+class CandidateLayer:
+    """A layer a substitution pass may replace: its node, constant weight and bias, static input and
+    output shapes, MACs, and the rows of its input sampled on calibration data (im2col patches for a
+    Conv), filled by the capture and emptied once the layer is fitted."""
+
+    node: onnx.NodeProto
+    w: np.ndarray
+    bias: np.ndarray | None
+    x_shape: tuple
+    y_shape: tuple
+    macs: int
+    rows: list = field(default_factory=list)
+
+
+def conv_candidates(model: Model, pattern_ok, *, min_macs: int = 0) -> tuple[list[CandidateLayer], list[dict]]:
     """2-D, group-1, k×k (kh·kw > 1) Convs with a constant float weight and static shapes."""
     layers, skipped = [], []
     graph_inputs = {i.name for i in model.graph.input}
@@ -59,21 +75,20 @@ def conv_candidates(model: Model, pattern_ok, *, min_macs: int = 0) -> tuple[lis
             if macs < min_macs:
                 reason = f"{macs} MACs < min_macs"
             else:
-                layers.append({"node": node, "w": w, "bias": bias, "x_shape": x_shape, "y_shape": y_shape,
-                               "macs": macs, "rows": []})
+                layers.append(CandidateLayer(node, w, bias, x_shape, y_shape, macs))
         if reason:
             skipped.append({"layer": node.name, "reason": reason})
     return layers, skipped
 
 
-def patch_moments(lay: dict) -> tuple[np.ndarray, float]:
+def patch_moments(layer: CandidateLayer) -> tuple[np.ndarray, float]:
     """(Σp = E[p pᵀ] over the sampled patches, E‖W p + b‖²) — the output error of any replacement
     weight Ŵ is tr((W − Ŵ)ᵀ Σp (W − Ŵ)) in im2col form."""
-    p = np.concatenate(lay["rows"]).astype(np.float64)
-    wmat = lay["w"].reshape(lay["w"].shape[0], -1).T.astype(np.float64)
+    p = np.concatenate(layer.rows).astype(np.float64)
+    wmat = layer.w.reshape(layer.w.shape[0], -1).T.astype(np.float64)
     y = p @ wmat
-    if lay["bias"] is not None:
-        y = y + lay["bias"].reshape(-1)
+    if layer.bias is not None:
+        y = y + layer.bias.reshape(-1)
     return p.T @ p / len(p), float((y ** 2).sum() / len(p))
 
 

@@ -10,13 +10,10 @@ import onnx
 from onnx import helper
 
 from sculpt.ir.channel_handlers import attr
-from sculpt.ir.cost import cost_of
 from sculpt.ir.model import Model
-from sculpt.ir.refit import RefitJob
-from sculpt.ir.substitution import (NameAllocator, conv_candidates, patch_moments, rel_error, ridge_solve, splice,
-                                    substitution_stats)
-from sculpt.passes.base import PassContext, PassResult, allow_plain_initializers, option, register
-from sculpt.passes.layer_substitution import LayerSubstitutionPass, capture_patches, refit_last_layers
+from sculpt.ir.substitution import CandidateLayer, NameAllocator, patch_moments, rel_error, ridge_solve
+from sculpt.passes.base import PassContext, option, register
+from sculpt.passes.layer_substitution import FittedReplacement, LayerSubstitutionPass
 
 # above this many depthwise weights (C·m·kh·kw) the depthwise step of the alternation is not solved
 # jointly (its normal equations are that square); the pointwise step still is
@@ -65,51 +62,31 @@ class DepthwiseSeparable(LayerSubstitutionPass):
     def requires(self, model, ctx):
         super().requires(model, ctx)
         if self.fit == "data":
-            self._require_calibration(ctx, "fit=data", "or use fit=weights")
+            self.require_calibration(ctx, "fit=data", "or use fit=weights")
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        allow_plain_initializers(model)
-        model.infer_shapes(refresh=True)
-        original = model.clone() if self._refits(ctx) else None
-        layers, skipped = conv_candidates(model, self._pattern_ok, min_macs=self.min_macs)
-        stats: dict[str, Any] = {"candidates": len(layers)}
-        if layers and ctx.calibration is not None:
-            capture_patches(model, layers, ctx.calibration, self.samples, self.positions, ctx.seed)
-        before = cost_of(model)
-        report, replacements, names, jobs = [], {}, NameAllocator(model), []
-        for lay in layers:
-            node = lay["node"]
-            o, c, kh, kw = lay["w"].shape
-            m = self.multiplier
-            n, _, ho, wo = lay["y_shape"]
-            macs_after = n * ho * wo * c * m * (kh * kw + o)
-            if macs_after > lay["macs"] * (1 - self.min_saving) and not self.force:
-                skipped.append({"layer": node.name, "reason": f"would not cut MACs enough ({lay['macs']} → {macs_after})"})
-                continue
-            d, p, info = self._fit(lay)
-            if info["error"] is not None and info["error"] > self.max_error and not self.force:
-                skipped.append({"layer": node.name, "reason": f"relative output error {info['error']:.3g} > max_error"})
-                continue
-            replacements[node.name] = self._build(model, lay, d, p, names)
-            jobs.append(RefitJob(replacements[node.name][-1].name, node.output[0]))
-            report.append({"layer": node.name, "weight_shape": [o, c, kh, kw], "multiplier": m,
-                           "depthwise_shape": [c * m, 1, kh, kw], "pointwise_shape": [o, c * m, 1, 1],
-                           "macs_before": int(lay["macs"]), "macs_after": int(macs_after), **info})
-            lay["rows"] = []
-        splice(model, replacements)
-        stats.update(substitution_stats(before, model, "replaced", report, skipped, bool(replacements)))
-        if replacements and original is not None:
-            stats["refit"] = refit_last_layers(original, model, jobs, ctx.calibration, samples=self.refit_samples,
-                                               positions=self.positions)
-        return PassResult(model, bool(replacements), stats)
-
-    def _refits(self, ctx: PassContext) -> bool:
+    def refit_wanted(self, ctx: PassContext) -> bool:
         return self.refit and self.fit == "data" and ctx.calibration is not None
 
+    def fit_replacement(self, layer: CandidateLayer) -> FittedReplacement | str:
+        o, c, kh, kw = layer.w.shape
+        m = self.multiplier
+        n, _, ho, wo = layer.y_shape
+        macs_after = n * ho * wo * c * m * (kh * kw + o)
+        reason = self.macs_not_cut_enough(layer, macs_after)
+        if reason:
+            return reason
+        d, p, info = self._fit_factors(layer)
+        reason = self.error_too_large(info["error"])
+        if reason:
+            return reason
+        return FittedReplacement((d, p), {"layer": layer.node.name, "weight_shape": [o, c, kh, kw], "multiplier": m,
+                                          "depthwise_shape": [c * m, 1, kh, kw], "pointwise_shape": [o, c * m, 1, 1],
+                                          "macs_before": int(layer.macs), "macs_after": int(macs_after), **info})
+
     # ------------------------------------------------------------------ fitting
-    def _fit(self, lay: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+    def _fit_factors(self, layer: CandidateLayer) -> tuple[np.ndarray, np.ndarray, dict]:
         """Depthwise filters D [C, m, K] and pointwise weights P [C·m, O] (K = kh·kw)."""
-        w = lay["w"].astype(np.float64)
+        w = layer.w.astype(np.float64)
         o, c, kh, kw = w.shape
         k, m = kh * kw, self.multiplier
         wmat = w.reshape(o, -1).T  # [C·K, O]
@@ -124,10 +101,10 @@ class DepthwiseSeparable(LayerSubstitutionPass):
             if r < m:  # more filters than the kernel has directions: spare ones start as other taps
                 d[ch, r:] = np.eye(k)[np.arange(r, m) % k]
         info: dict[str, Any] = {"fit": "weights", "error_svd": None, "error": None}
-        if not lay["rows"]:
+        if not layer.rows:
             return d, p.reshape(c * m, o), info
 
-        sigma, y2 = patch_moments(lay)
+        sigma, y2 = patch_moments(layer)
 
         def approx(d, p):
             return np.einsum("ctk,cto->cko", d, p.reshape(c, m, o)).reshape(c * k, o)
@@ -163,11 +140,13 @@ class DepthwiseSeparable(LayerSubstitutionPass):
         return d, p.reshape(c * m, o) if p.ndim == 3 else p, info
 
     # ------------------------------------------------------------------ graph edit
-    def _build(self, model: Model, lay: dict, d: np.ndarray, p: np.ndarray, names: NameAllocator) -> list[onnx.NodeProto]:
-        node = lay["node"]
-        o, c, kh, kw = lay["w"].shape
+    def build_replacement(self, model: Model, layer: CandidateLayer, params: tuple[np.ndarray, np.ndarray],
+                          names: NameAllocator) -> list[onnx.NodeProto]:
+        d, p = params
+        node = layer.node
+        o, c, kh, kw = layer.w.shape
         m = self.multiplier
-        dtype = lay["w"].dtype
+        dtype = layer.w.dtype
         w_dw = names.initializer(f"{node.name}_dw_weight", d.reshape(c * m, 1, kh, kw), dtype)
         w_pw = names.initializer(f"{node.name}_pw_weight", p.reshape(c * m, o).T.reshape(o, c * m, 1, 1), dtype)
         mid = names.fresh(f"{node.output[0]}_dw")

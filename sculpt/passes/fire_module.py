@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from sculpt.ir.channel_handlers import attr
-from sculpt.ir.cost import cost_of
 from sculpt.ir.factorize import Tucker2, whitening
 from sculpt.ir.model import Model
 from sculpt.ir.refit import RefitJob
-from sculpt.ir.substitution import (NameAllocator, conv_candidates, patch_moments, rel_error, ridge_solve, splice,
-                                    substitution_stats)
-from sculpt.passes.base import PassContext, PassResult, allow_plain_initializers, option, register
-from sculpt.passes.layer_substitution import LayerSubstitutionPass, capture_patches, refit_last_layers
+from sculpt.ir.substitution import CandidateLayer, NameAllocator, patch_moments, rel_error, ridge_solve
+from sculpt.passes.base import PassContext, option, register
+from sculpt.passes.layer_substitution import FittedReplacement, LayerSubstitutionPass
 
 
 @register
@@ -68,7 +66,10 @@ class FireModule(LayerSubstitutionPass):
     def requires(self, model, ctx):
         super().requires(model, ctx)
         if self.fit == "data":
-            self._require_calibration(ctx, "fit=data", "or use fit=weights")
+            self.require_calibration(ctx, "fit=data", "or use fit=weights")
+
+    def refit_wanted(self, ctx: PassContext) -> bool:
+        return self.refit and self.fit == "data" and ctx.calibration is not None
 
     def _shape_reason(self, node, w) -> str | None:
         o, c, kh, kw = w.shape
@@ -83,67 +84,58 @@ class FireModule(LayerSubstitutionPass):
             return f"pads {pads} are not 'same' {same + same}: a 1×1 branch would not line up"
         return None
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        allow_plain_initializers(model)
-        model.infer_shapes(refresh=True)
-        original = model.clone() if self.refit and self.fit == "data" and ctx.calibration is not None else None
-        layers, skipped = conv_candidates(model, self._pattern_ok, min_macs=self.min_macs)
+    def select_layers(self, model: Model) -> tuple[list[CandidateLayer], list[dict]]:
+        layers, skipped = super().select_layers(model)
         ok = []
-        for lay in layers:
-            reason = self._shape_reason(lay["node"], lay["w"])
+        for layer in layers:
+            reason = self._shape_reason(layer.node, layer.w)
             if reason:
-                skipped.append({"layer": lay["node"].name, "reason": reason})
+                skipped.append({"layer": layer.node.name, "reason": reason})
             else:
-                ok.append(lay)
-        layers = ok
-        stats: dict[str, Any] = {"candidates": len(layers)}
-        if layers and ctx.calibration is not None:
-            capture_patches(model, layers, ctx.calibration, self.samples, self.positions, ctx.seed)
-        before = cost_of(model)
-        report, replacements, names, jobs = [], {}, NameAllocator(model), []
-        for lay in layers:
-            node = lay["node"]
-            o, c, kh, kw = lay["w"].shape
-            s = self._rounded(self.squeeze_ratio * o, cap=c)
-            e1 = min(o - 1, max(1, self._rounded(self.expand_split * o, cap=o - 1)))
-            e3 = o - e1
-            n, _, h, wi = lay["x_shape"]
-            ho, wo = lay["y_shape"][2:]
-            macs_after = n * (s * c * h * wi + e1 * s * ho * wo + e3 * s * kh * kw * ho * wo)
-            if macs_after > lay["macs"] * (1 - self.min_saving) and not self.force:
-                skipped.append({"layer": node.name, "reason": f"would not cut MACs enough ({lay['macs']} → {macs_after})"})
-                continue
-            fitted = self._fit(lay, s, e1)
-            if fitted["error"] is not None and fitted["error"] > self.max_error and not self.force:
-                skipped.append({"layer": node.name, "reason": f"relative output error {fitted['error']:.3g} > max_error"})
-                continue
-            new = replacements[node.name] = self._build(model, lay, fitted, names)
-            jobs += [RefitJob(new[1].name, node.output[0], tuple(int(i) for i in fitted["idx1"])),
-                     RefitJob(new[2].name, node.output[0], tuple(int(i) for i in fitted["idx3"]))]
-            report.append({"layer": node.name, "weight_shape": [o, c, kh, kw], "squeeze": s, "expand1x1": e1,
-                           "expand_kxk": e3, "reordered": fitted["gather"] is not None,
-                           "macs_before": int(lay["macs"]), "macs_after": int(macs_after),
-                           "fit": "data" if self.fit == "data" and lay["rows"] else "weights", "error": fitted["error"]})
-            lay["rows"] = []
-        splice(model, replacements)
-        stats.update(substitution_stats(before, model, "replaced", report, skipped, bool(replacements)))
-        if replacements and original is not None:
-            stats["refit"] = refit_last_layers(original, model, jobs, ctx.calibration, samples=self.refit_samples,
-                                               positions=self.positions)
-        return PassResult(model, bool(replacements), stats)
+                ok.append(layer)
+        return ok, skipped
+
+    def fit_replacement(self, layer: CandidateLayer) -> FittedReplacement | str:
+        o, c, kh, kw = layer.w.shape
+        s = self._rounded(self.squeeze_ratio * o, cap=c)
+        e1 = min(o - 1, max(1, self._rounded(self.expand_split * o, cap=o - 1)))
+        e3 = o - e1
+        n, _, h, wi = layer.x_shape
+        ho, wo = layer.y_shape[2:]
+        macs_after = n * (s * c * h * wi + e1 * s * ho * wo + e3 * s * kh * kw * ho * wo)
+        reason = self.macs_not_cut_enough(layer, macs_after)
+        if reason:
+            return reason
+        fitted = self._fit_branches(layer, s, e1)
+        reason = self.error_too_large(fitted["error"])
+        if reason:
+            return reason
+        return FittedReplacement(fitted, {
+            "layer": layer.node.name, "weight_shape": [o, c, kh, kw], "squeeze": s, "expand1x1": e1,
+            "expand_kxk": e3, "reordered": fitted["gather"] is not None,
+            "macs_before": int(layer.macs), "macs_after": int(macs_after),
+            "fit": "data" if self.fit == "data" and layer.rows else "weights", "error": fitted["error"]})
+
+    def refit_jobs(self, layer: CandidateLayer, params: dict, nodes: list[onnx.NodeProto]) -> list[RefitJob]:
+        """Both expand Convs, each towards its own channels of the layer's output."""
+        out = layer.node.output[0]
+        return [RefitJob(nodes[1].name, out, tuple(int(i) for i in params["idx1"])),
+                RefitJob(nodes[2].name, out, tuple(int(i) for i in params["idx3"]))]
 
     def _rounded(self, x: float, cap: int | None) -> int:
         r = max(self.round_to, int(math.ceil(x / self.round_to) * self.round_to))
         return r if cap is None else min(cap, r)
 
     # ------------------------------------------------------------------ fitting
-    def _fit(self, lay: dict, s: int, e1: int) -> dict:
-        w = lay["w"].astype(np.float64)
+    def _fit_branches(self, layer: CandidateLayer, s: int, e1: int) -> dict:
+        """The squeeze weights, both expand weights, which output channels each expand computes, the
+        Gather order restoring the original one (None if it needs none) and the fitted error."""
+        w = layer.w.astype(np.float64)
         o, c, kh, kw = w.shape
         k = kh * kw
         centre = (kh // 2) * kw + kw // 2
         wmat = w.reshape(o, -1).T  # [C·K, O]
-        measure, y2 = patch_moments(lay) if lay["rows"] else (None, None)
+        measure, y2 = patch_moments(layer) if layer.rows else (None, None)
         data = self.fit == "data" and measure is not None
         sigma = measure if data else np.eye(c * k)
         cidx = np.arange(c) * k + centre  # rows of the centre taps in im2col order
@@ -183,17 +175,19 @@ class FireModule(LayerSubstitutionPass):
                 "idx1": idx1, "idx3": idx3, "gather": gather, "error": err}
 
     # ------------------------------------------------------------------ graph edit
-    def _build(self, model: Model, lay: dict, f: dict, names: NameAllocator) -> list[onnx.NodeProto]:
-        node = lay["node"]
-        dtype = lay["w"].dtype
+    def build_replacement(self, model: Model, layer: CandidateLayer, params: dict,
+                          names: NameAllocator) -> list[onnx.NodeProto]:
+        f = params
+        node = layer.node
+        dtype = layer.w.dtype
         out = node.output[0]
-        o, c, kh, kw = lay["w"].shape
+        o, c, kh, kw = layer.w.shape
 
         def init(prefix, value):
             return names.initializer(f"{node.name}_{prefix}", value, dtype)
 
         fresh = names.fresh
-        bias = lay["bias"].reshape(-1) if lay["bias"] is not None else None
+        bias = layer.bias.reshape(-1) if layer.bias is not None else None
         b1 = [init("expand1_bias", bias[f["idx1"]])] if bias is not None else []
         b3 = [init("expand3_bias", bias[f["idx3"]])] if bias is not None else []
         strides = list(attr(node, "strides") or [1, 1])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -11,33 +11,29 @@ import onnx
 from onnx import helper
 
 from sculpt.ir.channel_handlers import attr
-from sculpt.ir.cost import cost_of
 from sculpt.ir.factorize import MatrixSVD, SpatialSVD, Tucker2, energy_rank, kept_energy, whitening
 from sculpt.ir.model import Model
-from sculpt.ir.refit import RefitJob
-from sculpt.ir.substitution import NameAllocator, conv_unsupported, name_selected, splice, substitution_stats
-from sculpt.passes.base import PassContext, PassResult, allow_plain_initializers, check_range, option, register
-from sculpt.passes.layer_substitution import LayerSubstitutionPass, refit_last_layers
+from sculpt.ir.refit import layer_rows
+from sculpt.ir.substitution import CandidateLayer, NameAllocator, conv_unsupported, name_selected
+from sculpt.passes.base import PassContext, check_range, option, register
+from sculpt.passes.layer_substitution import FittedReplacement, LayerSubstitutionPass
+from sculpt.runtime import sampled_activations
 
 # above this many input features the data-aware weighting (an F×F covariance) is not used
 MAX_COVARIANCE_FEATURES = 8192
 
 
-@dataclass
-class _Layer:
-    node: onnx.NodeProto
+@dataclass(kw_only=True)
+class FactorableLayer(CandidateLayer):
+    """A Gemm, MatMul or Conv low-rank may factor, with its weight in matrix form and the input's
+    second moment gathered on calibration data (``data_aware``)."""
+
     kind: str  # matrix (Gemm/MatMul), conv1x1, conv (2-D k×k)
-    w: np.ndarray  # the stored weight
     wmat: np.ndarray  # [F, O], y = x @ wmat (+ bias); for convs the im2col form
-    bias: np.ndarray | None
-    x_shape: tuple
-    y_shape: tuple
-    macs: int
     # calibration statistics
     sigma: Any = 0.0
     total: Any = 0.0  # Σ x over the samples (for the mean)
     count: int = 0
-    rows: list = field(default_factory=list)
 
     @property
     def sigma_dim(self) -> int:
@@ -73,6 +69,8 @@ class LowRank(LayerSubstitutionPass):
     name = "low-rank"
     exact = False
     needs_static_shapes = True
+    count_key = "factored"
+    report_cost_without_candidates = False
 
     criterion: Literal["energy", "compression", "error"] = option(
         "energy", help="how ranks are chosen: energy | compression | error (needs calibration)")
@@ -99,41 +97,19 @@ class LowRank(LayerSubstitutionPass):
     def requires(self, model, ctx):
         super().requires(model, ctx)
         if self.data_aware or self.criterion == "error":
-            self._require_calibration(ctx, "data_aware=true" if self.data_aware else "criterion=error")
+            self.require_calibration(ctx, "data_aware=true" if self.data_aware else "criterion=error")
 
-    # ------------------------------------------------------------------ run
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
-        allow_plain_initializers(model)
-        model.infer_shapes(refresh=True)
-        layers, skipped = self._candidates(model)
-        stats: dict[str, Any] = {"candidates": len(layers)}
-        if not layers:
-            stats.update({"factored": 0, "layers": [], "skipped": skipped})
-            return PassResult(model, False, stats)
-        if ctx.calibration is not None:
-            self._capture(model, layers, ctx)
-        before = cost_of(model)
-        original = model.clone() if self.refit and ctx.calibration is not None else None
-        report, replacements, jobs = [], {}, []
-        self._names = NameAllocator(model)
-        for layer in layers:
-            try:
-                plan = self._plan(layer)
-            except np.linalg.LinAlgError as e:
-                skipped.append({"layer": layer.node.name, "reason": f"factorization failed ({e})"})
-                continue
-            if isinstance(plan, str):
-                skipped.append({"layer": layer.node.name, "reason": plan})
-                continue
-            replacements[layer.node.name] = self._build(model, layer, plan)
-            jobs.append(RefitJob(replacements[layer.node.name][-1].name, layer.node.output[0]))
-            report.append(plan["report"])
-        splice(model, replacements)
-        stats.update(substitution_stats(before, model, "factored", report, skipped, bool(replacements)))
-        if replacements and original is not None:
-            stats["refit"] = refit_last_layers(original, model, jobs, ctx.calibration, samples=self.refit_samples,
-                                               positions=self.positions)
-        return PassResult(model, bool(replacements), stats)
+    def refit_wanted(self, ctx: PassContext) -> bool:
+        return self.refit and ctx.calibration is not None
+
+    def fit_replacement(self, layer: FactorableLayer) -> FittedReplacement | str:
+        try:
+            plan = self._plan(layer)
+        except np.linalg.LinAlgError as e:
+            return f"factorization failed ({e})"
+        if isinstance(plan, str):
+            return plan
+        return FittedReplacement(plan, plan["report"])
 
     # ------------------------------------------------------------------ which layers
     def _chosen(self, name: str, macs: int) -> str | None:
@@ -145,7 +121,7 @@ class LowRank(LayerSubstitutionPass):
             return f"{macs} MACs < min_macs"
         return None
 
-    def _candidates(self, model: Model) -> tuple[list[_Layer], list[dict]]:
+    def select_layers(self, model: Model) -> tuple[list[FactorableLayer], list[dict]]:
         layers, skipped = [], []
         graph_inputs = {i.name for i in model.graph.input}
         for node in model.graph.node:
@@ -175,23 +151,25 @@ class LowRank(LayerSubstitutionPass):
                     else:
                         if bias is not None:
                             bias = bias * float(attr(node, "beta", 1.0))
-                        layer = _Layer(node, "matrix", w, wm, bias, x_shape, y_shape, x_shape[0] * wm.size)
+                        layer = FactorableLayer(node=node, kind="matrix", w=w, wmat=wm, bias=bias, x_shape=x_shape,
+                                                y_shape=y_shape, macs=x_shape[0] * wm.size)
             elif node.op_type == "MatMul":
                 if w.ndim != 2 or len(x_shape) < 2:
                     reason = "weight is not 2-D"
                 else:
                     rows = int(np.prod(x_shape[:-1]))
-                    layer = _Layer(node, "matrix", w, w, None, x_shape, y_shape, rows * w.size)
+                    layer = FactorableLayer(node=node, kind="matrix", w=w, wmat=w, bias=None, x_shape=x_shape,
+                                            y_shape=y_shape, macs=rows * w.size)
             else:  # Conv
                 bias = model.get_constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
                 reason = conv_unsupported(node, bias)
                 if reason is None:
                     macs = int(np.prod(y_shape)) * int(np.prod(w.shape[1:]))
                     wm = w.reshape(w.shape[0], -1).T
-                    if all(k == 1 for k in w.shape[2:]):
-                        layer = _Layer(node, "conv1x1", w, wm, bias, x_shape, y_shape, macs)
-                    elif w.ndim == 4:
-                        layer = _Layer(node, "conv", w, wm, bias, x_shape, y_shape, macs)
+                    kind = "conv1x1" if all(k == 1 for k in w.shape[2:]) else "conv" if w.ndim == 4 else None
+                    if kind is not None:
+                        layer = FactorableLayer(node=node, kind=kind, w=w, wmat=wm, bias=bias, x_shape=x_shape,
+                                                y_shape=y_shape, macs=macs)
                     else:
                         reason = f"{w.ndim - 2}-D kernel"
             if layer is not None:
@@ -203,10 +181,9 @@ class LowRank(LayerSubstitutionPass):
         return layers, skipped
 
     # ------------------------------------------------------------------ calibration
-    def _capture(self, model: Model, layers: list[_Layer], ctx: PassContext) -> None:
-        from sculpt.ir.refit import layer_rows
-        from sculpt.runtime import sampled_activations
-
+    def capture_inputs(self, model: Model, layers: list[FactorableLayer], ctx: PassContext) -> None:
+        """Each layer's im2col rows (Gemm/MatMul: its input rows) at sampled output positions and, with
+        ``data_aware``, the second moment and sum of its input features."""
         inputs = [layer.node.input[0] for layer in layers]
         for acts, per, rng in sampled_activations(model, inputs, ctx.calibration, self.samples, self.positions,
                                                   ctx.seed):
@@ -232,7 +209,7 @@ class LowRank(LayerSubstitutionPass):
     def _grid(self, full: int) -> list[int]:
         return sorted({min(full, k) for k in range(self.round_to, full + self.round_to, self.round_to)})
 
-    def _plan(self, layer: _Layer) -> dict | str:
+    def _plan(self, layer: FactorableLayer) -> dict | str:
         chol = inv = None
         data_aware = False
         var = None  # data-aware: the output's variance (the energy the ranks are measured against)
@@ -359,16 +336,18 @@ class LowRank(LayerSubstitutionPass):
         return grid[lo]
 
     # ------------------------------------------------------------------ graph edit
-    def _build(self, model: Model, layer: _Layer, plan: dict) -> list[onnx.NodeProto]:
+    def build_replacement(self, model: Model, layer: FactorableLayer, params: dict,
+                          names: NameAllocator) -> list[onnx.NodeProto]:
+        plan = params
         node, fac, ranks = layer.node, plan["fac"], plan["ranks"]
         dtype = layer.w.dtype
         x, out = node.input[0], node.output[0]
         base = node.name
 
-        fresh = self._names.fresh
+        fresh = names.fresh
 
         def init(suffix, value):
-            return self._names.initializer(f"{base}_{suffix}", value, dtype)
+            return names.initializer(f"{base}_{suffix}", value, dtype)
 
         def tensor(suffix):
             return fresh(f"{out}_{suffix}")
