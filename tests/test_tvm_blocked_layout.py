@@ -71,13 +71,18 @@ def _residual_chain(pool_branch: bool):
 
 def _mobile_chain():
     """pointwise -> depthwise 3x3 -> ReLU6 -> pointwise + residual -> depthwise 5x5 stride 2 over an
-    odd width -> HardSwish -> pointwise (the graph's output)."""
+    odd width -> HardSwish -> squeeze-and-excitation (mean, 1x1 convs, HardSigmoid gate) ->
+    pointwise (the graph's output)."""
     g = _Graph(11)
     g.op("Relu", [g.conv("p1", "x", 8, 16, 1)], "r1")
     g.op("Clip", [g.conv("d1", "r1", 16, 16, 3, group=16), g.const("lo", 0.0), g.const("hi", 6.0)], "c1")
     g.op("Add", [g.conv("p2", "c1", 16, 16, 1), "r1"], "s")
     g.op("HardSwish", [g.conv("d2", "s", 16, 16, 5, stride=2, group=16)], "h")
-    return g.model(8, (14, 21), [g.conv("y", "h", 16, 24, 1)])
+    g.op("ReduceMean", ["h"], "pooled", axes=[2, 3], keepdims=1)
+    g.op("Relu", [g.conv("e1", "pooled", 16, 8, 1)], "re")
+    g.op("HardSigmoid", [g.conv("e2", "re", 8, 16, 1)], "gate", alpha=0.2, beta=0.5)
+    g.op("Mul", ["h", "gate"], "excited")
+    return g.model(8, (14, 21), [g.conv("y", "excited", 16, 24, 1)])
 
 
 def _compile_and_compare(proto, cin, hw, kinds: list | None = None):
@@ -124,11 +129,12 @@ def test_rows_outer_with_blocked_input_pads_one_band_at_a_time(monkeypatch):
     assert all(t[4] == 1 for t in tiles) and any(t[5] for t in tiles)
 
 
-def test_depthwise_convs_keep_a_mobile_block_blocked_from_one_pointwise_conv_to_the_next():
+def test_a_mobile_block_stays_blocked_through_depthwise_convs_and_squeeze_and_excitation():
     kinds = []
     tiles = _compile_and_compare(_mobile_chain(), 8, (14, 21), kinds)
     assert kinds.count("depthwise_blocked") == 2, kinds
-    assert sum(1 for t in tiles if t[5]) == 2 and sum(1 for t in tiles if t[6]) == 2  # p2, y read; p1, p2 write
+    assert sum(1 for t in tiles if t[5]) == 4  # p2, e1 (the mean), e2 and y read blocked input
+    assert sum(1 for t in tiles if t[6]) == 4  # p1, p2, e1 and e2 write it; y is the output
 
 
 def test_blocked_constants():

@@ -9,8 +9,8 @@ a conv with bias and ReLU, NCHW in/out -> NCHW8c in/out: resnet50's 256->128 1x1
 2.93 -> 2.53 ms, 512->128 1x1 at 28x28 1.46 -> 1.23 ms, 64->64 3x3 at 56x56 3.04 -> 2.90 ms.
 
 The plan (``plan_blocked_layout``) keeps a tensor NCHW<c>c only when no layout transform is needed
-anywhere: it is made by a blocked conv or by an elementwise op / channel concat of such tensors
-(and constants), its channels are a whole number of blocks, and every consumer takes the blocked
+anywhere: it is made by a blocked conv, a depthwise conv, a mean over rows and columns
+(squeeze-and-excitation) or an elementwise op / channel concat of such tensors (and constants), its channels are a whole number of blocks, and every consumer takes the blocked
 layout (a blocked conv's input, or an elementwise op / concat whose output is kept too). Everything
 else stays NCHW, as before: the graph's inputs and outputs, pools, depthwise convs, reshapes.
 
@@ -34,6 +34,18 @@ ELEMENTWISE_OPS = frozenset({
     "relax.nn.gelu_tanh", "relax.exp", "relax.sqrt", "relax.negative", "relax.abs", "relax.erf",
     "relax.nn.leakyrelu", "relax.power"})
 CONCAT_OP = "relax.concat"
+SPATIAL_MEAN_OP = "relax.mean"  # over the rows and columns, dims kept: squeeze-and-excitation's pooling
+
+
+def _spatial_mean(call) -> bool:
+    axes = call.attrs.axis
+    return axes is not None and [int(a) for a in axes] == [2, 3] and bool(call.attrs.keepdims)
+
+
+def _same_or_per_channel(operand: tuple, result: tuple) -> bool:
+    """An operand of an elementwise op that the blocked layout broadcasts the same way: the result's
+    shape, or one value per channel ([N or 1, C, 1, 1]: a squeeze-and-excitation gate)."""
+    return operand == result or (operand[0] in (1, result[0]) and operand[1] == result[1] and operand[2:] == (1, 1))
 
 
 @dataclass
@@ -47,6 +59,7 @@ class BlockedLayoutPlan:
     convs: dict = field(default_factory=dict)
     ops: set = field(default_factory=set)
     depthwise: set = field(default_factory=set)  # depthwise conv calls computed blocked (in and out)
+    refused: dict = field(default_factory=dict)  # candidates left NCHW -> why (the first reason found)
     constants: dict = field(default_factory=dict)  # variables bound to constants -> the constant
 
 
@@ -129,8 +142,9 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
         name = kind(value)
         if name == "conv":
             return True
-        if name == "depthwise":
-            return isinstance(value.args[0], relax.Var) and _blockable_shape(value.args[0], block)
+        if name in ("depthwise", SPATIAL_MEAN_OP):
+            return (isinstance(value.args[0], relax.Var) and _blockable_shape(value.args[0], block)
+                    and (name == "depthwise" or _spatial_mean(value)))
         if name not in ELEMENTWISE_OPS and not (name == CONCAT_OP and _concat_on_channels(value)):
             return False
         channels = static_shape(var)[1]
@@ -138,7 +152,8 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
             if constant_of(arg) is not None:
                 if name == CONCAT_OP or blocked_constant(constant_of(arg).numpy(), block, channels) is None:
                     return False
-            elif not _blockable_shape(arg, block) or (name != CONCAT_OP and static_shape(arg) != static_shape(var)):
+            elif not _blockable_shape(arg, block) or (
+                    name != CONCAT_OP and not _same_or_per_channel(static_shape(arg), static_shape(var))):
                 return False
         return True
 
@@ -160,9 +175,12 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
             value = producer[var]
             inputs_kept = kind(value) == "conv" or all(
                 constant_of(a) is not None or a in kept for a in _tensor_args(value))
-            if (var in outputs or not isinstance(var, relax.DataflowVar) or not inputs_kept
-                    or not all(takes_blocked(var, c) for c in uses[var])):
+            refusing = [c for c in uses[var] if not takes_blocked(var, c)]
+            if var in outputs or not isinstance(var, relax.DataflowVar) or not inputs_kept or refusing:
                 kept.discard(var)
+                plan.refused[var] = ("a function output" if var in outputs or not isinstance(var, relax.DataflowVar)
+                                     else "an NCHW input" if not inputs_kept
+                                     else f"read by {kind(refusing[0].value) or type(refusing[0].value).__name__}")
                 changed = True
     plan.kept, plan.constants = kept, constants
     for b in bindings:
