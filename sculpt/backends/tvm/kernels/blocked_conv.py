@@ -227,10 +227,13 @@ class BlockedConvBuilder:
         self.choose, self.traits, self.decisions = choose, traits, decisions
         self._made: dict[tuple, object] = {}
 
-    def tile_for(self, call) -> ConvTile | None:
-        """The tile of a conv of one group this kernel takes, else None."""
+    def tile_for(self, call, block: int = 0) -> ConvTile | None:
+        """The tile of a conv of one group this kernel takes (reading and writing NCHW<block>c),
+        else None."""
         shape = conv_shape_of(call)
-        return None if shape is None else self.choose(shape, self.traits)
+        if shape is None:
+            return None
+        return self.choose(shape, self.traits, block if shape.in_channels % max(block, 1) == 0 else 0, block)
 
     def _emit(self, x, weight: np.ndarray, shape: ConvShape, tile: ConvTile, rewriter):
         from tvm import relax

@@ -131,7 +131,7 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
     def kind(value) -> str:
         name = _op_name(value)
         if name == "relax.nn.conv2d":
-            if builder.tile_for(value) is not None:
+            if builder.tile_for(value, block) is not None:
                 return "conv"
             return "depthwise" if depthwise is not None and depthwise.takes(value) else ""
         return name

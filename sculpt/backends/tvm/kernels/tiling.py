@@ -190,11 +190,12 @@ def conv_tile(shape, traits: TargetTraits, in_block: int = 0, out_block: int = 0
     if channels > (MAX_CHANNEL_PADDING if shape.out_width % lanes == 0 else 2) * shape.out_channels:
         return None
     if shape.in_channels * shape.kernel[0] * shape.kernel[1] <= 32 and shape.out_width % lanes == 0 \
-            and shape.strides == (1, 1):
+            and shape.strides == (1, 1) and not (in_block or out_block):
         # short reductions over whole vectors of width (PP-OCR cls 16->104 1x1 at 3x96, det 12->96 at
         # 80x80): the width-vectorized kernel measured up to 1.8x faster. Not at stride 2, where it
         # reads every other column: PP-OCRv6 det's 3->24 3x3 stem at 736x736 7.3 -> 3.7 ms blocked
-        # (2.7 writing NCHW8c; onnxruntime 4.5)
+        # (2.7 writing NCHW8c; onnxruntime 4.5). Nor between blocked layers: doc-orientation's 16->32
+        # 1x1 at 112x112 0.34 ms with the width kernel (and NCHW around it), 0.29 blocked in and out
         return None
     oh, ow = shape.out_height, shape.out_width
     best, best_score = None, None
