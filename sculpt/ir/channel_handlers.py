@@ -98,6 +98,32 @@ def _const(cg, name):
     return cg.model.get_constant(name) if name else None
 
 
+def _relate_batch_and_channels(cg: ChannelGraph, node: onnx.NodeProto, x: str, y: str) -> None:
+    """A layer that mixes channels: the batch axis ties input to output, the input's channel axis
+    (1) is reduced (a consumer), the output's is a source."""
+    cg.eq(cg.dim(x, 0), cg.dim(y, 0), node.name)
+    cg.add_consumer(cg.dim(x, 1), node)
+    cg.add_source(cg.dim(y, 1), node)
+
+
+def _slice_weight(cg: ChannelGraph, node: onnx.NodeProto, w: np.ndarray, rows, cols) -> None:
+    """Keep only ``rows`` of the weight ``w`` (input 1) on its first axis and ``cols`` on its
+    second (None: all of them); the weight is replaced only when something is removed."""
+    new = w
+    if rows is not None:
+        new = new[rows]
+    if cols is not None:
+        new = new[:, cols]
+    if new is not w:
+        _set_input_constant(cg, node, 1, np.ascontiguousarray(new))
+
+
+def _slice_bias(cg: ChannelGraph, node: onnx.NodeProto, kout) -> None:
+    """Keep only the output channels ``kout`` of the bias (input 2), if there is one."""
+    if kout is not None and len(node.input) > 2 and node.input[2]:
+        _set_input_constant(cg, node, 2, cg.model.get_constant(node.input[2])[kout])
+
+
 class ConvHandler(Handler):
     """Conv. group=1: the input's channel axis is reduced (consumer), the output's is a source.
     Depthwise (one input channel per group): input channel c is output channels c·m … c·m + m - 1
@@ -112,11 +138,10 @@ class ConvHandler(Handler):
             return
         group = int(attr(node, "group", 1))
         cin, cout = cg.shapes[x][1], cg.shapes[y][1]
-        cg.eq(cg.dim(x, 0), cg.dim(y, 0), node.name)
         if group == 1:
-            cg.add_consumer(cg.dim(x, 1), node)
-            cg.add_source(cg.dim(y, 1), node)
+            _relate_batch_and_channels(cg, node, x, y)
             return
+        cg.eq(cg.dim(x, 0), cg.dim(y, 0), node.name)
         if group < 1 or cin % group or cout % group:
             cg.freeze_node(node, f"Conv '{node.name}': group={group} does not divide its channels")
             return
@@ -136,77 +161,66 @@ class ConvHandler(Handler):
         w = cg.model.get_constant(node.input[1])
         group = int(attr(node, "group", 1))
         kin, kout = kept(x, 1), kept(y, 1)
-        new = w
-        if kout is not None:
-            new = new[kout]
+        cols = None
         if group == 1:
-            if kin is not None:
-                new = new[:, kin]
+            cols = kin
         elif w.shape[1] == 1:  # depthwise: one group per input channel
             if kin is not None:
                 set_attr(node, "group", int(len(kin)))
         elif kin is not None:  # grouped: kin repeats the same indices in every group
-            new = new[:, kin[:len(kin) // group]]
-        if new is not w:
-            _set_input_constant(cg, node, 1, np.ascontiguousarray(new))
-        if kout is not None and len(node.input) > 2 and node.input[2]:
-            _set_input_constant(cg, node, 2, cg.model.get_constant(node.input[2])[kout])
+            cols = kin[:len(kin) // group]
+        _slice_weight(cg, node, w, kout, cols)
+        _slice_bias(cg, node, kout)
 
 
-class ConvTransposeHandler(Handler):
+class DenseChannelHandler(Handler):
+    """A layer whose constant weight (input 1) mixes every input channel into every output channel
+    (axis 1 of its input and of its output, batch on axis 0); subclasses say when it must be frozen
+    and how the weight and bias are sliced."""
+
+    def freeze_reason(self, cg, node) -> str | None:
+        raise NotImplementedError
+
+    def slice_constants(self, cg, node, w: np.ndarray, kin, kout) -> None:
+        raise NotImplementedError
+
     def relate(self, cg, node):
-        x, y = node.input[0], node.output[0]
-        if _const(cg, node.input[1]) is None or int(attr(node, "group", 1)) != 1 or \
-                attr(node, "output_shape") is not None:
-            cg.freeze_node(node, f"ConvTranspose '{node.name}' is grouped, has output_shape or dynamic weights")
+        reason = self.freeze_reason(cg, node)
+        if reason:
+            cg.freeze_node(node, reason)
             return
-        cg.eq(cg.dim(x, 0), cg.dim(y, 0), node.name)
-        cg.add_consumer(cg.dim(x, 1), node)
-        cg.add_source(cg.dim(y, 1), node)
+        _relate_batch_and_channels(cg, node, node.input[0], node.output[0])
 
     def rewrite(self, cg, node, kept):
         w = cg.model.get_constant(node.input[1])
-        kin, kout = kept(node.input[0], 1), kept(node.output[0], 1)
-        new = w
-        if kin is not None:
-            new = new[kin]
-        if kout is not None:
-            new = new[:, kout]
-            if len(node.input) > 2 and node.input[2]:
-                _set_input_constant(cg, node, 2, cg.model.get_constant(node.input[2])[kout])
-        if new is not w:
-            _set_input_constant(cg, node, 1, np.ascontiguousarray(new))
+        self.slice_constants(cg, node, w, kept(node.input[0], 1), kept(node.output[0], 1))
 
 
-class GemmHandler(Handler):
-    def relate(self, cg, node):
-        a, y = node.input[0], node.output[0]
-        b = _const(cg, node.input[1])
+class ConvTransposeHandler(DenseChannelHandler):
+    def freeze_reason(self, cg, node):
+        if _const(cg, node.input[1]) is None or int(attr(node, "group", 1)) != 1 or \
+                attr(node, "output_shape") is not None:
+            return f"ConvTranspose '{node.name}' is grouped, has output_shape or dynamic weights"
+        return None
+
+    def slice_constants(self, cg, node, w, kin, kout):
+        _slice_bias(cg, node, kout)
+        _slice_weight(cg, node, w, kin, kout)  # [C_in, C_out, ...]
+
+
+class GemmHandler(DenseChannelHandler):
+    def freeze_reason(self, cg, node):
         c_ok = len(node.input) < 3 or not node.input[2] or _const(cg, node.input[2]) is not None
-        if b is None or not c_ok or attr(node, "transA", 0) or len(cg.shapes[a]) != 2:
-            cg.freeze_node(node, f"Gemm '{node.name}' has dynamic weights or transA")
-            return
-        cg.eq(cg.dim(a, 0), cg.dim(y, 0), node.name)
-        cg.add_consumer(cg.dim(a, 1), node)
-        cg.add_source(cg.dim(y, 1), node)
+        if _const(cg, node.input[1]) is None or not c_ok or attr(node, "transA", 0) or \
+                len(cg.shapes[node.input[0]]) != 2:
+            return f"Gemm '{node.name}' has dynamic weights or transA"
+        return None
 
-    def rewrite(self, cg, node, kept):
-        b = cg.model.get_constant(node.input[1])
-        kin, kout = kept(node.input[0], 1), kept(node.output[0], 1)
-        trans_b = attr(node, "transB", 0)
-        new = b
-        if trans_b:  # [N, K]
-            if kout is not None:
-                new = new[kout]
-            if kin is not None:
-                new = new[:, kin]
+    def slice_constants(self, cg, node, b, kin, kout):
+        if attr(node, "transB", 0):  # [N, K]
+            _slice_weight(cg, node, b, kout, kin)
         else:  # [K, N]
-            if kin is not None:
-                new = new[kin]
-            if kout is not None:
-                new = new[:, kout]
-        if new is not b:
-            _set_input_constant(cg, node, 1, np.ascontiguousarray(new))
+            _slice_weight(cg, node, b, kin, kout)
         if kout is not None and len(node.input) > 2 and node.input[2]:
             c = cg.model.get_constant(node.input[2])
             if c.ndim >= 1 and c.shape[-1] > 1:
@@ -233,13 +247,7 @@ class MatMulHandler(Handler):
         b = cg.model.get_constant(node.input[1])
         a, y = node.input[0], node.output[0]
         kin, kout = kept(a, len(cg.shapes[a]) - 1), kept(y, len(cg.shapes[y]) - 1)
-        new = b
-        if kin is not None:
-            new = new[kin]
-        if kout is not None:
-            new = new[:, kout]
-        if new is not b:
-            _set_input_constant(cg, node, 1, np.ascontiguousarray(new))
+        _slice_weight(cg, node, b, kin, kout)
 
 
 class BatchNormHandler(Handler):
@@ -335,6 +343,18 @@ class TransposeHandler(Handler):
             cg.eq(cg.dim(x, in_ax), cg.dim(y, out_ax), node.name)
 
 
+def _tie_slice(cg: ChannelGraph, node: onnx.NodeProto, whole: str, part: str, axis: int, offset: int, *,
+               whole_is_input: bool) -> None:
+    """``part`` (a Concat input, a Split output) is ``whole`` on every axis but ``axis``, where it is
+    the slice of ``whole`` from ``offset``. Ties are recorded input first, as everywhere."""
+    for ax in range(len(cg.shapes[whole])):
+        if ax == axis:
+            cg.slice(cg.dim(whole, ax), offset, cg.dim(part, ax), node.name)
+        else:
+            a, b = (whole, part) if whole_is_input else (part, whole)
+            cg.eq(cg.dim(a, ax), cg.dim(b, ax), node.name)
+
+
 class ConcatHandler(Handler):
     def relate(self, cg, node):
         y = node.output[0]
@@ -347,11 +367,7 @@ class ConcatHandler(Handler):
         for t in node.input:
             if not t:
                 continue
-            for ax in range(rank):
-                if ax == axis:
-                    cg.slice(cg.dim(y, ax), offset, cg.dim(t, ax), node.name)
-                else:
-                    cg.eq(cg.dim(t, ax), cg.dim(y, ax), node.name)
+            _tie_slice(cg, node, y, t, axis, offset, whole_is_input=False)
             offset += cg.shapes[t][axis]
 
 
@@ -365,11 +381,7 @@ class SplitHandler(Handler):
             if not t:
                 cg.freeze_node(node, f"Split '{node.name}' has an unused output slot")
                 return
-            for ax in range(rank):
-                if ax == axis:
-                    cg.slice(cg.dim(x, ax), offset, cg.dim(t, ax), node.name)
-                else:
-                    cg.eq(cg.dim(x, ax), cg.dim(t, ax), node.name)
+            _tie_slice(cg, node, x, t, axis, offset, whole_is_input=True)
             offset += cg.shapes[t][axis]
 
     def rewrite(self, cg, node, kept):
@@ -534,27 +546,11 @@ class ReshapeHandler(Handler):
                 if ins_real and outs_real:
                     cg.eq(cg.dim(x, ins_real[0]), cg.dim(y, outs_real[0]), node.name)
             elif len(outs_real) == 1:  # merge
-                out_ax = outs_real[0]
                 carrier = max(ins_real, key=lambda a: (_carries_channels(cg, cg.dim(x, a)), xs[a], a))
-                inner = int(np.prod([xs[a] for a in ins_real if a > carrier]))
-                if carrier == ins_real[0]:
-                    cg.repeat(cg.dim(x, carrier), cg.dim(y, out_ax), inner, node.name)
-                else:
-                    cg.stride(cg.dim(x, carrier), cg.dim(y, out_ax), inner, node.name)
-                for a in ins_real:
-                    if a != carrier:
-                        cg.freeze(cg.dim(x, a), why)
+                _tie_merged_axes(cg, node, x, xs, ins_real, carrier, cg.dim(y, outs_real[0]), why)
             elif len(ins_real) == 1:  # split
-                in_ax = ins_real[0]
                 carrier = max(outs_real, key=lambda a: (ys[a], a))
-                inner = int(np.prod([ys[a] for a in outs_real if a > carrier]))
-                if carrier == outs_real[0]:
-                    cg.repeat(cg.dim(y, carrier), cg.dim(x, in_ax), inner, node.name)
-                else:
-                    cg.stride(cg.dim(y, carrier), cg.dim(x, in_ax), inner, node.name)
-                for a in outs_real:
-                    if a != carrier:
-                        cg.freeze(cg.dim(y, a), why)
+                _tie_merged_axes(cg, node, y, ys, outs_real, carrier, cg.dim(x, ins_real[0]), why)
             else:
                 for a in ins:
                     cg.freeze(cg.dim(x, a), why)
@@ -578,6 +574,21 @@ class ReshapeHandler(Handler):
             _set_input_constant(cg, node, 1, new)
 
 
+def _tie_merged_axes(cg: ChannelGraph, node: onnx.NodeProto, tensor: str, shape, axes: list[int], carrier: int,
+                     merged, why: str) -> None:
+    """The ``axes`` of ``tensor`` merge into the one dimension ``merged`` of the other side (or it
+    splits into them): the ``carrier`` axis ties to it, as a repeat when it is the outermost, else
+    as a stride, by the size of the axes inside it; the other axes are frozen."""
+    inner = int(np.prod([shape[a] for a in axes if a > carrier]))
+    if carrier == axes[0]:
+        cg.repeat(cg.dim(tensor, carrier), merged, inner, node.name)
+    else:
+        cg.stride(cg.dim(tensor, carrier), merged, inner, node.name)
+    for a in axes:
+        if a != carrier:
+            cg.freeze(cg.dim(tensor, a), why)
+
+
 def _carries_channels(cg: ChannelGraph, d) -> bool:
     """Whether the dimension is (so far) connected to a source and to nothing frozen."""
     import networkx as nx
@@ -588,18 +599,27 @@ def _carries_channels(cg: ChannelGraph, d) -> bool:
     return any(s.dim in comp for s in cg.sources)
 
 
+def _given_axes(cg: ChannelGraph, node: onnx.NodeProto) -> tuple[object, bool]:
+    """(the ``axes`` attribute, else the constant input 1, None when neither is given; whether they
+    are computed instead: the node is then frozen)."""
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = _const(cg, node.input[1])
+        if axes is None:
+            cg.freeze_node(node, f"{node.op_type} '{node.name}' has dynamic axes")
+            return None, True
+    return axes, False
+
+
 class SqueezeHandler(Handler):
     """Squeeze/Unsqueeze: the axes that stay tie in order."""
 
     def relate(self, cg, node):
         x, y = node.input[0], node.output[0]
         xs, ys = cg.shapes[x], cg.shapes[y]
-        axes = attr(node, "axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            axes = _const(cg, node.input[1])
-            if axes is None:
-                cg.freeze_node(node, f"{node.op_type} '{node.name}' has dynamic axes")
-                return
+        axes, dynamic = _given_axes(cg, node)
+        if dynamic:
+            return
         if node.op_type == "Squeeze":
             if axes is None:
                 axes = [i for i, d in enumerate(xs) if d == 1]
@@ -635,12 +655,9 @@ class ReduceHandler(Handler):
             axes = [int(attr(node, "axis", 0)) % rank]
             keepdims = int(attr(node, "keepdims", 1))
         else:
-            axes = attr(node, "axes")
-            if axes is None and len(node.input) > 1 and node.input[1]:
-                axes = _const(cg, node.input[1])
-                if axes is None:
-                    cg.freeze_node(node, f"{node.op_type} '{node.name}' has dynamic axes")
-                    return
+            axes, dynamic = _given_axes(cg, node)
+            if dynamic:
+                return
             if axes is None or len(axes) == 0:
                 if attr(node, "noop_with_empty_axes", 0):
                     axes = []
