@@ -12,8 +12,8 @@ from onnx import helper
 from sculpt.ir.channel_handlers import attr
 from sculpt.ir.model import Model
 from sculpt.ir.substitution import CandidateLayer, NameAllocator, patch_moments, rel_error, ridge_solve
-from sculpt.passes.base import PassContext, option, register
-from sculpt.passes.layer_substitution import FittedReplacement, LayerSubstitutionPass
+from sculpt.passes.base import option, register
+from sculpt.passes.layer_substitution import ConvSubstitutionPass, FittedReplacement
 
 # above this many depthwise weights (C·m·kh·kw) the depthwise step of the alternation is not solved
 # jointly (its normal equations are that square); the pointwise step still is
@@ -22,7 +22,7 @@ MAX_JOINT = 6000
 
 @register
 @dataclass
-class DepthwiseSeparable(LayerSubstitutionPass):
+class DepthwiseSeparable(ConvSubstitutionPass):
     """Replace a standard k×k Conv (2-D, group 1) by a depthwise k×k Conv (``multiplier`` filters
     per input channel, MobileNet-style) followed by a pointwise 1×1 Conv, with no training.
 
@@ -58,14 +58,6 @@ class DepthwiseSeparable(LayerSubstitutionPass):
         super().__post_init__()
         if self.multiplier < 1 or self.iterations < 0:
             raise ValueError("multiplier must be ≥ 1, iterations ≥ 0")
-
-    def requires(self, model, ctx):
-        super().requires(model, ctx)
-        if self.fit == "data":
-            self.require_calibration(ctx, "fit=data", "or use fit=weights")
-
-    def refit_wanted(self, ctx: PassContext) -> bool:
-        return self.refit and self.fit == "data" and ctx.calibration is not None
 
     def fit_replacement(self, layer: CandidateLayer) -> FittedReplacement | str:
         o, c, kh, kw = layer.w.shape

@@ -15,13 +15,13 @@ from sculpt.ir.factorize import Tucker2, whitening
 from sculpt.ir.model import Model
 from sculpt.ir.refit import RefitJob
 from sculpt.ir.substitution import CandidateLayer, NameAllocator, patch_moments, rel_error, ridge_solve
-from sculpt.passes.base import PassContext, option, register
-from sculpt.passes.layer_substitution import FittedReplacement, LayerSubstitutionPass
+from sculpt.passes.base import option, register
+from sculpt.passes.layer_substitution import ConvSubstitutionPass, FittedReplacement
 
 
 @register
 @dataclass
-class FireModule(LayerSubstitutionPass):
+class FireModule(ConvSubstitutionPass):
     """Replace a k×k Conv (2-D, group 1, odd kernel, "same" symmetric padding so that a 1×1 branch
     lines up with the kernel's centre) by SqueezeNet's fire module, with no activation in between
     (the replacement stays linear, so it can be fitted to the linear layer it replaces):
@@ -62,14 +62,6 @@ class FireModule(LayerSubstitutionPass):
             raise ValueError(f"expand_split must be in (0, 1), got {self.expand_split}")
         if self.round_to < 1:
             raise ValueError(f"round_to must be ≥ 1, got {self.round_to}")
-
-    def requires(self, model, ctx):
-        super().requires(model, ctx)
-        if self.fit == "data":
-            self.require_calibration(ctx, "fit=data", "or use fit=weights")
-
-    def refit_wanted(self, ctx: PassContext) -> bool:
-        return self.refit and self.fit == "data" and ctx.calibration is not None
 
     def _shape_reason(self, node, w) -> str | None:
         o, c, kh, kw = w.shape

@@ -38,10 +38,8 @@ class FittedReplacement:
 class LayerSubstitutionPass(Pass):
     """One skeleton for every substitution pass, in ``run``:
 
-    1. select: ``select_layers`` → the candidate layers and the skipped ones with a reason
-       (default: the k×k Convs of ``sculpt.ir.substitution.conv_candidates``);
-    2. capture: with calibration data, ``capture_inputs`` samples each layer's input rows
-       (default: im2col patches at sampled output positions);
+    1. select: ``select_layers`` → the candidate layers and the skipped ones with a reason;
+    2. capture: with calibration data, ``capture_inputs`` samples each layer's input rows;
     3. fit: ``fit_replacement`` per layer → a ``FittedReplacement``, or the reason to leave the
        layer alone;
     4. splice: ``build_replacement`` → the nodes standing in the layer's place (its output keeps its
@@ -113,13 +111,12 @@ class LayerSubstitutionPass(Pass):
 
     # ------------------------------------------------------------------ the per-technique steps
     def select_layers(self, model: Model) -> tuple[list[CandidateLayer], list[dict]]:
-        """The layers to try, and the skipped ones as {"layer", "reason"}: by default the k×k Convs
-        chosen by ``layers`` / ``ignore`` with at least ``min_macs``."""
-        return conv_candidates(model, self.is_selected, min_macs=self.min_macs)
+        """The layers to try, and the skipped ones as {"layer", "reason"}."""
+        raise NotImplementedError
 
     def capture_inputs(self, model: Model, layers: list[CandidateLayer], ctx: PassContext) -> None:
-        """Fill each layer's ``rows`` from the calibration data: by default im2col patches."""
-        capture_patches(model, layers, ctx.calibration, self.samples, self.positions, ctx.seed)
+        """Fill each layer's ``rows`` from the calibration data."""
+        raise NotImplementedError
 
     def fit_replacement(self, layer: CandidateLayer) -> FittedReplacement | str:
         """The layer's replacement fitted (on ``layer.rows`` when there are any), or why the layer is
@@ -164,6 +161,28 @@ class LayerSubstitutionPass(Pass):
         if error is not None and error > self.max_error and not self.force:
             return f"relative output error {error:.3g} > max_error"
         return None
+
+
+class ConvSubstitutionPass(LayerSubstitutionPass):
+    """A substitution of k×k Convs fitted on their im2col patches (depthwise-separable, fire-module):
+    the candidates are ``sculpt.ir.substitution.conv_candidates``, the capture samples patches. The
+    subclass declares the options ``fit`` ("data": fitted on calibration patches, which it then
+    needs; "weights": on the weights alone) and ``refit`` (after fit=data)."""
+
+    def requires(self, model, ctx):
+        super().requires(model, ctx)
+        if self.fit == "data":
+            self.require_calibration(ctx, "fit=data", "or use fit=weights")
+
+    def refit_wanted(self, ctx: PassContext) -> bool:
+        return self.refit and self.fit == "data" and ctx.calibration is not None
+
+    def select_layers(self, model: Model) -> tuple[list[CandidateLayer], list[dict]]:
+        """The k×k Convs chosen by ``layers`` / ``ignore`` with at least ``min_macs``."""
+        return conv_candidates(model, self.is_selected, min_macs=self.min_macs)
+
+    def capture_inputs(self, model: Model, layers: list[CandidateLayer], ctx: PassContext) -> None:
+        capture_patches(model, layers, ctx.calibration, self.samples, self.positions, ctx.seed)
 
 
 def capture_patches(model: Model, layers: list[CandidateLayer], calibration, samples: int, positions: int,
