@@ -49,6 +49,22 @@ def _check_views(panel: PanelShape, x_shape, y_shape) -> None:
         raise ValueError(f"output shape {list(y_shape)} is not a [{panel.batch}, {panel.rows}, {panel.cols}] panel")
 
 
+def _column_tiles(cols: int, tile_cols: int) -> tuple[int, int, int, int]:
+    """How a kernel walks a panel's ``cols`` columns: (columns per tile, how many full tiles, the
+    width of the last tile, tiles in all)."""
+    width = max(1, min(tile_cols, cols))
+    return width, cols // width, cols % width or width, -(-cols // width)
+
+
+def _panel_views(panel: PanelShape, x_shape, y_shape) -> tuple[tuple, tuple]:
+    """The shapes the kernel's X and Y buffers are declared with (the panel's own by default),
+    checked to hold the panel."""
+    xs = tuple(x_shape or (panel.batch, panel.depth, panel.cols))
+    ys = tuple(y_shape or (panel.batch, panel.rows, panel.cols))
+    _check_views(panel, xs, ys)
+    return xs, ys
+
+
 def bsr_panel_kernel(panel: PanelShape, matrix: BSRMatrix, tile_cols: int,
                      x_shape: Sequence[int] | None = None, y_shape: Sequence[int] | None = None):
     """PrimFunc ``(X, data, indices, indptr, bias, Y)`` of the block-sparse product; the BSR arrays are
@@ -61,13 +77,8 @@ def bsr_panel_kernel(panel: PanelShape, matrix: BSRMatrix, tile_cols: int,
     R = matrix.block_rows
     NBR = matrix.n_block_rows
     NNZ = max(matrix.nnz_blocks, 1)
-    V = max(1, min(tile_cols, N))
-    FULL = N // V
-    TAIL = N % V or V
-    NT = -(-N // V)
-    XS = tuple(x_shape or (B, K, N))
-    YS = tuple(y_shape or (B, O, N))
-    _check_views(panel, XS, YS)
+    V, FULL, TAIL, NT = _column_tiles(N, tile_cols)
+    XS, YS = _panel_views(panel, x_shape, y_shape)
 
     @T.macro
     def tile(Xf, data, indices, indptr, bias, Yf, b, io, n0, width):
@@ -109,13 +120,8 @@ def dense_panel_kernel(panel: PanelShape, tile_rows: int, tile_cols: int,
     B, O, K, N = panel.batch, panel.rows, panel.depth, panel.cols
     R = max(1, min(tile_rows, O))
     NBR = -(-O // R)
-    V = max(1, min(tile_cols, N))
-    FULL = N // V
-    TAIL = N % V or V
-    NT = -(-N // V)
-    XS = tuple(x_shape or (B, K, N))
-    YS = tuple(y_shape or (B, O, N))
-    _check_views(panel, XS, YS)
+    V, FULL, TAIL, NT = _column_tiles(N, tile_cols)
+    XS, YS = _panel_views(panel, x_shape, y_shape)
 
     @T.macro
     def tile(Xf, W, bias, Yf, b, io, n0, width):
