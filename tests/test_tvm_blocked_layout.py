@@ -64,15 +64,16 @@ def _residual_chain(pool_branch: bool):
     g.op("Concat", ["m", g.conv("d", "c1", 16, 16, 3, stride=2)], "k", axis=1)
     g.op("Sigmoid", [g.conv("e", "k", 48, 40, 3)], "se")
     outputs = [g.conv("y", "se", 40, 24, 1)]
-    if pool_branch:
-        outputs.append(g.op("MaxPool", ["ra"], "p", kernel_shape=[2, 2], strides=[2, 2]))
+    if pool_branch:  # a resize reads the first relu too
+        g.const("scales", [1.0, 1.0, 2.0, 2.0])
+        outputs.append(g.op("Resize", ["ra", "", "scales"], "up", mode="nearest"))
     return g.model(8, (20, 19), outputs)
 
 
 def _mobile_chain():
     """pointwise -> depthwise 3x3 -> ReLU6 -> pointwise + residual -> depthwise 5x5 stride 2 over an
-    odd width -> HardSwish -> squeeze-and-excitation (mean, 1x1 convs, HardSigmoid gate) ->
-    pointwise (the graph's output)."""
+    odd width -> HardSwish -> squeeze-and-excitation (mean, 1x1 convs, HardSigmoid gate) -> max pool
+    3x3 stride 2 -> average pool 2x2 -> pointwise (the graph's output)."""
     g = _Graph(11)
     g.op("Relu", [g.conv("p1", "x", 8, 16, 1)], "r1")
     g.op("Clip", [g.conv("d1", "r1", 16, 16, 3, group=16), g.const("lo", 0.0), g.const("hi", 6.0)], "c1")
@@ -82,10 +83,12 @@ def _mobile_chain():
     g.op("Relu", [g.conv("e1", "pooled", 16, 8, 1)], "re")
     g.op("HardSigmoid", [g.conv("e2", "re", 8, 16, 1)], "gate", alpha=0.2, beta=0.5)
     g.op("Mul", ["h", "gate"], "excited")
-    return g.model(8, (14, 21), [g.conv("y", "excited", 16, 24, 1)])
+    g.op("MaxPool", ["excited"], "pooled2", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    g.op("AveragePool", ["pooled2"], "pooled3", kernel_shape=[2, 2], strides=[1, 1])
+    return g.model(8, (14, 21), [g.conv("y", "pooled3", 16, 24, 1)])
 
 
-def _compile_and_compare(proto, cin, hw, kinds: list | None = None):
+def _compile_and_compare(proto, cin, hw, all_decisions: list | None = None):
     import tvm
 
     model = Model.wrap(proto)
@@ -93,8 +96,8 @@ def _compile_and_compare(proto, cin, hw, kinds: list | None = None):
     decisions = []
     executable = compile_with_kernels(import_to_relax(model), tvm.target.Target(host_target("llvm")),
                                       decisions=decisions)
-    if kinds is not None:
-        kinds.extend(d.kind for d in decisions)
+    if all_decisions is not None:
+        all_decisions.extend(decisions)
     names = [o.name for o in proto.graph.output]
     got = run_relax(executable, {"x": x}, ["x"])
     ref = make_session(model).run(names, {"x": x})
@@ -116,7 +119,7 @@ def test_a_residual_chain_stays_blocked_between_convs_and_matches_onnxruntime():
 
 def test_a_consumer_that_needs_nchw_keeps_its_tensor_nchw_and_matches():
     tiles = _compile_and_compare(_residual_chain(pool_branch=True), 8, (20, 19))
-    # the first relu feeds the max pool: conv a writes NCHW, and so do b and the residual add
+    # the first relu feeds the resize: conv a writes NCHW, and so do b and the residual add
     assert sum(1 for t in tiles if t[6]) == 3  # c, d (into the concat) and e
     assert sum(1 for t in tiles if t[5]) == 2  # e and y read blocked input; b, c and d the NCHW clip
 
@@ -129,10 +132,12 @@ def test_rows_outer_with_blocked_input_pads_one_band_at_a_time(monkeypatch):
     assert all(t[4] == 1 for t in tiles) and any(t[5] for t in tiles)
 
 
-def test_a_mobile_block_stays_blocked_through_depthwise_convs_and_squeeze_and_excitation():
-    kinds = []
-    tiles = _compile_and_compare(_mobile_chain(), 8, (14, 21), kinds)
+def test_a_mobile_block_stays_blocked_through_depthwise_convs_squeeze_and_excitation_and_pools():
+    decisions = []
+    tiles = _compile_and_compare(_mobile_chain(), 8, (14, 21), decisions)
+    kinds = [d.kind for d in decisions]
     assert kinds.count("depthwise_blocked") == 2, kinds
+    assert sum(1 for d in decisions if d.kind == "pool" and len(d.shape) == 5) == 3  # both pools and the mean
     assert sum(1 for t in tiles if t[5]) == 4  # p2, e1 (the mean), e2 and y read blocked input
     assert sum(1 for t in tiles if t[6]) == 4  # p1, p2, e1 and e2 write it; y is the output
 
