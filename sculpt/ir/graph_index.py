@@ -78,11 +78,27 @@ def subgraph_outer_inputs(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def _grouped_by_name(entries) -> dict[str, list]:
+    """{name: the entries called name, in order} of a graph's initializers, inputs, outputs or value infos."""
+    grouped: dict[str, list] = {}
+    for entry in entries:
+        grouped.setdefault(entry.name, []).append(entry)
+    return grouped
+
+
 def _remove_one(keys: list[int], key: int) -> None:
     i = bisect.bisect_left(keys, key)
     if i == len(keys) or keys[i] != key:
         raise StaleIndexError(f"graph index: entry {key} missing")
     del keys[i]
+
+
+def _move_key(table: dict[str, list[int]], key: int, old: str, new: str) -> None:
+    """Node ``key`` no longer reads (or produces) ``old`` but ``new``: the sorted key lists follow."""
+    if old:
+        _remove_one(table[old], key)
+    if new:
+        bisect.insort(table.setdefault(new, []), key)
 
 
 class GraphIndex:
@@ -175,22 +191,10 @@ class GraphIndex:
         self._nodes_gen += 1
 
     def _build_tensors(self, g: onnx.GraphProto) -> None:
-        inits: dict[str, list[onnx.TensorProto]] = {}
-        for t in g.initializer:
-            inits.setdefault(t.name, []).append(t)
-        inputs: dict[str, list[onnx.ValueInfoProto]] = {}
-        for vi in g.input:
-            inputs.setdefault(vi.name, []).append(vi)
-        outputs: dict[str, list[onnx.ValueInfoProto]] = {}
-        for vi in g.output:
-            outputs.setdefault(vi.name, []).append(vi)
-        value_info: dict[str, list[onnx.ValueInfoProto]] = {}
-        for vi in g.value_info:
-            value_info.setdefault(vi.name, []).append(vi)
-        self._inits = inits
-        self._inputs = inputs
-        self._outputs = outputs
-        self._value_info = value_info
+        self._inits = _grouped_by_name(g.initializer)
+        self._inputs = _grouped_by_name(g.input)
+        self._outputs = _grouped_by_name(g.output)
+        self._value_info = _grouped_by_name(g.value_info)
         self._tensors_graph = g
         self._tensors_lens = self._lens(g)
         self._tensors_gen += 1
@@ -232,7 +236,7 @@ class GraphIndex:
         out = [self._node_of[k] for k in keys] if keys else []
         if CHECK:
             fresh = self._model.consumers().get(name, []) if name else []
-            self._expect(len(fresh) == len(out) and all(a is b for a, b in zip(fresh, out)), f"consumers of '{name}'")
+            self._expect_same_list(out, fresh, f"consumers of '{name}'")
         return out
 
     def consumer_count(self, name: str) -> int:
@@ -281,16 +285,19 @@ class GraphIndex:
     def is_input(self, name: str) -> bool:
         """Whether a graph input (initializer-backed or not) is called ``name``."""
         self._tensors()
-        ans = name in self._inputs
-        if CHECK:
-            self._expect(ans == any(i.name == name for i in self._graph().input), f"input '{name}'")
-        return ans
+        return self._checked_member(name, self._inputs, "input")
 
     def is_output(self, name: str) -> bool:
+        """Whether a graph output is called ``name``."""
         self._tensors()
-        ans = name in self._outputs
+        return self._checked_member(name, self._outputs, "output")
+
+    def _checked_member(self, name: str, names, field: str) -> bool:
+        """``name in names`` (this index's copy of the graph's ``field`` list), checked against the
+        graph when CHECK is on."""
+        ans = name in names
         if CHECK:
-            self._expect(ans == any(o.name == name for o in self._graph().output), f"output '{name}'")
+            self._expect(ans == any(v.name == name for v in getattr(self._graph(), field)), f"{field} '{name}'")
         return ans
 
     def value_info(self, name: str) -> onnx.ValueInfoProto | None:
@@ -318,6 +325,10 @@ class GraphIndex:
     def _expect(self, ok: bool, what: str) -> None:
         if not ok:
             raise StaleIndexError(f"graph index is stale: {what} differs from the graph (an edit bypassed the index)")
+
+    def _expect_same_list(self, out: list, fresh: list, what: str) -> None:
+        """The same objects in the same order."""
+        self._expect(len(out) == len(fresh) and all(a is b for a, b in zip(out, fresh)), what)
 
     # ------------------------------------------------------------------ edits that keep it valid
     def _key(self, node: onnx.NodeProto) -> int:
@@ -410,10 +421,7 @@ class GraphIndex:
         if k is None:  # not a node of this graph (as far as the index knows): forget rather than guess
             self.invalidate()
             return
-        if old:
-            _remove_one(self._readers[old], k)
-        if name:
-            bisect.insort(self._readers.setdefault(name, []), k)
+        _move_key(self._readers, k, old, name)
 
     def set_output(self, node: onnx.NodeProto, index: int, name: str) -> None:
         """``node.output[index] = name``."""
@@ -427,10 +435,7 @@ class GraphIndex:
         if k is None:
             self.invalidate()
             return
-        if old:
-            _remove_one(self._producers[old], k)
-        if name:
-            bisect.insort(self._producers.setdefault(name, []), k)
+        _move_key(self._producers, k, old, name)
         if names is not None:
             names[old] -= 1
             names[name] += 1
@@ -478,19 +483,20 @@ class GraphIndex:
     def value_info_entries(self, name: str) -> list[onnx.ValueInfoProto]:
         """The entries of ``graph.value_info`` called ``name`` (not inputs or outputs), in order."""
         self._tensors()
-        out = list(self._value_info.get(name, ()))
-        if CHECK:
-            fresh = [v for v in self._graph().value_info if v.name == name]
-            self._expect(len(out) == len(fresh) and all(a is b for a, b in zip(out, fresh)), f"value_info '{name}'")
-        return out
+        return self._entries_named(name, self._value_info, "value_info")
 
     def inputs_named(self, name: str) -> list[onnx.ValueInfoProto]:
         """The graph inputs called ``name``, in order."""
         self._tensors()
-        out = list(self._inputs.get(name, ()))
+        return self._entries_named(name, self._inputs, "input")
+
+    def _entries_named(self, name: str, table: dict, field: str) -> list[onnx.ValueInfoProto]:
+        """The entries of the graph's ``field`` list called ``name``, from ``table`` (this index's
+        copy of it), checked against the graph when CHECK is on."""
+        out = list(table.get(name, ()))
         if CHECK:
-            fresh = [v for v in self._graph().input if v.name == name]
-            self._expect(len(out) == len(fresh) and all(a is b for a, b in zip(out, fresh)), f"inputs '{name}'")
+            fresh = [v for v in getattr(self._graph(), field) if v.name == name]
+            self._expect_same_list(out, fresh, f"{field} '{name}'")
         return out
 
     # ------------------------------------------------------------------ checks
