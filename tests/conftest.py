@@ -1,6 +1,9 @@
-"""Suite-wide settings."""
+"""Suite-wide settings and fixtures."""
 
+import contextlib
 import os
+
+import pytest
 
 # every answer of the graph index is checked against a scan of the graph (sculpt.ir.graph_index): an
 # edit that bypasses the index fails the test that makes it; subprocesses (the CLI tests) inherit it
@@ -9,3 +12,13 @@ os.environ["SCULPT_CHECK_INDEX"] = "1"
 import sculpt.ir.graph_index  # noqa: E402
 
 sculpt.ir.graph_index.CHECK = True
+
+
+@pytest.fixture
+def register_pass():
+    """``register_pass(cls)``: the test pass ``cls`` is known by name (create_pass, pipelines, the
+    CLI) until the test ends (``sculpt.passes.base.registered_temporarily``)."""
+    from sculpt.passes.base import registered_temporarily
+
+    with contextlib.ExitStack() as stack:
+        yield lambda cls: stack.enter_context(registered_temporarily(cls))

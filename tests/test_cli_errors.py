@@ -366,13 +366,6 @@ def test_user_error_subprocess(case_id, work, model_bytes):
 
 
 # ------------------------------------------------------------------ failures after passes started
-def _register(monkeypatch, cls):
-    from sculpt.passes import base
-
-    base.registered_passes()  # the built-in passes first
-    monkeypatch.setitem(base._REGISTRY, cls.name, cls)
-
-
 def _failing_pass(kind: str):
     from dataclasses import dataclass
 
@@ -420,8 +413,8 @@ def _failing_pass(kind: str):
     ("bug", 3, ("RuntimeError", "an internal bug")),
     ("inexact", 2, ("test-fail-inexact",)),
 ])
-def test_failure_mid_pipeline_writes_nothing(kind, status, names, work, capsys, monkeypatch):
-    _register(monkeypatch, _failing_pass(kind))
+def test_failure_mid_pipeline_writes_nothing(kind, status, names, work, capsys, register_pass):
+    register_pass(_failing_pass(kind))
     before = _hashes(work / "in")
     args = run_args(passes=("remove-identity", f"test-fail-{kind}", "canonicalize"), extra=("--verify-each",))
     rc = main(args)
@@ -438,8 +431,8 @@ def test_failure_mid_pipeline_writes_nothing(kind, status, names, work, capsys, 
     assert_nothing_written(work, before)
 
 
-def test_interrupt_mid_pipeline_writes_nothing(work, capsys, monkeypatch):
-    _register(monkeypatch, _failing_pass("interrupt"))
+def test_interrupt_mid_pipeline_writes_nothing(work, capsys, register_pass):
+    register_pass(_failing_pass("interrupt"))
     before = _hashes(work / "in")
     rc = main(run_args(passes=("remove-identity", "test-fail-interrupt")))
     cap = capsys.readouterr()
@@ -448,9 +441,9 @@ def test_interrupt_mid_pipeline_writes_nothing(work, capsys, monkeypatch):
     assert_nothing_written(work, before)
 
 
-def test_failure_keeps_existing_dump_dir_and_output(work, capsys, monkeypatch):
+def test_failure_keeps_existing_dump_dir_and_output(work, capsys, register_pass):
     """A failing run leaves an existing --dump-dir and an existing -o file exactly as they were."""
-    _register(monkeypatch, _failing_pass("user"))
+    register_pass(_failing_pass("user"))
     (work / "out" / "dump").mkdir()
     (work / "out" / "dump" / "001_remove-identity.onnx").write_bytes(b"old dump")
     (work / "out" / "o.onnx").write_bytes(b"old output")
@@ -462,9 +455,9 @@ def test_failure_keeps_existing_dump_dir_and_output(work, capsys, monkeypatch):
     assert _hashes(work / "out") == before_out
 
 
-def test_debug_env_shows_traceback(work, capsys, monkeypatch):
+def test_debug_env_shows_traceback(work, capsys, monkeypatch, register_pass):
     """SCULPT_DEBUG=1 re-raises internal errors (for developers); user errors stay one line."""
-    _register(monkeypatch, _failing_pass("bug"))
+    register_pass(_failing_pass("bug"))
     monkeypatch.setenv("SCULPT_DEBUG", "1")
     with pytest.raises(RuntimeError):
         main(run_args(passes=("test-fail-bug",)))

@@ -168,13 +168,6 @@ def test_fast(corpus):
 
 
 # ------------------------------------------------------------------ a hang or a crash is one failed case
-def _register(monkeypatch, cls):
-    from sculpt.passes import base
-
-    base.registered_passes()
-    monkeypatch.setitem(base._REGISTRY, cls.name, cls)
-
-
 def _bad_pass(kind: str):
     from sculpt.passes.base import Pass, PassResult
 
@@ -211,10 +204,10 @@ def _bad_pass(kind: str):
     return Bad
 
 
-def test_hangs_crashes_and_broken_passes_are_failed_cases(monkeypatch, tmp_path):
+def test_hangs_crashes_and_broken_passes_are_failed_cases(register_pass, tmp_path):
     kinds = ["hang", "crash", "bug", "inexact", "silent", "invalid"]
     for k in kinds:
-        _register(monkeypatch, _bad_pass(k))
+        register_pass(_bad_pass(k))
     model = cr.CorpusModel("file/cbi", conv_bn_identity_model(tmp_path / "cbi.onnx"))
     start = time.perf_counter()
     results = cr.run_corpus([model], ["canonicalize"] + [f"test-{k}" for k in kinds], timeout=8, jobs=2)

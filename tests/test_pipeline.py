@@ -12,7 +12,7 @@ from sculpt.errors import OptionError, PassError, PipelineError, VerificationErr
 from sculpt.examples import tiny_convnet
 from sculpt.ir.model import Model
 from sculpt.passes import Pipeline, create_pass, parse_pass_spec, registered_passes
-from sculpt.passes.base import Pass, PassContext, PassResult, option, register
+from sculpt.passes.base import Pass, PassContext, PassResult, option, register, registered_temporarily
 
 SHAPES = {"input": [1, 3, 32, 32]}
 
@@ -52,6 +52,35 @@ def test_registry_lists_the_canonicalization_passes():
     for name, cls in registered_passes().items():
         assert cls.__doc__, name
         assert isinstance(cls.exact, bool)
+
+
+def test_a_pass_registered_temporarily_is_known_inside_the_block_only():
+    @dataclass
+    class Temporary(Pass):
+        """Test pass."""
+
+        name = "test-temporary"
+
+        def run(self, model, ctx):
+            return PassResult(model, False, {})
+
+    with registered_temporarily(Temporary):
+        assert registered_passes()["test-temporary"] is Temporary
+        assert isinstance(create_pass("test-temporary"), Temporary)
+    assert "test-temporary" not in registered_passes()
+    with pytest.raises(OptionError, match="unknown pass 'test-temporary'"):
+        create_pass("test-temporary")
+
+    @dataclass
+    class Clash(Temporary):
+        """Test pass named like a built-in one."""
+
+        name = "canonicalize"
+
+    with pytest.raises(TypeError, match="two passes named 'canonicalize'"):
+        with registered_temporarily(Clash):
+            pass
+    assert registered_passes()["canonicalize"] is not Clash
 
 
 def test_pass_spec_parsing_and_coercion():

@@ -1,7 +1,7 @@
 """Passes over the sculpt IR. Importing this package registers the built-in passes."""
 
 from sculpt.passes.base import (Pass, PassContext, PassResult, create_pass, get_pass_class, parse_pass_spec,
-                                register, registered_passes)
+                                register, registered_passes, registered_temporarily)
 from sculpt.passes.canonicalize import Canonicalize
 from sculpt.passes.channel_pruning import ChannelPruning
 from sculpt.passes.constant_folding import ConstantFolding
@@ -21,7 +21,7 @@ from sculpt.passes.pipeline import Pipeline, PipelineResult
 
 __all__ = [
     "Pass", "PassContext", "PassResult", "Pipeline", "PipelineResult", "create_pass", "get_pass_class",
-    "parse_pass_spec", "register", "registered_passes", "Canonicalize", "ConstantFolding", "FoldBatchNorm",
+    "parse_pass_spec", "register", "registered_passes", "registered_temporarily", "Canonicalize", "ConstantFolding", "FoldBatchNorm",
     "FoldConvAffine", "FreezeInitializers", "DeadChannelElimination", "ChannelPruning", "RemoveIdentity", "SimplifyShapes",
     "QDQ", "CrossLayerEqualization",
 ]

@@ -7,13 +7,14 @@ model, so a pass that fails leaves its input untouched and never returns a half-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping
 
 from sculpt.errors import InvalidModelError, OptionError, PassError
 from sculpt.ir.model import Model, check_invariants, describe_cycle
@@ -161,6 +162,25 @@ def register(cls: type[Pass]) -> type[Pass]:
         raise TypeError(f"two passes named '{cls.name}': {_REGISTRY[cls.name].__name__} and {cls.__name__}")
     _REGISTRY[cls.name] = cls
     return cls
+
+
+@contextlib.contextmanager
+def registered_temporarily(*classes: type[Pass]) -> Iterator[None]:
+    """Register passes for the length of a ``with`` block (for tests): inside it they are known by
+    name everywhere a registered pass is (``create_pass``, pipelines, the CLI), afterwards they are
+    forgotten. A name already taken, by a built-in pass too, is refused as ``register`` refuses it."""
+    registered_passes()  # the built-in passes first, so that a clash with one of them is seen
+    added: list[type[Pass]] = []
+    try:
+        for cls in classes:
+            if _REGISTRY.get(cls.name) is not cls:
+                register(cls)
+                added.append(cls)
+        yield
+    finally:
+        for cls in added:
+            if _REGISTRY.get(cls.name) is cls:
+                del _REGISTRY[cls.name]
 
 
 def registered_passes() -> dict[str, type[Pass]]:
