@@ -192,27 +192,36 @@ def cls_metrics(predictions: Sequence[int], labels: Sequence[int]) -> ClsMetrics
 
 # ------------------------------------------------------------------------------------ data sets
 @dataclass
-class RecSet:
-    """Preprocessed rec inputs (N, 3, 48, 320) and the lines' text."""
+class LineSet:
+    """Rendered text lines preprocessed for a model: ``inputs`` (N, 3, H, W), one line each."""
 
     inputs: np.ndarray
-    texts: list[str]
-    images: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.inputs)
 
 
 @dataclass
-class ClsSet:
+class RecSet(LineSet):
+    """Preprocessed rec inputs (N, 3, 48, 320) and the lines' text."""
+
+    texts: list[str]
+    images: list[np.ndarray] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class ClsSet(LineSet):
     """Preprocessed cls inputs (N, 3, 48, 192) and labels (0: upright, 1: rotated by 180°)."""
 
-    inputs: np.ndarray
     labels: list[int]
     images: list[np.ndarray] = field(default_factory=list, repr=False)
 
-    def __len__(self) -> int:
-        return len(self.labels)
+
+def _preprocessed(images: Sequence[np.ndarray], preprocess, shape: tuple) -> np.ndarray:
+    """The images preprocessed and stacked on the first axis; (0, *shape[1:]) for none."""
+    if not images:
+        return np.zeros((0,) + shape[1:], np.float32)
+    return np.concatenate([preprocess(img) for img in images])
 
 
 def rotate_180(image: np.ndarray) -> np.ndarray:
@@ -221,9 +230,8 @@ def rotate_180(image: np.ndarray) -> np.ndarray:
 
 def rec_set(count: int = DEFAULT_COUNT, seed: int = EVAL_SEED, **line_kwargs) -> RecSet:
     lines = text_lines(count, seed, **line_kwargs)
-    inputs = np.concatenate([rec_preprocess(img) for img, _ in lines]) if lines else \
-        np.zeros((0,) + REC_SHAPE[1:], np.float32)
-    return RecSet(inputs, [t for _, t in lines], [img for img, _ in lines])
+    images = [img for img, _ in lines]
+    return RecSet(_preprocessed(images, rec_preprocess, REC_SHAPE), [t for _, t in lines], images)
 
 
 def cls_set(count: int = DEFAULT_COUNT, seed: int = EVAL_SEED, **line_kwargs) -> ClsSet:
@@ -231,8 +239,7 @@ def cls_set(count: int = DEFAULT_COUNT, seed: int = EVAL_SEED, **line_kwargs) ->
     lines = text_lines(count, seed, **line_kwargs)
     images = [rotate_180(img) if i % 2 else img for i, (img, _) in enumerate(lines)]
     labels = [i % 2 for i in range(len(lines))]
-    inputs = np.concatenate([cls_preprocess(img) for img in images]) if images else \
-        np.zeros((0,) + CLS_SHAPE[1:], np.float32)
+    inputs = _preprocessed(images, cls_preprocess, CLS_SHAPE)
     return ClsSet(inputs, labels, images)
 
 
