@@ -411,3 +411,27 @@ def test_depthwise_over_a_width_of_no_whole_vectors_computes_whole_vectors():
     for d in decisions:
         if d.kind == "depthwise":
             assert d.shape[-1] in widths and d.tile[0] % min(lanes, 8) == 0, d
+
+
+@pytest.mark.parametrize("shape", [[2, 3, 300], [5, 512], [1, 40, 6625], [4, 64]])
+def test_softmax_over_long_rows_reduces_in_vectors_and_matches(shape):
+    """Rows of >= 256 (300: a partial last vector, 512: whole vectors, 6625: the CTC recognizer's
+    classes) take the vector-reduction softmax; short rows (attention's 64 keys) keep TVM's. Every
+    row sums to 1 and matches onnxruntime within 2e-6 of its scale."""
+    from onnx import TensorProto, helper
+
+    from sculpt.backends.tvm.kernels.row_softmax import MIN_ROW
+
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], "softmax",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    x = (np.random.default_rng(5).standard_normal(shape) * 8).astype(np.float32)
+    decisions = _compile_and_compare(proto, {"x": x})
+    rows = sum(1 for d in decisions if d.kind == "softmax_rows")
+    assert rows == (1 if shape[-1] >= MIN_ROW else 0), [(d.func, d.kind) for d in decisions]
+    got = run_relax(compile_with_kernels(import_to_relax(Model.wrap(proto)), _host()), {"x": x}, ["x"])[0]
+    assert np.allclose(got.sum(axis=-1), 1.0, atol=1e-5)
+    ref = make_session(Model.wrap(proto)).run(None, {"x": x})[0]
+    assert float(np.abs(got - ref).max()) <= 2e-6 * float(np.abs(ref).max())

@@ -9,6 +9,7 @@
              -> [sculpt: strided pools/depthwise over odd widths get an unused column (even_strided_width)]
              -> [sculpt: depthwise convs over widths of no whole vectors computed wider, sliced (whole_vector_width)]
              -> [sculpt: matmul weights padded to whole vectors of columns (pad_matmul_columns)]
+             -> [sculpt: softmax over long rows with vector reductions (row_softmax)]
              -> [sculpt: softmax/exp/erf/tanh/sigmoid as approximations that vectorize (fast_math)]
              -> dispatch -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
              -> [sculpt: schedule every PrimFunc (rules.schedule_module)]
@@ -26,6 +27,7 @@ from sculpt.backends.tvm.kernels.blocked_layout import rewrite_in_blocked_layout
 from sculpt.backends.tvm.kernels.even_strided_width import rewrite_even_strided_widths
 from sculpt.backends.tvm.kernels.sum_as_adds import rewrite_sum_of_stack
 from sculpt.backends.tvm.kernels.fast_math import rewrite_fast_math
+from sculpt.backends.tvm.kernels.row_softmax import rewrite_row_softmax
 from sculpt.backends.tvm.kernels.target_traits import traits_of
 from sculpt.backends.tvm.kernels.tiling import conv_tile
 from sculpt.backends.tvm.kernels.whole_vector_width import rewrite_depthwise_widths
@@ -70,11 +72,15 @@ def _front_passes(target) -> list:
     def pad_columns(mod, _ctx):
         return pad_matmul_columns(mod)
 
+    @tvm.transform.module_pass(opt_level=0, name="SculptRowSoftmax")
+    def row_softmax(mod, _ctx):
+        return rewrite_row_softmax(mod, traits_of(target).vector_lanes)
+
     @tvm.transform.module_pass(opt_level=0, name="SculptFastMath")
     def fast_math(mod, _ctx):
         return rewrite_fast_math(mod)
 
-    return [fold_constants, clip_as_ops, sum_as_adds, rewrite_transposed, blocked_convs, even_strided_widths, depthwise_widths, pad_columns, fast_math] \
+    return [fold_constants, clip_as_ops, sum_as_adds, rewrite_transposed, blocked_convs, even_strided_widths, depthwise_widths, pad_columns, row_softmax, fast_math] \
         + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 

@@ -22,6 +22,7 @@ from sculpt.backends.tvm.kernels.register_tile import (
     KernelDecision, inline_epilogue, schedule_injective_block, schedule_register_tile)
 from sculpt.backends.tvm.kernels.blocked_conv import schedule_blocked_conv, tile_from_block_name
 from sculpt.backends.tvm.kernels import blocked_depthwise
+from sculpt.backends.tvm.kernels.row_softmax import is_row_softmax, schedule_row_softmax
 from sculpt.backends.tvm.kernels.target_traits import TargetTraits, traits_of
 from sculpt.backends.tvm.kernels.tiling import Tile, gemv_tile, ranked_tiles, worth_parallel
 
@@ -104,6 +105,19 @@ def _blocked_conv(sch, main, tile, traits: TargetTraits, name: str):
     return sch, KernelDecision(name, "conv2d_blocked", shape, tile.as_list())
 
 
+def try_row_softmax(func, traits: TargetTraits, name: str = ""):
+    """(schedule, decision) for sculpt's long-row softmax (row_softmax), or None."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    if not is_row_softmax(sch):
+        return None
+    shape, work = _output_and_work(sch, next(b for b in root_blocks(sch)
+                                             if sch.get(b).name_hint.endswith("partial_max")))
+    schedule_row_softmax(sch, traits.vector_lanes, worth_parallel(4 * work))
+    return sch, KernelDecision(name, "softmax_rows", shape, None)
+
+
 def schedule_every_block(func, traits: TargetTraits, name: str = ""):
     """Injective and multi-reduction functions: inline elementwise chains, parallelize each block."""
     from tvm import s_tir
@@ -121,7 +135,8 @@ def schedule_every_block(func, traits: TargetTraits, name: str = ""):
 def schedule_func(func, traits: TargetTraits, choose: TileChooser = heuristic_chooser, name: str = ""):
     """(scheduled PrimFunc or None, decision) for one legalized PrimFunc."""
     errors = []
-    for attempt in (lambda: try_register_tile(func, traits, choose, name),
+    for attempt in (lambda: try_row_softmax(func, traits, name),
+                    lambda: try_register_tile(func, traits, choose, name),
                     lambda: schedule_every_block(func, traits, name)):
         try:
             result = attempt()
