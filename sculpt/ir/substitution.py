@@ -1,8 +1,9 @@
-"""Shared mechanism of the substitution passes (low-rank, depthwise-separable, fire-module): which
-Conv layers qualify, the calibration patches they see, the output-error algebra of a replacement
-weight, fresh names for the new nodes, splicing the replacements into the graph, the MAC report,
-and the sequential refit of each replacement's last layer on the compressed model's own inputs.
-The passes keep the policy (which layers, which shapes, how to fit)."""
+"""Shared mechanism of the substitution passes (low-rank, depthwise-separable, fire-module): the
+layers they may replace (``CandidateLayer``; which Convs qualify), the output-error algebra of a
+replacement weight on the calibration patches, fresh names for the new nodes, splicing the
+replacements into the graph, the MAC report. Their skeleton (select → fit → splice → refit) is
+``sculpt.passes.layer_substitution``; the passes keep the policy (which layers, which shapes, how
+to fit)."""
 
 from __future__ import annotations
 
