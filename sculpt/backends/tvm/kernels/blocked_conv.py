@@ -111,7 +111,7 @@ def tile_from_block_name(name: str) -> ConvTile | None:
     return ConvTile(*(int(g) for g in m.groups() if g is not None)) if m else None
 
 
-def _static_conv(call) -> tuple[ConvShape, int] | None:
+def static_conv_of(call) -> tuple[ConvShape, int] | None:
     """(ConvShape of one group, groups) of a ``relax.nn.conv2d`` call with NCHW/OIHW layouts, float32,
     static shapes and a constant weight, else None."""
     if getattr(call.op, "name", "") != "relax.nn.conv2d" or len(call.args) != 2:
@@ -137,7 +137,7 @@ def _static_conv(call) -> tuple[ConvShape, int] | None:
 def conv_shape_of(call) -> ConvShape | None:
     """The ConvShape of a ``relax.nn.conv2d`` call this kernel can take (NCHW/OIHW, groups 1, float32,
     static shapes, a constant weight), else None (``grouped_shape_of`` for groups > 1)."""
-    found = _static_conv(call)
+    found = static_conv_of(call)
     return found[0] if found is not None and found[1] == 1 else None
 
 
@@ -147,7 +147,7 @@ MAX_SPLIT_GROUPS = 8
 def grouped_shape_of(call) -> tuple[ConvShape, int] | None:
     """(the ConvShape of one group, groups) of a grouped conv2d with at most ``MAX_SPLIT_GROUPS``
     groups and at least 8 input channels per group (not depthwise), else None."""
-    found = _static_conv(call)
+    found = static_conv_of(call)
     if found is None or not 1 < found[1] <= MAX_SPLIT_GROUPS or found[0].in_channels < 8:
         return None
     return found

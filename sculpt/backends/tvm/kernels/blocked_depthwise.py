@@ -20,38 +20,15 @@ main block's name (``sculpt_dw_h<th>_w<tw>``)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, four_pads, static_shape
+from sculpt.backends.tvm.kernels.blocked_conv import ConvShape, static_conv_of
+from sculpt.backends.tvm.kernels.relax_rewrite import constant_value
 
 BLOCK_PREFIX = "sculpt_dw_h"
 _BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_w(\d+)")
-
-
-@dataclass(frozen=True)
-class DepthwiseShape:
-    """A static depthwise conv2d (groups == channels, one output channel per group)."""
-
-    batch: int
-    channels: int
-    height: int
-    width: int
-    kernel: tuple[int, int]
-    strides: tuple[int, int]
-    dilation: tuple[int, int]
-    padding: tuple[int, int, int, int]  # top, left, bottom, right
-
-    @property
-    def out_height(self) -> int:
-        return (self.height + self.padding[0] + self.padding[2] - self.dilation[0] * (self.kernel[0] - 1) - 1) \
-            // self.strides[0] + 1
-
-    @property
-    def out_width(self) -> int:
-        return (self.width + self.padding[1] + self.padding[3] - self.dilation[1] * (self.kernel[1] - 1) - 1) \
-            // self.strides[1] + 1
 
 
 @dataclass(frozen=True)
@@ -72,32 +49,23 @@ def tile_from_block_name(name: str) -> DepthwiseTile | None:
     return DepthwiseTile(int(m.group(1)), int(m.group(2))) if m else None
 
 
-def depthwise_shape_of(call) -> DepthwiseShape | None:
+def depthwise_shape_of(call) -> ConvShape | None:
     """The shape of a ``relax.nn.conv2d`` that is depthwise (NCHW/OIHW, float32, static, a constant
-    weight of one input channel per group, groups == channels), else None."""
-    if getattr(call.op, "name", "") != "relax.nn.conv2d" or len(call.args) != 2:
+    weight, one input and one output channel per group), as a ConvShape of all its channels."""
+    found = static_conv_of(call)
+    if found is None:
         return None
-    a = call.attrs
-    weight = constant_value(call.args[1])
-    x_shape, pads = static_shape(call.args[0]), four_pads(a)
-    if weight is None or str(weight.dtype) != "float32" or x_shape is None or pads is None or len(x_shape) != 4:
+    group, groups = found
+    if group.in_channels != 1 or group.out_channels != 1 or groups == 1:
         return None
-    if (str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout) != "NCHW"
-            or (a.out_dtype is not None and str(a.out_dtype) not in ("", "float32", "void"))):
-        return None
-    w_shape = [int(d) for d in weight.shape]
-    channels = x_shape[1]
-    if int(a.groups) != channels or w_shape[:2] != [channels, 1] or len(w_shape) != 4:
-        return None
-    return DepthwiseShape(x_shape[0], channels, x_shape[2], x_shape[3], (w_shape[2], w_shape[3]),
-                          tuple(int(s) for s in a.strides), tuple(int(d) for d in a.dilation), tuple(pads))
+    return replace(group, in_channels=groups, out_channels=groups)
 
 
 # accumulators of one tile (one vector register each); the loads feed the FMAs directly
 DEPTHWISE_ACCUMULATORS = 8
 
 
-def depthwise_tile(shape: DepthwiseShape, lanes: int, registers: int = 16) -> DepthwiseTile:
+def depthwise_tile(shape: ConvShape, lanes: int, registers: int = 16) -> DepthwiseTile:
     """Columns (and rows) per register tile: the widest tile of up to ``DEPTHWISE_ACCUMULATORS``
     (half the register file) pixels with the least padded width; two rows when the map is narrow."""
     budget = min(DEPTHWISE_ACCUMULATORS, registers // 2)
@@ -119,7 +87,7 @@ def pack_depthwise_weight(w: np.ndarray, block: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(c // block, block, kh, kw).transpose(0, 2, 3, 1))
 
 
-def blocked_depthwise_func(shape: DepthwiseShape, tile: DepthwiseTile, block: int):
+def blocked_depthwise_func(shape: ConvShape, tile: DepthwiseTile, block: int):
     """The TE definition: padding stage, then the depthwise block over the padded output width."""
     from tvm import te, tirx
 
@@ -133,7 +101,7 @@ def blocked_depthwise_func(shape: DepthwiseShape, tile: DepthwiseTile, block: in
     def i64(*dims):
         return [tirx.IntImm("int64", int(d)) for d in dims]
 
-    blocks = s.channels // block
+    blocks = s.in_channels // block
     x = te.placeholder(i64(s.batch, blocks, s.height, s.width, block), "float32", name="x")
     w = te.placeholder(i64(blocks, kh, kw, block), "float32", name="w")
     if pt or pl or need_h > s.height + pt or need_w > s.width + pl:
@@ -161,7 +129,7 @@ class BlockedDepthwiseBuilder:
 
     def takes(self, call) -> bool:
         shape = depthwise_shape_of(call)
-        return shape is not None and shape.channels % self.block == 0
+        return shape is not None and shape.in_channels % self.block == 0
 
     def rewrite(self, call, x, rewriter):
         """The blocked replacement of depthwise ``call`` whose input ``x`` is NCHW<block>c."""
@@ -174,7 +142,7 @@ class BlockedDepthwiseBuilder:
             func = blocked_depthwise_func(shape, tile, self.block).without_attr("global_symbol")
             self._made[key] = rewriter.add_func(func, f"sculpt_dw{len(self._made)}")
         packed = relax.const(pack_depthwise_weight(constant_value(call.args[1]).numpy(), self.block))
-        owp, blocks = tile.padded_width(shape.out_width), shape.channels // self.block
+        owp, blocks = tile.padded_width(shape.out_width), shape.in_channels // self.block
         y = relax.call_tir(self._made[key], [x, packed],
                            relax.TensorType((shape.batch, blocks, shape.out_height, owp, self.block), "float32"))
         if owp == shape.out_width:

@@ -28,7 +28,7 @@ import numpy as np
 
 from sculpt.backends.tvm.kernels.blocked_conv import BlockedConvBuilder, ConvPolicy
 from sculpt.backends.tvm.kernels.blocked_depthwise import BlockedDepthwiseBuilder
-from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, static_shape
+from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls, static_shape
 
 ELEMENTWISE_OPS = frozenset({
     "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
@@ -233,43 +233,30 @@ def rewrite_in_blocked_layout(mod, choose: ConvPolicy, traits, decisions: list |
     them, their activations in NCHW<lanes>c."""
     from tvm import relax
 
-    from sculpt.backends.tvm.kernels.relax_rewrite import Rewriter
-
     block = traits.vector_lanes
     builder = BlockedConvBuilder(choose, traits, decisions)
     depthwise = BlockedDepthwiseBuilder(block, traits.vector_registers)
 
-    @relax.expr_functor.mutator
-    class _Mutator(relax.PyExprMutator):
-        def __init__(self, module):
-            super().__init__(module)
-            self.module = module
-            self.rewriter = Rewriter(self)
-            self.plan = BlockedLayoutPlan(block)
+    plan = BlockedLayoutPlan(block)
 
-        def visit_call_(self, call):
-            if call in self.plan.depthwise:
-                return depthwise.rewrite(call, self.visit_expr(call.args[0]), self.rewriter)
-            if call in self.plan.pools:
-                return _blocked_pool(call, self.visit_expr(call.args[0]), block)
-            if call in self.plan.ops:
-                call = _with_blocked_constants(call, block, self.plan.constants)
-                return super().visit_call_(call)
-            layouts = self.plan.convs.get(call)
-            if layouts is not None:  # from the original call: a blocked input is no conv2d operand
-                return builder.rewrite(call, self.rewriter, *layouts, x=self.visit_expr(call.args[0]))
-            new = super().visit_call_(call)
-            replaced = builder.rewrite(new, self.rewriter)
-            return new if replaced is None else replaced
+    def start(func):
+        nonlocal plan
+        plan = plan_blocked_layout(func, builder, block, depthwise)
 
-        def run(self):
-            for gv, func in self.module.functions_items():
-                if isinstance(func, relax.Function):
-                    self.plan = plan_blocked_layout(func, builder, block, depthwise)
-                    self.builder_.update_func(gv, self.visit_expr(func))
-            return self.builder_.get()
+    def before(call, rewriter, visit):
+        """Calls the plan changes, from their original form (a blocked operand fits no NCHW op)."""
+        if call in plan.depthwise:
+            return depthwise.rewrite(call, visit(call.args[0]), rewriter)
+        if call in plan.pools:
+            return _blocked_pool(call, visit(call.args[0]), block)
+        if call in plan.convs:
+            return builder.rewrite(call, rewriter, *plan.convs[call], x=visit(call.args[0]))
+        if call in plan.ops:  # Relax infers the blocked shapes from the operands
+            original = _with_blocked_constants(call, block, plan.constants)
+            return relax.Call(original.op, [visit(a) for a in original.args], original.attrs, original.ty_args)
+        return None
 
-    return _Mutator(mod).run()
+    return rewrite_calls(mod, builder.rewrite, before=before, on_function=start)
 
 
 def _with_blocked_constants(call, block: int, constants: dict):

@@ -54,8 +54,12 @@ class Rewriter:
         return expr
 
 
-def rewrite_calls(mod, rule: Callable):
-    """``mod`` with each call ``c`` replaced by ``rule(c, rewriter)`` unless that returns None."""
+def rewrite_calls(mod, rule: Callable, *, before: Callable | None = None, on_function: Callable | None = None):
+    """``mod`` with each call ``c`` replaced by ``rule(c, rewriter)`` unless that returns None.
+
+    ``before(original_call, rewriter, visit)``, if given, sees each call as it was, before its
+    operands are rewritten, and may return its replacement (``visit(expr)`` rewrites an operand);
+    ``on_function(func)`` is called before each Relax function is visited."""
     from tvm import relax
 
     @relax.expr_functor.mutator
@@ -66,6 +70,10 @@ def rewrite_calls(mod, rule: Callable):
             self.rewriter = Rewriter(self)
 
         def visit_call_(self, call):
+            if before is not None:
+                new = before(call, self.rewriter, self.visit_expr)
+                if new is not None:
+                    return new
             call = super().visit_call_(call)
             new = rule(call, self.rewriter)
             return call if new is None else new
@@ -73,6 +81,8 @@ def rewrite_calls(mod, rule: Callable):
         def run(self):
             for gv, func in self.module.functions_items():
                 if isinstance(func, relax.Function):
+                    if on_function is not None:
+                        on_function(func)
                     self.builder_.update_func(gv, self.visit_expr(func))
             return self.builder_.get()
 
