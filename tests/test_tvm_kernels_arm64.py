@@ -96,3 +96,16 @@ def test_layout_and_math_rewrites_run_on_arm64_under_qemu(tmp_path):
     folder = tmp_path / "build_gemv"
     folder.mkdir()
     _verify_on_arm64(path, folder, {"a": rng.standard_normal((1, 1, 512)).astype(np.float32)})
+
+
+def test_blocked_layout_chains_run_on_arm64_under_qemu(tmp_path):
+    """Activations in NCHW4c on NEON: a residual chain (clip, per-channel scale, concat, strides)
+    and a mobile block (depthwise convs, squeeze-and-excitation, pools, resize)."""
+    rng = np.random.default_rng(9)
+    for i, (model, shape) in enumerate([(cases.residual_chain_model(), (1, 8, 20, 19)),
+                                        (cases.mobile_block_model(), (1, 8, 14, 21))]):
+        path = tmp_path / f"chain{i}.onnx"
+        onnx.save(model, path)
+        folder = tmp_path / f"chain_build{i}"
+        folder.mkdir()
+        _verify_on_arm64(path, folder, {"x": rng.standard_normal(shape).astype(np.float32)})

@@ -9,14 +9,14 @@ a conv with bias and ReLU, NCHW in/out -> NCHW8c in/out: resnet50's 256->128 1x1
 2.93 -> 2.53 ms, 512->128 1x1 at 28x28 1.46 -> 1.23 ms, 64->64 3x3 at 56x56 3.04 -> 2.90 ms.
 
 The plan (``plan_blocked_layout``) keeps a tensor NCHW<c>c only when no layout transform is needed
-anywhere: it is made by a blocked conv, a depthwise conv, a pool, a mean over rows and columns
+anywhere: it is made by a blocked conv, a depthwise conv, a pool, a resize, a mean over rows and columns
 (squeeze-and-excitation) or an elementwise op / channel concat of such tensors (and constants),
 its channels are a whole number of blocks, and every consumer takes the blocked layout (a blocked
 conv's input, or an op of those kinds whose output is kept too). Everything else stays NCHW, as
-before: the graph's inputs and outputs, reshapes, resizes, transposed convs.
+before: the graph's inputs and outputs, reshapes, transposes, transposed convs.
 
 Mechanism: ``rewrite_in_blocked_layout`` replaces the convs (BlockedConvBuilder with input/output
-blocks) and depthwise convs (BlockedDepthwiseBuilder), gives the pools the blocked layout, and
+blocks) and depthwise convs (BlockedDepthwiseBuilder), gives pools and resizes the blocked layout, and
 hands the kept elementwise ops and concats their constants reshaped to the blocked
 layout; Relax re-infers their 5-D shapes."""
 
@@ -37,19 +37,26 @@ ELEMENTWISE_OPS = frozenset({
     "relax.nn.leakyrelu", "relax.power"})
 CONCAT_OP = "relax.concat"
 SPATIAL_MEAN_OP = "relax.mean"  # over the rows and columns, dims kept: squeeze-and-excitation's pooling
-POOL_OPS = frozenset({"relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d"})
+RESIZE_OP = "relax.image.resize2d"
+# ops with a layout attribute that Relax computes in NCHW<c>c too
+LAYOUT_OPS = frozenset({"relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d", RESIZE_OP})
 
 
-def _nchw_pool(call) -> bool:
+def _nchw_op(call) -> bool:
     a = call.attrs
-    return str(a.layout) == "NCHW" and str(a.out_layout) in ("NCHW", "")
+    return str(a.layout) == "NCHW" and str(getattr(a, "out_layout", "") or "") in ("NCHW", "") \
+        and (str(call.op.name) != RESIZE_OP or a.out_dtype is None or str(a.out_dtype) in ("", "float32", "void"))
 
 
-def _blocked_pool(call, x, block: int):
-    """The pool ``call`` over ``x`` in NCHW<block>c (Relax's pools take blocked layouts)."""
+def _in_blocked_layout(call, x, block: int):
+    """The pool or resize ``call`` over ``x`` in NCHW<block>c."""
     from tvm import relax
 
     a, layout = call.attrs, f"NCHW{block}c"
+    if str(call.op.name) == RESIZE_OP:
+        return relax.op.image.resize2d(x, call.args[1], [float(v) for v in a.roi], layout, str(a.method),
+                                       str(a.coordinate_transformation_mode), str(a.rounding_method),
+                                       float(a.cubic_alpha), int(a.cubic_exclude), float(a.extrapolation_value))
     if str(call.op.name) == "relax.nn.adaptive_avg_pool2d":
         size = None if a.output_size is None else [int(d) for d in a.output_size]
         return relax.op.nn.adaptive_avg_pool2d(x, size, layout, layout)
@@ -80,7 +87,7 @@ class BlockedLayoutPlan:
     convs: dict = field(default_factory=dict)
     ops: set = field(default_factory=set)
     depthwise: set = field(default_factory=set)  # depthwise conv calls computed blocked (in and out)
-    pools: set = field(default_factory=set)  # pool calls computed blocked (in and out)
+    layout_ops: set = field(default_factory=set)  # pools and resizes computed blocked (in and out)
     refused: dict = field(default_factory=dict)  # candidates left NCHW -> why (the first reason found)
     constants: dict = field(default_factory=dict)  # variables bound to constants -> the constant
 
@@ -164,10 +171,10 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
         name = kind(value)
         if name == "conv":
             return True
-        if name in ("depthwise", SPATIAL_MEAN_OP) or name in POOL_OPS:
+        if name in ("depthwise", SPATIAL_MEAN_OP) or name in LAYOUT_OPS:
             return (isinstance(value.args[0], relax.Var) and _blockable_shape(value.args[0], block)
                     and (name == "depthwise" or (_spatial_mean(value) if name == SPATIAL_MEAN_OP
-                                                 else _nchw_pool(value))))
+                                                 else _nchw_op(value))))
         if name not in ELEMENTWISE_OPS and not (name == CONCAT_OP and _concat_on_channels(value)):
             return False
         channels = static_shape(var)[1]
@@ -187,7 +194,7 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
         name = kind(value)
         if name == "conv":  # one this kernel takes (either input layout)
             return value.args[0].same_as(var)
-        if name == "depthwise" or name in POOL_OPS:
+        if name == "depthwise" or name in LAYOUT_OPS:
             return value.args[0].same_as(var) and consumer.var in kept
         return consumer.var in kept
 
@@ -210,8 +217,8 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
         name = kind(b.value)
         if name == "depthwise" and b.var in kept:
             plan.depthwise.add(b.value)
-        elif name in POOL_OPS and b.var in kept:
-            plan.pools.add(b.value)
+        elif name in LAYOUT_OPS and b.var in kept:
+            plan.layout_ops.add(b.value)
         elif name == "conv":
             x = b.value.args[0]
             in_block = block if isinstance(x, relax.Var) and x in kept else 0
@@ -247,8 +254,8 @@ def rewrite_in_blocked_layout(mod, choose: ConvPolicy, traits, decisions: list |
         """Calls the plan changes, from their original form (a blocked operand fits no NCHW op)."""
         if call in plan.depthwise:
             return depthwise.rewrite(call, visit(call.args[0]), rewriter)
-        if call in plan.pools:
-            return _blocked_pool(call, visit(call.args[0]), block)
+        if call in plan.layout_ops:
+            return _in_blocked_layout(call, visit(call.args[0]), block)
         if call in plan.convs:
             return builder.rewrite(call, rewriter, *plan.convs[call], x=visit(call.args[0]))
         if call in plan.ops:  # Relax infers the blocked shapes from the operands

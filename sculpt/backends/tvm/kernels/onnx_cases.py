@@ -1,5 +1,6 @@
 """Small ONNX models that exercise the kernels: a grid of convolutions / poolings side by side (one
-branch per case, one graph output each, so one TVM compile checks the whole grid) and matmuls. Used
+branch per case, one graph output each, so one TVM compile checks the whole grid), matmuls, and
+chains of layers for the blocked layout. Used
 by the tests and tools/kernel_benchmark.py."""
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def pool_model(cases: list[PoolCase], input_shape: tuple[int, int, int, int]) ->
     return _finish(graph)
 
 
-def _finish(graph) -> onnx.ModelProto:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="sculpt-tests")
+def _finish(graph, opset: int = OPSET) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="sculpt-tests")
     model.ir_version = 8
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)
@@ -162,3 +163,72 @@ def conv_transpose_model(cin: int, cout: int, kernel: int, stride: int, pads: in
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
     return _finish(graph)
+
+
+# chains for the blocked layout (blocked_layout): the input is x [1, 8, 20, 19] / [1, 8, 14, 21]
+class _ChainGraph:
+    """A graph built node by node (random weights from ``seed``)."""
+
+    def __init__(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits = [], []
+
+    def const(self, name, array):
+        self.inits.append(numpy_helper.from_array(np.asarray(array, np.float32), name))
+        return name
+
+    def conv(self, out, x, cin, cout, k, stride=1, group=1):
+        w = self.const(out + "_w", self.rng.standard_normal((cout, cin // group, k, k)) / np.sqrt(cin // group * k * k))
+        b = self.const(out + "_b", self.rng.standard_normal(cout))
+        self.nodes.append(helper.make_node("Conv", [x, w, b], [out], kernel_shape=[k, k], strides=[stride] * 2,
+                                           pads=[k // 2] * 4, group=group))
+        return out
+
+    def op(self, kind, ins, out, **attrs):
+        self.nodes.append(helper.make_node(kind, ins, [out], **attrs))
+        return out
+
+    def model(self, cin, hw, outputs):
+        graph = helper.make_graph(self.nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                       [1, cin, *hw])],
+                                  [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+                                  self.inits)
+        return _finish(graph, opset=14)  # HardSwish
+
+
+def residual_chain_model(nchw_branch: bool = False) -> onnx.ModelProto:
+    """conv -> relu -> conv + residual -> clip -> (1x1 stride 2 * per-channel scale ++ 3x3 stride 2)
+    -> conv 48->40 -> sigmoid -> 1x1 40->24; with ``nchw_branch`` the first relu also feeds a
+    flatten (a consumer that needs NCHW)."""
+    g = _ChainGraph(7)
+    g.op("Relu", [g.conv("a", "x", 8, 16, 3)], "ra")
+    g.op("Clip", [g.op("Add", [g.conv("b", "ra", 16, 16, 3), "ra"], "s"), g.const("lo", 0.0), g.const("hi", 6.0)],
+         "c1")
+    scale = g.const("scale", g.rng.uniform(0.5, 1.5, (1, 32, 1, 1)))
+    g.op("Mul", [g.conv("c", "c1", 16, 32, 1, stride=2), scale], "m")
+    g.op("Concat", ["m", g.conv("d", "c1", 16, 16, 3, stride=2)], "k", axis=1)
+    g.op("Sigmoid", [g.conv("e", "k", 48, 40, 3)], "se")
+    outputs = [g.conv("y", "se", 40, 24, 1)]
+    if nchw_branch:  # a flatten reads the first relu too
+        outputs.append(g.op("Flatten", ["ra"], "flat", axis=1))
+    return g.model(8, (20, 19), outputs)
+
+
+def mobile_block_model() -> onnx.ModelProto:
+    """pointwise -> depthwise 3x3 -> ReLU6 -> pointwise + residual -> depthwise 5x5 stride 2 over an
+    odd width -> HardSwish -> squeeze-and-excitation (mean, 1x1 convs, HardSigmoid gate) -> max pool
+    3x3 stride 2 -> average pool 2x2 -> nearest resize x2 -> pointwise (the graph's output)."""
+    g = _ChainGraph(11)
+    g.op("Relu", [g.conv("p1", "x", 8, 16, 1)], "r1")
+    g.op("Clip", [g.conv("d1", "r1", 16, 16, 3, group=16), g.const("lo", 0.0), g.const("hi", 6.0)], "c1")
+    g.op("Add", [g.conv("p2", "c1", 16, 16, 1), "r1"], "s")
+    g.op("HardSwish", [g.conv("d2", "s", 16, 16, 5, stride=2, group=16)], "h")
+    g.op("ReduceMean", ["h"], "pooled", axes=[2, 3], keepdims=1)
+    g.op("Relu", [g.conv("e1", "pooled", 16, 8, 1)], "re")
+    g.op("HardSigmoid", [g.conv("e2", "re", 8, 16, 1)], "gate", alpha=0.2, beta=0.5)
+    g.op("Mul", ["h", "gate"], "excited")
+    g.op("MaxPool", ["excited"], "pooled2", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    g.op("AveragePool", ["pooled2"], "pooled3", kernel_shape=[2, 2], strides=[1, 1])
+    g.const("scales", [1.0, 1.0, 2.0, 2.0])
+    g.op("Resize", ["pooled3", "", "scales"], "up", mode="nearest")
+    return g.model(8, (14, 21), [g.conv("y", "up", 16, 24, 1)])
