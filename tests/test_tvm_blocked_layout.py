@@ -50,11 +50,19 @@ def test_a_residual_chain_stays_blocked_between_convs_and_matches_onnxruntime():
     assert sum(1 for t in tiles if t[6] == lanes) == 5  # every conv but the last writes blocked output
 
 
-def test_a_consumer_that_needs_nchw_keeps_its_tensor_nchw_and_matches():
+def test_a_large_tensor_an_nchw_op_reads_stays_nchw_and_matches(monkeypatch):
+    from sculpt.backends.tvm.kernels import blocked_layout
+
+    monkeypatch.setattr(blocked_layout, "CONVERT_MAX_ELEMENTS", 0)  # no tensor is small enough to copy
     tiles = _compile_and_compare(cases.residual_chain_model(nchw_branch=True), 8, (20, 19))
     # the first relu feeds the flatten: conv a writes NCHW, and so do b and the residual add
     assert sum(1 for t in tiles if t[6]) == 3  # c, d (into the concat) and e
     assert sum(1 for t in tiles if t[5]) == 2  # e and y read blocked input; b, c and d the NCHW clip
+
+
+def test_a_small_tensor_an_nchw_op_reads_gets_an_nchw_copy_and_the_chain_stays_blocked():
+    tiles = _compile_and_compare(cases.residual_chain_model(nchw_branch=True), 8, (20, 19))
+    assert sum(1 for t in tiles if t[5]) == 5 and sum(1 for t in tiles if t[6]) == 5  # as without the flatten
 
 
 def test_rows_outer_with_blocked_input_pads_one_band_at_a_time(monkeypatch):

@@ -37,6 +37,9 @@ ELEMENTWISE_OPS = frozenset({
     "relax.nn.leakyrelu", "relax.power"})
 CONCAT_OP = "relax.concat"
 SPATIAL_MEAN_OP = "relax.mean"  # over the rows and columns, dims kept: squeeze-and-excitation's pooling
+# a blocked tensor up to this size that an NCHW op reads gets an NCHW copy (a pass over it) instead
+# of keeping its producers NCHW: resnet50's pooled 2048 features before the flatten
+CONVERT_MAX_ELEMENTS = 1 << 14
 RESIZE_OP = "relax.image.resize2d"
 # ops with a layout attribute that Relax computes in NCHW<c>c too
 LAYOUT_OPS = frozenset({"relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d", RESIZE_OP})
@@ -89,6 +92,7 @@ class BlockedLayoutPlan:
     depthwise: set = field(default_factory=set)  # depthwise conv calls computed blocked (in and out)
     layout_ops: set = field(default_factory=set)  # pools and resizes computed blocked (in and out)
     refused: dict = field(default_factory=dict)  # candidates left NCHW -> why (the first reason found)
+    converted: set = field(default_factory=set)  # kept tensors some consumers read as an NCHW copy
     constants: dict = field(default_factory=dict)  # variables bound to constants -> the constant
 
 
@@ -189,6 +193,14 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
 
     kept = {b.var for b in bindings if candidate(b.var, b.value)}
 
+    def convertible(var, consumers) -> bool:
+        """A small tensor (a pooled map, a squeeze-and-excitation vector) stays blocked and gets one
+        NCHW copy for the calls that need it, rather than turning the layers before it NCHW."""
+        if kind(producer[var]) == "conv":  # a conv writes NCHW itself: nothing before it changes
+            return False
+        elements = int(np.prod(static_shape(var)))
+        return elements <= CONVERT_MAX_ELEMENTS and all(isinstance(c.value, relax.Call) for c in consumers)
+
     def takes_blocked(var, consumer) -> bool:
         value = consumer.value
         name = kind(value)
@@ -206,6 +218,8 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
             inputs_kept = kind(value) == "conv" or all(
                 constant_of(a) is not None or a in kept for a in _tensor_args(value))
             refusing = [c for c in uses[var] if not takes_blocked(var, c)]
+            if refusing and convertible(var, refusing):
+                refusing = []  # those consumers read an NCHW copy
             if var in outputs or not isinstance(var, relax.DataflowVar) or not inputs_kept or refusing:
                 kept.discard(var)
                 plan.refused[var] = ("a function output" if var in outputs or not isinstance(var, relax.DataflowVar)
@@ -213,6 +227,7 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
                                      else f"read by {kind(refusing[0].value) or type(refusing[0].value).__name__}")
                 changed = True
     plan.kept, plan.constants = kept, constants
+    plan.converted = {v for v in kept if any(not takes_blocked(v, c) for c in uses[v])}
     for b in bindings:
         name = kind(b.value)
         if name == "depthwise" and b.var in kept:
@@ -246,9 +261,23 @@ def rewrite_in_blocked_layout(mod, choose: ConvPolicy, traits, decisions: list |
 
     plan = BlockedLayoutPlan(block)
 
+    copies: dict = {}  # converted tensor -> its NCHW copy (in the function being rewritten)
+
     def start(func):
         nonlocal plan
         plan = plan_blocked_layout(func, builder, block, depthwise)
+        copies.clear()
+
+    def nchw_operand(arg, rewriter, visit):
+        if isinstance(arg, relax.Tuple):
+            return relax.Tuple([nchw_operand(f, rewriter, visit) for f in arg.fields])
+        if not (isinstance(arg, relax.Var) and arg in plan.converted):
+            return visit(arg)
+        if arg not in copies:
+            n, c, h, w = static_shape(arg)
+            lanes_inner = rewriter.emit(relax.op.permute_dims(visit(arg), [0, 1, 4, 2, 3]))
+            copies[arg] = rewriter.emit(relax.op.reshape(lanes_inner, (n, c, h, w)))
+        return copies[arg]
 
     def before(call, rewriter, visit):
         """Calls the plan changes, from their original form (a blocked operand fits no NCHW op)."""
@@ -261,6 +290,10 @@ def rewrite_in_blocked_layout(mod, choose: ConvPolicy, traits, decisions: list |
         if call in plan.ops:  # Relax infers the blocked shapes from the operands
             original = _with_blocked_constants(call, block, plan.constants)
             return relax.Call(original.op, [visit(a) for a in original.args], original.attrs, original.ty_args)
+        if any(isinstance(a, relax.Var) and a in plan.converted for a in _tensor_args(call)):
+            new = relax.Call(call.op, [nchw_operand(a, rewriter, visit) for a in call.args], call.attrs, call.ty_args)
+            replaced = builder.rewrite(new, rewriter)
+            return new if replaced is None else replaced
         return None
 
     return rewrite_calls(mod, builder.rewrite, before=before, on_function=start)
