@@ -95,3 +95,10 @@ def test_blocked_constants():
     assert blocked[1, 1, 2, 3, 5] == full[1, 13, 2, 3]
     assert blocked_constant(np.float32(2.0), 8, 16) == 2.0
     assert blocked_constant(np.ones((1, 1, 3, 4), np.float32), 8, 16) is None  # not per channel
+
+
+def test_a_batch_norm_after_a_concat_is_a_per_channel_affine_that_stays_blocked():
+    decisions = []
+    tiles = _compile_and_compare(cases.dense_block_model(), 8, (12, 13), decisions)
+    assert not any("batch_norm" in d.func for d in decisions)
+    assert sum(1 for t in tiles if t[6]) == 2 and sum(1 for t in tiles if t[5]) == 1  # a, b write; y reads

@@ -232,3 +232,14 @@ def mobile_block_model() -> onnx.ModelProto:
     g.const("scales", [1.0, 1.0, 2.0, 2.0])
     g.op("Resize", ["pooled3", "", "scales"], "up", mode="nearest")
     return g.model(8, (14, 21), [g.conv("y", "up", 16, 24, 1)])
+
+
+def dense_block_model() -> onnx.ModelProto:
+    """DenseNet's pre-activation: two convs -> concat -> BatchNormalization -> ReLU -> conv (the
+    normalization follows a concat, so no conv absorbs it)."""
+    g = _ChainGraph(13)
+    g.op("Concat", [g.conv("a", "x", 8, 16, 3), g.conv("b", "x", 8, 8, 1)], "k", axis=1)
+    stats = [g.const(f"bn_{n}", v) for n, v in (("gamma", g.rng.uniform(0.5, 2, 24)), ("beta", g.rng.standard_normal(24)),
+                                                ("mean", g.rng.standard_normal(24)), ("var", g.rng.uniform(0.1, 3, 24)))]
+    g.op("Relu", [g.op("BatchNormalization", ["k", *stats], "bn", epsilon=1e-3)], "r")
+    return g.model(8, (12, 13), [g.conv("y", "r", 24, 16, 3)])

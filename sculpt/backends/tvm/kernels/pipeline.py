@@ -2,6 +2,7 @@
 
     [sculpt: constant reshapes / isnan / where evaluated in numpy (fold_small_constants)]
              -> [sculpt: the importer's Clip (call_tir of TE maximum/minimum) as Relax ops (clip_as_ops)]
+             -> [sculpt: batch_norm with constant statistics as a multiply and an add (batch_norm_as_affine)]
              -> [sculpt: ONNX Sum's stack + reduce as adds (sum_as_adds)]
              -> [sculpt: transposed convs with stride == kernel -> 1x1 conv + pixel shuffle]
              -> [sculpt: conv2d -> the channel-blocked kernel where the policy gives a tile (blocked_conv),
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from sculpt.backends.tvm.kernels.fold_small_constants import fold_small_constants
 from sculpt.backends.tvm.kernels.clip_as_ops import rewrite_clip_calls
+from sculpt.backends.tvm.kernels.batch_norm_as_affine import rewrite_batch_norm_as_affine
 from sculpt.backends.tvm.kernels.pad_matmul_columns import pad_matmul_columns
 from sculpt.backends.tvm.kernels.blocked_layout import rewrite_in_blocked_layout
 from sculpt.backends.tvm.kernels.even_strided_width import rewrite_even_strided_widths
@@ -47,6 +49,10 @@ def _front_passes(target) -> list:
     @tvm.transform.module_pass(opt_level=0, name="SculptClipAsOps")
     def clip_as_ops(mod, _ctx):
         return rewrite_clip_calls(mod)
+
+    @tvm.transform.module_pass(opt_level=0, name="SculptBatchNormAsAffine")
+    def batch_norm_as_affine(mod, _ctx):
+        return rewrite_batch_norm_as_affine(mod)
 
     @tvm.transform.module_pass(opt_level=0, name="SculptSumAsAdds")
     def sum_as_adds(mod, _ctx):
@@ -80,7 +86,7 @@ def _front_passes(target) -> list:
     def fast_math(mod, _ctx):
         return rewrite_fast_math(mod)
 
-    return [fold_constants, clip_as_ops, sum_as_adds, rewrite_transposed, blocked_convs, even_strided_widths, depthwise_widths, pad_columns, row_softmax, fast_math] \
+    return [fold_constants, clip_as_ops, batch_norm_as_affine, sum_as_adds, rewrite_transposed, blocked_convs, even_strided_widths, depthwise_widths, pad_columns, row_softmax, fast_math] \
         + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 
