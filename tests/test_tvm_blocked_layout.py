@@ -102,3 +102,18 @@ def test_a_batch_norm_after_a_concat_is_a_per_channel_affine_that_stays_blocked(
     tiles = _compile_and_compare(cases.dense_block_model(), 8, (12, 13), decisions)
     assert not any("batch_norm" in d.func for d in decisions)
     assert sum(1 for t in tiles if t[6]) == 2 and sum(1 for t in tiles if t[5]) == 1  # a, b write; y reads
+
+
+@pytest.mark.parametrize("per_plane", [0, 1])
+def test_blocked_depthwise_pads_per_plane_or_per_band_of_rows_and_matches(per_plane, monkeypatch):
+    from dataclasses import replace
+
+    from sculpt.backends.tvm.kernels import blocked_depthwise
+
+    chosen = blocked_depthwise.depthwise_tile
+    monkeypatch.setattr(blocked_depthwise, "depthwise_tile",
+                        lambda *a, **k: replace(chosen(*a, **k), per_plane=per_plane))
+    decisions = []
+    _compile_and_compare(cases.mobile_block_model(), 8, (14, 21), decisions)
+    tiles = [d.tile for d in decisions if d.kind == "depthwise_blocked"]  # th, tw, per_plane
+    assert len(tiles) == 2 and all(t[2] == per_plane for t in tiles)

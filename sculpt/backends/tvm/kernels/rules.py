@@ -77,7 +77,7 @@ def try_register_tile(func, traits: TargetTraits, choose: TileChooser, name: str
         shape, work = _output_and_work(sch, main)
         blocked_depthwise.schedule_blocked_depthwise(sch, sch.mod["main"], main, dw_tile, traits.vector_lanes,
                                                      worth_parallel(work))
-        return sch, KernelDecision(name, "depthwise_blocked", shape, [dw_tile.th, dw_tile.tw])
+        return sch, KernelDecision(name, "depthwise_blocked", shape, [dw_tile.th, dw_tile.tw, dw_tile.per_plane])
     anatomy = analyze_reduction(sch, main)
     if anatomy is None:
         return None
