@@ -55,7 +55,7 @@ def test_a_large_tensor_an_nchw_op_reads_stays_nchw_and_matches(monkeypatch):
 
     monkeypatch.setattr(blocked_layout, "CONVERT_MAX_ELEMENTS", 0)  # no tensor is small enough to copy
     tiles = _compile_and_compare(cases.residual_chain_model(nchw_branch=True), 8, (20, 19))
-    # the first relu feeds the flatten: conv a writes NCHW, and so do b and the residual add
+    # the pooled copy of the first relu feeds the flatten: the pool, conv a, b and the residual add are NCHW
     assert sum(1 for t in tiles if t[6]) == 3  # c, d (into the concat) and e
     assert sum(1 for t in tiles if t[5]) == 2  # e and y read blocked input; b, c and d the NCHW clip
 

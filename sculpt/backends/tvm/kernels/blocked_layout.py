@@ -196,7 +196,10 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
     def convertible(var, consumers) -> bool:
         """A small tensor (a pooled map, a squeeze-and-excitation vector) stays blocked and gets one
         NCHW copy for the calls that need it, rather than turning the layers before it NCHW."""
-        if kind(producer[var]) == "conv":  # a conv writes NCHW itself: nothing before it changes
+        made_by = kind(producer[var])
+        # a conv (and an elementwise op, fused into the conv or op before it) writes NCHW itself;
+        # a pool, resize, mean, depthwise conv or concat would turn what it reads NCHW too
+        if not (made_by in LAYOUT_OPS or made_by in ("depthwise", SPATIAL_MEAN_OP, CONCAT_OP)):
             return False
         elements = int(np.prod(static_shape(var)))
         return elements <= CONVERT_MAX_ELEMENTS and all(isinstance(c.value, relax.Call) for c in consumers)

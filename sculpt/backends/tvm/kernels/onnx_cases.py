@@ -198,8 +198,8 @@ class _ChainGraph:
 
 def residual_chain_model(nchw_branch: bool = False) -> onnx.ModelProto:
     """conv -> relu -> conv + residual -> clip -> (1x1 stride 2 * per-channel scale ++ 3x3 stride 2)
-    -> conv 48->40 -> sigmoid -> 1x1 40->24; with ``nchw_branch`` the first relu also feeds a
-    flatten (a consumer that needs NCHW)."""
+    -> conv 48->40 -> sigmoid -> 1x1 40->24; with ``nchw_branch`` the first relu also feeds a max
+    pool and a flatten (which needs NCHW)."""
     g = _ChainGraph(7)
     g.op("Relu", [g.conv("a", "x", 8, 16, 3)], "ra")
     g.op("Clip", [g.op("Add", [g.conv("b", "ra", 16, 16, 3), "ra"], "s"), g.const("lo", 0.0), g.const("hi", 6.0)],
@@ -209,8 +209,9 @@ def residual_chain_model(nchw_branch: bool = False) -> onnx.ModelProto:
     g.op("Concat", ["m", g.conv("d", "c1", 16, 16, 3, stride=2)], "k", axis=1)
     g.op("Sigmoid", [g.conv("e", "k", 48, 40, 3)], "se")
     outputs = [g.conv("y", "se", 40, 24, 1)]
-    if nchw_branch:  # a flatten reads the first relu too
-        outputs.append(g.op("Flatten", ["ra"], "flat", axis=1))
+    if nchw_branch:  # the first relu is also pooled and flattened
+        g.op("MaxPool", ["ra"], "pooled", kernel_shape=[2, 2], strides=[2, 2])
+        outputs.append(g.op("Flatten", ["pooled"], "flat", axis=1))
     return g.model(8, (20, 19), outputs)
 
 

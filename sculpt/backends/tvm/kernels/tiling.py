@@ -210,13 +210,15 @@ def conv_tile(shape, traits: TargetTraits, in_block: int = 0, out_block: int = 0
             budget = min(traits.vector_registers // 2 + 1, traits.vector_registers - 3 - vregs - 1)
         pixels = max(1, budget // vregs)
         for th in (1, 2, 4):
-            if th > pixels or oh % th:
+            # rows the tile does not divide (a blocked input only): the last band is partial
+            if th > pixels or th > oh or (oh % th and not in_block):
                 continue
+            rows_used = oh / (-(-oh // th) * th)
             for tw in range(1, min(pixels // th, ow) + 1):
                 padded = -(-ow // tw) * tw
                 acc = th * tw * vregs
                 intensity = acc / (th * tw + vregs)
-                score = (round(intensity * ow / padded * channels / computed, 3), vregs, -th, tw)
+                score = (round(intensity * rows_used * ow / padded * channels / computed, 3), vregs, -th, tw)
                 if best_score is None or score > best_score:
                     best, best_score = ConvTile(ob, th, tw), score
     if best is None:
