@@ -169,9 +169,9 @@ def _feeds(model) -> dict:
 
 
 def bench_layers(args) -> int:
-    from sculpt.backends.ort import make_session
     from sculpt.backends.tvm import build, import_to_relax
     from sculpt.ir.model import Model
+    from sculpt.runtime import make_session
 
     print(f"{'model':12} {'layer':42} {'MMAC':>8} {'ort ms':>8} {'def ms':>9} {'sculpt ms':>9} "
           f"{'ort GF/s':>8} {'scl GF/s':>8} {'scl/ort':>7} {'def/scl':>8} {'max rel err':>11}")
@@ -227,9 +227,10 @@ def _text_feeds(kind: str) -> dict:
 
 
 def bench_end_to_end(args) -> int:
-    from sculpt.backends.ort import make_session
     from sculpt.backends.tvm import build, import_to_relax
+    from sculpt.backends.tvm.bench import RUNTIME_SETTLE_S
     from sculpt.ir.model import Model
+    from sculpt.runtime import make_session
 
     ratios = []
     print(f"{'model':12} {'ort ms':>8} {'tvm default ms':>14} {'tvm sculpt ms':>13} {'sculpt/ort':>10} "
@@ -264,7 +265,9 @@ def bench_end_to_end(args) -> int:
         # interleave the measurements so that load changes on a shared machine hit all three alike
         ort_t, sculpt_t, default_t = [], [], []
         for _ in range(args.rounds):
+            time.sleep(RUNTIME_SETTLE_S)
             ort_t.append(_median_ms(lambda: sess.run(None, feeds), args.runs, budget_s=10))
+            time.sleep(RUNTIME_SETTLE_S)  # onnxruntime's threads still spin after its runs
             sculpt_t.append(_median_ms(sculpt_run, args.runs, budget_s=10))
             if not args.skip_default:
                 default_t.append(_median_ms(default_run, 3, warmup=1, budget_s=5))

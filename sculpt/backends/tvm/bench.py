@@ -55,6 +55,13 @@ def variants_for(kernels: str | None, tuned: bool) -> list[Variant]:
     return variants
 
 
+# a pause before each runtime's batch of runs: onnxruntime's pool keeps its threads spinning for a
+# while after a run, and a TVM worker woken meanwhile shares a core with them. Measured on this
+# machine (2 threads, the kernel benchmark interleaving both runtimes): SqueezeNet's TVM build 9.9 ms
+# right after onnxruntime's runs, 6.8 ms after a 0.2 s pause; onnxruntime's own time did not change
+RUNTIME_SETTLE_S = 0.2
+
+
 def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=None, runs: int = 20,
               warmup: int = 3, rounds: int = 3, threads: int | None = None, kernels: str | None = None,
               tune_trials: int = 0, tuning_database: Path | None = None, device=None, sparse: str | None = None,
@@ -122,8 +129,10 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
     for r in range(rounds):
         if progress:
             progress(f"measuring, round {r + 1}/{rounds}")
+        time.sleep(RUNTIME_SETTLE_S)
         samples["ort_ms"].append(runtime.median_latency_ms(session, feeds, runs=runs, warmup=warmup))
         for label, run in runners.items():
+            time.sleep(RUNTIME_SETTLE_S)
             ms, outputs = run()
             samples[label].append(ms)
             last_outputs[label] = outputs
