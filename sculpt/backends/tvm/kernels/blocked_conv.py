@@ -298,8 +298,8 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
     tile from the accumulators."""
     from sculpt.backends.tvm.kernels.block_analysis import root_blocks
     from sculpt.backends.tvm.kernels.register_tile import (
-        accumulator_tail, inline_branch_free_producers, inline_epilogue, schedule_injective_block,
-        schedule_padding_block, schedule_padding_at)
+        accumulator_tail, inline_branch_free_producers, inline_epilogue, schedule_other_epilogue_stages,
+        schedule_padding_at, schedule_padding_block, vectorize_in_registers)
 
     epilogue = inline_epilogue(sch, func, main)
     inline_branch_free_producers(sch, main)
@@ -341,21 +341,13 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
     for lp in (hi, wi) + ((channel[0],) if tile.out_block else ()):
         if int(sch.get(lp).extent) > 1:
             sch.unroll(lp)
-    vector = channel[-1]
-    width = int(sch.get(vector).extent)
-    if width > lanes and width % lanes == 0:  # whole registers: LLVM splits odd-sized vectors badly
-        regs, vector = sch.split(vector, factors=[None, lanes])
-        sch.unroll(regs)
-    sch.vectorize(vector)
+    vectorize_in_registers(sch, channel[-1], lanes)
     # rows outer: one band of input rows (padded once, below) serves every channel block in turn
     outer = sch.fuse(n, ho) if rows_outer else sch.fuse(n, oo, ho)
     if parallel:
         sch.parallel(outer)
     sch.decompose_reduction(main, first_reduce)
-    if len(epilogue) > 1:
-        for b in epilogue:
-            if not sch.get(b).same_as(sch.get(tail)):
-                schedule_injective_block(sch, b, lanes)
+    schedule_other_epilogue_stages(sch, epilogue, tail, lanes)
     for b in producers:
         if rows_outer:
             schedule_padding_at(sch, b, outer, lanes, blocked=bool(tile.in_block))

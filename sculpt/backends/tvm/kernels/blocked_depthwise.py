@@ -163,8 +163,8 @@ def schedule_blocked_depthwise(sch, func, main, tile: DepthwiseTile, lanes: int,
     """The register tile of the module docstring on the main block (n, c, h, w, lane | ry, rx)."""
     from sculpt.backends.tvm.kernels.block_analysis import root_blocks
     from sculpt.backends.tvm.kernels.register_tile import (
-        accumulator_tail, inline_branch_free_producers, inline_epilogue, schedule_injective_block,
-        schedule_padding_at)
+        accumulator_tail, inline_branch_free_producers, inline_epilogue, schedule_other_epilogue_stages,
+        schedule_padding_at, vectorize_in_registers)
 
     epilogue = inline_epilogue(sch, func, main)
     inline_branch_free_producers(sch, main)
@@ -179,18 +179,11 @@ def schedule_blocked_depthwise(sch, func, main, tile: DepthwiseTile, lanes: int,
     for lp in (hi, wi):
         if int(sch.get(lp).extent) > 1:
             sch.unroll(lp)
-    width = int(sch.get(lane).extent)
-    if width > lanes and width % lanes == 0:
-        regs, lane = sch.split(lane, factors=[None, lanes])
-        sch.unroll(regs)
-    sch.vectorize(lane)
+    vectorize_in_registers(sch, lane, lanes)
     outer = sch.fuse(n, c) if tile.per_plane else sch.fuse(n, c, ho)
     if parallel:
         sch.parallel(outer)
     sch.decompose_reduction(main, ry)
-    if len(epilogue) > 1:
-        for b in epilogue:
-            if not sch.get(b).same_as(sch.get(tail)):
-                schedule_injective_block(sch, b, lanes)
+    schedule_other_epilogue_stages(sch, epilogue, tail, lanes)
     for b in producers:
         schedule_padding_at(sch, b, outer, lanes, blocked=True)

@@ -37,56 +37,33 @@ from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
 from sculpt.backends.tvm.kernels.rules import TileChooser, schedule_module
 
 
+def _module_pass(name: str, rewrite):
+    """A TVM module pass running ``rewrite(mod)``."""
+    import tvm
+
+    return tvm.transform.module_pass(lambda mod, _ctx: rewrite(mod), opt_level=0, name=name)
+
+
 def _front_passes(target) -> list:
     """Up to and including FuseTIR: the module whose PrimFuncs the kernels schedule."""
-    import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    @tvm.transform.module_pass(opt_level=0, name="SculptFoldSmallConstants")
-    def fold_constants(mod, _ctx):
-        return fold_small_constants(mod)
-
-    @tvm.transform.module_pass(opt_level=0, name="SculptClipAsOps")
-    def clip_as_ops(mod, _ctx):
-        return rewrite_clip_calls(mod)
-
-    @tvm.transform.module_pass(opt_level=0, name="SculptBatchNormAsAffine")
-    def batch_norm_as_affine(mod, _ctx):
-        return rewrite_batch_norm_as_affine(mod)
-
-    @tvm.transform.module_pass(opt_level=0, name="SculptSumAsAdds")
-    def sum_as_adds(mod, _ctx):
-        return rewrite_sum_of_stack(mod)
-
-    @tvm.transform.module_pass(opt_level=0, name="SculptRewriteTransposedConvs")
-    def rewrite_transposed(mod, _ctx):
-        return rewrite_transposed_convs(mod)
-
-    @tvm.transform.module_pass(opt_level=0, name="SculptBlockedConvs")
-    def blocked_convs(mod, _ctx):
-        return rewrite_in_blocked_layout(mod, conv_tile, traits_of(target))  # the policy: tiling.conv_tile
-
-    @tvm.transform.module_pass(opt_level=0, name="SculptEvenStridedWidths")
-    def even_strided_widths(mod, _ctx):
-        return rewrite_even_strided_widths(mod)
-
-    @tvm.transform.module_pass(opt_level=0, name="SculptDepthwiseWidths")
-    def depthwise_widths(mod, _ctx):
-        return rewrite_depthwise_widths(mod, traits_of(target).vector_lanes)
-
-    @tvm.transform.module_pass(opt_level=0, name="SculptPadMatmulColumns")
-    def pad_columns(mod, _ctx):
-        return pad_matmul_columns(mod)
-
-    @tvm.transform.module_pass(opt_level=0, name="SculptRowSoftmax")
-    def row_softmax(mod, _ctx):
-        return rewrite_row_softmax(mod, traits_of(target).vector_lanes)
-
-    @tvm.transform.module_pass(opt_level=0, name="SculptFastMath")
-    def fast_math(mod, _ctx):
-        return rewrite_fast_math(mod)
-
-    return [fold_constants, clip_as_ops, batch_norm_as_affine, sum_as_adds, rewrite_transposed, blocked_convs, even_strided_widths, depthwise_widths, pad_columns, row_softmax, fast_math] \
+    traits = traits_of(target)
+    rewrites = [
+        ("SculptFoldSmallConstants", fold_small_constants),
+        ("SculptClipAsOps", rewrite_clip_calls),
+        ("SculptBatchNormAsAffine", rewrite_batch_norm_as_affine),
+        ("SculptSumAsAdds", rewrite_sum_of_stack),
+        ("SculptRewriteTransposedConvs", rewrite_transposed_convs),
+        # the policy: tiling.conv_tile
+        ("SculptBlockedConvs", lambda mod: rewrite_in_blocked_layout(mod, conv_tile, traits)),
+        ("SculptEvenStridedWidths", rewrite_even_strided_widths),
+        ("SculptDepthwiseWidths", lambda mod: rewrite_depthwise_widths(mod, traits.vector_lanes)),
+        ("SculptPadMatmulColumns", pad_matmul_columns),
+        ("SculptRowSoftmax", lambda mod: rewrite_row_softmax(mod, traits.vector_lanes)),
+        ("SculptFastMath", rewrite_fast_math),
+    ]
+    return [_module_pass(name, rewrite) for name, rewrite in rewrites] \
         + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 

@@ -137,6 +137,24 @@ def _coefficient_of(expr, var) -> int | None:
     return None
 
 
+def vectorize_in_registers(sch, loop, lanes: int) -> None:
+    """Vectorize ``loop``; longer than one register and a multiple of it, as unrolled whole registers
+    (LLVM splits odd-sized vectors badly)."""
+    width = int(sch.get(loop).extent)
+    if width > lanes and width % lanes == 0:
+        regs, loop = sch.split(loop, factors=[None, lanes])
+        sch.unroll(regs)
+    sch.vectorize(loop)
+
+
+def schedule_other_epilogue_stages(sch, epilogue: list, tail, lanes: int) -> None:
+    """The epilogue blocks that are not computed per tile from the accumulators: stages of their own."""
+    if len(epilogue) > 1:
+        for b in epilogue:
+            if not sch.get(b).same_as(sch.get(tail)):
+                schedule_injective_block(sch, b, lanes)
+
+
 def schedule_padding_block(sch, block, lanes: int) -> None:
     """A padding stage: split into a zero fill and a branch-free copy of the interior when TVM can
     (both then vectorize), else an injective schedule."""
