@@ -56,7 +56,8 @@ def heuristic_chooser(anatomy, traits: TargetTraits, func=None) -> Tile:
     return ranked[0] if ranked else Tile(1)
 
 
-def _main_reduction(sch):
+def main_reduction(sch):
+    """The one reduction block of a scheduled function, or None (none or several)."""
     reductions = [b for b in root_blocks(sch) if is_reduction(sch, b)]
     return reductions[0] if len(reductions) == 1 else None
 
@@ -66,7 +67,7 @@ def try_register_tile(func, traits: TargetTraits, choose: TileChooser, name: str
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    main = _main_reduction(sch)
+    main = main_reduction(sch)
     if main is None:
         return None
     conv_tile = tile_from_block_name(sch.get(main).name_hint)
@@ -141,7 +142,7 @@ def schedule_func(func, traits: TargetTraits, choose: TileChooser = heuristic_ch
         try:
             result = attempt()
         except Exception as e:  # noqa: BLE001 - fall back to the next simpler schedule
-            errors.append(_one_line(e))
+            errors.append(_last_line(e))
             continue
         if result is not None:
             sch, decision = result
@@ -150,7 +151,9 @@ def schedule_func(func, traits: TargetTraits, choose: TileChooser = heuristic_ch
     return None, KernelDecision(name, "unscheduled", (), None, note="; ".join(errors))
 
 
-def _one_line(e: Exception) -> str:
+def _last_line(e: Exception) -> str:
+    """The last line of an error: TVM's schedule errors are a traceback with the message at the end
+    (common.one_line would join the whole traceback)."""
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
 

@@ -104,7 +104,7 @@ def search_tiles(mod, target, *, candidates: int = 4, number: int = 3, repeat: i
 
     from sculpt.backends.tvm.kernels.block_analysis import analyze_reduction
     from sculpt.backends.tvm.kernels.pipeline import legalized_and_fused
-    from sculpt.backends.tvm.kernels.rules import _main_reduction, schedule_func, tile_ranking
+    from sculpt.backends.tvm.kernels.rules import main_reduction, schedule_func, tile_ranking
 
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     traits = traits_of(target)
@@ -115,7 +115,7 @@ def search_tiles(mod, target, *, candidates: int = 4, number: int = 3, repeat: i
         if not isinstance(func, tirx.PrimFunc):
             continue
         sch = s_tir.Schedule(func)
-        main = _main_reduction(sch)
+        main = main_reduction(sch)
         anatomy = analyze_reduction(sch, main) if main is not None else None
         if anatomy is None:
             continue
