@@ -161,7 +161,7 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
     def constant_of(arg):
         return constant_value(constants.get(arg, arg))
 
-    def kind(value) -> str:
+    def classify(value) -> str:
         name = _op_name(value)
         if name == "relax.nn.conv2d":
             if builder.tile_for(value, block) is not None:
@@ -169,10 +169,12 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
             return "depthwise" if depthwise is not None and depthwise.takes(value) else ""
         return name
 
+    kinds = {b.var: classify(b.value) for b in bindings}  # once: a conv's kind runs the tile policy
+
     def candidate(var, value) -> bool:
         if not isinstance(value, relax.Call) or not _blockable_shape(var, block):
             return False
-        name = kind(value)
+        name = kinds[var]
         if name == "conv":
             return True
         if name in ("depthwise", SPATIAL_MEAN_OP) or name in LAYOUT_OPS:
@@ -183,8 +185,9 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
             return False
         channels = static_shape(var)[1]
         for arg in _tensor_args(value):
-            if constant_of(arg) is not None:
-                if name == CONCAT_OP or blocked_constant(constant_of(arg).numpy(), block, channels) is None:
+            constant = constant_of(arg)
+            if constant is not None:
+                if name == CONCAT_OP or blocked_constant(constant.numpy(), block, channels) is None:
                     return False
             elif not _blockable_shape(arg, block) or (
                     name != CONCAT_OP and not _same_or_per_channel(static_shape(arg), static_shape(var))):
@@ -196,7 +199,7 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
     def convertible(var, consumers) -> bool:
         """A small tensor (a pooled map, a squeeze-and-excitation vector) stays blocked and gets one
         NCHW copy for the calls that need it, rather than turning the layers before it NCHW."""
-        made_by = kind(producer[var])
+        made_by = kinds[var]
         # a conv (and an elementwise op, fused into the conv or op before it) writes NCHW itself;
         # a pool, resize, mean, depthwise conv or concat would turn what it reads NCHW too
         if not (made_by in LAYOUT_OPS or made_by in ("depthwise", SPATIAL_MEAN_OP, CONCAT_OP)):
@@ -206,33 +209,37 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
 
     def takes_blocked(var, consumer) -> bool:
         value = consumer.value
-        name = kind(value)
+        name = kinds[consumer.var]
         if name == "conv":  # one this kernel takes (either input layout)
             return value.args[0].same_as(var)
         if name == "depthwise" or name in LAYOUT_OPS:
             return value.args[0].same_as(var) and consumer.var in kept
         return consumer.var in kept
 
-    changed = True
-    while changed:
-        changed = False
-        for var in list(kept):
-            value = producer[var]
-            inputs_kept = kind(value) == "conv" or all(
-                constant_of(a) is not None or a in kept for a in _tensor_args(value))
-            refusing = [c for c in uses[var] if not takes_blocked(var, c)]
-            if refusing and convertible(var, refusing):
-                refusing = []  # those consumers read an NCHW copy
-            if var in outputs or not isinstance(var, relax.DataflowVar) or not inputs_kept or refusing:
-                kept.discard(var)
-                plan.refused[var] = ("a function output" if var in outputs or not isinstance(var, relax.DataflowVar)
-                                     else "an NCHW input" if not inputs_kept
-                                     else f"read by {kind(refusing[0].value) or type(refusing[0].value).__name__}")
-                changed = True
+    # a worklist: dropping a tensor can only make the tensors it reads (a consumer now refuses) and
+    # the ones read from it (an input now NCHW) drop too
+    pending = list(kept)
+    while pending:
+        var = pending.pop()
+        if var not in kept:
+            continue
+        value = producer[var]
+        inputs_kept = kinds[var] == "conv" or all(
+            constant_of(a) is not None or a in kept for a in _tensor_args(value))
+        refusing = [c for c in uses[var] if not takes_blocked(var, c)]
+        if refusing and convertible(var, refusing):
+            refusing = []  # those consumers read an NCHW copy
+        if var in outputs or not isinstance(var, relax.DataflowVar) or not inputs_kept or refusing:
+            kept.discard(var)
+            plan.refused[var] = ("a function output" if var in outputs or not isinstance(var, relax.DataflowVar)
+                                 else "an NCHW input" if not inputs_kept
+                                 else f"read by {kinds[refusing[0].var] or type(refusing[0].value).__name__}")
+            pending.extend(a for a in _tensor_args(value) if a in kept)
+            pending.extend(c.var for c in uses[var] if c.var in kept)
     plan.kept, plan.constants = kept, constants
     plan.converted = {v for v in kept if any(not takes_blocked(v, c) for c in uses[v])}
     for b in bindings:
-        name = kind(b.value)
+        name = kinds[b.var]
         if name == "depthwise" and b.var in kept:
             plan.depthwise.add(b.value)
         elif name in LAYOUT_OPS and b.var in kept:
@@ -305,7 +312,8 @@ def rewrite_in_blocked_layout(mod, choose: ConvPolicy, traits, decisions: list |
 def _with_blocked_constants(call, block: int, constants: dict):
     from tvm import relax
 
-    channels = static_shape(call)[1] if static_shape(call) else None
+    shape = static_shape(call)
+    channels = shape[1] if shape else None
     args = []
     for arg in call.args:
         value = constant_value(constants.get(arg, arg))
