@@ -68,7 +68,10 @@ def resolve_input_shapes(model: Model, shapes: dict[str, list[int]]) -> dict[str
 
 
 def load_model(path: str) -> Model:
-    return Model.load(path)
+    """The model at ``path``; declared shapes its nodes contradict are dropped (with a warning)."""
+    model = Model.load(path)
+    model.drop_conflicting_shapes()
+    return model
 
 
 def fmt_int(n: int | None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from sculpt import __version__
@@ -20,6 +21,7 @@ from sculpt.cli.tvm_commands import register_tvm_commands
 from sculpt.common import one_line
 from sculpt.common.messages import LINE_LIMIT
 from sculpt.errors import OptionError, SculptError
+from sculpt.ir.model import DeclaredShapeWarning
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
@@ -45,7 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning sculpt gives (a dropped declaration, say) as one line on stderr, without the source line."""
+    print(f"sculpt: warning: {one_line(message, LINE_LIMIT)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DeclaredShapeWarning)
+        warnings.showwarning = _one_line_warning
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import os
 import tempfile
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -603,6 +604,51 @@ class Model:
         self.graph_edited(nodes=False)
         return self
 
+    def drop_conflicting_shapes(self) -> list[str]:
+        """Drop declared shapes that disagree with ONNX shape inference from the inputs. Returns self's
+        dropped declarations, one description each (empty when the model is consistent).
+
+        A runnable model may declare a graph output or a value_info whose rank, static dimension or
+        element type is not what its nodes compute (onnxruntime only warns; onnx's full check fails).
+        Such a value_info entry is removed; such an output keeps its name and takes the computed type
+        (unknown dimensions stay unknown, for the next shape inference to fill in). One
+        :class:`DeclaredShapeWarning` names them all."""
+        declared = [vi for vi in self.graph.value_info] + [vi for vi in self.graph.output]
+        if not any(vi.type.tensor_type.HasField("shape") for vi in declared) or self.byte_size() > _PROTOBUF_LIMIT:
+            return []
+        bare = onnx.ModelProto()
+        bare.CopyFrom(self.proto)
+        del bare.graph.value_info[:]
+        for out in bare.graph.output:
+            out.type.tensor_type.ClearField("shape")
+            out.type.tensor_type.elem_type = onnx.TensorProto.UNDEFINED
+        try:
+            inferred = shape_inference.infer_shapes(bare, check_type=False, strict_mode=False, data_prop=True)
+        except Exception:  # inference itself fails: nothing to compare with
+            return []
+        computed = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+        dropped: list[str] = []
+        for vi in list(self.graph.value_info):
+            reason = _declaration_conflict(vi, computed.get(vi.name))
+            if reason:
+                self.graph.value_info.remove(vi)
+                dropped.append(f"value_info '{vi.name}' {reason}")
+        for out in self.graph.output:
+            reason = _declaration_conflict(out, computed.get(out.name))
+            if reason:  # onnx's checker wants an output's shape field: the computed one replaces it
+                elem_type = out.type.tensor_type.elem_type
+                out.type.CopyFrom(computed[out.name].type)
+                if not out.type.tensor_type.elem_type:
+                    out.type.tensor_type.elem_type = elem_type
+                dropped.append(f"output '{out.name}' {reason}")
+        if dropped:
+            self.graph_edited(nodes=False)
+            shown = "; ".join(dropped[:3]) + (f"; and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+            warnings.warn(DeclaredShapeWarning(f"{self.source_path or 'the model'}: dropped "
+                                               f"{len(dropped)} declared shape(s) that disagree with what the "
+                                               f"nodes compute: {shown}"), stacklevel=2)
+        return dropped
+
     def fix_input_shapes(self, shapes: Mapping[str, Sequence[int]]) -> "Model":
         """Replace the (possibly dynamic) shapes of inputs by static ones. Returns self.
 
@@ -996,6 +1042,33 @@ def _as_dim(d) -> int:
             return int(d)
         raise TypeError
     return int(d)
+
+
+class DeclaredShapeWarning(UserWarning):
+    """A declared output or value_info shape disagreed with shape inference and was dropped."""
+
+
+def _declaration_conflict(declared: onnx.ValueInfoProto, computed: onnx.ValueInfoProto | None) -> str | None:
+    """Why ``declared`` contradicts ``computed`` (rank, a static dimension, the element type), or None."""
+    if computed is None or not declared.type.HasField("tensor_type") or not computed.type.HasField("tensor_type"):
+        return None
+    d_type, c_type = declared.type.tensor_type.elem_type, computed.type.tensor_type.elem_type
+    if d_type and c_type and d_type != c_type:
+        return (f"declares element type {onnx.TensorProto.DataType.Name(d_type)}, the nodes compute "
+                f"{onnx.TensorProto.DataType.Name(c_type)}")
+    if not declared.type.tensor_type.HasField("shape") or not computed.type.tensor_type.HasField("shape"):
+        return None
+    d_dims, c_dims = value_info_dims(declared), value_info_dims(computed)
+
+    def shown(dims):
+        return "[" + ",".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in dims) + "]"
+
+    if len(d_dims) != len(c_dims):
+        return f"declares rank {len(d_dims)} {shown(d_dims)}, the nodes compute rank {len(c_dims)} {shown(c_dims)}"
+    for a, b in zip(d_dims, c_dims):
+        if isinstance(a, int) and isinstance(b, int) and a > 0 and b > 0 and a != b:
+            return f"declares shape {shown(d_dims)}, the nodes compute {shown(c_dims)}"
+    return None
 
 
 def value_info_dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:

@@ -19,7 +19,8 @@ from sculpt.passes.simplify_shapes import SimplifyShapes
 class Canonicalize(Pass):
     """Run the exact canonicalization passes until a fixed point: freeze-initializers,
     remove-identity, simplify-shapes (with constant-folding), fold-batchnorm, fold-conv-affine.
-    Then drop unused tensors, sort nodes topologically and refresh the inferred shapes.
+    Then drop unused tensors, sort nodes topologically and refresh the inferred shapes; a declared
+    output shape that contradicts them is dropped (one DeclaredShapeWarning names it).
     The result is what the other passes and the TVM importer expect."""
 
     name = "canonicalize"
@@ -64,6 +65,12 @@ class Canonicalize(Pass):
         model.remove_unused()
         model.topological_sort()
         del model.graph.value_info[:]
+        # a declared output shape the nodes contradict (often visible only now that the shape
+        # computations are folded) would fail onnx's full check: dropped, with a warning
+        dropped = model.drop_conflicting_shapes()
+        if dropped:
+            modified = True
+            stats["declared-shapes"] = {"dropped": len(dropped)}
         model.infer_shapes()
         stats["nodes"] = {"before": nodes_before, "after": len(model.graph.node)}
         return PassResult(model, modified, stats)
