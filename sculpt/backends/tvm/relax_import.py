@@ -15,21 +15,34 @@ class TVMImportError(SculptError):
     """TVM's Relax ONNX importer or build rejected the model."""
 
 
-def import_to_relax(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None):
+def import_to_relax(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
+                    canonicalized: bool = False):
     """Relax IRModule of the model, with static input shapes and weights bound as constants.
 
-    Run ``canonicalize`` first: the importer rejects shape computations it cannot resolve."""
+    Run ``canonicalize`` first (and say so with ``canonicalized``: an import error then does not
+    suggest it): the importer rejects shape computations it cannot resolve. LSTM, GRU and RNN nodes,
+    which TVM's importer lacks, are unrolled over their static sequence length first
+    (:mod:`sculpt.backends.tvm.recurrent_import`)."""
+    import tvm
     from tvm.relax.frontend.onnx import from_onnx
+
+    from sculpt.backends.tvm.recurrent_import import has_recurrent_nodes, unroll_recurrent
 
     work = model.clone()
     if input_shapes:
         work.fix_input_shapes(input_shapes)
     work.require_static_inputs("the TVM import")
+    if has_recurrent_nodes(work):
+        work.infer_shapes()
+        unroll_recurrent(work)
     shapes = {k: [int(d) for d in v] for k, v in work.input_shapes().items()}
     try:
         return from_onnx(work.proto, shape_dict=shapes, keep_params_in_input=False)
+    except tvm.error.OpNotImplemented as e:  # no converter: canonicalize would not help
+        raise TVMImportError(f"TVM Relax import failed: {one_line(e)}") from None
     except Exception as e:
-        raise TVMImportError(f"TVM Relax import failed: {one_line(e)} (did you run 'canonicalize'?)") from None
+        hint = "" if canonicalized else " (did you run 'canonicalize'?)"
+        raise TVMImportError(f"TVM Relax import failed: {one_line(e)}{hint}") from None
 
 
 KERNEL_CHOICES = ("sculpt", "default")

@@ -1,0 +1,326 @@
+"""LSTM, GRU and RNN for the TVM import: each node unrolled over its static sequence length.
+
+TVM 0.27's Relax ONNX importer has no converter for the recurrent ops. Before the import, every
+LSTM/GRU/RNN node is replaced by the ONNX ops it computes, one time step after the other: the input
+projection of all steps in one MatMul, then per step one MatMul with the recurrent weights, Slices
+for the gates, the gate activations (ONNX's defaults or the node's ``activations``, with
+``activation_alpha``/``activation_beta``), and Mul/Add for the state update. Every variant of the
+ONNX operators is covered: forward, reverse and bidirectional, ``sequence_lens`` (constant or a
+graph input: steps past a sequence's length keep its state and output zeros), initial states,
+peepholes, ``clip``, LSTM's ``input_forget``, GRU's ``linear_before_reset`` and ``layout=1``.
+
+The result is still an ONNX model (checked against onnxruntime in the tests), so TVM's importer and
+sculpt's kernel pipeline see only MatMul, Add, Mul, Sub, Slice, Reshape, Concat and the
+activations. The weights (W, R, B, P) must be constants; the sequence length must be static.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from sculpt.backends.tvm.relax_import import TVMImportError
+from sculpt.ir.model import Model
+
+# gates per op in ONNX's order (LSTM: i o f c, GRU: z r h, RNN: one), activations per direction
+RECURRENT_OPS = {"LSTM": 4, "GRU": 3, "RNN": 1}
+_DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+# activations that take alpha / beta, with ONNX's defaults
+_ALPHA_DEFAULTS = {"affine": 1.0, "leakyrelu": 0.01, "thresholdedrelu": 1.0, "scaledtanh": 1.0,
+                   "hardsigmoid": 0.2, "elu": 1.0}
+_BETA_DEFAULTS = {"affine": 0.0, "scaledtanh": 1.0, "hardsigmoid": 0.5}
+_SIMPLE_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "softsign": "Softsign",
+                       "softplus": "Softplus"}
+
+
+class RecurrentImportError(TVMImportError):
+    """A recurrent node sculpt cannot unroll (weights not constant, unknown sequence length, ...)."""
+
+
+def has_recurrent_nodes(model: Model) -> bool:
+    return any(n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx") for n in model.graph.node)
+
+
+def unroll_recurrent(model: Model) -> int:
+    """Replace every LSTM/GRU/RNN node of ``model`` (in place) by its unrolled ONNX ops. Returns the
+    number of nodes replaced. Shapes must be known (run shape inference with static inputs first)."""
+    targets = [n for n in model.graph.node if n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx")]
+    if not targets:
+        return 0
+    with model.indexed():
+        for node in targets:
+            original = onnx.NodeProto()
+            original.CopyFrom(node)
+            model.remove_node(node)  # first: its outputs get their new producers
+            _Unroller(model, original).run()
+    model.topological_sort()  # the new nodes were appended after their readers
+    model.remove_unused()  # the original weights (now transposed copies)
+    return len(targets)
+
+
+@dataclass
+class _Activation:
+    name: str  # lower case
+    alpha: float | None
+    beta: float | None
+
+
+class _Unroller:
+    """The ops of one recurrent node, appended to the model under names derived from the node's."""
+
+    def __init__(self, model: Model, node: onnx.NodeProto):
+        self.model, self.node = model, node
+        self.opset = model.opset
+        self.attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        self.prefix = node.name or f"{node.op_type}_{node.output[0] or node.output[-1]}"
+
+    # ---------------------------------------------------------------- emitting ops
+    def fail(self, message: str):
+        raise RecurrentImportError(f"{self.node.op_type} '{self.node.name}': {message}")
+
+    def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs) -> str:
+        name = out or self.model.unique_name(f"{self.prefix}/{op_type}")
+        node = onnx.helper.make_node(op_type, inputs, [name], name=self.model.unique_name(f"{self.prefix}/{op_type}_node")
+                                     if out else name, **attrs)
+        self.model.append_node(node)
+        return name
+
+    def const(self, value, dtype=np.float32) -> str:
+        return self.model.add_initializer(f"{self.prefix}/const", np.asarray(value, dtype=dtype))
+
+    def slice(self, x: str, start: int, end: int, axis: int) -> str:
+        if self.opset >= 10:
+            return self.op("Slice", [x, self.const([start], np.int64), self.const([end], np.int64),
+                                     self.const([axis], np.int64)])
+        return self.op("Slice", [x], starts=[start], ends=[end], axes=[axis])
+
+    def take(self, x: str, index: int, width: int) -> str:
+        """``x[index]`` of a [N, B, width] tensor as [B, width] (a Slice: TVM warns about every constant
+        Gather index)."""
+        return self.op("Reshape", [self.slice(x, index, index + 1, 0), self.const([-1, width], np.int64)])
+
+    def clip(self, x: str) -> str:
+        bound = self.attrs.get("clip")
+        if bound is None:
+            return x
+        if self.opset >= 11:
+            return self.op("Clip", [x, self.const(-bound), self.const(bound)])
+        return self.op("Clip", [x], min=-float(bound), max=float(bound))
+
+    def add(self, a: str | None, b: str | None) -> str | None:
+        return b if a is None else a if b is None else self.op("Add", [a, b])
+
+    def mul(self, a: str, b: str) -> str:
+        return self.op("Mul", [a, b])
+
+    def activate(self, act: _Activation, x: str) -> str:
+        name = act.name
+        if name in _SIMPLE_ACTIVATIONS:
+            return self.op(_SIMPLE_ACTIVATIONS[name], [x])
+        if name == "leakyrelu":
+            return self.op("LeakyRelu", [x], alpha=act.alpha)
+        if name == "thresholdedrelu":
+            return self.op("ThresholdedRelu", [x], alpha=act.alpha)
+        if name == "elu":
+            return self.op("Elu", [x], alpha=act.alpha)
+        if name == "hardsigmoid":
+            return self.op("HardSigmoid", [x], alpha=act.alpha, beta=act.beta)
+        if name == "affine":
+            return self.op("Add", [self.op("Mul", [x, self.const(act.alpha)]), self.const(act.beta)])
+        if name == "scaledtanh":
+            return self.op("Mul", [self.op("Tanh", [self.op("Mul", [x, self.const(act.beta)])]), self.const(act.alpha)])
+        self.fail(f"activation '{act.name}' is not one of ONNX's")
+
+    # ---------------------------------------------------------------- reading the node
+    def input_name(self, index: int) -> str:
+        return self.node.input[index] if index < len(self.node.input) else ""
+
+    def constant(self, index: int, what: str) -> np.ndarray | None:
+        name = self.input_name(index)
+        if not name:
+            return None
+        value = self.model.get_constant(name)
+        if value is None:
+            self.fail(f"{what} ('{name}') must be a constant to unroll the node for TVM")
+        return value.astype(np.float32)
+
+    def activations(self, directions: int) -> list[list[_Activation]]:
+        per_direction = len(_DEFAULT_ACTIVATIONS[self.node.op_type])
+        names = [a.decode() if isinstance(a, bytes) else str(a) for a in self.attrs.get("activations", [])]
+        if not names:
+            names = _DEFAULT_ACTIVATIONS[self.node.op_type] * directions
+        if len(names) != per_direction * directions:
+            self.fail(f"{len(names)} activations given, {per_direction * directions} expected")
+        alphas = list(self.attrs.get("activation_alpha", []))
+        betas = list(self.attrs.get("activation_beta", []))
+        acts = []
+        for name in names:
+            key = name.lower()
+            alpha = (alphas.pop(0) if alphas else _ALPHA_DEFAULTS[key]) if key in _ALPHA_DEFAULTS else None
+            beta = (betas.pop(0) if betas else _BETA_DEFAULTS[key]) if key in _BETA_DEFAULTS else None
+            acts.append(_Activation(key, alpha, beta))
+        return [acts[d * per_direction:(d + 1) * per_direction] for d in range(directions)]
+
+    # ---------------------------------------------------------------- the unrolled recurrence
+    def run(self) -> None:
+        node, op_type = self.node, self.node.op_type
+        gates = RECURRENT_OPS[op_type]
+        hidden = int(self.attrs.get("hidden_size", 0))
+        direction = self.attrs.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        if direction not in ("forward", "reverse", "bidirectional"):
+            self.fail(f"unknown direction '{direction}'")
+        directions = 2 if direction == "bidirectional" else 1
+        layout = int(self.attrs.get("layout", 0))
+        W = self.constant(1, "W")
+        R = self.constant(2, "R")
+        if W is None or R is None:
+            self.fail("W and R are required")
+        if not hidden:
+            hidden = R.shape[-1]
+        if W.shape[0] != directions or W.shape[1] != gates * hidden or R.shape[1:] != (gates * hidden, hidden):
+            self.fail(f"W {list(W.shape)} / R {list(R.shape)} do not fit hidden_size {hidden}, {directions} direction(s)")
+        B = self.constant(3, "B")
+        if B is None:
+            B = np.zeros((directions, 2 * gates * hidden), np.float32)
+        P = self.constant(7, "P") if op_type == "LSTM" else None
+        x = self.input_name(0)
+        shape = self.model.static_shape(x)
+        if shape is None or len(shape) != 3:
+            self.fail(f"the shape of X ('{x}') must be static to unroll the node (fix the input shapes)")
+        if layout == 1:
+            x = self.op("Transpose", [x], perm=[1, 0, 2])
+            shape = (shape[1], shape[0], shape[2])
+        steps = shape[0]
+        masks = self.step_masks(steps, shape[1])
+        acts = self.activations(directions)
+        initial_h, initial_c = self.input_name(5), self.input_name(6) if op_type == "LSTM" else ""
+
+        ys, hs, cs = [], [], []
+        for d in range(directions):
+            reverse = direction == "reverse" or d == 1
+            h = self.take(initial_h, d, hidden) if initial_h else None
+            c = self.take(initial_c, d, hidden) if initial_c else None
+            bias = B[d, :gates * hidden] + B[d, gates * hidden:]
+            rec_bias_h = None
+            if op_type == "GRU" and self.attrs.get("linear_before_reset", 0):
+                rec_bias_h = B[d, gates * hidden + 2 * hidden:]
+                bias = bias.copy()
+                bias[2 * hidden:] -= rec_bias_h
+            projected = self.op("Add", [self.op("MatMul", [x, self.const(W[d].T)]), self.const(bias)])
+            weights = self.const(R[d].T)
+            outputs: list[str | None] = [None] * steps
+            for t in (reversed(range(steps)) if reverse else range(steps)):
+                x_t = self.take(projected, t, gates * hidden)
+                if op_type == "LSTM":
+                    peep = P[d] if P is not None else None
+                    h_new, c_new = self.lstm_step(x_t, h, c, weights, hidden, acts[d], peep)
+                else:
+                    h_new = (self.gru_step(x_t, h, R[d], hidden, acts[d], rec_bias_h) if op_type == "GRU"
+                             else self.activate(acts[d][0], self.clip(self.add(x_t, self.recur(h, weights)))))
+                    c_new = None
+                mask = masks[t]
+                outputs[t] = h_new if mask is None else self.mul(h_new, mask)
+                h = self.masked_update(h, h_new, mask)
+                if op_type == "LSTM":
+                    c = self.masked_update(c, c_new, mask)
+            ys.append(self.op("Concat", [self.op("Reshape", [y, self.const([1, 1, -1, hidden], np.int64)])
+                                         for y in outputs], axis=0) if steps > 1 else
+                      self.op("Reshape", [outputs[0], self.const([1, 1, -1, hidden], np.int64)]))
+            hs.append(self.op("Reshape", [h, self.const([1, -1, hidden], np.int64)]))
+            if op_type == "LSTM":
+                cs.append(self.op("Reshape", [c, self.const([1, -1, hidden], np.int64)]))
+
+        self.emit_output(0, ys, axis=1, perm=[2, 0, 1, 3] if layout == 1 else None)
+        self.emit_output(1, hs, axis=0, perm=[1, 0, 2] if layout == 1 else None)
+        if op_type == "LSTM":
+            self.emit_output(2, cs, axis=0, perm=[1, 0, 2] if layout == 1 else None)
+
+    def emit_output(self, index: int, parts: list[str], axis: int, perm: list[int] | None) -> None:
+        out = self.node.output[index] if index < len(self.node.output) else ""
+        if not out:
+            return
+        if perm is not None:
+            joined = self.op("Concat", parts, axis=axis) if len(parts) > 1 else parts[0]
+            self.op("Transpose", [joined], out=out, perm=perm)
+        elif len(parts) > 1:
+            self.op("Concat", parts, out=out, axis=axis)
+        else:
+            self.op("Identity", parts, out=out)
+
+    def recur(self, h: str | None, weights: str) -> str | None:
+        """h @ R^T, or nothing while the state is still the zero initial state."""
+        return None if h is None else self.op("MatMul", [h, weights])
+
+    def masked_update(self, old: str | None, new: str, mask: str | None) -> str:
+        """The state after a step: ``new`` where the sequence goes on, ``old`` past its end."""
+        if mask is None:
+            return new
+        if old is None:
+            return self.mul(new, mask)
+        return self.op("Add", [old, self.mul(mask, self.op("Sub", [new, old]))])
+
+    def step_masks(self, steps: int, batch: int) -> list[str | None]:
+        """Per step a [batch, 1] float mask (1 while t < sequence_lens), or None for all-valid steps."""
+        name = self.input_name(4)
+        if not name:
+            return [None] * steps
+        lengths = self.model.get_constant(name)
+        if lengths is not None:
+            lengths = lengths.astype(np.int64).reshape(-1)
+            if lengths.size == 1:
+                lengths = np.full(batch, lengths[0])
+            return [None if np.all(t < lengths) else
+                    self.const((t < lengths).astype(np.float32).reshape(-1, 1)) for t in range(steps)]
+        lengths64 = self.op("Cast", [name], to=onnx.TensorProto.INT64)
+        return [self.op("Reshape", [self.op("Cast", [self.op("Less", [self.const(t, np.int64), lengths64])],
+                                            to=onnx.TensorProto.FLOAT), self.const([-1, 1], np.int64)])
+                for t in range(steps)]
+
+    def lstm_step(self, x_t, h, c, weights, hidden, acts, peep):
+        f_act, g_act, h_act = acts
+        pre = self.add(x_t, self.recur(h, weights))
+        i_pre, o_pre, f_pre, c_pre = (self.slice(pre, k * hidden, (k + 1) * hidden, 1) for k in range(4))
+        if peep is not None and c is not None:
+            i_pre = self.add(i_pre, self.mul(c, self.const(peep[:hidden])))
+            f_pre = self.add(f_pre, self.mul(c, self.const(peep[2 * hidden:])))
+        i = self.activate(f_act, self.clip(i_pre))
+        if self.attrs.get("input_forget", 0):
+            f = self.op("Sub", [self.const(1.0), i])
+        else:
+            f = self.activate(f_act, self.clip(f_pre))
+        cell = self.mul(i, self.activate(g_act, self.clip(c_pre)))
+        c_new = cell if c is None else self.add(self.mul(f, c), cell)
+        if peep is not None:
+            o_pre = self.add(o_pre, self.mul(c_new, self.const(peep[hidden:2 * hidden])))
+        o = self.activate(f_act, self.clip(o_pre))
+        return self.mul(o, self.activate(h_act, c_new)), c_new
+
+    def gru_step(self, x_t, h, R, hidden, acts, rec_bias_h):
+        f_act, g_act = acts
+        xz, xr, xh = (self.slice(x_t, k * hidden, (k + 1) * hidden, 1) for k in range(3))
+        if rec_bias_h is not None:  # linear_before_reset: r * (h @ Rh^T + Rbh)
+            hz = hr = None
+            if h is not None:
+                both = self.op("MatMul", [h, self.const(R.T)])
+                hz, hr, hh = (self.slice(both, k * hidden, (k + 1) * hidden, 1) for k in range(3))
+                linear = self.op("Add", [hh, self.const(rec_bias_h)])
+            else:
+                linear = self.const(rec_bias_h)
+            z = self.activate(f_act, self.clip(self.add(xz, hz)))
+            r = self.activate(f_act, self.clip(self.add(xr, hr)))
+            candidate = self.activate(g_act, self.clip(self.add(xh, self.mul(r, linear))))
+        else:  # (r * h) @ Rh^T
+            hz = hr = None
+            if h is not None:
+                zr = self.op("MatMul", [h, self.const(R[:2 * hidden].T)])
+                hz, hr = self.slice(zr, 0, hidden, 1), self.slice(zr, hidden, 2 * hidden, 1)
+            z = self.activate(f_act, self.clip(self.add(xz, hz)))
+            r = self.activate(f_act, self.clip(self.add(xr, hr)))
+            reset = None if h is None else self.op("MatMul", [self.mul(r, h), self.const(R[2 * hidden:].T)])
+            candidate = self.activate(g_act, self.clip(self.add(xh, reset)))
+        if h is None:  # (1 - z) * candidate
+            return self.op("Sub", [candidate, self.mul(z, candidate)])
+        return self.op("Add", [candidate, self.mul(z, self.op("Sub", [h, candidate]))])
