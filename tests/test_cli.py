@@ -431,12 +431,13 @@ def test_run_pass_options(tmp_path, capsys, model_copies):
 
 
 def _calibration(tmp_path, kind):
-    """Calibration data for the example model: (source, samples the run measures with)."""
+    """Calibration data for the example model: (source, samples the run measures with: the held-out
+    quarter, at least one)."""
     name, shape = INPUTS["tiny"]
     if kind == "npz":
         path = tmp_path / "cal.npz"
         np.savez(path, **{name: np.concatenate([image_like(shape, s) for s in range(3)])})
-        return str(path), 2
+        return str(path), 1
     if kind == "images":
         from PIL import Image
 
@@ -446,8 +447,8 @@ def _calibration(tmp_path, kind):
         for k in range(3):
             Image.fromarray(rng.integers(0, 256, (60, 200, 3), dtype=np.uint8)).save(folder / f"img{k}.png")
         (folder / "notes.txt").write_text("not an image: ignored")
-        return str(folder), 2
-    return "random:4", 2
+        return str(folder), 1
+    return "random:8", 2
 
 
 @pytest.mark.parametrize("kind", ["npz", "images", "random"])
@@ -461,7 +462,7 @@ def test_run_calibration(tmp_path, capsys, model_copies, kind):
     assert rep["error"]["samples"] == samples
     assert rep["error"]["max_rel"] <= RTOL
     assert rep["passes"][0]["error"]["max_rel"] <= 1e-5
-    assert f"over {samples} sample(s)" in stdout
+    assert f"on {samples} held-out sample(s)" in stdout
 
 
 def test_run_calibration_in_pipeline_file(tmp_path, capsys, model_copies):
@@ -473,7 +474,7 @@ def test_run_calibration_in_pipeline_file(tmp_path, capsys, model_copies):
     rc, _, err = cli(capsys, "run", model_copies["tiny"], "--pipeline", pipe, "-o", out, "--report", report,
                      "--compare-samples", "5")
     assert rc == 0, err
-    assert json.loads(report.read_text())["error"]["samples"] == 2  # count: 2
+    assert json.loads(report.read_text())["error"]["samples"] == 1  # count: 2, one held out
 
 
 # ------------------------------------------------------------------ compare
@@ -526,7 +527,7 @@ def test_compare_with_calibration(tmp_path, capsys, pair):
     orig, good, bad = pair
     source, _ = _calibration(tmp_path, "npz")
     rc, out, err = cli(capsys, "compare", orig, good, "--input-shape", shape_arg("tiny"), "--calibration", source,
-                       "--samples", "3", "--json")
+                       "--held-out", "3", "--json")
     assert rc == 0, err
     assert json.loads(out)["samples"] == 3
 

@@ -172,4 +172,4 @@ def test_pipeline_passes_calibration_to_passes():
     m = tiny_convnet().fix_input_shapes(SHAPES)
     cal = CalibrationSet.random(m, count=3)
     res = Pipeline.from_specs(["test-needs-calibration"], calibration=cal).run(m)
-    assert res.records[0].stats == {"samples": 3}
+    assert res.records[0].stats == {"samples": 2}  # one of the three is held out (see test_honest_numbers)

@@ -23,8 +23,10 @@ from sculpt.common.messages import LINE_LIMIT
 from sculpt.errors import CalibrationError, OptionError, SculptError, ShapeError
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.cost import cost_of
-from sculpt.passes.pipeline import Pipeline, read_pipeline_file
+from sculpt.passes.pipeline import (DEFAULT_WARN_ERROR, ErrorBudgetExceeded, ErrorSamples, Pipeline, check_error,
+                                    nonfinite_weights, read_pipeline_file)
 from sculpt.runtime import compare_models
+from sculpt.runtime.footprint import DEFAULT_RUNS, measure_footprint
 
 
 def register_run(sub) -> None:
@@ -40,7 +42,18 @@ def register_run(sub) -> None:
                    help="check every exact pass against its input through onnxruntime")
     r.add_argument("--dump-dir", help="write the model after each pass as NNN_<pass>.onnx")
     r.add_argument("--report", help="write a JSON report (per pass: time, stats, cost, error)")
-    r.add_argument("--compare-samples", type=int, default=2, help="samples for the final error measurement")
+    r.add_argument("--compare-samples", type=int, default=None,
+                   help="at most this many held-out samples for the final error (default: all of them; "
+                        "2 random inputs without --calibration)")
+    r.add_argument("--held-out", type=int, default=None, metavar="N",
+                   help="calibration samples kept apart from every pass and used to measure errors "
+                        "(default: a quarter, at least 1)")
+    r.add_argument("--max-error", type=float, default=None, metavar="X",
+                   help="fail (exit 1, nothing written) when a lossy pass or the whole pipeline moves the "
+                        "outputs by more than X (max |a-b| / max |b| on the held-out samples); without it, "
+                        f"errors above {DEFAULT_WARN_ERROR:g} print a warning")
+    r.add_argument("--latency-runs", type=int, default=DEFAULT_RUNS, metavar="N",
+                   help="onnxruntime runs timed for the latency rows (median; 0: no latency and memory rows)")
     r.add_argument("--seed", type=int, default=None, help="seed of the random inputs (default: the pipeline's, 0)")
     r.set_defaults(func=cmd_run)
 
@@ -51,7 +64,11 @@ def register_compare(sub) -> None:
     c.add_argument("candidate")
     c.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=SHAPE_HELP)
     c.add_argument("--calibration", help="inputs to use (as for run); default random")
-    c.add_argument("--samples", type=int, default=2)
+    c.add_argument("--samples", type=int, default=None,
+                   help="at most this many samples (default: all held-out ones; 2 random inputs)")
+    c.add_argument("--held-out", type=int, default=None, metavar="N",
+                   help="compare on the N samples `sculpt run --held-out N` keeps apart from the passes "
+                        "(default: the same quarter as run; the number of samples: all of them)")
     c.add_argument("--rtol", type=float, default=1e-4, help="relative to each output's largest magnitude")
     c.add_argument("--atol", type=float, default=1e-6)
     c.add_argument("--seed", type=int, default=0)
@@ -79,7 +96,10 @@ class _ProgressInstrument:
     def after_pass(self, index, pass_, before, result, record):
         self.close()
         mark = "changed" if result.modified else "no change"
-        self.console.print(f"[{index}/{self.total}] {pass_.name}: {mark} ({record.seconds:.2f} s)")
+        error = record.error or {}
+        measured = f", error {error['max_rel']:.3g} on {error['samples']} {error['on']} sample(s)" \
+            if not pass_.exact and error.get("on") and error.get("samples") else ""
+        self.console.print(f"[{index}/{self.total}] {pass_.name}: {mark} ({record.seconds:.2f} s{measured})")
 
     def after_pipeline(self, result):
         self.close()
@@ -180,8 +200,13 @@ def _remove(path: Path) -> None:
 def cmd_run(args) -> int:
     if bool(args.pipeline) == bool(args.pass_specs):
         raise OptionError("sculpt run: give either --pipeline FILE or at least one --pass NAME[:KEY=VALUE,...]")
-    if args.compare_samples < 1:
+    if args.compare_samples is not None and args.compare_samples < 1:
         raise OptionError(f"--compare-samples must be at least 1, got {args.compare_samples}")
+    if args.held_out is not None and args.held_out < 1:
+        raise OptionError(f"--held-out must be at least 1, got {args.held_out}")
+    if args.latency_runs < 0:
+        raise OptionError(f"--latency-runs must be 0 or more, got {args.latency_runs}")
+    check_number_flag("--max-error", args.max_error)
     # ---- where the results go: checked before anything is loaded or run
     out = check_output_file(args.output, "-o", "the output .onnx file")
     report_path = check_output_file(args.report, "--report", "a .json file") if args.report else None
@@ -217,6 +242,10 @@ def cmd_run(args) -> int:
         overrides["verify_each"] = True
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.held_out is not None:
+        overrides["held_out"] = args.held_out
+    if args.max_error is not None:
+        overrides["max_error"] = args.max_error
     if args.pipeline:
         pipeline = _pipeline_from_file(args.pipeline, overrides)
         merged = dict(pipeline.input_shapes)
@@ -238,6 +267,11 @@ def cmd_run(args) -> int:
         calibration.check(probe)
         _check_calibration_sample(calibration, probe)
         pipeline.calibration = calibration
+        if pipeline.held_out is not None and pipeline.held_out >= calibration.count:
+            raise OptionError(f"--held-out {pipeline.held_out} leaves none of the {calibration.count} calibration "
+                              "samples to fit to")
+    if pipeline.calibration is None and args.held_out is not None:
+        raise OptionError("--held-out needs --calibration (samples to hold out)")
     for p in pipeline.passes:
         if getattr(p, "needs_calibration", False) and pipeline.calibration is None:
             raise OptionError(f"pass '{p.name}' needs calibration data: give --calibration (an .npz, an image "
@@ -267,23 +301,44 @@ def cmd_run(args) -> int:
         progress.close()
         final = result.model
         final.verify()
+        bad_weights = nonfinite_weights(final)
+        if bad_weights and not nonfinite_weights(probe):
+            raise SculptError(f"the output model has NaN or Inf in weight '{bad_weights[0]}'; nothing written")
 
-        # measured error of the whole pipeline: calibration samples if any, else random inputs
-        samples = None
-        if pipeline.calibration is not None:
-            samples = [s for _, s in zip(range(args.compare_samples), pipeline.calibration)]
-        cmp = compare_models(probe, final, samples, count=args.compare_samples, seed=seed)
+        # measured error of the whole pipeline: the held-out samples (random inputs without calibration)
+        errors = ErrorSamples(result.split, seed, count=args.compare_samples or 2)
+        samples = errors.samples(probe)[:args.compare_samples]
+        cmp = compare_models(probe, final, samples)
+        where = errors.describe(cmp.samples)
+        if cmp.nonfinite_outputs:
+            raise SculptError(f"the output model gives NaN or Inf in output '{cmp.nonfinite_outputs[0]}' on "
+                              f"{where} (the input model's values are finite there); nothing written")
+        warnings_ = list(result.warnings)
+        final_warning = check_error("the pipeline", cmp.max_rel, where, warn_error=pipeline.warn_error,
+                                    max_error=pipeline.max_error, passes_run=[p.name for p in pipeline.passes])
+        if final_warning:
+            warnings_.append(final_warning)
 
-        before = cost_of(probe, model_bytes=probe.byte_size())
-        after = cost_of(final, model_bytes=final.byte_size())
+        before = cost_of(probe, model_bytes=probe.byte_size(), sparsity=True)
+        after = cost_of(final, model_bytes=final.byte_size(), sparsity=True)
+        footprints = None
+        if args.latency_runs:
+            feeds = samples[0]
+            with con.status("timing the input and output models in onnxruntime ..."):
+                footprints = (measure_footprint(probe, feeds, runs=args.latency_runs),
+                              measure_footprint(final, feeds, runs=args.latency_runs))
         for r in result.records:
             if r.dump and tmp_dump is not None:
                 r.dump = str(dump_dir / Path(r.dump).name)
         report = {
             "input": args.model, "output": str(out), "seconds": elapsed,
             "passes": [dict(r.as_dict(), options=p.config()) for r, p in zip(result.records, pipeline.passes)],
-            "before": before.as_dict()["totals"], "after": after.as_dict()["totals"],
-            "error": cmp.as_dict(),
+            "before": _summary_totals(before, footprints and footprints[0]),
+            "after": _summary_totals(after, footprints and footprints[1]),
+            "error": dict(cmp.as_dict(), on=errors.kind, fitting_samples=result.split.fitting.count
+                          if result.split else 0, held_out_samples=result.split.held_out.count
+                          if result.split and result.split.held_out is not None else 0),
+            "warnings": warnings_,
         }
         report_bytes = json.dumps(to_plain_json(report), indent=2, allow_nan=False).encode()
 
@@ -309,6 +364,12 @@ def cmd_run(args) -> int:
             if not report_path.exists():
                 written.append(report_path)
             atomic_write_bytes(report_path, report_bytes)
+    except ErrorBudgetExceeded as e:  # the budget the user set: a verdict on the model, exit 1
+        for path in reversed(written):
+            _remove(path)
+        progress.close()
+        print(f"sculpt: error: {one_line(e, LINE_LIMIT)}; nothing written", file=sys.stderr)
+        return 1
     except BaseException:
         for path in reversed(written):
             _remove(path)
@@ -317,6 +378,9 @@ def cmd_run(args) -> int:
         progress.close()
         if tmp_dump is not None:
             shutil.rmtree(tmp_dump, ignore_errors=True)
+
+    for text in warnings_:
+        print(f"sculpt: warning: {one_line(text, LINE_LIMIT)}", file=sys.stderr)
 
     out_con = make_console()
     out_con.print(f"{args.model} -> {out}")
@@ -329,17 +393,17 @@ def cmd_run(args) -> int:
     def row(label, a, b, fmt):
         table.add_row(label, fmt(a), fmt(b), f"{b / a:.3f}" if a else "-")
 
-    row("params", before.params, after.params, fmt_int)
-    row("MACs", before.macs, after.macs, fmt_int)
-    row("weights", before.weight_bytes, after.weight_bytes, fmt_bytes)
-    row("file size", before.model_bytes, after.model_bytes, fmt_bytes)
-    row("nodes", len(before.layers), len(after.layers), str)
+    for label, a, b, fmt in summary_rows(before, after, footprints):
+        row(label, a, b, fmt)
     out_con.print(table)
     for label, rep in (("before", before), ("after", after)):
         if rep.unknown_macs:
             out_con.print(f"MACs {label}: {len(rep.unknown_macs)} nodes of unknown output shape are not counted")
+    if footprints:
+        out_con.print(f"latency: median of {footprints[0].runs} onnxruntime runs on this machine; peak memory: "
+                      "resident memory added by loading and running the model")
     _print_group_reports(out_con, result.records)
-    out_con.print(f"max error vs input model over {cmp.samples} sample(s): abs {cmp.max_abs:.3g}, "
+    out_con.print(f"max error vs input model on {where}: abs {cmp.max_abs:.3g}, "
                   f"relative {cmp.max_rel:.3g}; {elapsed:.2f} s")
     if report_path is not None:
         out_con.print(f"report: {report_path}")
@@ -348,11 +412,53 @@ def cmd_run(args) -> int:
     return 0
 
 
+SHOW_NONZERO_BELOW = 0.9  # the summary counts nonzero params when a tenth or more of them are zero
+
+
+def summary_rows(before, after, footprints=None) -> list[tuple]:
+    """(label, before, after, format) rows of the run summary. Quantized and sparse models get the
+    rows that say what changed: the bytes of their 8-bit weights and the MACs that run in int8; the
+    nonzero parameters and the weight bytes with block-sparse weights stored as BSR."""
+    rows = [("params", before.params, after.params, fmt_int)]
+    if before.nonzero_params is not None and (before.sparse_weights or after.sparse_weights
+                                              or after.nonzero_params < SHOW_NONZERO_BELOW * after.params):
+        rows.append(("non-zero params", before.nonzero_params, after.nonzero_params, fmt_int))
+    rows.append(("MACs", before.macs, after.macs, fmt_int))
+    if before.int8_macs or after.int8_macs:
+        rows.append(("MACs in int8", before.int8_macs, after.int8_macs, fmt_int))
+    rows.append(("weights", before.weight_bytes, after.weight_bytes, fmt_bytes))
+    if before.quantized_weight_bytes or after.quantized_weight_bytes:
+        rows.append(("8-bit weights", before.quantized_weight_bytes, after.quantized_weight_bytes, fmt_bytes))
+    if before.sparse_weights or after.sparse_weights:
+        rows.append(("weights, block-sparse", before.sparse_weight_bytes, after.sparse_weight_bytes, fmt_bytes))
+    rows.append(("file size", before.model_bytes, after.model_bytes, fmt_bytes))
+    rows.append(("nodes", len(before.layers), len(after.layers), str))
+    if footprints:
+        rows.append(("latency (ort)", footprints[0].latency_ms, footprints[1].latency_ms, _fmt_ms))
+        rows.append(("peak memory (ort)", footprints[0].peak_bytes, footprints[1].peak_bytes, fmt_bytes))
+    return rows
+
+
+def _fmt_ms(value) -> str:
+    return "-" if value is None else f"{value:.3g} ms"
+
+
+def _summary_totals(report, footprint) -> dict:
+    totals = dict(report.as_dict()["totals"], **report.quantized_totals(), **(report.sparsity_totals() or {}))
+    if footprint is not None:
+        totals.update(latency_ms=footprint.latency_ms, latency_runs=footprint.runs, peak_bytes=footprint.peak_bytes)
+    return totals
+
+
 # ------------------------------------------------------------------ compare
 def cmd_compare(args) -> int:
 
-    if args.samples < 1:
+    if args.samples is not None and args.samples < 1:
         raise OptionError(f"--samples must be at least 1, got {args.samples}")
+    if args.held_out is not None and args.held_out < 1:
+        raise OptionError(f"--held-out must be at least 1, got {args.held_out}")
+    if args.held_out is not None and not args.calibration:
+        raise OptionError("--held-out needs --calibration (samples to hold out)")
     check_number_flag("--rtol", args.rtol)
     check_number_flag("--atol", args.atol)
     ref = load_model(args.reference)
@@ -371,22 +477,25 @@ def cmd_compare(args) -> int:
             except ShapeError:
                 pass  # shapes that do not fit the reference: require_static_inputs says what to give
     probe.require_static_inputs("sculpt compare")
-    samples = None
+    split = None
     if args.calibration:
-    
         _check_calibration_spec(args.calibration, "--calibration")
         fixed_shapes = {n: s for n, s in probe.input_shapes().items()}
         cal = CalibrationSet.from_source(args.calibration, probe, fixed_shapes)
         cal.check(probe)
         _check_calibration_sample(cal, probe)
-        samples = [s for _, s in zip(range(args.samples), cal)]
-    cmp = compare_models(probe, cand, samples, count=args.samples, seed=args.seed)
+        split = cal.split(args.held_out)  # the samples `sculpt run` keeps apart from its passes
+    errors = ErrorSamples(split, args.seed, count=args.samples or 2)
+    samples = errors.samples(probe)[:args.samples]
+    cmp = compare_models(probe, cand, samples)
     ok = cmp.within(args.rtol, args.atol)
     if args.json:
         data = cmp.as_dict()
-        data.update(equal=ok, rtol=args.rtol, atol=args.atol)
+        data.update(equal=ok, rtol=args.rtol, atol=args.atol, on=errors.kind)
         print(json.dumps(to_plain_json(data), allow_nan=False))
     else:
+        print(f"on {errors.describe(cmp.samples)}"
+              + (f" of {cal.description}" if split is not None else ""))
         for o in cmp.outputs:
             print(f"{o.name}: max abs {o.max_abs:.3g}, relative {o.max_rel:.3g}"
                   + ("" if o.shape_match else " (shape mismatch or missing)"))

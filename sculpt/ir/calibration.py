@@ -87,6 +87,36 @@ class ImagePreprocessing:
         return np.ascontiguousarray(arr[None])
 
 
+def default_held_out(count: int) -> int:
+    """How many of ``count`` calibration samples are held out by default: a quarter, at least one
+    when there are two or more (one sample cannot be both fitted to and held out)."""
+    return max(1, count // 4) if count >= 2 else 0
+
+
+def held_out_indices(count: int, held_out: int) -> list[int]:
+    """``held_out`` indices evenly spaced through ``range(count)``: the last of each of ``held_out``
+    equal runs (every 4th sample for a quarter)."""
+    if not 0 <= held_out <= count:
+        raise CalibrationError(f"cannot hold out {held_out} of {count} samples")
+    return [(i + 1) * count // held_out - 1 for i in range(held_out)]
+
+
+def _finite_sample(sample: dict[str, np.ndarray], description: str) -> dict[str, np.ndarray]:
+    """The sample, or a CalibrationError naming the input that holds NaN or Inf (a fitted model would be
+    NaN everywhere)."""
+    for name, arr in sample.items():
+        arr = np.asarray(arr)
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            raise CalibrationError(f"calibration data ({description}): input '{name}' holds "
+                                   f"{_nonfinite_words(arr)}; calibration values must be finite")
+    return sample
+
+
+def _nonfinite_words(arr: np.ndarray) -> str:
+    nan, inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
+    return " and ".join(w for w in (f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else "") if w) + " value(s)"
+
+
 @dataclass
 class CalibrationSet:
     """A sequence of input samples. Build it with ``from_npz``, ``from_images``, ``random`` or
@@ -102,17 +132,44 @@ class CalibrationSet:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for k in range(self.count):
-            yield self._sample(k)
+            yield self[k]
 
     def __getitem__(self, k: int) -> dict[str, np.ndarray]:
         if not 0 <= k < self.count:
             raise IndexError(k)
-        return self._sample(k)
+        return _finite_sample(self._sample(k), self.description)
 
     def take(self, n: int) -> "CalibrationSet":
         if n < 0:
             raise CalibrationError(f"cannot take {n} calibration samples")
         return CalibrationSet(min(n, self.count), self._sample, self.description, self.input_names)
+
+    def subset(self, indices: Sequence[int], description: str) -> "CalibrationSet":
+        """The samples at ``indices`` (in that order), as a set of their own."""
+        picked = [int(k) for k in indices]
+        if any(not 0 <= k < self.count for k in picked):
+            raise CalibrationError(f"calibration data ({self.description}) has {self.count} samples; "
+                                   f"cannot pick {picked}")
+        sample = self._sample
+        return CalibrationSet(len(picked), lambda k: sample(picked[k]), description, self.input_names)
+
+    def split(self, held_out: int | None = None) -> "CalibrationSplit":
+        """The fitting samples (what passes fit to) and the held-out ones (what errors are measured on,
+        never shown to a pass): ``held_out`` samples (default: a quarter, at least one when there are
+        two or more), evenly spaced through the set (samples ``n/h - 1``, ``2n/h - 1``, ...), so a
+        folder sorted by name is sampled throughout. Deterministic: the same set splits the same way
+        in ``sculpt run`` and ``sculpt compare``."""
+        n = self.count
+        h = default_held_out(n) if held_out is None else int(held_out)
+        if not 0 <= h <= n:
+            raise CalibrationError(f"cannot hold out {h} of the {n} calibration samples ({self.description})")
+        held = held_out_indices(n, h)
+        held_set = set(held)
+        fitting = [k for k in range(n) if k not in held_set]
+        return CalibrationSplit(
+            self.subset(fitting, f"{len(fitting)} fitting samples of {self.description}"),
+            self.subset(held, f"{h} held-out samples of {self.description}") if h else None,
+            n)
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Samples concatenated along the batch axis, ``batch_size`` at a time."""
@@ -159,6 +216,12 @@ class CalibrationSet:
         counts = {k: v.shape[0] if v.ndim else 0 for k, v in arrays.items()}
         if len(set(counts.values())) != 1 or 0 in counts.values():
             raise CalibrationError(f"{description}: arrays must share a nonzero first (sample) axis, got {counts}")
+        for name, a in arrays.items():
+            if a.dtype.kind in "fc" and not np.isfinite(a).all():
+                bad = np.flatnonzero(~np.isfinite(a).reshape(a.shape[0], -1).all(axis=1))
+                raise CalibrationError(f"{description}: input '{name}' holds {_nonfinite_words(a)} (sample "
+                                       f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}); "
+                                       "calibration values must be finite")
         n = next(iter(counts.values()))
         return cls(n, lambda k: {name: a[k:k + 1] for name, a in arrays.items()}, description, list(arrays))
 
@@ -295,3 +358,20 @@ def _positive_int(value, what: str) -> int:
     if n <= 0:
         raise CalibrationError(f"{what} must be a positive integer, got {value!r}")
     return n
+
+
+@dataclass
+class CalibrationSplit:
+    """A calibration set split in two: ``fitting`` (passes fit to these) and ``held_out`` (errors are
+    measured on these; None when the set has fewer than two samples or nothing was held out)."""
+
+    fitting: CalibrationSet
+    held_out: CalibrationSet | None
+    total: int
+
+    def describe(self) -> str:
+        """'8 held-out samples' style words for the measurement made on ``held_out``."""
+        if self.held_out is None:
+            return (f"{self.fitting.count} sample(s) the passes fitted to (none held out: give at least 2 "
+                    "calibration samples)")
+        return f"{self.held_out.count} held-out sample(s)"

@@ -32,11 +32,16 @@ def _refuse_cyclic_input(model: Model) -> None:
 
 @dataclass
 class PassContext:
-    """What a pass may need beyond its options: data and shapes, set by the pipeline."""
+    """What a pass may need beyond its options: data and shapes, set by the pipeline.
 
-    calibration: Any = None  # sculpt.ir.calibration.CalibrationSet
+    ``calibration`` holds the samples a pass may fit to; the pipeline keeps ``held_out`` samples apart
+    (``CalibrationSet.split``) and measures every error on those. A pass that reports an error of its
+    own measures it on ``held_out`` when it is set; it never fits to it."""
+
+    calibration: Any = None  # sculpt.ir.calibration.CalibrationSet: the fitting samples
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     seed: int = 0
+    held_out: Any = None  # sculpt.ir.calibration.CalibrationSet: samples no pass fits to, or None
 
 
 @dataclass

@@ -19,13 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+import onnx
+
 from sculpt.errors import OptionError, PipelineError, SculptError, VerificationError
+from sculpt.ir.calibration import CalibrationSplit
 from sculpt.ir.cost import cost_of
 from sculpt.ir.model import Model
 from sculpt.passes.base import Pass, PassContext, PassResult, create_pass, parse_pass_spec
 
 EXACT_RTOL = 1e-5  # exact passes: max |a-b| / max |b| per output
 EXACT_ATOL = 1e-6
+# a lossy pass (or a pipeline) that moves an output by more than this, relative to the output's scale
+# (max |a-b| / max |b| on the held-out samples), gets a warning; ``max_error`` turns it into a failure
+DEFAULT_WARN_ERROR = 0.1
+RANDOM_SAMPLES = 2  # random inputs an error is measured on when there is no calibration data
+
+
+class ErrorBudgetExceeded(PipelineError):
+    """A lossy pass, or the whole pipeline, moved the outputs beyond the error budget (``max_error``)."""
 
 
 @dataclass
@@ -40,8 +52,9 @@ class PassRecord:
     stats: dict[str, Any] = field(default_factory=dict)
     cost_before: dict[str, int] | None = None
     cost_after: dict[str, int] | None = None
-    error: dict[str, Any] | None = None  # measured output error vs the pass's input
+    error: dict[str, Any] | None = None  # measured output error vs the pass's input (see ``error["on"]``)
     dump: str | None = None
+    warning: str | None = None  # the error is above the warning threshold
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -51,10 +64,65 @@ class PassRecord:
 class PipelineResult:
     model: Model
     records: list[PassRecord]
+    split: CalibrationSplit | None = None  # the fitting and held-out samples the passes were given
 
     @property
     def modified(self) -> bool:
         return any(r.modified for r in self.records)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [r.warning for r in self.records if r.warning]
+
+
+class ErrorSamples:
+    """The inputs every error is measured on: the held-out calibration samples (no pass saw them), or
+    random inputs when there is no calibration data; with a single calibration sample (nothing can be
+    held out) the sample the passes fitted to, and the words say so."""
+
+    def __init__(self, split: CalibrationSplit | None, seed: int = 0, count: int = RANDOM_SAMPLES):
+        self.split = split
+        self.seed = seed
+        self.count = count
+        self._samples: list[dict] | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.split is None:
+            return "random"
+        return "held-out" if self.split.held_out is not None else "fitted"
+
+    def samples(self, model: Model) -> list[dict]:
+        if self._samples is None:
+            if self.split is None:
+                from sculpt.runtime import random_inputs
+
+                self._samples = [random_inputs(model, seed=self.seed + k) for k in range(self.count)]
+            else:
+                self._samples = list(self.split.held_out if self.split.held_out is not None else self.split.fitting)
+        return self._samples
+
+    def describe(self, count: int | None = None) -> str:
+        """'8 held-out samples' and the like, for a measurement on ``count`` of them."""
+        if self.split is None:
+            return f"{count if count is not None else self.count} random input(s)"
+        if self.split.held_out is None:
+            return self.split.describe()
+        n = self.split.held_out.count if count is None else count
+        return f"{n} held-out sample(s)"
+
+
+def check_error(what: str, error: float, where: str, *, warn_error: float | None, max_error: float | None,
+                passes_run: Sequence[str] = ()) -> str | None:
+    """The warning for an output error above the threshold (``max_error`` if given, else ``warn_error``),
+    None below it; above ``max_error`` an ErrorBudgetExceeded instead."""
+    limit = max_error if max_error is not None else warn_error
+    if limit is None or not error > limit:
+        return None
+    text = f"{what} moves the outputs by {error:.3g} (max |a-b| / max |b|) on {where}"
+    if max_error is not None:
+        raise ErrorBudgetExceeded(f"{text}, above the error budget {max_error:g} (--max-error)", list(passes_run))
+    return f"{text}, above {limit:g}"
 
 
 class Instrument:
@@ -106,18 +174,22 @@ class DumpInstrument(Instrument):
 
 
 class VerifyInstrument(Instrument):
-    """Run the model before and after each pass through onnxruntime on the same inputs. Exact passes
-    must stay within ``rtol`` (relative to each output's scale) or fail; lossy passes get their
-    error measured and recorded."""
+    """Run the model before and after each exact pass through onnxruntime on the same inputs (``samples``,
+    else ``count`` random inputs): it must stay within ``rtol`` (relative to each output's scale) or
+    fail. Lossy passes are measured by :class:`LossyErrorInstrument`, unless ``lossy`` is set."""
 
     def __init__(self, samples: list[dict] | None = None, *, rtol: float = EXACT_RTOL, atol: float = EXACT_ATOL,
-                 count: int = 2, seed: int = 0):
+                 count: int = 2, seed: int = 0, lossy: bool = False, on: str | None = None):
         self.samples = samples
         self.rtol, self.atol, self.count, self.seed = rtol, atol, count, seed
+        self.lossy = lossy
+        self.on = on
 
     def after_pass(self, index, pass_, before, result, record):
         from sculpt.runtime import compare_models
 
+        if not pass_.exact and not self.lossy:
+            return
         if not result.modified:
             record.error = {"max_abs": 0.0, "max_rel": 0.0, "samples": 0}
             return
@@ -129,11 +201,87 @@ class VerifyInstrument(Instrument):
             self.samples = samples
         cmp = compare_models(before, result.model, samples)
         record.error = cmp.as_dict()
+        if self.on:
+            record.error["on"] = self.on
         if pass_.exact and not cmp.within(self.rtol, self.atol):
             worst = max(cmp.outputs, key=lambda o: o.max_rel)
             raise VerificationError(
                 f"exact pass '{pass_.name}' changed output '{worst.name}': max abs error {worst.max_abs:.3g}, "
                 f"relative {worst.max_rel:.3g} > {self.rtol:g}")
+
+
+class LossyErrorInstrument(Instrument):
+    """The output error of every lossy pass that changed the model, against the pass's input, on the
+    held-out samples (:class:`ErrorSamples`). Recorded as ``record.error`` (``on``: held-out, random
+    or fitted); non-finite outputs where the input's are finite fail the pass; an error above the
+    threshold sets ``record.warning``, or fails with ErrorBudgetExceeded when ``max_error`` is set."""
+
+    def __init__(self, samples: ErrorSamples, *, warn_error: float | None = DEFAULT_WARN_ERROR,
+                 max_error: float | None = None):
+        self.error_samples = samples
+        self.warn_error = warn_error
+        self.max_error = max_error
+        self.passes_run: list[str] = []
+
+    def after_pass(self, index, pass_, before, result, record):
+        from sculpt.runtime import compare_models
+
+        if pass_.exact or not result.modified:
+            self.passes_run.append(pass_.name)
+            return
+        samples = self.error_samples.samples(before)
+        cmp = compare_models(before, result.model, samples)
+        where = self.error_samples.describe(cmp.samples)
+        record.error = dict(cmp.as_dict(), on=self.error_samples.kind)
+        if cmp.nonfinite_outputs:
+            raise SculptError(f"pass '{pass_.name}' makes output '{cmp.nonfinite_outputs[0]}' NaN or Inf on "
+                              f"{where} (the input model's values are finite there); nothing is kept")
+        record.warning = check_error(f"pass {index} '{pass_.name}'", cmp.max_rel, where, warn_error=self.warn_error,
+                                     max_error=self.max_error, passes_run=self.passes_run)
+        self.passes_run.append(pass_.name)
+
+
+def nonfinite_weights(model: Model) -> list[str]:
+    """Names of the float initializers and Constant tensors holding NaN or Inf."""
+    bad = []
+    for t in model.graph.initializer:
+        if _nonfinite_tensor(t):
+            bad.append(t.name)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR and _nonfinite_tensor(a.t):
+                    bad.append(node.output[0])
+    return bad
+
+
+def _nonfinite_tensor(t: onnx.TensorProto) -> bool:
+    if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                           onnx.TensorProto.BFLOAT16):
+        return False
+    if t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data:
+        return False  # not loaded: nothing to check
+    value = onnx.numpy_helper.to_array(t)
+    return not bool(np.isfinite(value.astype(np.float32, copy=False)).all())
+
+
+class FiniteWeightsInstrument(Instrument):
+    """A pass that puts NaN or Inf into a weight fails, naming the tensor. Checked only when the input
+    model's weights are all finite (a model may carry an Inf on purpose, a mask say)."""
+
+    def __init__(self):
+        self.active = True
+
+    def before_pipeline(self, pipeline, model):
+        self.active = not nonfinite_weights(model)
+
+    def after_pass(self, index, pass_, before, result, record):
+        if not self.active or not result.modified:
+            return
+        bad = nonfinite_weights(result.model)
+        if bad:
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            raise SculptError(f"pass '{pass_.name}' put NaN or Inf into weight '{bad[0]}'{more}; nothing is kept")
 
 
 class TimingInstrument(Instrument):
@@ -221,15 +369,34 @@ class Pipeline:
 
     def __init__(self, passes: Sequence[Pass], *, input_shapes: Mapping[str, Sequence[int]] | None = None,
                  calibration: Any = None, verify_each: bool = False, dump_dir: str | None = None,
-                 statistics: bool = True, instruments: Sequence[Instrument] = (), seed: int = 0):
+                 statistics: bool = True, instruments: Sequence[Instrument] = (), seed: int = 0,
+                 held_out: int | None = None, max_error: float | None = None,
+                 warn_error: float | None = DEFAULT_WARN_ERROR):
         self.passes = list(passes)
         self.input_shapes = {k: [int(d) for d in v] for k, v in (input_shapes or {}).items()}
-        self.calibration = calibration
+        self.calibration = calibration  # split by ``calibration_split``: passes see only the fitting part
         self.verify_each = verify_each
         self.dump_dir = dump_dir
         self.statistics = statistics
         self.extra_instruments = list(instruments)
         self.seed = seed
+        self.held_out = held_out  # samples held out of the calibration data (None: a quarter)
+        self.max_error = max_error  # a lossy pass or the pipeline above this fails (ErrorBudgetExceeded)
+        self.warn_error = warn_error
+        self._split: tuple[Any, int | None, CalibrationSplit] | None = None
+
+    def calibration_split(self) -> CalibrationSplit | None:
+        """The calibration data split into the samples passes fit to and the held-out ones every error
+        is measured on (``CalibrationSet.split``); None without calibration data."""
+        if self.calibration is None:
+            return None
+        if self._split is None or self._split[0] is not self.calibration or self._split[1] != self.held_out:
+            self._split = (self.calibration, self.held_out, self.calibration.split(self.held_out))
+        return self._split[2]
+
+    def error_samples(self) -> ErrorSamples:
+        """Where errors are measured: the held-out samples, else random inputs."""
+        return ErrorSamples(self.calibration_split(), self.seed)
 
     @classmethod
     def from_specs(cls, specs: Sequence[str], **kwargs) -> "Pipeline":
@@ -241,7 +408,7 @@ class Pipeline:
     def from_dict(cls, spec: Mapping[str, Any], *, source: str = "pipeline", **overrides) -> "Pipeline":
         if not isinstance(spec, Mapping):
             raise OptionError(f"{source}: a pipeline is a mapping with a 'passes' list")
-        known = {"passes", "input_shapes", "calibration", "verify_each", "seed"}
+        known = {"passes", "input_shapes", "calibration", "verify_each", "seed", "held_out", "max_error"}
         unknown = set(spec) - known
         if unknown:
             raise OptionError(f"{source}: unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(known))})")
@@ -275,6 +442,17 @@ class Pipeline:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise OptionError(f"{source}: 'seed' must be an integer, got {seed!r}")
         kwargs = {"input_shapes": shapes, "verify_each": verify, "seed": seed}
+        held_out = spec.get("held_out")
+        if held_out is not None:
+            if not isinstance(held_out, int) or isinstance(held_out, bool) or held_out < 1:
+                raise OptionError(f"{source}: 'held_out' must be a positive integer (samples), got {held_out!r}")
+            kwargs["held_out"] = held_out
+        max_error = spec.get("max_error")
+        if max_error is not None:
+            if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not np.isfinite(max_error) \
+                    or max_error < 0:
+                raise OptionError(f"{source}: 'max_error' must be a finite number ≥ 0, got {max_error!r}")
+            kwargs["max_error"] = float(max_error)
         kwargs.update(overrides)
         pipe = cls(passes, **kwargs)
         pipe.calibration_spec = spec.get("calibration")
@@ -291,14 +469,18 @@ class Pipeline:
     calibration_spec: Any = None
 
     def instruments(self) -> list[Instrument]:
-        inst: list[Instrument] = []
+        inst: list[Instrument] = [FiniteWeightsInstrument()]
         if self.statistics:
             inst.append(StatisticsInstrument(self.input_shapes))
+        errors = self.error_samples()
         if self.verify_each:
             samples = None
-            if self.calibration is not None:
-                samples = [s for _, s in zip(range(2), self.calibration)]
-            inst.append(VerifyInstrument(samples, seed=self.seed))
+            split = self.calibration_split()
+            if split is not None:
+                source = split.held_out if split.held_out is not None else split.fitting
+                samples = [s for _, s in zip(range(2), source)]
+            inst.append(VerifyInstrument(samples, seed=self.seed, on=errors.kind))
+        inst.append(LossyErrorInstrument(errors, warn_error=self.warn_error, max_error=self.max_error))
         if self.dump_dir:
             inst.append(DumpInstrument(self.dump_dir))
         return inst + self.extra_instruments
@@ -308,7 +490,9 @@ class Pipeline:
         if self.input_shapes:
             model.fix_input_shapes(self.input_shapes)
             model.infer_shapes()
-        ctx = PassContext(calibration=self.calibration, input_shapes=self.input_shapes, seed=self.seed)
+        split = self.calibration_split()
+        ctx = PassContext(calibration=split.fitting if split is not None else None, input_shapes=self.input_shapes,
+                          seed=self.seed, held_out=split.held_out if split is not None else None)
         instruments = self.instruments()
         for inst in instruments:
             inst.before_pipeline(self, model)
@@ -326,12 +510,14 @@ class Pipeline:
                 record.stats = result.stats
                 for inst in instruments:
                     inst.after_pass(index, pass_, model, result, record)
+            except ErrorBudgetExceeded:
+                raise
             except SculptError as e:
                 raise PipelineError(f"pass {index} '{pass_.name}' failed: {e}", done, e) from e
             records.append(record)
             done.append(pass_.name)
             model = result.model
-        final = PipelineResult(model, records)
+        final = PipelineResult(model, records, split)
         for inst in instruments:
             inst.after_pipeline(final)
         return final

@@ -19,10 +19,11 @@ class OutputError:
     max_abs: float
     max_rel: float  # max |a - b| / max(max |b|, tiny): error relative to the output's scale
     shape_match: bool = True
+    nonfinite: bool = False  # the candidate gave NaN or Inf where the reference's value is finite
 
     def as_dict(self) -> dict:
         return {"output": self.name, "max_abs": self.max_abs, "max_rel": self.max_rel,
-                "shape_match": self.shape_match}
+                "shape_match": self.shape_match, "nonfinite": self.nonfinite}
 
 
 @dataclass
@@ -40,6 +41,11 @@ class Comparison:
     def max_rel(self) -> float:
         return max((o.max_rel for o in self.outputs), default=0.0)
 
+    @property
+    def nonfinite_outputs(self) -> list[str]:
+        """Outputs where the candidate gave NaN or Inf and the reference a finite value."""
+        return [o.name for o in self.outputs if o.nonfinite]
+
     def within(self, rtol: float, atol: float = 0.0) -> bool:
         """True when every output is within ``rtol`` relative (to its scale) or ``atol`` absolute."""
         return all(o.shape_match and (o.max_rel <= rtol or o.max_abs <= atol) for o in self.outputs)
@@ -54,12 +60,14 @@ def output_error(name: str, got: np.ndarray, ref: np.ndarray) -> OutputError:
         return OutputError(name, float("inf"), float("inf"), shape_match=False)
     if got.size == 0:
         return OutputError(name, 0.0, 0.0)
+    nonfinite = False
     if got.dtype.kind in "fc" or ref.dtype.kind in "fc":
         a = got.astype(np.float64)
         b = ref.astype(np.float64)
+        nonfinite = bool(np.any(~np.isfinite(a) & np.isfinite(b)))
         nan_mismatch = np.isnan(a) != np.isnan(b)
         if nan_mismatch.any():
-            return OutputError(name, float("inf"), float("inf"))
+            return OutputError(name, float("inf"), float("inf"), nonfinite=nonfinite)
         both_inf_equal = np.isinf(b) & (a == b)
         with np.errstate(invalid="ignore"):  # inf - inf where both are the same inf: masked below
             diff = np.where(np.isnan(b) | both_inf_equal, 0.0, np.abs(a - b))
@@ -71,7 +79,7 @@ def output_error(name: str, got: np.ndarray, ref: np.ndarray) -> OutputError:
             else float(np.any(got != ref))
         scale = float(np.max(np.abs(ref.astype(np.float64)))) if ref.dtype != np.bool_ else 1.0
     rel = max_abs / max(scale, 1e-30) if max_abs else 0.0
-    return OutputError(name, max_abs, rel)
+    return OutputError(name, max_abs, rel, nonfinite=nonfinite)
 
 
 def compare_models(reference: Model, candidate: Model, inputs: Iterable[Mapping[str, np.ndarray]] | None = None,
@@ -107,5 +115,5 @@ def compare_models(reference: Model, candidate: Model, inputs: Iterable[Mapping[
                 errors[name] = err
             else:
                 errors[name] = OutputError(name, max(prev.max_abs, err.max_abs), max(prev.max_rel, err.max_rel),
-                                           prev.shape_match and err.shape_match)
+                                           prev.shape_match and err.shape_match, prev.nonfinite or err.nonfinite)
     return Comparison(list(errors.values()), samples)
