@@ -299,7 +299,7 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
     from sculpt.backends.tvm.kernels.block_analysis import root_blocks
     from sculpt.backends.tvm.kernels.register_tile import (
         accumulator_tail, inline_branch_free_producers, inline_epilogue, schedule_other_epilogue_stages,
-        schedule_padding_at, schedule_padding_block, vectorize_in_registers)
+        schedule_padding_at, schedule_padding_block, vectorize_blocked_tail, vectorize_in_registers)
 
     epilogue = inline_epilogue(sch, func, main)
     inline_branch_free_producers(sch, main)
@@ -342,6 +342,8 @@ def schedule_blocked_conv(sch, func, main, tile: ConvTile, lanes: int, parallel:
         if int(sch.get(lp).extent) > 1:
             sch.unroll(lp)
     vectorize_in_registers(sch, channel[-1], lanes)
+    if tile.out_block:
+        vectorize_blocked_tail(sch, tail, lanes)
     # rows outer: one band of input rows (padded once, below) serves every channel block in turn
     outer = sch.fuse(n, ho) if rows_outer else sch.fuse(n, oo, ho)
     if parallel:

@@ -164,7 +164,7 @@ def schedule_blocked_depthwise(sch, func, main, tile: DepthwiseTile, lanes: int,
     from sculpt.backends.tvm.kernels.block_analysis import root_blocks
     from sculpt.backends.tvm.kernels.register_tile import (
         accumulator_tail, inline_branch_free_producers, inline_epilogue, schedule_other_epilogue_stages,
-        schedule_padding_at, vectorize_in_registers)
+        schedule_padding_at, vectorize_blocked_tail, vectorize_in_registers)
 
     epilogue = inline_epilogue(sch, func, main)
     inline_branch_free_producers(sch, main)
@@ -180,6 +180,7 @@ def schedule_blocked_depthwise(sch, func, main, tile: DepthwiseTile, lanes: int,
         if int(sch.get(lp).extent) > 1:
             sch.unroll(lp)
     vectorize_in_registers(sch, lane, lanes)
+    vectorize_blocked_tail(sch, tail, lanes)
     outer = sch.fuse(n, c) if tile.per_plane else sch.fuse(n, c, ho)
     if parallel:
         sch.parallel(outer)
