@@ -350,6 +350,8 @@ def cmd_bench(args) -> int:
             table.add_row(label, f"{value:.3f}", f"{result['ort_ms'] / value:.2f}",
                           f"{result[key.replace('_ms', '_max_rel_error')]:.2g}")
     make_console().print(table)
+    for label, reason in result.get("tvm_skipped", {}).items():
+        print(f"sculpt: warning: {label.removesuffix('_ms').replace('_', ' ')} skipped: {reason}", file=sys.stderr)
     for label, rows in result.get("layers", {}).items():
         _print_layers(label, rows)
     if result.get("tuning"):

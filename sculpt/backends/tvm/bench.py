@@ -70,9 +70,11 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
               on_tuning_start=None, on_trials=None) -> dict:
     """Median latency (ms) of onnxruntime and of each TVM build, plus the TVM builds' max relative error
     against onnxruntime. Keys: ort_ms, tvm_ms (or tvm_default_ms/tvm_sculpt_ms), tvm_tuned_ms when
-    tuning, speedup_* (ort_ms / tvm_*), ..."""
+    tuning, speedup_* (ort_ms / tvm_*), ...; tvm_skipped ({variant label: reason}) for the builds TVM
+    could not import or compile (onnxruntime is measured all the same)."""
     from sculpt.backends.tvm.artifact import compile_model, input_tensor_specs, prepare_model
     from sculpt.backends.tvm.deploy import random_feeds
+    from sculpt.backends.tvm.relax_import import TVMImportError
 
     for name, value, low in (("--runs", runs, 1), ("--warmup", warmup, 0), ("--rounds", rounds, 1)):
         if value < low:
@@ -112,11 +114,15 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
         if progress:
             progress(f"compiling {variant.label.removesuffix('_ms')} for {target.name}")
         start = time.perf_counter()
-        compiled = compile_model(work, target, canonicalize=False, build_options=variant.build_options,
-                                 tune_trials=tune_trials if variant.tune else 0,
-                                 tuning_database=tuning_database if variant.tune else None, device=device,
-                                 tune_strategy=tune_strategy,
-                                 sparse=sparse, on_tuning_start=on_tuning_start, on_trials=on_trials)
+        try:
+            compiled = compile_model(work, target, canonicalize=False, build_options=variant.build_options,
+                                     tune_trials=tune_trials if variant.tune else 0,
+                                     tuning_database=tuning_database if variant.tune else None, device=device,
+                                     tune_strategy=tune_strategy,
+                                     sparse=sparse, on_tuning_start=on_tuning_start, on_trials=on_trials)
+        except TVMImportError as e:  # onnxruntime is still measured; the result says why TVM is not
+            result.setdefault("tvm_skipped", {})[variant.label] = str(e)
+            continue
         result[variant.label.replace("_ms", "_compile_s")] = round(time.perf_counter() - start, 2)
         if compiled.tuning is not None:
             result["tuning"] = compiled.tuning.as_dict()

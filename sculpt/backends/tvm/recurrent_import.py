@@ -2,15 +2,15 @@
 
 TVM 0.27's Relax ONNX importer has no converter for the recurrent ops. Before the import, every
 LSTM/GRU/RNN node is replaced by the ONNX ops it computes, one time step after the other: the input
-projection of all steps in one MatMul, then per step one MatMul with the recurrent weights, Slices
-for the gates, the gate activations (ONNX's defaults or the node's ``activations``, with
+projection of all steps in one MatMul, then per step one MatMul with the recurrent weights, a Split
+into the gates, the gate activations (ONNX's defaults or the node's ``activations``, with
 ``activation_alpha``/``activation_beta``), and Mul/Add for the state update. Every variant of the
 ONNX operators is covered: forward, reverse and bidirectional, ``sequence_lens`` (constant or a
 graph input: steps past a sequence's length keep its state and output zeros), initial states,
 peepholes, ``clip``, LSTM's ``input_forget``, GRU's ``linear_before_reset`` and ``layout=1``.
 
 The result is still an ONNX model (checked against onnxruntime in the tests), so TVM's importer and
-sculpt's kernel pipeline see only MatMul, Add, Mul, Sub, Slice, Reshape, Concat and the
+sculpt's kernel pipeline see only MatMul, Add, Mul, Sub, Split, Reshape, Concat and the
 activations. The weights (W, R, B, P) must be constants; the sequence length must be static.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from sculpt.backends.tvm.relax_import import TVMImportError
 from sculpt.ir.model import Model
@@ -75,31 +76,57 @@ class _Unroller:
         self.opset = model.opset
         self.attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         self.prefix = node.name or f"{node.op_type}_{node.output[0] or node.output[-1]}"
+        # the names in use, read once: an unrolled node adds thousands of tensors, and asking the graph
+        # index for each would cost a scan per name where the index checks itself (SCULPT_CHECK_INDEX)
+        graph = model.graph
+        self.taken = {v.name for v in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]}
+        for other in graph.node:
+            self.taken.update(other.output)
+            self.taken.add(other.name)
+        self.count = 0
 
     # ---------------------------------------------------------------- emitting ops
     def fail(self, message: str):
         raise RecurrentImportError(f"{self.node.op_type} '{self.node.name}': {message}")
 
+    def fresh(self, kind: str) -> str:
+        """A name no tensor or node of the model has: ``<node>/<kind><n>``."""
+        while True:
+            self.count += 1
+            name = f"{self.prefix}/{kind}{self.count}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
+
     def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs) -> str:
-        name = out or self.model.unique_name(f"{self.prefix}/{op_type}")
-        node = onnx.helper.make_node(op_type, inputs, [name], name=self.model.unique_name(f"{self.prefix}/{op_type}_node")
-                                     if out else name, **attrs)
+        name = out or self.fresh(op_type)
+        node = onnx.helper.make_node(op_type, inputs, [name], name=self.fresh(op_type) if out else name, **attrs)
         self.model.append_node(node)
         return name
 
     def const(self, value, dtype=np.float32) -> str:
-        return self.model.add_initializer(f"{self.prefix}/const", np.asarray(value, dtype=dtype))
+        name = self.fresh("const")
+        self.model.append_initializer(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
 
-    def slice(self, x: str, start: int, end: int, axis: int) -> str:
-        if self.opset >= 10:
-            return self.op("Slice", [x, self.const([start], np.int64), self.const([end], np.int64),
-                                     self.const([axis], np.int64)])
-        return self.op("Slice", [x], starts=[start], ends=[end], axes=[axis])
+    def split(self, x: str, sizes: list[int], axis: int) -> list[str]:
+        """``x`` cut along ``axis`` into pieces of ``sizes`` (one Split: the split sizes are an
+        attribute before opset 13, an input from 13 on; TVM's Slice converter takes only the input form
+        of opset 10+)."""
+        if len(sizes) == 1:
+            return [x]
+        outs = [self.fresh("Split") for _ in sizes]
+        if self.opset >= 13:
+            node = onnx.helper.make_node("Split", [x, self.const(sizes, np.int64)], outs, name=outs[0], axis=axis)
+        else:
+            node = onnx.helper.make_node("Split", [x], outs, name=outs[0], axis=axis, split=list(sizes))
+        self.model.append_node(node)
+        return outs
 
-    def take(self, x: str, index: int, width: int) -> str:
-        """``x[index]`` of a [N, B, width] tensor as [B, width] (a Slice: TVM warns about every constant
-        Gather index)."""
-        return self.op("Reshape", [self.slice(x, index, index + 1, 0), self.const([-1, width], np.int64)])
+    def steps_of(self, x: str, count: int, width: int) -> list[str]:
+        """The ``count`` slices x[i] of a [count, B, width] tensor, each as [B, width]."""
+        shape = self.const([-1, width], np.int64)
+        return [self.op("Reshape", [part, shape]) for part in self.split(x, [1] * count, 0)]
 
     def clip(self, x: str) -> str:
         bound = self.attrs.get("clip")
@@ -198,11 +225,13 @@ class _Unroller:
         acts = self.activations(directions)
         initial_h, initial_c = self.input_name(5), self.input_name(6) if op_type == "LSTM" else ""
 
+        initial_h_parts = self.steps_of(initial_h, directions, hidden) if initial_h else []
+        initial_c_parts = self.steps_of(initial_c, directions, hidden) if initial_c else []
         ys, hs, cs = [], [], []
         for d in range(directions):
             reverse = direction == "reverse" or d == 1
-            h = self.take(initial_h, d, hidden) if initial_h else None
-            c = self.take(initial_c, d, hidden) if initial_c else None
+            h = initial_h_parts[d] if initial_h else None
+            c = initial_c_parts[d] if initial_c else None
             bias = B[d, :gates * hidden] + B[d, gates * hidden:]
             rec_bias_h = None
             if op_type == "GRU" and self.attrs.get("linear_before_reset", 0):
@@ -212,8 +241,9 @@ class _Unroller:
             projected = self.op("Add", [self.op("MatMul", [x, self.const(W[d].T)]), self.const(bias)])
             weights = self.const(R[d].T)
             outputs: list[str | None] = [None] * steps
+            projected_steps = self.steps_of(projected, steps, gates * hidden)
             for t in (reversed(range(steps)) if reverse else range(steps)):
-                x_t = self.take(projected, t, gates * hidden)
+                x_t = projected_steps[t]
                 if op_type == "LSTM":
                     peep = P[d] if P is not None else None
                     h_new, c_new = self.lstm_step(x_t, h, c, weights, hidden, acts[d], peep)
@@ -282,7 +312,7 @@ class _Unroller:
     def lstm_step(self, x_t, h, c, weights, hidden, acts, peep):
         f_act, g_act, h_act = acts
         pre = self.add(x_t, self.recur(h, weights))
-        i_pre, o_pre, f_pre, c_pre = (self.slice(pre, k * hidden, (k + 1) * hidden, 1) for k in range(4))
+        i_pre, o_pre, f_pre, c_pre = self.split(pre, [hidden] * 4, 1)
         if peep is not None and c is not None:
             i_pre = self.add(i_pre, self.mul(c, self.const(peep[:hidden])))
             f_pre = self.add(f_pre, self.mul(c, self.const(peep[2 * hidden:])))
@@ -300,12 +330,12 @@ class _Unroller:
 
     def gru_step(self, x_t, h, R, hidden, acts, rec_bias_h):
         f_act, g_act = acts
-        xz, xr, xh = (self.slice(x_t, k * hidden, (k + 1) * hidden, 1) for k in range(3))
+        xz, xr, xh = self.split(x_t, [hidden] * 3, 1)
         if rec_bias_h is not None:  # linear_before_reset: r * (h @ Rh^T + Rbh)
             hz = hr = None
             if h is not None:
                 both = self.op("MatMul", [h, self.const(R.T)])
-                hz, hr, hh = (self.slice(both, k * hidden, (k + 1) * hidden, 1) for k in range(3))
+                hz, hr, hh = self.split(both, [hidden] * 3, 1)
                 linear = self.op("Add", [hh, self.const(rec_bias_h)])
             else:
                 linear = self.const(rec_bias_h)
@@ -316,7 +346,7 @@ class _Unroller:
             hz = hr = None
             if h is not None:
                 zr = self.op("MatMul", [h, self.const(R[:2 * hidden].T)])
-                hz, hr = self.slice(zr, 0, hidden, 1), self.slice(zr, hidden, 2 * hidden, 1)
+                hz, hr = self.split(zr, [hidden] * 2, 1)
             z = self.activate(f_act, self.clip(self.add(xz, hz)))
             r = self.activate(f_act, self.clip(self.add(xr, hr)))
             reset = None if h is None else self.op("MatMul", [self.mul(r, h), self.const(R[2 * hidden:].T)])
