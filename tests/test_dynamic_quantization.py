@@ -125,6 +125,32 @@ def test_onnxruntime_fuses_the_matmul_chains(tmp_path):
     assert "MatMulInteger" not in fused
 
 
+def test_weight_only_convs_keep_the_float_conv(tmp_path):
+    model = conv_net(opset=11)
+    r = create_pass("dynamic-quant", {"convs": "weight-only"})(model)
+    q = r.model
+    ops = op_counts(q)
+    assert ops["Conv"] == 2 and ops["DequantizeLinear"] == 2 and ops.get("ConvInteger", 0) == 0
+    assert ops["MatMulInteger"] == 1  # the Gemm is still quantized at run time
+    assert r.stats["quantized_by_op"] == {"Conv (weight-only)": 2, "Gemm": 1}
+    assert q.opset == 13 and r.stats["opset"] == "11 -> 13"  # DequantizeLinear with an axis
+    for node in q.graph.node:
+        if node.op_type == "DequantizeLinear":
+            assert q.get_constant(node.input[0]).dtype == np.int8
+            assert {a.name: helper.get_attribute_value(a) for a in node.attribute} == {"axis": 0}
+    # the float model with the dequantized weights, exactly
+    from sculpt.ir import quantization as qz
+
+    manual = model.clone()
+    for name in ("w1", "w2"):
+        manual.set_initializer(name, qz.quantize_weight(model.get_constant(name), 0).dequantized())
+    only_convs = create_pass("dynamic-quant", {"convs": "weight-only", "ops": ["Conv"]})(model).model
+    for feeds in feeds_for(model):
+        np.testing.assert_allclose(ort_run(only_convs, feeds)[0], ort_run(manual, feeds)[0], rtol=1e-5, atol=1e-6)
+    q.save(tmp_path / "q.onnx")
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+
+
 # ------------------------------------------------------------------ arithmetic
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_matmul_computes_the_integer_reference_exactly(per_channel):
@@ -254,6 +280,7 @@ def test_already_quantized_model_is_refused():
     ({"weight_bits": "6"}, "weight_bits must be 7 or 8"),
     ({"min_macs": "-1"}, "min_macs must be"),
     ({"per_channel": "maybe"}, "per_channel"),
+    ({"convs": "float"}, "convs must be one of integer, weight-only"),
 ])
 def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(OptionError, match=message) as e:

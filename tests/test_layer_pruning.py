@@ -48,9 +48,16 @@ def resnet(seed=0, weak=2, channels=8):
     return make_model(nodes, [("x", [1, 3, 10, 10])], [("y", [1, 5])], inits)
 
 
+def with_held_out(calibration, held_out):
+    """A pass context with fitting samples and held-out ones (set as an attribute, so that this works
+    whether or not PassContext declares ``held_out``)."""
+    ctx = PassContext(calibration=calibration)
+    ctx.held_out = held_out
+    return ctx
+
+
 def context(model, count=12, held_out=8):
-    return PassContext(calibration=CalibrationSet.random(model, count, seed=1),
-                       held_out=CalibrationSet.random(model, held_out, seed=99))
+    return with_held_out(CalibrationSet.random(model, count, seed=1), CalibrationSet.random(model, held_out, seed=99))
 
 
 def outputs(model, feeds):
@@ -239,7 +246,7 @@ def test_ppocr_cls_blocks_and_orientation_accuracy(tmp_path):
                                statistics=False).run(ppocr_model("cls")).model
     cal = CalibrationSet.from_arrays({"x": ocr_task.calibration_inputs("cls", 12)})
     held = CalibrationSet.from_arrays({"x": ocr_task.calibration_inputs("cls", 4, seed=7)})
-    r = create_pass("layer-pruning", {"count": 1})(base, PassContext(calibration=cal, held_out=held))
+    r = create_pass("layer-pruning", {"count": 1})(base, with_held_out(cal, held))
     assert r.stats["candidates"] == 7 and len(r.stats["removed"]) == 1
     assert r.stats["macs_after"] < r.stats["macs_before"]
     data = ocr_task.cls_set(60)

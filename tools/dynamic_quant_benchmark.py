@@ -2,11 +2,14 @@
 ``onnxruntime.quantization.quantize_dynamic``, on accuracy and onnxruntime speed.
 
     python tools/dynamic_quant_benchmark.py [--models rec,cls,ppocrv6-rec-small,squeezenet,shufflenet]
-        [--count 200] [--error-samples 8] [--threads 1] [--runs 20] [--rounds 3] [--json]
+        [--configs fp32,ort,ort-pc,dq,dq-w7,dq-wo,dq-nogroup,dq-matmul] [--count 200] [--error-samples 8]
+        [--threads 1] [--runs 20] [--rounds 3] [--json]
 
 Every model starts from the same canonicalized fp32 model with its input shape fixed (PP-OCR:
 ``sculpt.models``; ``ppocrv6-rec-small``: ``tools/zoo.py``; the others: the onnx wheel's
-``backend/test/data/light`` models). Per model and config:
+``backend/test/data/light`` models, whose weights — all 0.02 as shipped — are replaced by seeded
+He-normal values, see ``reweight``, and whose final Softmax is dropped: errors are measured on the
+logits). Per model and config:
 
 - output error against the fp32 model on held-out inputs (dynamic quantization uses no calibration
   data, so every input is held out): the relative L2 error ``||y - y_fp32|| / ||y_fp32||`` over all
@@ -43,19 +46,21 @@ from sculpt.runtime import median_latency_ms  # noqa: E402
 
 DEFAULT_MODELS = "rec,cls,ppocrv6-rec-small,squeezenet,shufflenet"
 ORT = "ort quantize_dynamic"
-CONFIGS = [  # (name, sculpt pass spec, or the keyword arguments of quantize_dynamic)
-    ("fp32", None),
-    (ORT, {}),
-    (ORT + " per_channel", {"per_channel": True}),
-    (ORT + " reduce_range", {"reduce_range": True}),
-    ("dynamic-quant (per channel)", "dynamic-quant"),
-    ("dynamic-quant per_channel=false", "dynamic-quant:per_channel=false"),
-    ("dynamic-quant weight_bits=7", "dynamic-quant:weight_bits=7"),
-    ("dynamic-quant per_channel=false,weight_bits=7", "dynamic-quant:per_channel=false,weight_bits=7"),
-    ("dynamic-quant grouped_convs=false", "dynamic-quant:grouped_convs=false"),
-    ("dynamic-quant ops=[MatMul,Gemm]", "dynamic-quant:ops=[MatMul,Gemm]"),
-    ("dynamic-quant activation_matmuls", "dynamic-quant:activation_matmuls=true"),
-]
+CONFIGS = {  # key: (name in the table, sculpt pass spec or the keyword arguments of quantize_dynamic)
+    "fp32": ("fp32", None),
+    "ort": (ORT, {}),
+    "ort-pc": (ORT + " per_channel", {"per_channel": True}),
+    "ort-rr": (ORT + " reduce_range", {"reduce_range": True}),
+    "dq": ("dynamic-quant", "dynamic-quant"),
+    "dq-pt": ("dynamic-quant per_channel=false", "dynamic-quant:per_channel=false"),
+    "dq-w7": ("dynamic-quant weight_bits=7", "dynamic-quant:weight_bits=7"),
+    "dq-pt-w7": ("dynamic-quant per_channel=false,weight_bits=7", "dynamic-quant:per_channel=false,weight_bits=7"),
+    "dq-wo": ("dynamic-quant convs=weight-only", "dynamic-quant:convs=weight-only"),
+    "dq-nogroup": ("dynamic-quant grouped_convs=false", "dynamic-quant:grouped_convs=false"),
+    "dq-matmul": ("dynamic-quant ops=[MatMul,Gemm]", "dynamic-quant:ops=[MatMul,Gemm]"),
+    "dq-attn": ("dynamic-quant activation_matmuls=true", "dynamic-quant:activation_matmuls=true"),
+}
+DEFAULT_CONFIGS = "fp32,ort,ort-pc,dq,dq-w7,dq-wo,dq-nogroup,dq-matmul"
 
 
 @dataclass
@@ -84,7 +89,41 @@ def base_model(name: str) -> tuple[Model, str | None]:
         shape, kind = None, None
     shapes = {model.input_names[0]: shape} if shape else {}
     canonical = Pipeline.from_specs(["canonicalize"], input_shapes=shapes, statistics=False).run(model).model
+    if kind is None:
+        reweight(canonical)
+        logits_out(canonical)
     return canonical, kind
+
+
+def logits_out(model: Model) -> None:
+    """A final Softmax goes: on random weights it saturates (one class ~1.0 whatever the input), and
+    errors are measured on the logits instead."""
+    out = model.output_names[0]
+    softmax = model.producers().get(out)
+    if softmax is None or softmax.op_type != "Softmax":
+        return
+    before = model.producers()[softmax.input[0]]
+    model.remove_node(softmax)
+    model.set_output(before, 0, out)
+    model.infer_shapes(refresh=True)
+
+
+def reweight(model: Model, seed: int = 0) -> None:
+    """The light models' weights are all 0.02: every output channel is the same and the softmax
+    uniform whatever the quantization does. Their Conv/Gemm/MatMul weights become seeded He-normal
+    values (biases 0.01 normal), so that the outputs depend on the weights."""
+    rng = np.random.default_rng(seed)
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        w = model.get_constant(node.input[1])
+        if w is None or w.dtype != np.float32:
+            continue
+        fan_in = int(np.prod(w.shape[1:])) if node.op_type == "Conv" else w.shape[0]
+        model.set_initializer(node.input[1], (rng.standard_normal(w.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32))
+        if len(node.input) > 2 and node.input[2] and model.get_constant(node.input[2]) is not None:
+            b = model.get_constant(node.input[2])
+            model.set_initializer(node.input[2], (rng.standard_normal(b.shape) * 0.01).astype(np.float32))
 
 
 def quantize(base: Model, spec, workdir: Path) -> Model:
@@ -140,7 +179,7 @@ def bench(name: str, args, workdir: Path) -> list[Row]:
     log(f"{name}: canonicalized in {time.perf_counter() - t:.1f}s")
     reference = make_session(base, threads=args.threads)
     rows, sessions = [], {}
-    for config, spec in CONFIGS:
+    for config, spec in (CONFIGS[k] for k in args.configs):
         row = Row(name, config)
         rows.append(row)
         try:
@@ -196,6 +235,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated (default {DEFAULT_MODELS}); light "
                                                                "models by name: resnet50, inception_v1, ...")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS,
+                    help=f"comma-separated, from: {', '.join(CONFIGS)} (default {DEFAULT_CONFIGS}); fp32 is always run")
     ap.add_argument("--count", type=int, default=200, help="OCR task lines")
     ap.add_argument("--error-samples", type=int, default=8, help="held-out inputs for the output error")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
@@ -203,6 +244,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    args.configs = ["fp32"] + [c.strip() for c in args.configs.split(",") if c.strip() and c.strip() != "fp32"]
+    unknown = [c for c in args.configs if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown config '{unknown[0]}' (known: {', '.join(CONFIGS)})")
     if min(args.count, args.error_samples, args.runs, args.rounds, args.threads) < 1:
         ap.error("--count, --error-samples, --runs, --rounds and --threads must be ≥ 1")
     rows: list[Row] = []

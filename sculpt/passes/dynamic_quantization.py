@@ -38,6 +38,8 @@ from sculpt.ir.substitution import NameAllocator, splice
 from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initializers, check_range, option, register
 
 DYNAMIC_QUANT_OPSET = 11  # DynamicQuantizeLinear
+PER_CHANNEL_DEQUANTIZE_OPSET = 13  # DequantizeLinear with an axis (weight-only Convs per channel)
+CONV_MODES = ("integer", "weight-only")
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 INTEGER_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QuantizeLinear", "DequantizeLinear",
                "QLinearConv", "QLinearMatMul")
@@ -72,6 +74,9 @@ class DynamicQuantization(Pass):
                                       "whose u8 x s8 kernels saturate int16 sums of product pairs")
     activation_matmuls: bool = option(False, help="also MatMuls of two activations (attention's scores and "
                                                   "weighted sums), both operands quantized at run time")
+    convs: str = option("integer", help="integer: ConvInteger on run-time quantized activations; weight-only: "
+                                         "int8 weights behind a DequantizeLinear, the Conv itself in float "
+                                         "(onnxruntime's ConvInteger is slower than its float Conv)")
     grouped_convs: bool = option(True, help="also grouped and depthwise Convs")
     skip: list[str] = option(default_factory=list, help="fnmatch patterns of node names kept in float")
     min_macs: int = option(0, help="layers with fewer MACs stay float")
@@ -80,6 +85,8 @@ class DynamicQuantization(Pass):
         unknown = [o for o in self.ops if o not in QUANTIZABLE_OPS]
         if unknown:
             raise ValueError(f"cannot quantize op '{unknown[0]}' dynamically (known: {', '.join(QUANTIZABLE_OPS)})")
+        if self.convs not in CONV_MODES:
+            raise ValueError(f"convs must be one of {', '.join(CONV_MODES)}, got '{self.convs}'")
         if self.weight_bits not in (7, 8):
             raise ValueError(f"weight_bits must be 7 or 8, got {self.weight_bits}")
         check_range("min_macs", self.min_macs, 0)
@@ -93,15 +100,16 @@ class DynamicQuantization(Pass):
     # ------------------------------------------------------------------ run
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         # nothing to quantize: the model goes back exactly as it came (no opset upgrade)
-        untouched = model.clone() if model.opset < DYNAMIC_QUANT_OPSET or model.proto.ir_version < 4 else model
+        untouched = model.clone() if model.opset < PER_CHANNEL_DEQUANTIZE_OPSET or model.proto.ir_version < 4 else model
         stats: dict[str, Any] = {}
         allow_plain_initializers(model)
-        if model.opset < DYNAMIC_QUANT_OPSET:
-            stats["opset"] = f"{model.opset} -> {DYNAMIC_QUANT_OPSET}"
+        opset = PER_CHANNEL_DEQUANTIZE_OPSET if self.weight_only_convs and self.per_channel else DYNAMIC_QUANT_OPSET
+        if model.opset < opset:
+            stats["opset"] = f"{model.opset} -> {opset}"
             try:
-                model.upgrade_opset(DYNAMIC_QUANT_OPSET)
+                model.upgrade_opset(opset)
             except Exception as e:
-                raise PassError(self.name, f"DynamicQuantizeLinear needs opset {DYNAMIC_QUANT_OPSET}: {e}") from None
+                raise PassError(self.name, f"the quantized layout needs opset {opset}: {e}") from None
         model.infer_shapes(refresh=True)
         layers, skipped = self._plan(model)
         if not layers:
@@ -111,6 +119,7 @@ class DynamicQuantization(Pass):
         counts: dict[str, int] = {}
         for layer in layers:
             kind = layer.node.op_type if layer.weight is not None else "MatMul (two activations)"
+            kind += " (weight-only)" if kind == "Conv" and self.weight_only_convs else ""
             counts[kind] = counts.get(kind, 0) + 1
         stats.update({"quantized": len(layers), "quantized_by_op": counts, "skipped": skipped,
                       "runtime_quantizers": sum(1 for nodes in replacements.values() for n in nodes
@@ -118,6 +127,10 @@ class DynamicQuantization(Pass):
                       "weights": "per channel" if self.per_channel else "per tensor",
                       "weight_bits": self.weight_bits})
         return PassResult(model, True, stats)
+
+    @property
+    def weight_only_convs(self) -> bool:
+        return self.convs == "weight-only" and "Conv" in self.ops
 
     # ------------------------------------------------------------------ planning
     def _plan(self, model: Model) -> tuple[list[_Layer], list[dict]]:
@@ -209,6 +222,9 @@ class DynamicQuantization(Pass):
         qmax = qz.weight_qmax(self.weight_bits)
         for layer in layers:
             node = layer.node
+            if node.op_type == "Conv" and self.weight_only_convs:
+                replacements[node.name] = self._weight_only(node, layer, names, qmax)
+                continue
             nodes: list[onnx.NodeProto] = []
             operands = []
             for tensor in layer.activations:
@@ -255,6 +271,21 @@ class DynamicQuantization(Pass):
                 nodes.append(helper.make_node("Add", [rescaled.output[0], bias], [out], name=names.fresh(f"{base}_Add")))
             replacements[node.name] = nodes
         return replacements
+
+    def _weight_only(self, node: onnx.NodeProto, layer: _Layer, names: NameAllocator, qmax: int) -> list[onnx.NodeProto]:
+        """int8 weights behind a DequantizeLinear (per output channel: axis 0), read by the float Conv."""
+        wq = qz.quantize_weight(layer.weight, 0 if self.per_channel else None, qmax)
+        q = names.initializer(f"{node.input[1]}_quantized", wq.values, np.int8)
+        scale = names.initializer(f"{node.input[1]}_scale", wq.scale, np.float32)
+        zp = names.initializer(f"{node.input[1]}_zero_point", np.zeros(wq.scale.shape, np.int8), np.int8)
+        dequantized = names.fresh(f"{node.input[1]}_dequantized")
+        kwargs = {"axis": 0} if wq.scale.ndim else {}
+        dq = helper.make_node("DequantizeLinear", [q, scale, zp], [dequantized],
+                              name=names.fresh(f"{node.input[1]}_DequantizeLinear"), **kwargs)
+        conv = onnx.NodeProto()
+        conv.CopyFrom(node)
+        conv.input[1] = dequantized
+        return [dq, conv]
 
 
 def _elem_types(model: Model) -> dict[str, int]:
