@@ -117,3 +117,39 @@ def test_blocked_depthwise_pads_per_plane_or_per_band_of_rows_and_matches(per_pl
     _compile_and_compare(cases.mobile_block_model(), 8, (14, 21), decisions)
     tiles = [d.tile for d in decisions if d.kind == "depthwise_blocked"]  # th, tw, per_plane
     assert len(tiles) == 2 and all(t[2] == per_plane for t in tiles)
+
+
+def test_a_measured_conv_tile_search_is_cached_and_later_builds_use_it():
+    """search_tiles times the blocked convs in the layouts the plan gives them and caches a tile per
+    conv; a build then takes the cached tile (planted here: one the heuristic does not pick) and
+    still matches onnxruntime."""
+    import json
+
+    import tvm
+
+    from sculpt.backends.tvm.kernels.blocked_conv import ConvTile
+    from sculpt.backends.tvm.kernels.tile_search import TileCache, cache_path, search_tiles
+
+    proto = cases.residual_chain_model(nchw_branch=False)
+    target = tvm.target.Target(host_target("llvm"))
+    heuristic = _compile_and_compare(proto, 8, (20, 19))
+    results = [r for r in search_tiles(import_to_relax(Model.wrap(proto)), target, candidates=2, number=1, repeat=1)
+               if r.kind == "conv2d_blocked"]
+    # one result per distinct conv (shape and layouts); each tried the heuristic's tile first
+    assert results and len({r.key for r in results}) == len(results)
+    assert all(len(r.tried) >= 2 and r.tried[0][1] == r.heuristic_ms for r in results)
+    assert all(r.best_ms <= r.heuristic_ms for r in results)
+    assert {tuple(r.tried[0][0]) for r in results} == {tuple(t) for t in heuristic}
+    stored = json.loads(cache_path().read_text())["tiles"]
+    assert all(stored[r.key]["tile"] == r.best for r in results)
+    # plant a tile for every conv: one column per register tile, the heuristic's layouts
+    cache = TileCache()
+    planted = {}
+    for r in results:
+        ob, _, _, rc, rows_outer, in_block, out_block = r.tried[0][0]
+        planted[r.key] = ConvTile(ob, 1, 1, rc, rows_outer, in_block, out_block)
+        cache.put(r.key, planted[r.key], 1.0)
+    cache.save()
+    tiles = _compile_and_compare(proto, 8, (20, 19))
+    assert len(tiles) == len(heuristic)
+    assert {tuple(t) for t in tiles} == {tuple(p.as_list()) for p in planted.values()}

@@ -31,7 +31,7 @@ from sculpt.backends.tvm.kernels.sum_as_adds import rewrite_sum_of_stack
 from sculpt.backends.tvm.kernels.fast_math import rewrite_fast_math
 from sculpt.backends.tvm.kernels.row_softmax import rewrite_row_softmax
 from sculpt.backends.tvm.kernels.target_traits import traits_of
-from sculpt.backends.tvm.kernels.tiling import conv_tile
+from sculpt.backends.tvm.kernels.blocked_conv import ConvPolicy
 from sculpt.backends.tvm.kernels.whole_vector_width import rewrite_depthwise_widths
 from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
 from sculpt.backends.tvm.kernels.rules import TileChooser, schedule_module
@@ -44,10 +44,17 @@ def _module_pass(name: str, rewrite):
     return tvm.transform.module_pass(lambda mod, _ctx: rewrite(mod), opt_level=0, name=name)
 
 
-def _front_passes(target) -> list:
-    """Up to and including FuseTIR: the module whose PrimFuncs the kernels schedule."""
+def _front_passes(target, conv_policy: ConvPolicy | None = None, conv_decisions: list | None = None) -> list:
+    """Up to and including FuseTIR: the module whose PrimFuncs the kernels schedule. ``conv_policy``
+    (the blocked convs' tiles) defaults to the search cache, then the heuristic
+    (tile_search.cached_conv_policy, tiling.conv_tile); ``conv_decisions`` (a list) receives the
+    blocked convs' (ConvShape, ConvTile) pairs."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    if conv_policy is None:
+        from sculpt.backends.tvm.kernels.tile_search import cached_conv_policy
+
+        conv_policy = cached_conv_policy()
     traits = traits_of(target)
     rewrites = [
         ("SculptFoldSmallConstants", fold_small_constants),
@@ -55,8 +62,7 @@ def _front_passes(target) -> list:
         ("SculptBatchNormAsAffine", rewrite_batch_norm_as_affine),
         ("SculptSumAsAdds", rewrite_sum_of_stack),
         ("SculptRewriteTransposedConvs", rewrite_transposed_convs),
-        # the policy: tiling.conv_tile
-        ("SculptBlockedConvs", lambda mod: rewrite_in_blocked_layout(mod, conv_tile, traits)),
+        ("SculptBlockedConvs", lambda mod: rewrite_in_blocked_layout(mod, conv_policy, traits, conv_decisions)),
         ("SculptEvenStridedWidths", rewrite_even_strided_widths),
         ("SculptDepthwiseWidths", lambda mod: rewrite_depthwise_widths(mod, traits.vector_lanes)),
         ("SculptPadMatmulColumns", pad_matmul_columns),
@@ -67,12 +73,12 @@ def _front_passes(target) -> list:
         + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 
-def legalized_and_fused(mod, target):
+def legalized_and_fused(mod, target, conv_policy: ConvPolicy | None = None, conv_decisions: list | None = None):
     """``mod`` after the front of the pipeline (legalized, fused, not yet scheduled)."""
     import tvm
 
     with target:
-        return tvm.transform.Sequential(_front_passes(target))(mod)
+        return tvm.transform.Sequential(_front_passes(target, conv_policy, conv_decisions))(mod)
 
 
 def sculpt_relax_pipeline(target, choose: TileChooser | None = None, decisions: list | None = None):

@@ -62,6 +62,11 @@ def main_reduction(sch):
     return reductions[0] if len(reductions) == 1 else None
 
 
+def blocked_kernel(block_name: str) -> bool:
+    """A main block of the channel-blocked conv or depthwise kernel (its tile is in its name)."""
+    return tile_from_block_name(block_name) is not None or blocked_depthwise.tile_from_block_name(block_name) is not None
+
+
 def try_register_tile(func, traits: TargetTraits, choose: TileChooser, name: str = ""):
     """(schedule, decision) with the register-tiled kernel, or None when it does not apply."""
     from tvm import s_tir

@@ -7,6 +7,13 @@ under a key made of the target's traits, the kernel kind, its output shape, its 
 a structural hash of the PrimFunc. Every later build for the same target (``build(...,
 kernels="sculpt")``) picks the cached tile up; kernels without an entry use the heuristic.
 
+The channel-blocked convs (blocked_conv) are chosen before fusion, per conv shape and input/output
+layout: each distinct one of a module is built alone (the conv without its epilogue) with the best
+tiles of ``tiling.conv_tile_ranking`` and the heuristic's own with its loop order flipped, and the
+fastest is cached under ``conv_cache_key``; ``cached_conv_policy`` hands it to the layout plan. A
+search keeps a measured tile only when it beats the heuristic's by ``MIN_GAIN``: the runs are short
+and the host may be busy, and a tile picked on noise would be worse than the heuristic.
+
 Only host targets can be measured here; for a cross target (arm64) the heuristic decides."""
 
 from __future__ import annotations
@@ -67,6 +74,35 @@ class TileCache:
         os.replace(tmp, self.path)
 
 
+# a measured tile replaces the heuristic's only when faster by this fraction (or more)
+MIN_GAIN = 0.03
+
+
+def conv_cache_key(shape, traits: TargetTraits, in_block: int, out_block: int) -> str:
+    """The cache key of a channel-blocked conv: target traits, shape, strides, padding, layouts."""
+    s = shape
+    dims = "x".join(str(d) for d in (s.batch, s.in_channels, s.height, s.width, s.out_channels))
+    geometry = "_".join("x".join(str(v) for v in t) for t in (s.kernel, s.strides, s.dilation, s.padding))
+    return f"{traits.key}|conv2d_blocked|{dims}|{geometry}|i{in_block}|o{out_block}"
+
+
+def cached_conv_policy(cache: TileCache | None = None):
+    """A blocked-conv policy (blocked_conv.ConvPolicy): the measured tile of a conv if the search
+    found one for these layouts, else ``tiling.conv_tile``."""
+    from sculpt.backends.tvm.kernels.blocked_conv import ConvTile
+    from sculpt.backends.tvm.kernels.tiling import conv_tile
+
+    cache = cache if cache is not None else TileCache()
+
+    def policy(shape, traits, in_block: int = 0, out_block: int = 0):
+        entry = cache.entries.get(conv_cache_key(shape, traits, in_block, out_block)) if cache.entries else None
+        if entry is not None:
+            return ConvTile(*entry["tile"])
+        return conv_tile(shape, traits, in_block, out_block)
+
+    return policy
+
+
 def cached_chooser(cache: TileCache | None = None):
     """A TileChooser: the cached tile of a kernel if the search found one, else the heuristic."""
     from sculpt.backends.tvm.kernels.rules import heuristic_chooser
@@ -94,43 +130,114 @@ class SearchResult:
     best_ms: float
 
 
+def _time_ms(lib, args, number: int, repeat: int) -> float:
+    import tvm
+
+    timer = lib.jit().time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
+    return float(min(timer(*args).results)) * 1e3
+
+
+def _random_args(func) -> list:
+    import numpy as np
+    import tvm
+
+    rng = np.random.default_rng(0)
+    return [tvm.runtime.tensor(np.asarray(rng.standard_normal([int(d) for d in p.shape])).astype(p.dtype), tvm.cpu())
+            for p in func.params]
+
+
+def time_blocked_conv(shape, tile, target, *, number: int = 3, repeat: int = 3) -> float:
+    """Milliseconds of one blocked conv kernel alone (no epilogue) with ``tile``, single-threaded
+    schedule, on this machine (best of ``repeat``)."""
+    import tvm
+    from tvm import s_tir
+
+    from sculpt.backends.tvm.kernels.blocked_conv import blocked_conv_func, schedule_blocked_conv
+
+    func = blocked_conv_func(shape, tile)
+    sch = s_tir.Schedule(func)
+    schedule_blocked_conv(sch, sch.mod["main"], sch.get_sblock(tile.name), tile, traits_of(target).vector_lanes,
+                          parallel=False)
+    lib = tvm.compile(sch.mod, target=target)
+    return _time_ms(lib, _random_args(func), number, repeat)
+
+
+def search_conv_tiles(mod, target, *, candidates: int = 4, number: int = 3, repeat: int = 3,
+                      cache: TileCache | None = None, progress=None) -> list[SearchResult]:
+    """Time the heuristic tile and the ``candidates`` best-ranked others of every distinct
+    channel-blocked conv of the Relax module ``mod`` (in the layouts the plan gives it) and cache the
+    fastest when it beats the heuristic's by ``MIN_GAIN`` (see the module docstring)."""
+    import dataclasses
+
+    import tvm
+
+    from sculpt.backends.tvm.kernels.pipeline import legalized_and_fused
+    from sculpt.backends.tvm.kernels.tiling import conv_tile, conv_tile_ranking
+
+    target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    traits = traits_of(target)
+    cache = cache if cache is not None else TileCache()
+    decisions: list = []
+    legalized_and_fused(mod, target, conv_tile, decisions)
+    results = []
+    for shape, heuristic in dict.fromkeys(decisions):
+        tiles = [heuristic, dataclasses.replace(heuristic, rows_outer=1 - heuristic.rows_outer)]
+        for tile in conv_tile_ranking(shape, traits, heuristic.in_block, heuristic.out_block, candidates + 1):
+            if tile not in tiles:
+                tiles.append(tile)
+        tiles = tiles[:candidates + 1]
+        tried = [(tile, time_blocked_conv(shape, tile, target, number=number, repeat=repeat)) for tile in tiles]
+        best_tile, best_ms = min(tried, key=lambda t: t[1])
+        key = conv_cache_key(shape, traits, heuristic.in_block, heuristic.out_block)
+        if best_ms < tried[0][1] * (1 - MIN_GAIN):
+            cache.put(key, best_tile, best_ms)
+        else:
+            best_tile, best_ms = heuristic, tried[0][1]
+            cache.put(key, heuristic, best_ms)
+        results.append(SearchResult(f"conv {shape.in_channels}->{shape.out_channels} k{shape.kernel[0]}x"
+                                    f"{shape.kernel[1]} s{shape.strides[0]} @{shape.height}x{shape.width}",
+                                    "conv2d_blocked", key, [(t.as_list(), ms) for t, ms in tried],
+                                    best_tile.as_list(), tried[0][1], best_ms))
+        if progress:
+            progress(f"{results[-1].func}: {best_tile.as_list()} {best_ms:.3f} ms (heuristic {tried[0][1]:.3f} ms)")
+    cache.save()
+    return results
+
+
 def search_tiles(mod, target, *, candidates: int = 4, number: int = 3, repeat: int = 3,
                  cache: TileCache | None = None, progress=None) -> list[SearchResult]:
-    """Time the ``candidates`` best-ranked tiles of every register-tiled kernel of the Relax module
-    ``mod`` on this machine and cache the fastest (see the module docstring)."""
-    import numpy as np
+    """Time the ``candidates`` best-ranked tiles of every channel-blocked conv (search_conv_tiles)
+    and of every register-tiled kernel of the Relax module ``mod`` on this machine and cache the
+    fastest (see the module docstring)."""
     import tvm
     from tvm import s_tir, tirx
 
     from sculpt.backends.tvm.kernels.block_analysis import analyze_reduction
     from sculpt.backends.tvm.kernels.pipeline import legalized_and_fused
-    from sculpt.backends.tvm.kernels.rules import main_reduction, schedule_func, tile_ranking
+    from sculpt.backends.tvm.kernels.rules import blocked_kernel, main_reduction, schedule_func, tile_ranking
 
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     traits = traits_of(target)
     cache = cache if cache is not None else TileCache()
-    dev = tvm.cpu()
-    results = []
-    for gv, func in legalized_and_fused(mod, target).functions_items():
+    results = search_conv_tiles(mod, target, candidates=candidates, number=number, repeat=repeat, cache=cache,
+                                progress=progress)
+    for gv, func in legalized_and_fused(mod, target, cached_conv_policy(cache)).functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
         sch = s_tir.Schedule(func)
         main = main_reduction(sch)
         anatomy = analyze_reduction(sch, main) if main is not None else None
-        if anatomy is None:
-            continue
+        if anatomy is None or blocked_kernel(sch.get(main).name_hint):
+            continue  # the blocked kernels' tiles are fixed before fusion (search_conv_tiles)
         tiles = tile_ranking(anatomy, traits, candidates)
-        rng = np.random.default_rng(0)
-        args = [tvm.runtime.tensor(np.asarray(rng.standard_normal([int(d) for d in p.shape])).astype(p.dtype), dev)
-                for p in func.params]
+        args = _random_args(func)
         tried = []
         for tile in tiles:
             scheduled, _ = schedule_func(func, traits, lambda a, t, f, tile=tile: tile, gv.name_hint)
             if scheduled is None:
                 continue
             lib = tvm.compile(tvm.IRModule({"main": scheduled.with_attr("global_symbol", "main")}), target=target)
-            timer = lib.jit().time_evaluator("main", dev, number=number, repeat=repeat)
-            tried.append((tile, float(min(timer(*args).results)) * 1e3))
+            tried.append((tile, _time_ms(lib, args, number, repeat)))
         if not tried:
             continue
         best_tile, best_ms = min(tried, key=lambda t: t[1])

@@ -182,8 +182,6 @@ def conv_tile(shape, traits: TargetTraits, in_block: int = 0, out_block: int = 0
     1.33 -> 1.21 ms, 128->512 1x1 at 28x28 1.38 -> 1.21, 256->256 3x3 at 14x14 3.00 -> 2.66;
     PP-OCRv6 det's 384->192 1x1 at 46x46 4.8 -> 3.7 with 2 rows x 2 columns, no padded width)."""
 
-    from sculpt.backends.tvm.kernels.blocked_conv import ConvTile
-
     lanes = traits.vector_lanes
     channels = -(-shape.out_channels // lanes) * lanes  # computed: whole vectors, extra rows zero
     # a width of no whole vectors costs the width kernel as much: then up to twice the channels
@@ -197,8 +195,20 @@ def conv_tile(shape, traits: TargetTraits, in_block: int = 0, out_block: int = 0
         # (2.7 writing NCHW8c; onnxruntime 4.5). Nor between blocked layers: doc-orientation's 16->32
         # 1x1 at 112x112 0.34 ms with the width kernel (and NCHW around it), 0.29 blocked in and out
         return None
+    ranking = conv_tile_ranking(shape, traits, in_block, out_block)
+    return ranking[0] if ranking else None
+
+
+def conv_tile_ranking(shape, traits: TargetTraits, in_block: int = 0, out_block: int = 0, count: int = 0) -> list:
+    """The channel-blocked conv kernel's tiles for ``shape`` in these layouts, best-scored first
+    (``count`` > 0: only that many), whatever ``conv_tile`` would decide about the width kernel: the
+    candidates a measured search times (tile_search)."""
+    from sculpt.backends.tvm.kernels.blocked_conv import ConvTile
+
+    lanes = traits.vector_lanes
+    channels = -(-shape.out_channels // lanes) * lanes
     oh, ow = shape.out_height, shape.out_width
-    best, best_score = None, None
+    scored = []
     for vregs in (3, 2, 1):
         ob = vregs * lanes
         computed = -(-channels // ob) * ob
@@ -219,11 +229,11 @@ def conv_tile(shape, traits: TargetTraits, in_block: int = 0, out_block: int = 0
                 acc = th * tw * vregs
                 intensity = acc / (th * tw + vregs)
                 score = (round(intensity * rows_used * ow / padded * channels / computed, 3), vregs, -th, tw)
-                if best_score is None or score > best_score:
-                    best, best_score = ConvTile(ob, th, tw), score
-    if best is None:
-        return None
-    return ConvTile(best.ob, best.th, best.tw, 0, int(_rows_outer(shape, channels, traits)), in_block, out_block)
+                scored.append((score, ConvTile(ob, th, tw)))
+    scored.sort(key=lambda st: st[0], reverse=True)
+    rows_outer = int(_rows_outer(shape, channels, traits))
+    tiles = [ConvTile(t.ob, t.th, t.tw, 0, rows_outer, in_block, out_block) for _, t in scored]
+    return tiles[:count] if count > 0 else tiles
 
 
 def _rows_outer(shape, channels: int, traits: TargetTraits) -> bool:
