@@ -116,6 +116,10 @@ def test_missing_or_foreign_manifest(cls_host, tmp_path, capsys):
     (["-o", "{tmp}/out.so", "--tune", "-3"], ["--tune"]),
     (["-o", "{tmp}/out.so", "--rpc", "localhost", "--device-key", "k"], ["HOST:PORT"]),
     (["-o", "{tmp}/out.so", "--rpc", "localhost:9190"], ["--device-key"]),
+    (["-o", "{tmp}/out.so", "--search-tiles", "-1"], ["--search-tiles", ">= 0"]),
+    (["-o", "{tmp}/out.so", "--search-tiles", "2", "--target", "arm64"], ["--search-tiles", "arm64"]),
+    (["-o", "{tmp}/out.so", "--search-tiles", "2", "--kernels", "default"], ["--search-tiles", "--kernels sculpt"]),
+    (["-o", "{tmp}/out.so", "--search-tiles", "2", "--tune", "4"], ["--search-tiles", "--tune"]),
 ])
 def test_compile_errors_write_nothing(tmp_path, capsys, args, words):
     """The input is called model.json here, so that '-o model.so' would put the manifest over it."""
@@ -168,3 +172,19 @@ def test_compile_with_sparse_kernels_on_a_sparsified_model(tmp_path, capsys):
     assert json.loads(out.with_suffix(".json").read_text())["options"]["sparse"]["layers_sparse"] > 0
     capsys.readouterr()
     assert main(["verify", str(out), "--model", str(tmp_path / "cls_sparse.onnx")]) == 0
+
+
+def test_compile_with_a_tile_search_caches_measured_tiles_and_says_so(tmp_path, monkeypatch, capsys):
+    """--search-tiles times candidate tiles of every sculpt kernel here, caches them, and the manifest
+    and the summary say how many kernels were searched; the artifact still matches onnxruntime."""
+    monkeypatch.setenv("SCULPT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "cls.so"
+    assert main(["compile", str(ppocr_model_path("cls")), "--input-shape", "x=" + ",".join(map(str, CLS_SHAPE)),
+                 "--search-tiles", "2", "-o", str(out)]) == 0
+    assert "tile search:" in capsys.readouterr().out
+    searched = load_artifact(out).manifest["options"]["tile_search"]
+    assert searched["candidates"] == 2 and searched["kernels"] >= 5
+    tiles = json.loads((tmp_path / "cache" / "kernel_tiles.json").read_text())["tiles"]
+    assert len(tiles) == searched["kernels"]
+    assert any("conv2d_blocked" in key for key in tiles)
+    assert main(["verify", str(out), "--model", str(ppocr_model_path("cls"))]) == 0

@@ -49,6 +49,9 @@ def register_tvm_commands(subparsers) -> None:
                         "goes beside the artifact (<name>.tuning/) and is reused by the next compile")
     c.add_argument("--tuning-db", metavar="DIR", help="the tuning database folder (default: beside the artifact)")
     _add_strategy_option(c)
+    c.add_argument("--search-tiles", type=int, default=0, metavar="N",
+                   help="host only: first time the N best candidate tiles of every sculpt kernel on this machine and "
+                        "cache the fastest (~/.cache/sculpt/kernel_tiles.json; later builds use it)")
     c.add_argument("--no-canonicalize", action="store_true",
                    help="import the model as is (by default 'canonicalize' runs first; TVM's importer needs it)")
     _add_device_options(c)
@@ -193,6 +196,8 @@ def cmd_compile(args) -> int:
     target = get_target(args.target)
     if args.tune < 0:
         raise OptionError(f"--tune takes a number of trials >= 0, got {args.tune}")
+    if args.search_tiles and (args.tune or args.tuning_db):
+        raise OptionError("--search-tiles times sculpt's kernels, --tune schedules TVM's own: give one of them")
     device = _device(args)
     library = check_artifact_path(args.output, args.model)
     tuning_db = None
@@ -214,7 +219,8 @@ def cmd_compile(args) -> int:
     with _status(console, enabled=not args.json) as (say, tuning_started, trials_done):
         compiled = compile_model(model, target, input_shapes=shapes, canonicalize=not args.no_canonicalize,
                                  tune_trials=args.tune, tuning_database=tuning_db, device=device,
-                                 tune_strategy=args.tune_strategy, build_options=build_options, sparse=args.sparse, progress=say,
+                                 tune_strategy=args.tune_strategy, build_options=build_options, sparse=args.sparse,
+                                 search_tiles=args.search_tiles, progress=say,
                                  on_tuning_start=tuning_started, on_trials=trials_done)
         say(f"exporting {library}")
         artifact = export_artifact(compiled, library, source_model=args.model, thread_policy=args.thread_policy)
@@ -232,6 +238,10 @@ def cmd_compile(args) -> int:
         tr = m["tuning"]
         out.print(f"tuning: {tr['tasks']} tasks, {tr['tasks_tuned']} tuned now with {tr['trials']} trials, "
                   f"{tr['tasks_reused']} taken from the database {tr['database']}")
+    searched = (m.get("options") or {}).get("tile_search")
+    if searched:
+        out.print(f"tile search: {searched['kernels']} kernels, {searched['candidates']} candidates each, "
+                  f"{searched['faster_than_heuristic']} faster than the heuristic's tile ({searched['seconds']} s)")
     sparse = (m.get("options") or {}).get("sparse")
     if sparse:
         out.print(f"sparse kernels ({sparse['mode']}): {sparse['layers_sparse']} of {len(sparse['decisions'])} layers")

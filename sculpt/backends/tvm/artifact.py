@@ -143,7 +143,7 @@ def prepare_model(model, input_shapes: Mapping[str, Sequence[int]] | None = None
 def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None, canonicalize: bool = True,
                   tune_trials: int = 0, tuning_database: Path | None = None, device=None,
                   tune_strategy: str = "evolutionary", build_options: Mapping | None = None, sparse: str | None = None,
-                  progress: Callable[[str], None] | None = None,
+                  search_tiles: int = 0, progress: Callable[[str], None] | None = None,
                   on_tuning_start: Callable[[int], None] | None = None,
                   on_trials: Callable[[int], None] | None = None) -> CompiledModel:
     """Import ``model`` (a sculpt Model) into Relax and build it for ``target``.
@@ -151,7 +151,9 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
     ``tune_trials`` > 0 tunes with MetaSchedule into ``tuning_database`` (required then); a database
     given with ``tune_trials`` = 0 is only applied. ``build_options`` are passed on to
     ``relax_import.build`` (e.g. ``kernels``); ``sparse`` ('auto'|'on'|'off') runs the sparse-kernel
-    rewrite on the Relax module first."""
+    rewrite on the Relax module first. ``search_tiles`` > 0 first times that many candidate tiles of
+    every sculpt kernel on this machine and caches the fastest (kernels.tile_search; host targets
+    with sculpt's kernels only); the build then uses them."""
     from sculpt.backends.tvm.relax_import import build, import_to_relax
 
     start = time.perf_counter()
@@ -187,6 +189,8 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
                                             strategy=tune_strategy, on_start=on_tuning_start, on_trials=on_trials)
         build_options = {"kernels": "metaschedule"}  # tuned schedules of TVM's own operators
     else:
+        if search_tiles:
+            options["tile_search"] = _search_tiles(mod, target, search_tiles, build_options, progress)
         if progress:
             progress(f"building for {target.name}")
         # decisions: filled by sculpt's CPU kernels, left empty by TVM's own pipeline
@@ -196,6 +200,25 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
         options["kernels"] = "default" if target.is_opencl else _default_kernels()
     return CompiledModel(executable, target, inputs, outputs, passes, options, report,
                          time.perf_counter() - start, kernel_decisions)
+
+
+def _search_tiles(mod, target: NamedTarget, candidates: int, build_options: Mapping | None, progress) -> dict:
+    """Time ``candidates`` tiles of every kernel on this machine (kernels.tile_search) and cache the
+    fastest; what was searched, for the manifest."""
+    from sculpt.backends.tvm.kernels.tile_search import timed_search
+
+    if candidates < 0:
+        raise OptionError(f"--search-tiles takes a number of candidate tiles >= 0, got {candidates}")
+    if target.is_opencl or target.is_cross:
+        raise OptionError(f"--search-tiles: target '{target.name}' is not this machine; tiles are measured here "
+                          "(cross and GPU targets use the heuristic)")
+    if dict(build_options or {}).get("kernels", _default_kernels()) != "sculpt":
+        raise OptionError("--search-tiles measures sculpt's kernels: it needs --kernels sculpt")
+    if progress:
+        progress(f"timing {candidates} candidate tiles of every kernel on this machine")
+    results, seconds = timed_search(mod, target.tvm_target(), candidates=candidates, progress=progress)
+    return {"candidates": candidates, "kernels": len(results), "seconds": round(seconds, 1),
+            "faster_than_heuristic": sum(1 for r in results if r.best_ms < r.heuristic_ms)}
 
 
 def _default_kernels() -> str:
