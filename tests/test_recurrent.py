@@ -308,3 +308,23 @@ def test_crnn_recognizer_compiles_for_the_host_and_matches_onnxruntime(crnn_with
 def test_crnn_recognizer_on_arm64_under_qemu_matches_onnxruntime(crnn_with_logits, tmp_path, capsys):
     data = _compile_and_verify_crnn(crnn_with_logits, "arm64", tmp_path, capsys)
     assert data["emulated"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None or shutil.which("aarch64-linux-gnu-g++") is None,
+                    reason="needs qemu-user-static and g++-aarch64-linux-gnu")
+@pytest.mark.parametrize("name", ["gru_linear_before_reset_bidirectional_seq_lens_input",
+                                  "rnn_relu_bidirectional_constant_seq_lens",
+                                  "lstm_bidirectional_seq_lens_input_states_peepholes_clip"])
+def test_random_configurations_on_arm64_under_qemu(name, tmp_path):
+    from sculpt.backends.tvm.artifact import compile_artifact, load_artifact
+    from sculpt.backends.tvm.deploy import verify_artifact
+
+    spec = dict(RANDOM_CASES[name])
+    proto, feeds = _random_case(spec.pop("op"), **spec)
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(proto, path)
+    library = tmp_path / f"{name}.so"
+    compile_artifact(path, "arm64", library)
+    result = verify_artifact(load_artifact(library), path, feeds, rtol=RTOL, timeout=600)
+    assert result.emulated and result.ok, result.comparison.outputs
