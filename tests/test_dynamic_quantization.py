@@ -254,6 +254,22 @@ def test_activation_matmuls_only_when_asked():
     assert r.stats["quantized_by_op"] == {"MatMul": 4, "MatMul (two activations)": 2}
 
 
+def test_recurrent_ops_are_reported_as_left_float():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("LSTM", ["x", "w", "r"], ["", "h"], name="lstm", hidden_size=4),
+             helper.make_node("Squeeze", ["h", "axes"], ["hs"], name="squeeze"),
+             helper.make_node("MatMul", ["hs", "wo"], ["y"], name="head")]
+    model = make_model(nodes, [("x", [5, 1, 3])], [("y", [1, 2])],
+                       {"w": rand(rng, 1, 16, 3), "r": rand(rng, 1, 16, 4), "wo": rand(rng, 4, 2),
+                        "axes": np.array([0], np.int64)})
+    r = create_pass("dynamic-quant")(model)
+    assert r.stats["quantized_by_op"] == {"MatMul": 1}
+    assert r.stats["skipped"] == [{"layer": "lstm", "op": "LSTM", "reason": r.stats["skipped"][0]["reason"]}]
+    assert "no integer recurrent op" in r.stats["skipped"][0]["reason"]
+    feeds = {"x": rand(rng, 5, 1, 3)}
+    np.testing.assert_allclose(ort_run(r.model, feeds)[0], ort_run(model, feeds)[0], rtol=0.05, atol=0.05)
+
+
 def test_old_opset_is_raised_to_11():
     model = conv_net(opset=9)
     r = create_pass("dynamic-quant")(model)

@@ -2,13 +2,13 @@
 cheapest 1, 2, ... of them costs, with and without the least-squares refit.
 
     python tools/layer_pruning_benchmark.py [--models resnet50,det,rec] [--counts 1,2,4]
-        [--calibration 16] [--held-out 8] [--lines 200] [--threads 1] [--runs 10] [--rounds 3] [--json]
+        [--calibration 32] [--held-out 8] [--plain] [--lines 200] [--threads 1] [--runs 10] [--rounds 3] [--json]
 
 Every model starts canonicalized with its input shape fixed. Calibration and held-out samples are
 disjoint: rendered text (``sculpt.textdata.text_input``) for PP-OCR det, rendered text lines of
 the OCR task's calibration seeds for rec (``sculpt.ocr_task.calibration_inputs``), normal noise for
 the onnx wheel's light resnet50 (whose weights are all 0.02: the model is a topology, not a
-trained network). Per model and removal count: MACs, the relative L2 output error on the held-out
+trained network; its final Softmax is dropped, errors are measured on the logits). Per model and removal count: MACs, the relative L2 output error on the held-out
 samples, for rec the OCR task (exact match and character accuracy on ``--lines`` lines of the
 evaluation seed), and onnxruntime latency (median over rounds of the median of repeated runs, all
 variants of a model in turn in each round).
@@ -25,15 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
-from sculpt import ocr_task
-from sculpt.ir.calibration import CalibrationSet
-from sculpt.ir.cost import cost_of
-from sculpt.ir.model import Model
-from sculpt.models import PPOCR_SHAPES, backend_test_data_dir, ppocr_model
-from sculpt.passes import PassContext, Pipeline, create_pass
-from sculpt.passes.layer_pruning import OutputReference
-from sculpt.runtime import make_session, median_latency_ms
-from sculpt.textdata import text_input
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dynamic_quant_benchmark import logits_out  # noqa: E402
+
+from sculpt import ocr_task  # noqa: E402
+from sculpt.ir.calibration import CalibrationSet  # noqa: E402
+from sculpt.ir.cost import cost_of  # noqa: E402
+from sculpt.ir.model import Model  # noqa: E402
+from sculpt.models import PPOCR_SHAPES, backend_test_data_dir, ppocr_model  # noqa: E402
+from sculpt.passes import PassContext, Pipeline, create_pass  # noqa: E402
+from sculpt.passes.layer_pruning import OutputReference  # noqa: E402
+from sculpt.runtime import make_session, median_latency_ms  # noqa: E402
+from sculpt.textdata import text_input  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -50,6 +53,8 @@ def load(name: str) -> tuple[Model, CalibrationSet, CalibrationSet]:
     x = model.input_names[0]
     base = Pipeline.from_specs(["canonicalize"], input_shapes={x: shape} if shape else {},
                                statistics=False).run(model).model
+    if shape is None:
+        logits_out(base)
     shape = list(base.static_shape(x))
     return base, *(CalibrationSet.from_arrays({x: samples(name, shape, n, seed)}, f"{name} {what}")
                    for n, seed, what in ((ARGS.calibration, 1000, "calibration"), (ARGS.held_out, 2000, "held-out")))
@@ -73,16 +78,18 @@ def bench(name: str) -> list[dict]:
     data = ocr_task.rec_set(ARGS.lines) if name == "rec" else None
     characters = ocr_task.character_list(base) if name == "rec" else None
     variants = {"original": (base, {})}
+    kinds = [(False, False), (False, True)] + ([(True, True)] if ARGS.plain else [])
     for count in ARGS.counts:
-        for refit in (False, True):
+        for plain, refit in kinds:
             t = time.perf_counter()
             ctx = PassContext(calibration=calibration)
-            result = create_pass("layer-pruning", {"count": count, "refit": refit, "samples": ARGS.calibration})(base, ctx)
+            options = {"count": count, "refit": refit, "samples": ARGS.calibration, "plain_layers": plain}
+            result = create_pass("layer-pruning", options)(base, ctx)
             if not result.modified:
                 log(f"{name}: count={count}: nothing removed ({result.stats.get('reason')})")
                 continue
             result.model.verify()
-            label = f"count={count}" + (", refit" if refit else "")
+            label = f"count={count}" + (", refit" if refit else "") + (", plain_layers" if plain else "")
             variants[label] = (result.model, result.stats)
             log(f"{name} / {label}: removed {[r['node'] for r in result.stats['removed']]} "
                 f"({time.perf_counter() - t:.1f}s)")
@@ -128,7 +135,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="resnet50,det,rec")
     ap.add_argument("--counts", default="1,2,4", help="blocks to remove, one variant each")
-    ap.add_argument("--calibration", type=int, default=16)
+    ap.add_argument("--calibration", type=int, default=32)
+    ap.add_argument("--plain", action="store_true", help="also variants with plain_layers=true (refit)")
     ap.add_argument("--held-out", type=int, default=8)
     ap.add_argument("--lines", type=int, default=200, help="OCR task lines (rec)")
     ap.add_argument("--threads", type=int, default=1)

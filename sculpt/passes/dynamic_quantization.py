@@ -40,6 +40,9 @@ from sculpt.passes.base import Pass, PassContext, PassResult, allow_plain_initia
 DYNAMIC_QUANT_OPSET = 11  # DynamicQuantizeLinear
 PER_CHANNEL_DEQUANTIZE_OPSET = 13  # DequantizeLinear with an axis (weight-only Convs per channel)
 CONV_MODES = ("integer", "weight-only")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+RECURRENT_REASON = ("standard ONNX has no integer recurrent op (onnxruntime's DynamicQuantizeLSTM is a contrib op); "
+                    "its MatMuls stay float")
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 INTEGER_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QuantizeLinear", "DequantizeLinear",
                "QLinearConv", "QLinearMatMul")
@@ -143,6 +146,9 @@ class DynamicQuantization(Pass):
             macs = {c.name: c.macs for c in cost_of(model).layers}
         layers, skipped = [], []
         for node in model.graph.node:
+            if node.op_type in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
+                skipped.append({"layer": node.name, "op": node.op_type, "reason": RECURRENT_REASON})
+                continue
             if node.op_type not in self.ops or node.domain not in ("", "ai.onnx"):
                 continue
             if any(fnmatch.fnmatchcase(node.name, p) for p in self.skip):

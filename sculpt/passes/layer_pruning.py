@@ -10,10 +10,14 @@ Policy: every candidate is removed alone and the output error of the model witho
 samples the refit does not use (the last ``holdout`` fraction of the calibration samples); the
 cheapest goes first; then (``greedy``) every remaining candidate is measured again on the model as
 pruned so far and the cheapest goes next, ``count`` removals in all (or ``ratio`` of the
-candidates), stopping early when the error would exceed ``max_error``. Then the first weighted layers after each removed block are refit by ridge least
-squares (``sculpt.passes.refit.sequential_refit``) on what they now receive, towards what they
-output in the original model; the refit is kept only if it lowers the error on the samples it did
-not see. The report lists each removal, what it cost alone and the error after it, and the error
+candidates), stopping early when the error would exceed ``max_error``. Then, after each removed block, the weighted layer that feeds the next join (the
+last layer of the next block's branch, or a projection shortcut) is refit by ridge least squares
+(``sculpt.ir.refit``) on what it now receives, so that the join outputs what it does in the
+original model: the error the removal left on the identity path is compensated where the paths meet.
+Where there is no such join, or its refit does not lower the error on a quarter of the fitting
+samples held back from it, the first weighted layers after the removal are refit towards their own
+original outputs instead (``sculpt.passes.refit.sequential_refit``). The whole refit is kept only if
+it lowers the error on the ranking samples, which it did not see. The report lists each removal, what it cost alone and the error after it, and the error
 measured on the pipeline's held-out samples when there are any.
 """
 
@@ -330,7 +334,8 @@ class LayerPruning(Pass):
                                                           "may go; empty: all")
     ignore: list[str] = option(default_factory=list, help="fnmatch patterns of join (or layer) nodes kept")
     refit: bool = option(True, help="refit the weighted layers after each removed block by least squares")
-    samples: int = option(16, help="calibration samples used")
+    samples: int = option(32, help="calibration samples used (a refit solves for whole layers: a transformer's "
+                                   "few tokens per sample need many samples)")
     holdout: float = option(0.25, help="fraction of the samples kept from the refit, on which removals are ranked")
     positions: int = option(4096, help="sampled output positions per refit layer")
     ridge: float = option(1e-3, help="least-squares regularization, relative to the mean diagonal")
@@ -428,13 +433,14 @@ class LayerPruning(Pass):
         after the removal are refit towards their own original outputs (``sequential_refit``). The
         refit is kept only if it lowers the error on the ranking samples (which it did not see)."""
         known = set(model.producers()) | set(model.input_names)
-        joins, fallback = {}, []
+        joins, fallback, after = {}, [], {}
         for tensor in identities:
             if tensor not in known:  # renamed by a removal upstream of it: that one's refit covers it
                 continue
             job = next_join_refit(model, tensor)
             if job is not None:
                 joins.setdefault(job.layer, job)
+                after.setdefault(job.layer, _layers_after(model, tensor))
             else:
                 fallback += _layers_after(model, tensor)
         before = model.clone()
@@ -443,12 +449,13 @@ class LayerPruning(Pass):
         skipped: list[str] = []
         for job in sorted(joins.values(), key=lambda j: order[j.layer]):
             result = refit_join(original, model, job, fitting, positions=self.positions, ridge=self.ridge)
-            if result is None:
+            if result is None:  # the join cannot be matched: the layers right after are refit instead
                 skipped.append(job.layer)
+                fallback += after[job.layer]
             else:
                 errors[job.layer] = {**result, "towards": job.join}
         layers = len(errors)
-        fallback = [name for name in dict.fromkeys(fallback) if name not in joins]
+        fallback = [name for name in dict.fromkeys(fallback) if name not in errors]
         if fallback:
             jobs = [RefitJob(name, model.node_by_name(name).output[0]) for name in fallback]
             report = sequential_refit(original, model, jobs, fitting, positions=self.positions, ridge=self.ridge,
