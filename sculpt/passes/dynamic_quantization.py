@@ -295,12 +295,10 @@ class DynamicQuantization(Pass):
 
 
 def _elem_types(model: Model) -> dict[str, int]:
-    types = {}
-    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
-        if vi.type.HasField("tensor_type"):
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for t in model.graph.initializer:
-        types[t.name] = t.data_type
+    """Element type of every tensor whose type is known: declared, inferred, or a constant's."""
+    types = {name: vi.type.tensor_type.elem_type for name, vi in model.value_infos().items()
+             if vi.type.HasField("tensor_type")}
+    types.update((t.name, t.data_type) for t in model.graph.initializer)
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output:
             value = model.get_constant(node.output[0])

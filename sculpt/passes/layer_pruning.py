@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -161,11 +161,11 @@ def _node_macs(model: Model) -> dict[str, int]:
     return {c.name: c.macs or 0 for c in cost_of(model).layers}
 
 
-def _layers_after(model: Model, tensor: str) -> list[str]:
-    """The weighted layers (refittable ones) first reached from ``tensor``, walking at most
-    ``REFIT_SEARCH_DEPTH`` nodes forward (through activations, normalizations, reshapes)."""
+def _walk_forward(model: Model, tensor: str, stop) -> Iterator[onnx.NodeProto]:
+    """The nodes reached forward from ``tensor``, breadth first, at most ``REFIT_SEARCH_DEPTH`` levels
+    deep; the walk does not go on past a node for which ``stop(node)`` is true."""
     consumers = model.consumers()
-    found, seen, frontier = [], set(), [tensor]
+    seen, frontier = set(), [tensor]
     for _ in range(REFIT_SEARCH_DEPTH):
         nxt = []
         for t in frontier:
@@ -173,16 +173,19 @@ def _layers_after(model: Model, tensor: str) -> list[str]:
                 if node.name in seen:
                     continue
                 seen.add(node.name)
-                if node.op_type in WEIGHTED_OPS:
-                    if refittable(model, node):
-                        found.append(node.name)
-                    continue
-                if node.op_type not in JOIN_OPS:
+                yield node
+                if not stop(node):
                     nxt.extend(o for o in node.output if o)
         frontier = nxt
         if not frontier:
-            break
-    return found
+            return
+
+
+def _layers_after(model: Model, tensor: str) -> list[str]:
+    """The weighted layers (refittable ones) first reached from ``tensor``, walking at most
+    ``REFIT_SEARCH_DEPTH`` nodes forward (through activations, normalizations, reshapes; not past a join)."""
+    return [node.name for node in _walk_forward(model, tensor, lambda n: n.op_type in WEIGHTED_OPS + JOIN_OPS)
+            if node.op_type in WEIGHTED_OPS and refittable(model, node)]
 
 
 @dataclass(frozen=True)
@@ -201,22 +204,12 @@ def next_join_refit(model: Model, tensor: str) -> JoinRefit | None:
     """The first residual (or two-branch) join reached forward from ``tensor`` within
     ``REFIT_SEARCH_DEPTH`` nodes, and the weighted layer on one of its inputs to refit: the error a
     removed block leaves on the path is then compensated where the paths meet again."""
-    consumers, producers = model.consumers(), model.producers()
-    consts = model.constant_names()
-    seen, frontier = set(), [tensor]
-    for _ in range(REFIT_SEARCH_DEPTH):
-        nxt = []
-        for t in frontier:
-            for node in consumers.get(t, []):
-                if node.name in seen:
-                    continue
-                seen.add(node.name)
-                if node.op_type in JOIN_OPS and len(node.input) == 2 and not set(node.input) & consts:
-                    found = _refittable_side(model, node, producers, consts)
-                    if found is not None:
-                        return found
-                nxt.extend(o for o in node.output if o)
-        frontier = nxt
+    producers, consts = model.producers(), model.constant_names()
+    for node in _walk_forward(model, tensor, lambda n: False):
+        if node.op_type in JOIN_OPS and len(node.input) == 2 and not set(node.input) & consts:
+            found = _refittable_side(model, node, producers, consts)
+            if found is not None:
+                return found
     return None
 
 
