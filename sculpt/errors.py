@@ -57,3 +57,8 @@ class CalibrationError(SculptError):
 
 class RuntimeFailure(SculptError):
     """onnxruntime refused or failed to run the model (or no input data can be made for it)."""
+
+
+class SculptWarning(UserWarning):
+    """Something sculpt repaired or worked around and the user should know of (the CLI prints one
+    ``sculpt: warning: ...`` line for each)."""

@@ -20,8 +20,7 @@ from sculpt.cli.run_commands import register_compare, register_run
 from sculpt.cli.tvm_commands import register_tvm_commands
 from sculpt.common import one_line
 from sculpt.common.messages import LINE_LIMIT
-from sculpt.errors import OptionError, SculptError
-from sculpt.ir.model import DeclaredShapeWarning
+from sculpt.errors import OptionError, SculptError, SculptWarning
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
@@ -48,13 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning sculpt gives (a dropped declaration, say) as one line on stderr, without the source line."""
-    print(f"sculpt: warning: {one_line(message, LINE_LIMIT)}", file=sys.stderr)
+    """A warning sculpt gives (a dropped declaration, a GPU schedule fallback) as one line on stderr;
+    other libraries' warnings as Python shows them."""
+    if issubclass(category, SculptWarning):
+        print(f"sculpt: warning: {one_line(message, LINE_LIMIT)}", file=sys.stderr)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+_show_warning = warnings.showwarning
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
-        warnings.simplefilter("always", DeclaredShapeWarning)
+        warnings.simplefilter("always", SculptWarning)
         warnings.showwarning = _one_line_warning
         return _main(argv)
 

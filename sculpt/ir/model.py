@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from sculpt.common import atomic_write_bytes, one_line
-from sculpt.errors import InvalidModelError, ModelLoadError, ShapeError
+from sculpt.errors import InvalidModelError, ModelLoadError, SculptWarning, ShapeError
 from sculpt.ir.graph_index import GraphIndex, subgraph_outer_inputs
 
 # protobuf refuses to serialize a message of 2 GiB or more: such models are saved with external data
@@ -1044,7 +1044,7 @@ def _as_dim(d) -> int:
     return int(d)
 
 
-class DeclaredShapeWarning(UserWarning):
+class DeclaredShapeWarning(SculptWarning):
     """A declared output or value_info shape disagreed with shape inference and was dropped."""
 
 

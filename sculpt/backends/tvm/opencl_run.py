@@ -132,6 +132,7 @@ def plan_build(mod, target) -> tuple[object, OpenCLPlan]:
     from tvm import relax
 
     from sculpt.backends.tvm.opencl import kernel_definitions, opencl_source
+    from sculpt.backends.tvm.relax_import import build_gpu
 
     captured: dict = {}
 
@@ -149,7 +150,7 @@ def plan_build(mod, target) -> tuple[object, OpenCLPlan]:
     with tvm.transform.PassContext(opt_level=current.opt_level, config=dict(current.config),
                                    required_pass=list(current.required_pass),
                                    disabled_pass=list(current.disabled_pass), instruments=[_Capture()]):
-        executable = tvm.compile(mod, target=target)
+        executable = build_gpu(mod, target)  # TVM's pipeline with sculpt's fail-safe GPU schedules
     if "relax" not in captured or "tir" not in captured:
         raise OpenCLRunError("could not observe TVM's lowering of the build (the Relax pipeline or "
                              "MakePackedAPI did not run)")

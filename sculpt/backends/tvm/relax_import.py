@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from sculpt.errors import SculptError, ShapeError
+from sculpt.errors import SculptError, SculptWarning, ShapeError
 from sculpt.common import one_line
 from sculpt.ir.model import Model
 
@@ -70,9 +71,36 @@ def build(mod, target: str | dict = "llvm", *, kernels: str = "sculpt", decision
             from sculpt.backends.tvm.kernels import compile_with_kernels, host_target
 
             return compile_with_kernels(mod, tvm.target.Target(host_target(target_dict)), decisions=decisions)
+        if "gpu" in tgt.keys:
+            return build_gpu(mod, tgt)
         return tvm.compile(mod, target=tgt)
+    except TVMImportError:
+        raise
     except Exception as e:
         raise TVMImportError(f"TVM build for {target} failed: {one_line(e)}") from None
+
+
+class GPUScheduleFallbackWarning(SculptWarning):
+    """A GPU schedule rule of TVM failed on some functions; later rules (down to a plain thread-bound
+    loop nest) scheduled them."""
+
+
+def build_gpu(mod, target):
+    """TVM's GPU pipeline, where a schedule rule that fails on a function passes it on to the next rule
+    (down to dlight's plain thread-bound loop nest) instead of failing the build
+    (sculpt.backends.tvm.gpu_schedule); one warning names those functions."""
+    import tvm
+
+    from sculpt.backends.tvm.gpu_schedule import fail_safe_gpu_pipeline
+
+    fallbacks: list = []
+    executable = tvm.compile(mod, target=target, relax_pipeline=fail_safe_gpu_pipeline(target, fallbacks))
+    if fallbacks:
+        device = target.attrs.get("device", target.kind.name)
+        warnings.warn(GPUScheduleFallbackWarning(
+            f"{device}: a GPU schedule rule of TVM failed on {len(fallbacks)} function(s), scheduled by the "
+            f"next rule that applies instead: " + "; ".join(f.describe() for f in fallbacks)), stacklevel=3)
+    return executable
 
 
 def run_relax(executable, feeds: Mapping[str, np.ndarray], input_order: Sequence[str]) -> list[np.ndarray]:
