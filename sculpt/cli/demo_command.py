@@ -66,8 +66,8 @@ def cmd_demo(args) -> int:
             acc_a = ocr_task.evaluate(task, out, data).accuracy
             accuracy = f"{acc_b:.1%} -> {acc_a:.1%} (orientation, 200 lines)"
         else:
-            cmp = compare_models(fixed, out, list(cal.take(4)))
-            accuracy = f"max rel. output error {cmp.max_rel:.2g}"
+            cmp = compare_models(fixed, out, list(res.split.held_out))  # samples the passes did not fit to
+            accuracy = f"max rel. output error {cmp.max_rel:.2g} ({cmp.samples} held-out samples)"
         table.add_row(label, f"{fmt_int(b.params)} -> {fmt_int(a.params)}",
                       f"{fmt_int(b.macs)} -> {fmt_int(a.macs)} ({a.macs / b.macs:.0%})",
                       f"{fmt_bytes(b.model_bytes)} -> {fmt_bytes(a.model_bytes)}",

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx
 
-from sculpt.errors import OptionError, PipelineError, SculptError, VerificationError
+from sculpt.errors import OptionError, PipelineError, SculptError, ShapeError, VerificationError
 from sculpt.ir.calibration import CalibrationSplit
 from sculpt.ir.cost import cost_of
 from sculpt.ir.model import Model
@@ -97,7 +97,10 @@ class ErrorSamples:
             if self.split is None:
                 from sculpt.runtime import random_inputs
 
-                self._samples = [random_inputs(model, seed=self.seed + k) for k in range(self.count)]
+                try:
+                    self._samples = [random_inputs(model, seed=self.seed + k) for k in range(self.count)]
+                except ShapeError:  # a dynamic input and no calibration data: nothing to measure on
+                    return []
             else:
                 self._samples = list(self.split.held_out if self.split.held_out is not None else self.split.fitting)
         return self._samples
@@ -230,6 +233,9 @@ class LossyErrorInstrument(Instrument):
             self.passes_run.append(pass_.name)
             return
         samples = self.error_samples.samples(before)
+        if not samples:  # dynamic inputs without calibration data: the error cannot be measured
+            self.passes_run.append(pass_.name)
+            return
         cmp = compare_models(before, result.model, samples)
         where = self.error_samples.describe(cmp.samples)
         record.error = dict(cmp.as_dict(), on=self.error_samples.kind)
