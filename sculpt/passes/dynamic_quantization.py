@@ -10,13 +10,17 @@ Layout, the standard ONNX form onnxruntime runs (and fuses where it can):
   its ``DynamicQuantizeMatMul`` kernel; Gemm's ``transB`` and ``alpha`` are folded into the stored
   weight and its scale, ``beta · C`` becomes the added bias;
 - Conv → ``ConvInteger`` with the Conv's attributes → ``Cast`` → ``Mul(x_scale · w_scale)`` →
-  ``Add`` bias (reshaped to [1, C, 1, 1]);
+  ``Add`` bias (reshaped to [1, C, 1, 1]); or, with ``convs=weight-only``, the Conv stays float and
+  reads its int8 weights through a ``DequantizeLinear`` (onnxruntime's ConvInteger is several times
+  slower than its float Conv);
+- LSTM/GRU/RNN stay float (listed in the report): standard ONNX has no integer recurrent op;
 - with ``activation_matmuls``, a MatMul of two activations (attention scores and their weighted
   sum) quantizes both operands at run time;
 - weights are int8, symmetric (zero point 0, range [-127, 127], or [-63, 63] with ``weight_bits=7``),
   per output channel (a vector of scales in the float rescale) or per tensor.
 
-The opset is raised to 11 (``DynamicQuantizeLinear``) where it is lower. Exactly what the integer
+The opset is raised to 11 (``DynamicQuantizeLinear``) where it is lower, to 13 for weight-only
+Convs per channel (``DequantizeLinear`` with an axis). Exactly what the integer
 kernels compute can be reproduced in numpy (``reference_matmul``), which the tests do.
 """
 

@@ -387,6 +387,9 @@ class LayerPruning(Pass):
             joined = trial.node_by_name(best.node)
             remove_candidate(trial, best)
             error = costs[best.node] if self.greedy or not removed else reference.error(trial)
+            if not np.isfinite(error):  # the cheapest removal left non-finite outputs: so would any other
+                stats["stopped"] = f"removing {best.node} would make the outputs non-finite"
+                break
             if self.max_error and error > self.max_error:
                 stats["stopped"] = f"removing {best.node} would take the error to {error:.4g} > max_error"
                 break
