@@ -130,3 +130,70 @@ def test_ppocr_rec_int8_build_agrees_with_onnxruntime():
         got = ocr_task.ctc_greedy_decode(run_relax(executable, {"x": x}, ["x"])[0], chars)[0]
         same += ocr_task.normalize_text(ref) == ocr_task.normalize_text(got)  # as the accuracy metric compares
     assert same >= 19  # decoded text; the attention softmax differs (QLinearSoftmax), see the module doc
+
+
+def saturating_qdq_conv():
+    """DQ(u8 input) -> Conv(DQ(s8 weights near 127)) -> Q -> DQ, inputs near 1: pairs of u8 x s8 products
+    (255 * 127 * 2) overflow the 16 bits onnxruntime's AVX2 int8 conv adds them in (vpmaddubsw)."""
+    from onnx import TensorProto, numpy_helper
+
+    w = np.full((8, 8, 3, 3), 127, np.int8)
+    w[:, 1::2] = 120
+    consts = {"xs": np.array(1 / 255, np.float32), "xz": np.array(0, np.uint8), "wq": w,
+              "ws": np.array(0.01, np.float32), "wz": np.array(0, np.int8), "ys": np.array(0.5, np.float32),
+              "yz": np.array(0, np.uint8)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"]),
+             helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "saturating", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    return proto
+
+
+def test_a_qdq_model_is_checked_against_its_graph_not_onnxruntimes_saturating_int8_kernels(tmp_path):
+    """`sculpt verify` and `bench` compare a QDQ build with the graph as written. onnxruntime's fused
+    int8 conv is far from it where u8 x s8 pairs saturate (when this CPU takes that path), and the
+    verification says by how much instead of failing the exact build."""
+    import onnx
+
+    from sculpt.backends.tvm.artifact import compile_model, export_artifact
+    from sculpt.backends.tvm.bench import benchmark
+    from sculpt.backends.tvm.deploy import verify_artifact
+    from sculpt.ir.model import Model
+    from sculpt.runtime import is_qdq_model, reference_session
+
+    proto = saturating_qdq_conv()
+    onnx.checker.check_model(proto, full_check=True)
+    path = tmp_path / "sat.onnx"
+    onnx.save(proto, path)
+    x = (np.random.default_rng(3).random((1, 8, 8, 8)) * 0.3 + 0.7).astype(np.float32)
+    assert is_qdq_model(proto) and not is_qdq_model(make_model([helper.make_node("Relu", ["x"], ["y"])],
+                                                                 [("x", [1, 2])], [("y", [1, 2])]))
+    # the graph's own result, computed here in numpy: quantize, integer conv, requantize
+    xq = np.clip(np.round(x * 255), 0, 255)
+    wd = np.full((8, 8, 3, 3), 127.0)
+    wd[:, 1::2] = 120
+    padded = np.pad(xq / 255, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    conv = np.zeros((8, 8, 8))
+    for i in range(3):
+        for j in range(3):
+            conv += np.einsum("oc,chw->ohw", wd[:, :, i, j] * 0.01, padded[0, :, i:i + 8, j:j + 8])
+    expected = np.clip(np.round(conv / 0.5), 0, 255) * 0.5
+    graph = reference_session(proto).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(graph[0], expected.astype(np.float32))
+    fused = make_session(proto).run(None, {"x": x})[0]
+    saturates = float(np.abs(fused - graph).max()) > 1.0
+
+    artifact = export_artifact(compile_model(Model.load(path), "host"), tmp_path / "sat.so", source_model=path)
+    result = verify_artifact(artifact, path, {"x": x})
+    assert result.ok, result.comparison
+    note = next(n for n in result.notes if n.startswith("QDQ model"))
+    assert ("saturate" in note) == saturates
+    bench = benchmark(path, "host", runs=2, rounds=1, warmup=1)
+    assert bench["errors_against"].startswith("the QDQ graph") and bench["tvm_max_rel_error"] < 1e-6
