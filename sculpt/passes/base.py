@@ -36,12 +36,14 @@ class PassContext:
 
     ``calibration`` holds the samples a pass may fit to; the pipeline keeps ``held_out`` samples apart
     (``CalibrationSet.split``) and measures every error on those. A pass that reports an error of its
-    own measures it on ``held_out`` when it is set; it never fits to it."""
+    own measures it on ``held_out`` when it is set; it never fits to it. ``teacher`` is the pipeline's
+    input model, untouched by the passes (what ``distill`` trains the current model to reproduce)."""
 
     calibration: Any = None  # sculpt.ir.calibration.CalibrationSet: the fitting samples
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     seed: int = 0
     held_out: Any = None  # sculpt.ir.calibration.CalibrationSet: samples no pass fits to, or None
+    teacher: Any = None  # sculpt.ir.model.Model: the pipeline's input model (before the first pass), or None
 
 
 @dataclass

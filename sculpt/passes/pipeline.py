@@ -498,7 +498,8 @@ class Pipeline:
             model.infer_shapes()
         split = self.calibration_split()
         ctx = PassContext(calibration=split.fitting if split is not None else None, input_shapes=self.input_shapes,
-                          seed=self.seed, held_out=split.held_out if split is not None else None)
+                          seed=self.seed, held_out=split.held_out if split is not None else None,
+                          teacher=model)  # the model before the first pass (passes edit copies: it stays as it is)
         instruments = self.instruments()
         for inst in instruments:
             inst.before_pipeline(self, model)

@@ -1,0 +1,197 @@
+"""distill: the ONNX → PyTorch converter (exact against onnxruntime on the real models), recovery of a
+pruned model on held-out data, the graph's structure kept, one-line errors, determinism."""
+
+from __future__ import annotations
+
+import builtins
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from sculpt.errors import PassError, PipelineError
+from sculpt.ir.calibration import CalibrationSet
+from sculpt.passes import Pipeline, create_pass
+from sculpt.passes.base import PassContext
+from sculpt.runtime import run
+from sculpt.training import TrainingUnavailable, require_torch
+from tests.graphs import f32, make_model, rms_error
+
+torch = pytest.importorskip("torch", reason="the train extra (pip install -e '.[train]') is not installed")
+
+from sculpt.training.onnx_to_torch import (  # noqa: E402  (after the skip: imports torch)
+    GraphModule, UnconvertibleModelError, check_against_onnxruntime, trainable_initializers)
+
+
+# ------------------------------------------------------------------------------ the converter
+@pytest.mark.parametrize("kind", ["cls", "rec"])
+def test_conversion_matches_onnxruntime_on_ppocr(kind):
+    from sculpt.models import ppocr_model
+    from sculpt.ocr_task import calibration_inputs
+
+    model = ppocr_model(kind)
+    lines = calibration_inputs(kind, 2)
+    module = GraphModule(model, trainable_initializers(model))
+    error = check_against_onnxruntime(module, model, [{"x": lines[k:k + 1]} for k in range(2)])
+    assert error <= 1e-4
+    with torch.no_grad():
+        got = module({"x": torch.from_numpy(lines[:1])})[model.output_names[0]].numpy()
+    want = run(model, {"x": lines[:1]})[model.output_names[0]]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_canonicalized_cls_trains_its_conv_weights():
+    from sculpt.models import ppocr_model
+    from sculpt.ocr_task import calibration_inputs
+
+    model = create_pass("canonicalize")(ppocr_model("cls")).model
+    names = trainable_initializers(model)
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    assert conv_weights <= set(names)
+    lines = calibration_inputs("cls", 1)
+    assert check_against_onnxruntime(GraphModule(model, names), model, [{"x": lines}]) <= 1e-4
+
+
+def test_unconvertible_operator_is_refused_in_one_line_naming_it():
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["h"], name="conv"),
+                        helper.make_node("Hardmax", ["h"], ["y"], name="the_hardmax")],
+                       [("x", [1, 2, 4, 4])], [("y", [1, 3, 4, 4])], {"w": f32(3, 2, 1, 1)})
+    with pytest.raises(UnconvertibleModelError) as e:
+        GraphModule(model)
+    text = str(e.value)
+    assert "'Hardmax'" in text and "'the_hardmax'" in text and "\n" not in text
+
+
+# ------------------------------------------------------------------------------ a small net
+def small_net() -> tuple:
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3"),
+             helper.make_node("GlobalAveragePool", ["c3"], ["g"], name="pool"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)]
+    weights = {"w1": f32(16, 4, 3, 3, scale=0.4), "b1": f32(16, scale=0.1), "w2": f32(16, 16, 3, 3, scale=0.15),
+               "b2": f32(16, scale=0.1), "w3": f32(8, 16, 1, 1, scale=0.3), "b3": f32(8, scale=0.1),
+               "wf": f32(5, 8, scale=0.5), "bf": f32(5, scale=0.1)}
+    model = make_model(nodes, [("x", [1, 4, 8, 8])], [("y", [1, 5])], weights)
+    rng = np.random.default_rng(7)
+    data = CalibrationSet.from_arrays({"x": rng.standard_normal((48, 1, 4, 8, 8)).astype(np.float32)[:, 0]})
+    return model, data
+
+
+DISTILL = "distill:steps=120,batch_size=8,learning_rate=3e-3,progress=false"
+PRUNE = "channel-pruning:ratio=0.5,criterion=l2,reconstruct=false"
+
+
+def run_pipeline(model, data, distill=DISTILL):
+    return Pipeline.from_specs([PRUNE, distill], calibration=data, statistics=False).run(model)
+
+
+@pytest.fixture(scope="module")
+def pruned_and_distilled():
+    model, data = small_net()
+    pruned = Pipeline.from_specs([PRUNE], calibration=data, statistics=False).run(model)
+    distilled = run_pipeline(model, data)
+    return model, data, pruned, distilled
+
+
+def test_distillation_recovers_a_pruned_model_on_held_out_data(pruned_and_distilled):
+    model, data, pruned, distilled = pruned_and_distilled
+    held_out = list(distilled.split.held_out)  # the pipeline's held-out samples: no pass saw them
+    before = rms_error(model, pruned.model, held_out)
+    after = rms_error(model, distilled.model, held_out)
+    assert before > 0.05  # the pruning really hurt
+    assert after < 0.6 * before, (before, after)
+    record = distilled.records[-1]
+    assert record.modified and record.stats["held_out_error_after"] < record.stats["held_out_error_before"]
+    assert record.stats["losses"] == {"y": "mse"}
+
+
+def test_output_graph_is_structurally_identical(pruned_and_distilled):
+    _, _, pruned, distilled = pruned_and_distilled
+    before, after = pruned.model.proto.graph, distilled.model.proto.graph
+    assert [n.SerializeToString() for n in before.node] == [n.SerializeToString() for n in after.node]
+    assert [(t.name, list(t.dims), t.data_type) for t in before.initializer] == \
+           [(t.name, list(t.dims), t.data_type) for t in after.initializer]
+    assert [i.SerializeToString() for i in before.input] == [i.SerializeToString() for i in after.input]
+    assert [o.SerializeToString() for o in before.output] == [o.SerializeToString() for o in after.output]
+    changed = [t.name for t, u in zip(before.initializer, after.initializer)
+               if not np.array_equal(onnx.numpy_helper.to_array(t), onnx.numpy_helper.to_array(u))]
+    assert changed  # the values trained, in the same tensors
+    for t in after.initializer:
+        assert np.isfinite(onnx.numpy_helper.to_array(t)).all()
+    onnx.checker.check_model(distilled.model.proto, full_check=True)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(pruned_and_distilled):
+    model, data, _, distilled = pruned_and_distilled
+    short = "distill:steps=30,batch_size=8,learning_rate=3e-3,progress=false"
+    first = run_pipeline(model, data, short + ",seed=3").model
+    again = run_pipeline(model, data, short + ",seed=3").model
+    other = run_pipeline(model, data, short + ",seed=4").model
+    same = [np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+            for a, b in zip(first.graph.initializer, again.graph.initializer)]
+    assert all(same)
+    assert first.serialize() == again.serialize()
+    assert first.serialize() != other.serialize()
+
+
+def test_only_changed_or_matching_weights_train(pruned_and_distilled):
+    model, data, pruned, _ = pruned_and_distilled
+    result = run_pipeline(model, data, DISTILL.replace("steps=120", "steps=20") + ",train=[fc]")
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.model.graph.initializer}
+    moved = {t.name for t in result.model.graph.initializer
+             if not np.array_equal(before[t.name], onnx.numpy_helper.to_array(t))}
+    assert moved and moved <= {"wf", "bf"}
+
+
+def test_the_input_model_as_student_is_returned_unchanged():
+    model, data = small_net()
+    result = Pipeline.from_specs(["distill:steps=5,progress=false"], calibration=data, statistics=False).run(model)
+    assert not result.records[0].modified  # nothing beats a held-out error of 0: never worse than the input
+    assert result.model.serialize() == model.serialize()
+
+
+def test_distill_outside_a_pipeline_needs_a_teacher():
+    model, data = small_net()
+    with pytest.raises(PassError, match="needs a teacher"):
+        create_pass("distill", {"progress": False})(model, PassContext(calibration=data))
+
+
+def test_unconvertible_operator_fails_the_pass_in_one_line():
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["h"], name="conv"),
+                        helper.make_node("Hardmax", ["h"], ["y"], name="the_hardmax", axis=1)],
+                       [("x", [1, 2, 4, 4])], [("y", [1, 3, 4, 4])], {"w": f32(3, 2, 1, 1)})
+    data = CalibrationSet.from_arrays({"x": f32(4, 2, 4, 4)})
+    with pytest.raises(PipelineError) as e:
+        Pipeline.from_specs(["distill:steps=2,progress=false"], calibration=data, statistics=False).run(model)
+    text = str(e.value)
+    assert "Hardmax" in text and "the_hardmax" in text and "\n" not in text
+
+
+def test_missing_train_extra_is_one_line_naming_it(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    with pytest.raises(TrainingUnavailable) as e:
+        require_torch("pass 'distill'")
+    assert '.[train]' in str(e.value) and "\n" not in str(e.value)
+    model, data = small_net()
+    with pytest.raises(PipelineError) as e:
+        Pipeline.from_specs([PRUNE, "distill:progress=false"], calibration=data, statistics=False).run(model)
+    assert "[train]" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_options_are_checked():
+    with pytest.raises(Exception, match="learning_rate"):
+        create_pass("distill", {"learning_rate": 0})
+    with pytest.raises(Exception, match="held_out_fraction"):
+        create_pass("distill", {"held_out_fraction": 1.0})
