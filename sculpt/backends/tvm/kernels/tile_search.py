@@ -186,7 +186,13 @@ def search_conv_tiles(mod, target, *, candidates: int = 4, number: int = 3, repe
             if tile not in tiles:
                 tiles.append(tile)
         tiles = tiles[:candidates + 1]
-        tried = [(tile, time_blocked_conv(shape, tile, target, number=number, repeat=repeat)) for tile in tiles]
+        tried = []
+        for tile in tiles:
+            try:
+                tried.append((tile, time_blocked_conv(shape, tile, target, number=number, repeat=repeat)))
+            except Exception:  # noqa: BLE001 - a candidate TVM cannot schedule or build is not a choice
+                if tile is heuristic:
+                    raise
         best_tile, best_ms = min(tried, key=lambda t: t[1])
         key = conv_cache_key(shape, traits, heuristic.in_block, heuristic.out_block)
         if best_ms < tried[0][1] * (1 - MIN_GAIN):
