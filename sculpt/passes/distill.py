@@ -90,12 +90,12 @@ class Distill(Pass):
         names = self.selected_weights(model, teacher, trainable_initializers(model))
         if not names:
             raise PassError(self.name, f"no float weight matches train={','.join(self.train)}")
-        samples = list(ctx.calibration)
-        held = held_out_indices(len(samples), max(1, min(len(samples) - 1,
-                                                         round(self.held_out_fraction * len(samples)))))
+        data = ctx.calibration  # read a sample at a time: a source of thousands of samples streams
+        count = len(data)
+        held = held_out_indices(count, max(1, min(count - 1, round(self.held_out_fraction * count))))
         held_set = set(held)
-        train = [s for k, s in enumerate(samples) if k not in held_set]
-        held_out = [samples[k] for k in held]
+        train = data.subset([k for k in range(count) if k not in held_set], "distillation training samples")
+        held_out = data.subset(held, "distillation held-out samples")
         steps = self.steps
         if self.epochs:
             steps = max(1, int(np.ceil(self.epochs * len(train) / min(self.batch_size, len(train)))))

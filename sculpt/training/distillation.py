@@ -1,7 +1,8 @@
 """Knowledge distillation on the ONNX graph: train a student graph's float weights to reproduce a
 teacher's outputs on unlabeled samples (the mechanism; the ``distill`` pass holds the policy).
 
-The teacher runs once per sample in onnxruntime (its outputs are the targets); the student runs as
+The teacher runs in onnxruntime on each batch as it is drawn (its outputs are the targets; nothing
+is held but the batch, so the samples stream); the student runs as
 a :class:`~sculpt.training.onnx_to_torch.GraphModule`, checked against onnxruntime first. AdamW,
 cosine learning rate after a linear warm-up, gradient-norm clipping. The loss of every output is KL
 divergence at a temperature for probability outputs (produced by a Softmax over the last axis: the
@@ -118,8 +119,9 @@ def distill(student: Model, teacher: Model, train: Sequence[Mapping[str, np.ndar
             *, progress: bool = True) -> tuple[dict[str, np.ndarray] | None, DistillReport]:
     """Train ``trainable`` initializers of ``student`` towards ``teacher``'s outputs. Returns the best
     weights by held-out error ({initializer: value}), or None when no step beat the input, and the
-    report. Every sample is one model input (batch axis included, as the calibration data gives it);
-    samples are batched by stacking them on a new leading axis (``torch.func.vmap``)."""
+    report. ``train`` and ``held_out`` are indexable (a CalibrationSet reads each sample when asked);
+    every sample is one model input (batch axis included, as the calibration data gives it); samples
+    are batched by stacking them on a new leading axis (``torch.func.vmap``)."""
     from sculpt.runtime import make_session
 
     start = time.perf_counter()
@@ -131,20 +133,17 @@ def distill(student: Model, teacher: Model, train: Sequence[Mapping[str, np.ndar
         raise SculptError(f"the student's output '{missing[0]}' is not an output of the teacher model; "
                           "distillation matches outputs by name")
     module = GraphModule(student, trainable)
-    conversion_error = check_against_onnxruntime(module, student, list(held_out[:1]) + list(train[:1]))
+    conversion_error = check_against_onnxruntime(module, student, [held_out[0], train[0]])
     objective = _Objective(student, module, config.loss, config.temperature)
 
     session = make_session(teacher)
     names = module.output_names
-
-    def teacher_targets(samples):
-        return [objective.targets(dict(zip(names, session.run(names, dict(s))))) for s in samples]
-
-    train_targets = teacher_targets(train)
-    held_targets = teacher_targets(held_out)
     batched = torch.func.vmap(lambda feeds: module(feeds))
 
-    def run_batch(samples, targets):
+    def run_batch(samples):
+        """The loss on ``samples``; the teacher's targets are made as the batch is (nothing is stored:
+        a calibration source of thousands of samples streams through)."""
+        targets = [objective.targets(dict(zip(names, session.run(names, dict(s))))) for s in samples]
         got = batched(_stack(samples))
         want = {k: torch.stack([t[k] for t in targets]) for k in targets[0]}
         return objective(got, want)
@@ -153,8 +152,8 @@ def distill(student: Model, teacher: Model, train: Sequence[Mapping[str, np.ndar
         with torch.no_grad():
             total = 0.0
             for k in range(0, len(held_out), config.batch_size):
-                chunk = slice(k, k + config.batch_size)
-                total += float(run_batch(held_out[chunk], held_targets[chunk])) * len(held_out[chunk])
+                chunk = [held_out[j] for j in range(k, min(k + config.batch_size, len(held_out)))]
+                total += float(run_batch(chunk)) * len(chunk)
         return total / len(held_out)
 
     optimizer = torch.optim.AdamW(module.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -182,7 +181,7 @@ def distill(student: Model, teacher: Model, train: Sequence[Mapping[str, np.ndar
                     order = list(rng.permutation(len(train)))
                 picked.append(int(order.pop()))
             module.train()
-            loss = run_batch([train[k] for k in picked], [train_targets[k] for k in picked])
+            loss = run_batch([train[k] for k in picked])
             if not math.isfinite(loss.item()):
                 break  # a diverged run: the best weights so far stand
             optimizer.zero_grad(set_to_none=True)
