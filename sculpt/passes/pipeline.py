@@ -92,15 +92,19 @@ class ErrorSamples:
             return "random"
         return "held-out" if self.split.held_out is not None else "fitted"
 
-    def samples(self, model: Model) -> list[dict]:
+    def samples(self, model: Model, *, none_if_dynamic: bool = False) -> list[dict]:
+        """The samples; random inputs for a model with a dynamic (or too large) input raise ShapeError,
+        or give [] with ``none_if_dynamic``."""
         if self._samples is None:
             if self.split is None:
                 from sculpt.runtime import random_inputs
 
                 try:
                     self._samples = [random_inputs(model, seed=self.seed + k) for k in range(self.count)]
-                except ShapeError:  # a dynamic input and no calibration data: nothing to measure on
-                    return []
+                except ShapeError:
+                    if none_if_dynamic:
+                        return []
+                    raise
             else:
                 self._samples = list(self.split.held_out if self.split.held_out is not None else self.split.fitting)
         return self._samples
@@ -232,7 +236,7 @@ class LossyErrorInstrument(Instrument):
         if pass_.exact or not result.modified:
             self.passes_run.append(pass_.name)
             return
-        samples = self.error_samples.samples(before)
+        samples = self.error_samples.samples(before, none_if_dynamic=True)
         if not samples:  # dynamic inputs without calibration data: the error cannot be measured
             self.passes_run.append(pass_.name)
             return
