@@ -9,6 +9,7 @@ import pytest
 from onnx import helper
 
 from graphs import make_model, op_counts
+from markers import needs_ppocr
 from sculpt.backends.host_cpu import fused_int8_saturates
 from sculpt.cli.main import main
 from sculpt.errors import OptionError, PassError
@@ -315,14 +316,40 @@ def test_cli_bad_option_writes_nothing(tmp_path, capsys):
     onnx.checker.check_model(str(out), full_check=True)
 
 
-# ------------------------------------------------------------------ real model
-def test_ppocr_cls_keeps_its_accuracy(tmp_path):
+# ------------------------------------------------------------------ real models
+def canonical_ppocr(kind: str) -> Model:
     from sculpt import ocr_task
     from sculpt.models import ppocr_model
     from sculpt.passes import Pipeline
 
-    base = Pipeline.from_specs(["canonicalize"], input_shapes={"x": ocr_task.input_shape("cls")},
-                               statistics=False).run(ppocr_model("cls")).model
+    return Pipeline.from_specs(["canonicalize"], input_shapes={"x": ocr_task.input_shape(kind)},
+                               statistics=False).run(ppocr_model(kind)).model
+
+
+@pytest.mark.slow
+@needs_ppocr
+def test_ppocr_rec_keeps_its_ocr_accuracy_per_channel(tmp_path):
+    """Measured on 100 lines: fp32 96% exact / 99.57% characters, dynamic-quant the same; onnxruntime's
+    quantize_dynamic (per tensor) 0% / 3%."""
+    from sculpt import ocr_task
+
+    base = canonical_ppocr("rec")
+    r = create_pass("dynamic-quant")(base)
+    assert r.stats["quantized_by_op"] == {"Conv": 38, "MatMul": 9}
+    fused = ort_optimized_ops(r.model, tmp_path)
+    assert fused["DynamicQuantizeMatMul"] == 9 and fused["ConvInteger"] == 38
+    data = ocr_task.rec_set(50)
+    before = ocr_task.evaluate_rec(base, data, threads=1)
+    after = ocr_task.evaluate_rec(r.model, data, threads=1)
+    assert after.exact_match >= before.exact_match - 0.04
+    assert after.char_accuracy >= before.char_accuracy - 0.005
+
+
+@needs_ppocr
+def test_ppocr_cls_keeps_its_accuracy(tmp_path):
+    from sculpt import ocr_task
+
+    base = canonical_ppocr("cls")
     r = create_pass("dynamic-quant", {"weight_bits": EXACT_BITS})(base)
     assert r.stats["quantized_by_op"]["Conv"] >= 20
     data = ocr_task.cls_set(60)

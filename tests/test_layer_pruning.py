@@ -7,6 +7,7 @@ import pytest
 from onnx import helper
 
 from graphs import make_model, op_counts
+from markers import needs_ppocr
 from sculpt.errors import OptionError, PassError
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.passes import PassContext, create_pass
@@ -237,6 +238,7 @@ def test_needs_calibration_and_static_shapes():
 
 
 # ------------------------------------------------------------------ a real model
+@needs_ppocr
 def test_ppocr_cls_blocks_and_orientation_accuracy(tmp_path):
     from sculpt import ocr_task
     from sculpt.models import ppocr_model
