@@ -234,6 +234,8 @@ class LossyErrorInstrument(Instrument):
         from sculpt.runtime import compare_models
 
         if pass_.exact or not result.modified:
+            if not pass_.exact:  # nothing changed: nothing to measure
+                record.error = {"max_abs": 0.0, "max_rel": 0.0, "samples": 0, "on": self.error_samples.kind}
             self.passes_run.append(pass_.name)
             return
         samples = self.error_samples.samples(before, none_if_dynamic=True)
