@@ -195,3 +195,34 @@ def test_options_are_checked():
         create_pass("distill", {"learning_rate": 0})
     with pytest.raises(Exception, match="held_out_fraction"):
         create_pass("distill", {"held_out_fraction": 1.0})
+
+
+# ------------------------------------------------------------------------------ iterative pruning
+def test_polynomial_schedule_removes_more_early_and_reaches_the_target():
+    from sculpt.passes.iterative_pruning import cumulative_fraction
+
+    poly = [cumulative_fraction(i, 4, 0.5, "polynomial", 3.0) for i in range(5)]
+    const = [cumulative_fraction(i, 4, 0.5, "constant", 3.0) for i in range(5)]
+    assert poly[0] == const[0] == 0 and poly[-1] == pytest.approx(0.5) and const[-1] == pytest.approx(0.5)
+    steps = np.diff(poly)
+    assert all(steps[:-1] > steps[1:])  # decreasing increments
+    assert np.allclose(np.diff(const), 0.125)
+
+
+def test_iterative_pruning_reaches_the_mac_target_with_recovery():
+    from sculpt.ir.cost import cost_of
+
+    model, data = small_net()
+    spec = ("iterative-pruning:ratio=0.5,steps=2,pruning=[criterion=l2,reconstruct=false,round_to=1],"
+            "distill=[steps=40,learning_rate=3e-3,progress=false]")
+    result = Pipeline.from_specs([spec], calibration=data, statistics=False).run(model)
+    stats = result.records[0].stats
+    assert len(stats["steps"]) == 2
+    removed = 1 - cost_of(result.model).macs / cost_of(model).macs
+    assert removed == pytest.approx(stats["macs_removed"], abs=1e-4) and 0.4 <= removed <= 0.6
+    for step in stats["steps"]:
+        before, after = step["distill_held_out"]
+        assert after <= before
+    one_shot = Pipeline.from_specs([PRUNE + ",round_to=1"], calibration=data, statistics=False).run(model)
+    held_out = list(result.split.held_out)
+    assert rms_error(model, result.model, held_out) < rms_error(model, one_shot.model, held_out)

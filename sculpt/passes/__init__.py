@@ -20,11 +20,13 @@ from sculpt.passes.cross_layer_equalization import CrossLayerEqualization
 from sculpt.passes.dynamic_quantization import DynamicQuantization
 from sculpt.passes.layer_pruning import LayerPruning
 from sculpt.passes.distill import Distill
+from sculpt.passes.iterative_pruning import IterativePruning
+from sculpt.passes.weight_quantization import WeightQuantization
 from sculpt.passes.pipeline import Pipeline, PipelineResult
 
 __all__ = [
     "Pass", "PassContext", "PassResult", "Pipeline", "PipelineResult", "create_pass", "get_pass_class",
     "parse_pass_spec", "register", "registered_passes", "registered_temporarily", "Canonicalize", "ConstantFolding", "FoldBatchNorm",
     "FoldConvAffine", "FreezeInitializers", "DeadChannelElimination", "ChannelPruning", "RemoveIdentity", "SimplifyShapes",
-    "QDQ", "CrossLayerEqualization", "DynamicQuantization", "LayerPruning", "Distill",
+    "QDQ", "CrossLayerEqualization", "DynamicQuantization", "LayerPruning", "WeightQuantization", "Distill",
 ]
