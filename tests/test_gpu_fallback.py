@@ -9,6 +9,7 @@ pattern of PP-OCRv6 rec (tools/zoo.py), which did not build for mali before."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -138,3 +139,24 @@ def test_ppocrv6_rec_builds_for_mali_and_matches_onnxruntime_on_pocl(tmp_path, c
     assert main(["verify", str(out), "--model", str(model), "--rtol", str(RTOL), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] and data["max_rel"] <= RTOL
+
+
+def test_an_unrolled_lstm_runs_on_pocl_with_short_kernel_names():
+    """An unrolled LSTM cell fuses into one function named after its 15+ ops; PoCL's kernel cache
+    aborts the process on such a name, so long names are shortened (start + hash)."""
+    from test_recurrent import _random_case
+
+    from sculpt.backends.tvm.gpu_schedule import MAX_FUNCTION_NAME
+    from sculpt.backends.tvm.opencl import kernel_definitions
+
+    proto, feeds = _random_case("LSTM", steps=2, initial=True, peepholes=True)
+    model = Model.load(proto)
+    plan = plan_model(model, "mali")
+    names = kernel_definitions(plan.source)
+    assert any(re.search(r"_[0-9a-f]{16}_kernel", n) for n in names), names  # a shortened one
+    assert max(len(n) for n in names) <= MAX_FUNCTION_NAME + len("_kernel") + 3
+    run = OpenCLRunner(plan).run(feeds)
+    reference = runtime.run(model, feeds)
+    for name, got in zip(reference, run.outputs):
+        err = output_error(name, got, np.asarray(reference[name]))
+        assert err.shape_match and err.max_rel <= RTOL, err

@@ -41,10 +41,43 @@ def fail_safe_gpu_pipeline(target, fallbacks: list[ScheduleFallback]):
         with target:
             passes = (relax.pipeline.library_dispatch_passes(target) + relax.pipeline.legalize_passes(target)
                       + relax.pipeline.dataflow_lower_passes(target) + relax.pipeline.finalize_passes(target))
-            passes = [_FailSafeSchedule(p.rules, fallbacks) if hasattr(p, "rules") else p for p in passes]
-            return tvm.transform.Sequential(passes)(mod)
+            safe, shortened = [], False
+            for p in passes:
+                if hasattr(p, "rules") and not shortened:  # the functions are fused by now
+                    safe += [_shorten_long_names(), relax.transform.NormalizeGlobalVar()]
+                    shortened = True
+                safe.append(_FailSafeSchedule(p.rules, fallbacks) if hasattr(p, "rules") else p)
+            return tvm.transform.Sequential(safe)(mod)
 
     return _pipeline
+
+
+# a fused function is named after every op it holds (an unrolled LSTM cell: 600+ characters), and its
+# kernel after it; PoCL's kernel cache cannot make a file name that long (an assertion ends the process)
+MAX_FUNCTION_NAME = 96
+
+
+def _shorten_long_names():
+    """A pass giving each TIR function whose name is over MAX_FUNCTION_NAME characters a short global
+    symbol (its start and a hash of the whole name); NormalizeGlobalVar then renames it to that."""
+    import hashlib
+
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="ShortenLongFunctionNames")
+    def shorten(mod, _ctx):
+        taken = {gv.name_hint for gv in mod.get_global_vars()}
+        for gvar, func in list(mod.functions_items()):
+            name = gvar.name_hint
+            if isinstance(func, tirx.PrimFunc) and len(name) > MAX_FUNCTION_NAME and "global_symbol" not in func.attrs:
+                short = f"{name[:MAX_FUNCTION_NAME - 17]}_{hashlib.sha1(name.encode()).hexdigest()[:16]}"
+                assert short not in taken
+                taken.add(short)
+                mod[gvar] = func.with_attr("global_symbol", short)
+        return mod
+
+    return shorten
 
 
 def _fail_safe_schedule_class():

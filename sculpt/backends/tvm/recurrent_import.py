@@ -128,6 +128,17 @@ class _Unroller:
         shape = self.const([-1, width], np.int64)
         return [self.op("Reshape", [part, shape]) for part in self.split(x, [1] * count, 0)]
 
+    def initial_state(self, name: str, directions: int, hidden: int) -> list[str | None]:
+        """Per direction the [B, hidden] initial state; None where it is zero (no input, or a zero
+        constant, as exporters write it: the first step then skips its recurrent MatMul)."""
+        if not name:
+            return [None] * directions
+        value = self.model.get_constant(name)
+        if value is None:
+            return self.steps_of(name, directions, hidden)
+        value = value.astype(np.float32)
+        return [None if not np.any(value[d]) else self.const(value[d]) for d in range(directions)]
+
     def clip(self, x: str) -> str:
         bound = self.attrs.get("clip")
         if bound is None:
@@ -225,13 +236,12 @@ class _Unroller:
         acts = self.activations(directions)
         initial_h, initial_c = self.input_name(5), self.input_name(6) if op_type == "LSTM" else ""
 
-        initial_h_parts = self.steps_of(initial_h, directions, hidden) if initial_h else []
-        initial_c_parts = self.steps_of(initial_c, directions, hidden) if initial_c else []
+        initial_h_parts = self.initial_state(initial_h, directions, hidden)
+        initial_c_parts = self.initial_state(initial_c, directions, hidden)
         ys, hs, cs = [], [], []
         for d in range(directions):
             reverse = direction == "reverse" or d == 1
-            h = initial_h_parts[d] if initial_h else None
-            c = initial_c_parts[d] if initial_c else None
+            h, c = initial_h_parts[d], initial_c_parts[d]
             bias = B[d, :gates * hidden] + B[d, gates * hidden:]
             rec_bias_h = None
             if op_type == "GRU" and self.attrs.get("linear_before_reset", 0):
