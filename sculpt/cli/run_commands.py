@@ -306,18 +306,18 @@ def cmd_run(args) -> int:
             raise SculptError(f"the output model has NaN or Inf in weight '{bad_weights[0]}'; nothing written")
 
         # measured error of the whole pipeline: the held-out samples (random inputs without calibration)
-        errors = ErrorSamples(result.split, seed, count=args.compare_samples or 2)
-        samples = errors.samples(probe)[:args.compare_samples]
+        error_samples = ErrorSamples(result.split, seed, count=args.compare_samples or 2)
+        samples = error_samples.samples(probe)[:args.compare_samples]
         cmp = compare_models(probe, final, samples)
-        where = errors.describe(cmp.samples)
+        where = error_samples.describe(cmp.samples)
         if cmp.nonfinite_outputs:
             raise SculptError(f"the output model gives NaN or Inf in output '{cmp.nonfinite_outputs[0]}' on "
                               f"{where} (the input model's values are finite there); nothing written")
-        warnings_ = list(result.warnings)
+        warning_lines = list(result.warnings)
         final_warning = check_error("the pipeline", cmp.max_rel, where, warn_error=pipeline.warn_error,
                                     max_error=pipeline.max_error, passes_run=[p.name for p in pipeline.passes])
         if final_warning:
-            warnings_.append(final_warning)
+            warning_lines.append(final_warning)
 
         before = cost_of(probe, model_bytes=probe.byte_size(), sparsity=True)
         after = cost_of(final, model_bytes=final.byte_size(), sparsity=True)
@@ -335,10 +335,8 @@ def cmd_run(args) -> int:
             "passes": [dict(r.as_dict(), options=p.config()) for r, p in zip(result.records, pipeline.passes)],
             "before": _summary_totals(before, footprints and footprints[0]),
             "after": _summary_totals(after, footprints and footprints[1]),
-            "error": dict(cmp.as_dict(), on=errors.kind, fitting_samples=result.split.fitting.count
-                          if result.split else 0, held_out_samples=result.split.held_out.count
-                          if result.split and result.split.held_out is not None else 0),
-            "warnings": warnings_,
+            "error": dict(cmp.as_dict(), on=error_samples.kind, **_split_counts(result.split)),
+            "warnings": warning_lines,
         }
         report_bytes = json.dumps(to_plain_json(report), indent=2, allow_nan=False).encode()
 
@@ -379,7 +377,7 @@ def cmd_run(args) -> int:
         if tmp_dump is not None:
             shutil.rmtree(tmp_dump, ignore_errors=True)
 
-    for text in warnings_:
+    for text in warning_lines:
         print(f"sculpt: warning: {one_line(text, LINE_LIMIT)}", file=sys.stderr)
 
     out_con = make_console()
@@ -439,6 +437,14 @@ def summary_rows(before, after, footprints=None) -> list[tuple]:
     return rows
 
 
+def _split_counts(split) -> dict:
+    """How many calibration samples the passes fitted to and how many were held out."""
+    if split is None:
+        return {"fitting_samples": 0, "held_out_samples": 0}
+    return {"fitting_samples": split.fitting.count,
+            "held_out_samples": split.held_out.count if split.held_out is not None else 0}
+
+
 def _fmt_ms(value) -> str:
     return "-" if value is None else f"{value:.3g} ms"
 
@@ -485,16 +491,16 @@ def cmd_compare(args) -> int:
         cal.check(probe)
         _check_calibration_sample(cal, probe)
         split = cal.split(args.held_out)  # the samples `sculpt run` keeps apart from its passes
-    errors = ErrorSamples(split, args.seed, count=args.samples or 2)
-    samples = errors.samples(probe)[:args.samples]
+    error_samples = ErrorSamples(split, args.seed, count=args.samples or 2)
+    samples = error_samples.samples(probe)[:args.samples]
     cmp = compare_models(probe, cand, samples)
     ok = cmp.within(args.rtol, args.atol)
     if args.json:
         data = cmp.as_dict()
-        data.update(equal=ok, rtol=args.rtol, atol=args.atol, on=errors.kind)
+        data.update(equal=ok, rtol=args.rtol, atol=args.atol, on=error_samples.kind)
         print(json.dumps(to_plain_json(data), allow_nan=False))
     else:
-        print(f"on {errors.describe(cmp.samples)}"
+        print(f"on {error_samples.describe(cmp.samples)}"
               + (f" of {cal.description}" if split is not None else ""))
         for o in cmp.outputs:
             print(f"{o.name}: max abs {o.max_abs:.3g}, relative {o.max_rel:.3g}"
