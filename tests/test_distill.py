@@ -226,3 +226,33 @@ def test_iterative_pruning_reaches_the_mac_target_with_recovery():
     one_shot = Pipeline.from_specs([PRUNE + ",round_to=1"], calibration=data, statistics=False).run(model)
     held_out = list(result.split.held_out)
     assert rms_error(model, result.model, held_out) < rms_error(model, one_shot.model, held_out)
+
+
+# ------------------------------------------------------------------------------ quantization-aware
+def test_qat_after_qdq_keeps_the_qdq_layout_that_onnxruntime_fuses(tmp_path):
+    import onnxruntime as ort
+
+    model, data = small_net()
+    quantized = Pipeline.from_specs(["qdq"], calibration=data, statistics=False).run(model).model
+    result = Pipeline.from_specs(["qdq", "distill:steps=60,learning_rate=1e-3,progress=false"], calibration=data,
+                                 statistics=False).run(model)
+    trained = result.model
+    stats = result.records[-1].stats
+    assert result.records[-1].modified
+    assert stats["held_out_error_after"] < 0.5 * stats["held_out_error_before"]  # fake-quantized graph
+    # the same QDQ graph: nodes, initializer names and element types (int8 weights, int32 biases)
+    assert [n.SerializeToString() for n in quantized.graph.node] == [n.SerializeToString() for n in trained.graph.node]
+    assert [(t.name, t.data_type, list(t.dims)) for t in quantized.graph.initializer] == \
+           [(t.name, t.data_type, list(t.dims)) for t in trained.graph.initializer]
+    moved = [t.name for t, u in zip(quantized.graph.initializer, trained.graph.initializer)
+             if not np.array_equal(onnx.numpy_helper.to_array(t), onnx.numpy_helper.to_array(u))]
+    assert moved and all(t.endswith("_quantized") for t in moved)  # integer weights moved; scales stayed
+    onnx.checker.check_model(trained.proto, full_check=True)
+    # onnxruntime runs it with its int8 kernels (QLinearConv after its QDQ fusion)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(trained.serialize(), options, providers=["CPUExecutionProvider"])
+    fused = onnx.load(str(tmp_path / "fused.onnx"))
+    assert any(n.op_type == "QLinearConv" for n in fused.graph.node)
+    held_out = list(result.split.held_out)
+    assert rms_error(model, trained, held_out) <= rms_error(model, quantized, held_out)

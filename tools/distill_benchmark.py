@@ -12,6 +12,7 @@ Needs the train extra (pip install -e ".[train]"). Input shapes are fixed as in 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", type=float, default=0.5, help="channel-pruning MAC reduction")
     ap.add_argument("--distill", default="steps=100,batch_size=4,learning_rate=3e-4",
                     help="options of the distill pass, KEY=VALUE,...")
+    ap.add_argument("--iterative", type=int, default=0,
+                    help="also prune in this many steps with distill between them (iterative-pruning)")
     args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,6 +79,12 @@ def main(argv=None) -> int:
                        f"{seconds['channel-pruning']:.0f}", ""),
                       (f"prune {args.ratio:.0%} + distill", result.model, f"{seconds['channel-pruning']:.0f}",
                        f"{seconds['distill']:.0f} ({stats['steps']} steps, best {stats['best_step']})")]
+            if args.iterative:
+                spec = (f"iterative-pruning:ratio={args.ratio},steps={args.iterative},distill=[{args.distill}]")
+                iterative = Pipeline.from_specs(["canonicalize", spec], input_shapes=shapes,
+                                                calibration=calibration).run(original)
+                total = sum(r.seconds for r in iterative.records)
+                stages.append((f"iterative {args.iterative} steps + distill", iterative.model, f"{total:.0f} (all)", ""))
             for label, model, prune_s, distill_s in stages:
                 row = {"model": kind, "config": label, **metrics(kind, model, data),
                        "MACs": f"{cost_of(model, shapes).macs / 1e6:.1f}M", "prune s": prune_s, "distill s": distill_s}
@@ -90,7 +99,8 @@ def main(argv=None) -> int:
     for row in rows:
         print("| " + " | ".join(str(row[k]) for k in keys) + " |")
     print(f"\n{args.count} evaluation lines (seed {ocr_task.EVAL_SEED}), {args.calibration_count} training lines "
-          f"(seed {ocr_task.CALIBRATION_SEED}); distill: {args.distill}")
+          f"(seed {ocr_task.CALIBRATION_SEED}); distill: {args.distill}; peak memory of the process "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0
 
 

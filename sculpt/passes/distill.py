@@ -7,6 +7,11 @@ passes left them. The weights kept are those at the lowest error on samples held
 calibration data (a ``held_out_fraction`` of the fitting samples; the pipeline's own held-out
 samples are never seen), measured before the first step too: the pass never returns a model worse
 than its input on those samples. Training runs in PyTorch (the optional ``train`` extra).
+
+After ``qdq`` it is quantization-aware fine-tuning: the integer weights behind each DequantizeLinear
+train as their float values through the fake-quantized graph (rounding with a straight-through
+gradient; scales and zero points fixed) and go back as integers into the same initializers, so the
+result is the same QDQ layout onnxruntime fuses into its int8 kernels.
 """
 
 from __future__ import annotations

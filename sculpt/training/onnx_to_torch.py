@@ -99,9 +99,15 @@ class GraphModule(torch.nn.Module):
         self.parameter_names: list[str] = []
         self.weights = torch.nn.ParameterList()
         self.constants: dict[str, torch.Tensor] = {}
+        # integer weights behind a DequantizeLinear train as their float value, fake-quantized (round
+        # with a straight-through gradient, scale and zero point fixed) and written back as integers
+        self.quantized: dict[str, _QuantizedWeight] = quantized_weights(model)
         for t in graph.initializer:
             value = torch.from_numpy(np.array(numpy_helper.to_array(t)))
-            if t.name in trainable:
+            if t.name in trainable and t.name in self.quantized:
+                self.weights.append(torch.nn.Parameter(self.quantized[t.name].dequantize(value)))
+                self.parameter_names.append(t.name)
+            elif t.name in trainable:
                 if not value.is_floating_point():
                     raise UnconvertibleModelError(f"initializer '{t.name}' is not a float tensor and cannot train")
                 self.weights.append(torch.nn.Parameter(value.float()))
@@ -112,7 +118,8 @@ class GraphModule(torch.nn.Module):
 
     def forward(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         env: dict[str, torch.Tensor] = dict(self.constants)
-        env.update(zip(self.parameter_names, self.weights))
+        for name, p in zip(self.parameter_names, self.weights):
+            env[name] = self.quantized[name].fake_integers(p) if name in self.quantized else p
         env.update(feeds)
         wanted = set(self.output_names) | set(self.extra_outputs)
         for node in self.nodes:
@@ -132,18 +139,73 @@ class GraphModule(torch.nn.Module):
         return {name: env[name] for name in self.output_names + [n for n in self.extra_outputs if n in wanted]}
 
     def trained_values(self) -> dict[str, np.ndarray]:
-        """{initializer name: its current value} for the trainable initializers."""
-        return {name: p.detach().cpu().numpy().copy() for name, p in zip(self.parameter_names, self.weights)}
-
-    def load_values(self, values: Mapping[str, np.ndarray]) -> None:
+        """{initializer name: its current value} for the trainable initializers (integers, in the
+        initializer's element type, for a quantized weight)."""
+        out = {}
         with torch.no_grad():
             for name, p in zip(self.parameter_names, self.weights):
-                p.copy_(torch.from_numpy(np.asarray(values[name])))
+                q = self.quantized.get(name)
+                out[name] = (q.integers(p) if q is not None else p.detach().cpu().numpy()).copy()
+        return out
+
+
+class _QuantizedWeight:
+    """An integer initializer read only by DequantizeLinear (input 0), with constant scale and zero point."""
+
+    def __init__(self, scale: np.ndarray, zero_point: np.ndarray, axis: int, dtype: np.dtype, rank: int):
+        info = np.iinfo(dtype)
+        self.low, self.high, self.dtype = float(info.min), float(info.max), dtype
+        shape = [1] * rank
+        if scale.ndim == 1 and rank:
+            shape[axis % rank] = -1
+        self.scale = torch.from_numpy(scale.astype(np.float32).reshape(shape if scale.ndim == 1 else scale.shape))
+        self.zero = torch.from_numpy(zero_point.astype(np.float32).reshape(self.scale.shape))
+
+    def dequantize(self, value: torch.Tensor) -> torch.Tensor:
+        return (value.float() - self.zero) * self.scale
+
+    def fake_integers(self, w: torch.Tensor) -> torch.Tensor:
+        """round(w / scale) + zero point, clamped to the integer range; gradient straight through."""
+        x = w / self.scale + self.zero
+        return torch.clamp(x + (torch.round(x) - x).detach(), self.low, self.high)
+
+    def integers(self, w: torch.Tensor) -> np.ndarray:
+        return torch.clamp(torch.round(w / self.scale + self.zero), self.low, self.high).cpu().numpy().astype(self.dtype)
+
+
+def quantized_weights(model: Model) -> dict[str, _QuantizedWeight]:
+    """The integer initializers every reader of which is a DequantizeLinear (as input 0) with constant
+    scale and zero point (the int8 weights of a QDQ model; int32 biases included)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, k))
+    out = {}
+    for name, t in inits.items():
+        if t.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT32):
+            continue
+        uses = readers.get(name, [])
+        if not uses or any(n.op_type != "DequantizeLinear" or k != 0 for n, k in uses):
+            continue
+        node = uses[0][0]
+        if len(node.input) < 2 or node.input[1] not in inits or (len(node.input) > 2 and node.input[2]
+                                                                   and node.input[2] not in inits):
+            continue
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else \
+            np.zeros_like(scale, dtype=np.int32)
+        axis = _attrs(node).get("axis", 1)
+        value = numpy_helper.to_array(t)
+        out[name] = _QuantizedWeight(scale, zp, axis, value.dtype, value.ndim)
+    return out
 
 
 def trainable_initializers(model: Model) -> list[str]:
     """The float initializers every use of which is a weight slot of ``TRAINABLE_INPUTS`` (not a
-    shape, a scale of Resize, a bound of Clip...), in graph order."""
+    shape, a scale of Resize, a bound of Clip...), and the integer weights behind a DequantizeLinear
+    (trained fake-quantized), in graph order."""
+    quantized = quantized_weights(model)
     uses: dict[str, list[tuple[str, int]]] = {}
     for node in model.graph.node:
         for k, name in enumerate(node.input):
@@ -151,6 +213,9 @@ def trainable_initializers(model: Model) -> list[str]:
     graph_outputs = {o.name for o in model.graph.output}
     names = []
     for t in model.graph.initializer:
+        if t.name in quantized and t.name not in graph_outputs:
+            names.append(t.name)
+            continue
         if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE) or t.name in graph_outputs:
             continue
         used = uses.get(t.name, [])
@@ -165,7 +230,10 @@ def check_against_onnxruntime(module: GraphModule, model: Model, samples: Sequen
     onnxruntime on ``samples``; UnconvertibleModelError above ``rtol``."""
     from sculpt.runtime import make_session
 
-    session = make_session(model)
+    # a QDQ graph is compared with its own arithmetic (onnxruntime unoptimized): the fused int8 kernels
+    # onnxruntime runs by default requantize in fixed point and differ from it by more than 1e-4
+    quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    session = make_session(model, optimize=not quantized)
     worst, worst_name = 0.0, ""
     with torch.no_grad():
         for sample in samples:
@@ -540,7 +608,33 @@ def _instancenorm(node, x, scale, bias):
     return F.instance_norm(x, weight=scale, bias=bias, eps=node.attrs.get("epsilon", 1e-5))
 
 
+def _quantize_linear(node, x, scale, zero_point=None):
+    """Fake quantization: the integers as float values (round with a straight-through gradient,
+    clamped to the zero point's type), so that gradients flow to what came before."""
+    dtype = zero_point.dtype if zero_point is not None else torch.uint8
+    info = torch.iinfo(dtype)
+    zp = zero_point.float() if zero_point is not None else torch.zeros(())
+    scale, zp = _per_axis(node, x, scale), _per_axis(node, x, zp)
+    q = x / scale + zp
+    return torch.clamp(q + (torch.round(q) - q).detach(), float(info.min), float(info.max))
+
+
+def _dequantize_linear(node, x, scale, zero_point=None):
+    zp = zero_point.float() if zero_point is not None else torch.zeros(())
+    return (x.float() - _per_axis(node, x, zp)) * _per_axis(node, x, scale)
+
+
+def _per_axis(node, x, v):
+    if v.dim() != 1 or x.dim() == 0:
+        return v.float()
+    shape = [1] * x.dim()
+    shape[node.attrs.get("axis", 1) % x.dim()] = -1
+    return v.float().reshape(shape)
+
+
 _HANDLERS: dict[str, Callable] = {
+    "QuantizeLinear": _quantize_linear,
+    "DequantizeLinear": _dequantize_linear,
     "Constant": _constant,
     "Identity": _unary(lambda x: x),
     "Dropout": lambda node, x, *_: x,
