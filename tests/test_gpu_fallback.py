@@ -120,17 +120,10 @@ def test_cli_compile_names_the_function_in_one_warning_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ppocrv6_rec_builds_for_mali_and_matches_onnxruntime_on_pocl(tmp_path, capsys):
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from test_recurrent import _zoo
 
-    spec = importlib.util.spec_from_file_location("sculpt_tools_zoo",
-                                                  Path(__file__).resolve().parents[1] / "tools" / "zoo.py")
-    zoo = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, zoo)
-    spec.loader.exec_module(zoo)
     try:
-        model = zoo.fetch("ppocrv6-rec-small")
+        model = _zoo().fetch("ppocrv6-rec-small")
     except Exception as e:  # no network, no wheel
         pytest.skip(f"the rapidocr wheel cannot be fetched: {e}")
     out = tmp_path / "rec_mali.so"
