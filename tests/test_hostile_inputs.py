@@ -162,6 +162,7 @@ class Hostile:
     args: tuple = ()
     seconds: float = 60.0  # bound on the wall time (the machines are shared: generous)
     other_lines_ok: bool = False  # see test_no_onnxruntime_log_lines_on_stderr
+    warns: tuple = ()  # a valid result with one warning line naming these (a repaired declaration)
 
 
 def _cases() -> list[Hostile]:
@@ -173,8 +174,9 @@ def _cases() -> list[Hostile]:
         Hostile("duplicate-input", s(_duplicate_input()), ("'x'", "duplicate")),
         Hostile("duplicate-initializer", s(_duplicate_initializer()), ("'W'", "duplicate")),
         Hostile("duplicate-node-names", s(_duplicate_node_names()), valid=True),
-        Hostile("absurd-value-info", s(_absurd_value_info()), ("relu",)),
-        Hostile("absurd-output", s(_absurd_output()), ("relu",)),
+        # a declared shape the nodes contradict is dropped with a warning, not refused (issue 16)
+        Hostile("absurd-value-info", s(_absurd_value_info()), valid=True, warns=("value_info 'c'",)),
+        Hostile("absurd-output", s(_absurd_output()), valid=True, warns=("output 'y'",)),
         Hostile("absurd-constant-of-shape", s(_absurd_constant_of_shape()), ("cos",), other_lines_ok=True),
         Hostile("huge-ints-attribute", s(_huge_ints_attribute()), ("onnx checker",)),
         Hostile("many-attributes", s(_many_attributes()), ("a0", "relu")),
@@ -241,6 +243,9 @@ def test_hostile_model_through_the_cli(case, tmp_path):
         out.verify()
         src = Model.load(case.data)
         assert compare_models(src, out, count=2).within(1e-5, 1e-6)
+        warnings = [line for line in p.stderr.splitlines() if line.startswith("sculpt: warning:")]
+        assert len(warnings) == (1 if case.warns else 0), p.stderr
+        assert all(n in warnings[0] for n in case.warns), p.stderr
         return
     assert_one_clear_error(p, *case.names, other_lines_ok=case.other_lines_ok)
     assert_nothing_written(work, case.data)
