@@ -119,7 +119,9 @@ class Distill(Pass):
                  "held_out_error_before": report.initial_error, "held_out_error_after": report.best_error,
                  "training_samples": len(train), "held_out_samples": len(held_out),
                  "losses": report.losses, "conversion_error": report.conversion_error,
-                 "seconds": round(report.seconds, 1)}
+                 "seconds": round(report.seconds, 1),
+                 "history": [[step, None if np.isnan(loss) else round(loss, 6), round(error, 6)]
+                             for step, loss, error in report.history]}
         if values is None:
             return PassResult(model, False, stats)
         write_back(model, values)
