@@ -1,7 +1,7 @@
 """Dynamic int8 quantization, sculpt's ``dynamic-quant`` pass against onnxruntime's own
 ``onnxruntime.quantization.quantize_dynamic``, on accuracy and onnxruntime speed.
 
-    python tools/dynamic_quant_benchmark.py [--models rec,cls,ppocrv6-rec-small,squeezenet,shufflenet]
+    python tools/dynamic_quant_benchmark.py [--models rec,cls,det,ppocrv6-rec-small,squeezenet,shufflenet]
         [--configs fp32,ort,ort-pc,dq,dq-w7,dq-wo,dq-nogroup,dq-matmul] [--count 200] [--error-samples 8]
         [--threads 1] [--runs 20] [--rounds 3] [--json]
 
@@ -14,8 +14,8 @@ logits). Per model and config:
 - output error against the fp32 model on held-out inputs (dynamic quantization uses no calibration
   data, so every input is held out): the relative L2 error ``||y - y_fp32|| / ||y_fp32||`` over all
   outputs and samples, and the largest absolute difference relative to the largest fp32 magnitude;
-  real inputs (rendered text lines of the evaluation seed) for the OCR models, normal noise for the
-  light models;
+  real inputs (rendered text lines for rec and cls, rendered text pages for det) for the OCR models,
+  normal noise for the light models;
 - for the OCR recognizers and the classifier: the OCR task (``sculpt.ocr_task``: exact match and
   character accuracy, or orientation accuracy) on ``--count`` rendered lines;
 - file size, and onnxruntime latency: batch 1, median over ``--rounds`` rounds of the median of
@@ -39,12 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sculpt import ocr_task  # noqa: E402
 from sculpt.ir.model import Model  # noqa: E402
-from sculpt.models import backend_test_data_dir, ppocr_model  # noqa: E402
+from sculpt.models import PPOCR_SHAPES, backend_test_data_dir, ppocr_model  # noqa: E402
 from sculpt.passes import Pipeline  # noqa: E402
 from sculpt.runtime import make_session  # noqa: E402
 from sculpt.runtime import median_latency_ms  # noqa: E402
+from sculpt.textdata import text_input  # noqa: E402
 
-DEFAULT_MODELS = "rec,cls,ppocrv6-rec-small,squeezenet,shufflenet"
+DEFAULT_MODELS = "rec,cls,det,ppocrv6-rec-small,squeezenet,shufflenet"
 ORT = "ort quantize_dynamic"
 CONFIGS = {  # key: (name in the table, sculpt pass spec or the keyword arguments of quantize_dynamic)
     "fp32": ("fp32", None),
@@ -79,6 +80,8 @@ def base_model(name: str) -> tuple[Model, str | None]:
     """The canonicalized fp32 model with a fixed input shape, and its OCR task kind (or None)."""
     if name in ("rec", "cls"):
         model, shape, kind = ppocr_model(name), ocr_task.input_shape(name), name
+    elif name == "det":
+        model, shape, kind = ppocr_model(name), PPOCR_SHAPES[name], "det"
     elif name == "ppocrv6-rec-small":
         import zoo
 
@@ -144,6 +147,8 @@ def held_out_inputs(model: Model, kind: str | None, count: int) -> list[dict]:
     if kind == "rec" or kind == "cls":
         data = ocr_task.task_set(kind, count, ocr_task.EVAL_SEED + 1)
         return [{name: data.inputs[k:k + 1]} for k in range(len(data))]
+    if kind == "det":  # rendered text pages: on noise the probability map is ~0 everywhere
+        return [{name: text_input(model.static_shape(name), 500 + k)} for k in range(count)]
     shape = model.static_shape(name)
     rng = np.random.default_rng(12345)
     return [{name: rng.standard_normal(shape).astype(np.float32)} for _ in range(count)]
@@ -174,7 +179,7 @@ def bench(name: str, args, workdir: Path) -> list[Row]:
     t = time.perf_counter()
     base, kind = base_model(name)
     inputs = held_out_inputs(base, kind, args.error_samples)
-    data = ocr_task.task_set(kind, args.count, ocr_task.EVAL_SEED) if kind else None
+    data = ocr_task.task_set(kind, args.count, ocr_task.EVAL_SEED) if kind in ("rec", "cls") else None
     characters = ocr_task.character_list(base) if kind == "rec" else None
     log(f"{name}: canonicalized in {time.perf_counter() - t:.1f}s")
     reference = make_session(base, threads=args.threads)
@@ -195,7 +200,7 @@ def bench(name: str, args, workdir: Path) -> list[Row]:
             continue
         row.metrics["size_mb"] = model.byte_size() / 1e6
         row.metrics.update(output_error(reference, session, inputs))
-        if kind:
+        if data is not None:
             row.metrics.update(task_metrics(kind, model, session, data, characters))
         sessions[config] = session
         log(f"{name} / {config}: {row.metrics}")
