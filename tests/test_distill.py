@@ -73,11 +73,16 @@ def small_net() -> tuple:
              helper.make_node("GlobalAveragePool", ["c3"], ["g"], name="pool"),
              helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
              helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)]
-    weights = {"w1": f32(16, 4, 3, 3, scale=0.4), "b1": f32(16, scale=0.1), "w2": f32(16, 16, 3, 3, scale=0.15),
-               "b2": f32(16, scale=0.1), "w3": f32(8, 16, 1, 1, scale=0.3), "b3": f32(8, scale=0.1),
-               "wf": f32(5, 8, scale=0.5), "bf": f32(5, scale=0.1)}
+    rng = np.random.default_rng(7)  # its own generator: the same net whatever ran before
+
+    def normal(*shape, scale):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    weights = {"w1": normal(16, 4, 3, 3, scale=0.4), "b1": normal(16, scale=0.1),
+               "w2": normal(16, 16, 3, 3, scale=0.15), "b2": normal(16, scale=0.1),
+               "w3": normal(8, 16, 1, 1, scale=0.3), "b3": normal(8, scale=0.1),
+               "wf": normal(5, 8, scale=0.5), "bf": normal(5, scale=0.1)}
     model = make_model(nodes, [("x", [1, 4, 8, 8])], [("y", [1, 5])], weights)
-    rng = np.random.default_rng(7)
     data = CalibrationSet.from_arrays({"x": rng.standard_normal((48, 1, 4, 8, 8)).astype(np.float32)[:, 0]})
     return model, data
 
@@ -234,7 +239,7 @@ def test_qat_after_qdq_keeps_the_qdq_layout_that_onnxruntime_fuses(tmp_path):
 
     model, data = small_net()
     quantized = Pipeline.from_specs(["qdq"], calibration=data, statistics=False).run(model).model
-    result = Pipeline.from_specs(["qdq", "distill:steps=60,learning_rate=1e-3,progress=false"], calibration=data,
+    result = Pipeline.from_specs(["qdq", "distill:steps=100,learning_rate=3e-4,progress=false"], calibration=data,
                                  statistics=False).run(model)
     trained = result.model
     stats = result.records[-1].stats
