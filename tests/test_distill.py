@@ -261,3 +261,12 @@ def test_qat_after_qdq_keeps_the_qdq_layout_that_onnxruntime_fuses(tmp_path):
     assert any(n.op_type == "QLinearConv" for n in fused.graph.node)
     held_out = list(result.split.held_out)
     assert rms_error(model, trained, held_out) <= rms_error(model, quantized, held_out)
+
+
+def test_hints_match_tensors_of_the_same_shape_and_skip_pruned_ones(pruned_and_distilled):
+    model, data, _, _ = pruned_and_distilled
+    result = run_pipeline(model, data, DISTILL.replace("steps=120", "steps=30") + ",hints=[c*,g],hint_weight=0.5")
+    stats = result.records[-1].stats
+    assert stats["hints"] == ["c3", "g"]  # conv3's output and the pool keep their 8 channels
+    assert set(stats["hints_skipped"]) == {"c1", "c2"}  # pruned from 16 to 8 channels
+    assert result.records[-1].modified

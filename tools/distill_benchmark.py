@@ -56,6 +56,8 @@ def main(argv=None) -> int:
                     help="options of the distill pass, KEY=VALUE,...")
     ap.add_argument("--iterative", type=int, default=0,
                     help="also prune in this many steps with distill between them (iterative-pruning)")
+    ap.add_argument("--iterative-distill", help="distill options of each iterative step (default: --distill)")
+    ap.add_argument("--skip-one-shot", action="store_true", help="only the original and the iterative rows")
     args = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,34 +67,39 @@ def main(argv=None) -> int:
             data = ocr_task.task_set(kind, args.count)
             calibration = CalibrationSet.from_npz(
                 ocr_task.write_calibration(Path(tmp) / f"{kind}.npz", kind, args.calibration_count))
-            keep = KeepModels()
-            specs = ["canonicalize", f"channel-pruning:ratio={args.ratio}", f"distill:{args.distill}"]
-            pipe = Pipeline.from_specs(specs, input_shapes=shapes, calibration=calibration, instruments=[keep])
-            start = time.perf_counter()
-            result = pipe.run(original)
-            print(f"{kind}: pipeline {time.perf_counter() - start:.0f} s", file=sys.stderr)
-            seconds = {r.name: r.seconds for r in result.records}
-            stats = next(r.stats for r in result.records if r.name == "distill")
             fixed = original.clone().fix_input_shapes(shapes)
-            stages = [("original", fixed, "", ""),
-                      (f"prune {args.ratio:.0%}", keep.models["channel-pruning"],
-                       f"{seconds['channel-pruning']:.0f}", ""),
-                      (f"prune {args.ratio:.0%} + distill", result.model, f"{seconds['channel-pruning']:.0f}",
-                       f"{seconds['distill']:.0f} ({stats['steps']} steps, best {stats['best_step']})")]
+            stages = [("original", fixed, "", "")]
+            if not args.skip_one_shot:
+                keep = KeepModels()
+                specs = ["canonicalize", f"channel-pruning:ratio={args.ratio}", f"distill:{args.distill}"]
+                pipe = Pipeline.from_specs(specs, input_shapes=shapes, calibration=calibration, instruments=[keep])
+                start = time.perf_counter()
+                result = pipe.run(original)
+                print(f"{kind}: pipeline {time.perf_counter() - start:.0f} s", file=sys.stderr)
+                seconds = {r.name: r.seconds for r in result.records}
+                stats = next(r.stats for r in result.records if r.name == "distill")
+                stages += [(f"prune {args.ratio:.0%}", keep.models["channel-pruning"],
+                            f"{seconds['channel-pruning']:.0f}", ""),
+                           (f"prune {args.ratio:.0%} + distill", result.model, f"{seconds['channel-pruning']:.0f}",
+                            f"{seconds['distill']:.0f} ({stats['steps']} steps, best {stats['best_step']})")]
+                print(f"{kind}: distill held-out loss {stats['held_out_error_before']:.4g} → "
+                      f"{stats['held_out_error_after']:.4g} on {stats['held_out_samples']} lines, trained on "
+                      f"{stats['training_samples']}, {stats['trained_weights']} weights", file=sys.stderr)
             if args.iterative:
-                spec = (f"iterative-pruning:ratio={args.ratio},steps={args.iterative},distill=[{args.distill}]")
+                spec = (f"iterative-pruning:ratio={args.ratio},steps={args.iterative},"
+                        f"distill=[{args.iterative_distill or args.distill}]")
                 iterative = Pipeline.from_specs(["canonicalize", spec], input_shapes=shapes,
                                                 calibration=calibration).run(original)
                 total = sum(r.seconds for r in iterative.records)
-                stages.append((f"iterative {args.iterative} steps + distill", iterative.model, f"{total:.0f} (all)", ""))
+                steps = iterative.records[-1].stats["steps"]
+                print(f"{kind}: iterative steps {steps}", file=sys.stderr)
+                stages.append((f"iterative {args.iterative} steps + distill", iterative.model, "",
+                               f"{total:.0f} (pruning and distill)"))
             for label, model, prune_s, distill_s in stages:
                 row = {"model": kind, "config": label, **metrics(kind, model, data),
                        "MACs": f"{cost_of(model, shapes).macs / 1e6:.1f}M", "prune s": prune_s, "distill s": distill_s}
                 rows.append(row)
                 print(row, file=sys.stderr)
-            print(f"{kind}: distill held-out loss {stats['held_out_error_before']:.4g} → "
-                  f"{stats['held_out_error_after']:.4g} on {stats['held_out_samples']} lines, trained on "
-                  f"{stats['training_samples']}, {stats['trained_weights']} weights", file=sys.stderr)
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))

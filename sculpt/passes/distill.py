@@ -52,6 +52,10 @@ class Distill(Pass):
     train: list[str] = option(default_factory=lambda: ["all"], help=(
         "which float weights train: all; changed (those a pass added or changed against the teacher); "
         "or fnmatch patterns of initializer or node names"))
+    hints: list[str] = option(default_factory=list, help=(
+        "fnmatch patterns of intermediate tensors to match too (MSE, relative): those of the same name and "
+        "shape in both graphs; a tensor whose channels were pruned is skipped"))
+    hint_weight: float = option(1.0, help="weight of the hint loss against the output loss")
     seed: int = option(0, help="sample order and initial state; the same seed gives the same weights")
     held_out_fraction: float = option(0.2, help="fraction of the calibration samples kept apart to pick the best "
                                                 "checkpoint by")
@@ -73,6 +77,7 @@ class Distill(Pass):
         check_range("eval_every", self.eval_every, 0, MAX_STEPS)
         check_range("max_grad_norm", self.max_grad_norm, 0, 1e6)
         check_range("threads", self.threads, 0, 1024)
+        check_range("hint_weight", self.hint_weight, 0, 1e6)
         if not self.train:
             raise ValueError("train must be 'all', 'changed' or fnmatch patterns, got nothing")
 
@@ -101,6 +106,7 @@ class Distill(Pass):
         held_set = set(held)
         train = data.subset([k for k in range(count) if k not in held_set], "distillation training samples")
         held_out = data.subset(held, "distillation held-out samples")
+        hints, skipped_hints = self.hint_tensors(model, teacher)
         steps = self.steps
         if self.epochs:
             steps = max(1, int(np.ceil(self.epochs * len(train) / min(self.batch_size, len(train)))))
@@ -108,7 +114,7 @@ class Distill(Pass):
                                warmup_steps=int(self.warmup * steps), weight_decay=self.weight_decay,
                                temperature=self.temperature, loss=self.loss, seed=self.seed + ctx.seed,
                                eval_every=self.eval_every or max(1, steps // 20), max_grad_norm=self.max_grad_norm,
-                               threads=self.threads)
+                               threads=self.threads, hints=tuple(hints), hint_weight=self.hint_weight)
         try:
             values, report = distill(model, teacher, train, held_out, names, config, progress=self.progress)
         except UnconvertibleModelError as e:
@@ -119,7 +125,7 @@ class Distill(Pass):
                  "held_out_error_before": report.initial_error, "held_out_error_after": report.best_error,
                  "training_samples": len(train), "held_out_samples": len(held_out),
                  "losses": report.losses, "conversion_error": report.conversion_error,
-                 "seconds": round(report.seconds, 1),
+                 "seconds": round(report.seconds, 1), "hints": hints, "hints_skipped": skipped_hints,
                  "history": [[step, None if np.isnan(loss) else round(loss, 6), round(error, 6)]
                              for step, loss, error in report.history]}
         if values is None:
@@ -129,6 +135,24 @@ class Distill(Pass):
 
     def ensures(self, model: Model, ctx: PassContext) -> None:
         model.verify(full_check=True)
+
+    def hint_tensors(self, model: Model, teacher: Model) -> tuple[list[str], list[str]]:
+        """(float tensors the ``hints`` patterns name that both graphs hold with the same static shape,
+        those matched but skipped: missing from the teacher or reshaped by pruning)."""
+        if not self.hints:
+            return [], []
+        model, teacher = model.clone().infer_shapes(), teacher.clone().infer_shapes()  # shapes, on copies
+        outputs = set(model.output_names)
+        produced = [o for n in model.graph.node for o in n.output if o and o not in outputs]
+        teacher_produced = {o for n in teacher.graph.node for o in n.output}
+        kept, skipped = [], []
+        for name in produced:
+            if not any(fnmatch.fnmatchcase(name, p) for p in self.hints):
+                continue
+            shape = model.static_shape(name)
+            same = name in teacher_produced and shape is not None and shape == teacher.static_shape(name)
+            (kept if same and _is_float(model, name) else skipped).append(name)
+        return kept, skipped
 
     def selected_weights(self, model: Model, teacher: Model, candidates: list[str]) -> list[str]:
         """The trainable initializers the ``train`` option picks, in graph order."""
@@ -149,6 +173,11 @@ class Distill(Pass):
                 users.setdefault(name, []).append(node.name)
         return [name for name in candidates
                 if any(fnmatch.fnmatchcase(n, p) for p in self.train for n in [name] + users.get(name, []))]
+
+
+def _is_float(model: Model, name: str) -> bool:
+    info = model.value_infos().get(name)
+    return info is not None and info.type.tensor_type.elem_type in (1, 11)  # FLOAT, DOUBLE
 
 
 def write_back(model: Model, values: dict[str, np.ndarray]) -> None:

@@ -44,6 +44,8 @@ class DistillConfig:
     eval_every: int = 25
     max_grad_norm: float = 1.0
     threads: int = 0  # 0: torch's default
+    hints: tuple[str, ...] = ()  # intermediate tensors of the same name and shape in both graphs: MSE on them
+    hint_weight: float = 1.0
 
 
 @dataclass
@@ -61,9 +63,13 @@ class DistillReport:
 class _Objective:
     """The per-output losses, the targets made from the teacher's outputs."""
 
-    def __init__(self, student: Model, module: GraphModule, kind: str, temperature: float):
+    def __init__(self, student: Model, module: GraphModule, kind: str, temperature: float,
+                 hints: Sequence[str] = (), hint_weight: float = 1.0):
         self.temperature = temperature
         self.kinds: dict[str, str] = {}
+        self.hints = [h for h in hints if h not in module.output_names]
+        self.hint_weight = hint_weight
+        module.extra_outputs.extend(self.hints)
         self.logits: dict[str, str] = {}  # output → the student tensor its KL loss reads
         producers = {o: n for n in student.graph.node for o in n.output}
         for name in module.output_names:
@@ -81,7 +87,7 @@ class _Objective:
         out = {}
         for name, value in outputs.items():
             t = torch.from_numpy(np.asarray(value, dtype=np.float32))
-            if self.kinds[name] == "kl":
+            if self.kinds.get(name) == "kl":
                 logp = torch.log(t.clamp_min(1e-30)) if name in self.logits else t
                 out[name] = torch.softmax(logp / self.temperature, dim=-1)
             else:
@@ -100,7 +106,14 @@ class _Objective:
             else:
                 scale = target.pow(2).mean().clamp_min(1e-12)
                 total = total + (got[name] - target).pow(2).mean() / scale
-        return total / max(len(self.kinds), 1)
+        total = total / max(len(self.kinds), 1)
+        if self.hints:
+            hint = 0.0
+            for name in self.hints:
+                scale = want[name].pow(2).mean().clamp_min(1e-12)
+                hint = hint + (got[name] - want[name]).pow(2).mean() / scale
+            total = total + self.hint_weight * hint / len(self.hints)
+        return total
 
 
 def _attr(node, name: str, default):
@@ -134,10 +147,10 @@ def distill(student: Model, teacher: Model, train: Sequence[Mapping[str, np.ndar
                           "distillation matches outputs by name")
     module = GraphModule(student, trainable)
     conversion_error = check_against_onnxruntime(module, student, [held_out[0], train[0]])
-    objective = _Objective(student, module, config.loss, config.temperature)
+    objective = _Objective(student, module, config.loss, config.temperature, config.hints, config.hint_weight)
 
-    session = make_session(teacher)
-    names = module.output_names
+    session = make_session(teacher, extra_outputs=objective.hints)
+    names = module.output_names + objective.hints
     batched = torch.func.vmap(lambda feeds: module(feeds))
 
     def run_batch(samples):
