@@ -146,6 +146,27 @@ def test_policy_tiles_within_the_register_budget_and_keeps_the_width_kernel_wher
     assert conv_tile(ConvShape(1, 16, 3, 95, 104, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)), AVX2) is not None
 
 
+def test_policy_with_blocked_input_measured_rules():
+    """NCHW8c in and out on AVX2: 12 accumulators (3 vectors x 4 pixels, or 2 x 6 for a 3x3 conv),
+    but 8 for a 1x1 conv of 2 vectors of channels; on a score tie the rows a partial band leaves
+    unused beat padded columns (7x7: 4 rows x 1 column, no padded width)."""
+    def tile(cin, cout, hw, k):
+        return conv_tile(ConvShape(1, cin, hw, hw, cout, (k, k), (1, 1), (1, 1), (k // 2,) * 4), AVX2, 8, 8)
+
+    def accumulators(t):
+        return t.th * t.tw * t.ob // AVX2.vector_lanes
+
+    assert accumulators(tile(64, 256, 56, 1)) == 12 and tile(64, 256, 56, 1).ob == 24
+    assert accumulators(tile(128, 128, 28, 3)) == 12 and tile(128, 128, 28, 3).ob == 16
+    assert accumulators(tile(512, 128, 28, 1)) == 8 and accumulators(tile(256, 128, 14, 1)) == 8
+    for cin, cout, k in ((512, 512, 3), (512, 2048, 1)):
+        t = tile(cin, cout, 7, k)
+        assert (t.th, t.tw) == (4, 1) and t.padded_width(7) == 7
+    # with a blocked input the NEON tiles follow the same rules at 4 lanes and 32 registers
+    t = conv_tile(ConvShape(1, 64, 28, 28, 64, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)), NEON, 4, 4)
+    assert t.th * t.tw * t.ob // NEON.vector_lanes <= NEON.vector_registers * 3 // 4
+
+
 def test_tile_travels_in_the_block_name_and_weights_pack_channel_blocks_innermost():
     tile = ConvTile(16, 2, 3, 64)
     assert tile_from_block_name(f"fused_{tile.name}_1") == tile
