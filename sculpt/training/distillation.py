@@ -74,7 +74,8 @@ class _Objective:
         producers = {o: n for n in student.graph.node for o in n.output}
         for name in module.output_names:
             node = producers.get(name)
-            rank = len(student.static_shape(name) or ()) if student.static_shape(name) is not None else None
+            shape = student.static_shape(name)
+            rank = len(shape) if shape is not None else None
             is_softmax = node is not None and node.op_type == "Softmax" and rank is not None and (
                 _attr(node, "axis", -1 if student.opset >= 13 else 1) % max(rank, 1) == rank - 1)
             chosen = kind if kind != "auto" else ("kl" if is_softmax else "mse")

@@ -121,7 +121,6 @@ class GraphModule(torch.nn.Module):
         for name, p in zip(self.parameter_names, self.weights):
             env[name] = self.quantized[name].fake_integers(p) if name in self.quantized else p
         env.update(feeds)
-        wanted = set(self.output_names) | set(self.extra_outputs)
         for node in self.nodes:
             args = [env[name] if name else None for name in node.inputs]
             try:
@@ -136,7 +135,7 @@ class GraphModule(torch.nn.Module):
             for name, value in zip(node.outputs, outs):
                 if name:
                     env[name] = value
-        return {name: env[name] for name in self.output_names + [n for n in self.extra_outputs if n in wanted]}
+        return {name: env[name] for name in self.output_names + self.extra_outputs}
 
     def trained_values(self) -> dict[str, np.ndarray]:
         """{initializer name: its current value} for the trainable initializers (integers, in the
