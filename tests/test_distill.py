@@ -270,3 +270,19 @@ def test_hints_match_tensors_of_the_same_shape_and_skip_pruned_ones(pruned_and_d
     assert stats["hints"] == ["c3", "g"]  # conv3's output and the pool keep their 8 channels
     assert set(stats["hints_skipped"]) == {"c1", "c2"}  # pruned from 16 to 8 channels
     assert result.records[-1].modified
+
+
+def test_samples_stream_a_large_source_is_never_read_whole():
+    model, _ = small_net()
+    pruned = Pipeline.from_specs([PRUNE], statistics=False).run(model).model
+    reads = []
+
+    def sample(k):
+        reads.append(k)
+        return {"x": np.random.default_rng(k).standard_normal((1, 4, 8, 8)).astype(np.float32)}
+
+    source = CalibrationSet(10_000, sample, "a generated source", ["x"])
+    result = create_pass("distill", {"steps": 3, "batch_size": 4, "held_out_fraction": 0.001, "eval_every": 3,
+                                     "progress": False})(pruned, PassContext(calibration=source, teacher=model))
+    assert result.stats["training_samples"] == 9_990 and result.stats["held_out_samples"] == 10
+    assert len(reads) < 60  # the conversion check, 3 batches of 4, the 10 held-out samples twice
