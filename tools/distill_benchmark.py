@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iterative", type=int, default=0,
                     help="also prune in this many steps with distill between them (iterative-pruning)")
     ap.add_argument("--iterative-distill", help="distill options of each iterative step (default: --distill)")
+    ap.add_argument("--qat", help="also qdq, then distill with these options (quantization-aware fine-tuning)")
     ap.add_argument("--skip-one-shot", action="store_true", help="only the original and the iterative rows")
     args = ap.parse_args(argv)
     rows = []
@@ -95,6 +96,14 @@ def main(argv=None) -> int:
                 print(f"{kind}: iterative steps {steps}", file=sys.stderr)
                 stages.append((f"iterative {args.iterative} steps + distill", iterative.model, "",
                                f"{total:.0f} (pruning and distill)"))
+            if args.qat:
+                keep = KeepModels()
+                quantized = Pipeline.from_specs(["canonicalize", "qdq", f"distill:{args.qat}"], input_shapes=shapes,
+                                                calibration=calibration, instruments=[keep]).run(original)
+                record = quantized.records[-1]
+                stages += [("qdq", keep.models["qdq"], "", ""),
+                           ("qdq + distill (QAT)", quantized.model, "",
+                            f"{record.seconds:.0f} ({record.stats['steps']} steps, best {record.stats['best_step']})")]
             for label, model, prune_s, distill_s in stages:
                 row = {"model": kind, "config": label, **metrics(kind, model, data),
                        "MACs": f"{cost_of(model, shapes).macs / 1e6:.1f}M", "prune s": prune_s, "distill s": distill_s}
