@@ -192,7 +192,15 @@ def test_tile_search_caches_the_fastest_tile_and_builds_use_it(tmp_path):
     mod = import_to_relax(Model.wrap(proto))
     results = search_tiles(mod, _host(), candidates=3, number=2, repeat=2)
     assert len(results) == 1 and results[0].kind == "conv2d_1x1"
-    assert len(results[0].tried) == 3 and results[0].best_ms == min(ms for _, ms in results[0].tried)
+    r = results[0]
+    # the heuristic's tile first, then the ranking; a tile replaces it only when clearly faster
+    assert 3 <= len(r.tried) <= 4 and r.heuristic_ms == r.tried[0][1]
+    fastest_tile, fastest = min(r.tried, key=lambda t: t[1])
+    from sculpt.backends.tvm.kernels.tile_search import MIN_GAIN
+    if fastest < r.heuristic_ms * (1 - MIN_GAIN):
+        assert (r.best, r.best_ms) == (fastest_tile, fastest)
+    else:
+        assert (r.best, r.best_ms) == tuple(r.tried[0])
     stored = json.loads(cache_path().read_text())["tiles"]
     assert list(stored) == [results[0].key] and stored[results[0].key]["tile"] == results[0].best
     # a later build takes the tile from the cache: plant one the heuristic would not pick

@@ -11,8 +11,9 @@ The channel-blocked convs (blocked_conv) are chosen before fusion, per conv shap
 layout: each distinct one of a module is built alone (the conv without its epilogue) with the best
 tiles of ``tiling.conv_tile_ranking`` and the heuristic's own with its loop order flipped, and the
 fastest is cached under ``conv_cache_key``; ``cached_conv_policy`` hands it to the layout plan. A
-search keeps a measured tile only when it beats the heuristic's by ``MIN_GAIN``: the runs are short
-and the host may be busy, and a tile picked on noise would be worse than the heuristic.
+search keeps a measured tile only when it beats the heuristic's by ``MIN_GAIN`` (for every kernel:
+the heuristic's own tile is always the first one timed): the runs are short and the host may be
+busy, and a tile picked on noise would be worse than the heuristic.
 
 Only host targets can be measured here; for a cross target (arm64) the heuristic decides."""
 
@@ -220,7 +221,8 @@ def search_tiles(mod, target, *, candidates: int = 4, number: int = 3, repeat: i
 
     from sculpt.backends.tvm.kernels.block_analysis import analyze_reduction
     from sculpt.backends.tvm.kernels.pipeline import legalized_and_fused
-    from sculpt.backends.tvm.kernels.rules import blocked_kernel, main_reduction, schedule_func, tile_ranking
+    from sculpt.backends.tvm.kernels.rules import (blocked_kernel, heuristic_chooser, main_reduction, schedule_func,
+                                                   tile_ranking)
 
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     traits = traits_of(target)
@@ -235,7 +237,10 @@ def search_tiles(mod, target, *, candidates: int = 4, number: int = 3, repeat: i
         anatomy = analyze_reduction(sch, main) if main is not None else None
         if anatomy is None or blocked_kernel(sch.get(main).name_hint):
             continue  # the blocked kernels' tiles are fixed before fusion (search_conv_tiles)
-        tiles = tile_ranking(anatomy, traits, candidates)
+        # the heuristic's own tile first (a matrix-vector product's streaming tile is not in the ranking)
+        heuristic = heuristic_chooser(anatomy, traits)
+        tiles = [heuristic] + [t for t in tile_ranking(anatomy, traits, candidates) if t != heuristic]
+        tiles = tiles[:candidates + 1]
         args = _random_args(func)
         tried = []
         for tile in tiles:
@@ -247,6 +252,8 @@ def search_tiles(mod, target, *, candidates: int = 4, number: int = 3, repeat: i
         if not tried:
             continue
         best_tile, best_ms = min(tried, key=lambda t: t[1])
+        if tried[0][0] == heuristic and best_ms >= tried[0][1] * (1 - MIN_GAIN):
+            best_tile, best_ms = tried[0]  # not clearly faster than the heuristic: keep it
         key = cache_key(anatomy, traits, func)
         cache.put(key, best_tile, best_ms)
         results.append(SearchResult(gv.name_hint, anatomy.kind, key, [(t.as_list(), ms) for t, ms in tried],
