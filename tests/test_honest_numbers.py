@@ -268,7 +268,7 @@ def test_summary_of_a_qdq_model(tmp_path, capsys, cls):
     assert rep["after"]["macs"] <= rep["before"]["macs"] and rep["after"]["conversions"] > 0
     for side in ("before", "after"):
         assert rep[side]["latency_ms"] > 0 and rep[side]["latency_runs"] == 5 and rep[side]["peak_bytes"] > 0
-    for row in ("MACs in int8", "8-bit weights", "latency (ort)", "peak memory (ort)"):
+    for row in ("MACs in int8", "int8/int4 weights", "latency (ort)", "peak memory (ort)"):
         assert row in stdout, row
 
 

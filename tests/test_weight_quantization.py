@@ -141,3 +141,16 @@ def test_bad_options_are_one_line_and_write_nothing(tmp_path, capsys, spec, word
     err = capsys.readouterr().err
     assert err.startswith("sculpt: error:") and err.count("\n") == 1 and all(w in err for w in words), err
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_cost_model_counts_int4_weights_at_half_a_byte():
+    from sculpt.ir.cost import cost_of
+
+    out = create_pass("weight-quant", {"min_elements": 1, "depthwise_bits": 8})(conv_matmul_net()).model
+    dq_inputs = [n.input[0] for n in out.graph.node if n.op_type == "DequantizeLinear"]
+    inits = out.initializer_map()
+    expected = sum((int(np.prod(inits[i].dims)) * (4 if inits[i].data_type == onnx.TensorProto.INT4 else 8) + 7) // 8
+                   for i in dq_inputs)
+    report = cost_of(out)
+    assert report.quantized_weight_bytes == expected
+    assert report.quantized_params == sum(int(np.prod(inits[i].dims)) for i in dq_inputs)

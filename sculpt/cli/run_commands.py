@@ -426,7 +426,7 @@ def summary_rows(before, after, footprints=None) -> list[tuple]:
         rows.append(("MACs in int8", before.int8_macs, after.int8_macs, fmt_int))
     rows.append(("weights", before.weight_bytes, after.weight_bytes, fmt_bytes))
     if before.quantized_weight_bytes or after.quantized_weight_bytes:
-        rows.append(("8-bit weights", before.quantized_weight_bytes, after.quantized_weight_bytes, fmt_bytes))
+        rows.append(("int8/int4 weights", before.quantized_weight_bytes, after.quantized_weight_bytes, fmt_bytes))
     if before.sparse_weights or after.sparse_weights:
         rows.append(("weights, block-sparse", before.sparse_weight_bytes, after.sparse_weight_bytes, fmt_bytes))
     rows.append(("file size", before.model_bytes, after.model_bytes, fmt_bytes))

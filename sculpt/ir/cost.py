@@ -202,6 +202,22 @@ def node_macs(model: Model, node: onnx.NodeProto, shape_of) -> int | None:
     return 0
 
 
+_FOUR_BIT_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def _element_bits(data_type: int) -> tuple[int, bool]:
+    """(bits per element as stored, floating point?) of an ONNX tensor type: int4/uint4 pack two per byte."""
+    if data_type == onnx.TensorProto.STRING:
+        return 0, False
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(data_type)
+    bits = 4 if data_type in _FOUR_BIT_TYPES else 8 * dtype.itemsize
+    return bits, dtype.kind == "f"
+
+
+def _bytes(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+
+
 def cost_of(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None,
             model_bytes: int | None = None, *, runtime_shapes: bool = True, sparsity: bool = False) -> CostReport:
     """Per-node and total cost. ``input_shapes`` fixes dynamic inputs (on a copy).
@@ -227,19 +243,15 @@ def _cost(model: Model, work: Model, model_bytes: int | None, runtime_shapes: bo
     # or if they are the quantized values a DequantizeLinear reads
     init = work.initializer_map()
     graph_inputs = {i.name for i in work.graph.input}
-    constants: dict[str, tuple[tuple[int, ...], int, bool]] = {}
+    constants: dict[str, tuple[tuple[int, ...], int, bool]] = {}  # name -> (dims, bits per element, float)
     for name, t in init.items():
         if name in graph_inputs:
             continue
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type) if t.data_type != onnx.TensorProto.STRING \
-            else np.dtype(object)
-        constants[name] = (tuple(t.dims), dtype.itemsize if dtype != object else 0, dtype.kind == "f")
+        constants[name] = (tuple(t.dims), *_element_bits(t.data_type))
     for node in work.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
             t = node.attribute[0].t
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type) if t.data_type != onnx.TensorProto.STRING \
-                else np.dtype(object)
-            constants[node.output[0]] = (tuple(t.dims), dtype.itemsize if dtype != object else 0, dtype.kind == "f")
+            constants[node.output[0]] = (tuple(t.dims), *_element_bits(t.data_type))
 
     measured: dict[str, tuple[int, ...]] = {}
     if runtime_shapes and _shape_measurer is not None:
@@ -269,20 +281,20 @@ def _cost(model: Model, work: Model, model_bytes: int | None, runtime_shapes: bo
         for k, i in enumerate(node.input):
             # quantized weights (the integer input of a DequantizeLinear) are parameters too
             if i in constants and (constants[i][2] or (node.op_type == "DequantizeLinear" and k == 0)):
-                dims, itemsize, _ = constants[i]
+                dims, bits, _ = constants[i]
                 n = _numel(dims)
                 params += n
-                wbytes += n * itemsize
+                wbytes += _bytes(n, bits)
                 if i not in counted:
                     counted.add(i)
                     report.params += n
-                    report.weight_bytes += n * itemsize
+                    report.weight_bytes += _bytes(n, bits)
         if node.op_type == "DequantizeLinear" and node.input and node.input[0] in constants:
-            dims, itemsize, is_float = constants[node.input[0]]
-            if not is_float and itemsize == 1 and node.input[0] not in quantized:
+            dims, bits, is_float = constants[node.input[0]]
+            if not is_float and bits <= 8 and node.input[0] not in quantized:
                 quantized.add(node.input[0])
                 report.quantized_params += _numel(dims)
-                report.quantized_weight_bytes += _numel(dims)
+                report.quantized_weight_bytes += _bytes(_numel(dims), bits)
         if node.op_type in CONVERSIONS:
             macs = 0
             converted = shape_of(node.input[0]) if node.input else None
