@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from sculpt.ir.model import Model  # noqa: E402
 from sculpt.models import PPOCR_SHAPES, backend_test_data_dir, ppocr_model  # noqa: E402
 from sculpt.passes import Pipeline  # noqa: E402
 from sculpt.runtime import make_session  # noqa: E402
-from sculpt.runtime import median_latency_ms  # noqa: E402
+from sculpt.runtime import interleaved_latency_ms  # noqa: E402
 from sculpt.textdata import text_input  # noqa: E402
 
 DEFAULT_MODELS = "rec,cls,det,ppocrv6-rec-small,squeezenet,shufflenet"
@@ -205,14 +204,11 @@ def bench(name: str, args, workdir: Path) -> list[Row]:
         sessions[config] = session
         log(f"{name} / {config}: {row.metrics}")
     feed = inputs[0]
-    times: dict[str, list[float]] = {c: [] for c in sessions}
-    for _ in range(args.rounds):
-        for config, session in sessions.items():
-            times[config].append(median_latency_ms(session, feed, runs=args.runs))
-    fp32 = statistics.median(times["fp32"])
+    latency = interleaved_latency_ms(sessions, feed, rounds=args.rounds, runs=args.runs)
+    fp32 = latency["fp32"]
     for row in rows:
-        if row.config in times:
-            ms = statistics.median(times[row.config])
+        if row.config in latency:
+            ms = latency[row.config]
             row.metrics.update({"latency_ms": ms, "speedup": fp32 / ms})
     return rows
 

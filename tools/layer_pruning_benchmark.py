@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from sculpt.ir.model import Model  # noqa: E402
 from sculpt.models import PPOCR_SHAPES, backend_test_data_dir, ppocr_model  # noqa: E402
 from sculpt.passes import PassContext, Pipeline, create_pass  # noqa: E402
 from sculpt.passes.layer_pruning import OutputReference  # noqa: E402
-from sculpt.runtime import make_session, median_latency_ms  # noqa: E402
+from sculpt.runtime import interleaved_latency_ms, make_session  # noqa: E402
 from sculpt.textdata import text_input  # noqa: E402
 
 
@@ -108,13 +107,10 @@ def bench(name: str) -> list[dict]:
         log(f"{name} / {label}: {row}")
     sessions = {label: make_session(m, threads=ARGS.threads) for label, (m, _) in variants.items()}
     feed = {base.input_names[0]: held_out[0][base.input_names[0]]}
-    times: dict[str, list[float]] = {label: [] for label in sessions}
-    for _ in range(ARGS.rounds):
-        for label, sess in sessions.items():
-            times[label].append(median_latency_ms(sess, feed, runs=ARGS.runs))
-    base_ms = statistics.median(times["original"])
+    latency = interleaved_latency_ms(sessions, feed, rounds=ARGS.rounds, runs=ARGS.runs)
+    base_ms = latency["original"]
     for row in rows:
-        ms = statistics.median(times[row["variant"]])
+        ms = latency[row["variant"]]
         row.update({"latency_ms": ms, "speedup": base_ms / ms})
     return rows
 

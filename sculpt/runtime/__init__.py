@@ -15,11 +15,11 @@ from sculpt.ir.random_inputs import MAX_RANDOM_INPUT_ELEMENTS, check_random_inpu
 from sculpt.runtime.capture import iter_activations, measured_shapes, sampled_activations
 from sculpt.runtime.compare import Comparison, OutputError, compare_models, output_error
 from sculpt.runtime.layer_inputs import LayerInputStream
-from sculpt.runtime.session import is_qdq_model, make_session, median_latency_ms, reference_session, run
+from sculpt.runtime.session import interleaved_latency_ms, is_qdq_model, make_session, median_latency_ms, reference_session, run
 
 set_shape_measurer(measured_shapes)
 
 __all__ = ["Comparison", "LayerInputStream", "MAX_RANDOM_INPUT_ELEMENTS", "OutputError", "RuntimeFailure",
-           "check_random_input_size", "compare_models", "input_specs", "is_qdq_model", "iter_activations",
+           "check_random_input_size", "compare_models", "input_specs", "interleaved_latency_ms", "is_qdq_model", "iter_activations",
            "make_session", "measured_shapes", "median_latency_ms", "output_error", "random_inputs", "reference_session",
            "run", "sampled_activations"]

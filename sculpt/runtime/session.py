@@ -114,3 +114,15 @@ def median_latency_ms(model_or_session, feeds: Mapping[str, np.ndarray], *, runs
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 
+
+def interleaved_latency_ms(sessions: Mapping[str, object], feeds: Mapping[str, np.ndarray], *, rounds: int = 3,
+                           runs: int = 20) -> dict[str, float]:
+    """Median over ``rounds`` of each session's median latency (ms), the sessions taking turns in every
+    round so that a busy spell of the machine falls on all of them alike."""
+    import statistics
+
+    times: dict[str, list[float]] = {label: [] for label in sessions}
+    for _ in range(rounds):
+        for label, session in sessions.items():
+            times[label].append(median_latency_ms(session, feeds, runs=runs))
+    return {label: statistics.median(values) for label, values in times.items()}
