@@ -42,7 +42,8 @@ _BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_h(\d+)_w(\d+)_c(\d+)_r(\d+)(?:_i
 
 @dataclass(frozen=True)
 class ConvShape:
-    """A static NCHW/OIHW conv2d of one group."""
+    """A static NCHW/OIHW conv2d; ``in_channels`` and ``out_channels`` are those of one of its
+    ``groups`` (a grouped conv reads channels [g * in_channels, (g + 1) * in_channels) for group g)."""
 
     batch: int
     in_channels: int
@@ -53,6 +54,7 @@ class ConvShape:
     strides: tuple[int, int]
     dilation: tuple[int, int]
     padding: tuple[int, int, int, int]  # top, left, bottom, right
+    groups: int = 1
 
     @property
     def out_height(self) -> int:
@@ -111,8 +113,8 @@ def tile_from_block_name(name: str) -> ConvTile | None:
     return ConvTile(*(int(g) for g in m.groups() if g is not None)) if m else None
 
 
-def static_conv_of(call) -> tuple[ConvShape, int] | None:
-    """(ConvShape of one group, groups) of a ``relax.nn.conv2d`` call with NCHW/OIHW layouts, float32,
+def static_conv_of(call) -> ConvShape | None:
+    """The ConvShape (groups included) of a ``relax.nn.conv2d`` call with NCHW/OIHW layouts, float32,
     static shapes and a constant weight, else None."""
     if getattr(call.op, "name", "") != "relax.nn.conv2d" or len(call.args) != 2:
         return None
@@ -129,35 +131,37 @@ def static_conv_of(call) -> tuple[ConvShape, int] | None:
     if (x_shape is None or pads is None or len(x_shape) != 4 or str(call.args[0].ty.dtype) != "float32"
             or len(w_shape) != 4 or groups < 1 or w_shape[0] % groups or w_shape[1] * groups != x_shape[1]):
         return None
-    shape = ConvShape(x_shape[0], w_shape[1], x_shape[2], x_shape[3], w_shape[0] // groups, (w_shape[2], w_shape[3]),
-                      tuple(int(s) for s in a.strides), tuple(int(d) for d in a.dilation), tuple(pads))
-    return shape, groups
+    return ConvShape(x_shape[0], w_shape[1], x_shape[2], x_shape[3], w_shape[0] // groups, (w_shape[2], w_shape[3]),
+                     tuple(int(s) for s in a.strides), tuple(int(d) for d in a.dilation), tuple(pads), groups)
 
 
 def conv_shape_of(call) -> ConvShape | None:
     """The ConvShape of a ``relax.nn.conv2d`` call this kernel can take (NCHW/OIHW, groups 1, float32,
     static shapes, a constant weight), else None (``grouped_shape_of`` for groups > 1)."""
     found = static_conv_of(call)
-    return found[0] if found is not None and found[1] == 1 else None
+    return found if found is not None and found.groups == 1 else None
 
 
-MAX_SPLIT_GROUPS = 8
+MAX_BLOCKED_GROUPS = 8
 
 
-def grouped_shape_of(call) -> tuple[ConvShape, int] | None:
-    """(the ConvShape of one group, groups) of a grouped conv2d with at most ``MAX_SPLIT_GROUPS``
-    groups and at least 8 input channels per group (not depthwise), else None."""
+def grouped_shape_of(call) -> ConvShape | None:
+    """The ConvShape of a grouped conv2d with at most ``MAX_BLOCKED_GROUPS`` groups and at least 8
+    input channels per group (not depthwise), else None."""
     found = static_conv_of(call)
-    if found is None or not 1 < found[1] <= MAX_SPLIT_GROUPS or found[0].in_channels < 8:
+    if found is None or not 1 < found.groups <= MAX_BLOCKED_GROUPS or found.in_channels < 8:
         return None
     return found
 
 
-def pack_weight(w: np.ndarray, ob: int, in_block: int = 0, channels: int = 0) -> np.ndarray:
+def pack_weight(w: np.ndarray, ob: int, in_block: int = 0, channels: int = 0, groups: int = 1) -> np.ndarray:
     """OIHW -> [ceil(O/ob), I, KH, KW, ob]: the ob output channels of one vector load are contiguous;
     a last partial block (and blocks up to ``channels`` output channels) are zero weights. With a
     blocked input layout (``in_block``): [ceil(O/ob), I/in_block, KH, KW, in_block, ob], in the
-    order the kernel reads them."""
+    order the kernel reads them. With ``groups``, each group's output channels are packed so (padded
+    to whole blocks, up to ``channels`` a group) and the groups' blocks follow each other."""
+    if groups > 1:
+        return np.concatenate([pack_weight(part, ob, in_block, channels) for part in np.split(w, groups)])
     o, i, kh, kw = w.shape
     blocks = -(-max(o, channels) // ob)
     if blocks * ob != o:
@@ -170,12 +174,15 @@ def pack_weight(w: np.ndarray, ob: int, in_block: int = 0, channels: int = 0) ->
 
 def blocked_conv_func(shape: ConvShape, tile: ConvTile):
     """The TE definition (unscheduled PrimFunc): padding stage, then the conv block over the padded
-    output width, reading the packed weight, in the tile's input and output layouts."""
+    output width, reading the packed weight, in the tile's input and output layouts. A grouped conv
+    writes each group's output channels padded to whole blocks (``tile.padded_channels``), the
+    groups one after another: a channel block belongs to one group and reads only its inputs."""
     from tvm import te, tirx
 
     s = shape
     owp, ocp, ib, cb = tile.padded_width(s.out_width), tile.padded_channels(s.out_channels), tile.in_block, \
         tile.weight_block
+    groups, blocks_per_group = s.groups, ocp // cb
     (sh, sw), (dh, dw), (pt, pl, _, _) = s.strides, s.dilation, s.padding
     (kh, kw) = s.kernel
     need_h = (s.out_height - 1) * sh + dh * (kh - 1) + 1
@@ -183,13 +190,13 @@ def blocked_conv_func(shape: ConvShape, tile: ConvTile):
     def i64(*dims):  # Relax's legalized functions index in int64: FuseTIR needs equal buffer types
         return [tirx.IntImm("int64", int(d)) for d in dims]
 
-    channel_dims = (s.in_channels // ib, ) if ib else (s.in_channels, )
+    channel_dims = (groups * s.in_channels // ib, ) if ib else (groups * s.in_channels, )
     lane_dims = (ib, ) if ib else ()
     x = te.placeholder(i64(s.batch, *channel_dims, s.height, s.width, *lane_dims), "float32", name="x")
     if ib:
-        w = te.placeholder(i64(ocp // cb, s.in_channels // ib, kh, kw, ib, cb), "float32", name="w")
+        w = te.placeholder(i64(groups * blocks_per_group, s.in_channels // ib, kh, kw, ib, cb), "float32", name="w")
     else:
-        w = te.placeholder(i64(ocp // cb, s.in_channels, kh, kw, cb), "float32", name="w")
+        w = te.placeholder(i64(groups * blocks_per_group, s.in_channels, kh, kw, cb), "float32", name="w")
     if pt or pl or need_h > s.height + pt or need_w > s.width + pl:
         def pad(n, c, h, wi, *lane):
             inside = tirx.all(h >= pt, h < s.height + pt, wi >= pl, wi < s.width + pl)
@@ -199,21 +206,28 @@ def blocked_conv_func(shape: ConvShape, tile: ConvTile):
         src = x
     ry = te.reduce_axis(i64(0, kh), "ry")
     rx = te.reduce_axis(i64(0, kw), "rx")
+
+    def first_input(o_block):  # the group's first input channel (block, with a blocked input)
+        if groups == 1:
+            return 0
+        return o_block // blocks_per_group * (s.in_channels // ib if ib else s.in_channels)
+
     if ib:  # input channel blocks outermost, the block's channels innermost (contiguous broadcasts)
         rco, rci = te.reduce_axis(i64(0, s.in_channels // ib), "rco"), te.reduce_axis(i64(0, ib), "rci")
         axes = [rco, ry, rx, rci]
         def product(n, o_block, o_lane, h, wi):
-            return src[n, rco, h * sh + ry * dh, wi * sw + rx * dw, rci] * w[o_block, rco, ry, rx, rci, o_lane]
+            return src[n, first_input(o_block) + rco, h * sh + ry * dh, wi * sw + rx * dw, rci] \
+                * w[o_block, rco, ry, rx, rci, o_lane]
     else:
         rc = te.reduce_axis(i64(0, s.in_channels), "rc")
         axes = [rc, ry, rx]
         def product(n, o_block, o_lane, h, wi):
-            return src[n, rc, h * sh + ry * dh, wi * sw + rx * dw] * w[o_block, rc, ry, rx, o_lane]
+            return src[n, first_input(o_block) + rc, h * sh + ry * dh, wi * sw + rx * dw] * w[o_block, rc, ry, rx, o_lane]
     if tile.out_block:
-        y = te.compute(i64(s.batch, ocp // cb, s.out_height, owp, cb),
+        y = te.compute(i64(s.batch, groups * ocp // cb, s.out_height, owp, cb),
                        lambda n, o, h, wi, lane: te.sum(product(n, o, lane, h, wi), axis=axes), name=tile.name)
     else:
-        y = te.compute(i64(s.batch, ocp, s.out_height, owp),
+        y = te.compute(i64(s.batch, groups * ocp, s.out_height, owp),
                        lambda n, o, h, wi: te.sum(product(n, o // cb, o % cb, h, wi), axis=axes), name=tile.name)
     return te.create_prim_func([x, w, y])
 
@@ -245,45 +259,39 @@ class BlockedConvBuilder:
             self._made[key] = rewriter.add_func(blocked_conv_func(shape, tile).without_attr("global_symbol"), name)
         if self.decisions is not None:
             self.decisions.append((shape, tile))
-        packed = relax.const(pack_weight(weight, tile.weight_block, tile.in_block, tile.padded_channels(shape.out_channels)))
-        owp, ocp, cb = tile.padded_width(shape.out_width), tile.padded_channels(shape.out_channels), tile.out_block
+        ocp, owp, cb, groups = tile.padded_channels(shape.out_channels), tile.padded_width(shape.out_width), \
+            tile.out_block, shape.groups
+        packed = relax.const(pack_weight(weight, tile.weight_block, tile.in_block, ocp, groups))
         if cb:
-            out, channel_end = (shape.batch, ocp // cb, shape.out_height, owp, cb), shape.out_channels // cb
+            out, channel_end = (shape.batch, groups * ocp // cb, shape.out_height, owp, cb), shape.out_channels // cb
         else:
-            out, channel_end = (shape.batch, ocp, shape.out_height, owp), shape.out_channels
+            out, channel_end = (shape.batch, groups * ocp, shape.out_height, owp), shape.out_channels
         y = relax.call_tir(self._made[key], [x, packed], relax.TensorType(out, "float32"))
         if (ocp, owp) == (shape.out_channels, shape.out_width):
             return y
         y = rewriter.emit(y)
-        return relax.op.strided_slice(y, axes=[1, 3], begin=[0, 0], end=[channel_end, shape.out_width])
+        if groups == 1 or ocp == shape.out_channels:
+            return relax.op.strided_slice(y, axes=[1, 3], begin=[0, 0], end=[groups * channel_end, shape.out_width])
+        # each group's padding channels dropped: [N, G, padded channels, H, W] sliced, then NCHW again
+        split = rewriter.emit(relax.op.reshape(y, (shape.batch, groups, ocp, shape.out_height, owp)))
+        kept = rewriter.emit(relax.op.strided_slice(split, axes=[2, 4], begin=[0, 0], end=[channel_end, shape.out_width]))
+        return relax.op.reshape(kept, (shape.batch, groups * shape.out_channels, shape.out_height, shape.out_width))
 
     def rewrite(self, call, rewriter, in_block: int = 0, out_block: int = 0, x=None):
         """The replacement of ``call`` (its input ``x``, default its own, in NCHW<in_block>c, its
-        output in NCHW<out_block>c; 0: NCHW), or None to keep it."""
-        from tvm import relax
-
+        output in NCHW<out_block>c; 0: NCHW), or None to keep it. A grouped conv (a few groups:
+        AlexNet's 2, ShuffleNet's 3 and 4) runs as one kernel, NCHW in and out."""
         shape = conv_shape_of(call)
         x = call.args[0] if x is None else x
-        if shape is not None:
-            tile = self.choose(shape, self.traits, in_block, out_block)
-            if tile is None:
+        if shape is None:
+            shape = grouped_shape_of(call)
+            if shape is None:
                 return None
-            return self._emit(x, constant_value(call.args[1]).numpy(), shape, tile, rewriter)
-        grouped = grouped_shape_of(call)
-        if grouped is None:
-            return None
-        # a few groups (AlexNet's 2, ShuffleNet's 3): one blocked conv per group, concatenated
-        per_group, groups = grouped
-        tile = self.choose(per_group, self.traits)
+            in_block = out_block = 0
+        tile = self.choose(shape, self.traits, in_block, out_block)
         if tile is None:
             return None
-        weight = constant_value(call.args[1]).numpy()
-        cin, cout = per_group.in_channels, per_group.out_channels
-        parts = []
-        for g in range(groups):
-            xg = rewriter.emit(relax.op.strided_slice(x, axes=[1], begin=[g * cin], end=[(g + 1) * cin]))
-            parts.append(rewriter.emit(self._emit(xg, weight[g * cout:(g + 1) * cout], per_group, tile, rewriter)))
-        return relax.op.concat(parts, axis=1)
+        return self._emit(x, constant_value(call.args[1]).numpy(), shape, tile, rewriter)
 
 
 def rewrite_blocked_convs(mod, choose: ConvPolicy, traits, decisions: list | None = None):

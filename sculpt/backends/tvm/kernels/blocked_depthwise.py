@@ -59,10 +59,9 @@ def depthwise_shape_of(call) -> ConvShape | None:
     found = static_conv_of(call)
     if found is None:
         return None
-    group, groups = found
-    if group.in_channels != 1 or group.out_channels != 1 or groups == 1:
+    if found.in_channels != 1 or found.out_channels != 1 or found.groups == 1:
         return None
-    return replace(group, in_channels=groups, out_channels=groups)
+    return replace(found, in_channels=found.groups, out_channels=found.groups, groups=1)
 
 
 # accumulators of one tile (one vector register each); the loads feed the FMAs directly

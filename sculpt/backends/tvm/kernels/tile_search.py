@@ -80,9 +80,11 @@ MIN_GAIN = 0.03
 
 
 def conv_cache_key(shape, traits: TargetTraits, in_block: int, out_block: int) -> str:
-    """The cache key of a channel-blocked conv: target traits, shape, strides, padding, layouts."""
+    """The cache key of a channel-blocked conv: target traits, shape (groups), strides, padding, layouts."""
     s = shape
     dims = "x".join(str(d) for d in (s.batch, s.in_channels, s.height, s.width, s.out_channels))
+    if s.groups > 1:
+        dims += f"g{s.groups}"
     geometry = "_".join("x".join(str(v) for v in t) for t in (s.kernel, s.strides, s.dilation, s.padding))
     return f"{traits.key}|conv2d_blocked|{dims}|{geometry}|i{in_block}|o{out_block}"
 
