@@ -16,6 +16,7 @@ from typing import Sequence
 from sculpt import __version__
 from sculpt.cli.demo_command import register_demo
 from sculpt.cli.inspect_commands import register_inspect, register_passes
+from sculpt.cli.optimize_command import register_optimize
 from sculpt.cli.run_commands import register_compare, register_run
 from sculpt.cli.tvm_commands import register_tvm_commands
 from sculpt.common import one_line
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_run(sub)
     register_passes(sub)
     register_compare(sub)
+    register_optimize(sub)
     register_demo(sub)
     register_tvm_commands(sub)  # targets, compile, verify, bench: TVM itself loads only when one runs
     return p

@@ -16,8 +16,9 @@ from sculpt.ir.model import Model, over_protobuf_limit
 
 
 def make_session(model: Model | onnx.ModelProto, *, optimize: bool = True, threads: int | None = None,
-                 extra_outputs: Sequence[str] = ()):
-    """An onnxruntime CPU InferenceSession for a model; ``extra_outputs`` exposes intermediate tensors.
+                 extra_outputs: Sequence[str] = (), profile_prefix: str | None = None):
+    """An onnxruntime CPU InferenceSession for a model; ``extra_outputs`` exposes intermediate tensors;
+    ``profile_prefix``: onnxruntime's profiler on, its JSON written there (``session.end_profiling()``).
     The model itself is not modified."""
     import onnxruntime as ort
 
@@ -37,6 +38,9 @@ def make_session(model: Model | onnx.ModelProto, *, optimize: bool = True, threa
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     try:
         if big:
             with tempfile.TemporaryDirectory() as tmp:

@@ -14,7 +14,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -166,6 +166,29 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
             rows = profile_layers(compiled.executable, args, compiled.kernels, runs=max(3, min(runs, 10)))
             result["layers"][label] = [r.as_dict() for r in rows]
     return result
+
+
+def compile_for_timing(model: Model, target: str | NamedTarget = "host"):
+    """``model``'s build for ``target`` with sculpt's kernels (canonicalized first), for ``load_timer``."""
+    from sculpt.backends.tvm.artifact import compile_model, prepare_model
+
+    work, _ = prepare_model(model)
+    return compile_model(work, get_target(target), canonicalize=False)
+
+
+def load_timer(compiled, feeds: Mapping[str, np.ndarray], *, device=None, session=None, runs: int = 10,
+               warmup: int = 1, threads: int = 1) -> Callable[[], float]:
+    """A function timing one round (the median ms of ``runs`` runs) of a ``compile_for_timing`` build: here,
+    or on ``device`` (in ``session``, an RPC session already holding that device, if given)."""
+    ordered = [np.ascontiguousarray(feeds[spec.name]) for spec in compiled.inputs]
+    if device is not None:
+        from sculpt.backends.tvm.rpc import remote_timer
+
+        timer = remote_timer(compiled.executable, compiled.target, device, ordered, runs=runs, warmup=warmup,
+                             session=session)
+        return lambda: timer().median_ms
+    run = _runner(compiled, compiled.target, None, ordered, runs, warmup, threads, "")
+    return lambda: run()[0]
 
 
 def _where(target: NamedTarget, device) -> str:

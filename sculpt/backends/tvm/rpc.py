@@ -94,13 +94,21 @@ def probe(device: RemoteDevice) -> None:
     connect_tracker(device)
 
 
+def free_devices(device: RemoteDevice) -> int:
+    """How many devices of ``device.key`` the tracker has free now (its summary's queue)."""
+    tracker = connect_tracker(device)
+    queue = tracker.summary().get("queue_info", {}).get(device.key, {})
+    return int(queue.get("free", 0))
+
+
 def remote_timer(executable, target: NamedTarget, device: RemoteDevice, args: Sequence[np.ndarray], *,
-                 runs: int = 10, warmup: int = 1) -> Callable[[], TimedRun]:
+                 runs: int = 10, warmup: int = 1, session=None) -> Callable[[], TimedRun]:
     """Export ``executable`` for ``target``, upload it to ``device`` and load it there once; the returned
-    function runs and times it on the device (``runs`` timed runs after ``warmup``) each time it is called."""
+    function runs and times it on the device (``runs`` timed runs after ``warmup``) each time it is called.
+    ``session``: an RPC session already holding one of the key's devices (else one is requested)."""
     from tvm import relax
 
-    session = request_session(device)
+    session = session if session is not None else request_session(device)
     with tempfile.TemporaryDirectory(prefix="sculpt-rpc-") as tmp:
         path = os.path.join(tmp, "model.so")
         cc = target.cross_compiler
