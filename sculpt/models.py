@@ -79,3 +79,25 @@ def backend_test_cases(suites=("light", "pytorch-converted", "pytorch-operator",
             outs = sorted(ds.glob("output_*.pb"), key=lambda p: int(p.stem.split("_")[1])) if ds.is_dir() else []
             cases.append(BackendTestCase(suite, d.name, model, ins, outs))
     return cases
+
+
+def recurrent_node_cases() -> list[tuple[object, list, list, str]]:
+    """(node, inputs, expected outputs, name) of the onnx wheel's LSTM, GRU and RNN node tests
+    (``onnx.backend.test.case.node``), collected by running their generators."""
+    from onnx.backend.test.case.node import gru, lstm, rnn
+
+    cases = []
+
+    def capture(node, inputs, outputs, name, **_):
+        cases.append((node, list(inputs), list(outputs), name))
+
+    for module, op in ((lstm, lstm.LSTM), (gru, gru.GRU), (rnn, rnn.RNN)):
+        original = module.expect
+        module.expect = capture
+        try:
+            for attr in sorted(dir(op)):
+                if attr.startswith("export"):
+                    getattr(op, attr)()
+        finally:
+            module.expect = original
+    return cases

@@ -347,7 +347,7 @@ def test_fix_input_shapes_makes_the_model_static():
     ({"x": [1, 4, 48, 192]}, ["'x'", "fixed to 3"]),  # conflicts with the model's static dim
     ({"x": [1, 3, 0, 192]}, ["'x'", "positive"]),     # zero
     ({"x": [1, 3, -48, 192]}, ["'x'", "positive"]),   # negative
-    ({"x": ["a", 3, 48, 192]}, ["'x'", "integers"]),  # not a number
+    ({"x": ["?", 3, 48, 192]}, ["'x'", "integers"]),  # neither a number nor a name
     ({"x": "1,3,48,192"}, ["'x'", "integers"]),       # a string, not a list
     ({"x": [1, 3, 2**20, 2**20]}, ["'x'", "large"]),  # absurd
 ])

@@ -35,23 +35,9 @@ RTOL = 1e-4  # of each output's largest magnitude (float rounding of the reorder
 
 def _node_test_cases() -> list[tuple[onnx.NodeProto, list[np.ndarray], list[np.ndarray], str]]:
     """(node, inputs, expected outputs, name) of the onnx wheel's LSTM, GRU and RNN node tests."""
-    from onnx.backend.test.case.node import gru, lstm, rnn
+    from sculpt.models import recurrent_node_cases
 
-    cases = []
-
-    def capture(node, inputs, outputs, name, **_):
-        cases.append((node, list(inputs), list(outputs), name))
-
-    for module, op in ((lstm, lstm.LSTM), (gru, gru.GRU), (rnn, rnn.RNN)):
-        original = module.expect
-        module.expect = capture
-        try:
-            for attr in sorted(dir(op)):
-                if attr.startswith("export"):
-                    getattr(op, attr)()
-        finally:
-            module.expect = original
-    return cases
+    return recurrent_node_cases()
 
 
 NODE_CASES = _node_test_cases()

@@ -13,6 +13,8 @@ from sculpt.errors import OptionError, ShapeError
 from sculpt.ir.model import Model
 
 SHAPE_HELP = "fix an input's shape: NAME=1,3,224,224 (repeatable; the name may be left out for one input)"
+SAMPLE_SHAPE_HELP = ("the shape of a dynamic input where random samples are drawn and the passes that need static "
+                     "shapes work, without fixing it in the output model: NAME=1,3,48,320 (repeatable)")
 
 
 def make_console(stderr: bool = False) -> Console:
@@ -23,7 +25,7 @@ def make_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
-def parse_input_shapes(items: Sequence[str] | None) -> dict[str, list[int]]:
+def parse_input_shapes(items: Sequence[str] | None, flag: str = "--input-shape") -> dict[str, list[int]]:
     """``NAME=1,3,48,320`` (or just ``1,3,48,320`` for a single-input model, keyed by '')."""
     shapes: dict[str, list[int]] = {}
     for item in items or []:
@@ -33,16 +35,16 @@ def parse_input_shapes(items: Sequence[str] | None) -> dict[str, list[int]]:
         name = name.strip()
         pieces = [d.strip() for d in dims.replace("x", ",").split(",")]
         if not dims.strip() or any(not d for d in pieces):
-            raise ShapeError(f"--input-shape '{item}': give the dimensions separated by commas, like x=1,3,224,224")
+            raise ShapeError(f"{flag} '{item}': give the dimensions separated by commas, like x=1,3,224,224")
         try:
             shape = [int(d) for d in pieces]
         except ValueError:
-            raise ShapeError(f"--input-shape '{item}': dimensions must be integers, like x=1,3,224,224") from None
+            raise ShapeError(f"{flag} '{item}': dimensions must be integers, like x=1,3,224,224") from None
         if any(d <= 0 for d in shape):
-            raise ShapeError(f"--input-shape '{item}': dimensions must be positive integers, like x=1,3,224,224")
+            raise ShapeError(f"{flag} '{item}': dimensions must be positive integers, like x=1,3,224,224")
         if name in shapes and shapes[name] != shape:
             shown = f"input '{name}'" if name else "the input"
-            raise ShapeError(f"--input-shape given twice for {shown}: {shapes[name]} and {shape}")
+            raise ShapeError(f"{flag} given twice for {shown}: {shapes[name]} and {shape}")
         shapes[name] = shape
     return shapes
 
@@ -56,12 +58,12 @@ def check_number_flag(flag: str, value: float | None, *, positive: bool = False)
         raise OptionError(f"{flag} must be a finite number {'> 0' if positive else '≥ 0'}, got {value}")
 
 
-def resolve_input_shapes(model: Model, shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+def resolve_input_shapes(model: Model, shapes: dict[str, list[int]], flag: str = "--input-shape") -> dict[str, list[int]]:
     """The shapes of ``parse_input_shapes`` with the unnamed one ('') given the single input's name."""
     if "" in shapes:
         names = model.input_names
         if len(names) != 1:
-            raise ShapeError(f"--input-shape without a name is only for single-input models; this one has "
+            raise ShapeError(f"{flag} without a name is only for single-input models; this one has "
                              f"{', '.join(names)}")
         shapes = {names[0] if k == "" else k: v for k, v in shapes.items()}
     return shapes

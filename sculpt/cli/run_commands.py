@@ -15,8 +15,8 @@ from pathlib import Path
 import onnx
 from rich.table import Table
 
-from sculpt.cli.common import (SHAPE_HELP, check_number_flag, fmt_bytes, fmt_int, load_model, make_console,
-                               parse_input_shapes, resolve_input_shapes)
+from sculpt.cli.common import (SAMPLE_SHAPE_HELP, SHAPE_HELP, check_number_flag, fmt_bytes, fmt_int, load_model,
+                               make_console, parse_input_shapes, resolve_input_shapes)
 from sculpt.common import (atomic_write_bytes, check_output_file, existing_ancestor, give_default_mode, one_line,
                            same_path, to_plain_json)
 from sculpt.common.messages import LINE_LIMIT
@@ -25,6 +25,7 @@ from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.cost import cost_of
 from sculpt.passes.pipeline import (DEFAULT_WARN_ERROR, ErrorBudgetExceeded, ErrorSamples, Pipeline, check_error,
                                     nonfinite_weights, read_pipeline_file)
+from sculpt.passes.working_shapes import working_shapes_for
 from sculpt.runtime import compare_models
 from sculpt.runtime.footprint import DEFAULT_RUNS, measure_footprint
 
@@ -35,7 +36,9 @@ def register_run(sub) -> None:
     r.add_argument("--pipeline", help="a YAML or JSON pipeline file")
     r.add_argument("--pass", dest="pass_specs", action="append", metavar="NAME[:KEY=VALUE,...]",
                    help="a pass with options (repeatable; run in order)")
-    r.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help=SHAPE_HELP)
+    r.add_argument("--input-shape", action="append", metavar="NAME=DIMS",
+                   help=SHAPE_HELP + "; without it, dynamic dimensions stay dynamic in the output")
+    r.add_argument("--sample-shape", action="append", metavar="NAME=DIMS", help=SAMPLE_SHAPE_HELP)
     r.add_argument("--calibration", help="calibration data: an .npz, an image folder, or random[:COUNT]")
     r.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
     r.add_argument("--verify-each", action="store_true",
@@ -150,6 +153,17 @@ def _check_calibration_sample(cal, model) -> None:
                                    f"the model expects {want}")
 
 
+def _require_sample_shapes(model, sample_shapes) -> None:
+    """Without calibration data, errors are measured on random inputs: a dynamic input needs --sample-shape."""
+    for name, dims in model.dynamic_inputs().items():
+        if name not in sample_shapes:
+            shown = ",".join(str(d) if (isinstance(d, int) and d > 0) or (isinstance(d, str) and d) else "?"
+                             for d in dims)
+            raise ShapeError(f"input '{name}' has a dynamic shape [{shown}]: give --sample-shape {name}=... (where "
+                             f"random samples are drawn; the output keeps its dynamic dimensions), --calibration, "
+                             f"or --input-shape {name}=... (fixes them)")
+
+
 def _pipeline_from_file(path: str, overrides: dict):
     try:
         return Pipeline.from_file(path, **overrides)
@@ -237,6 +251,8 @@ def cmd_run(args) -> int:
     # ---- the model, the pipeline, the shapes and the calibration data
     model = load_model(args.model)
     shapes = resolve_input_shapes(model, parse_input_shapes(args.input_shape))
+    sample_shapes = resolve_input_shapes(model, parse_input_shapes(args.sample_shape, "--sample-shape"),
+                                         "--sample-shape")
     overrides: dict = {}
     if args.verify_each:
         overrides["verify_each"] = True
@@ -248,22 +264,24 @@ def cmd_run(args) -> int:
         overrides["max_error"] = args.max_error
     if args.pipeline:
         pipeline = _pipeline_from_file(args.pipeline, overrides)
-        merged = dict(pipeline.input_shapes)
-        merged.update(shapes)
-        pipeline.input_shapes = merged
+        pipeline.input_shapes = {**pipeline.input_shapes, **shapes}
+        pipeline.sample_shapes = {**pipeline.sample_shapes, **sample_shapes}
         cal_spec, cal_where = ((args.calibration, "--calibration") if args.calibration
                                else (pipeline.calibration_spec, args.pipeline))
     else:
-        pipeline = Pipeline.from_specs(args.pass_specs, input_shapes=shapes, **overrides)
+        pipeline = Pipeline.from_specs(args.pass_specs, input_shapes=shapes, sample_shapes=sample_shapes, **overrides)
         cal_spec, cal_where = args.calibration, "--calibration"
     seed = pipeline.seed
-    probe = model.clone()
+    probe = model.clone()  # the input model, at --input-shape (which the output keeps); dynamic otherwise
     if pipeline.input_shapes:
         probe.fix_input_shapes(pipeline.input_shapes)
-    probe.require_static_inputs("sculpt run")
+    if pipeline.sample_shapes:
+        probe.clone().fix_input_shapes(pipeline.sample_shapes)  # the same checks: names, ranks, static dims
+    if not cal_spec:
+        _require_sample_shapes(probe, pipeline.sample_shapes)
     if cal_spec:
         _check_calibration_spec(cal_spec, cal_where)
-        calibration = CalibrationSet.from_source(cal_spec, probe, pipeline.input_shapes)
+        calibration = CalibrationSet.from_source(cal_spec, probe, {**pipeline.sample_shapes, **pipeline.input_shapes})
         calibration.check(probe)
         _check_calibration_sample(calibration, probe)
         pipeline.calibration = calibration
@@ -306,7 +324,7 @@ def cmd_run(args) -> int:
             raise SculptError(f"the output model has NaN or Inf in weight '{bad_weights[0]}'; nothing written")
 
         # measured error of the whole pipeline: the held-out samples (random inputs without calibration)
-        error_samples = ErrorSamples(result.split, seed, count=args.compare_samples or 2)
+        error_samples = ErrorSamples(result.split, seed, count=args.compare_samples or 2, shapes=pipeline.sample_shapes)
         samples = error_samples.samples(probe)[:args.compare_samples]
         cmp = compare_models(probe, final, samples)
         where = error_samples.describe(cmp.samples)
@@ -319,8 +337,9 @@ def cmd_run(args) -> int:
         if final_warning:
             warning_lines.append(final_warning)
 
-        before = cost_of(probe, model_bytes=probe.byte_size(), sparsity=True)
-        after = cost_of(final, model_bytes=final.byte_size(), sparsity=True)
+        measured_at = pipeline.working_shapes(probe)  # {} for a static model
+        before = cost_of(probe, measured_at, model_bytes=probe.byte_size(), sparsity=True)
+        after = cost_of(final, working_shapes_for(final, measured_at), model_bytes=final.byte_size(), sparsity=True)
         footprints = None
         if args.latency_runs:
             feeds = samples[0]

@@ -15,7 +15,7 @@ import tempfile
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import onnx
@@ -649,11 +649,13 @@ class Model:
                                                f"nodes compute: {shown}"), stacklevel=2)
         return dropped
 
-    def fix_input_shapes(self, shapes: Mapping[str, Sequence[int]]) -> "Model":
+    def fix_input_shapes(self, shapes: Mapping[str, Sequence[int | str]]) -> "Model":
         """Replace the (possibly dynamic) shapes of inputs by static ones. Returns self.
 
         Every name must be a real input; every given dimension must agree with a static one already
-        present. Stale value_info is dropped so that shape inference recomputes it.
+        present. A dimension given as a name (an identifier) is declared symbolic under that name
+        instead: ``{"x": ["N", 3, 48, "W"]}`` fixes the height and names batch and width. Stale
+        value_info is dropped so that shape inference recomputes it.
         """
         real = self.input_shapes()
         for name, shape in shapes.items():
@@ -665,9 +667,10 @@ class Model:
                     raise TypeError
                 shape = [_as_dim(d) for d in shape]
             except (TypeError, ValueError):
-                raise ShapeError(f"input '{name}': the shape must be a list of integers, got {shape!r}") from None
+                raise ShapeError(f"input '{name}': the shape must be a list of integers (or names of symbolic "
+                                 f"dimensions), got {shape!r}") from None
             for i, n in enumerate(shape):
-                if n <= 0:
+                if not isinstance(n, str) and n <= 0:
                     raise ShapeError(f"input '{name}': dimension {i} must be positive, got {n}")
             old = real[name]
             if len(old) != len(shape) and old:
@@ -677,14 +680,17 @@ class Model:
                 if isinstance(o, int) and o > 0 and o != n:
                     raise ShapeError(f"input '{name}': dimension {i} is fixed to {o} by the model, "
                                      f"the shape given says {n}")
-            if int(np.prod(shape, dtype=np.float64)) > MAX_TENSOR_ELEMENTS:
+            if int(np.prod([d for d in shape if not isinstance(d, str)], dtype=np.float64)) > MAX_TENSOR_ELEMENTS:
                 raise ShapeError(f"input '{name}': shape {shape} is absurdly large")
             for vi in self.graph.input:
                 if vi.name == name:
                     dims = vi.type.tensor_type.shape
                     del dims.dim[:]
                     for d in shape:
-                        dims.dim.add().dim_value = d
+                        if isinstance(d, str):
+                            dims.dim.add().dim_param = d
+                        else:
+                            dims.dim.add().dim_value = d
         # value_info computed with the old shapes is stale
         del self.graph.value_info[:]
         self.graph_edited(nodes=False)
@@ -696,6 +702,40 @@ class Model:
                 for d in tt.shape.dim:
                     if d.HasField("dim_param") or (d.HasField("dim_value") and d.dim_value < 0):
                         d.Clear()
+        return self
+
+    def declared_shapes(self) -> "DeclaredShapes":
+        """A copy of the declared types of the real inputs and of the outputs, for
+        :meth:`restore_declared_shapes` after work at fixed input shapes."""
+        real = set(self.input_names)
+        copy = onnx.TypeProto.FromString
+        return DeclaredShapes({vi.name: copy(vi.type.SerializeToString()) for vi in self.graph.input if vi.name in real},
+                              {vi.name: copy(vi.type.SerializeToString()) for vi in self.graph.output})
+
+    def restore_declared_shapes(self, declared: "DeclaredShapes") -> "Model":
+        """Declare again the (dynamic) input dimensions of ``declared`` (from :meth:`declared_shapes`,
+        taken before :meth:`fix_input_shapes`), in place. Returns self.
+
+        Inputs get their declared type back where the rank and the static dimensions still agree. An
+        output dimension that was symbolic or unknown becomes so again (a static one the edits
+        changed, a pruned channel count say, keeps its new value). value_info computed at the fixed
+        shapes is dropped; run :meth:`infer_shapes` to recompute it."""
+        for vi in self.graph.input:
+            old = declared.inputs.get(vi.name)
+            if old is not None and _same_static_dims(old, vi.type):
+                vi.type.CopyFrom(old)
+        for vi in self.graph.output:
+            old = declared.outputs.get(vi.name)
+            if old is None or not old.tensor_type.HasField("shape") or not vi.type.tensor_type.HasField("shape"):
+                continue
+            old_dims, new_dims = old.tensor_type.shape.dim, vi.type.tensor_type.shape.dim
+            if len(old_dims) != len(new_dims):
+                continue
+            for o, n in zip(old_dims, new_dims):
+                if not (o.HasField("dim_value") and o.dim_value > 0):
+                    n.CopyFrom(o)
+        del self.graph.value_info[:]
+        self.graph_edited(nodes=False)
         return self
 
     def dynamic_inputs(self) -> dict[str, list]:
@@ -711,11 +751,26 @@ class Model:
                 out[vi.name] = s
         return out
 
+    def require_named_dims(self, what: str = "this step") -> None:
+        """Every dynamic input dimension must have a name (what a symbolic build keeps): else a
+        ShapeError naming the input and the dimension to fix."""
+        for name, dims in self.dynamic_inputs().items():
+            if not dims:
+                raise ShapeError(f"input '{name}' has no declared shape; {what} needs one: give --input-shape "
+                                 f"{name}=...")
+            for i, d in enumerate(dims):
+                if not ((isinstance(d, int) and d > 0) or (isinstance(d, str) and d)):
+                    shown = ",".join(str(x) if (isinstance(x, int) and x > 0) or (isinstance(x, str) and x)
+                                     else ("<size>" if j == i else "?") for j, x in enumerate(dims))
+                    raise ShapeError(f"input '{name}' dimension {i} is dynamic without a name; {what} keeps only "
+                                     f"named dimensions symbolic: fix it, e.g. {name}=[{shown}]")
+
     def require_static_inputs(self, what: str = "this step") -> None:
         dyn = self.dynamic_inputs()
         if dyn:
             name, shape = next(iter(dyn.items()))
-            shown = ",".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in shape)
+            shown = ",".join(str(d) if (isinstance(d, int) and d > 0) or (isinstance(d, str) and d) else "?"
+                             for d in shape)
             raise ShapeError(f"input '{name}' has a dynamic shape [{shown}]; {what} needs a static one: "
                              f"give --input-shape {name}=...")
 
@@ -1034,14 +1089,51 @@ def _load_external_data(proto: onnx.ModelProto, path: str, *, read: bool = True)
                     from None
 
 
-def _as_dim(d) -> int:
+def _as_dim(d) -> int | str:
+    """A dimension given to fix_input_shapes: an int, or a name (an identifier: a symbolic dimension)."""
     import numbers
 
+    if isinstance(d, str) and d.isidentifier():
+        return d
     if isinstance(d, bool) or not isinstance(d, (numbers.Integral, str)):
         if isinstance(d, numbers.Real) and float(d).is_integer():
             return int(d)
         raise TypeError
     return int(d)
+
+
+class DeclaredShapes(NamedTuple):
+    """The declared types of a model's real inputs and outputs, by name (Model.declared_shapes)."""
+
+    inputs: dict[str, onnx.TypeProto]
+    outputs: dict[str, onnx.TypeProto]
+
+    def dynamic_dims(self) -> dict[str, list[int]]:
+        """The positions of the dynamic (symbolic, unknown or negative) dimensions of each input that has one."""
+        out = {}
+        for name, t in self.inputs.items():
+            if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+                continue
+            dims = [i for i, d in enumerate(t.tensor_type.shape.dim) if not (d.HasField("dim_value") and d.dim_value > 0)]
+            if dims:
+                out[name] = dims
+        return out
+
+
+def _same_static_dims(declared: onnx.TypeProto, now: onnx.TypeProto) -> bool:
+    """Same element type and rank, and every static dimension of ``declared`` unchanged in ``now``."""
+    if not declared.HasField("tensor_type") or not now.HasField("tensor_type"):
+        return False
+    if declared.tensor_type.elem_type != now.tensor_type.elem_type:
+        return False
+    if not declared.tensor_type.HasField("shape"):
+        return True
+    if not now.tensor_type.HasField("shape"):
+        return False
+    old, new = declared.tensor_type.shape.dim, now.tensor_type.shape.dim
+    return len(old) == len(new) and all(
+        not (o.HasField("dim_value") and o.dim_value > 0) or (n.HasField("dim_value") and n.dim_value == o.dim_value)
+        for o, n in zip(old, new))
 
 
 class DeclaredShapeWarning(SculptWarning):

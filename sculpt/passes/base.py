@@ -44,6 +44,10 @@ class PassContext:
     seed: int = 0
     held_out: Any = None  # sculpt.ir.calibration.CalibrationSet: samples no pass fits to, or None
     teacher: Any = None  # sculpt.ir.model.Model: the pipeline's input model (before the first pass), or None
+    # concrete shapes of the dynamic inputs (the calibration samples' or --sample-shape): a pass that needs
+    # static shapes runs there and its result keeps the dynamic dimensions (sculpt.passes.working_shapes)
+    working_shapes: dict[str, list[int]] = field(default_factory=dict)
+    probe_shapes: dict[str, list[int]] | None = None  # where results are checked to still run; found once
 
 
 @dataclass
@@ -73,7 +77,8 @@ class Pass:
             try:
                 model.require_static_inputs(f"pass '{self.name}'")
             except Exception as e:
-                raise PassError(self.name, str(e)) from None
+                raise PassError(self.name, f"{e} (fixes the output model's shape), or --sample-shape or "
+                                           "calibration data (works at their shape, keeps the model dynamic)") from None
         if self.needs_calibration and ctx.calibration is None:
             raise PassError(self.name, "needs calibration data: give --calibration (an .npz, an image "
                                        "folder or 'random')")
@@ -91,10 +96,12 @@ class Pass:
             copy = False
         work = model.clone() if copy else model
         _refuse_cyclic_input(work)
-        with work.indexed():  # lookups by name answer from one graph index while the pass runs
-            self.requires(work, ctx)
-            result = self.run(work, ctx)
-            self.ensures(result.model, ctx)
+        if self.needs_static_shapes and ctx.working_shapes and work.dynamic_inputs():
+            from sculpt.passes.working_shapes import run_at_working_shapes
+
+            result = run_at_working_shapes(self, work, ctx)
+        else:
+            result = self.run_checked(work, ctx)
         if result.modified:
             # cheap structural invariants (topological order, unique names, nothing dangling): a pass
             # never hands back a half-edited graph
@@ -107,6 +114,14 @@ class Pass:
                     except InvalidModelError as original:
                         raise InvalidModelError(f"the input model is invalid: {original}") from None
                 raise PassError(self.name, f"produced an invalid model ({e})") from None
+        return result
+
+    def run_checked(self, work: Model, ctx: PassContext) -> PassResult:
+        """``requires`` → ``run`` → ``ensures`` on ``work`` (edited in place)."""
+        with work.indexed():  # lookups by name answer from one graph index while the pass runs
+            self.requires(work, ctx)
+            result = self.run(work, ctx)
+            self.ensures(result.model, ctx)
         return result
 
     # ---------------------------------------------------------------- options

@@ -27,6 +27,7 @@ from sculpt.ir.calibration import CalibrationSplit
 from sculpt.ir.cost import cost_of
 from sculpt.ir.model import Model
 from sculpt.passes.base import Pass, PassContext, PassResult, create_pass, parse_pass_spec
+from sculpt.passes.working_shapes import working_shapes_for
 
 EXACT_RTOL = 1e-5  # exact passes: max |a-b| / max |b| per output
 EXACT_ATOL = 1e-6
@@ -80,10 +81,12 @@ class ErrorSamples:
     random inputs when there is no calibration data; with a single calibration sample (nothing can be
     held out) the sample the passes fitted to, and the words say so."""
 
-    def __init__(self, split: CalibrationSplit | None, seed: int = 0, count: int = RANDOM_SAMPLES):
+    def __init__(self, split: CalibrationSplit | None, seed: int = 0, count: int = RANDOM_SAMPLES,
+                 shapes: Mapping[str, Sequence[int]] | None = None):
         self.split = split
         self.seed = seed
         self.count = count
+        self.shapes = dict(shapes or {})  # random inputs: the shapes of dynamic inputs
         self._samples: list[dict] | None = None
 
     @property
@@ -100,7 +103,8 @@ class ErrorSamples:
                 from sculpt.runtime import random_inputs
 
                 try:
-                    self._samples = [random_inputs(model, seed=self.seed + k) for k in range(self.count)]
+                    self._samples = [random_inputs(model, seed=self.seed + k, shapes=self.shapes)
+                                     for k in range(self.count)]
                 except ShapeError:
                     if none_if_dynamic:
                         return []
@@ -117,6 +121,18 @@ class ErrorSamples:
             return self.split.describe()
         n = self.split.held_out.count if count is None else count
         return f"{n} held-out sample(s)"
+
+
+def _shapes_entry(spec: Mapping[str, Any], key: str, source: str) -> dict:
+    """A pipeline file's ``input_shapes`` or ``sample_shapes``: input names to lists of positive integers."""
+    shapes = spec.get(key) or {}
+    if not isinstance(shapes, Mapping):
+        raise OptionError(f"{source}: '{key}' must map input names to lists of positive integers")
+    for name, dims in shapes.items():
+        if not isinstance(dims, list) or not dims or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+            raise OptionError(f"{source}: {key} of '{name}' must be a list of positive integers, got {dims!r}")
+    return dict(shapes)
 
 
 def check_error(what: str, error: float, where: str, *, warn_error: float | None, max_error: float | None,
@@ -186,8 +202,10 @@ class VerifyInstrument(Instrument):
     fail. Lossy passes are measured by :class:`LossyErrorInstrument`, unless ``lossy`` is set."""
 
     def __init__(self, samples: list[dict] | None = None, *, rtol: float = EXACT_RTOL, atol: float = EXACT_ATOL,
-                 count: int = 2, seed: int = 0, lossy: bool = False, on: str | None = None):
+                 count: int = 2, seed: int = 0, lossy: bool = False, on: str | None = None,
+                 shapes: Mapping[str, Sequence[int]] | None = None):
         self.samples = samples
+        self.shapes = dict(shapes or {})  # random inputs: the shapes of dynamic inputs
         self.rtol, self.atol, self.count, self.seed = rtol, atol, count, seed
         self.lossy = lossy
         self.on = on
@@ -204,7 +222,7 @@ class VerifyInstrument(Instrument):
         if samples is None:
             from sculpt.runtime import random_inputs
 
-            samples = [random_inputs(before, seed=self.seed + k) for k in range(self.count)]
+            samples = [random_inputs(before, seed=self.seed + k, shapes=self.shapes) for k in range(self.count)]
             self.samples = samples
         cmp = compare_models(before, result.model, samples)
         record.error = cmp.as_dict()
@@ -383,9 +401,13 @@ class Pipeline:
                  calibration: Any = None, verify_each: bool = False, dump_dir: str | None = None,
                  statistics: bool = True, instruments: Sequence[Instrument] = (), seed: int = 0,
                  held_out: int | None = None, max_error: float | None = None,
-                 warn_error: float | None = DEFAULT_WARN_ERROR):
+                 warn_error: float | None = DEFAULT_WARN_ERROR,
+                 sample_shapes: Mapping[str, Sequence[int]] | None = None):
         self.passes = list(passes)
+        # input_shapes fix the model's inputs (the output model keeps them); sample_shapes are only where the
+        # passes that need static shapes work and random samples are drawn (the output keeps dynamic dims)
         self.input_shapes = {k: [int(d) for d in v] for k, v in (input_shapes or {}).items()}
+        self.sample_shapes = {k: [int(d) for d in v] for k, v in (sample_shapes or {}).items()}
         self.calibration = calibration  # split by ``calibration_split``: passes see only the fitting part
         self.verify_each = verify_each
         self.dump_dir = dump_dir
@@ -407,8 +429,17 @@ class Pipeline:
         return self._split[2]
 
     def error_samples(self) -> ErrorSamples:
-        """Where errors are measured: the held-out samples, else random inputs."""
-        return ErrorSamples(self.calibration_split(), self.seed)
+        """Where errors are measured: the held-out samples, else random inputs (at the sample shapes)."""
+        return ErrorSamples(self.calibration_split(), self.seed, shapes=self.sample_shapes)
+
+    def working_shapes(self, model: Model) -> dict[str, list[int]]:
+        """The shapes of ``model``'s dynamic inputs at which the passes that need static shapes run:
+        ``sample_shapes``, else the first calibration sample's (``sculpt.passes.working_shapes``)."""
+        sample: dict = {}
+        if self.calibration is not None and model.dynamic_inputs():
+            first = next(iter(self.calibration), None)
+            sample = {k: list(np.shape(v)) for k, v in (first or {}).items()}
+        return working_shapes_for(model, self.sample_shapes, sample)
 
     @classmethod
     def from_specs(cls, specs: Sequence[str], **kwargs) -> "Pipeline":
@@ -420,7 +451,8 @@ class Pipeline:
     def from_dict(cls, spec: Mapping[str, Any], *, source: str = "pipeline", **overrides) -> "Pipeline":
         if not isinstance(spec, Mapping):
             raise OptionError(f"{source}: a pipeline is a mapping with a 'passes' list")
-        known = {"passes", "input_shapes", "calibration", "verify_each", "seed", "held_out", "max_error"}
+        known = {"passes", "input_shapes", "sample_shapes", "calibration", "verify_each", "seed", "held_out",
+                 "max_error"}
         unknown = set(spec) - known
         if unknown:
             raise OptionError(f"{source}: unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(known))})")
@@ -439,21 +471,14 @@ class Pipeline:
             else:
                 raise OptionError(f"{source}: each pass is a name or a one-key mapping {{name: {{options}}}}, "
                                   f"got {item!r}")
-        shapes = spec.get("input_shapes") or {}
-        if not isinstance(shapes, Mapping):
-            raise OptionError(f"{source}: 'input_shapes' must map input names to lists of positive integers")
-        for name, dims in shapes.items():
-            if not isinstance(dims, list) or not dims or not all(
-                    isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
-                raise OptionError(f"{source}: input_shapes of '{name}' must be a list of positive integers, "
-                                  f"got {dims!r}")
+        shapes, sample_shapes = (_shapes_entry(spec, key, source) for key in ("input_shapes", "sample_shapes"))
         verify = spec.get("verify_each", False)
         if not isinstance(verify, bool):
             raise OptionError(f"{source}: 'verify_each' must be true or false, got {verify!r}")
         seed = spec.get("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise OptionError(f"{source}: 'seed' must be an integer, got {seed!r}")
-        kwargs = {"input_shapes": shapes, "verify_each": verify, "seed": seed}
+        kwargs = {"input_shapes": shapes, "sample_shapes": sample_shapes, "verify_each": verify, "seed": seed}
         held_out = spec.get("held_out")
         if held_out is not None:
             if not isinstance(held_out, int) or isinstance(held_out, bool) or held_out < 1:
@@ -480,10 +505,10 @@ class Pipeline:
 
     calibration_spec: Any = None
 
-    def instruments(self) -> list[Instrument]:
+    def instruments(self, working_shapes: Mapping[str, Sequence[int]] | None = None) -> list[Instrument]:
         inst: list[Instrument] = [FiniteWeightsInstrument()]
         if self.statistics:
-            inst.append(StatisticsInstrument(self.input_shapes))
+            inst.append(StatisticsInstrument({**self.input_shapes, **dict(working_shapes or {})}))
         errors = self.error_samples()
         if self.verify_each:
             samples = None
@@ -491,7 +516,7 @@ class Pipeline:
             if split is not None:
                 source = split.held_out if split.held_out is not None else split.fitting
                 samples = [s for _, s in zip(range(2), source)]
-            inst.append(VerifyInstrument(samples, seed=self.seed, on=errors.kind))
+            inst.append(VerifyInstrument(samples, seed=self.seed, on=errors.kind, shapes=self.sample_shapes))
         inst.append(LossyErrorInstrument(errors, warn_error=self.warn_error, max_error=self.max_error))
         if self.dump_dir:
             inst.append(DumpInstrument(self.dump_dir))
@@ -503,10 +528,12 @@ class Pipeline:
             model.fix_input_shapes(self.input_shapes)
             model.infer_shapes()
         split = self.calibration_split()
+        working = self.working_shapes(model)
         ctx = PassContext(calibration=split.fitting if split is not None else None, input_shapes=self.input_shapes,
                           seed=self.seed, held_out=split.held_out if split is not None else None,
-                          teacher=model)  # the model before the first pass (passes edit copies: it stays as it is)
-        instruments = self.instruments()
+                          teacher=model,  # the model before the first pass (passes edit copies: it stays as it is)
+                          working_shapes=working)
+        instruments = self.instruments(working)
         for inst in instruments:
             inst.before_pipeline(self, model)
         records: list[PassRecord] = []

@@ -16,14 +16,15 @@ class TVMImportError(SculptError):
     """TVM's Relax ONNX importer or build rejected the model."""
 
 
-def import_to_relax(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
-                    canonicalized: bool = False):
+def import_to_relax(model: Model, input_shapes: Mapping[str, Sequence[int | str]] | None = None, *,
+                    canonicalized: bool = False, symbolic: bool = False):
     """Relax IRModule of the model, with static input shapes and weights bound as constants.
 
-    Run ``canonicalize`` first (and say so with ``canonicalized``: an import error then does not
-    suggest it): the importer rejects shape computations it cannot resolve. LSTM, GRU and RNN nodes,
-    which TVM's importer lacks, are unrolled over their static sequence length first
-    (:mod:`sculpt.backends.tvm.recurrent_import`)."""
+    ``symbolic``: named dynamic dimensions stay symbolic in Relax (``input_shapes`` may name them:
+    ``{"x": ["N", 3, 48, "W"]}``); an unnamed one is a ShapeError naming it. Run ``canonicalize``
+    first (and say so with ``canonicalized``: an import error then does not suggest it): the importer
+    rejects shape computations it cannot resolve. LSTM, GRU and RNN nodes, which TVM's importer lacks,
+    are unrolled over their static sequence length first (:mod:`sculpt.backends.tvm.recurrent_import`)."""
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -32,11 +33,16 @@ def import_to_relax(model: Model, input_shapes: Mapping[str, Sequence[int]] | No
     work = model.clone()
     if input_shapes:
         work.fix_input_shapes(input_shapes)
-    work.require_static_inputs("the TVM import")
+    if symbolic:
+        work.require_named_dims("a symbolic TVM import")
+    else:
+        work.require_static_inputs("the TVM import")
     if has_recurrent_nodes(work):
         work.infer_shapes()
         unroll_recurrent(work)
-    shapes = {k: [int(d) for d in v] for k, v in work.input_shapes().items()}
+    # the importer reads symbolic dimensions from the model; shape_dict carries the static inputs only
+    shapes = {k: [int(d) for d in v] for k, v in work.input_shapes().items()
+              if all(isinstance(d, int) for d in v)}
     try:
         return from_onnx(work.proto, shape_dict=shapes, keep_params_in_input=False)
     except tvm.error.OpNotImplemented as e:  # no converter: canonicalize would not help
@@ -66,6 +72,12 @@ def build(mod, target: str | dict = "llvm", *, kernels: str = "sculpt", decision
         tgt = tvm.target.Target(target_dict)
     except Exception as e:
         raise TVMImportError(f"bad TVM target {target}: {one_line(e)}") from None
+    names = symbolic_input_dims(mod)
+    if kernels == "sculpt" and tgt.kind.name == "llvm" and names:
+        warnings.warn(SymbolicShapesWarning(
+            f"sculpt's CPU kernels need static shapes; {', '.join(names)} symbolic: built with TVM's own "
+            "loops instead (slower; fix the shapes for sculpt's kernels)"), stacklevel=2)
+        kernels = "default"
     try:
         if kernels == "sculpt" and tgt.kind.name == "llvm":
             from sculpt.backends.tvm.kernels import compile_with_kernels, host_target
@@ -78,6 +90,24 @@ def build(mod, target: str | dict = "llvm", *, kernels: str = "sculpt", decision
         raise
     except Exception as e:
         raise TVMImportError(f"TVM build for {target} failed: {one_line(e)}") from None
+
+
+class SymbolicShapesWarning(SculptWarning):
+    """A module with symbolic input dimensions was built with TVM's own CPU loops, not sculpt's kernels."""
+
+
+def symbolic_input_dims(mod) -> list[str]:
+    """The names of the symbolic dimensions of ``main``'s parameters, in order of appearance."""
+    from tvm import relax, tirx
+
+    names: list[str] = []
+    for param in mod["main"].params:
+        ty = param.ty
+        if isinstance(ty, relax.TensorType) and getattr(ty, "shape", None) is not None:
+            for d in getattr(ty.shape, "values", None) or []:
+                if not isinstance(d, tirx.IntImm) and str(d) not in names:
+                    names.append(str(d))
+    return names
 
 
 class GPUScheduleFallbackWarning(SculptWarning):
