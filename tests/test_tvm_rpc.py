@@ -3,71 +3,18 @@
 `sculpt compile --tune` measures its tuning candidates there."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
+from rpc_loopback import KEY, free_port, loopback_tracker
 
 from sculpt.cli import main
 from sculpt.models import ppocr_model_path
 
-KEY = "sculpt-loopback"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _device_registered(port: int) -> bool:
-    from tvm import rpc
-
-    try:
-        summary = rpc.connect_tracker("127.0.0.1", port).summary()
-    except Exception:
-        return False
-    return any(KEY in str(queue) for queue in summary.get("queue_info", {}))
-
 
 @pytest.fixture(scope="module")
 def tracker():
-    port = _free_port()
-    env = {**os.environ, "TVM_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-                               "--port-end", str(port + 1)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)]
-    try:
-        deadline = time.time() + 60
-        server = None
-        while time.time() < deadline:
-            if server is None:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                except OSError:
-                    time.sleep(0.5)
-                    continue
-                server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
-                                           "--tracker", f"127.0.0.1:{port}", "--key", KEY], env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                procs.append(server)
-            if _device_registered(port):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("the loopback RPC server did not register with the tracker within 60 s")
-        yield f"127.0.0.1:{port}"
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    with loopback_tracker(servers=1) as address:
+        yield address
 
 
 def test_bench_measures_on_the_rpc_device(tracker, capsys):
@@ -89,7 +36,7 @@ def test_unknown_device_key_is_a_one_line_error(tracker, capsys):
 
 
 def test_unreachable_tracker(capsys):
-    port = _free_port()
+    port = free_port()
     assert main(["bench", str(ppocr_model_path("cls")), "--input-shape", "x=1,3,48,192", "--rpc",
                  f"127.0.0.1:{port}", "--device-key", KEY, "--runs", "1", "--rounds", "1"]) == 2
     err = capsys.readouterr().err

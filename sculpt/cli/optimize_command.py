@@ -60,7 +60,7 @@ def register_optimize(sub) -> None:
 
 
 def cmd_optimize(args) -> int:
-    from sculpt.optimize import optimize
+    from sculpt.optimizer import optimize
 
     check_number_flag("--max-drop", args.max_drop)
     check_number_flag("--budget-minutes", args.budget_minutes, positive=True)
@@ -86,24 +86,32 @@ def cmd_optimize(args) -> int:
 
         shapes = resolve_input_shapes(load_model(args.model), shapes)
     con = make_console(stderr=True)
-    with Progress(SpinnerColumn(), TextColumn("[bold]optimize[/]"), BarColumn(), TextColumn("{task.completed} "
-                  "candidates"), TimeElapsedColumn(), TextColumn("{task.description}"), console=con,
-                  transient=True) as bar:
-        task = bar.add_task("measuring the input model", total=None)
-        best = {"ms": None}
+    # the bar starts with the first measurement: an option refused before that leaves stderr one line
+    bar = Progress(SpinnerColumn(), TextColumn("[bold]optimize[/]"), BarColumn(),
+                   TextColumn("{task.completed} candidates"), TimeElapsedColumn(), TextColumn("{task.description}"),
+                   console=con, transient=True)
+    task = bar.add_task("measuring the input model", total=None)
+    best = {"ms": None, "started": False}
 
-        def progress(text, cand) -> None:
-            if cand is not None and cand.stage != "input" and cand.drop is not None and cand.latency_ms is not None \
-                    and (best["ms"] is None or cand.latency_ms < best["ms"]) and cand.failed is None:
-                best["ms"] = cand.latency_ms
-            extra = f" | fastest so far {best['ms']:.3f} ms" if best["ms"] is not None else ""
-            bar.update(task, advance=1, description=text + extra)
+    def progress(text, cand) -> None:
+        if not best["started"]:
+            bar.start()
+            best["started"] = True
+        if cand is not None and cand.stage != "input" and cand.drop is not None and cand.latency_ms is not None \
+                and cand.failed is None and (best["ms"] is None or cand.latency_ms < best["ms"]):
+            best["ms"] = cand.latency_ms
+        extra = f" | fastest so far {best['ms']:.3f} ms" if best["ms"] is not None else ""
+        bar.update(task, advance=1, description=text + extra)
 
+    try:
         result = optimize(args.model, args.calibration, args.output, input_shapes=shapes, metric=args.metric,
                           max_drop=args.max_drop, proxy=args.proxy, runtime=args.runtime, target=args.target,
                           device=device, budget_minutes=args.budget_minutes, techniques=techniques,
                           max_knobs=args.max_knobs, threads=args.threads, seed=args.seed, held_out=args.held_out,
                           cache_dir=args.cache, distill_steps=args.distill_steps, progress=progress)
+    finally:
+        if best["started"]:
+            bar.stop()
     summary = {"metric": result.metric.describe(), "max_drop": result.max_drop, "runtime": result.runtime,
                "nothing_helped": result.nothing_helped, "input": result.input.as_dict(),
                "chosen": result.chosen.as_dict(), "speedup": round(result.speedup, 3),

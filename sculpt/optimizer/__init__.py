@@ -16,11 +16,11 @@ from sculpt.common import atomic_write_bytes, existing_ancestor, one_line, to_pl
 from sculpt.errors import CalibrationError, OptionError, ShapeError
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.model import Model
-from sculpt.optimize.latency import LatencyMeter, make_meter
-from sculpt.optimize.metric import Metric, MetricError, default_max_drop, load_user_metric, proxy_metric
-from sculpt.optimize.report import candidates_csv, candidates_json, layer_rows, layer_times_ms, report_html
-from sculpt.optimize.search import Cache, Candidate, Decision, Search, SearchResult
-from sculpt.optimize.space import DEFAULT_TECHNIQUES, Knob, SearchSpace, search_space
+from sculpt.optimizer.latency import LatencyMeter, make_meter
+from sculpt.optimizer.metric import Metric, MetricError, default_max_drop, load_user_metric, proxy_metric
+from sculpt.optimizer.report import candidates_csv, candidates_json, layer_rows, layer_times_ms, report_html
+from sculpt.optimizer.search import Cache, Candidate, Decision, Search, SearchResult
+from sculpt.optimizer.space import DEFAULT_TECHNIQUES, Knob, SearchSpace, search_space
 from sculpt.passes import Pipeline
 
 OUTPUT_FILES = ("model.onnx", "pipeline.yaml", "candidates.json", "candidates.csv", "report.html")
@@ -101,7 +101,7 @@ def _metric(metric, held_out) -> Metric:
         name = getattr(metric, "__qualname__", repr(metric))
 
         def evaluate(model, path):
-            from sculpt.optimize.metric import _finite_number
+            from sculpt.optimizer.metric import _finite_number
 
             try:
                 value = metric(str(path))
@@ -211,7 +211,8 @@ def _write_outputs(out: Path, result: SearchResult, metric: Metric, meter: Laten
     header = (f"# written by sculpt optimize: `sculpt run MODEL --pipeline {files['pipeline'].name} -o OUT.onnx` "
               "makes the same model\n")
     if result.nothing_helped:
-        header += "# nothing helped within the budget: the chosen model is the input model (canonicalize alone)\n"
+        header += ("# nothing helped within the budget: model.onnx is the input model itself; this pipeline gives "
+                   "its canonicalized equivalent (exact)\n")
     atomic_write_bytes(files["pipeline"], (header + yaml.safe_dump(to_plain_json(pipeline), sort_keys=False)).encode())
     atomic_write_bytes(files["candidates"], json.dumps(to_plain_json(candidates_json(result, metric, meter, max_drop)),
                                                        indent=1).encode())

@@ -18,7 +18,7 @@ from sculpt.ir.model import Model
 
 
 def candidates_json(result, metric, meter, max_drop: float) -> dict:
-    from sculpt.optimize.search import knob_rows
+    from sculpt.optimizer.search import knob_rows
 
     return {"metric": {"name": metric.name, "kind": metric.kind, "higher_is_better": metric.higher_is_better,
                        "describe": metric.describe(), "max_drop": max_drop},
@@ -122,7 +122,7 @@ def _plots(result, metric, max_drop: float, layer_rows: Sequence[tuple]) -> dict
     ax.legend(fontsize=7, loc="best")
     plots["pareto"] = _png(fig)
 
-    from sculpt.optimize.search import knob_rows
+    from sculpt.optimizer.search import knob_rows
 
     rows = [r for r in knob_rows(result.space, result.candidates) if r["failed"] is None and r["drop"] is not None]
     if rows:

@@ -35,9 +35,9 @@ from sculpt.errors import SculptError
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.cost import cost_of
 from sculpt.ir.model import Model
-from sculpt.optimize.latency import LatencyMeter
-from sculpt.optimize.metric import Metric
-from sculpt.optimize.space import Knob, SearchSpace, plan_key, plan_pipeline
+from sculpt.optimizer.latency import LatencyMeter
+from sculpt.optimizer.metric import Metric
+from sculpt.optimizer.space import Knob, SearchSpace, plan_key, plan_pipeline
 from sculpt.passes import Pipeline
 
 # a candidate must be this much faster than the input model (median ratio of interleaved rounds) to be
