@@ -39,8 +39,8 @@ Timer = Callable[[], float]  # one timed run (ms)
 class Timing:
     """A candidate's latency against the input model measured in the same rounds."""
 
-    ms: float
-    ratio: float  # candidate / input model (low quantiles of alternating runs)
+    ms: float  # the candidate's median in these runs
+    ratio: float  # candidate / reference (low quantiles of alternating runs)
     pairs: int
 
     def as_dict(self) -> dict:
@@ -109,14 +109,11 @@ class LatencyMeter:
                 base_times.append(base_timer())
                 times.append(timer())
         ratio = low_quantile(times) / low_quantile(base_times)
-        if self.base_ms is None:
-            self.measure_base(base)
-        return Timing(ratio * self.base_ms, ratio, len(times))
+        return Timing(statistics.median(times), ratio, len(times))
 
     def measure(self, base: Model, models: Sequence[Model]) -> list[Timing]:
-        """Each model's latency against ``base``; in parallel over the meter's devices."""
-        if self.base_ms is None:
-            self.measure_base(base)
+        """Each model's latency against ``base`` (the reference, timed in the same alternating runs); in
+        parallel over the meter's devices."""
         if self.workers <= 1 or len(models) <= 1:
             return [self._against_base(base, self.build(m), 0) for m in models]
         built = [self.build(m) for m in models]  # builds use every core: one at a time, here
@@ -203,7 +200,7 @@ class TvmLatency(LatencyMeter):
         if self.device is not None and slot not in self._sessions:  # a slot keeps its device for good
             from sculpt.backends.tvm.rpc import request_session
 
-            self._sessions[slot] = request_session(self.device)
+            self._sessions[slot] = request_session(self.device, timeout_sec=0)  # held for the whole search
         return load_timer(built, self.feeds, device=self.device, session=self._sessions.get(slot), runs=1,
                           warmup=1, threads=self.threads)
 

@@ -164,6 +164,7 @@ class Search:
         self.start = time.perf_counter()
         self.input_candidate: Candidate | None = None
         self.out_of_time = False
+        self.base_ratio = 1.0  # the canonicalized model's time over the input model's
         self._models: dict[str, Model] = {}
 
     # ------------------------------------------------------------------ evaluation
@@ -226,8 +227,10 @@ class Search:
         cand.drop = self.metric.drop(self.input_candidate.metric, cand.metric) if self.input_candidate else 0.0
         report = cost_of(model)
         cand.macs, cand.params = int(report.macs), int(report.params)
-        timing = self.meter.measure(self.input_model, [model])[0]
-        cand.latency_ms, cand.latency_ratio = timing.ms, timing.ratio
+        # against the canonicalized model (what every plan starts from), then scaled to the input model
+        timing = self.meter.measure(self.base, [model])[0]
+        cand.latency_ratio = timing.ratio * self.base_ratio
+        cand.latency_ms = cand.latency_ratio * self.input_candidate.latency_ms
 
     def _record(self, cand: Candidate) -> None:
         self.candidates.append(cand)
@@ -278,6 +281,7 @@ class Search:
         self.decisions.append(Decision(
             "measured the input model", f"{self.metric.name} {cand.metric:.4g}; {base_ms:.3f} ms on "
                                         f"{self.meter.describe()}"))
+        self._evaluate_canonicalized()
         step = self.metric.resolution
         if step is not None and step > self.max_drop / 2:
             self.decisions.append(Decision(
@@ -285,6 +289,33 @@ class Search:
                 f"it is measured on too few held-out samples to tell drops within the budget {self.max_drop:g} "
                 "apart: give more calibration samples (or --held-out N)"))
         return cand
+
+    def _evaluate_canonicalized(self) -> None:
+        """The canonicalized model (static shapes, exact rewrites) against the input model: every plan's
+        starting point, so knobs are credited only with what they save beyond it."""
+        timing = self.meter.measure(self.input_model, [self.base])[0]
+        self.base_ratio = timing.ratio
+        cached = self.cache.get("canonicalized")
+        cand = Candidate(plan={}, stage="canonicalized")
+        if cached is not None and cached.get("metric") is not None:
+            cand.metric, cand.cached = cached["metric"], True
+        else:
+            with tempfile.TemporaryDirectory(prefix="sculpt-optimize-") as tmp:
+                path = Path(tmp) / "canonicalized.onnx"
+                self.base.save(path)
+                cand.metric = self.metric.evaluate(self.base, path)
+        cand.drop = self.metric.drop(self.input_candidate.metric, cand.metric)
+        cand.latency_ratio = timing.ratio
+        cand.latency_ms = timing.ratio * self.input_candidate.latency_ms
+        report = cost_of(self.base)
+        cand.macs, cand.params, cand.bytes = int(report.macs), int(report.params), self.base.byte_size()
+        self.cache.put("canonicalized", cand.as_dict())
+        self._models[plan_key({})] = self.base
+        self._record(cand)
+        self.decisions.append(Decision(
+            "measured the canonicalized model (static shapes, exact rewrites)",
+            f"{timing.ratio:.3f}× the input model's time: the plans start from it, and each knob is credited "
+            "with the time it saves beyond it"))
 
     def sensitivity(self) -> dict[str, list[Candidate]]:
         """Each knob alone at each level (mildest first); a knob stops at its first level over the budget."""
@@ -307,7 +338,7 @@ class Search:
 
     def allocate(self, sens: dict[str, list[Candidate]], budget: float) -> list[tuple[str, object]]:
         """The greedy steps (knob, level) within ``budget`` of summed drops, most efficient first."""
-        base_ms = self.input_candidate.latency_ms
+        base_ms = self.base_ratio * self.input_candidate.latency_ms  # the canonicalized model's
         floor = NOISE_FLOOR * base_ms
         options: dict[str, list[tuple[object, float, float]]] = {}
         for name, cands in sens.items():
@@ -407,9 +438,10 @@ class Search:
             self.decisions.append(Decision("returned the input model unchanged", why))
             return SearchResult(self.input_model, input_cand, input_cand, self.candidates, self.decisions, [],
                                 self.space, True, self.elapsed(), self.out_of_time, self.input_model)
+        chosen = "; ".join(self.space.knob(n).describe(v) for n, v in sorted(best.plan.items()))
         self.decisions.append(Decision(
-            f"chose {len(best.plan)} knob level(s): " + "; ".join(
-                self.space.knob(n).describe(v) for n, v in sorted(best.plan.items())),
+            f"chose {len(best.plan)} knob level(s): {chosen}" if best.plan else
+            "chose the canonicalized model alone (no knob)",
             f"the fastest candidate within the budget: {self._verdict(best)}"))
         passes = [{"canonicalize": {}}] + self.passes_for(best.plan, recover=best.stage.endswith("recovered"))
         return SearchResult(self.model_of(best), best, input_cand, self.candidates, self.decisions, passes,
@@ -419,7 +451,8 @@ class Search:
 def knob_rows(space: SearchSpace, candidates: Sequence[Candidate]) -> list[dict]:
     """Per knob and level: the sensitivity measured (drop, latency saved), for the report."""
     rows = []
-    base = next((c for c in candidates if c.stage == "input"), None)
+    base = next((c for c in candidates if c.stage == "canonicalized"), None) or \
+        next((c for c in candidates if c.stage == "input"), None)
     for knob in space:
         for c in candidates:
             if c.stage == "sensitivity" and list(c.plan) == [knob.name]:

@@ -79,11 +79,12 @@ def connect_tracker(device: RemoteDevice):
 
 
 def request_session(device: RemoteDevice, timeout_sec: int | None = None):
-    """An RPC session with a device of ``device.key`` from the tracker."""
+    """An RPC session with a device of ``device.key`` from the tracker, ended by the device after
+    ``timeout_sec`` (default: the device's ``session_timeout_sec``; 0: kept as long as it is used)."""
     tracker = connect_tracker(device)
     try:
-        return tracker.request(device.key, priority=1, session_timeout=timeout_sec or device.session_timeout_sec,
-                               max_retry=3)
+        timeout = device.session_timeout_sec if timeout_sec is None else timeout_sec  # 0: kept alive
+        return tracker.request(device.key, priority=1, session_timeout=timeout, max_retry=3)
     except Exception as e:
         raise RemoteError(f"--device-key {device.key}: the tracker at {device.tracker_host}:{device.tracker_port} "
                           f"gave no device ({one_line(e, 200)})") from None
@@ -110,7 +111,8 @@ def remote_timer(executable, target: NamedTarget, device: RemoteDevice, args: Se
 
     session = session if session is not None else request_session(device)
     with tempfile.TemporaryDirectory(prefix="sculpt-rpc-") as tmp:
-        path = os.path.join(tmp, "model.so")
+        # a name of its own: a session that loads several builds must not overwrite a loaded library
+        path = os.path.join(tmp, f"model-{os.path.basename(tmp)}.so")
         cc = target.cross_compiler
         if cc:
             executable.export_library(path, cc=cc)
@@ -118,7 +120,7 @@ def remote_timer(executable, target: NamedTarget, device: RemoteDevice, args: Se
             executable.export_library(path)
         try:
             session.upload(path)
-            library = session.load_module("model.so")
+            library = session.load_module(os.path.basename(path))
             dev = session.cl(0) if target.is_opencl else session.cpu(0)
             vm = relax.VirtualMachine(library, dev)
             remote_args = [_to_device(a, dev) for a in args]
