@@ -330,3 +330,26 @@ def test_proxy_agreement_counts_positions():
     metric = proxy_metric(model, samples)
     assert metric.kind == "agreement" and metric.resolution == pytest.approx(20.0)
     assert metric.evaluate(model, Path("unused")) == 100.0
+
+
+def test_tvm_runtime_here_and_the_artifact(convnet, calibration, tmp_path):
+    """Latency measured on the TVM build (sculpt's kernels) on this machine; --target also writes the
+    compiled artifact of the chosen model."""
+    out = tmp_path / "out"
+    result = optimize(convnet, str(calibration), out, proxy="error", max_drop=0.2, techniques=["prune"],
+                      max_knobs=1, runtime="tvm", target="host", latency_rounds=2, latency_runs=5)
+    assert "TVM build for host" in result.runtime
+    assert (out / "model.so").is_file() and (out / "model.so").stat().st_size > 0
+    measured = [c for c in result.candidates if c.stage not in ("input",) and c.failed is None]
+    assert measured and all(c.latency_ms > 0 for c in measured)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("torch") is None, reason="the train extra is not installed")
+def test_distillation_recovers_the_combination(convnet, calibration, tmp_path):
+    out = tmp_path / "out"
+    result = optimize(convnet, str(calibration), out, proxy="error", max_drop=0.5, techniques=["prune"],
+                      max_knobs=2, distill_steps=5, latency_rounds=2, latency_runs=5)
+    stages = {c.stage for c in result.candidates}
+    assert stages & {"combination recovered", "back-off recovered"}
+    if not result.nothing_helped and result.chosen.stage.endswith("recovered"):
+        assert any("distill" in p for p in result.passes)
