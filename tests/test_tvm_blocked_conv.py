@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from sculpt.runtime import make_session  # noqa: E402
 from sculpt.backends.tvm import import_to_relax, run_relax  # noqa: E402
 from sculpt.backends.tvm.kernels import compile_with_kernels, host_target, traits_of  # noqa: E402
+from sculpt.backends.tvm.kernels import onnx_cases as cases  # noqa: E402
 from sculpt.backends.tvm.kernels.blocked_conv import (ConvShape, ConvTile, pack_weight,  # noqa: E402
                                                       tile_from_block_name)
 from sculpt.backends.tvm.kernels.target_traits import TargetTraits  # noqa: E402
@@ -259,6 +260,24 @@ def test_gelu_erf_is_a_vector_approximation_within_float_precision():
     got = run_relax(executable, {"x": x}, ["x"])[0]
     ref = make_session(model).run(None, {"x": x})[0]
     assert float(np.abs(got - ref).max()) <= 2e-6 * float(np.abs(ref).max())
+
+
+def test_a_shufflenet_unit_matches_onnxruntime_with_one_kernel_per_grouped_conv():
+    """Grouped 1x1 convs of 34 channels a group around a channel shuffle and a depthwise conv, with a
+    residual add: one blocked kernel per grouped conv, the whole unit as onnxruntime computes it."""
+    import tvm
+
+    model = Model.wrap(cases.shuffle_unit_model())
+    decisions = []
+    executable = compile_with_kernels(import_to_relax(model), tvm.target.Target(host_target("llvm")),
+                                      decisions=decisions)
+    x = np.random.default_rng(3).standard_normal((1, 136, 14, 15)).astype(np.float32)
+    got = run_relax(executable, {"x": x}, ["x"])[0]
+    ref = make_session(model).run(None, {"x": x})[0]
+    assert got.shape == ref.shape
+    assert float(np.abs(got - ref).max()) <= 1e-5 * float(np.abs(ref).max())
+    kinds = [d.kind for d in decisions]  # one per kernel function: both grouped convs (one shape) call one
+    assert kinds.count("conv2d_blocked") == 1 and "conv2d" not in kinds, kinds
 
 
 @pytest.mark.parametrize("groups, cin, cout", [(2, 32, 64), (3, 48, 48), (4, 136, 136)])

@@ -65,6 +65,17 @@ def test_a_small_tensor_an_nchw_op_reads_gets_an_nchw_copy_and_the_chain_stays_b
     assert sum(1 for t in tiles if t[5]) == 5 and sum(1 for t in tiles if t[6]) == 5  # as without the flatten
 
 
+def test_a_residual_chain_read_by_an_nchw_op_stays_blocked_and_the_last_add_gets_an_nchw_copy():
+    """ddddocr's last stage: the transpose into a sequence reads the last residual add. Turning that
+    add NCHW would turn its inputs NCHW too, and so every residual block of the stage; a copy of the
+    small sum keeps every conv blocked in and out (but the first, reading the graph's input)."""
+    tiles = _compile_and_compare(cases.residual_stage_to_sequence_model(), 8, (6, 10))
+    lanes = traits_of(host_target("llvm")).vector_lanes
+    assert len(tiles) == 3  # one per kernel function: the two residual blocks' convs share theirs
+    assert all(t[6] == lanes for t in tiles), tiles
+    assert sum(1 for t in tiles if t[5] == lanes) == 2, tiles
+
+
 def test_rows_outer_with_blocked_input_pads_one_band_at_a_time(monkeypatch):
     from sculpt.backends.tvm.kernels import tiling
 

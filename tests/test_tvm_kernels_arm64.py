@@ -66,6 +66,19 @@ def _fast_math_model():
     return model, shape
 
 
+def test_grouped_convs_and_a_channel_shuffle_run_on_arm64_under_qemu(tmp_path):
+    """ShuffleNet's unit on NEON: grouped 1x1 convs of 34 channels a group as one blocked kernel each
+    (each group's output padded to whole 4-lane blocks, then dropped), the channel shuffle, a
+    depthwise conv and the residual add; and a residual stage read by an NCHW transpose (blocked,
+    the last sum copied to NCHW)."""
+    rng = np.random.default_rng(9)
+    for name, model, shape in (("shuffle", cases.shuffle_unit_model(), (1, 136, 14, 15)),
+                               ("sequence", cases.residual_stage_to_sequence_model(), (1, 8, 6, 10))):
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(model, path)
+        _verify_on_arm64(path, tmp_path, {"x": rng.standard_normal(shape).astype(np.float32)})
+
+
 def test_layout_and_math_rewrites_run_on_arm64_under_qemu(tmp_path):
     """What the zoo work added, on NEON: depthwise and pools padded per plane (60x60), strided windows
     over odd widths (27), a depthwise width computed in whole vectors (27 -> 28), channel counts padded to

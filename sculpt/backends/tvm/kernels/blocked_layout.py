@@ -127,6 +127,11 @@ def _tensor_args(call) -> list:
     return out
 
 
+def _variable_args(call, constant_of) -> list:
+    """The tensor operands of a call that are not constants."""
+    return [a for a in _tensor_args(call) if constant_of(a) is None]
+
+
 def _bound_constants(bindings) -> dict:
     """Variables bound to a constant (the importer binds reshaped biases so) -> the constant."""
     return {b.var: b.value for b in bindings if constant_value(b.value) is not None}
@@ -200,9 +205,11 @@ def plan_blocked_layout(func, builder: BlockedConvBuilder, block: int,
         """A small tensor (a pooled map, a squeeze-and-excitation vector) stays blocked and gets one
         NCHW copy for the calls that need it, rather than turning the layers before it NCHW."""
         made_by = kinds[var]
-        # a conv (and an elementwise op, fused into the conv or op before it) writes NCHW itself;
-        # a pool, resize, mean, depthwise conv or concat would turn what it reads NCHW too
-        if not (made_by in LAYOUT_OPS or made_by in ("depthwise", SPATIAL_MEAN_OP, CONCAT_OP)):
+        # a conv (and an op of one operand, fused into the conv or op before it) writes NCHW itself;
+        # a pool, resize, mean, depthwise conv or concat would turn what it reads NCHW too, and so
+        # would an op of two tensors (a residual add: the whole chain of residual blocks before it)
+        if not (made_by in LAYOUT_OPS or made_by in ("depthwise", SPATIAL_MEAN_OP, CONCAT_OP)
+                or (made_by in ELEMENTWISE_OPS and len(_variable_args(producer[var], constant_of)) > 1)):
             return False
         elements = int(np.prod(static_shape(var)))
         return elements <= CONVERT_MAX_ELEMENTS and all(isinstance(c.value, relax.Call) for c in consumers)

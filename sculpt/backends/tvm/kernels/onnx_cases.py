@@ -244,3 +244,32 @@ def dense_block_model() -> onnx.ModelProto:
                                                 ("mean", g.rng.standard_normal(24)), ("var", g.rng.uniform(0.1, 3, 24)))]
     g.op("Relu", [g.op("BatchNormalization", ["k", *stats], "bn", epsilon=1e-3)], "r")
     return g.model(8, (12, 13), [g.conv("y", "r", 24, 16, 3)])
+
+
+def shuffle_unit_model(channels: int = 136, groups: int = 4, hw: tuple[int, int] = (14, 15)) -> onnx.ModelProto:
+    """ShuffleNet's unit: grouped 1x1 conv -> ReLU -> channel shuffle (Reshape, Transpose, Reshape)
+    -> depthwise 3x3 -> grouped 1x1 conv + the input -> ReLU. ShuffleNet's 136 channels in 4 groups
+    are 34 a group: no whole number of vectors."""
+    g = _ChainGraph(17)
+    shuffled = [1, groups, channels // groups, *hw]
+    g.inits += [numpy_helper.from_array(np.array(shuffled, np.int64), "split_shape"),
+                numpy_helper.from_array(np.array([1, channels, *hw], np.int64), "joined_shape")]
+    g.op("Relu", [g.conv("g1", "x", channels, channels, 1, group=groups)], "r1")
+    g.op("Transpose", [g.op("Reshape", ["r1", "split_shape"], "split")], "swapped", perm=[0, 2, 1, 3, 4])
+    g.op("Reshape", ["swapped", "joined_shape"], "shuffled")
+    g.conv("dw", "shuffled", channels, channels, 3, group=channels)
+    g.op("Add", [g.conv("g2", "dw", channels, channels, 1, group=groups), "x"], "s")
+    return g.model(channels, hw, [g.op("Relu", ["s"], "y")])
+
+
+def residual_stage_to_sequence_model() -> onnx.ModelProto:
+    """A CRNN's last conv stage: conv -> two residual blocks (conv, SiLU, conv + residual) -> the map
+    transposed into a sequence (an NCHW op reading the last residual add)."""
+    g = _ChainGraph(19)
+    g.op("Relu", [g.conv("a", "x", 8, 16, 3)], "r0")
+    x = "r0"
+    for i in range(2):
+        c = g.conv(f"b{i}", x, 16, 16, 3)
+        g.op("Mul", [c, g.op("Sigmoid", [c], f"sig{i}")], f"silu{i}")
+        x = g.op("Add", [g.conv(f"p{i}", f"silu{i}", 16, 16, 1), x], f"s{i}")
+    return g.model(8, (6, 10), [g.op("Transpose", [x], "seq", perm=[0, 3, 1, 2])])
