@@ -212,7 +212,7 @@ class Search:
             cand.failed = one_line(e, 300)
         else:
             self._measure(cand, model)
-            self._models[key] = model
+            self._keep_if_best(key, cand, model)
         cand.seconds = time.perf_counter() - start
         self.cache.put(key, cand.as_dict())
         self._record(cand)
@@ -231,6 +231,14 @@ class Search:
         timing = self.meter.measure(self.base, [model])[0]
         cand.latency_ratio = timing.ratio * self.base_ratio
         cand.latency_ms = cand.latency_ratio * self.input_candidate.latency_ms
+
+    def _keep_if_best(self, key: str, cand: Candidate, model: Model) -> None:
+        """Only the fastest model within the budget stays in memory (a search measures dozens of copies of
+        the model); any other is rebuilt from its plan if chosen (the passes are deterministic)."""
+        kept = [c for c in self.candidates if c.within(self.max_drop) and c.latency_ms is not None
+                and c.key + ("|recovered" if c.stage.endswith("recovered") else "") in self._models]
+        if cand.within(self.max_drop) and all(cand.latency_ms < c.latency_ms for c in kept):
+            self._models = {key: model}
 
     def _record(self, cand: Candidate) -> None:
         self.candidates.append(cand)
@@ -310,7 +318,6 @@ class Search:
         report = cost_of(self.base)
         cand.macs, cand.params, cand.bytes = int(report.macs), int(report.params), self.base.byte_size()
         self.cache.put("canonicalized", cand.as_dict())
-        self._models[plan_key({})] = self.base
         self._record(cand)
         self.decisions.append(Decision(
             "measured the canonicalized model (static shapes, exact rewrites)",
