@@ -63,14 +63,19 @@ def test_small_net_is_exact_against_onnxruntime(activations, kernels):
     from sculpt.backends.tvm.relax_import import build
 
     executable = build(lowered, kernels=kernels)  # sculpt's kernel library, or TVM's naive loops
-    # the output is conv3's dequantized output, flattened: compare as integers on its grid
+    assert_small_net_exact(executable, q, runs=4)
+
+
+def assert_small_net_exact(executable, q, runs: int) -> None:
+    """The build's output equals the QDQ graph's on ``runs`` random inputs, as integers on the grid of
+    the output (conv3's dequantized output, flattened)."""
     out_dq = q.producers()[q.node_by_name("flatten").input[0]]
     scale = float(q.get_constant(out_dq.input[1]))
     # the QDQ graph run as written (dequantize, float op, quantize): onnxruntime's fused QLinearConv
     # on an AVX2 CPU without VNNI saturates its int16 pair sums (112 of 144 outputs off on this net)
     sess = make_session(q, optimize=False)
     rng = np.random.default_rng(0)
-    for k in range(4):
+    for k in range(runs):
         x = rng.standard_normal((1, 3, 12, 12)).astype(np.float32) * (1 + k)
         ref = sess.run(None, {"x": x})[0]
         got = run_relax(executable, {"x": x}, ["x"])[0]

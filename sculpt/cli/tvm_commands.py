@@ -56,6 +56,10 @@ def register_tvm_commands(subparsers) -> None:
                    help="import the model as is (by default 'canonicalize' runs first; TVM's importer needs it)")
     _add_device_options(c)
     _add_build_options(c, kernels)
+    c.add_argument("--int8", choices=["off", "relax", "kernel"], default="off",
+                   help="a QDQ model's quantized units: off (default: dequantize, float op, quantize), relax "
+                        "(integer Relax ops), kernel (sculpt's int8 conv kernel: vpmaddwd on x86, sdot on aarch64 "
+                        "with dotprod)")
     c.add_argument("--thread-policy", choices=["shared", "dedicated"], default="shared",
                    help="the CPU thread pool the artifact expects, recorded in its manifest: shared (default: "
                         "workers neither pinned nor spinning, for devices that run other apps) or dedicated")
@@ -221,7 +225,7 @@ def cmd_compile(args) -> int:
                                  tune_trials=args.tune, tuning_database=tuning_db, device=device,
                                  tune_strategy=args.tune_strategy, build_options=build_options, sparse=args.sparse,
                                  search_tiles=args.search_tiles, progress=say,
-                                 on_tuning_start=tuning_started, on_trials=trials_done)
+                                 on_tuning_start=tuning_started, on_trials=trials_done, int8=args.int8)
         say(f"exporting {library}")
         artifact = export_artifact(compiled, library, source_model=args.model, thread_policy=args.thread_policy)
     if args.json:

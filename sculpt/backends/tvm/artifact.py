@@ -145,7 +145,7 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
                   tune_strategy: str = "evolutionary", build_options: Mapping | None = None, sparse: str | None = None,
                   search_tiles: int = 0, progress: Callable[[str], None] | None = None,
                   on_tuning_start: Callable[[int], None] | None = None,
-                  on_trials: Callable[[int], None] | None = None) -> CompiledModel:
+                  on_trials: Callable[[int], None] | None = None, int8: str = "off") -> CompiledModel:
     """Import ``model`` (a sculpt Model) into Relax and build it for ``target``.
 
     ``tune_trials`` > 0 tunes with MetaSchedule into ``tuning_database`` (required then); a database
@@ -153,11 +153,17 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
     ``relax_import.build`` (e.g. ``kernels``); ``sparse`` ('auto'|'on'|'off') runs the sparse-kernel
     rewrite on the Relax module first. ``search_tiles`` > 0 first times that many candidate tiles of
     every sculpt kernel on this machine and caches the fastest (kernels.tile_search; host targets
-    with sculpt's kernels only); the build then uses them."""
+    with sculpt's kernels only); the build then uses them. ``int8`` (a QDQ model, CPU targets):
+    'off' computes its units as written (dequantize, float op, quantize), 'relax' as integer Relax
+    ops, 'kernel' on sculpt's int8 conv kernel where the target has its instruction (int8.py)."""
     from sculpt.backends.tvm.relax_import import build, import_to_relax
 
     start = time.perf_counter()
     target = get_target(target)
+    if int8 != "off":  # canonicalize folds the weights' DequantizeLinear, which the int8 lowering matches
+        from sculpt.runtime import is_qdq_model
+
+        canonicalize = canonicalize and not is_qdq_model(model)
     work, passes = prepare_model(model, input_shapes, canonicalize=canonicalize)
     inputs = input_tensor_specs(work)
     if progress:
@@ -174,6 +180,8 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
         mod, decisions = apply_sparse_kernels(mod, target.tvm_target(), sparse, layer_names=layer_names_from_onnx(work))
         options["sparse"] = {"mode": sparse, "layers_sparse": sum(1 for d in decisions if d.sparse),
                              "decisions": [to_plain_json(dataclasses.asdict(d)) for d in decisions]}
+    if int8 != "off":
+        mod, options["int8"] = _lower_int8(mod, work, target, int8, progress)
     outputs = _output_specs(mod, [o.name for o in work.graph.output])
     report = None
     kernel_decisions: list = []
@@ -200,6 +208,26 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
         options["kernels"] = "default" if target.is_opencl else _default_kernels()
     return CompiledModel(executable, target, inputs, outputs, passes, options, report,
                          time.perf_counter() - start, kernel_decisions)
+
+
+def _lower_int8(mod, model, target: NamedTarget, mode: str, progress) -> tuple[object, dict]:
+    """The QDQ units of ``mod`` lowered to integer compute (``mode`` 'relax' or 'kernel'), and what was
+    lowered, for the manifest."""
+    from sculpt.backends.tvm.int8 import int8_kernel_policy, lower_qdq_to_int8
+    from sculpt.runtime import is_qdq_model
+
+    if mode not in ("relax", "kernel"):
+        raise OptionError(f"--int8 takes off, relax or kernel, got '{mode}'")
+    if target.is_opencl:
+        raise OptionError(f"--int8 {mode}: target '{target.name}' is not a CPU")
+    if not is_qdq_model(model):
+        return mod, {"mode": mode, "note": "not a QDQ model: nothing to lower"}
+    if progress:
+        progress(f"lowering the QDQ units to int8 ({mode})")
+    policy = int8_kernel_policy(target.spec) if mode == "kernel" else None
+    lowered, stats = lower_qdq_to_int8(mod, policy)
+    return lowered, {"mode": mode, "conv2d": stats.conv2d, "matmul": stats.matmul, "on_int8_kernel": stats.int8_kernel,
+                     "instruction": policy.instruction.name if policy else None, "left_float": stats.left_float}
 
 
 def _search_tiles(mod, target: NamedTarget, candidates: int, build_options: Mapping | None, progress) -> dict:

@@ -10,6 +10,12 @@ into integer compute as onnxruntime's QLinearConv/QLinearMatMul do it:
 so the quantized outputs agree with onnxruntime's int8 kernels (up to float rounding of ``acc · M``
 at exact ties), instead of computing in float32 on dequantized values. Inputs are widened to int16
 before the multiply (``x_q - zx`` of a uint8 needs 9 bits), products accumulate in int32.
+
+With an :class:`Int8KernelPolicy` (``compile_int8`` makes one for CPU targets with a dot-product
+instruction: AVX2's vpmaddwd, aarch64's sdot), the conv units the policy takes become one call to the
+int8 conv kernel instead (kernels/int8_conv.py: int8/uint8 in, int32 accumulators, the requantization
+in its epilogue, int8/uint8 out); depthwise and grouped convs and the units it declines stay the
+Relax ops above, which sculpt's float kernels schedule.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from sculpt.ir.model import Model
 class LoweringStats:
     conv2d: int = 0
     matmul: int = 0
+    int8_kernel: int = 0  # of the conv2d units: those on the int8 conv kernel
     left_float: dict[str, int] = field(default_factory=dict)  # op → units the patterns did not match
 
     @property
@@ -120,14 +127,117 @@ def _multiplier(sx, sw, sy) -> np.ndarray:
     return ((np.float32(sx) * np.asarray(sw, np.float32)).astype(np.float32) / np.float32(sy)).astype(np.float32)
 
 
-def lower_qdq_to_int8(mod):
+@dataclass(frozen=True)
+class Int8KernelPolicy:
+    """Which QDQ conv units run on the int8 conv kernel (kernels/int8_conv.py) with ``instruction``:
+    convs of one group with at least ``min_macs`` multiply-adds and ``min_in_channels`` input
+    channels (the first conv of a network, on 3 image channels, fills a pair/quad of input
+    channels badly and is small)."""
+
+    instruction: object  # int8_conv.DotInstruction
+    min_macs: int = 0
+    min_in_channels: int = 4
+    float_grouped: bool = False  # depthwise/grouped units stay dequantize -> float conv -> quantize
+
+    def keeps_float(self, groups: int) -> bool:
+        return self.float_grouped and groups > 1
+
+    def takes(self, shape, groups: int) -> bool:
+        macs = shape.out_channels * shape.out_height * shape.out_width * shape.in_channels \
+            * shape.kernel[0] * shape.kernel[1]
+        return groups == 1 and macs >= self.min_macs and shape.in_channels >= self.min_in_channels
+
+
+def int8_kernel_policy(target) -> Int8KernelPolicy | None:
+    """The policy for a TVM CPU target (dict or Target, host completed as the float kernels do), or None
+    when the target has no widening dot-product instruction the kernel knows."""
+    from sculpt.backends.tvm.kernels.int8_conv import instruction_for
+    from sculpt.backends.tvm.kernels.target_traits import host_target, traits_of
+
+    target_dict = {"kind": target} if isinstance(target, str) else target
+    if not isinstance(target_dict, dict) or target_dict.get("kind") != "llvm":
+        return None
+    instruction = instruction_for(traits_of(host_target(target_dict)))
+    return Int8KernelPolicy(instruction) if instruction is not None else None
+
+
+class _KernelEmitter:
+    """Emits calls to the int8 conv kernel: one PrimFunc per distinct (shape, types, zero points)."""
+
+    def __init__(self, policy: Int8KernelPolicy, mod):
+        from tvm import relax
+
+        self.policy = policy
+        self.builder = relax.BlockBuilder(mod)  # its add_func gives GlobalVars typed for call_tir
+        self.funcs: dict[tuple, object] = {}  # key -> GlobalVar
+
+    def conv_shape(self, conv, x_q):
+        from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
+        from sculpt.backends.tvm.kernels.relax_rewrite import four_pads, static_shape
+
+        a = conv.attrs
+        x_shape, w_shape, pads = static_shape(x_q), static_shape(conv.args[1]), four_pads(a)
+        if x_shape is None or w_shape is None or pads is None or len(x_shape) != 4:
+            return None, 1
+        return ConvShape(x_shape[0], w_shape[1], x_shape[2], x_shape[3], w_shape[0], (w_shape[2], w_shape[3]),
+                         tuple(int(v) for v in a.strides), tuple(int(v) for v in a.dilation), tuple(pads)), int(a.groups)
+
+    def call(self, shape, x_q, w_q: np.ndarray, b_q: np.ndarray | None, zx: int, multiplier: np.ndarray,
+             out_q_call, x_dtype: str | None = None):
+        from tvm import relax
+
+        from sculpt.backends.tvm.kernels import int8_conv as k
+
+        instr = self.policy.instruction
+        tile = k.int8_conv_tile(shape, instr)
+        x_dtype, out_dtype = x_dtype or str(_type_of(x_q).dtype), str(out_q_call.attrs.out_dtype)
+        zy = int(_const_value(out_q_call.args[2]).reshape(-1)[0])
+        channels = tile.padded_channels(shape.out_channels)
+        w_q, bias = k.folded_bias(w_q, b_q, zx, instr.offset(x_dtype, zx), channels, multiplier, zy, out_dtype)
+        key = (shape, tile, instr.name, x_dtype, out_dtype, zx, zy)
+        if key not in self.funcs:
+            func = k.int8_conv_func(shape, tile, instr, x_dtype, out_dtype, zx, zy)
+            self.funcs[key] = self.builder.add_func(func, f"sculpt_int8_conv{len(self.funcs)}")
+        gvar = self.funcs[key]
+        args = [x_q, relax.const(k.pack_int8_weight(w_q, tile, instr)), relax.const(bias, "int32"),
+                relax.const(k.padded_multiplier(multiplier, shape.out_channels, channels), "float32")]
+        out = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
+        return relax.call_tir(gvar, args, relax.TensorType(out, out_dtype))
+
+    def matmul_call(self, a_q, b_q: np.ndarray, za: int, multiplier: np.ndarray, out_q_call):
+        """A matmul by a constant [K, N] int8 matrix as a 1x1 conv of the kernel: the rows of ``a_q``
+        [..., M, K] are the pixels of a [1, K, 1, M] image (transposed in and out), or None when the
+        policy does not take it."""
+        from tvm import relax
+
+        from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
+        from sculpt.backends.tvm.kernels.relax_rewrite import static_shape
+
+        a_shape = static_shape(a_q)
+        if a_shape is None or len(a_shape) < 2:
+            return None
+        k, n = b_q.shape
+        rows = int(np.prod(a_shape[:-1]))
+        shape = ConvShape(1, k, 1, rows, n, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0))
+        if not self.policy.takes(shape, 1):
+            return None
+        image = relax.op.reshape(relax.op.permute_dims(relax.op.reshape(a_q, (rows, k)), [1, 0]), (1, k, 1, rows))
+        y = self.call(shape, image, np.ascontiguousarray(b_q.T).reshape(n, k, 1, 1), None, za, multiplier,
+                      out_q_call, str(_type_of(a_q).dtype))
+        y = relax.op.permute_dims(relax.op.reshape(y, (n, rows)), [1, 0])
+        return relax.op.reshape(y, tuple(a_shape[:-1]) + (n,))
+
+
+def lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None = None):
     """Rewrite the QDQ conv2d/matmul units of every Relax function of ``mod`` into int8 compute with
-    int32 accumulation and requantization. Returns (new module, LoweringStats)."""
+    int32 accumulation and requantization; with ``kernel_policy``, the conv units it takes into calls to
+    the int8 conv kernel. Returns (new module, LoweringStats)."""
     from tvm import relax
     from tvm.relax.dpl import rewrite_call
 
     pats = _patterns()
     stats = LoweringStats()
+    emitter = _KernelEmitter(kernel_policy, mod) if kernel_policy is not None else None
     q_conv, conv_p, conv_bias_p, dq_x_p, dq_w_p, dq_b_p, x_q_p = pats["conv"]
     q_mm, mm_p, dq_a_p, dq_b_p2, a_q_p, b_q_p = pats["matmul"]
 
@@ -141,12 +251,8 @@ def lower_qdq_to_int8(mod):
                 (sw.size > 1 and w_axis not in (0, -4)) or conv.attrs.data_layout != "NCHW" or \
                 conv.attrs.kernel_layout != "OIHW":
             return expr
-        w_q = _const_value(dq_w.args[0]).astype(np.int16)
-        data = _widen(m[x_q_p], int(zx.reshape(())))
-        a = conv.attrs
-        acc = relax.op.nn.conv2d(data, relax.const(w_q, "int16"), strides=a.strides, padding=a.padding,
-                                 dilation=a.dilation, groups=a.groups, data_layout="NCHW", kernel_layout="OIHW",
-                                 out_dtype="int32")
+        w_int8 = _const_value(dq_w.args[0])
+        b_q = None
         if conv_bias_p in m:
             dq_b = m[dq_b_p]
             b_q = _const_value(dq_b.args[0])
@@ -155,9 +261,25 @@ def lower_qdq_to_int8(mod):
             # the bias scale is sx·sw by construction; check it so that a foreign model is not misread
             if not np.allclose(_const_value(dq_b.args[1]), np.float32(sx.reshape(())) * sw.reshape(-1), rtol=1e-6):
                 return expr
+        multiplier = _multiplier(sx.reshape(()), sw.reshape(-1), sy.reshape(()))
+        if emitter is not None and w_int8.dtype == np.int8:
+            shape, groups = emitter.conv_shape(conv, m[x_q_p])
+            if emitter.policy.keeps_float(groups):
+                return expr
+            if shape is not None and emitter.policy.takes(shape, groups):
+                stats.conv2d += 1
+                stats.int8_kernel += 1
+                return emitter.call(shape, m[x_q_p], w_int8, b_q, int(zx.reshape(())), multiplier, expr)
+        w_q = w_int8.astype(np.int16)
+        data = _widen(m[x_q_p], int(zx.reshape(())))
+        a = conv.attrs
+        acc = relax.op.nn.conv2d(data, relax.const(w_q, "int16"), strides=a.strides, padding=a.padding,
+                                 dilation=a.dilation, groups=a.groups, data_layout="NCHW", kernel_layout="OIHW",
+                                 out_dtype="int32")
+        if b_q is not None:
             acc = relax.op.add(acc, relax.const(b_q.reshape(1, -1, 1, 1), "int32"))
         stats.conv2d += 1
-        return _requantize(acc, _multiplier(sx.reshape(()), sw.reshape(-1), sy.reshape(())), expr, 1, 4)
+        return _requantize(acc, multiplier, expr, 1, 4)
 
     def rewrite_matmul(expr, m):
         dq_a, dq_b = m[dq_a_p], m[dq_b_p2]
@@ -169,8 +291,16 @@ def lower_qdq_to_int8(mod):
             return expr
         if sb.size > 1 and (b_rank != 2 or b_axis not in (1, -1) or np.any(zb != 0)):
             return expr
-        a = _widen(m[a_q_p], int(za.reshape(())))
         b_expr = m[b_q_p]
+        multiplier = _multiplier(sa.reshape(()), sb.reshape(-1), sy.reshape(()))
+        if emitter is not None and _is_constant(b_expr) and b_rank == 2 and np.all(zb == 0) \
+                and _const_value(b_expr).dtype == np.int8:
+            call = emitter.matmul_call(m[a_q_p], _const_value(b_expr), int(za.reshape(())), multiplier, expr)
+            if call is not None:
+                stats.matmul += 1
+                stats.int8_kernel += 1
+                return call
+        a = _widen(m[a_q_p], int(za.reshape(())))
         if _is_constant(b_expr) and sb.size > 1:
             b = relax.const(_const_value(b_expr).astype(np.int16), "int16")
         elif zb.size == 1:
@@ -180,8 +310,7 @@ def lower_qdq_to_int8(mod):
         acc = relax.op.matmul(a, b, out_dtype="int32")
         out_rank = _ndim(expr)
         stats.matmul += 1
-        return _requantize(acc, _multiplier(sa.reshape(()), sb.reshape(-1), sy.reshape(())), expr,
-                           out_rank - 1, out_rank)
+        return _requantize(acc, multiplier, expr, out_rank - 1, out_rank)
 
     out = {}
     for gvar, func in mod.functions.items():
@@ -189,6 +318,9 @@ def lower_qdq_to_int8(mod):
             func = rewrite_call(q_conv, rewrite_conv, func)
             func = rewrite_call(q_mm, rewrite_matmul, func)
         out[gvar] = func
+    if emitter is not None:  # the kernels' PrimFuncs
+        for gvar, func in emitter.builder.get().functions.items():
+            out.setdefault(gvar, func)
     new_mod = type(mod)(out, attrs=mod.attrs) if mod.attrs is not None else type(mod)(out)
     new_mod = relax.transform.DeadCodeElimination()(new_mod)
     stats.left_float = _float_units(new_mod)
@@ -215,12 +347,15 @@ def _float_units(mod) -> dict[str, int]:
 
 
 def compile_int8(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None, target: str | dict = "llvm",
-                 *, kernels: str = "sculpt"):
+                 *, kernels: str = "sculpt", int8_kernel: bool = True):
     """Import a QDQ model, lower its quantized units to int8 compute, build (``kernels`` as in
-    :func:`sculpt.backends.tvm.relax_import.build`). Returns (executable, LoweringStats)."""
+    :func:`sculpt.backends.tvm.relax_import.build`; with sculpt's kernels and ``int8_kernel``, the conv
+    units on the int8 conv kernel where the target has its instruction). Returns (executable,
+    LoweringStats)."""
     mod = import_to_relax(model, input_shapes)
+    policy = int8_kernel_policy(target) if kernels == "sculpt" and int8_kernel else None
     try:
-        lowered, stats = lower_qdq_to_int8(mod)
+        lowered, stats = lower_qdq_to_int8(mod, policy)
     except Exception as e:  # a TVM failure inside the rewrite: report in one line
         raise TVMImportError(f"int8 lowering failed: {one_line(e)}") from None
     return build(lowered, target, kernels=kernels), stats

@@ -1,0 +1,238 @@
+"""An int8 convolution with int32 accumulators and the requantization in its epilogue: the QDQ conv unit
+``quantize(conv(dequantize(x_q), dequantize(w_q)) + bias)`` in one hand-scheduled PrimFunc, int8/uint8
+in, int8/uint8 out, no float tensor between int8 layers.
+
+The register tile is the fp32 blocked conv's (blocked_conv: a block of output channels is the vector
+axis, a row of ``tw`` output pixels shares each weight load), with the multiply-add replaced by a
+widening dot product of ``group`` input channels per int32 lane, the instruction the target has:
+
+    x86 AVX2    vpmaddwd  int16 x int16, pairs summed into int32 (8 lanes x 2 channels), then vpaddd.
+                Exact: |(x - offset) * w| < 2^15 * 2^7, a pair's sum fits int32 (vpmaddubsw, the u8 x s8
+                instruction onnxruntime uses without VNNI, saturates its int16 pair sums instead).
+    aarch64     sdot      int8 x int8, 4 channels summed into each int32 lane, accumulating (4 x 4),
+                with the ``dotprod`` feature (Armv8.2-A+).
+
+    for each block of ob output channels x one row x tw output columns (parallel over rows and blocks):
+        acc[tw][ob] = 0                                          # tw * ob / lanes vector registers
+        for cg, kh, kw:                                          # cg: groups of ``group`` input channels
+            w = packed[block, cg, kh, kw, 0:ob, 0:group]         # ob / lanes vector loads
+            for each of the tw pixels:
+                acc[pixel] += dot(broadcast(xp[cg, ih, iw, 0:group]), w)
+        y[n, o, oh, ow] = saturate(nearbyint(min(max(float32(acc + bias') * M, lo), hi)) + zy)
+
+``xp`` is the input with the zero point moved: ``x - offset`` in the instruction's operand type (offset
+= zx for int16 operands; 128 for uint8 / 0 for int8 data with int8 operands), its channels grouped
+innermost, padded with ``zx - offset`` (the value of a padded zero in the quantized domain). Then
+``sum((x - zx) * w) = sum(xp * w) - (zx - offset) * sum(w)``, so the correction is folded into the
+int32 bias (``bias'``): the accumulation is exact integer arithmetic on every target. The epilogue is
+QuantizeLinear's (round half to even — ``nearbyint`` in the default rounding mode — add the zero point,
+saturate); clamping to ``[qmin - zy, qmax - zy]`` before rounding equals saturating after it, and it is
+also the folded Relu/Clip of a ``qdq`` model (uint8 with zero point 0). ``M = float32(sx * sw) / sy``
+per output channel, as the Relax lowering (int8.py) and onnxruntime compute it.
+
+Mechanism only: the functions here build the PrimFunc and pack its constants; int8.py decides which
+units take it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
+
+
+@dataclass(frozen=True)
+class DotInstruction:
+    """A widening dot-product instruction: ``lanes`` int32 accumulators per vector, each the sum of
+    ``group`` products of ``operand`` values (the input's ``group`` values are broadcast to all lanes)."""
+
+    name: str
+    lanes: int
+    group: int
+    operand: str          # "int16" or "int8"
+    intrinsic: str        # the LLVM intrinsic
+    accumulates: bool     # the intrinsic adds into its first operand (sdot) or returns the sum (pmaddwd)
+    registers: int        # vector registers of the target
+
+    def offset(self, x_dtype: str, zx: int) -> int:
+        """What is subtracted from the quantized input to make an operand."""
+        if self.operand == "int16":
+            return zx
+        return 128 if x_dtype == "uint8" else 0
+
+
+AVX2_PMADDWD = DotInstruction("avx2-pmaddwd", 8, 2, "int16", "llvm.x86.avx2.pmadd.wd", False, 16)
+NEON_SDOT = DotInstruction("neon-sdot", 4, 4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8", True, 32)
+
+
+def instruction_for(traits) -> DotInstruction | None:
+    """The dot instruction a target (TargetTraits) has, or None (the int8 units stay Relax ops)."""
+    if traits.isa in ("avx2", "avx512"):
+        return AVX2_PMADDWD
+    if traits.isa == "neon" and traits.dotprod:
+        return NEON_SDOT
+    return None
+
+
+@dataclass(frozen=True)
+class Int8ConvTile:
+    """Output channels per block (a multiple of the instruction's lanes) and output columns per tile."""
+
+    ob: int
+    tw: int
+
+    def padded_channels(self, out_channels: int) -> int:
+        return -(-out_channels // self.ob) * self.ob
+
+    def padded_width(self, out_width: int) -> int:
+        return -(-out_width // self.tw) * self.tw
+
+
+def int8_conv_tile(shape: ConvShape, instr: DotInstruction) -> Int8ConvTile:
+    """Two vectors of output channels (one for narrow layers) and as many columns as the remaining
+    accumulator registers hold (one register for the broadcast input, one per weight vector, one
+    for the product of an instruction that does not accumulate, one spare)."""
+    vectors = 2 if shape.out_channels > instr.lanes else 1
+    free = instr.registers - 2 - vectors - (0 if instr.accumulates else 1)
+    tw = max(1, min(free // vectors, shape.out_width, 12))
+    # an even split of the row: 40 columns as 5 x 8 rather than 4 x 10 with a padded tail
+    tiles = -(-shape.out_width // tw)
+    tw = -(-shape.out_width // tiles)
+    return Int8ConvTile(vectors * instr.lanes, tw)
+
+
+def pack_int8_weight(w_q: np.ndarray, tile: Int8ConvTile, instr: DotInstruction) -> np.ndarray:
+    """OIHW int8 -> [O/ob, ceil(I/group), KH, KW, ob * group] in the instruction's operand type: for
+    each (channel group, tap), ob output channels x ``group`` input channels contiguous (one vector per
+    ``lanes`` outputs); the extra output and input channels are zero weights."""
+    o, i, kh, kw = w_q.shape
+    g = instr.group
+    ocp, icp = tile.padded_channels(o), -(-i // g) * g
+    full = np.zeros((ocp, icp, kh, kw), np.int64)
+    full[:o, :i] = w_q
+    packed = full.reshape(ocp // tile.ob, tile.ob, icp // g, g, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    return np.ascontiguousarray(packed.reshape(ocp // tile.ob, icp // g, kh, kw, tile.ob * g)).astype(instr.operand)
+
+
+def folded_bias(w_q: np.ndarray, bias_q: np.ndarray | None, zx: int, offset: int, channels: int,
+                multiplier: np.ndarray, zy: int, out_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(weights, int32 bias zero-padded to ``channels``): bias - (zx - offset) * sum(w) per output
+    channel. A channel whose int32 bias is so large that its sum could overflow int32 (a bias
+    quantized with a tiny weight scale saturates at -2^31 in real models) has the same output for
+    every input; it gets zero weights and a bias of the same output instead."""
+    o = w_q.shape[0]
+    w = np.array(w_q)
+    b = np.zeros(channels, np.int64)
+    if bias_q is not None:
+        b[:o] = bias_q.reshape(-1)
+    b[:o] -= (zx - offset) * w.reshape(o, -1).astype(np.int64).sum(axis=1)
+    reach = np.abs(w.reshape(o, -1).astype(np.int64)).sum(axis=1) * 256  # |sum(x' * w)| < reach
+    risky = np.flatnonzero(np.abs(b[:o]) + reach >= 2 ** 31)
+    if risky.size:
+        qmin, qmax = _qrange(out_dtype)
+        m = np.broadcast_to(np.asarray(multiplier, np.float32).reshape(-1), (o,))
+
+        def out(acc, c):
+            return np.clip(np.rint(np.float32(acc) * m[c]) + zy, qmin, qmax)
+
+        for c in risky:
+            small = int(np.clip(b[c], -2 ** 30, 2 ** 30))
+            if not out(b[c] - reach[c], c) == out(b[c] + reach[c], c) == out(small, c):
+                raise OverflowError(f"output channel {c}: its int32 bias {b[c]} may overflow the accumulator")
+            w[c] = 0
+            b[c] = small
+    return w, b.astype(np.int32)
+
+
+def padded_multiplier(multiplier: np.ndarray, out_channels: int, channels: int) -> np.ndarray:
+    m = np.zeros(channels, np.float32)
+    m[:out_channels] = np.broadcast_to(np.asarray(multiplier, np.float32).reshape(-1), (out_channels,))
+    return m
+
+
+def _qrange(dtype: str) -> tuple[int, int]:
+    return (0, 255) if dtype == "uint8" else (-128, 127)
+
+
+def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dtype: str, out_dtype: str,
+                   zx: int, zy: int, parallel: bool = True):
+    """The scheduled PrimFunc (x [N,C,H,W] x_dtype, packed weight, folded bias [OCp] int32,
+    multiplier [OCp] float32) -> y [N,OC,OH,OW] out_dtype."""
+    from tvm.script import tirx as T
+
+    n_, c_, h_, w_ = s.batch, s.in_channels, s.height, s.width
+    oc, oh_, ow_ = s.out_channels, s.out_height, s.out_width
+    kh_, kw_ = s.kernel
+    (sh, sw), (dh, dw), (pt, pl, _, _) = s.strides, s.dilation, s.padding
+    g, lanes, op = instr.group, instr.lanes, instr.operand
+    ob, tw = tile.ob, tile.tw
+    vectors = ob // lanes
+    cg_ = -(-c_ // g)
+    ocp = tile.padded_channels(oc)
+    blocks = ocp // ob
+    owp = tile.padded_width(ow_)
+    wtiles = owp // tw
+    hp = (oh_ - 1) * sh + dh * (kh_ - 1) + 1
+    wp = (owp - 1) * sw + dw * (kw_ - 1) + 1
+    offset = instr.offset(x_dtype, zx)
+    pad_value = zx - offset
+    qmin, qmax = _qrange(out_dtype)
+    lo, hi = float(qmin - zy), float(qmax - zy)
+    accs = tw * vectors
+    vec_i32, vec_f32, vec_op = f"int32x{lanes}", f"float32x{lanes}", f"{op}x{lanes * g}"
+    group_int = {2: "int32", 4: "int32"}[g * (2 if op == "int16" else 1)]
+    pad_tasks, conv_tasks = n_ * hp, n_ * blocks * oh_
+    accumulates = instr.accumulates
+    intrinsic = instr.intrinsic
+
+    @T.prim_func(private=True)
+    def int8_conv(x: T.Buffer((n_, c_, h_, w_), x_dtype), wt: T.Buffer((blocks, cg_, kh_, kw_, ob * g), op),
+                  bias: T.Buffer((ocp,), "int32"), mult: T.Buffer((ocp,), "float32"),
+                  y: T.Buffer((n_, oc, oh_, ow_), out_dtype)):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        xp = T.alloc_buffer((n_, hp, wp, cg_, g), op)
+        for task in T.parallel(pad_tasks) if parallel else T.serial(pad_tasks):
+            for ww, cg, gi in T.grid(wp, cg_, g):
+                xp[task // hp, task % hp, ww, cg, gi] = T.if_then_else(
+                    cg * g + gi < c_ and task % hp >= pt and task % hp < h_ + pt and ww >= pl and ww < w_ + pl,
+                    T.Cast(op, T.Cast("int32", x[task // hp, cg * g + gi, task % hp - pt, ww - pl]) - offset),
+                    T.Cast(op, pad_value))
+        for task in T.parallel(conv_tasks) if parallel else T.serial(conv_tasks):
+            for wo in T.serial(wtiles):
+                acc = T.decl_buffer((accs * lanes,), "int32", scope="local")
+                out = T.decl_buffer((accs * lanes,), "int32", scope="local")
+                for a in T.unroll(accs):
+                    acc[T.ramp(a * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                for cg, r, t in T.grid(cg_, kh_, kw_):
+                    for p in T.unroll(tw):
+                        for v in T.unroll(vectors):
+                            if accumulates:
+                                acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
+                                    vec_i32, intrinsic, acc[T.ramp((p * vectors + v) * lanes, 1, lanes)],
+                                    T.reinterpret(vec_op, T.broadcast(T.reinterpret(group_int, xp[
+                                        task // (blocks * oh_), (task % oh_) * sh + r * dh,
+                                        (wo * tw + p) * sw + t * dw, cg, T.ramp(0, 1, g)]), lanes)),
+                                    wt[task // oh_ % blocks, cg, r, t, T.ramp(v * lanes * g, 1, lanes * g)])
+                            else:
+                                acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] = \
+                                    acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] + T.call_llvm_pure_intrin(
+                                        vec_i32, intrinsic,
+                                        T.reinterpret(vec_op, T.broadcast(T.reinterpret(group_int, xp[
+                                            task // (blocks * oh_), (task % oh_) * sh + r * dh,
+                                            (wo * tw + p) * sw + t * dw, cg, T.ramp(0, 1, g)]), lanes)),
+                                        wt[task // oh_ % blocks, cg, r, t, T.ramp(v * lanes * g, 1, lanes * g)])
+                for p in T.unroll(tw):
+                    for v in T.unroll(vectors):
+                        out[T.ramp((p * vectors + v) * lanes, 1, lanes)] = T.Cast(vec_i32, T.nearbyint(T.min(T.max(
+                            T.Cast(vec_f32, acc[T.ramp((p * vectors + v) * lanes, 1, lanes)]
+                                   + bias[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)])
+                            * mult[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)],
+                            T.broadcast(T.float32(lo), lanes)), T.broadcast(T.float32(hi), lanes)))) \
+                            + T.broadcast(T.int32(zy), lanes)
+                for v, lane, p in T.grid(vectors, lanes, tw):
+                    if (task // oh_ % blocks) * ob + v * lanes + lane < oc and wo * tw + p < ow_:
+                        y[task // (blocks * oh_), (task // oh_ % blocks) * ob + v * lanes + lane, task % oh_,
+                          wo * tw + p] = T.Cast(out_dtype, out[(p * vectors + v) * lanes + lane])
+
+    return int8_conv

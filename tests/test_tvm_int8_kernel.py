@@ -1,0 +1,210 @@
+"""The int8 conv kernel (sculpt.backends.tvm.kernels.int8_conv) and its wiring into the int8 lowering
+(int8.lower_qdq_to_int8 with an Int8KernelPolicy): integer-exact against the QDQ graph's own math
+(onnxruntime with graph optimizations off), on x86 (vpmaddwd) and on aarch64 (sdot, run under qemu).
+
+The real-model check takes every quantized conv/matmul unit of a QDQ model (DequantizeLinear of the
+input, weight and bias -> Conv/MatMul -> QuantizeLinear), puts the units side by side in one model whose
+inputs are the units' quantized inputs, and feeds it the tensors onnxruntime computed for them on a
+real text line: the kernel's outputs must equal onnxruntime's bit for bit (whole models are compared
+by decoded text elsewhere: float ops between units, softmax and hardswish, round differently)."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from sculpt import ocr_task
+from sculpt.backends.tvm.int8 import Int8KernelPolicy, compile_int8, int8_kernel_policy, lower_qdq_to_int8
+from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
+from sculpt.backends.tvm.kernels.int8_conv import (AVX2_PMADDWD, NEON_SDOT, folded_bias, int8_conv_tile,
+                                                    pack_int8_weight)
+from sculpt.backends.tvm.relax_import import import_to_relax, run_relax
+from sculpt.ir.calibration import CalibrationSet
+from sculpt.ir.model import Model
+from sculpt.passes import Pipeline
+from sculpt.runtime import make_session
+
+from test_tvm_int8 import assert_small_net_exact, small_net
+
+ARM_DOTPROD = "cortex-a76"
+
+
+def test_weights_are_packed_as_the_dot_instruction_reads_them():
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (19, 5, 3, 3)).astype(np.int8)
+    shape = ConvShape(1, 5, 8, 8, 19, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+    for instr in (AVX2_PMADDWD, NEON_SDOT):
+        tile = int8_conv_tile(shape, instr)
+        packed = pack_int8_weight(w, tile, instr)
+        g = instr.group
+        assert packed.shape == (-(-19 // tile.ob), -(-5 // g), 3, 3, tile.ob * g)
+        # output channel o, input channel i at [o // ob, i // g, kh, kw, (o % ob) * g + i % g]
+        for o, i, kh, kw in [(0, 0, 0, 0), (18, 4, 2, 1), (17, 3, 1, 2)]:
+            assert packed[o // tile.ob, i // g, kh, kw, (o % tile.ob) * g + i % g] == w[o, i, kh, kw]
+        assert not packed[-1, :, :, :, (19 % tile.ob) * g:].any()  # padded output channels are zero
+
+
+def test_a_bias_saturated_at_the_int32_limit_becomes_a_constant_channel():
+    """A real model (PP-OCRv4 rec, qdq) has a bias quantized to -2^31 (a tiny weight scale): adding the
+    zero-point correction would wrap; the channel's output is its saturated value whatever the input."""
+    w = np.full((2, 4, 1, 1), 3, np.int8)
+    bias = np.array([-2 ** 31, 5], np.int32)
+    mult = np.array([1e-3, 1e-3], np.float32)
+    w2, b2 = folded_bias(w, bias, 13, 128, 8, mult, 0, "uint8")
+    assert not w2[0].any() and (w2[1] == 3).all()
+    assert b2[0] == -2 ** 30 and b2[1] == 5 - (13 - 128) * 12 and b2.dtype == np.int32
+    # 512 channels of 127: the sum can move the output across the uint8 range, so the channel is not
+    # constant and cannot be represented
+    wide = np.full((2, 512, 1, 1), 127, np.int8)
+    with pytest.raises(OverflowError, match="channel 0"):
+        folded_bias(wide, np.array([-2147482648, 5], np.int32), 13, 128, 8, np.full(2, 1e-7, np.float32), 220, "uint8")
+
+
+@pytest.mark.parametrize("activations", ["uint8", "int8"])
+def test_small_net_on_the_kernel_is_exact_against_the_qdq_graph(activations):
+    _, q = small_net(activations)
+    policy = int8_kernel_policy("llvm")
+    assert policy is not None and policy.instruction is AVX2_PMADDWD  # this machine: AVX2
+    policy = Int8KernelPolicy(policy.instruction, min_in_channels=1)  # the 3-channel first conv too
+    lowered, stats = lower_qdq_to_int8(import_to_relax(q), policy)
+    # conv1, conv3 and the weight matmul on the kernel; the depthwise conv and the matmul of two
+    # activations stay integer Relax ops
+    assert (stats.conv2d, stats.matmul, stats.int8_kernel) == (3, 2, 3) and stats.left_float == {}
+    assert lowered.script().count("sculpt_int8_conv") >= 3
+    from sculpt.backends.tvm.relax_import import build
+
+    assert_small_net_exact(build(lowered), q, runs=3)
+
+
+def quantized_units(q: Model, limit: int | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """The conv units of ``q`` (DequantizeLinear of a quantized input and of constant weights -> Conv ->
+    QuantizeLinear) side by side: (a model whose inputs are the units' quantized inputs and whose
+    outputs are their quantized outputs, the input names)."""
+    q = q.clone().infer_shapes()
+    producers, consumers = q.producers(), q.consumers()
+    nodes, inputs, outputs, inits, seen = [], [], [], {}, set()
+    for node in q.graph.node:
+        if node.op_type != "Conv" or len(consumers.get(node.output[0], [])) != 1:
+            continue
+        quant = consumers[node.output[0]][0]
+        dqs = [producers.get(name) for name in node.input]
+        if quant.op_type != "QuantizeLinear" or any(d is None or d.op_type != "DequantizeLinear" for d in dqs):
+            continue
+        dq_x = dqs[0]
+        if dq_x.input[0] in seen or q.get_constant(dq_x.input[0]) is not None:
+            continue
+        seen.add(dq_x.input[0])
+        # the unit's output is another unit's input: its own copy gets a name of its own
+        quant_copy = helper.make_node("QuantizeLinear", list(quant.input), [quant.output[0] + "_unit"],
+                                      name=quant.name + "_unit")
+        unit = dqs + [node, quant_copy]
+        for n in unit:
+            for name in n.input:
+                value = q.get_constant(name)
+                if value is not None:
+                    inits[name] = value
+        vi = q.value_infos()
+        inputs.append(vi[dq_x.input[0]])
+        outputs.append(helper.make_tensor_value_info(quant_copy.output[0], vi[quant.output[0]].type.tensor_type.elem_type,
+                                                     q.tensor_shape(quant.output[0])))
+        nodes.extend(unit)
+        if limit and len(inputs) == limit:
+            break
+    graph = helper.make_graph(nodes, "units", inputs, outputs,
+                              [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto, full_check=True)
+    return proto, [i.name for i in inputs]
+
+
+@pytest.fixture(scope="module")
+def rec_units():
+    """PP-OCRv4 rec quantized by ``qdq``, its conv units, and their real inputs on a rendered line."""
+    from sculpt.models import ppocr_model
+
+    shape = ocr_task.input_shape("rec")
+    fp32 = Pipeline.from_specs(["canonicalize"], input_shapes={"x": shape}).run(ppocr_model("rec")).model
+    cal = CalibrationSet.from_arrays({"x": ocr_task.calibration_inputs("rec", 8)})
+    q = Pipeline.from_specs(["qdq:samples=8"], input_shapes={"x": shape}, calibration=cal).run(fp32).model
+    units, names = quantized_units(q)
+    line = ocr_task.rec_set(1, seed=5).inputs[:1]
+    captured = make_session(q, optimize=False, extra_outputs=names).run(names, {"x": line})
+    return units, dict(zip(names, captured))
+
+
+@pytest.mark.slow
+def test_every_conv_unit_of_ppocr_rec_is_exact_on_the_kernel(rec_units, tmp_path):
+    """Bit for bit the integer QDQ math (the Relax integer lowering: int32 sums, float32(acc) * M,
+    round half to even); within one step of onnxruntime's float evaluation of the graph, which sums
+    float products and divides by the output scale, so a value within float rounding of a .5 tie can
+    round the other way (1 of 122,880 outputs of one unit here)."""
+    units, feeds = rec_units
+    assert len(feeds) >= 25
+    path = tmp_path / "units.onnx"
+    onnx.save(units, path)
+    model = Model.load(path)
+    executable, stats = compile_int8(model)
+    assert stats.int8_kernel >= 20 and stats.left_float == {}
+    integer_ops, relax_stats = compile_int8(model, int8_kernel=False)
+    assert relax_stats.int8_kernel == 0
+    got = run_relax(executable, feeds, list(feeds))
+    want = run_relax(integer_ops, feeds, list(feeds))
+    ref = make_session(units, optimize=False).run(None, feeds)
+    assert len(got) == len(want) == len(ref) == len(units.graph.output)
+    off = total = 0
+    for g, w, r, out in zip(got, want, ref, units.graph.output):
+        assert g.dtype == w.dtype == r.dtype
+        np.testing.assert_array_equal(g, w, err_msg=out.name)
+        diff = np.abs(g.astype(np.int32) - r.astype(np.int32))
+        assert diff.max() <= 1, out.name
+        off, total = off + int(np.count_nonzero(diff)), total + diff.size
+    assert off <= total * 1e-4
+
+
+@pytest.mark.slow
+def test_ppocr_rec_units_on_sdot_are_exact_under_qemu(rec_units, tmp_path):
+    """aarch64 with dotprod: the object holds sdot, and the units run under qemu equal the integer QDQ
+    math (the host's Relax integer lowering) bit for bit."""
+    import subprocess
+
+    from sculpt.backends.tvm.artifact import compile_model, export_artifact
+    from sculpt.backends.tvm.deploy import run_artifact
+
+    units, feeds = rec_units
+    path = tmp_path / "units.onnx"
+    onnx.save(units, path)
+    compiled = compile_model(Model.load(path), ARM_DOTPROD, int8="kernel")
+    assert compiled.options["int8"]["instruction"] == NEON_SDOT.name
+    assert compiled.options["int8"]["on_int8_kernel"] >= 20
+    artifact = export_artifact(compiled, tmp_path / "units.so", source_model=path)
+    asm = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(artifact.library)], capture_output=True,
+                         text=True, check=True).stdout
+    assert asm.count("sdot\t") >= 20
+    run = run_artifact(artifact, feeds)
+    assert run.emulated
+    integer_ops, _ = compile_int8(Model.load(path), int8_kernel=False)
+    want = run_relax(integer_ops, feeds, list(feeds))
+    got = list(run.outputs.values())
+    assert len(got) == len(want) == len(units.graph.output)
+    for g, w, out in zip(got, want, units.graph.output):
+        np.testing.assert_array_equal(g, w, err_msg=out.name)
+
+
+def test_compile_option_lowers_a_qdq_model_onto_the_kernel(tmp_path):
+    """``sculpt compile --int8 kernel``: the manifest says what ran on the kernel; bad option values and
+    non-CPU targets are one-line errors."""
+    from sculpt.backends.tvm.artifact import compile_model
+    from sculpt.errors import OptionError
+
+    _, q = small_net("uint8")
+    compiled = compile_model(q, "host", int8="kernel")
+    info = compiled.options["int8"]
+    assert info["instruction"] == AVX2_PMADDWD.name and info["on_int8_kernel"] == 2 and info["conv2d"] == 3
+    relax_only = compile_model(q, "host", int8="relax").options["int8"]
+    assert relax_only["on_int8_kernel"] == 0 and relax_only["conv2d"] == 3
+    with pytest.raises(OptionError, match="--int8"):
+        compile_model(q, "host", int8="fast")
+    with pytest.raises(OptionError, match="not a CPU"):
+        compile_model(q, "mali", int8="kernel")
+    assert_small_net_exact(compiled.executable, q, runs=2)
