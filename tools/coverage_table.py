@@ -96,7 +96,7 @@ RECURRENT_CASES = ("test_lstm_defaults", "test_gru_with_initial_bias", "test_sim
 
 def _recurrent(case: str) -> CoverageModel:
     def make(work: Path) -> Path:
-        target = work / "models" / f"{case}.onnx"
+        target = work / "models" / f"{case}.v2.onnx"  # v2: sequence_lens a constant
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             proto = _recurrent_model(case)
@@ -241,8 +241,9 @@ def run_compile_cell(model: CoverageModel, column: str, path: Path, work: Path, 
         dtype = types.get(name, np.float32)
         value = rng.standard_normal(dims).astype(dtype) if np.issubdtype(dtype, np.floating) \
             else np.full(dims, dims[0] if dims else 1, dtype=dtype)
-        np.save(folder / f"{name}.npy", value)
-        feeds += ["--input", f"{name}={folder / f'{name}.npy'}"]
+        file = folder / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".npy")  # input names may hold '/'
+        np.save(file, value)
+        feeds += ["--input", f"{name}={file}"]
     cmd = [sys.executable, "-m", "sculpt", "verify", str(lib), "--model", str(path), "--json"] + feeds
     rc, out, err, seconds = _run(cmd, timeout)
     cell["verify_seconds"] = round(seconds, 1)
