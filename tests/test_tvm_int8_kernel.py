@@ -191,13 +191,16 @@ def test_ppocr_rec_units_on_sdot_are_exact_under_qemu(rec_units, tmp_path):
         np.testing.assert_array_equal(g, w, err_msg=out.name)
 
 
-def test_compile_option_lowers_a_qdq_model_onto_the_kernel(tmp_path):
+def test_compile_option_lowers_a_qdq_model_onto_the_kernel(monkeypatch):
     """``sculpt compile --int8 kernel``: the manifest says what ran on the kernel; bad option values and
     non-CPU targets are one-line errors."""
+    from sculpt.backends.tvm import int8
     from sculpt.backends.tvm.artifact import compile_model
     from sculpt.errors import OptionError
 
     _, q = small_net("uint8")
+    assert compile_model(q, "host", int8="kernel").options["int8"]["on_int8_kernel"] == 0  # all below MIN_KERNEL_MACS
+    monkeypatch.setattr(int8, "MIN_KERNEL_MACS", 0)
     compiled = compile_model(q, "host", int8="kernel")
     info = compiled.options["int8"]
     assert info["instruction"] == AVX2_PMADDWD.name and info["on_int8_kernel"] == 2 and info["conv2d"] == 3
