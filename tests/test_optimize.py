@@ -353,3 +353,16 @@ def test_distillation_recovers_the_combination(convnet, calibration, tmp_path):
     assert stages & {"combination recovered", "back-off recovered"}
     if not result.nothing_helped and result.chosen.stage.endswith("recovered"):
         assert any("distill" in p for p in result.passes)
+
+
+def test_an_exhausted_time_budget_still_measures_the_combination():
+    steps = [("a", 0.25), ("b", 0.25)]
+    key = lambda steps_: json.dumps(Search.plan_of(steps_), sort_keys=True)  # noqa: E731
+    search = _search_with({key(steps): (2.0, 7.0), key(steps[:1]): (0.1, 9.0)}, 1.0)
+    search.budget_s, search.start = 1.0, -100.0  # 100 s spent of 1
+    assert search.sensitivity() == {"a": []}  # stops before the first knob, saying why
+    assert "stopped the sensitivity pass" in search.decisions[-1].what
+    best = search.validate(steps, {})
+    assert [c.stage for c in search.candidates] == ["combination"]  # no back-off past the budget
+    assert best is None and search.out_of_time
+    assert search.decisions[-1].what == "stopped backing off"

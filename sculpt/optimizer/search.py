@@ -48,6 +48,8 @@ NOISE_FLOOR = 0.01
 # the allocation's share of the budget is raised by this factor while the combined model holds
 SCALE_UP = 1.6
 MAX_SCALE_UPS = 2
+# the share of --budget-minutes the sensitivity pass may use; allocation and validation have the rest
+SENSITIVITY_SHARE = 0.7
 
 
 @dataclass
@@ -171,10 +173,10 @@ class Search:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def time_left(self) -> bool:
-        if self.budget_s is not None and self.elapsed() > self.budget_s:
-            self.out_of_time = True
-        return not self.out_of_time
+    def time_left(self, share: float = 1.0) -> bool:
+        """Whether ``share`` of the time budget is still unused (the sensitivity pass stops at
+        ``SENSITIVITY_SHARE`` so that the combination is always built and measured)."""
+        return self.budget_s is None or self.elapsed() <= share * self.budget_s
 
     def passes_for(self, plan: dict, *, recover: bool = False) -> list[dict]:
         passes = plan_pipeline(plan, self.space)
@@ -330,9 +332,12 @@ class Search:
         for knob in self.space:
             sens[knob.name] = []
             for level in knob.levels:
-                if not self.time_left():
-                    self.decisions.append(Decision(f"stopped the sensitivity pass at {knob.name}",
-                                                   "the time budget (--budget-minutes) ran out"))
+                if not self.time_left(SENSITIVITY_SHARE):
+                    self.decisions.append(Decision(
+                        f"stopped the sensitivity pass at {knob.name}",
+                        f"{SENSITIVITY_SHARE:.0%} of the time budget (--budget-minutes) is used; the rest is "
+                        "for the combination"))
+                    self.out_of_time = True
                     return sens
                 cand = self.evaluate({knob.name: level}, "sensitivity")
                 sens[knob.name].append(cand)
@@ -394,7 +399,7 @@ class Search:
         stage = "combination" + (" recovered" if recover else "")
         scale, tried = 1.0, 0
         holding: Candidate | None = None
-        while self.time_left():
+        while True:  # the first combination is measured whatever the clock says
             cand = self.evaluate(self.plan_of(steps), stage, recover=recover)
             self.decisions.append(Decision(
                 f"combined {len(steps)} step(s) (budget share {scale:g})",
@@ -405,6 +410,9 @@ class Search:
             holding = cand if holding is None or cand.latency_ms < holding.latency_ms else holding
             if tried >= MAX_SCALE_UPS or cand.drop > self.max_drop / SCALE_UP:
                 break
+            if not self.time_left():
+                self.out_of_time = True
+                break
             bigger = self.allocate(sens, self.max_drop * scale * SCALE_UP)
             if len(bigger) <= len(steps) and self.plan_of(bigger) == self.plan_of(steps):
                 break  # nothing more fits however the budget is shared
@@ -414,7 +422,11 @@ class Search:
     def _bisect(self, steps, stage: str, recover: bool) -> Candidate | None:
         lo, hi = 0, len(steps)  # prefix length lo holds (0: the input model), hi does not
         best = None
-        while hi - lo > 1 and self.time_left():
+        while hi - lo > 1:
+            if not self.time_left():
+                self.out_of_time = True
+                self.decisions.append(Decision("stopped backing off", "the time budget (--budget-minutes) ran out"))
+                break
             mid = (lo + hi) // 2
             cand = self.evaluate(self.plan_of(steps[:mid]), "back-off" + (" recovered" if recover else ""),
                                  recover=recover)
