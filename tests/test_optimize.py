@@ -158,6 +158,8 @@ def _search_with(measured: dict[str, dict], max_drop: float, base_ms: float = 10
         return cand
 
     search.evaluate = evaluate
+    search.evaluate_many = lambda plans, stage, recover=False: [evaluate(p, stage) for p in plans]
+    search.meter = type("OneDevice", (), {"workers": 1})()
     return search
 
 
@@ -360,9 +362,18 @@ def test_an_exhausted_time_budget_still_measures_the_combination():
     key = lambda steps_: json.dumps(Search.plan_of(steps_), sort_keys=True)  # noqa: E731
     search = _search_with({key(steps): (2.0, 7.0), key(steps[:1]): (0.1, 9.0)}, 1.0)
     search.budget_s, search.start = 1.0, -100.0  # 100 s spent of 1
-    assert search.sensitivity() == {"a": []}  # stops before the first knob, saying why
+    assert all(v == [] for v in search.sensitivity().values())  # stops before the first knob, saying why
     assert "stopped the sensitivity pass" in search.decisions[-1].what
     best = search.validate(steps, {})
     assert [c.stage for c in search.candidates] == ["combination"]  # no back-off past the budget
     assert best is None and search.out_of_time
     assert search.decisions[-1].what == "stopped backing off"
+
+
+def test_sensitivity_tries_every_knob_mildest_first_and_stops_a_knob_over_the_budget():
+    k = lambda plan: json.dumps(plan, sort_keys=True)  # noqa: E731
+    search = _search_with({k({"a": 0.25}): (0.1, 9.0), k({"b": 0.25}): (2.0, 8.0), k({"c": 2.0}): (0.0, 9.5),
+                           k({"a": 0.5}): (0.5, 8.5)}, 1.0)
+    sens = search.sensitivity()
+    assert [c.plan for c in search.candidates] == [{"a": 0.25}, {"b": 0.25}, {"c": 2.0}, {"a": 0.5}]
+    assert [len(sens[n]) for n in "abc"] == [2, 1, 1]  # b's 50% is never tried: 25% already lost too much

@@ -168,6 +168,7 @@ class Search:
         self.out_of_time = False
         self.base_ratio = 1.0  # the canonicalized model's time over the input model's
         self._models: dict[str, Model] = {}
+        self._kept_ms: float | None = None
 
     # ------------------------------------------------------------------ evaluation
     def elapsed(self) -> float:
@@ -196,31 +197,55 @@ class Search:
         return pipeline.run(self.base).model
 
     def evaluate(self, plan: dict, stage: str, *, recover: bool = False) -> Candidate:
-        key = plan_key(plan) + ("|recovered" if recover else "")
-        cached = self.cache.get(key)
-        if cached is not None:
-            cand = Candidate(plan=dict(plan), stage=stage, cached=True,
-                             **{k: cached.get(k) for k in ("metric", "drop", "latency_ratio", "macs", "params", "bytes",
-                                                           "seconds", "failed")})
-            if cand.latency_ratio is not None:  # the ratio is what was measured; this run's input model sets the ms
-                cand.latency_ms = cand.latency_ratio * self.input_candidate.latency_ms
-            self._record(cand)
-            return cand
-        start = time.perf_counter()
-        cand = Candidate(plan=dict(plan), stage=stage)
-        try:
-            model = self.build(plan, recover=recover)
-        except SculptError as e:
-            cand.failed = one_line(e, 300)
-        else:
-            self._measure(cand, model)
-            self._keep_if_best(key, cand, model)
-        cand.seconds = time.perf_counter() - start
-        self.cache.put(key, cand.as_dict())
-        self._record(cand)
-        return cand
+        return self.evaluate_many([plan], stage, recover=recover)[0]
 
-    def _measure(self, cand: Candidate, model: Model) -> None:
+    def evaluate_many(self, plans: Sequence[dict], stage: str, *, recover: bool = False) -> list[Candidate]:
+        """Each plan's candidate: from the cache, or built and measured. The builds and metrics run here one
+        after another; the latencies are measured together, in parallel over the meter's devices."""
+        done: list[Candidate | None] = []
+        pending: list[tuple[int, str, Candidate, Model, float]] = []
+        for plan in plans:
+            key = plan_key(plan) + ("|recovered" if recover else "")
+            cached = self.cache.get(key)
+            if cached is not None:
+                cand = Candidate(plan=dict(plan), stage=stage, cached=True,
+                                 **{k: cached.get(k) for k in ("metric", "drop", "latency_ratio", "macs", "params",
+                                                               "bytes", "seconds", "failed")})
+                if cand.latency_ratio is not None:  # the ratio is what was measured; this run's input sets the ms
+                    cand.latency_ms = cand.latency_ratio * self.input_candidate.latency_ms
+                done.append(cand)
+                continue
+            start = time.perf_counter()
+            cand = Candidate(plan=dict(plan), stage=stage)
+            try:
+                model = self.build(plan, recover=recover)
+            except SculptError as e:
+                cand.failed = one_line(e, 300)
+                cand.seconds = time.perf_counter() - start
+                self.cache.put(key, cand.as_dict())
+                done.append(cand)
+                continue
+            self._score(cand, model)
+            pending.append((len(done), key, cand, model, time.perf_counter() - start))
+            done.append(None)
+        if pending:
+            # against the canonicalized model (what every plan starts from), then scaled to the input model
+            start = time.perf_counter()
+            timings = self.meter.measure(self.base, [model for _, _, _, model, _ in pending])
+            share = (time.perf_counter() - start) / len(pending)
+            for (index, key, cand, model, seconds), timing in zip(pending, timings):
+                cand.latency_ratio = timing.ratio * self.base_ratio
+                cand.latency_ms = cand.latency_ratio * self.input_candidate.latency_ms
+                cand.seconds = seconds + share
+                self.cache.put(key, cand.as_dict())
+                self._keep_if_best(key, cand, model)
+                done[index] = cand
+        for cand in done:
+            self._record(cand)
+        return done
+
+    def _score(self, cand: Candidate, model: Model) -> None:
+        """The metric, MACs, parameters and size of a candidate's model."""
         with tempfile.TemporaryDirectory(prefix="sculpt-optimize-") as tmp:
             path = Path(tmp) / "candidate.onnx"
             model.save(path)
@@ -229,18 +254,12 @@ class Search:
         cand.drop = self.metric.drop(self.input_candidate.metric, cand.metric) if self.input_candidate else 0.0
         report = cost_of(model)
         cand.macs, cand.params = int(report.macs), int(report.params)
-        # against the canonicalized model (what every plan starts from), then scaled to the input model
-        timing = self.meter.measure(self.base, [model])[0]
-        cand.latency_ratio = timing.ratio * self.base_ratio
-        cand.latency_ms = cand.latency_ratio * self.input_candidate.latency_ms
 
     def _keep_if_best(self, key: str, cand: Candidate, model: Model) -> None:
         """Only the fastest model within the budget stays in memory (a search measures dozens of copies of
         the model); any other is rebuilt from its plan if chosen (the passes are deterministic)."""
-        kept = [c for c in self.candidates if c.within(self.max_drop) and c.latency_ms is not None
-                and c.key + ("|recovered" if c.stage.endswith("recovered") else "") in self._models]
-        if cand.within(self.max_drop) and all(cand.latency_ms < c.latency_ms for c in kept):
-            self._models = {key: model}
+        if cand.within(self.max_drop) and (self._kept_ms is None or cand.latency_ms < self._kept_ms):
+            self._models, self._kept_ms = {key: model}, cand.latency_ms
 
     def _record(self, cand: Candidate) -> None:
         self.candidates.append(cand)
@@ -327,25 +346,33 @@ class Search:
             "with the time it saves beyond it"))
 
     def sensitivity(self) -> dict[str, list[Candidate]]:
-        """Each knob alone at each level (mildest first); a knob stops at its first level over the budget."""
-        sens: dict[str, list[Candidate]] = {}
-        for knob in self.space:
-            sens[knob.name] = []
-            for level in knob.levels:
+        """Each knob alone at each level: every knob's mildest level first, then the next levels of the
+        knobs still within the budget (a level over it ends the knob: harsher ones only lose more), in
+        batches of as many candidates as the meter has devices."""
+        sens: dict[str, list[Candidate]] = {knob.name: [] for knob in self.space}
+        active = list(self.space)
+        depth = 0
+        batch = max(1, self.meter.workers)
+        while active:
+            todo = [(knob, knob.levels[depth]) for knob in active if depth < len(knob.levels)]
+            for first in range(0, len(todo), batch):
                 if not self.time_left(SENSITIVITY_SHARE):
                     self.decisions.append(Decision(
-                        f"stopped the sensitivity pass at {knob.name}",
+                        f"stopped the sensitivity pass at {todo[first][0].name} (level {todo[first][1]:g})",
                         f"{SENSITIVITY_SHARE:.0%} of the time budget (--budget-minutes) is used; the rest is "
                         "for the combination"))
                     self.out_of_time = True
                     return sens
-                cand = self.evaluate({knob.name: level}, "sensitivity")
-                sens[knob.name].append(cand)
-                if cand.failed:
-                    self.decisions.append(Decision(f"left {knob.name} out", f"the pass refused it: {cand.failed}"))
-                    break
-                if cand.drop > self.max_drop:
-                    break
+                chunk = todo[first:first + batch]
+                cands = self.evaluate_many([{knob.name: level} for knob, level in chunk], "sensitivity")
+                for (knob, _), cand in zip(chunk, cands):
+                    sens[knob.name].append(cand)
+                    if cand.failed:
+                        self.decisions.append(Decision(f"left {knob.name} out",
+                                                       f"the pass refused it: {cand.failed}"))
+            active = [k for k in active if depth + 1 < len(k.levels) and sens[k.name]
+                      and sens[k.name][-1].failed is None and sens[k.name][-1].drop <= self.max_drop]
+            depth += 1
         return sens
 
     def allocate(self, sens: dict[str, list[Candidate]], budget: float) -> list[tuple[str, object]]:
