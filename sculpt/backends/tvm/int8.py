@@ -190,6 +190,7 @@ class _KernelEmitter:
 
     def call(self, shape, x_q, w_q: np.ndarray, b_q: np.ndarray | None, zx: int, multiplier: np.ndarray,
              out_q_call, x_dtype: str | None = None):
+        """The call of the kernel for this unit, or None when its bias cannot be folded (folded_bias)."""
         from tvm import relax
 
         from sculpt.backends.tvm.kernels import int8_conv as k
@@ -199,7 +200,10 @@ class _KernelEmitter:
         x_dtype, out_dtype = x_dtype or str(_type_of(x_q).dtype), str(out_q_call.attrs.out_dtype)
         zy = int(_const_value(out_q_call.args[2]).reshape(-1)[0])
         channels = tile.padded_channels(shape.out_channels)
-        w_q, bias = k.folded_bias(w_q, b_q, zx, instr.offset(x_dtype, zx), channels, multiplier, zy, out_dtype)
+        try:
+            w_q, bias = k.folded_bias(w_q, b_q, zx, instr.offset(x_dtype, zx), channels, multiplier, zy, out_dtype)
+        except OverflowError:  # a bias at the int32 limit on a channel that is not constant: not this kernel
+            return None
         key = (shape, tile, instr.name, x_dtype, out_dtype, zx, zy)
         if key not in self.funcs:
             func = k.int8_conv_func(shape, tile, instr, x_dtype, out_dtype, zx, zy)
@@ -230,6 +234,8 @@ class _KernelEmitter:
         image = relax.op.reshape(relax.op.permute_dims(relax.op.reshape(a_q, (rows, k)), [1, 0]), (1, k, 1, rows))
         y = self.call(shape, image, np.ascontiguousarray(b_q.T).reshape(n, k, 1, 1), None, za, multiplier,
                       out_q_call, str(_type_of(a_q).dtype))
+        if y is None:
+            return None
         y = relax.op.permute_dims(relax.op.reshape(y, (n, rows)), [1, 0])
         return relax.op.reshape(y, tuple(a_shape[:-1]) + (n,))
 
@@ -272,10 +278,12 @@ def lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None = None):
             shape, groups = emitter.conv_shape(conv, m[x_q_p])
             if emitter.policy.keeps_float(groups):
                 return expr
-            if shape is not None and emitter.policy.takes(shape, groups):
+            call = emitter.call(shape, m[x_q_p], w_int8, b_q, int(zx.reshape(())), multiplier, expr) \
+                if shape is not None and emitter.policy.takes(shape, groups) else None
+            if call is not None:
                 stats.conv2d += 1
                 stats.int8_kernel += 1
-                return emitter.call(shape, m[x_q_p], w_int8, b_q, int(zx.reshape(())), multiplier, expr)
+                return call
         w_q = w_int8.astype(np.int16)
         data = _widen(m[x_q_p], int(zx.reshape(())))
         a = conv.attrs
