@@ -140,7 +140,7 @@ def test_ppocr_rec_int8_build_agrees_with_onnxruntime():
 def saturating_qdq_conv():
     """DQ(u8 input) -> Conv(DQ(s8 weights near 127)) -> Q -> DQ, inputs near 1: pairs of u8 x s8 products
     (255 * 127 * 2) overflow the 16 bits onnxruntime's AVX2 int8 conv adds them in (vpmaddubsw)."""
-    from onnx import TensorProto, numpy_helper
+    from onnx import TensorProto
 
     w = np.full((8, 8, 3, 3), 127, np.int8)
     w[:, 1::2] = 120
@@ -153,8 +153,16 @@ def saturating_qdq_conv():
              helper.make_node("Conv", ["xd", "wd"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["cq"]),
              helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["y"])]
-    graph = helper.make_graph(nodes, "saturating", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+    return qdq_proto(nodes, consts, [1, 8, 8, 8], ("y", TensorProto.FLOAT, [1, 8, 8, 8]))
+
+
+def qdq_proto(nodes, consts: dict, x_shape, output) -> "onnx.ModelProto":
+    """An opset-13 model of ``nodes`` from the float input ``x`` to ``output`` (name, elem type,
+    shape), with ``consts`` as initializers."""
+    from onnx import TensorProto, numpy_helper
+
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info(*output)],
                               [numpy_helper.from_array(v, k) for k, v in consts.items()])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     proto.ir_version = 8

@@ -24,7 +24,7 @@ from sculpt.ir.model import Model
 from sculpt.passes import Pipeline
 from sculpt.runtime import make_session
 
-from test_tvm_int8 import assert_small_net_exact, small_net
+from test_tvm_int8 import assert_small_net_exact, qdq_proto, small_net
 
 ARM_DOTPROD = "cortex-a76"
 
@@ -216,7 +216,7 @@ def test_compile_option_lowers_a_qdq_model_onto_the_kernel(monkeypatch):
 def test_a_unit_whose_bias_cannot_be_folded_stays_integer_relax_ops():
     """PP-OCRv4 det (qdq) has such a unit: a bias at -2^31 on a channel whose output still depends on
     its input. The kernel declines it; the lowering keeps it as integer Relax ops."""
-    from onnx import TensorProto, numpy_helper
+    from onnx import TensorProto
 
     xs, ws = np.float32(0.02), np.full(2, 1e-3, np.float32)
     consts = {"xs": np.array(xs), "xz": np.array(13, np.uint8), "wq": np.full((2, 512, 1, 1), 127, np.int8),
@@ -229,11 +229,7 @@ def test_a_unit_whose_bias_cannot_be_folded_stays_integer_relax_ops():
              helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["bd"], axis=0),
              helper.make_node("Conv", ["xd", "wd", "bd"], ["c"]),
              helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["y"])]
-    graph = helper.make_graph(nodes, "bias_at_limit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 512, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 2, 4, 4])],
-                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    proto.ir_version = 8
+    proto = qdq_proto(nodes, consts, [1, 512, 4, 4], ("y", TensorProto.UINT8, [1, 2, 4, 4]))
     onnx.checker.check_model(proto, full_check=True)
     policy = int8_kernel_policy("llvm")
     _, stats = lower_qdq_to_int8(import_to_relax(Model(proto)), Int8KernelPolicy(policy.instruction))
