@@ -110,7 +110,7 @@ def test_an_interrupted_search_resumes_from_the_cache(searched, convnet, calibra
     again = optimize(convnet, str(calibration), out, proxy="error", max_drop=0.2, techniques=["prune", "low-rank"],
                      max_knobs=3, latency_rounds=2, latency_runs=10)
     evaluated = [c for c in again.candidates if c.stage != "input"]
-    assert evaluated and all(c.cached for c in evaluated)
+    assert evaluated and all(c.cached for c in evaluated), [(c.stage, c.plan, c.cached) for c in evaluated if not c.cached]
     assert again.chosen.plan == result.chosen.plan
 
 
