@@ -121,7 +121,8 @@ def test_build_switch_default_and_sculpt_agree_and_bad_value_is_rejected():
 
 
 def test_target_traits():
-    assert traits_of({"kind": "llvm", "mcpu": "znver4"}).vector_lanes == 16
+    znver4 = traits_of({"kind": "llvm", "mcpu": "znver4"})  # AVX-512: 8 lanes (measured), 32 registers
+    assert (znver4.isa, znver4.vector_lanes, znver4.vector_registers) == ("avx512", 8, 32)
     assert traits_of({"kind": "llvm", "mattr": ["+avx2", "+fma"]}).vector_lanes == 8
     assert traits_of({"kind": "llvm", "mcpu": "x86-64"}).isa == "sse"
     arm = traits_of({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})

@@ -137,7 +137,11 @@ def traits_of(target) -> TargetTraits:
         avx512 = "-avx512f" not in mattr and ("+avx512f" in mattr or any(cpu.startswith(c) for c in _AVX512_CPUS))
         avx2 = "-avx2" not in mattr and ("+avx2" in mattr or any(cpu.startswith(c) for c in _AVX2_CPUS))
     if avx512:
-        return TargetTraits("avx512", 16, 32, 32 * 1024, 1024 * 1024)
+        # 256-bit vectors with AVX-512's 32 registers: channel blocks of 8 divide the channel counts of
+        # mobile nets (24, 40, 72, 120) that blocks of 16 leave NCHW. Measured on an AMD EPYC (Zen 4)
+        # against 16 lanes, 9 models, 1 thread: geometric mean 0.88 vs 0.90 of onnxruntime's time
+        # (PP-OCR cls 0.45 vs 0.60, shufflenet 1.30 vs 1.62; resnet50 1.09 vs 1.02). README, "AVX-512".
+        return TargetTraits("avx512", 8, 32, 32 * 1024, 1024 * 1024)
     if avx2 or avx512:
         return TargetTraits("avx2", 8, 16, 32 * 1024, 512 * 1024)
     return TargetTraits("sse", 4, 16, 32 * 1024, 256 * 1024)
