@@ -1,6 +1,7 @@
 """The int8 conv kernel (sculpt.backends.tvm.kernels.int8_conv) and its wiring into the int8 lowering
 (int8.lower_qdq_to_int8 with an Int8KernelPolicy): integer-exact against the QDQ graph's own math
-(onnxruntime with graph optimizations off), on x86 (vpmaddwd) and on aarch64 (sdot, run under qemu).
+(onnxruntime with graph optimizations off), on x86 (vpmaddwd; vpdpbusd where the host has AVX-512 VNNI)
+and on aarch64 (sdot, run under qemu).
 
 The real-model check takes every quantized conv/matmul unit of a QDQ model (DequantizeLinear of the
 input, weight and bias -> Conv/MatMul -> QuantizeLinear), puts the units side by side in one model whose
@@ -14,11 +15,15 @@ import pytest
 from onnx import helper
 
 from sculpt import ocr_task
-from sculpt.backends.tvm.int8 import Int8KernelPolicy, compile_int8, int8_kernel_policy, lower_qdq_to_int8
+from sculpt.backends.host_cpu import cpu_flags, is_x86
+from sculpt.backends.tvm.int8 import (MIN_KERNEL_MACS, Int8KernelPolicy, compile_int8, int8_kernel_policy,
+                                      lower_qdq_to_int8)
 from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
-from sculpt.backends.tvm.kernels.int8_conv import (AVX2_PMADDWD, NEON_SDOT, folded_bias, int8_conv_tile,
+from sculpt.backends.tvm.kernels.int8_conv import (AVX2_PMADDWD, AVX512_VNNI_256, AVX512_VNNI_512, AVX_VNNI,
+                                                    NEON_SDOT, folded_bias, instruction_for, int8_conv_tile,
                                                     pack_int8_weight)
-from sculpt.backends.tvm.relax_import import import_to_relax, run_relax
+from sculpt.backends.tvm.kernels.target_traits import host_target, traits_of
+from sculpt.backends.tvm.relax_import import build, import_to_relax, run_relax
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.model import Model
 from sculpt.passes import Pipeline
@@ -27,13 +32,35 @@ from sculpt.runtime import make_session
 from test_tvm_int8 import assert_small_net_exact, qdq_proto, small_net
 
 ARM_DOTPROD = "cortex-a76"
+HOST_AVX512_VNNI = is_x86() and {"avx512_vnni", "avx512vl"} <= (cpu_flags() or set())
+needs_avx512_vnni = pytest.mark.skipif(not HOST_AVX512_VNNI, reason="this CPU has no AVX-512 VNNI (vpdpbusd)")
+# the x86 instructions the kernel has, each runnable where this host has it
+X86_INSTRUCTIONS = [AVX2_PMADDWD, pytest.param(AVX512_VNNI_256, marks=needs_avx512_vnni),
+                    pytest.param(AVX512_VNNI_512, marks=needs_avx512_vnni)]
+
+
+def test_the_host_policy_takes_vnni_where_the_cpu_has_it():
+    """vpdpbusd where LLVM's CPU features (less what /proc/cpuinfo hides) have AVX-512 VNNI or AVX-VNNI,
+    vpmaddwd on other AVX2 CPUs; named CPUs and ``mattr`` decide for cross targets."""
+    policy = int8_kernel_policy("llvm")
+    assert policy is not None
+    assert policy.instruction is (AVX512_VNNI_256 if HOST_AVX512_VNNI else AVX2_PMADDWD) or not is_x86()
+    for target, instruction in [({"kind": "llvm", "mcpu": "znver4"}, AVX512_VNNI_256),
+                                ({"kind": "llvm", "mcpu": "icelake-server"}, AVX512_VNNI_256),
+                                ({"kind": "llvm", "mcpu": "skylake-avx512"}, AVX2_PMADDWD),
+                                ({"kind": "llvm", "mcpu": "znver4", "mattr": ["-avx512vnni"]}, AVX2_PMADDWD),
+                                ({"kind": "llvm", "mcpu": "alderlake"}, AVX_VNNI),
+                                ({"kind": "llvm", "mcpu": "znver3"}, AVX2_PMADDWD)]:
+        assert instruction_for(traits_of(target)) is instruction, target
+    # the float kernels' numbers stay those of the ISA
+    assert traits_of({"kind": "llvm", "mcpu": "znver4"}).vector_lanes == 8
 
 
 def test_weights_are_packed_as_the_dot_instruction_reads_them():
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, (19, 5, 3, 3)).astype(np.int8)
     shape = ConvShape(1, 5, 8, 8, 19, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
-    for instr in (AVX2_PMADDWD, NEON_SDOT):
+    for instr in (AVX2_PMADDWD, NEON_SDOT, AVX512_VNNI_256, AVX512_VNNI_512):
         tile = int8_conv_tile(shape, instr)
         packed = pack_int8_weight(w, tile, instr)
         g = instr.group
@@ -42,6 +69,22 @@ def test_weights_are_packed_as_the_dot_instruction_reads_them():
         for o, i, kh, kw in [(0, 0, 0, 0), (18, 4, 2, 1), (17, 3, 1, 2)]:
             assert packed[o // tile.ob, i // g, kh, kw, (o % tile.ob) * g + i % g] == w[o, i, kh, kw]
         assert not packed[-1, :, :, :, (19 % tile.ob) * g:].any()  # padded output channels are zero
+        assert packed.dtype == (np.int16 if instr is AVX2_PMADDWD else np.int8)
+
+
+@pytest.mark.parametrize("x_dtype, zx", [("uint8", 0), ("uint8", 131), ("int8", -128), ("int8", 7)])
+def test_vnni_operands_are_unsigned_inputs_and_the_bias_takes_the_offset(x_dtype, zx):
+    """vpdpbusd multiplies unsigned bytes by signed ones: the input, moved by the offset, is a uint8
+    (uint8 data as is, int8 data + 128), and the folded bias makes the sum equal sum((x - zx) * w)."""
+    rng = np.random.default_rng(4)
+    info = np.iinfo(x_dtype)
+    x = rng.integers(info.min, info.max + 1, (64, 12))
+    w = rng.integers(-128, 128, (5, 12)).astype(np.int8)
+    offset = AVX512_VNNI_256.offset(x_dtype, zx)
+    operand = x - offset
+    assert operand.min() >= 0 and operand.max() <= 255 and 0 <= zx - offset <= 255
+    w2, bias = folded_bias(w.reshape(5, 12, 1, 1), None, zx, offset, 8, np.ones(5, np.float32), 0, "int8")
+    np.testing.assert_array_equal(operand @ w2.reshape(5, 12).T.astype(np.int64) + bias[:5], (x - zx) @ w.T.astype(np.int64))
 
 
 def test_a_bias_saturated_at_the_int32_limit_becomes_a_constant_channel():
@@ -60,19 +103,16 @@ def test_a_bias_saturated_at_the_int32_limit_becomes_a_constant_channel():
         folded_bias(wide, np.array([-2147482648, 5], np.int32), 13, 128, 8, np.full(2, 1e-7, np.float32), 220, "uint8")
 
 
+@pytest.mark.parametrize("instruction", X86_INSTRUCTIONS, ids=lambda i: i.name)
 @pytest.mark.parametrize("activations", ["uint8", "int8"])
-def test_small_net_on_the_kernel_is_exact_against_the_qdq_graph(activations):
+def test_small_net_on_the_kernel_is_exact_against_the_qdq_graph(activations, instruction):
     _, q = small_net(activations)
-    policy = int8_kernel_policy("llvm")
-    assert policy is not None and policy.instruction is AVX2_PMADDWD  # this machine: AVX2
-    policy = Int8KernelPolicy(policy.instruction, min_in_channels=1)  # the 3-channel first conv too
+    policy = Int8KernelPolicy(instruction, min_in_channels=1)  # the 3-channel first conv too
     lowered, stats = lower_qdq_to_int8(import_to_relax(q), policy)
     # conv1, conv3 and the weight matmul on the kernel; the depthwise conv and the matmul of two
     # activations stay integer Relax ops
     assert (stats.conv2d, stats.matmul, stats.int8_kernel) == (3, 2, 3) and stats.left_float == {}
     assert lowered.script().count("sculpt_int8_conv") >= 3
-    from sculpt.backends.tvm.relax_import import build
-
     assert_small_net_exact(build(lowered), q, runs=3)
 
 
@@ -133,19 +173,43 @@ def rec_units():
     return units, dict(zip(names, captured))
 
 
+def x86_object_code(executable, tmp_path) -> str:
+    """objdump -d of the executable's exported library."""
+    import subprocess
+
+    library = tmp_path / "lib.so"
+    executable.export_library(str(library))
+    return subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True,
+                          check=True).stdout
+
+
 @pytest.mark.slow
-def test_every_conv_unit_of_ppocr_rec_is_exact_on_the_kernel(rec_units, tmp_path):
+@pytest.mark.parametrize("instruction", X86_INSTRUCTIONS, ids=lambda i: i.name)
+def test_every_conv_unit_of_ppocr_rec_is_exact_on_the_kernel(rec_units, tmp_path, instruction):
     """Bit for bit the integer QDQ math (the Relax integer lowering: int32 sums, float32(acc) * M,
     round half to even); within one step of onnxruntime's float evaluation of the graph, which sums
     float products and divides by the output scale, so a value within float rounding of a .5 tie can
-    round the other way (1 of 122,880 outputs of one unit here)."""
+    round the other way (1 of 122,880 outputs of one unit here). The object code holds the instruction
+    (vpdpbusd on ymm or zmm registers, never the saturating vpdpbusds)."""
     units, feeds = rec_units
     assert len(feeds) >= 25
     path = tmp_path / "units.onnx"
     onnx.save(units, path)
     model = Model.load(path)
-    executable, stats = compile_int8(model)
+    # every unit the kernel can take, small ones too (the host policy leaves those under MIN_KERNEL_MACS)
+    lowered, stats = lower_qdq_to_int8(import_to_relax(model), Int8KernelPolicy(instruction))
     assert stats.int8_kernel >= 20 and stats.left_float == {}
+    _, host_stats = lower_qdq_to_int8(import_to_relax(model), Int8KernelPolicy(instruction, min_macs=MIN_KERNEL_MACS))
+    assert stats.int8_kernel > host_stats.int8_kernel > 10
+    executable = build(lowered)
+    asm = x86_object_code(executable, tmp_path)
+    if instruction is AVX2_PMADDWD:  # LLVM fuses vpmaddwd + vpaddd into vpdpwssd where the target has VNNI
+        assert asm.count("vpmaddwd") + asm.count("vpdpwssd") >= 20 and "vpdpbusd" not in asm
+    else:
+        register = "%zmm" if instruction is AVX512_VNNI_512 else "%ymm"
+        dots = [line for line in asm.splitlines() if "vpdpbusd" in line]
+        assert len(dots) >= 20 * 4 and all(register in line for line in dots)
+        assert "vpdpbusds" not in asm
     integer_ops, relax_stats = compile_int8(model, int8_kernel=False)
     assert relax_stats.int8_kernel == 0
     got = run_relax(executable, feeds, list(feeds))
@@ -203,7 +267,8 @@ def test_compile_option_lowers_a_qdq_model_onto_the_kernel(monkeypatch):
     monkeypatch.setattr(int8, "MIN_KERNEL_MACS", 0)
     compiled = compile_model(q, "host", int8="kernel")
     info = compiled.options["int8"]
-    assert info["instruction"] == AVX2_PMADDWD.name and info["on_int8_kernel"] == 2 and info["conv2d"] == 3
+    host_instruction = instruction_for(traits_of(host_target({"kind": "llvm"})))
+    assert info["instruction"] == host_instruction.name and info["on_int8_kernel"] == 2 and info["conv2d"] == 3
     relax_only = compile_model(q, "host", int8="relax").options["int8"]
     assert relax_only["on_int8_kernel"] == 0 and relax_only["conv2d"] == 3
     with pytest.raises(OptionError, match="--int8"):

@@ -3,13 +3,16 @@ threads, in one run.
 
     python tools/int8_kernel_benchmark.py [--models rec,det,cls,doc-orientation,ppocrv6-rec-small]
                                           [--threads 1,2] [--runs 20] [--rounds 3] [--calibration 8]
+                                          [--also-instructions avx2-pmaddwd,avx512-vnni-512]
 
 Per model: the canonicalized fp32 model at its static shape, and its QDQ version from sculpt's ``qdq``
 pass (calibrated on ``--calibration`` inputs: rendered text lines for PP-OCR, the benchmark's image-like
 inputs for the zoo). Builds (host llvm, sculpt's kernels): ``tvm fp32`` (the fp32 model), ``tvm qdq``
 (the QDQ model as written: dequantize, float op, quantize — ``sculpt compile``'s default, ``--int8
 off``), ``tvm int8 relax`` (the QDQ units as integer Relax ops, ``--int8 relax``) and ``tvm int8
-kernel`` (the conv/matmul units on sculpt's int8 kernel, ``--int8 kernel``). onnxruntime: the fp32
+kernel`` (the conv/matmul units on sculpt's int8 kernel with the instruction the host target selects,
+``--int8 kernel``), and with ``--also-instructions``, the same kernel build forced onto each of those dot
+instructions (``tvm int8 <name>``: e.g. vpmaddwd on a VNNI machine, before/after). onnxruntime: the fp32
 model and the QDQ model, optimized (its own fused int8 kernels; on a CPU without VNNI they saturate,
 see README). Times are the median over ``--rounds`` rounds of the median of ``--runs`` runs, all rows of
 a model interleaved in each round; each thread count runs in its own process (TVM's thread pool reads
@@ -39,6 +42,19 @@ from kernel_benchmark import PPOCR, _feeds, _median_ms, _outputs, _source_model,
 
 DEFAULT_MODELS = "rec,det,cls,doc-orientation,ppocrv6-rec-small"
 BUILDS = ("tvm fp32", "tvm qdq", "tvm int8 relax", "tvm int8 kernel")
+
+
+def instruction_named(name: str):
+    from sculpt.backends.tvm.kernels import int8_conv
+
+    known = {v.name: v for v in vars(int8_conv).values() if isinstance(v, int8_conv.DotInstruction)}
+    if name not in known:
+        raise ValueError(f"--also-instructions: unknown instruction '{name}' (known: {', '.join(sorted(known))})")
+    return known[name]
+
+
+def build_names(args) -> list[str]:
+    return list(BUILDS) + [f"tvm int8 {name}" for name in args.also_instructions]
 LOCK = "/tmp/sculpt-bench.lock"
 SETTLE_S = 0.2
 
@@ -67,7 +83,7 @@ def calibration(kind: str, model, count: int):
 
 def prepare(kind: str, args, workdir: Path) -> dict:
     """Make the models and the four builds of ``kind`` in ``workdir``; check the int8 build."""
-    from sculpt.backends.tvm.int8 import int8_kernel_policy, lower_qdq_to_int8
+    from sculpt.backends.tvm.int8 import Int8KernelPolicy, int8_kernel_policy, lower_qdq_to_int8
     from sculpt.backends.tvm.relax_import import build, import_to_relax
     from sculpt.passes import Pipeline
     from sculpt.runtime import reference_session
@@ -85,6 +101,10 @@ def prepare(kind: str, args, workdir: Path) -> dict:
     kernel_int8, kernel_stats = lower_qdq_to_int8(import_to_relax(q), policy)
     mods = {"tvm fp32": import_to_relax(fp32), "tvm qdq": import_to_relax(q), "tvm int8 relax": relax_int8,
             "tvm int8 kernel": kernel_int8}
+    for name in args.also_instructions:  # the host policy with another instruction
+        forced = Int8KernelPolicy(instruction_named(name), min_macs=policy.min_macs,
+                                  min_in_channels=policy.min_in_channels, float_grouped=policy.float_grouped)
+        mods[f"tvm int8 {name}"] = lower_qdq_to_int8(import_to_relax(q), forced)[0]
     outputs = {}
     for name, mod in mods.items():
         t = time.perf_counter()
@@ -95,7 +115,10 @@ def prepare(kind: str, args, workdir: Path) -> dict:
         outputs[name] = _run_once(path, feeds, fp32.input_names)
     ref = reference_session(q).run(None, feeds)
     kernel_out, relax_out = outputs["tvm int8 kernel"], outputs["tvm int8 relax"]
+    forced_equal = {name: all(np.array_equal(a, b) for a, b in zip(outputs[f"tvm int8 {name}"], relax_out))
+                    for name in args.also_instructions}
     return {"model": kind, "input": {k: list(v.shape) for k, v in feeds.items()},
+            "instruction": policy.instruction.name, "forced_equal_relax": forced_equal,
             "units": f"{kernel_stats.int8_kernel} of {kernel_stats.conv2d} conv + {kernel_stats.matmul} matmul",
             "left_float": kernel_stats.left_float, "relax_units": relax_stats.total,
             "max_abs_vs_qdq_graph": max(float(np.abs(g - r).max()) for g, r in zip(kernel_out, ref)),
@@ -128,7 +151,7 @@ def time_child(args) -> int:
     for kind in args.models:
         feeds = dict(np.load(workdir / f"{kind}.feeds.npz"))
         runners = {}
-        for name in BUILDS:
+        for name in build_names(args):
             vm = relax.VirtualMachine(tvm.runtime.load_module(str(workdir / f"{kind}.{name.replace(' ', '_')}.so")),
                                       tvm.cpu())
             tensors = [tvm.runtime.tensor(v, tvm.cpu()) for v in feeds.values()]
@@ -155,14 +178,24 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--calibration", type=int, default=8, help="calibration inputs of the qdq pass")
     p.add_argument("--workdir", default=None, help="keep the models and builds here (default: a temp folder)")
+    p.add_argument("--also-instructions", default="",
+                   help="comma-separated dot instructions (int8_conv's names, e.g. avx2-pmaddwd) to build the "
+                        "int8 kernel with besides the host's own, each a row 'tvm int8 <name>'")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.also_instructions = [m.strip() for m in args.also_instructions.split(",") if m.strip()]
     if args.child:
         return time_child(args)
     from kernel_benchmark import zoo_names
 
+    try:
+        for name in args.also_instructions:
+            instruction_named(name)
+    except ValueError as e:
+        print(f"int8_kernel_benchmark: error: {e}", file=sys.stderr)
+        return 2
     bad = [m for m in args.models if m not in zoo_names()]
     if bad:
         print(f"int8_kernel_benchmark: error: unknown model(s) {', '.join(bad)}", file=sys.stderr)
@@ -182,7 +215,8 @@ def main(argv=None) -> int:
         load = os.getloadavg()
         for threads in thread_counts:
             cmd = [sys.executable, __file__, "--child", str(workdir), "--threads", str(threads), "--models",
-                   ",".join(args.models), "--runs", str(args.runs), "--rounds", str(args.rounds)]
+                   ",".join(args.models), "--runs", str(args.runs), "--rounds", str(args.rounds),
+                   "--also-instructions", ",".join(args.also_instructions)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True)
             sys.stderr.write(out.stderr)
             timings[threads] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -195,7 +229,9 @@ def main(argv=None) -> int:
 
 
 def print_tables(checks, timings, thread_counts, args, load, load_after) -> None:
-    cols = ("ort fp32", "ort int8", "tvm fp32", "tvm qdq", "tvm int8 relax", "tvm int8 kernel")
+    cols = ("ort fp32", "ort int8", "tvm fp32", "tvm qdq", "tvm int8 relax", "tvm int8 kernel") \
+        + tuple(f"tvm int8 {name}" for name in args.also_instructions)
+    print(f"int8 kernel instruction selected for this host: {checks[0]['instruction'] if checks else '-'}\n")
     print("| model | threads | " + " | ".join(f"{c} ms" for c in cols)
           + " | kernel / tvm fp32 | kernel / ort int8 | kernel / ort fp32 |")
     print("|---|---|" + "---|" * (len(cols) + 3))
@@ -207,12 +243,15 @@ def print_tables(checks, timings, thread_counts, args, load, load_after) -> None
             print(f"| {kind} | {threads} | " + " | ".join(f"{t[c]:.2f}" for c in cols)
                   + f" | {k / t['tvm fp32']:.2f} | {k / t['ort int8']:.2f} | {k / t['ort fp32']:.2f} |")
     print()
-    print("| model | input | on the int8 kernel | left float | kernel == int8 relax (bitwise) "
-          "| max abs diff vs the QDQ graph (output scale) |")
-    print("|---|---|---|---|---|---|")
+    forced = "".join(f" | {name} == int8 relax" for name in args.also_instructions)
+    print("| model | input | on the int8 kernel | left float | kernel == int8 relax (bitwise)" + forced
+          + " | max abs diff vs the QDQ graph (output scale) |")
+    print("|---|---|---|---|---|" + "---|" * len(args.also_instructions) + "---|")
     for c in checks:
+        same = "".join(f" | {'yes' if c['forced_equal_relax'][name] else 'no'}" for name in args.also_instructions)
         print(f"| {c['model']} | {c['input']} | {c['units']} | {c['left_float'] or '-'} | "
-              f"{'yes' if c['kernel_equals_relax'] else 'no'} | {c['max_abs_vs_qdq_graph']:.3g} ({c['output_scale']:.3g}) |")
+              f"{'yes' if c['kernel_equals_relax'] else 'no'}{same} | "
+              f"{c['max_abs_vs_qdq_graph']:.3g} ({c['output_scale']:.3g}) |")
     print(f"\nmedian of {args.rounds} rounds x median of {args.runs} runs; load average "
           f"{load[0]:.1f} before timing, {load_after[0]:.1f} after (2 cores)")
 

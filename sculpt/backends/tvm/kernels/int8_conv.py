@@ -11,6 +11,11 @@ widening dot product of ``group`` input channels per int32 lane, the instruction
                 instruction onnxruntime uses without VNNI, saturates its int16 pair sums instead).
     aarch64     sdot      int8 x int8, 4 channels summed into each int32 lane, accumulating (4 x 4),
                 with the ``dotprod`` feature (Armv8.2-A+).
+    x86 VNNI    vpdpbusd  uint8 x int8, 4 channels summed into each int32 lane, accumulating (AVX-512 VNNI
+                with VL: 8 lanes in ymm0-31, or 16 in zmm; AVX-VNNI: 8 lanes, ymm0-15). Its sums wrap
+                like vpaddd — not the saturating vpdpbusds — and cannot overflow here: 4 x 255 x 128 per
+                step, the whole sum bounded by folded_bias's check. The unsigned operand is the input:
+                uint8 data as is, int8 data + 128.
 
     for each block of ob output channels x one row x tw output columns (parallel over rows and blocks):
         acc[tw][ob] = 0                                          # tw * ob / lanes vector registers
@@ -21,7 +26,8 @@ widening dot product of ``group`` input channels per int32 lane, the instruction
         y[n, o, oh, ow] = saturate(nearbyint(min(max(float32(acc + bias') * M, lo), hi)) + zy)
 
 ``xp`` is the input with the zero point moved: ``x - offset`` in the instruction's operand type (offset
-= zx for int16 operands; 128 for uint8 / 0 for int8 data with int8 operands), its channels grouped
+= zx for int16 operands; 128 for uint8 / 0 for int8 data with int8 operands; 0 for uint8 / -128 for int8
+data with uint8 operands), its channels grouped
 innermost, padded with ``zx - offset`` (the value of a padded zero in the quantized domain). Then
 ``sum((x - zx) * w) = sum(xp * w) - (zx - offset) * sum(w)``, so the correction is folded into the
 int32 bias (``bias'``): the accumulation is exact integer arithmetic on every target. The epilogue is
@@ -50,24 +56,40 @@ class DotInstruction:
     name: str
     lanes: int
     group: int
-    operand: str          # "int16" or "int8"
+    operand: str          # the input's operand type: "int16", "int8" or "uint8"
     intrinsic: str        # the LLVM intrinsic
     accumulates: bool     # the intrinsic adds into its first operand (sdot) or returns the sum (pmaddwd)
     registers: int        # vector registers of the target
+
+    @property
+    def weight_operand(self) -> str:
+        """The weights' operand type: int16 beside int16 inputs, int8 otherwise."""
+        return "int16" if self.operand == "int16" else "int8"
 
     def offset(self, x_dtype: str, zx: int) -> int:
         """What is subtracted from the quantized input to make an operand."""
         if self.operand == "int16":
             return zx
+        if self.operand == "uint8":
+            return 0 if x_dtype == "uint8" else -128
         return 128 if x_dtype == "uint8" else 0
 
 
 AVX2_PMADDWD = DotInstruction("avx2-pmaddwd", 8, 2, "int16", "llvm.x86.avx2.pmadd.wd", False, 16)
 NEON_SDOT = DotInstruction("neon-sdot", 4, 4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8", True, 32)
+# LLVM 22 declares vpdpbusd on <N x i32> accumulators and <4N x i8> multiplicands; AVX-VNNI's VEX form is
+# the same intrinsic (LLVM picks the encoding from the target's features)
+AVX512_VNNI_256 = DotInstruction("avx512-vnni-256", 8, 4, "uint8", "llvm.x86.avx512.vpdpbusd.256", True, 32)
+AVX512_VNNI_512 = DotInstruction("avx512-vnni-512", 16, 4, "uint8", "llvm.x86.avx512.vpdpbusd.512", True, 32)
+AVX_VNNI = DotInstruction("avx-vnni", 8, 4, "uint8", "llvm.x86.avx512.vpdpbusd.256", True, 16)
 
 
 def instruction_for(traits) -> DotInstruction | None:
     """The dot instruction a target (TargetTraits) has, or None (the int8 units stay Relax ops)."""
+    if traits.isa == "avx512" and traits.vnni:
+        return AVX512_VNNI_256
+    if traits.isa in ("avx2", "avx512") and traits.vnni:
+        return AVX_VNNI
     if traits.isa in ("avx2", "avx512"):
         return AVX2_PMADDWD
     if traits.isa == "neon" and traits.dotprod:
@@ -112,7 +134,7 @@ def pack_int8_weight(w_q: np.ndarray, tile: Int8ConvTile, instr: DotInstruction)
     full = np.zeros((ocp, icp, kh, kw), np.int64)
     full[:o, :i] = w_q
     packed = full.reshape(ocp // tile.ob, tile.ob, icp // g, g, kh, kw).transpose(0, 2, 4, 5, 1, 3)
-    return np.ascontiguousarray(packed.reshape(ocp // tile.ob, icp // g, kh, kw, tile.ob * g)).astype(instr.operand)
+    return np.ascontiguousarray(packed.reshape(ocp // tile.ob, icp // g, kh, kw, tile.ob * g)).astype(instr.weight_operand)
 
 
 def folded_bias(w_q: np.ndarray, bias_q: np.ndarray | None, zx: int, offset: int, channels: int,
@@ -165,7 +187,7 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
     oc, oh_, ow_ = s.out_channels, s.out_height, s.out_width
     kh_, kw_ = s.kernel
     (sh, sw), (dh, dw), (pt, pl, _, _) = s.strides, s.dilation, s.padding
-    g, lanes, op = instr.group, instr.lanes, instr.operand
+    g, lanes, op, wop = instr.group, instr.lanes, instr.operand, instr.weight_operand
     ob, tw = tile.ob, tile.tw
     vectors = ob // lanes
     cg_ = -(-c_ // g)
@@ -187,7 +209,7 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
     intrinsic = instr.intrinsic
 
     @T.prim_func(private=True)
-    def int8_conv(x: T.Buffer((n_, c_, h_, w_), x_dtype), wt: T.Buffer((blocks, cg_, kh_, kw_, ob * g), op),
+    def int8_conv(x: T.Buffer((n_, c_, h_, w_), x_dtype), wt: T.Buffer((blocks, cg_, kh_, kw_, ob * g), wop),
                   bias: T.Buffer((ocp,), "int32"), mult: T.Buffer((ocp,), "float32"),
                   y: T.Buffer((n_, oc, oh_, ow_), out_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})

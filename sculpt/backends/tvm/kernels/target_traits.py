@@ -14,6 +14,12 @@ _AVX512_CPUS = ("skylake-avx512", "cascadelake", "cooperlake", "cannonlake", "ic
                 "x86-64-v4", "knl", "knm")
 _AVX2_CPUS = ("haswell", "broadwell", "skylake", "alderlake", "raptorlake", "meteorlake", "arrowlake",
               "lunarlake", "znver1", "znver2", "znver3", "x86-64-v3", "gracemont", "core-avx2")
+# x86 CPUs LLVM knows by name with vpdpbusd: AVX-512 VNNI (with VL) or AVX-VNNI (names LLVM may not know,
+# checked only when it cannot list a CPU's features)
+_AVX512_VNNI_CPUS = ("cascadelake", "cooperlake", "icelake", "tigerlake", "sapphirerapids", "graniterapids",
+                     "emeraldrapids", "rocketlake", "znver4", "znver5")
+_AVX_VNNI_CPUS = ("alderlake", "raptorlake", "meteorlake", "arrowlake", "lunarlake", "gracemont", "sierraforest",
+                  "grandridge", "clearwaterforest", "pantherlake")
 _DOTPROD_ARM_CPUS = ("cortex-a55", "cortex-a75", "cortex-a76", "cortex-a77", "cortex-a78", "cortex-x1",
                      "cortex-x2", "cortex-a510", "cortex-a710", "neoverse-n1", "neoverse-n2",
                      "neoverse-v1", "apple-a13", "apple-m1")
@@ -29,6 +35,7 @@ class TargetTraits:
     l1_bytes: int
     l2_bytes: int
     dotprod: bool = False    # aarch64 SDOT/UDOT (int8 kernels)
+    vnni: bool = False       # x86 vpdpbusd (int8 kernels): AVX-512 VNNI with VL on an avx512 isa, else AVX-VNNI
 
     @property
     def accumulator_registers(self) -> int:
@@ -133,15 +140,20 @@ def traits_of(target) -> TargetTraits:
     features = _llvm_features(d) if d["kind"] == "llvm" and (cpu or mattr) else None
     if features is not None:
         avx512, avx2 = "avx512f" in features, "avx2" in features and "fma" in features
+        avx512_vnni = "avx512vnni" in features and "avx512vl" in features
+        avx_vnni = "avxvnni" in features
     else:
         avx512 = "-avx512f" not in mattr and ("+avx512f" in mattr or any(cpu.startswith(c) for c in _AVX512_CPUS))
         avx2 = "-avx2" not in mattr and ("+avx2" in mattr or any(cpu.startswith(c) for c in _AVX2_CPUS))
+        avx512_vnni = "-avx512vnni" not in mattr and (
+            "+avx512vnni" in mattr or any(cpu.startswith(c) for c in _AVX512_VNNI_CPUS))
+        avx_vnni = "-avxvnni" not in mattr and ("+avxvnni" in mattr or any(cpu.startswith(c) for c in _AVX_VNNI_CPUS))
     if avx512:
         # 256-bit vectors with AVX-512's 32 registers: channel blocks of 8 divide the channel counts of
         # mobile nets (24, 40, 72, 120) that blocks of 16 leave NCHW. Measured on an AMD EPYC (Zen 4)
         # against 16 lanes, 9 models, 1 thread: geometric mean 0.88 vs 0.90 of onnxruntime's time
         # (PP-OCR cls 0.45 vs 0.60, shufflenet 1.30 vs 1.62; resnet50 1.09 vs 1.02). README, "AVX-512".
-        return TargetTraits("avx512", 8, 32, 32 * 1024, 1024 * 1024)
-    if avx2 or avx512:
-        return TargetTraits("avx2", 8, 16, 32 * 1024, 512 * 1024)
+        return TargetTraits("avx512", 8, 32, 32 * 1024, 1024 * 1024, vnni=avx512_vnni or avx_vnni)
+    if avx2:
+        return TargetTraits("avx2", 8, 16, 32 * 1024, 512 * 1024, vnni=avx_vnni)
     return TargetTraits("sse", 4, 16, 32 * 1024, 256 * 1024)
