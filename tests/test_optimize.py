@@ -377,3 +377,35 @@ def test_sensitivity_tries_every_knob_mildest_first_and_stops_a_knob_over_the_bu
     sens = search.sensitivity()
     assert [c.plan for c in search.candidates] == [{"a": 0.25}, {"b": 0.25}, {"c": 2.0}, {"a": 0.5}]
     assert [len(sens[n]) for n in "abc"] == [2, 1, 1]  # b's 50% is never tried: 25% already lost too much
+
+
+def test_refinement_adds_left_out_steps_measured_in_combination():
+    """The allocation's sums misjudged the combination (bisected to one step); refinement adds the other
+    steps one at a time, keeps the one that holds the budget and saves time, and rejects the rest."""
+    k = lambda plan: json.dumps(plan, sort_keys=True)  # noqa: E731
+    measured = {k({"a": 0.25}): (0.2, 9.0),
+                k({"a": 0.25, "b": 0.25}): (0.6, 8.0),  # holds: kept
+                k({"a": 0.25, "b": 0.25, "c": 2.0}): (1.4, 7.0),  # over the budget: rejected
+                k({"a": 0.5, "b": 0.25}): (0.9, 7.95)}  # holds but saves less than the floor (0.1 ms): rejected
+    search = _search_with(measured, 1.0)
+    search.start = 0.0
+    # most time per drop first: b 25% (10 ms per point), a 50% (4.7), c (2.5); b 50% is over the whole budget
+    sens = _sens(search, {"a": [(0.25, 0.2, 9.0), (0.5, 0.3, 8.6)], "b": [(0.25, 0.1, 9.0), (0.5, 1.5, 7.0)],
+                          "c": [(2.0, 0.2, 9.5)]})
+    start = Candidate({"a": 0.25}, "back-off", 99.8, 0.2, 9.0, 0.9)
+    best = search.refine(start, sens)
+    assert best.plan == {"a": 0.25, "b": 0.25} and best.stage == "refinement"
+    assert [c.plan for c in search.candidates] == [{"a": 0.25, "b": 0.25}, {"a": 0.5, "b": 0.25},
+                                                   {"a": 0.25, "b": 0.25, "c": 2.0}]
+    whats = [d.what for d in search.decisions]
+    assert sum(w.startswith("added") for w in whats) == 1 and sum(w.startswith("did not add") for w in whats) == 2
+    assert any("noise floor" in d.why for d in search.decisions)
+
+
+def test_refinement_stops_when_the_time_budget_is_spent():
+    search = _search_with({}, 1.0)
+    search.budget_s, search.start = 1.0, -100.0
+    sens = _sens(search, {"a": [(0.25, 0.2, 9.0)]})
+    start = Candidate({}, "canonicalized", 100.0, 0.0, 10.0, 1.0)
+    assert search.refine(start, sens) is start and search.candidates == []
+    assert search.out_of_time and search.decisions[-1].what == "stopped refining"

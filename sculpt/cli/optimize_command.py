@@ -17,7 +17,7 @@ def register_optimize(sub) -> None:
                        description="Try every knob (per-group channel pruning, per-layer low-rank, int8 with the "
                                    "most sensitive layers in float, block sparsity on TVM) alone, allocate them by "
                                    "latency saved per accuracy lost, validate the combination and back off until "
-                                   "the budget holds. Latency is measured on the runtime; the result is never "
+                                   "the budget holds, then add left-out steps one at a time, each measured. Latency is measured on the runtime; the result is never "
                                    "slower than the input model.")
     o.add_argument("model")
     o.add_argument("--calibration", required=True,

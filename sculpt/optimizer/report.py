@@ -100,7 +100,8 @@ def _plots(result, metric, max_drop: float, layer_rows: Sequence[tuple]) -> dict
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {"sensitivity": ("#9aa5b1", "o", "one knob alone"), "combination": ("#1f77b4", "s", "combination"),
               "combination recovered": ("#2ca02c", "s", "combination, distilled"),
-              "back-off": ("#ff7f0e", "D", "back-off"), "back-off recovered": ("#d62728", "D", "back-off, distilled")}
+              "back-off": ("#ff7f0e", "D", "back-off"), "back-off recovered": ("#d62728", "D", "back-off, distilled"),
+              "refinement": ("#9467bd", "v", "refinement"), "refinement recovered": ("#8c564b", "v", "refinement, distilled")}
     for stage, (color, marker, label) in styles.items():
         pts = [c for c in measured if c.stage == stage]
         if pts:
