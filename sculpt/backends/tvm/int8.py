@@ -12,7 +12,7 @@ at exact ties), instead of computing in float32 on dequantized values. Inputs ar
 before the multiply (``x_q - zx`` of a uint8 needs 9 bits), products accumulate in int32.
 
 With an :class:`Int8KernelPolicy` (``compile_int8`` makes one for CPU targets with a dot-product
-instruction: AVX2's vpmaddwd, aarch64's sdot), the conv units the policy takes become one call to the
+instruction: x86 VNNI's vpdpbusd, else AVX2's vpmaddwd; aarch64's sdot), the conv units the policy takes become one call to the
 int8 conv kernel instead (kernels/int8_conv.py: int8/uint8 in, int32 accumulators, the requantization
 in its epilogue, int8/uint8 out); depthwise and grouped convs and the units it declines stay the
 Relax ops above, which sculpt's float kernels schedule.
