@@ -72,6 +72,25 @@ def test_weights_are_packed_as_the_dot_instruction_reads_them():
         assert packed.dtype == (np.int16 if instr is AVX2_PMADDWD else np.int8)
 
 
+def test_avx_vnni_targets_get_the_vex_vpdpbusd_on_16_registers():
+    """AVX-VNNI (Alder Lake, no AVX-512): the same intrinsic, which LLVM emits in its VEX form on ymm0-15.
+    Compiled only: this host may not have AVX-VNNI."""
+    import re
+
+    import tvm
+
+    from sculpt.backends.tvm.kernels.int8_conv import int8_conv_func
+
+    target = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "alderlake"}
+    assert instruction_for(traits_of(target)) is AVX_VNNI
+    shape = ConvShape(1, 16, 8, 8, 32, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+    func = int8_conv_func(shape, int8_conv_tile(shape, AVX_VNNI), AVX_VNNI, "uint8", "uint8", 3, 0)
+    lib = tvm.compile(tvm.IRModule({"conv": func.with_attr("global_symbol", "conv")}), target=tvm.target.Target(target))
+    dots = [line for line in lib.mod.inspect_source("asm").splitlines() if "vpdpbusd" in line]
+    assert len(dots) >= 16 and all("{vex}" in line for line in dots)
+    assert all(int(r) < 16 for line in dots for r in re.findall(r"%ymm(\d+)", line))
+
+
 @pytest.mark.parametrize("x_dtype, zx", [("uint8", 0), ("uint8", 131), ("int8", -128), ("int8", 7)])
 def test_vnni_operands_are_unsigned_inputs_and_the_bias_takes_the_offset(x_dtype, zx):
     """vpdpbusd multiplies unsigned bytes by signed ones: the input, moved by the offset, is a uint8
