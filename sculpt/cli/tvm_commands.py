@@ -58,8 +58,8 @@ def register_tvm_commands(subparsers) -> None:
     _add_build_options(c, kernels)
     c.add_argument("--int8", choices=["off", "relax", "kernel"], default="off",
                    help="a QDQ model's quantized units: off (default: dequantize, float op, quantize), relax "
-                        "(integer Relax ops), kernel (sculpt's int8 conv kernel: vpmaddwd on x86, sdot on aarch64 "
-                        "with dotprod)")
+                        "(integer Relax ops), kernel (sculpt's int8 conv kernel: vpdpbusd on x86 with VNNI, vpmaddwd "
+                        "without, sdot on aarch64 with dotprod)")
     c.add_argument("--thread-policy", choices=["shared", "dedicated"], default="shared",
                    help="the CPU thread pool the artifact expects, recorded in its manifest: shared (default: "
                         "workers neither pinned nor spinning, for devices that run other apps) or dedicated")

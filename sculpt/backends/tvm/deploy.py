@@ -12,6 +12,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from sculpt import runtime
+from sculpt.backends.host_cpu import fused_int8_saturates
 from sculpt.backends.tvm.artifact import Artifact, ArtifactError, load_artifact
 from sculpt.errors import ShapeError
 from sculpt.ir.model import Model
@@ -127,8 +128,8 @@ def int8_kernels_note(model_path, artifact: Artifact, feeds: Mapping[str, np.nda
                  for n in reference if n in fused), default=0.0)
     return (f"QDQ model: compared with the graph as written (onnxruntime without graph optimizations); "
             f"onnxruntime's own int8 kernels differ from it by {worst:.3g} (relative) on these inputs"
-            + (" (u8 x s8 products saturate on CPUs without VNNI; qdq:weight_bits=7 avoids it)" if worst > 1e-3
-               else ""))
+            + (" (u8 x s8 products saturate on CPUs without VNNI; qdq:weight_bits=7 avoids it)"
+               if worst > 1e-3 and fused_int8_saturates() else ""))
 
 
 def random_feeds(specs, seed: int = 0) -> dict[str, np.ndarray]:
