@@ -22,7 +22,7 @@ from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.model import Model
 from sculpt.optimizer import optimize
 from sculpt.optimizer.latency import OnnxruntimeLatency
-from sculpt.optimizer.metric import proxy_metric
+from sculpt.optimizer.metric import Metric, proxy_metric
 from sculpt.optimizer.search import MIN_SPEEDUP, NOISE_FLOOR, Candidate, Search
 from sculpt.optimizer.space import Knob, SearchSpace, plan_pipeline, search_space
 from sculpt.runtime import output_error, run
@@ -145,7 +145,7 @@ def _search_with(measured: dict[str, dict], max_drop: float, base_ms: float = 10
     knobs = [Knob("a", "prune", "a", (0.25, 0.5), 100), Knob("b", "prune", "b", (0.25, 0.5), 100),
              Knob("c", "low-rank", "c", (2.0,), 100)]
     search = Search.__new__(Search)
-    search.space, search.max_drop, search.recovery = SearchSpace(knobs), max_drop, []
+    search.space, search.max_drop, search.recovery, search.confirm = SearchSpace(knobs), max_drop, [], None
     search.candidates, search.decisions, search.out_of_time, search.budget_s = [], [], False, None
     search.input_candidate = Candidate({}, "input", 100.0, 0.0, base_ms, 1.0)
     search.base_ratio = 1.0
@@ -409,3 +409,48 @@ def test_refinement_stops_when_the_time_budget_is_spent():
     start = Candidate({}, "canonicalized", 100.0, 0.0, 10.0, 1.0)
     assert search.refine(start, sens) is start and search.candidates == []
     assert search.out_of_time and search.decisions[-1].what == "stopped refining"
+
+
+def test_confirmation_rejects_a_pick_the_search_samples_flattered():
+    """The fastest candidate within the budget on the search's samples loses too much on the confirmation
+    samples: the next fastest that holds there is chosen, and the decisions say why."""
+    k = lambda plan: json.dumps(plan, sort_keys=True)  # noqa: E731
+    search = _search_with({}, 1.0)
+    search.input_model = "the input"
+    fast = Candidate({"a": 0.5}, "refinement", 99.5, 0.5, 6.0, 0.6)
+    slower = Candidate({"a": 0.25}, "sensitivity", 99.8, 0.2, 8.0, 0.8)
+    too_slow = Candidate({"b": 0.25}, "sensitivity", 100.0, 0.0, 9.9, 0.99)
+    search.candidates += [search.input_candidate, fast, slower, too_slow]
+    confirm_drops = {k({"a": 0.5}): 3.0, k({"a": 0.25}): 0.6, k({"b": 0.25}): 0.0}
+
+    class Saved:
+        def __init__(self, plan):
+            self.plan = plan
+
+        def save(self, path):
+            pass
+
+    search.model_of = lambda cand: Saved(cand.plan)
+    search.confirm = Metric("top-1 agreement", True, "percent", "confirm",
+                            lambda model, path: 100.0 - confirm_drops.get(k(getattr(model, "plan", {})), 0.0)
+                            if model != "the input" else 100.0, "agreement")
+    search.input_model = type("Input", (), {"save": lambda self, path: None})()
+    search.start = 0.0
+    result = search._result(search.input_candidate, fast)
+    assert result.chosen is slower and not result.nothing_helped
+    assert fast.confirm_drop == 3.0 and slower.confirm_drop == pytest.approx(0.6) and too_slow.confirm_drop is None
+    whats = [d.what for d in search.decisions]
+    assert any(w.startswith("rejected the candidate at 6.000") for w in whats)
+    assert any(w.startswith("confirmed the candidate at 8.000") for w in whats)
+
+
+def test_optimize_keeps_confirmation_samples_from_the_search(convnet, calibration, tmp_path):
+    """With 8 or more held-out samples a third of them confirms the result: the search's proxy is built on
+    the other two thirds (its identity names their count), and the chosen candidate carries its
+    confirmation drop within the budget."""
+    result = optimize(convnet, str(calibration), tmp_path / "out", proxy="error", max_drop=0.2,
+                      techniques=["prune"], max_knobs=2, held_out=9, latency_rounds=2, latency_runs=10)
+    assert result.metric.identity.startswith("proxy:error:6:")
+    if not result.nothing_helped:
+        assert result.chosen.confirm_drop is not None and result.chosen.confirm_drop <= 0.2
+        assert any(d.what.startswith("confirmed") for d in result.decisions)

@@ -19,7 +19,7 @@ from sculpt.ir.model import Model
 from sculpt.optimizer.latency import LatencyMeter, make_meter
 from sculpt.optimizer.metric import Metric, MetricError, default_max_drop, load_user_metric, proxy_metric
 from sculpt.optimizer.report import candidates_csv, candidates_json, layer_rows, layer_times_ms, report_html
-from sculpt.optimizer.search import Cache, Candidate, Decision, Search, SearchResult
+from sculpt.optimizer.search import CONFIRM_MIN_SAMPLES, Cache, Candidate, Decision, Search, SearchResult
 from sculpt.optimizer.space import DEFAULT_TECHNIQUES, Knob, SearchSpace, search_space
 from sculpt.passes import Pipeline
 
@@ -176,7 +176,14 @@ def optimize(model: str | os.PathLike | Model, calibration: str | Mapping | Cali
     base_pipeline = Pipeline.from_dict({"passes": ["canonicalize"], "input_shapes": shapes}, source="optimize")
     base = base_pipeline.run(input_model).model
     held_samples = list(split.held_out)
-    chosen_metric = user_metric or proxy_metric(input_model, held_samples, kind=proxy)
+    confirm_metric = None
+    if user_metric is None and len(held_samples) >= CONFIRM_MIN_SAMPLES:
+        # every third held-out sample confirms the result and is never scored by the search
+        search_samples = [x for i, x in enumerate(held_samples) if i % 3 != 2]
+        chosen_metric = proxy_metric(input_model, search_samples, kind=proxy)
+        confirm_metric = proxy_metric(input_model, held_samples[2::3], kind=chosen_metric.kind)
+    else:
+        chosen_metric = user_metric or proxy_metric(input_model, held_samples, kind=proxy)
     if max_drop is None:
         max_drop = default_max_drop(chosen_metric)
     meter: LatencyMeter = make_meter(runtime, held_samples[0], target=target, device=device, threads=threads,
@@ -188,7 +195,7 @@ def optimize(model: str | os.PathLike | Model, calibration: str | Mapping | Cali
     cache = Cache(Path(cache_dir) if cache_dir else out / "cache", context)
     search = Search(input_model, base, cal, chosen_metric, float(max_drop), meter, space, held_out=held, seed=seed,
                     budget_s=budget_minutes * 60 if budget_minutes else None, cache=cache, progress=progress,
-                    recovery=recovery)
+                    recovery=recovery, confirm=confirm_metric)
     result = search.run()
     files = _write_outputs(out, result, chosen_metric, meter, float(max_drop), shapes, cal_spec, held, seed,
                            held_samples[0], target)

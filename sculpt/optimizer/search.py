@@ -16,7 +16,10 @@
    combinations: from the fastest candidate within the budget, each step not yet in it (most time saved
    per drop first, alone within what is left of the budget) is added and measured; it stays when the
    combination holds the budget and saves at least the noise floor.
-5. *Never slower.* The result is the fastest measured candidate within the budget; unless it is at least
+5. *Confirmation* (proxy metric): the search picks among many candidates on the same held-out samples,
+   which flatters the pick, so a third of them is never scored by it; the fastest candidate within the
+   budget must hold there too, else the next fastest is tried.
+6. *Never slower.* The result is the fastest measured candidate within the budget; unless it is at least
    ``MIN_SPEEDUP`` faster than the input model on the runtime, the input model itself is returned and
    the result says nothing helped.
 
@@ -53,6 +56,10 @@ NOISE_FLOOR = 0.01
 # the allocation's share of the budget is raised by this factor while the combined model holds
 SCALE_UP = 1.6
 MAX_SCALE_UPS = 2
+# with a proxy metric, a third of the held-out samples (at least CONFIRM_MIN_SAMPLES held out) is kept
+# from the search and confirms its result; at most MAX_CONFIRMATIONS candidates are tried there
+CONFIRM_MIN_SAMPLES = 8
+MAX_CONFIRMATIONS = 6
 # the share of --budget-minutes the sensitivity pass may use; allocation and validation have the rest
 SENSITIVITY_SHARE = 0.7
 
@@ -73,6 +80,7 @@ class Candidate:
     seconds: float = 0.0
     failed: str | None = None  # why a pass refused the plan
     cached: bool = False
+    confirm_drop: float | None = None  # the drop on the confirmation samples the search never scored
 
     @property
     def key(self) -> str:
@@ -85,7 +93,7 @@ class Candidate:
         return {"plan": dict(self.plan), "stage": self.stage, "metric": self.metric, "drop": self.drop,
                 "latency_ms": self.latency_ms, "latency_ratio": self.latency_ratio, "macs": self.macs,
                 "params": self.params, "bytes": self.bytes, "seconds": round(self.seconds, 2),
-                "failed": self.failed, "cached": self.cached}
+                "failed": self.failed, "cached": self.cached, "confirm_drop": self.confirm_drop}
 
 
 @dataclass
@@ -152,7 +160,7 @@ class Search:
     def __init__(self, input_model: Model, base: Model, calibration: CalibrationSet, metric: Metric,
                  max_drop: float, meter: LatencyMeter, space: SearchSpace, *, held_out: int | None = None,
                  seed: int = 0, budget_s: float | None = None, cache: Cache | None = None,
-                 progress: Progress | None = None, recovery: Sequence[dict] = ()):
+                 progress: Progress | None = None, recovery: Sequence[dict] = (), confirm: Metric | None = None):
         self.input_model = input_model  # what the user gave: latency and metric are relative to it
         self.base = base  # canonicalized, static shapes: every plan's passes run on it
         self.calibration = calibration
@@ -166,6 +174,7 @@ class Search:
         self.cache = cache or Cache(None, "")
         self.progress = progress or (lambda text, cand: None)
         self.recovery = list(recovery)  # passes run after a combination's float passes (distillation)
+        self.confirm = confirm  # the proxy on held-out samples the search never scores (None: no confirmation)
         self.candidates: list[Candidate] = []
         self.decisions: list[Decision] = []
         self.start = time.perf_counter()
@@ -520,6 +529,32 @@ class Search:
                 hi = mid
         return best
 
+    def _confirmed(self, feasible: list[Candidate]) -> Candidate | None:
+        """The fastest of ``feasible`` whose drop on the confirmation samples also holds the budget: the
+        search picked among many candidates on its own samples, which flatters the pick. At most
+        ``MAX_CONFIRMATIONS`` are tried (each is rebuilt and evaluated), only those faster than the
+        input model by ``MIN_SPEEDUP``."""
+        with tempfile.TemporaryDirectory(prefix="sculpt-optimize-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            self.input_model.save(path)
+            reference = self.confirm.evaluate(self.input_model, path)
+            tried = 0
+            for cand in feasible:
+                if cand.latency_ratio > 1 - MIN_SPEEDUP or tried >= MAX_CONFIRMATIONS:
+                    break
+                model = self.model_of(cand)
+                model.save(path)
+                cand.confirm_drop = self.confirm.drop(reference, self.confirm.evaluate(model, path))
+                tried += 1
+                holds = cand.confirm_drop <= self.max_drop
+                self.decisions.append(Decision(
+                    f"{'confirmed' if holds else 'rejected'} the candidate at {cand.latency_ms:.3f} ms",
+                    f"drop {cand.confirm_drop:.4g} on the confirmation samples (budget {self.max_drop:g}; "
+                    f"{cand.drop:.4g} on the search's own)"))
+                if holds:
+                    return cand
+        return None
+
     def _verdict(self, cand: Candidate) -> str:
         if cand.failed:
             return f"failed: {cand.failed}"
@@ -532,9 +567,12 @@ class Search:
                     and c.latency_ratio is not None]
         if best is None or (feasible and min(c.latency_ms for c in feasible) < best.latency_ms):
             best = min(feasible, key=lambda c: c.latency_ms, default=None)
+        if best is not None and self.confirm is not None:
+            best = self._confirmed(sorted(feasible, key=lambda c: c.latency_ms))
         nothing = best is None or best.latency_ratio > 1 - MIN_SPEEDUP
         if nothing:
-            why = ("no candidate held the budget" if best is None else
+            why = (("no candidate faster than the input model held the budget on the confirmation samples"
+                    if self.confirm is not None and feasible else "no candidate held the budget") if best is None else
                    f"the fastest candidate within the budget took {best.latency_ratio:.3f}× the input model's "
                    f"time, not at least {MIN_SPEEDUP:.0%} less")
             self.decisions.append(Decision("returned the input model unchanged", why))
