@@ -64,6 +64,14 @@ MAX_CONFIRMATIONS = 6
 SENSITIVITY_SHARE = 0.7
 
 
+def evaluate_saved(metric: Metric, model: Model) -> float:
+    """``metric`` of ``model``, saved to a temporary file first: a user metric reads the model from disk."""
+    with tempfile.TemporaryDirectory(prefix="sculpt-optimize-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        model.save(path)
+        return metric.evaluate(model, path)
+
+
 @dataclass
 class Candidate:
     """One evaluated model: a plan of knob levels and what it measured."""
@@ -193,6 +201,14 @@ class Search:
         ``SENSITIVITY_SHARE`` so that the combination is always built and measured)."""
         return self.budget_s is None or self.elapsed() <= share * self.budget_s
 
+    def out_of_budget(self, what: str) -> bool:
+        """True (and the decision said) when the time budget has run out before ``what``."""
+        if self.time_left():
+            return False
+        self.out_of_time = True
+        self.decisions.append(Decision(what, "the time budget (--budget-minutes) ran out"))
+        return True
+
     def passes_for(self, plan: dict, *, recover: bool = False) -> list[dict]:
         passes = plan_pipeline(plan, self.space)
         if recover and self.recovery and passes:
@@ -260,11 +276,7 @@ class Search:
 
     def _score(self, cand: Candidate, model: Model) -> None:
         """The metric, MACs, parameters and size of a candidate's model."""
-        with tempfile.TemporaryDirectory(prefix="sculpt-optimize-") as tmp:
-            path = Path(tmp) / "candidate.onnx"
-            model.save(path)
-            cand.bytes = path.stat().st_size
-            cand.metric = self.metric.evaluate(model, path)
+        cand.metric, cand.bytes = evaluate_saved(self.metric, model), model.byte_size()
         cand.drop = self.metric.drop(self.input_candidate.metric, cand.metric) if self.input_candidate else 0.0
         report = cost_of(model)
         cand.macs, cand.params = int(report.macs), int(report.params)
@@ -310,10 +322,7 @@ class Search:
             cand.metric = cached["metric"]
             cand.cached = True
         else:
-            with tempfile.TemporaryDirectory(prefix="sculpt-optimize-") as tmp:
-                path = Path(tmp) / "input.onnx"
-                self.input_model.save(path)
-                cand.metric = self.metric.evaluate(self.input_model, path)
+            cand.metric = evaluate_saved(self.metric, self.input_model)
         cand.drop, cand.latency_ms, cand.latency_ratio = 0.0, base_ms, 1.0
         report = cost_of(self.base)
         cand.macs, cand.params = int(report.macs), int(report.params)
@@ -348,10 +357,7 @@ class Search:
         if cached is not None and cached.get("metric") is not None:
             cand.metric, cand.cached = cached["metric"], True
         else:
-            with tempfile.TemporaryDirectory(prefix="sculpt-optimize-") as tmp:
-                path = Path(tmp) / "canonicalized.onnx"
-                self.base.save(path)
-                cand.metric = self.metric.evaluate(self.base, path)
+            cand.metric = evaluate_saved(self.metric, self.base)
         cand.drop = self.metric.drop(self.input_candidate.metric, cand.metric)
         cand.latency_ratio = ratio
         cand.latency_ms = ratio * self.input_candidate.latency_ms
@@ -493,9 +499,7 @@ class Search:
                 continue  # the knob already holds this level or a harsher one
             if drop > self.max_drop - max(current.drop or 0.0, 0.0):
                 continue  # alone it already needs more than what is left of the budget
-            if not self.time_left():
-                self.out_of_time = True
-                self.decisions.append(Decision("stopped refining", "the time budget (--budget-minutes) ran out"))
+            if self.out_of_budget("stopped refining"):
                 break
             cand = self.evaluate(dict(current.plan, **{name: level}), stage, recover=recover)
             tried += 1
@@ -515,9 +519,7 @@ class Search:
         lo, hi = 0, len(steps)  # prefix length lo holds (0: the input model), hi does not
         best = None
         while hi - lo > 1:
-            if not self.time_left():
-                self.out_of_time = True
-                self.decisions.append(Decision("stopped backing off", "the time budget (--budget-minutes) ran out"))
+            if self.out_of_budget("stopped backing off"):
                 break
             mid = (lo + hi) // 2
             cand = self.evaluate(self.plan_of(steps[:mid]), "back-off" + (" recovered" if recover else ""),
@@ -534,25 +536,20 @@ class Search:
         search picked among many candidates on its own samples, which flatters the pick. At most
         ``MAX_CONFIRMATIONS`` are tried (each is rebuilt and evaluated), only those faster than the
         input model by ``MIN_SPEEDUP``."""
-        with tempfile.TemporaryDirectory(prefix="sculpt-optimize-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            self.input_model.save(path)
-            reference = self.confirm.evaluate(self.input_model, path)
-            tried = 0
-            for cand in feasible:
-                if cand.latency_ratio > 1 - MIN_SPEEDUP or tried >= MAX_CONFIRMATIONS:
-                    break
-                model = self.model_of(cand)
-                model.save(path)
-                cand.confirm_drop = self.confirm.drop(reference, self.confirm.evaluate(model, path))
-                tried += 1
-                holds = cand.confirm_drop <= self.max_drop
-                self.decisions.append(Decision(
-                    f"{'confirmed' if holds else 'rejected'} the candidate at {cand.latency_ms:.3f} ms",
-                    f"drop {cand.confirm_drop:.4g} on the confirmation samples (budget {self.max_drop:g}; "
-                    f"{cand.drop:.4g} on the search's own)"))
-                if holds:
-                    return cand
+        reference = evaluate_saved(self.confirm, self.input_model)
+        tried = 0
+        for cand in feasible:
+            if cand.latency_ratio > 1 - MIN_SPEEDUP or tried >= MAX_CONFIRMATIONS:
+                break
+            cand.confirm_drop = self.confirm.drop(reference, evaluate_saved(self.confirm, self.model_of(cand)))
+            tried += 1
+            holds = cand.confirm_drop <= self.max_drop
+            self.decisions.append(Decision(
+                f"{'confirmed' if holds else 'rejected'} the candidate at {cand.latency_ms:.3f} ms",
+                f"drop {cand.confirm_drop:.4g} on the confirmation samples (budget {self.max_drop:g}; "
+                f"{cand.drop:.4g} on the search's own)"))
+            if holds:
+                return cand
         return None
 
     def _verdict(self, cand: Candidate) -> str:
