@@ -7,6 +7,7 @@ from sculpt.passes.channel_pruning import ChannelPruning
 from sculpt.passes.constant_folding import ConstantFolding
 from sculpt.passes.dead_channel_elimination import DeadChannelElimination
 from sculpt.passes.fire_module import FireModule
+from sculpt.passes.group_shuffle import GroupShuffle
 from sculpt.passes.depthwise_separable import DepthwiseSeparable
 from sculpt.passes.fold_batchnorm import FoldBatchNorm
 from sculpt.passes.fold_conv_affine import FoldConvAffine
