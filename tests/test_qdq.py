@@ -427,5 +427,5 @@ def test_weight_bits_option():
     w_dq = q.producers()[q.node_by_name("conv1").input[1]]
     values = q.get_constant(w_dq.input[0])
     assert values.dtype == np.int8 and int(np.abs(values).max()) == 63
-    with pytest.raises((OptionError, ValueError), match="weight_bits must be 7 or 8"):
-        create_pass("qdq", {"weight_bits": 4})
+    with pytest.raises((OptionError, ValueError), match="weight_bits must be 4, 7 or 8"):
+        create_pass("qdq", {"weight_bits": 5})

@@ -130,7 +130,7 @@ def test_ppocr_rec_4_bit_weights_cut_the_file_below_a_third(tmp_path):
 
 @pytest.mark.parametrize("spec, words", [
     ("weight-quant:bits=3", ["bits"]),
-    ("weight-quant:conv_bits=2", ["conv_bits"]),
+    ("weight-quant:conv_bits=3", ["conv_bits"]),
     ("weight-quant:group_size=24", ["group_size"]),
     ("weight-quant:ops=[Relu]", ["Relu"]),
 ])

@@ -45,6 +45,8 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SAME_PARAMS_OPS = ("MaxPool", "Resize")  # output reuses the input's scale and zero point
 FOLDABLE_ACTIVATIONS = ("Relu", "Clip")
 PER_CHANNEL_OPSET = 13
+INT4_OPSET = 21  # int4 weights behind DequantizeLinear (W4A8)
+WEIGHT_BITS = (4, 7, 8)
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -96,7 +98,8 @@ class QDQ(Pass):
     activations: str = option("uint8", help="activation type: uint8 (asymmetric) | int8 (symmetric)")
     weight_bits: int = option(8, help="8: weights in [-127, 127]; 7: in [-63, 63], for onnxruntime on x86 CPUs "
                                       "without VNNI, whose QLinearConv/MatMul saturate the int16 sums of "
-                                      "uint8 x 8-bit weight pairs")
+                                      "uint8 x 8-bit weight pairs; 4: int4 in [-7, 7] (W4A8, opset 21), each "
+                                      "channel's scale clipped where its squared rounding error is least")
     per_channel: bool = option(True, help="per-output-channel weight scales (raises the opset to 13)")
     ops: list[str] = option(default_factory=lambda: list(DEFAULT_OPS),
                             help="op types to quantize: " + ", ".join(QUANTIZABLE_OPS))
@@ -116,8 +119,8 @@ class QDQ(Pass):
     def __post_init__(self):
         if self.calibration not in qz.RANGE_METHODS:
             raise ValueError(f"calibration must be one of {', '.join(qz.RANGE_METHODS)}, got '{self.calibration}'")
-        if self.weight_bits not in (7, 8):
-            raise ValueError(f"weight_bits must be 7 or 8, got {self.weight_bits}")
+        if self.weight_bits not in WEIGHT_BITS:
+            raise ValueError(f"weight_bits must be 4, 7 or 8, got {self.weight_bits}")
         if self.activations not in ("uint8", "int8"):
             raise ValueError(f"activations must be uint8 or int8, got '{self.activations}'")
         unknown = [o for o in self.ops if o not in QUANTIZABLE_OPS]
@@ -139,16 +142,17 @@ class QDQ(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         # nothing to quantize: the model goes back exactly as it came (no opset upgrade, no equalization)
-        untouched = model.clone() if self.equalize or model.opset < PER_CHANNEL_OPSET or \
-            model.proto.ir_version < 4 else model
+        need = INT4_OPSET if self.weight_bits == 4 else PER_CHANNEL_OPSET
+        untouched = model.clone() if self.equalize or model.opset < need or model.proto.ir_version < 4 else model
         allow_plain_initializers(model)
         stats: dict[str, Any] = {}
-        if self.per_channel and model.opset < PER_CHANNEL_OPSET:
-            stats["opset"] = f"{model.opset} -> {PER_CHANNEL_OPSET}"
+        if (self.per_channel or self.weight_bits == 4) and model.opset < need:
+            stats["opset"] = f"{model.opset} -> {need}"
+            what = "int4 weights" if self.weight_bits == 4 else "per-channel weights"
             try:
-                model.upgrade_opset(PER_CHANNEL_OPSET)
+                model.upgrade_opset(need)
             except Exception as e:
-                raise PassError(self.name, f"per-channel weights need opset {PER_CHANNEL_OPSET}: {e}") from None
+                raise PassError(self.name, f"{what} need opset {need}: {e}") from None
         elif model.opset < 10:
             raise PassError(self.name, f"QuantizeLinear needs opset ≥ 10, the model has {model.opset}")
         if self.equalize:
@@ -422,10 +426,11 @@ class QDQ(Pass):
         for layer in layers:
             node = layer.node
             if layer.weight is not None:
-                wq = qz.quantize_weight(layer.weight.value, layer.weight.axis, qz.weight_qmax(self.weight_bits))
+                wq = quantize_layer_weight(layer.weight.value, layer.weight.axis, self.weight_bits)
                 name = node.input[layer.weight.input_index]
                 model.set_input(node, layer.weight.input_index, _dq_constant(
-                    names, f"{name}_{node.name}", wq.values, wq.scale, np.zeros(wq.scale.shape, np.int8), wq.axis))
+                    names, f"{name}_{node.name}", wq.values, wq.scale, np.zeros(wq.scale.shape, np.int8), wq.axis,
+                    bits=4 if self.weight_bits == 4 else 8))
                 if layer.bias_index is not None:
                     x_scale = params[node.input[layer.activations[0]]].scale
                     b = model.get_constant(node.input[layer.bias_index])
@@ -497,17 +502,40 @@ class _Names:
 
 
 def _dq_constant(names: _Names, base: str, values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
-                 axis: int | None) -> str:
+                 axis: int | None, bits: int = 8) -> str:
     """A constant stored quantized: initializers for values, scale and zero point, and the
-    DequantizeLinear that reads them. Returns the dequantized tensor's name."""
-    q = names.initializer(f"{base}_quantized", values)
+    DequantizeLinear that reads them. Returns the dequantized tensor's name. ``bits`` 4: values and
+    zero point are int4 (packed two per byte)."""
+    if bits == 4:
+        from sculpt.passes.weight_quantization import int_tensor
+
+        q, z = names.fresh(f"{base}_quantized"), names.fresh(f"{base}_zero_point")
+        names.model.append_initializer(int_tensor(q, values, 4))
+        names.model.append_initializer(int_tensor(z, zero_point, 4))
+    else:
+        q = names.initializer(f"{base}_quantized", values)
+        z = names.initializer(f"{base}_zero_point", zero_point)
     s = names.initializer(f"{base}_scale", np.asarray(scale, np.float32))
-    z = names.initializer(f"{base}_zero_point", zero_point)
     out = names.fresh(f"{base}_dequantized")
     kwargs = {"axis": axis} if axis is not None and np.ndim(scale) == 1 else {}
     names.model.append_node(helper.make_node("DequantizeLinear", [q, s, z], [out],
                                              name=names.fresh(f"{base}_DequantizeLinear"), **kwargs))
     return out
+
+
+def quantize_layer_weight(w: np.ndarray, axis: int | None, bits: int) -> qz.QuantizedWeight:
+    """A layer's weight at ``bits``: 8 or 7 as :func:`qz.quantize_weight` (scale = largest magnitude /
+    qmax); 4 per channel with each scale clipped where the squared rounding error is least (at 4 bits
+    the largest magnitude wastes most of the 15 levels on a few outliers), per tensor as 8 and 7."""
+    if bits != 4:
+        return qz.quantize_weight(w, axis, qz.weight_qmax(bits))
+    if axis is None:
+        return qz.quantize_weight(w, None, 7)
+    from sculpt.passes.weight_quantization import quantize_symmetric
+
+    axis = axis % np.ndim(w)
+    values, scale = quantize_symmetric(w, axis, 7)
+    return qz.QuantizedWeight(values.astype(np.int8), scale.astype(np.float32), axis)
 
 
 def _elem_types(model: Model) -> dict[str, int]:
@@ -553,7 +581,7 @@ def measure_layer_errors(model: Model, layers: list[Layer], params: dict[str, qz
         for i in layer.activations:
             p = params[inputs[i]]
             inputs[i] = _fake_quant_nodes(names, inputs[i], p, f"{node.name}_shadow_in{i}")
-        wq = qz.quantize_weight(layer.weight.value, layer.weight.axis, qz.weight_qmax(weight_bits))
+        wq = quantize_layer_weight(layer.weight.value, layer.weight.axis, weight_bits)
         inputs[layer.weight.input_index] = names.initializer(f"{node.name}_shadow_weight", wq.dequantized())
         out = names.fresh(f"{node.name}_shadow_out")
         copy = helper.make_node(node.op_type, inputs, [out], name=names.fresh(f"{node.name}_shadow"))
