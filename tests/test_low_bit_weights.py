@@ -284,6 +284,39 @@ def test_w4a8_weights_are_int4_per_channel_with_int8_activations(tmp_path):
     assert np.abs(plain - ref).max() <= 0.25 * np.abs(ref).max()
 
 
+def _onnxruntime_ops(model: Model, tmp_path) -> dict[str, int]:
+    """The op counts of the graph onnxruntime runs (its optimized model, saved)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.serialize(), so, providers=["CPUExecutionProvider"])
+    return op_counts(Model.load(tmp_path / "optimized.onnx"))
+
+
+def test_w4a8_convs_fall_back_to_float_in_onnxruntime_and_conv_weight_bits_8_keeps_qlinearconv(tmp_path):
+    model = conv_matmul_net()
+    ctx = _calibrated()
+    w4 = create_pass("qdq", {"weight_bits": 4, "activations": "int8", "samples": 4})(model.clone(), ctx).model
+    mixed = create_pass("qdq", {"weight_bits": 4, "conv_weight_bits": 8, "activations": "int8",
+                                "samples": 4})(model.clone(), ctx).model
+    types = {}
+    for node in mixed.graph.node:
+        if node.op_type in ("Conv", "MatMul", "Gemm"):
+            dq = mixed.producers()[node.input[1]]
+            types[node.name] = mixed.initializer_map()[dq.input[0]].data_type
+    assert types == {"conv1": T.INT8, "dw": T.INT8, "pw": T.INT8, "linear": T.INT4, "head": T.INT4}
+    # int4 conv weights: onnxruntime (1.32) has no int8 kernel for them, the convs run in float on
+    # weights dequantized at every run; int8 conv weights become QLinearConv
+    assert "QLinearConv" not in _onnxruntime_ops(w4, tmp_path)
+    assert _onnxruntime_ops(mixed, tmp_path).get("QLinearConv", 0) == 3
+    x = np.random.default_rng(2).standard_normal((1, 8, 12, 12)).astype(np.float32)
+    ref = make_session(model).run(None, {"x": x})[0]
+    got = make_session(mixed).run(None, {"x": x})[0]
+    assert np.abs(got - ref).max() <= 0.25 * np.abs(ref).max()
+
+
 def test_w4a8_sensitivity_measures_the_int4_weights(tmp_path):
     model = conv_matmul_net()
     ctx = _calibrated()
@@ -302,6 +335,7 @@ def test_w4a8_sensitivity_measures_the_int4_weights(tmp_path):
     ("weight-quant:layout=matmulnbits,group_size=256", ["matmulnbits", "256"]),
     ("weight-quant:layout=matmulnbits,accuracy_level=5", ["accuracy_level", "5"]),
     ("qdq:weight_bits=2", ["weight_bits", "4, 7 or 8"]),
+    ("qdq:conv_weight_bits=6", ["conv_weight_bits", "6"]),
 ])
 def test_bad_options_are_one_line_and_write_nothing(tmp_path, capsys, spec, words):
     path = tmp_path / "m.onnx"

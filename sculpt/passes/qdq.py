@@ -100,6 +100,9 @@ class QDQ(Pass):
                                       "without VNNI, whose QLinearConv/MatMul saturate the int16 sums of "
                                       "uint8 x 8-bit weight pairs; 4: int4 in [-7, 7] (W4A8, opset 21), each "
                                       "channel's scale clipped where its squared rounding error is least")
+    conv_weight_bits: int = option(0, help="bits of Conv/ConvTranspose weights: 0 (as weight_bits), 4, 7 or 8 "
+                                           "(weight_bits=4,conv_weight_bits=8: 4-bit MatMul/Gemm weights, convs "
+                                           "in onnxruntime's int8 QLinearConv)")
     per_channel: bool = option(True, help="per-output-channel weight scales (raises the opset to 13)")
     ops: list[str] = option(default_factory=lambda: list(DEFAULT_OPS),
                             help="op types to quantize: " + ", ".join(QUANTIZABLE_OPS))
@@ -121,6 +124,8 @@ class QDQ(Pass):
             raise ValueError(f"calibration must be one of {', '.join(qz.RANGE_METHODS)}, got '{self.calibration}'")
         if self.weight_bits not in WEIGHT_BITS:
             raise ValueError(f"weight_bits must be 4, 7 or 8, got {self.weight_bits}")
+        if self.conv_weight_bits not in (0, *WEIGHT_BITS):
+            raise ValueError(f"conv_weight_bits must be 0, 4, 7 or 8, got {self.conv_weight_bits}")
         if self.activations not in ("uint8", "int8"):
             raise ValueError(f"activations must be uint8 or int8, got '{self.activations}'")
         unknown = [o for o in self.ops if o not in QUANTIZABLE_OPS]
@@ -142,13 +147,14 @@ class QDQ(Pass):
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         # nothing to quantize: the model goes back exactly as it came (no opset upgrade, no equalization)
-        need = INT4_OPSET if self.weight_bits == 4 else PER_CHANNEL_OPSET
+        four_bit = 4 in (self.weight_bits, self.conv_weight_bits)
+        need = INT4_OPSET if four_bit else PER_CHANNEL_OPSET
         untouched = model.clone() if self.equalize or model.opset < need or model.proto.ir_version < 4 else model
         allow_plain_initializers(model)
         stats: dict[str, Any] = {}
-        if (self.per_channel or self.weight_bits == 4) and model.opset < need:
+        if (self.per_channel or four_bit) and model.opset < need:
             stats["opset"] = f"{model.opset} -> {need}"
-            what = "int4 weights" if self.weight_bits == 4 else "per-channel weights"
+            what = "int4 weights" if four_bit else "per-channel weights"
             try:
                 model.upgrade_opset(need)
             except Exception as e:
@@ -170,7 +176,7 @@ class QDQ(Pass):
         errors: dict[str, qz.LayerError] = {}
         if self.keep_float or self.error_budget or self.bias_correction:
             errors = measure_layer_errors(model, layers, params, calibration, per_channel=self.per_channel,
-                                          weight_bits=self.weight_bits)
+                                          weight_bits=self.weight_bits, conv_weight_bits=self.conv_weight_bits)
             stats["layer_errors"] = {k: round(float(e.relative_error), 6) for k, e in
                                      sorted(errors.items(), key=lambda kv: -kv[1].relative_error)}
         sensitive = []
@@ -426,11 +432,12 @@ class QDQ(Pass):
         for layer in layers:
             node = layer.node
             if layer.weight is not None:
-                wq = quantize_layer_weight(layer.weight.value, layer.weight.axis, self.weight_bits)
+                bits = layer_weight_bits(node, self.weight_bits, self.conv_weight_bits)
+                wq = quantize_layer_weight(layer.weight.value, layer.weight.axis, bits)
                 name = node.input[layer.weight.input_index]
                 model.set_input(node, layer.weight.input_index, _dq_constant(
                     names, f"{name}_{node.name}", wq.values, wq.scale, np.zeros(wq.scale.shape, np.int8), wq.axis,
-                    bits=4 if self.weight_bits == 4 else 8))
+                    bits=4 if bits == 4 else 8))
                 if layer.bias_index is not None:
                     x_scale = params[node.input[layer.activations[0]]].scale
                     b = model.get_constant(node.input[layer.bias_index])
@@ -523,6 +530,11 @@ def _dq_constant(names: _Names, base: str, values: np.ndarray, scale: np.ndarray
     return out
 
 
+def layer_weight_bits(node: onnx.NodeProto, weight_bits: int, conv_weight_bits: int) -> int:
+    """The bits of ``node``'s weight: ``conv_weight_bits`` for Conv/ConvTranspose when set."""
+    return conv_weight_bits if conv_weight_bits and node.op_type in ("Conv", "ConvTranspose") else weight_bits
+
+
 def quantize_layer_weight(w: np.ndarray, axis: int | None, bits: int) -> qz.QuantizedWeight:
     """A layer's weight at ``bits``: 8 or 7 as :func:`qz.quantize_weight` (scale = largest magnitude /
     qmax); 4 per channel with each scale clipped where the squared rounding error is least (at 4 bits
@@ -563,7 +575,8 @@ def _foldable(model: Model, node: onnx.NodeProto) -> bool:
 
 
 def measure_layer_errors(model: Model, layers: list[Layer], params: dict[str, qz.QuantParams], calibration, *,
-                         per_channel: bool = True, weight_bits: int = 8) -> dict[str, qz.LayerError]:
+                         per_channel: bool = True, weight_bits: int = 8,
+                         conv_weight_bits: int = 0) -> dict[str, qz.LayerError]:
     """Per-layer quantization error on calibration data, each layer alone: a shadow copy of every
     weighted layer reads fake-quantized inputs and dequantized int8 weights beside the float layer, in
     one onnxruntime session; the shadow's output is quantized (after its folded activation) in numpy and
@@ -581,7 +594,8 @@ def measure_layer_errors(model: Model, layers: list[Layer], params: dict[str, qz
         for i in layer.activations:
             p = params[inputs[i]]
             inputs[i] = _fake_quant_nodes(names, inputs[i], p, f"{node.name}_shadow_in{i}")
-        wq = quantize_layer_weight(layer.weight.value, layer.weight.axis, weight_bits)
+        wq = quantize_layer_weight(layer.weight.value, layer.weight.axis,
+                                   layer_weight_bits(node, weight_bits, conv_weight_bits))
         inputs[layer.weight.input_index] = names.initializer(f"{node.name}_shadow_weight", wq.dequantized())
         out = names.fresh(f"{node.name}_shadow_out")
         copy = helper.make_node(node.op_type, inputs, [out], name=names.fresh(f"{node.name}_shadow"))
