@@ -144,7 +144,8 @@ def test_verify_refuses_an_artifact_whose_kernels_are_not_the_models(tmp_path, c
     assert "max(" in text
     source.write_text(text.replace("max(", "min(", 1))  # still compiles, computes something else
     assert main(["verify", str(out), "--model", str(model_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith("sculpt: warning:")]  # a schedule fallback of the rebuild is a warning line
     assert len(err) == 1 and err[0].startswith("sculpt: error:") and "tiny_mali.cl" in err[0]
 
 

@@ -8,10 +8,21 @@ conv2d+add+relu+pad, "There are some consumers of the cache-write stage that are
 inlined") the whole build fails. :func:`fail_safe_gpu_pipeline` is the same pipeline with each
 ApplyDefaultSchedule step replaced by one where a rule that raises is skipped for that function:
 the next rule is tried, down to dlight's plain thread-bound loop nest (``dlight.gpu.Fallback``),
-which is always legal. Each such function is reported (:class:`ScheduleFallback`)."""
+which is always legal. A rule whose schedule allocates more shared (work-group local) memory than
+the target's ``max_shared_memory_per_block`` is skipped the same way: dlight does not check it, and
+GeneralReduction on a conv keeps the conv's whole output in shared memory, one work-group for the
+tensor (6.5 MB on PP-OCRv6 det small; Adreno and Mali give 16-32 KiB, PoCL's CPU device 1 MiB).
+Each such function is reported (:class:`ScheduleFallback`).
+
+Two more steps make the OpenCL C legal where TVM's would not be: parameters of Relax functions whose
+names are not C identifiers (ONNX input names like ``gpu_0/data_0``: TVM's ONNX importer only replaces
+dots) are renamed first, since the TIR functions legalized from them name their buffers, and so the
+OpenCL kernel parameters, after them; and TIR function names over MAX_FUNCTION_NAME characters are
+shortened."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sculpt.common import one_line
@@ -19,7 +30,8 @@ from sculpt.common import one_line
 
 @dataclass
 class ScheduleFallback:
-    """A function on which a dlight rule raised: the rule, TVM's message, the rule that scheduled it."""
+    """A function on which a dlight rule raised (or went over the shared memory limit): the rule, the
+    reason, the rule that scheduled it."""
 
     function: str
     failed_rule: str
@@ -47,9 +59,51 @@ def fail_safe_gpu_pipeline(target, fallbacks: list[ScheduleFallback]):
                     safe += [_shorten_long_names(), relax.transform.NormalizeGlobalVar()]
                     shortened = True
                 safe.append(_FailSafeSchedule(p.rules, fallbacks) if hasattr(p, "rules") else p)
-            return tvm.transform.Sequential(safe)(mod)
+            return tvm.transform.Sequential([_c_identifier_params()] + safe)(mod)
 
     return _pipeline
+
+
+_C_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def c_identifier(name: str) -> str:
+    """``name`` with every character that cannot be in a C identifier replaced by '_' (and a leading
+    '_' when it starts with a digit)."""
+    out = re.sub(r"[^A-Za-z0-9_]", "_", name) or "_"
+    return out if not out[0].isdigit() else "_" + out
+
+
+def _c_identifier_params():
+    """A pass renaming the parameters of Relax functions whose names are not C identifiers (the
+    parameters keep their order, types and uses; only the names change)."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="CIdentifierParameterNames")
+    def rename(mod, _ctx):
+        mod = mod.clone()  # the caller's module keeps its names (plan_build reads the inputs' names from it)
+        for gvar, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function) or all(_C_IDENTIFIER.fullmatch(p.name) for p in func.params):
+                continue
+            taken = {p.name for p in func.params}
+            new_params, renamed = [], {}
+            for p in func.params:
+                if _C_IDENTIFIER.fullmatch(p.name):
+                    new_params.append(p)
+                    continue
+                name = base = c_identifier(p.name)
+                count = 1
+                while name in taken:
+                    name, count = f"{base}_{count}", count + 1
+                taken.add(name)
+                renamed[p] = relax.Var(name, p.ty)
+                new_params.append(renamed[p])
+            bound = func.bind_params(renamed)  # replaces the uses, drops the renamed parameters
+            mod[gvar] = relax.Function(new_params, bound.body, bound.ret_ty, bound.is_pure, bound.attrs, bound.span)
+        return mod
+
+    return rename
 
 
 # a fused function is named after every op it holds (an unrolled LSTM cell: 600+ characters), and its
@@ -114,6 +168,7 @@ def _fail_safe_schedule_class():
             def first(space):
                 return space if isinstance(space, s_tir.Schedule) else space[0]
 
+            limit = _shared_memory_limit(target)
             for rule in self.rules:
                 try:
                     space = rule.apply(func, target, False)
@@ -121,12 +176,18 @@ def _fail_safe_schedule_class():
                     failure = failure or (type(rule).__name__, _last_line(e))
                     continue
                 if space is not None:
+                    used = shared_memory_bytes(first(space))
+                    if limit is not None and used > limit:
+                        failure = failure or (type(rule).__name__, f"{used} bytes of shared memory per block, over "
+                                                                   f"the target's max_shared_memory_per_block {limit}")
+                        continue
                     if failure is not None:
                         self.fallbacks.append(ScheduleFallback(name, *failure, type(rule).__name__))
                     return first(space)
             if failure is None:
                 return None
-            # a rule raised and the others declined: the plain thread-bound loop nest
+            # a rule raised (or went over the shared memory) and the others declined: the plain
+            # thread-bound loop nest, which uses no shared memory
             try:
                 space = dlight.gpu.Fallback().apply(func, target, False)
             except Exception as e:  # noqa: BLE001
@@ -139,6 +200,35 @@ def _fail_safe_schedule_class():
             return first(space)
 
     return FailSafeSchedule
+
+
+def _shared_memory_limit(target) -> int | None:
+    limit = target.attrs.get("max_shared_memory_per_block") if target is not None else None
+    return int(limit) if limit is not None and int(limit) > 0 else None
+
+
+def shared_memory_bytes(schedule) -> int:
+    """Bytes of shared (work-group local) memory the scheduled function allocates: the buffers of
+    scope shared or shared.dyn its blocks allocate (the cross-thread reductions lowered later add a
+    work-group-sized buffer, 1 KiB at 256 threads, not counted)."""
+    from tvm import tirx
+
+    func = schedule.mod["main"]
+    total = 0
+
+    def visit(block_rv):
+        nonlocal total
+        for buf in schedule.get(block_rv).alloc_buffers:
+            if buf.scope().startswith("shared"):
+                count = 1
+                for dim in buf.shape:  # a symbolic size cannot be a static OpenCL __local array: over any limit
+                    count *= int(dim.value) if isinstance(dim, tirx.IntImm) else 1 << 40
+                total += count * buf.dtype.itemsize
+        for child in schedule.get_child_blocks(block_rv):
+            visit(child)
+
+    visit(schedule.get_sblock(func.body.block.name_hint))
+    return total
 
 
 _CLASS = None

@@ -146,6 +146,7 @@ def plan_build(mod, target) -> tuple[object, OpenCLPlan]:
             if info.name == "tirx.MakePackedAPI":
                 captured["tir"] = module
 
+    input_names = [p.name for p in mod["main"].params]
     current = tvm.transform.PassContext.current()
     with tvm.transform.PassContext(opt_level=current.opt_level, config=dict(current.config),
                                    required_pass=list(current.required_pass),
@@ -157,6 +158,8 @@ def plan_build(mod, target) -> tuple[object, OpenCLPlan]:
     host_functions = {gv.name_hint: f for gv, f in captured["tir"].functions.items()
                       if int(f.attrs.get("calling_conv", 0)) != 2}  # 2: a device kernel
     plan = _main_plan(captured["relax"], host_functions)
+    # the GPU pipeline renames parameters that are not C identifiers (gpu_schedule): feeds keep the model's names
+    plan.inputs = [(name, shape, dtype) for name, (_, shape, dtype) in zip(input_names, plan.inputs)]
     plan.source = opencl_source(executable)
     missing = sorted(plan.kernels_launched() - set(kernel_definitions(plan.source)))
     if missing:
@@ -576,9 +579,13 @@ class OpenCLRunner:
         return _Tensor(cl.Buffer(self.context, flags, hostbuf=host), tuple(array.shape), array.dtype.name)
 
     def _buffer(self, nbytes: int):
+        """A new device buffer filled with 0xFF bytes (NaN as floats, -1 as integers): a kernel that leaves
+        part of its output unwritten shows as NaN, never as what a previous run left in reused memory."""
         import pyopencl as cl
 
-        return cl.Buffer(self.context, cl.mem_flags.READ_WRITE, size=max(int(nbytes), 1))
+        buffer = cl.Buffer(self.context, cl.mem_flags.READ_WRITE, size=max(int(nbytes), 1))
+        cl.enqueue_fill_buffer(self.queue, buffer, np.uint8(0xFF), 0, max(int(nbytes), 1))
+        return buffer
 
     def run(self, feeds: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> OpenCLRun:
         import pyopencl as cl
