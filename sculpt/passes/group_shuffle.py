@@ -101,6 +101,12 @@ class GroupShuffle(ConvSubstitutionPass):
     iterations: int = option(3, help="block coordinate descent sweeps over the blocks (fit=data)")
     refit: bool = option(True, help="fit=data: after all replacements, refit each pointwise Conv in order on the "
                                     "compressed model's own inputs (errors do not compound)")
+    # two shared options with other defaults here: a group's features ((C/g)·kh·kw) outnumber the rows a
+    # small map gives (PP-OCRv4 rec's neck: 1×40 positions, 1440 features per group), so the fit samples
+    # more inputs (rows stay capped by ``positions``) and leans more on the weights' own metric
+    samples: int = option(32, help="calibration samples for the fit of each layer (rows stay capped by positions)")
+    ridge: float = option(1e-3, help="least-squares regularization, relative to the mean diagonal: pulls the "
+                                     "data metric towards white inputs (the per-block SVD)")
 
     def __post_init__(self):
         super().__post_init__()
