@@ -374,5 +374,6 @@ def test_ppocr_rec(options, tmp_path):
     r = create_pass("group-shuffle", options)(m, PassContext(calibration=cal))
     # the two 1×3 Convs of the SVTR neck (480→60 and 960→60); the stem has 3 input channels
     assert [x["layer"] for x in r.stats["layers"]] == ["p2o.Conv.33", "p2o.Conv.36"]
-    # measured: 0.10 (groups 2), see the README's OCR table for the accuracy
-    check_real(m, r, cal, held, tmp_path, bound=0.3)
+    # measured on 2 held-out lines with 8 calibration lines: 0.25 (groups 2), 0.30 (groups 4), 0.26
+    # (pointwise_groups 2); the README's OCR table has the accuracy with 32 calibration lines
+    check_real(m, r, cal, held, tmp_path, bound=0.4)
