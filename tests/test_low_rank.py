@@ -213,7 +213,7 @@ def test_needs_calibration_and_bad_options():
     with pytest.raises(OptionError):
         create_pass("low-rank", {"energy": 1.5})
     with pytest.raises(OptionError):
-        create_pass("low-rank", {"method": "cp"})
+        create_pass("low-rank", {"method": "cpd"})
 
 
 def test_skips_grouped_and_nonconstant():

@@ -1,4 +1,5 @@
-"""low-rank: factor Gemm/MatMul/Conv weights into cheaper products (truncated SVD, spatial SVD, Tucker-2)."""
+"""low-rank: factor Gemm/MatMul/Conv weights into cheaper products (truncated SVD, spatial SVD, Tucker-2,
+CP, tensor train)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import onnx
 from onnx import helper
 
 from sculpt.ir.channel_handlers import attr
-from sculpt.ir.factorize import MatrixSVD, SpatialSVD, Tucker2, energy_rank, kept_energy, whitening
+from sculpt.ir.factorize import (ConvCP, MatrixSVD, MatrixTT, SpatialSVD, Tucker2, energy_rank, kept_energy,
+                                  mode_splits, whitening)
 from sculpt.ir.model import Model
-from sculpt.ir.refit import layer_rows
+from sculpt.ir.refit import generalizes, layer_rows, pick_positions, residual, ridge_refit, ALREADY_EXACT
 from sculpt.ir.substitution import CandidateLayer, NameAllocator, conv_unsupported, name_selected
-from sculpt.passes.base import PassContext, check_range, option, register
+from sculpt.passes.base import PassContext, PassResult, check_range, option, register
 from sculpt.passes.layer_substitution import FittedReplacement, LayerSubstitutionPass
-from sculpt.runtime import sampled_activations
+from sculpt.runtime import LayerInputStream, iter_activations, sampled_activations
 
 # above this many input features the data-aware weighting (an F×F covariance) is not used
 MAX_COVARIANCE_FEATURES = 8192
@@ -50,16 +52,30 @@ class LowRank(LayerSubstitutionPass):
     - k×k Conv (2-D, group 1): spatial SVD (a k×1 Conv to ``r`` channels, then a 1×k Conv; Jaderberg
       et al. 2014) or Tucker-2 (1×1 to ``r1`` channels → k×k core to ``r2`` → 1×1; Kim et al. 2016,
       by HOSVD), whichever costs fewer MACs (``method=auto``) at the chosen ranks.
+    - Asked for by name only (``method=auto`` never picks them): ``method=cp`` factors a k×k Conv
+      (2-D, group 1) by a rank-``R`` CP decomposition of its kernel — a 1×1 Conv to ``R`` channels,
+      a k×1 depthwise Conv, a 1×k depthwise Conv and a 1×1 Conv back (with the bias); Lebedev et al.
+      2015, fitted by ALS from an HOSVD start (a k×1 or 1×k kernel gets one depthwise Conv). Gemm /
+      MatMul / 1×1 Conv still get the truncated SVD. ``method=tt`` factors a Gemm / MatMul weight
+      [F, O] as a tensor train (TT-SVD, Novikov et al. 2015): F and O are split into ``tt_cores``
+      modes each (the most balanced splits are tried, the cheapest at the chosen ranks kept) and the
+      layer becomes a chain of Reshape and MatMul nodes, one MatMul per core, cores applied from the
+      last; Convs are left alone.
 
     Ranks: by ``criterion`` — ``energy`` (the smallest rank keeping that fraction of the squared
     singular values; with ``data_aware`` those are the layer's output energy on calibration data),
     ``compression`` (the largest rank whose factored layer has at most 1/``compression`` of the
     MACs), or ``error`` (the smallest rank whose relative output error on calibration data is at most
-    ``max_error``). Ranks are rounded up to a multiple of ``round_to``. ``data_aware`` weights the
+    ``max_error``). For ``cp`` the energy is that of the (whitened) kernel the fit keeps, 1 − ‖W − Ŵ‖²/‖W‖²
+    (searched over ranks, one ALS fit each); for ``tt`` each of the tt_cores − 1 SVDs of the TT-SVD may
+    drop (1 − energy)/(tt_cores − 1) of the weight's energy. Ranks are rounded up to a multiple of
+    ``round_to``. ``data_aware`` weights the
     factorization by the input activations' second-moment matrix Σ = E[x xᵀ] (features of a Gemm,
     channels of a Conv): the weight is factored in the coordinates where the input is white, which
     minimises the output error E‖x(W − Ŵ)‖² exactly for Gemm/MatMul/1×1 Conv (and per position,
-    ignoring spatial correlation, for k×k). A layer is left alone when factoring would not save at
+    ignoring spatial correlation, for k×k and CP, whose C-mode factor absorbs the whitening). A
+    tensor train is not whitened (a dense F×F map would undo its savings); with calibration data its
+    last-applied core is refit like the others' last factor. A layer is left alone when factoring would not save at
     least ``min_saving`` of its MACs (unless ``force``). At full rank every factorization is exact.
     Each factored layer's output keeps its name. With calibration data (``refit``), each factored
     layer's last factor is then refit by ridge least squares, in network order, on the inputs the
@@ -77,8 +93,14 @@ class LowRank(LayerSubstitutionPass):
     energy: float = option(0.9, help="criterion=energy: fraction of the squared singular values kept (1: full rank)")
     compression: float = option(2.0, help="criterion=compression: each factored layer gets ≤ 1/compression of its MACs")
     max_error: float = option(0.05, help="criterion=error: relative output error budget per layer on calibration data")
-    method: Literal["auto", "spatial", "tucker"] = option(
-        "auto", help="k×k Conv: spatial SVD, Tucker-2, or auto (the one with fewer MACs)")
+    method: Literal["auto", "spatial", "tucker", "cp", "tt"] = option(
+        "auto", help="k×k Conv: spatial SVD, Tucker-2, auto (the one of those two with fewer MACs) or cp (CP: "
+                     "1×1 → k×1 depthwise → 1×k depthwise → 1×1); tt: Gemm/MatMul as a tensor train (Convs left "
+                     "alone). With cp and tt, energy is the fraction of the weight's energy the CP fit / each "
+                     "TT-SVD step keeps")
+    tt_cores: int = option(2, help="method=tt: cores of the tensor train (the weight's input and output sizes are "
+                                   "each split into this many factors ≥ 2)")
+    als_iterations: int = option(100, help="method=cp: at most this many ALS sweeps per fitted rank")
     data_aware: bool = option(False, help="weight the factorization by the input covariance (needs calibration)")
     round_to: int = option(8, help="ranks rounded up to a multiple (capped at full rank)")
     samples: int = option(8, help="calibration samples for covariance and error measurement")
@@ -93,6 +115,8 @@ class LowRank(LayerSubstitutionPass):
         check_range("compression", self.compression, 1)
         if self.round_to < 1:
             raise ValueError(f"round_to must be ≥ 1, got {self.round_to}")
+        check_range("tt_cores", self.tt_cores, 2, 6)
+        check_range("als_iterations", self.als_iterations, 1, 100000)
 
     def requires(self, model, ctx):
         super().requires(model, ctx)
@@ -244,7 +268,13 @@ class LowRank(LayerSubstitutionPass):
             return "no calibration rows for this layer"
         x, y = layer.x_shape, layer.y_shape
         options = []
-        if layer.kind in ("matrix", "conv1x1"):
+        if self.method == "tt":
+            if layer.kind != "matrix":
+                return "method=tt applies to Gemm/MatMul only"
+            options = self._tt_options(layer, error)
+            if isinstance(options, str):
+                return options
+        elif layer.kind in ("matrix", "conv1x1"):
             svd = MatrixSVD(layer.wmat, inv, chol)
             f, o = layer.wmat.shape
             npos = layer.macs // (f * o)  # output rows (positions)
@@ -274,6 +304,8 @@ class LowRank(LayerSubstitutionPass):
                 options.append({"method": "spatial", "ranks": r, "macs": macs_sp(r[0]),
                                 "energy": kept_energy(sp.s, r[0], var), "fac": sp,
                                 "w_hat": lambda r=r: _conv_mat(sp.approx(r[0]))})
+            if self.method == "cp":
+                options.append(self._cp_option(layer, inv, chol, var, error))
             if self.method in ("auto", "tucker"):
                 tk = Tucker2(layer.w, inv, chol)
                 f1, f2 = tk.full
@@ -313,7 +345,80 @@ class LowRank(LayerSubstitutionPass):
             "data_aware": data_aware, "macs_before": int(layer.macs), "macs_after": int(best["macs"]),
             "error": None if measured is None else round(measured, 6),
         }
+        if best["method"] == "tt":
+            best["report"]["modes"] = [list(best["fac"].in_modes), list(best["fac"].out_modes)]
+            best["report"]["data_aware"] = False  # a tensor train is fitted on the weight (its last core refit)
         return best
+
+    # ------------------------------------------------------------------ CP and tensor train
+    def _cp_option(self, layer: FactorableLayer, inv, chol, var: float | None, error) -> dict:
+        """method=cp: the rank by the criterion (ALS fits only at the ranks the search visits)."""
+        o, c, kh, kw = layer.w.shape
+        n, _, h, wi = layer.x_shape
+        ho, wo = layer.y_shape[2], layer.y_shape[3]
+        cp = ConvCP(layer.w, inv, chol, iterations=self.als_iterations)
+
+        def macs_cp(r):
+            vertical = n * r * kh * ho * (wi if kw > 1 else wo) if kh > 1 else 0
+            horizontal = n * r * kw * ho * wo if kw > 1 else 0
+            return n * r * c * h * wi + vertical + horizontal + n * o * r * ho * wo
+
+        grid = self._grid(cp.full)
+        if not self.force:  # ranks that cannot cut MACs enough are never fitted (ALS at a high rank is slow)
+            cheap = [g for g in grid if macs_cp(g) <= layer.macs * (1 - self.min_saving)]
+            grid = cheap + [cp.full] if cheap and cheap[-1] != cp.full else cheap or [cp.full]
+        total = var if var is not None and var > 0 else cp.norm2
+
+        def kept(r):
+            return 1.0 - cp.residual(r) / max(total, 1e-300)
+
+        if self.criterion == "energy":
+            if self.energy >= 1:
+                by_energy = (cp.full,)
+            else:  # the smallest grid rank keeping the energy (the fit improves with the rank)
+                lo, hi = 0, len(grid) - 1
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if kept(grid[mid]) >= self.energy:
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                by_energy = (grid[lo],)
+        else:
+            by_energy = (cp.full,)
+        r = self._choose([(k,) for k in grid], lambda k: macs_cp(k[0]), lambda k: error(_conv_mat(cp.approx(k[0]))),
+                         by_energy, layer.macs)
+        return {"method": "cp", "ranks": r, "macs": macs_cp(r[0]), "energy": kept(r[0]), "fac": cp,
+                "w_hat": lambda r=r: _conv_mat(cp.approx(r[0]))}
+
+    def _tt_options(self, layer: FactorableLayer, error) -> list[dict] | str:
+        """method=tt: for each of the most balanced mode splits of the weight, the ranks by the
+        criterion (the caller keeps the cheapest, or the most accurate with criterion=compression)."""
+        f, o = layer.wmat.shape
+        rows = layer.macs // (f * o)
+        bias_macs = rows * o if layer.bias is not None else 0  # the bias becomes an Add after the chain
+        splits_in, splits_out = _balanced(mode_splits(f, self.tt_cores)), _balanced(mode_splits(o, self.tt_cores))
+        if not splits_in or not splits_out:
+            return (f"method=tt: a {f}×{o} weight cannot be split into tt_cores={self.tt_cores} modes of at least 2 "
+                    f"on each side")
+        norm2 = float((layer.wmat.astype(np.float64) ** 2).sum())
+        options = []
+        for modes_in in splits_in:
+            for modes_out in splits_out:
+                tt = MatrixTT(layer.wmat, modes_in, modes_out)
+
+                def macs_tt(ranks, tt=tt):
+                    return rows * tt.macs_per_row(ranks) + bias_macs
+
+                grid = sorted({tuple(self._round(t * full, full) for full in tt.full)
+                               for t in np.linspace(1 / 32, 1, 32)})
+                by_energy = tuple(self._round(r, full) for r, full in zip(tt.energy_ranks(self.energy), tt.full))
+                r = self._choose(grid, macs_tt, lambda k, tt=tt: error(tt.approx(k)), by_energy, layer.macs)
+                w_hat = tt.approx(r)
+                options.append({"method": "tt", "ranks": r, "macs": macs_tt(r), "fac": tt,
+                                "energy": 1.0 - float(((layer.wmat - w_hat) ** 2).sum()) / max(norm2, 1e-300),
+                                "w_hat": lambda tt=tt, r=r: tt.approx(r)})
+        return options
 
     def _choose(self, grid: list[tuple], macs_fn, err_fn, by_energy: tuple, layer_macs: int) -> tuple:
         """Ranks by the criterion: by_energy as given; compression: the largest grid point within the
@@ -356,6 +461,8 @@ class LowRank(LayerSubstitutionPass):
             return fresh(f"{base}_{suffix}")
 
         bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
+        if plan["method"] == "tt":
+            return self._build_tt(layer, fac, ranks, init, tensor, nname, bias, names)
         if layer.kind == "matrix":
             a, b = fac.factors(ranks[0])
             t = tensor("lr")
@@ -382,6 +489,33 @@ class LowRank(LayerSubstitutionPass):
                                       kernel_shape=one)
             return [first, second]
         o, c, kh, kw = layer.w.shape
+        if plan["method"] == "cp":
+            p, v, h, u = fac.factors(ranks[0])
+            r = p.shape[0]
+            if kh == 1:  # a 1×k kernel: the k×1 factor is one scale per channel, folded into the first 1×1
+                p = p * v.reshape(r, 1, 1, 1)
+            if kw == 1:
+                p = p * h.reshape(r, 1, 1, 1)
+            t = tensor("cp_in")
+            chain = [helper.make_node("Conv", [x, init("cp_in", p)], [t], name=nname("cp_in"), kernel_shape=[1, 1])]
+            if kh > 1:
+                # with a k×1 kernel this is the only spatial Conv: it takes the whole geometry
+                geometry = (dict(strides=[strides[0], 1], pads=[pads[0], 0, pads[2], 0], dilations=[dil[0], 1])
+                            if kw > 1 else dict(strides=strides, pads=pads, dilations=dil))
+                t_next = tensor("cp_v")
+                chain.append(helper.make_node("Conv", [t, init("cp_v", v)], [t_next], name=nname("cp_v"),
+                                              kernel_shape=[kh, 1], group=r, **geometry))
+                t = t_next
+            if kw > 1:
+                geometry = (dict(strides=[1, strides[1]], pads=[0, pads[1], 0, pads[3]], dilations=[1, dil[1]])
+                            if kh > 1 else dict(strides=strides, pads=pads, dilations=dil))
+                t_next = tensor("cp_h")
+                chain.append(helper.make_node("Conv", [t, init("cp_h", h)], [t_next], name=nname("cp_h"),
+                                              kernel_shape=[1, kw], group=r, **geometry))
+                t = t_next
+            chain.append(helper.make_node("Conv", [t, init("cp_out", u)] + bias, [out], name=nname("cp_out"),
+                                          kernel_shape=[1, 1]))
+            return chain
         if plan["method"] == "spatial":
             v, h = fac.factors(ranks[0])
             t = tensor("lr_v")
@@ -399,6 +533,129 @@ class LowRank(LayerSubstitutionPass):
         last = helper.make_node("Conv", [t2, init("lr_out", u_out)] + bias, [out], name=nname("lr_out"),
                                 kernel_shape=[1, 1])
         return [first, mid, last]
+
+    def _build_tt(self, layer: FactorableLayer, tt: MatrixTT, ranks: tuple, init, tensor, nname, bias: list[str],
+                  names: NameAllocator) -> list[onnx.NodeProto]:
+        """The chain of a tensor-train layer, cores applied from the last (no Transpose):
+        x → Reshape [−1, i_d] → MatMul G_d [i_d, r_{d-1}·o_d], then for k = d−1 … 1:
+        Reshape [−1, i_k·r_k, o_{k+1}⋯o_d] → MatMul(G_k [r_{k-1}·o_k, i_k·r_k], ·) (the core on the left),
+        and a Reshape to the layer's output shape (then the Gemm's bias, an Add)."""
+        node, out = layer.node, layer.node.output[0]
+        dtype = layer.w.dtype
+        cores = tt.cores(ranks)
+        d = len(cores)
+        modes_in, modes_out = tt.in_modes, tt.out_modes
+
+        def shape(suffix, dims):
+            return names.initializer(f"{node.name}_{suffix}", np.asarray(dims, dtype=np.int64), np.int64)
+
+        chain = []
+        t = tensor("tt_in")
+        chain.append(helper.make_node("Reshape", [node.input[0], shape("tt_shape", [-1, modes_in[-1]])], [t],
+                                      name=nname("tt_reshape")))
+        g = cores[-1]  # [r, i, o, 1]
+        last_mat = g[..., 0].transpose(1, 0, 2).reshape(g.shape[1], -1)
+        t_next = tensor(f"tt_core{d}")
+        chain.append(helper.make_node("MatMul", [t, init(f"tt_core{d}", last_mat)], [t_next],
+                                      name=nname(f"tt_core{d}")))
+        t = t_next
+        for k in range(d - 2, -1, -1):
+            g = cores[k]  # [r_k, i_k, o_k, r_{k+1}]
+            after = int(np.prod(modes_out[k + 1:]))
+            t_shaped = tensor(f"tt_core{k + 1}_in")
+            dims = [-1, g.shape[1] * g.shape[3], after]
+            chain.append(helper.make_node("Reshape", [t, shape(f"tt_shape{k + 1}", dims)], [t_shaped],
+                                          name=nname(f"tt_reshape{k + 1}")))
+            mat = g.transpose(0, 2, 1, 3).reshape(g.shape[0] * g.shape[2], g.shape[1] * g.shape[3])
+            t_next = tensor(f"tt_core{k + 1}")
+            chain.append(helper.make_node("MatMul", [init(f"tt_core{k + 1}", mat), t_shaped], [t_next],
+                                          name=nname(f"tt_core{k + 1}")))
+            t = t_next
+        refit_node = chain[-1].name
+        final = tensor("tt_out") if layer.bias is not None else out
+        chain.append(helper.make_node("Reshape", [t, shape("tt_out_shape", list(layer.y_shape))], [final],
+                                      name=nname("tt_out")))
+        if layer.bias is not None:
+            beta = float(attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
+            b = bias[0] if beta == 1.0 else init("tt_bias", layer.bias)
+            chain.append(helper.make_node("Add", [final, b], [out], name=nname("tt_bias")))
+        self._tt_chains.append({"node": refit_node, "output": out, "bias": layer.bias, "o1": modes_out[0],
+                                "features": int(cores[0].shape[1] * cores[0].shape[3])})
+        return chain
+
+    def refit_jobs(self, layer, params, nodes):
+        if params["method"] == "tt":  # the last core is refit by _refit_tt_cores (its rows are not the output's)
+            return []
+        return super().refit_jobs(layer, params, nodes)
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        self._tt_chains = []
+        original = model.clone() if self.method == "tt" and self.refit_wanted(ctx) else None
+        result = super().run(model, ctx)
+        if original is not None and self._tt_chains:
+            data = [s for _, s in zip(range(self.refit_samples), ctx.calibration)]
+            result.stats["refit"] = _refit_tt_cores(original, result.model, self._tt_chains, data,
+                                                    positions=self.positions)
+        self._tt_chains = []
+        return result
+
+
+def _refit_tt_cores(original: Model, model: Model, chains: list[dict], samples: list[dict], *, positions: int,
+                    ridge: float = 1e-3, holdout: float = 0.25) -> dict:
+    """Ridge refit of each tensor train's last-applied core (the MatMul G_1 [o_1, i_1·r_1] @ T with T
+    [N, i_1·r_1, o_2⋯o_d]), in network order, on what it receives in the compressed model (after the
+    trains before it were refit) towards the original layer's output less its bias: one row per
+    (n, o_2⋯o_d) position, o_1 targets. The same rules as the other methods' refit: a quarter of the
+    samples held out first (a refit that does not lower the error there is refused), never worse on
+    the calibration rows, and the report in the same form."""
+    report: dict = {"layers": 0, "skipped": []}
+    if not samples:
+        return report
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    chains = sorted(chains, key=lambda c: order[c["node"]])
+    targets = {c["output"]: [] for c in chains}
+    for acts in iter_activations(original, list(targets), samples):
+        for name in targets:
+            targets[name].append(acts[name])
+    rng = np.random.default_rng(1)
+    stream = LayerInputStream(model, samples)
+    for chain in chains:
+        node = model.node_by_name(chain["node"])
+        g = model.get_constant(node.input[0])  # [o_1, i_1·r_1]
+        o1, feats = g.shape
+        rows, outs = [], []
+        for k, t in enumerate(stream.inputs(order[node.name], node.input[1])):
+            p = np.swapaxes(t, 1, 2).reshape(-1, feats)  # [(n, o_2⋯o_d), i_1·r_1]
+            y = targets[chain["output"]][k]
+            if chain["bias"] is not None:
+                y = y - chain["bias"]
+            y = np.swapaxes(y.reshape(t.shape[0], o1, -1), 1, 2).reshape(-1, o1)
+            pos = pick_positions(p.shape[0], max(16, positions // len(samples)), rng)
+            rows.append(p[pos])
+            outs.append(y[pos])
+        p, y, w = np.concatenate(rows), np.concatenate(outs), g.T.astype(np.float64)
+        before = residual(p, y, w, None)
+        if before <= ALREADY_EXACT:
+            report.setdefault("already_exact", []).append(node.name)
+            continue
+        if holdout > 0 and len(rows) > 1 and not generalizes(rows, y, w, None, None, ridge, holdout):
+            report["skipped"].append(node.name)
+            report.setdefault("overfit", []).append(node.name)
+            continue
+        new_w, _ = ridge_refit(p, y, w, None, strength=ridge)
+        after = residual(p, y, new_w, None)
+        if after >= before:
+            report["skipped"].append(node.name)
+            continue
+        model.replace_constant_input(node, 0, new_w.T.astype(g.dtype), suffix="refit")
+        report["layers"] += 1
+        report.setdefault("errors", {})[node.name] = {"before": float(np.sqrt(before)), "after": float(np.sqrt(after))}
+    return report
+
+
+def _balanced(splits: list[tuple[int, ...]], keep: int = 4) -> list[tuple[int, ...]]:
+    """The ``keep`` most balanced mode splits (smallest largest/smallest factor ratio)."""
+    return sorted(splits, key=lambda m: (max(m) / min(m), m))[:keep]
 
 
 def _conv_mat(w: np.ndarray) -> np.ndarray:
