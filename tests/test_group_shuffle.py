@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -141,6 +142,26 @@ def test_shuffle_chain_and_exact(fit, tmp_path):
     cmp = compare_models(m, r.model, [random_inputs(m, seed=s) for s in range(3)])
     assert cmp.max_rel < 1e-5, cmp.as_dict()
     check_saved(r.model, tmp_path / "gs.onnx")
+
+
+def test_shuffle_keeps_dynamic_batch_and_width():
+    """A model declared [N, C, 12, W], compressed at the calibration samples' shape: the shuffle's
+    Reshapes copy the batch (0) and infer the width (−1), so the result keeps both dynamic and, on a
+    representable layer, still matches the original at batch 2 and width 20."""
+    w = representable(2, 2, rank=2, seed=9)
+    m = conv_model(w)
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    m.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"
+    cal = CalibrationSet.random(m, 4, input_shapes={"x": [1, C, HW, HW]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a FrozenShapesWarning would fail here
+        res = Pipeline.from_specs([f"group-shuffle:pointwise_groups=2,width={width_for(2, 2, 2)}"],
+                                  calibration=cal).run(m)
+    assert res.model.input_shapes() == {"x": ["N", C, HW, "W"]}
+    assert "Transpose" in op_counts(res.model)
+    feeds = [{"x": np.random.default_rng(s).standard_normal((2, C, HW, 20)).astype(np.float32)} for s in range(2)]
+    cmp = compare_models(m, res.model, feeds)
+    assert cmp.max_rel < 1e-5, cmp.as_dict()
 
 
 # ---------------------------------------------------------------------------- the data fit
