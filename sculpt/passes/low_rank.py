@@ -418,6 +418,8 @@ class LowRank(LayerSubstitutionPass):
                 options.append({"method": "tt", "ranks": r, "macs": macs_tt(r), "fac": tt,
                                 "energy": 1.0 - float(((layer.wmat - w_hat) ** 2).sum()) / max(norm2, 1e-300),
                                 "w_hat": lambda tt=tt, r=r: tt.approx(r)})
+        if self.criterion == "compression":  # the splits that meet the MAC target, when any does
+            options = [opt for opt in options if opt["macs"] <= layer.macs / self.compression] or options
         return options
 
     def _choose(self, grid: list[tuple], macs_fn, err_fn, by_energy: tuple, layer_macs: int) -> tuple:
