@@ -90,10 +90,11 @@ def has_if_then_else(sch, block_rv) -> bool:
 
 
 def writes_function_output(sch, block_rv, func) -> bool:
-    buffer_map = getattr(func, "buffer_map", None)
-    params = {(buffer_map[p] if buffer_map is not None and p in buffer_map else p).data for p in func.params
-              if hasattr(p, "data") or (buffer_map is not None and p in buffer_map)}
-    return any(w.source.data in params for w in sch.get(block_rv).writes)
+    """The block writes one of the function's parameters. TVM 0.27's PrimFuncs have no buffer map
+    and their parameters' attributes build expressions: a parameter buffer is found by its name
+    (FuseTIR names the function's own buffers apart from its parameters)."""
+    params = {str(p) for p in func.params}
+    return any(str(w.source.name) in params for w in sch.get(block_rv).writes)
 
 
 def _loops_match_iter_vars(sch, block_rv) -> bool:

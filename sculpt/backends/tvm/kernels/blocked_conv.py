@@ -29,7 +29,7 @@ in the main block's name (``sculpt_conv_oc<ob>_h<th>_w<tw>_c<rc>_r<rows_outer>``
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -37,7 +37,7 @@ import numpy as np
 from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, four_pads, rewrite_calls, static_shape
 
 BLOCK_PREFIX = "sculpt_conv_oc"
-_BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_h(\d+)_w(\d+)_c(\d+)_r(\d+)(?:_i(\d+)_o(\d+))?")
+_BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_h(\d+)_w(\d+)_c(\d+)_r(\d+)(?:_i(\d+)_o(\d+))?(?:_l(\d+))?")
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ class ConvTile:
     rows_outer: int = 0  # 1: bands of rows outermost, channel blocks inside (large maps, small weights)
     in_block: int = 0  # input layout: 0 NCHW, else NCHW<in_block>c (channels blocked innermost)
     out_block: int = 0  # output layout: 0 NCHW, else NCHW<out_block>c (ob a multiple of it)
+    lanes: int = 0  # vector width the tile was chosen for (0: the target's default)
 
     def padded_width(self, out_width: int) -> int:
         return -(-out_width // self.tw) * self.tw
@@ -89,7 +90,8 @@ class ConvTile:
         return -(-out_channels // self.ob) * self.ob
 
     def as_list(self) -> list[int]:
-        return [self.ob, self.th, self.tw, self.rc, self.rows_outer, self.in_block, self.out_block]
+        return [self.ob, self.th, self.tw, self.rc, self.rows_outer, self.in_block, self.out_block] \
+            + ([self.lanes] if self.lanes else [])
 
     @property
     def weight_block(self) -> int:
@@ -100,7 +102,7 @@ class ConvTile:
     @property
     def name(self) -> str:
         return (f"{BLOCK_PREFIX}{self.ob}_h{self.th}_w{self.tw}_c{self.rc}_r{self.rows_outer}"
-                f"_i{self.in_block}_o{self.out_block}")
+                f"_i{self.in_block}_o{self.out_block}" + (f"_l{self.lanes}" if self.lanes else ""))
 
 
 # a policy: (ConvShape, TargetTraits, in_block=0, out_block=0) -> ConvTile in those layouts, or None
@@ -291,6 +293,8 @@ class BlockedConvBuilder:
         tile = self.choose(shape, self.traits, in_block, out_block)
         if tile is None:
             return None
+        # the schedule vectorizes with the width the tile was chosen for (lane_policy may widen it)
+        tile = replace(tile, lanes=self.traits.vector_lanes)
         return self._emit(x, constant_value(call.args[1]).numpy(), shape, tile, rewriter)
 
 

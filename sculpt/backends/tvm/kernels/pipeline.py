@@ -31,6 +31,7 @@ from sculpt.backends.tvm.kernels.sum_as_adds import rewrite_sum_of_stack
 from sculpt.backends.tvm.kernels.fast_math import rewrite_fast_math
 from sculpt.backends.tvm.kernels.row_softmax import rewrite_row_softmax
 from sculpt.backends.tvm.kernels.target_traits import traits_of
+from sculpt.backends.tvm.kernels.lane_policy import conv_traits_for
 from sculpt.backends.tvm.kernels.blocked_conv import ConvPolicy
 from sculpt.backends.tvm.kernels.whole_vector_width import rewrite_depthwise_widths
 from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
@@ -62,7 +63,8 @@ def _front_passes(target, conv_policy: ConvPolicy | None = None, conv_decisions:
         ("SculptBatchNormAsAffine", rewrite_batch_norm_as_affine),
         ("SculptSumAsAdds", rewrite_sum_of_stack),
         ("SculptRewriteTransposedConvs", rewrite_transposed_convs),
-        ("SculptBlockedConvs", lambda mod: rewrite_in_blocked_layout(mod, conv_policy, traits, conv_decisions)),
+        ("SculptBlockedConvs", lambda mod: rewrite_in_blocked_layout(mod, conv_policy, conv_traits_for(mod, traits),
+                                                                     conv_decisions)),
         ("SculptEvenStridedWidths", rewrite_even_strided_widths),
         ("SculptDepthwiseWidths", lambda mod: rewrite_depthwise_widths(mod, traits.vector_lanes)),
         ("SculptPadMatmulColumns", pad_matmul_columns),

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 from sculpt.backends.tvm.kernels.block_analysis import (
-    analyze_reduction, is_reduction, root_blocks, rows_fusable, with_fused_rows)
+    analyze_reduction, is_reduction, root_blocks, rows_fusable, with_fused_rows, writes_function_output)
 from sculpt.backends.tvm.kernels.register_tile import (
     KernelDecision, inline_epilogue, schedule_injective_block, schedule_register_tile)
 from sculpt.backends.tvm.kernels.blocked_conv import schedule_blocked_conv, tile_from_block_name
@@ -81,8 +81,8 @@ def try_register_tile(func, traits: TargetTraits, choose: TileChooser, name: str
     dw_tile = blocked_depthwise.tile_from_block_name(sch.get(main).name_hint)
     if dw_tile is not None:
         shape, work = _output_and_work(sch, main)
-        blocked_depthwise.schedule_blocked_depthwise(sch, sch.mod["main"], main, dw_tile, traits.vector_lanes,
-                                                     worth_parallel(work))
+        blocked_depthwise.schedule_blocked_depthwise(sch, sch.mod["main"], main, dw_tile,
+                                                     block_lanes(shape[-1], traits), worth_parallel(work))
         return sch, KernelDecision(name, "depthwise_blocked", shape, [dw_tile.th, dw_tile.tw, dw_tile.per_plane])
     anatomy = analyze_reduction(sch, main)
     if anatomy is None:
@@ -96,6 +96,12 @@ def try_register_tile(func, traits: TargetTraits, choose: TileChooser, name: str
     return sch, KernelDecision(name, anatomy.kind, anatomy.output_shape, tile.as_list())
 
 
+def block_lanes(block: int, traits: TargetTraits) -> int:
+    """The vector width for a kernel over channel blocks of ``block`` (NCHW<block>c): the target's
+    wide vectors when the block is one of them (lane_policy chose wide blocks), else its default."""
+    return block if traits.wide_lanes and block == traits.wide_lanes else traits.vector_lanes
+
+
 def _output_and_work(sch, main) -> tuple[tuple, int]:
     """The main block's output shape and its multiply-adds (the product of its loop extents)."""
     block = sch.get(main)
@@ -107,7 +113,7 @@ def _output_and_work(sch, main) -> tuple[tuple, int]:
 
 def _blocked_conv(sch, main, tile, traits: TargetTraits, name: str):
     shape, work = _output_and_work(sch, main)
-    schedule_blocked_conv(sch, sch.mod["main"], main, tile, traits.vector_lanes, worth_parallel(work))
+    schedule_blocked_conv(sch, sch.mod["main"], main, tile, tile.lanes or traits.vector_lanes, worth_parallel(work))
     return sch, KernelDecision(name, "conv2d_blocked", shape, tile.as_list())
 
 
@@ -124,6 +130,37 @@ def try_row_softmax(func, traits: TargetTraits, name: str = ""):
     return sch, KernelDecision(name, "softmax_rows", shape, None)
 
 
+def inlined_copies(func):
+    """An injective function of several blocks (a padded conv output sliced, reshaped, shuffled and
+    added to: ShuffleNet's units) as one block: indices simplified over the blocks' domains first
+    (Relax's reshapes index with divisions and remainders that hide a plain row copy), then every
+    block but the outputs inlined into its readers. The one block left reads its inputs along their
+    last axis, so it vectorizes; before, ShuffleNet's took 0.17 ms per 136x28x28 tensor in scalar
+    loops, 3.9 of its 13.8 ms. A block that cannot be inlined stays (the function as it was)."""
+    import tvm
+    from tvm import s_tir
+
+    simplified = s_tir.transform.StmtSimplify()(tvm.IRModule({"main": func}))["main"]
+    sch = s_tir.Schedule(simplified)
+    outputs = {b.name for b in _output_buffers(func)}
+    for b in root_blocks(sch):
+        if any(w.source.name in outputs for w in sch.get(b).writes):
+            continue
+        try:
+            sch.compute_inline(b)
+        except Exception:  # noqa: BLE001 - not a copy (a reduction, a padding read twice): kept
+            return func
+    return sch.mod["main"]
+
+
+def _output_buffers(func) -> list:
+    """The buffers a PrimFunc writes that are its parameters (the rest are its own)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    return [w.source for b in root_blocks(sch) if writes_function_output(sch, b, func) for w in sch.get(b).writes]
+
+
 def schedule_every_block(func, traits: TargetTraits, name: str = ""):
     """Injective and multi-reduction functions: inline elementwise chains, parallelize each block."""
     from tvm import s_tir
@@ -132,7 +169,7 @@ def schedule_every_block(func, traits: TargetTraits, name: str = ""):
     blocks = root_blocks(sch)
     has_reduction = any(is_reduction(sch, b) for b in blocks)
     if not has_reduction and len(blocks) > 1:
-        inline_epilogue(sch, sch.mod["main"], blocks[0])
+        sch = s_tir.Schedule(inlined_copies(func))
     for b in root_blocks(sch):
         schedule_injective_block(sch, b, traits.vector_lanes)
     return sch, KernelDecision(name, "reduce" if has_reduction else "injective", (), None)

@@ -159,8 +159,8 @@ def time_blocked_conv(shape, tile, target, *, number: int = 3, repeat: int = 3) 
 
     func = blocked_conv_func(shape, tile)
     sch = s_tir.Schedule(func)
-    schedule_blocked_conv(sch, sch.mod["main"], sch.get_sblock(tile.name), tile, traits_of(target).vector_lanes,
-                          parallel=False)
+    lanes = tile.lanes or traits_of(target).vector_lanes
+    schedule_blocked_conv(sch, sch.mod["main"], sch.get_sblock(tile.name), tile, lanes, parallel=False)
     lib = tvm.compile(sch.mod, target=target)
     return _time_ms(lib, _random_args(func), number, repeat)
 
@@ -174,11 +174,12 @@ def search_conv_tiles(mod, target, *, candidates: int = 4, number: int = 3, repe
 
     import tvm
 
+    from sculpt.backends.tvm.kernels.lane_policy import conv_traits_for
     from sculpt.backends.tvm.kernels.pipeline import legalized_and_fused
     from sculpt.backends.tvm.kernels.tiling import conv_tile, conv_tile_ranking
 
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
-    traits = traits_of(target)
+    traits = conv_traits_for(mod, traits_of(target))  # the vector width the plan gives this model's convs
     cache = cache if cache is not None else TileCache()
     decisions: list = []
     legalized_and_fused(mod, target, conv_tile, decisions)
@@ -186,6 +187,7 @@ def search_conv_tiles(mod, target, *, candidates: int = 4, number: int = 3, repe
     for shape, heuristic in dict.fromkeys(decisions):
         tiles = [heuristic, dataclasses.replace(heuristic, rows_outer=1 - heuristic.rows_outer)]
         for tile in conv_tile_ranking(shape, traits, heuristic.in_block, heuristic.out_block, candidates + 1):
+            tile = dataclasses.replace(tile, lanes=heuristic.lanes)
             if tile not in tiles:
                 tiles.append(tile)
         tiles = tiles[:candidates + 1]
