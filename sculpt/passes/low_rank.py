@@ -410,8 +410,9 @@ class LowRank(LayerSubstitutionPass):
                 def macs_tt(ranks, tt=tt):
                     return rows * tt.macs_per_row(ranks) + bias_macs
 
-                grid = sorted({tuple(self._round(t * full, full) for full in tt.full)
-                               for t in np.linspace(1 / 32, 1, 32)})
+                # every rank a multiple of round_to with the others in proportion (two cores: every rank)
+                grid = sorted({tuple(self._round(k * full / max(tt.full), full) for full in tt.full)
+                               for k in self._grid(max(tt.full))})
                 by_energy = tuple(self._round(r, full) for r, full in zip(tt.energy_ranks(self.energy), tt.full))
                 r = self._choose(grid, macs_tt, lambda k, tt=tt: error(tt.approx(k)), by_energy, layer.macs)
                 w_hat = tt.approx(r)
