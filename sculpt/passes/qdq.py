@@ -8,7 +8,10 @@ sensitivity):
 - every float activation input reads ``DequantizeLinear(QuantizeLinear(t))`` (per tensor, uint8
   asymmetric or int8 symmetric), one pair per tensor shared by all its readers;
 - constant weights become int8 initializers behind a DequantizeLinear, symmetric, per output channel
-  (``axis``) — the opset is raised to 13 where that needs it;
+  (``axis``) — the opset is raised to 13 where that needs it; with ``weight_bits=4`` int4 (W4A8,
+  opset 21), each channel's scale clipped where its squared rounding error is least. onnxruntime
+  1.32 has no int8 kernel for int4 weights: those convs and MatMuls run in float on weights
+  dequantized at every run (``conv_weight_bits=8`` keeps the convs in QLinearConv);
 - a constant bias of Conv/ConvTranspose/Gemm becomes int32 with scale input_scale × weight_scale;
 - the output is quantized too (so that the runtime can fuse the whole unit); a Relu, or a Clip whose
   lower bound is 0, that is the output's only reader is folded into that output's QuantizeLinear

@@ -9,10 +9,20 @@ column or conv filter tap (opset 21's blocked quantization; depthwise convs stay
 what the float model computes with those rounded weights: the pass's error is the weights' rounding
 alone, measured by the pipeline on held-out samples like every lossy pass.
 
-Layout: one DequantizeLinear per weight initializer (shared by all its readers), int4 or int8 values
-with no zero point (symmetric), per-axis (``axis``) or blocked (``axis`` + ``block_size``) float32
-scales. 4-bit and blocked weights need opset 21; the model is converted to it (onnx's version
-converter), or the pass stops with one line naming the reason.
+Ternary and binary weights (``bits`` 2 and 1): codes in {-1, 0, +1} times a scale, the threshold
+and scale that minimise the squared error of each channel or group (TWN), or {-1, +1} times the
+mean magnitude (BWN / XNOR-Net). Without training they break what they touch in PP-OCRv4 rec's
+convs and head; its SVTR MatMuls alone hold (see README).
+
+Layout: one DequantizeLinear per weight initializer (shared by all its readers), int8, int4 or
+int2 values (packed in raw_data) with no zero point (symmetric), per-axis (``axis``) or blocked
+(``axis`` + ``block_size``) float32 scales. 4-bit and blocked weights need opset 21, int2 opset 25
+(onnxruntime 1.32 runs DequantizeLinear on int2); the model is converted (onnx's version
+converter), or the pass stops with one line naming the reason. ``layout=matmulnbits`` writes MatMul
+weights as com.microsoft MatMulNBits instead (B packed [N, blocks, block bytes] as code + 2^(bits-1),
+float32 scales [N, blocks]): the same numbers at ``accuracy_level=0``. onnxruntime at its default
+optimization level fuses DequantizeLinear + MatMul into MatMulNBits itself (accuracy_level 4), so
+the standard-ONNX layout is the default.
 """
 
 from __future__ import annotations
