@@ -62,6 +62,7 @@ RUNNER_OPTIONS: dict[str, dict[str, Any]] = {
     "channel-pruning": {"samples": 2, "positions": 1024},
     "depthwise-separable": {"samples": 2, "positions": 512, "iterations": 1},
     "fire-module": {"samples": 2, "positions": 512},
+    "group-shuffle": {"samples": 2, "positions": 512, "iterations": 1},
 }
 PREP_PASS = "canonicalize"
 
