@@ -15,7 +15,7 @@ from sculpt.ir.channel_handlers import attr
 from sculpt.ir.factorize import (ConvCP, MatrixSVD, MatrixTT, SpatialSVD, Tucker2, energy_rank, kept_energy,
                                   mode_splits, whitening)
 from sculpt.ir.model import Model
-from sculpt.ir.refit import generalizes, layer_rows, pick_positions, residual, ridge_refit, ALREADY_EXACT
+from sculpt.ir.refit import ALREADY_EXACT, generalizes, layer_rows, pick_positions, residual, ridge_refit
 from sculpt.ir.substitution import CandidateLayer, NameAllocator, conv_unsupported, name_selected
 from sculpt.passes.base import PassContext, PassResult, check_range, option, register
 from sculpt.passes.layer_substitution import FittedReplacement, LayerSubstitutionPass
@@ -66,17 +66,17 @@ class LowRank(LayerSubstitutionPass):
     singular values; with ``data_aware`` those are the layer's output energy on calibration data),
     ``compression`` (the largest rank whose factored layer has at most 1/``compression`` of the
     MACs), or ``error`` (the smallest rank whose relative output error on calibration data is at most
-    ``max_error``). For ``cp`` the energy is that of the (whitened) kernel the fit keeps, 1 − ‖W − Ŵ‖²/‖W‖²
-    (searched over ranks, one ALS fit each); for ``tt`` each of the tt_cores − 1 SVDs of the TT-SVD may
-    drop (1 − energy)/(tt_cores − 1) of the weight's energy. Ranks are rounded up to a multiple of
-    ``round_to``. ``data_aware`` weights the
-    factorization by the input activations' second-moment matrix Σ = E[x xᵀ] (features of a Gemm,
-    channels of a Conv): the weight is factored in the coordinates where the input is white, which
-    minimises the output error E‖x(W − Ŵ)‖² exactly for Gemm/MatMul/1×1 Conv (and per position,
-    ignoring spatial correlation, for k×k and CP, whose C-mode factor absorbs the whitening). A
-    tensor train is not whitened (a dense F×F map would undo its savings); with calibration data its
-    last-applied core is refit like the others' last factor. A layer is left alone when factoring would not save at
-    least ``min_saving`` of its MACs (unless ``force``). At full rank every factorization is exact.
+    ``max_error``). For ``cp`` the energy is that of the (whitened) kernel the fit keeps,
+    1 − ‖W − Ŵ‖²/‖W‖² (searched over ranks, one ALS fit each); for ``tt`` each of the tt_cores − 1
+    SVDs of the TT-SVD may drop (1 − energy)/(tt_cores − 1) of the weight's energy. Ranks are rounded
+    up to a multiple of ``round_to``. ``data_aware`` weights the factorization by the input
+    activations' second-moment matrix Σ = E[x xᵀ] (features of a Gemm, channels of a Conv): the
+    weight is factored in the coordinates where the input is white, which minimises the output error
+    E‖x(W − Ŵ)‖² exactly for Gemm/MatMul/1×1 Conv (and per position, ignoring spatial correlation,
+    for k×k and CP, whose C-mode factor absorbs the whitening). A tensor train is not whitened (a
+    dense F×F map would undo its savings); with calibration data its last-applied core is refit like
+    the others' last factor. A layer is left alone when factoring would not save at least
+    ``min_saving`` of its MACs (unless ``force``). At full rank every factorization is exact.
     Each factored layer's output keeps its name. With calibration data (``refit``), each factored
     layer's last factor is then refit by ridge least squares, in network order, on the inputs the
     compressed model really gives it, towards the original layer's output: the error of one
@@ -544,7 +544,6 @@ class LowRank(LayerSubstitutionPass):
         Reshape [−1, i_k·r_k, o_{k+1}⋯o_d] → MatMul(G_k [r_{k-1}·o_k, i_k·r_k], ·) (the core on the left),
         and a Reshape to the layer's output shape (then the Gemm's bias, an Add)."""
         node, out = layer.node, layer.node.output[0]
-        dtype = layer.w.dtype
         cores = tt.cores(ranks)
         d = len(cores)
         modes_in, modes_out = tt.in_modes, tt.out_modes
@@ -582,8 +581,7 @@ class LowRank(LayerSubstitutionPass):
             beta = float(attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
             b = bias[0] if beta == 1.0 else init("tt_bias", layer.bias)
             chain.append(helper.make_node("Add", [final, b], [out], name=nname("tt_bias")))
-        self._tt_chains.append({"node": refit_node, "output": out, "bias": layer.bias, "o1": modes_out[0],
-                                "features": int(cores[0].shape[1] * cores[0].shape[3])})
+        self._tt_chains.append({"node": refit_node, "output": out, "bias": layer.bias})
         return chain
 
     def refit_jobs(self, layer, params, nodes):
