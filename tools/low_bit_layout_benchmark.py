@@ -4,10 +4,12 @@ level (ORT_ENABLE_ALL, which fuses DequantizeLinear + MatMul into MatMulNBits it
 ORT_ENABLE_BASIC (no such fusion).
 
     python tools/low_bit_layout_benchmark.py [--part head|rec|both] [--rounds 9] [--runs 15]
+    python tools/low_bit_layout_benchmark.py --saved out/rec_*.onnx   # saved rec files against the original
 
 ``head``: rec's head MatMul alone ([1, 40, 120] x its real [120, 6625] weight), 4-bit per channel and
 per group of 32, and ternary; ``rec``: the whole model with only its MatMul weights quantized
-(``ops=[MatMul]``; convs stay float, so the difference is the layout's). All sessions are built
+(``ops=[MatMul]``; convs stay float, so the difference is the layout's); ``--saved``: rec models saved by
+``tools/ocr_benchmark.py --save-dir`` against the canonicalized original, at ORT_ENABLE_ALL. All sessions are built
 first, then measured in turn in each round (median of ``--runs`` runs per round, median over rounds),
 2 intra-op threads, batch 1. Run it under ``flock /tmp/sculpt-bench.lock`` on a shared machine.
 """
@@ -18,6 +20,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -57,14 +60,21 @@ def head_model(rec: Model) -> Model:
     return Model.wrap(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8))
 
 
-def measure(base: Model, configs: dict[str, str], feeds: dict, rounds: int, runs: int) -> list[tuple]:
-    sessions = {}
+def measure(base: Model, configs: dict[str, str], feeds: dict, rounds: int, runs: int,
+            saved: dict[str, bytes] | None = None, levels: tuple[str, ...] = tuple(LEVELS)) -> list[tuple]:
+    """Rows (name, level, median ms, fastest round, slowest round, × fp32) of ``base`` under each pass
+    spec of ``configs`` ("" for base itself, named fp32), and of the serialized models of ``saved``."""
+    models = {}
     for name, spec in configs.items():
         model = base.clone()
         if spec:
             model = create_pass(*parse_pass_spec(spec))(model).model
-        data = model.serialize()
-        for level_name, level in LEVELS.items():
+        models[name] = model.serialize()
+    models.update(saved or {})
+    sessions = {}
+    for name, data in models.items():
+        for level_name in levels:
+            level = LEVELS[level_name]
             so = ort.SessionOptions()
             so.log_severity_level = 4
             so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
@@ -81,7 +91,7 @@ def measure(base: Model, configs: dict[str, str], feeds: dict, rounds: int, runs
                 session.run(None, feeds)
                 times.append(time.perf_counter() - start)
             samples[key].append(statistics.median(times))
-    ref = {lv: statistics.median(samples[("fp32", lv)]) for lv in LEVELS}
+    ref = {lv: statistics.median(samples[("fp32", lv)]) for lv in levels}
     return [(name, lv, statistics.median(v) * 1e3, min(v) * 1e3, max(v) * 1e3, statistics.median(v) / ref[lv])
             for (name, lv), v in samples.items()]
 
@@ -99,11 +109,19 @@ def main(argv=None) -> int:
     ap.add_argument("--part", choices=("head", "rec", "both"), default="both")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--saved", nargs="+", metavar="FILE", help="rec .onnx files to measure against the original "
+                                                                "(instead of --part)")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.runs < 1:
         ap.error("--rounds and --runs must be positive")
     rec = rec_model()
     rng = np.random.default_rng(0)
+    if args.saved:
+        saved = {Path(f).stem: Path(f).read_bytes() for f in args.saved}
+        feeds = {"x": rng.random((1, 3, 48, 320)).astype(np.float32)}
+        rows = measure(rec, {"fp32": ""}, feeds, args.rounds, args.runs, saved, ("all",))
+        print(table("rec file", rows, args.rounds, args.runs))
+        return 0
     if args.part in ("head", "both"):
         feeds = {"x": rng.random((1, 40, 120)).astype(np.float32)}
         rows = measure(head_model(rec), HEAD_CONFIGS, feeds, args.rounds, args.runs)
