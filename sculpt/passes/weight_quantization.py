@@ -45,7 +45,6 @@ MS_DOMAIN = "com.microsoft"
 INT4_OPSET = 21  # int4 tensors and blocked quantization in DequantizeLinear
 PER_AXIS_OPSET = 13
 QMAX = {1: 1, 2: 1, 4: 7, 8: 127}  # 2 bits: ternary {-1, 0, +1}; 1 bit: binary {-1, +1}
-BITS = tuple(QMAX)
 INT2_OPSET = 25  # int2 tensors in DequantizeLinear
 LOW_BIT_TYPES = ("int2", "int4")
 LAYOUTS = ("dequantize", "matmulnbits")
