@@ -9,6 +9,7 @@
                  activations NCHW<lanes>c between such convs where no transform is needed (blocked_layout)]
              -> [sculpt: strided pools/depthwise over odd widths get an unused column (even_strided_width)]
              -> [sculpt: depthwise convs over widths of no whole vectors computed wider, sliced (whole_vector_width)]
+             -> [sculpt: matmuls with weights over L2 and K >= 256 read them in column panels (panel_matmul)]
              -> [sculpt: matmul weights padded to whole vectors of columns (pad_matmul_columns)]
              -> [sculpt: softmax over long rows with vector reductions (row_softmax)]
              -> [sculpt: softmax/exp/erf/tanh/sigmoid as approximations that vectorize (fast_math)]
@@ -25,6 +26,7 @@ from sculpt.backends.tvm.kernels.fold_small_constants import fold_small_constant
 from sculpt.backends.tvm.kernels.clip_as_ops import rewrite_clip_calls
 from sculpt.backends.tvm.kernels.batch_norm_as_affine import rewrite_batch_norm_as_affine
 from sculpt.backends.tvm.kernels.pad_matmul_columns import pad_matmul_columns
+from sculpt.backends.tvm.kernels.panel_matmul import rewrite_panel_matmuls
 from sculpt.backends.tvm.kernels.blocked_layout import rewrite_in_blocked_layout
 from sculpt.backends.tvm.kernels.even_strided_width import rewrite_even_strided_widths
 from sculpt.backends.tvm.kernels.sum_as_adds import rewrite_sum_of_stack
@@ -67,6 +69,7 @@ def _front_passes(target, conv_policy: ConvPolicy | None = None, conv_decisions:
                                                                      conv_decisions)),
         ("SculptEvenStridedWidths", rewrite_even_strided_widths),
         ("SculptDepthwiseWidths", lambda mod: rewrite_depthwise_widths(mod, traits.vector_lanes)),
+        ("SculptPanelMatmuls", lambda mod: rewrite_panel_matmuls(mod, traits)),
         ("SculptPadMatmulColumns", pad_matmul_columns),
         ("SculptRowSoftmax", lambda mod: rewrite_row_softmax(mod, traits.vector_lanes)),
         ("SculptFastMath", rewrite_fast_math),

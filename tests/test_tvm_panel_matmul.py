@@ -1,0 +1,70 @@
+"""Matmuls with a constant weight larger than L2 and a long reduction read it in column panels
+(panel_matmul): same results as onnxruntime, applied only where it pays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from onnx import TensorProto, helper, numpy_helper
+
+from sculpt.backends.tvm.kernels import host_target
+from sculpt.backends.tvm.kernels.panel_matmul import MIN_REDUCTION, pack_panels, panel_width
+from sculpt.backends.tvm.kernels.pipeline import compile_with_kernels
+from sculpt.backends.tvm.kernels.target_traits import traits_of
+from sculpt.backends.tvm.relax_import import import_to_relax, run_relax
+from sculpt.ir.model import Model
+from sculpt.runtime import make_session
+
+
+def _matmul_add_model(x_shape, k: int, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    out_shape = [*x_shape[:-1], n]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])], "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    return Model.wrap(proto)
+
+
+def _compile_and_compare(model, x_shape):
+    decisions = []
+    exe = compile_with_kernels(import_to_relax(model), tvm.target.Target(host_target("llvm")), decisions=decisions)
+    x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
+    got = run_relax(exe, {"x": x}, ["x"])[0]
+    ref = make_session(model).run(None, {"x": x})[0]
+    assert got.shape == ref.shape
+    assert float(np.abs(got - ref).max()) <= 2e-6 * float(np.abs(ref).max())
+    return [d for d in decisions if d.kind == "matmul"]
+
+
+def test_panels_hold_the_columns_in_order_with_zeros_past_the_last():
+    w = np.arange(3 * 10, dtype=np.float32).reshape(3, 10)
+    p = pack_panels(w, 4)
+    assert p.shape == (3, 3, 4)
+    assert np.array_equal(p[1, 2], w[2, 4:8]) and np.array_equal(p[2, :, :2], w[:, 8:10])
+    assert not p[2, :, 2:].any()
+
+
+@pytest.mark.parametrize("x_shape", [(20, 1024), (1, 20, 1024)])
+def test_a_classifier_with_a_weight_over_l2_reads_panels_and_matches_onnxruntime(x_shape):
+    """ddddocr's classifier shape, narrower: 1024 x 2100 (8.6 MB) with 2100 columns, no whole panels."""
+    traits = traits_of(host_target("llvm"))
+    n = 2100
+    assert 1024 * n * 4 >= traits.l2_bytes
+    matmuls = _compile_and_compare(_matmul_add_model(x_shape, 1024, n), x_shape)
+    nb = panel_width(traits.vector_lanes)
+    assert [tuple(d.shape) for d in matmuls] == [(-(-n // nb), 20, nb)]
+
+
+@pytest.mark.parametrize("k, n", [(MIN_REDUCTION // 2, 8192), (512, 64)])
+def test_a_short_reduction_or_a_small_weight_keeps_the_plain_matmul(k, n):
+    """K=128 (PP-OCRv6 rec's classifier kind: the result's transpose would cost more than the panels
+    save) and a 128 KB weight (in L2 already) keep the one matmul over [rows, columns]."""
+    matmuls = _compile_and_compare(_matmul_add_model((12, k), k, n), (12, k))
+    assert len(matmuls) == 1 and len(matmuls[0].shape) == 2, [d.shape for d in matmuls]
