@@ -400,3 +400,29 @@ def test_ppocr_rec_w4a8_runs_in_onnxruntime(tmp_path):
     onnx.checker.check_model(str(tmp_path / "rec_w4a8.onnx"), full_check=True)
     x = np.random.default_rng(2).random((1, 3, 48, 320)).astype(np.float32)
     assert np.isfinite(make_session(out).run(None, {"x": x})[0]).all()
+
+
+def test_the_cost_model_counts_matmulnbits_and_two_bit_weights():
+    """MatMulNBits' MACs are the MatMul's and its packed weight is K x N parameters of 4 bits; int2
+    weights take a quarter of a byte each."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sculpt.ir.cost import cost_of
+    from sculpt.ir.model import Model
+    from sculpt.passes import PassContext, create_pass
+
+    w = np.random.default_rng(0).standard_normal((256, 512)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 512])],
+                              [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    model = Model.wrap(proto)
+    nbits = create_pass("weight-quant", {"layout": "matmulnbits", "bits": 4})(model, PassContext()).model
+    assert [n.op_type for n in nbits.graph.node] == ["MatMulNBits"]
+    before, after = cost_of(model), cost_of(nbits)
+    assert after.macs == before.macs == 4 * 256 * 512
+    assert after.quantized_params == 256 * 512 and after.quantized_weight_bytes == 256 * 512 // 2
+    ternary = cost_of(create_pass("weight-quant", {"bits": 2})(model, PassContext()).model)
+    assert ternary.quantized_weight_bytes == 256 * 512 // 4

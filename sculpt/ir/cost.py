@@ -182,6 +182,9 @@ def node_macs(model: Model, node: onnx.NodeProto, shape_of) -> int | None:
         if out is None or w is None:
             return None
         return _numel(out) * _numel(w[1:])
+    if op == "MatMulNBits":  # com.microsoft: x [.., K] by a packed low-bit [K, N] weight (attributes K, N)
+        k = _attr(node, "K", None)
+        return _numel(out) * k if out is not None and k else None
     if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
         a = shape_of(node.input[0])
         if out is None or a is None:
@@ -203,14 +206,16 @@ def node_macs(model: Model, node: onnx.NodeProto, shape_of) -> int | None:
 
 
 _FOUR_BIT_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+_TWO_BIT_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT2", "UINT2") if hasattr(onnx.TensorProto, n)}
 
 
 def _element_bits(data_type: int) -> tuple[int, bool]:
-    """(bits per element as stored, floating point?) of an ONNX tensor type: int4/uint4 pack two per byte."""
+    """(bits per element as stored, floating point?) of an ONNX tensor type: int4/uint4 pack two per
+    byte, int2/uint2 four."""
     if data_type == onnx.TensorProto.STRING:
         return 0, False
     dtype = onnx.helper.tensor_dtype_to_np_dtype(data_type)
-    bits = 4 if data_type in _FOUR_BIT_TYPES else 8 * dtype.itemsize
+    bits = 4 if data_type in _FOUR_BIT_TYPES else 2 if data_type in _TWO_BIT_TYPES else 8 * dtype.itemsize
     return bits, dtype.kind == "f"
 
 
@@ -279,10 +284,18 @@ def _cost(model: Model, work: Model, model_bytes: int | None, runtime_shapes: bo
         params = 0
         wbytes = 0
         for k, i in enumerate(node.input):
-            # quantized weights (the integer input of a DequantizeLinear) are parameters too
-            if i in constants and (constants[i][2] or (node.op_type == "DequantizeLinear" and k == 0)):
+            # quantized weights (the integer input of a DequantizeLinear, MatMulNBits' packed weight) are
+            # parameters too
+            packed = node.op_type == "MatMulNBits" and k == 1
+            if i in constants and (constants[i][2] or (node.op_type == "DequantizeLinear" and k == 0) or packed):
                 dims, bits, _ = constants[i]
                 n = _numel(dims)
+                if packed:  # uint8 bytes holding K x N weights of ``bits`` bits each
+                    n, bits = _attr(node, "K", 0) * _attr(node, "N", 0), _attr(node, "bits", 4)
+                    if i not in quantized:
+                        quantized.add(i)
+                        report.quantized_params += n
+                        report.quantized_weight_bytes += _bytes(n, bits)
                 params += n
                 wbytes += _bytes(n, bits)
                 if i not in counted:
