@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from graphs import make_model, op_counts
+from graphs import conv_matmul_net, make_model, op_counts
 from markers import needs_ppocr
 from sculpt.cli.main import main
 from sculpt.ir.model import Model
@@ -24,26 +24,6 @@ from sculpt.runtime import make_session
 T = onnx.TensorProto
 RNG = np.random.default_rng(7)
 
-
-def conv_matmul_net(seed=4):
-    """Conv 8->32 3x3, depthwise 3x3, Conv 1x1 32->16, global pool, flatten, MatMul 16x64, Gemm
-    (transB) 64->40."""
-    rng = np.random.default_rng(seed)
-    inits = {"w1": rng.standard_normal((32, 8, 3, 3)).astype(np.float32) * 0.2,
-             "wd": rng.standard_normal((32, 1, 3, 3)).astype(np.float32) * 0.3,
-             "w2": rng.standard_normal((16, 32, 1, 1)).astype(np.float32) * 0.2,
-             "wm": rng.standard_normal((16, 64)).astype(np.float32) * 0.3,
-             "wg": rng.standard_normal((40, 64)).astype(np.float32) * 0.2,
-             "bg": rng.standard_normal(40).astype(np.float32)}
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("Conv", ["r1", "wd"], ["cd"], name="dw", group=32, pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["cd", "w2"], ["c2"], name="pw"),
-             helper.make_node("GlobalAveragePool", ["c2"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["f"]),
-             helper.make_node("MatMul", ["f", "wm"], ["m"], name="linear"),
-             helper.make_node("Gemm", ["m", "wg", "bg"], ["y"], name="head", transB=1)]
-    return make_model(nodes, [("x", [1, 8, 12, 12])], [("y", [1, 40])], inits)
 
 
 def matmul_net(k=120, n=72, seed=5):
