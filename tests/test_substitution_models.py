@@ -1,4 +1,4 @@
-"""low-rank, depthwise-separable and fire-module on the real models issue 5 names: PP-OCRv4 rec and
+"""low-rank (SVD/Tucker and CP), depthwise-separable, fire-module and group-shuffle on the real models issue 5 names: PP-OCRv4 rec and
 det (rendered text) and the onnx wheel's light vgg19, resnet50 and inception_v1 (random data), all
 canonicalized first. Each pass must give a model that passes the full checker and runs in
 onnxruntime with finite outputs and the same output names, whose MACs dropped by exactly what the
@@ -30,6 +30,10 @@ PASSES = {
     "low-rank": {"energy": 0.95, "data_aware": True, "samples": 2},
     "depthwise-separable": {"samples": 2, "positions": 1024},
     "fire-module": {"samples": 2, "positions": 1024},
+    # issue 20's factorization and substitution: CP of the k x k convs, grouped conv + pointwise
+    "low-rank:cp": {"method": "cp", "criterion": "compression", "compression": 2, "data_aware": True,
+                    "samples": 2, "als_iterations": 15},
+    "group-shuffle": {"samples": 2, "positions": 1024, "iterations": 1},
 }
 
 
@@ -52,12 +56,18 @@ def inspect_macs(path) -> int:
     return json.loads(out.getvalue())["totals"]["macs"]
 
 
+# CP's alternating least squares over vgg19's 512x512x3x3 kernels takes many minutes on 2 cores
+SKIP = {("low-rank:cp", "vgg19")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("pass_name", list(PASSES))
 def test_real_models(pass_name, name, tmp_path):
+    if (pass_name, name) in SKIP:
+        pytest.skip("CP on vgg19: minutes of ALS (resnet50 and inception_v1 run it)")
     m, cal = real_model(name)
-    r = create_pass(pass_name, PASSES[pass_name])(m, PassContext(calibration=cal))
+    r = create_pass(pass_name.split(":")[0], PASSES[pass_name])(m, PassContext(calibration=cal))
     assert r.modified and r.stats["layers"], r.stats["skipped"][:5]
     before, after = cost_of(m).macs, cost_of(r.model).macs
     saved = sum(x["macs_before"] - x["macs_after"] for x in r.stats["layers"])
