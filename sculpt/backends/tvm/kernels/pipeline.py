@@ -7,6 +7,7 @@
              -> [sculpt: transposed convs with stride == kernel -> 1x1 conv + pixel shuffle]
              -> [sculpt: conv2d -> the channel-blocked kernel where the policy gives a tile (blocked_conv),
                  activations NCHW<lanes>c between such convs where no transform is needed (blocked_layout)]
+             -> [sculpt: means over 4096+ terms summed in float64 (long_means)]
              -> [sculpt: strided pools/depthwise over odd widths get an unused column (even_strided_width)]
              -> [sculpt: depthwise convs over widths of no whole vectors computed wider, sliced (whole_vector_width)]
              -> [sculpt: matmuls with weights over L2 and K >= 256 read them in column panels (panel_matmul)]
@@ -27,6 +28,7 @@ from sculpt.backends.tvm.kernels.clip_as_ops import rewrite_clip_calls
 from sculpt.backends.tvm.kernels.batch_norm_as_affine import rewrite_batch_norm_as_affine
 from sculpt.backends.tvm.kernels.pad_matmul_columns import pad_matmul_columns
 from sculpt.backends.tvm.kernels.panel_matmul import rewrite_panel_matmuls
+from sculpt.backends.tvm.kernels.long_means import rewrite_long_means
 from sculpt.backends.tvm.kernels.blocked_layout import rewrite_in_blocked_layout
 from sculpt.backends.tvm.kernels.even_strided_width import rewrite_even_strided_widths
 from sculpt.backends.tvm.kernels.sum_as_adds import rewrite_sum_of_stack
@@ -67,6 +69,7 @@ def _front_passes(target, conv_policy: ConvPolicy | None = None, conv_decisions:
         ("SculptRewriteTransposedConvs", rewrite_transposed_convs),
         ("SculptBlockedConvs", lambda mod: rewrite_in_blocked_layout(mod, conv_policy, conv_traits_for(mod, traits),
                                                                      conv_decisions)),
+        ("SculptLongMeans", rewrite_long_means),
         ("SculptEvenStridedWidths", rewrite_even_strided_widths),
         ("SculptDepthwiseWidths", lambda mod: rewrite_depthwise_widths(mod, traits.vector_lanes)),
         ("SculptPanelMatmuls", lambda mod: rewrite_panel_matmuls(mod, traits)),
