@@ -113,6 +113,14 @@ def test_ppocr_rec_4_bit_weights_cut_the_file_below_a_third(tmp_path):
     ("weight-quant:conv_bits=3", ["conv_bits"]),
     ("weight-quant:group_size=24", ["group_size"]),
     ("weight-quant:ops=[Relu]", ["Relu"]),
+    ("weight-quant:bits=3", ["bits", "1, 2, 4 or 8"]),
+    ("weight-quant:depthwise_bits=0", ["depthwise_bits"]),
+    ("weight-quant:low_bit_type=int3", ["low_bit_type", "int3"]),
+    ("weight-quant:layout=packed", ["layout", "packed"]),
+    ("weight-quant:layout=matmulnbits,group_size=256", ["matmulnbits", "256"]),
+    ("weight-quant:layout=matmulnbits,accuracy_level=5", ["accuracy_level", "5"]),
+    ("qdq:weight_bits=2", ["weight_bits", "4, 7 or 8"]),
+    ("qdq:conv_weight_bits=6", ["conv_weight_bits", "6"]),
 ])
 def test_bad_options_are_one_line_and_write_nothing(tmp_path, capsys, spec, words):
     path = tmp_path / "m.onnx"
