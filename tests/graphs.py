@@ -84,3 +84,12 @@ def conv_matmul_net(seed=4) -> Model:
              helper.make_node("MatMul", ["f", "wm"], ["m"], name="linear"),
              helper.make_node("Gemm", ["m", "wg", "bg"], ["y"], name="head", transB=1)]
     return make_model(nodes, [("x", [1, 8, 12, 12])], [("y", [1, 40])], inits)
+
+
+def with_weights(model: Model, weights: dict[str, np.ndarray]) -> Model:
+    """A copy of ``model`` with the named initializers replaced (float32)."""
+    out = model.clone()
+    for t in out.graph.initializer:
+        if t.name in weights:
+            t.CopyFrom(numpy_helper.from_array(weights[t.name].astype(np.float32), t.name))
+    return out

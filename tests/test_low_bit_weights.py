@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from graphs import conv_matmul_net, make_model, op_counts
+from graphs import conv_matmul_net, make_model, op_counts, with_weights
 from markers import needs_ppocr
 from sculpt.ir.model import Model
 from sculpt.passes import create_pass
@@ -35,14 +35,6 @@ def matmul_net(k=120, n=72, seed=5):
              helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
     return make_model(nodes, [("x", [2, 7, k])], [("y", [2, 7, 48])], inits)
-
-
-def _with_weights(model: Model, weights: dict[str, np.ndarray]) -> Model:
-    out = model.clone()
-    for t in out.graph.initializer:
-        if t.name in weights:
-            t.CopyFrom(numpy_helper.from_array(weights[t.name].astype(np.float32), t.name))
-    return out
 
 
 def _dequantized_weights(out: Model) -> dict[str, np.ndarray]:
@@ -141,7 +133,7 @@ def test_ternary_and_binary_models_compute_the_float_model_with_their_codes(tmp_
                                                ("wg", "head"))}
     x = np.random.default_rng(1).standard_normal((1, 8, 12, 12)).astype(np.float32)
     got = make_session(out, optimize=False).run(None, {"x": x})[0]
-    want = make_session(_with_weights(model, rounded)).run(None, {"x": x})[0]
+    want = make_session(with_weights(model, rounded)).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     # optimized, onnxruntime fuses the MatMul's DequantizeLinear into MatMulNBits (activations quantized to
     # int8 at run time): the same result to int8 rounding

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from graphs import conv_matmul_net, make_model, op_counts
+from graphs import conv_matmul_net, make_model, op_counts, with_weights
 from markers import needs_ppocr
 from sculpt.cli.main import main
 from sculpt.ir.model import Model
@@ -16,14 +16,6 @@ from sculpt.passes import create_pass
 from sculpt.passes.weight_quantization import dequantized, quantize_symmetric
 from sculpt.runtime import make_session, reference_session
 
-
-
-def _with_weights(model: Model, weights: dict[str, np.ndarray]) -> Model:
-    out = model.clone()
-    for t in out.graph.initializer:
-        if t.name in weights:
-            t.CopyFrom(numpy_helper.from_array(weights[t.name].astype(np.float32), t.name))
-    return out
 
 
 @pytest.mark.parametrize("group", [0, 16])
@@ -80,7 +72,7 @@ def test_the_model_computes_the_float_model_with_the_rounded_weights(tmp_path, o
         assert np.abs(rounded[name] - w).max() <= 0.2 * np.abs(w).max()
     x = np.random.default_rng(1).standard_normal((1, 8, 12, 12)).astype(np.float32)
     got = reference_session(out).run(None, {"x": x})[0]
-    want = make_session(_with_weights(model, rounded)).run(None, {"x": x})[0]
+    want = make_session(with_weights(model, rounded)).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 

@@ -215,3 +215,27 @@ def generalizes(rows: list[np.ndarray], t: np.ndarray, w: np.ndarray, b: np.ndar
     bias = None if b is None else b.reshape(-1)
     new_w, new_b = ridge_refit(p[:split], t[:split], w, bias, strength=ridge, keep=keep)
     return residual(p[split:], t[split:], new_w, new_b) < residual(p[split:], t[split:], w, b)
+
+
+def guarded_refit(rows: list[np.ndarray], t: np.ndarray, w: np.ndarray, b: np.ndarray | None,
+                  keep: np.ndarray | None, ridge: float, holdout: float, report: dict, name: str):
+    """The ridge refit of one layer from its per-sample input rows and targets, with the guards every
+    refit in sculpt applies: nothing to do when the layer is already exact, refused when a refit on the
+    first samples does not lower the error on the held-out last ones, kept only if it lowers the error
+    on all the rows. A refused layer is recorded in ``report`` ("already_exact", "skipped",
+    "overfit"); a kept one returns (new_w, new_b, error before, error after) (squared, relative)."""
+    p = np.concatenate(rows)
+    before = residual(p, t, w, b)
+    if before <= ALREADY_EXACT:  # nothing to recover; a refit would only fit float noise
+        report.setdefault("already_exact", []).append(name)
+        return None
+    if holdout > 0 and len(rows) > 1 and not generalizes(rows, t, w, b, keep, ridge, holdout):
+        report["skipped"].append(name)
+        report.setdefault("overfit", []).append(name)
+        return None
+    new_w, new_b = ridge_refit(p, t, w, None if b is None else b.reshape(-1), strength=ridge, keep=keep)
+    after = residual(p, t, new_w, new_b)
+    if after >= before:  # never worse on the calibration data
+        report["skipped"].append(name)
+        return None
+    return new_w, new_b, before, after

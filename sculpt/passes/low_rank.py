@@ -15,7 +15,7 @@ from sculpt.ir.channel_handlers import attr
 from sculpt.ir.factorize import (ConvCP, MatrixSVD, MatrixTT, SpatialSVD, Tucker2, energy_rank, kept_energy,
                                   mode_splits, whitening)
 from sculpt.ir.model import Model
-from sculpt.ir.refit import ALREADY_EXACT, generalizes, layer_rows, pick_positions, residual, ridge_refit
+from sculpt.ir.refit import guarded_refit, layer_rows, pick_positions
 from sculpt.ir.substitution import CandidateLayer, NameAllocator, conv_unsupported, name_selected
 from sculpt.passes.base import PassContext, PassResult, check_range, option, register
 from sculpt.passes.layer_substitution import FittedReplacement, LayerSubstitutionPass
@@ -634,20 +634,11 @@ def _refit_tt_cores(original: Model, model: Model, chains: list[dict], samples: 
             pos = pick_positions(p.shape[0], max(16, positions // len(samples)), rng)
             rows.append(p[pos])
             outs.append(y[pos])
-        p, y, w = np.concatenate(rows), np.concatenate(outs), g.T.astype(np.float64)
-        before = residual(p, y, w, None)
-        if before <= ALREADY_EXACT:
-            report.setdefault("already_exact", []).append(node.name)
+        fitted = guarded_refit(rows, np.concatenate(outs), g.T.astype(np.float64), None, None, ridge, holdout,
+                               report, node.name)
+        if fitted is None:
             continue
-        if holdout > 0 and len(rows) > 1 and not generalizes(rows, y, w, None, None, ridge, holdout):
-            report["skipped"].append(node.name)
-            report.setdefault("overfit", []).append(node.name)
-            continue
-        new_w, _ = ridge_refit(p, y, w, None, strength=ridge)
-        after = residual(p, y, new_w, None)
-        if after >= before:
-            report["skipped"].append(node.name)
-            continue
+        new_w, _, before, after = fitted
         model.replace_constant_input(node, 0, new_w.T.astype(g.dtype), suffix="refit")
         report["layers"] += 1
         report.setdefault("errors", {})[node.name] = {"before": float(np.sqrt(before)), "after": float(np.sqrt(after))}

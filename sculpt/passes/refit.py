@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sculpt.ir.refit import (ALREADY_EXACT, RefitJob, flat_outputs, generalizes, pick_positions, refittable, residual, ridge_refit, sample_rows, weight_from_matrix, weight_matrix)
+from sculpt.ir.refit import (RefitJob, flat_outputs, guarded_refit, pick_positions, refittable, sample_rows, weight_from_matrix,
+                              weight_matrix)
 from sculpt.runtime import LayerInputStream, iter_activations
 
 
@@ -69,20 +70,10 @@ def sequential_refit(original, compressed, jobs: list[RefitJob], samples: list[d
                 or t.shape[1] != w_mat.shape[1] or (job.keep is not None and np.shape(job.keep) != w.shape)):
             report["skipped"].append(job.node)
             continue
-        p = np.concatenate(rows)
-        before = residual(p, t, w_mat, b)
-        if before <= ALREADY_EXACT:  # nothing to recover; a refit would only fit float noise
-            report.setdefault("already_exact", []).append(job.node)
+        fitted = guarded_refit(rows, t, w_mat, b, keep, ridge, holdout, report, job.node)
+        if fitted is None:
             continue
-        if holdout > 0 and len(rows) > 1 and not generalizes(rows, t, w_mat, b, keep, ridge, holdout):
-            report["skipped"].append(job.node)
-            report.setdefault("overfit", []).append(job.node)
-            continue
-        new_w, new_b = ridge_refit(p, t, w_mat, None if b is None else b.reshape(-1), strength=ridge, keep=keep)
-        after = residual(p, t, new_w, new_b)
-        if after >= before:  # never worse on the calibration data
-            report["skipped"].append(job.node)
-            continue
+        new_w, new_b, before, after = fitted
         compressed.replace_constant_input(node, 1, weight_from_matrix(node, new_w, w.shape).astype(w.dtype),
                                           suffix="refit")
         if new_b is not None:
