@@ -142,9 +142,8 @@ def inlined_copies(func):
 
     simplified = s_tir.transform.StmtSimplify()(tvm.IRModule({"main": func}))["main"]
     sch = s_tir.Schedule(simplified)
-    outputs = {b.name for b in _output_buffers(func)}
     for b in root_blocks(sch):
-        if any(w.source.name in outputs for w in sch.get(b).writes):
+        if writes_function_output(sch, b, sch.mod["main"]):
             continue
         try:
             sch.compute_inline(b)
@@ -152,13 +151,6 @@ def inlined_copies(func):
             return func
     return sch.mod["main"]
 
-
-def _output_buffers(func) -> list:
-    """The buffers a PrimFunc writes that are its parameters (the rest are its own)."""
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(func)
-    return [w.source for b in root_blocks(sch) if writes_function_output(sch, b, func) for w in sch.get(b).writes]
 
 
 def schedule_every_block(func, traits: TargetTraits, name: str = ""):
