@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from sculpt.backends.tvm.recurrent_loop import LOOP_DOMAIN, LOOP_OP, LoopActivation, LoopConfig
 from sculpt.backends.tvm.relax_import import TVMImportError
 from sculpt.ir.model import Model
 
@@ -42,6 +43,41 @@ class RecurrentImportError(TVMImportError):
 
 def has_recurrent_nodes(model: Model) -> bool:
     return any(n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx") for n in model.graph.node)
+
+
+RECURRENT_MODES = ("unroll", "loop")
+DEFAULT_RECURRENT_MODE = "unroll"
+
+
+def lower_recurrent(model: Model, mode: str | None = None) -> int:
+    """Replace every LSTM/GRU/RNN node of ``model`` (in place) by what TVM's importer takes. ``mode``
+    (default DEFAULT_RECURRENT_MODE): ``"unroll"``, every step as ONNX ops; ``"loop"``, an LSTM's input
+    projection as one MatMul and its recurrence as one ``SculptLSTMLoop`` node, converted while
+    :class:`sculpt.backends.tvm.recurrent_loop.loop_converters` is active into a TIR function with a
+    serial loop over time (GRU and RNN are unrolled). Returns the number of nodes replaced."""
+    mode = mode or DEFAULT_RECURRENT_MODE
+    if mode not in RECURRENT_MODES:
+        raise RecurrentImportError(f"unknown recurrent mode '{mode}' (choose from {', '.join(RECURRENT_MODES)})")
+    if mode == "unroll":
+        return unroll_recurrent(model)
+    targets = [n for n in model.graph.node if n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx")]
+    if not targets:
+        return 0
+    with model.indexed():
+        for node in targets:
+            original = onnx.NodeProto()
+            original.CopyFrom(node)
+            model.remove_node(node)
+            (_LoopLowering if node.op_type == "LSTM" else _Unroller)(model, original).run()
+    if not any(o.domain == LOOP_DOMAIN for o in model.proto.opset_import) and has_loop_nodes(model):
+        model.proto.opset_import.append(onnx.helper.make_opsetid(LOOP_DOMAIN, 1))
+    model.topological_sort()
+    model.remove_unused()
+    return len(targets)
+
+
+def has_loop_nodes(model: Model) -> bool:
+    return any(n.op_type == LOOP_OP and n.domain == LOOP_DOMAIN for n in model.graph.node)
 
 
 def unroll_recurrent(model: Model) -> int:
@@ -364,3 +400,88 @@ class _Unroller:
         if h is None:  # (1 - z) * candidate
             return self.op("Sub", [candidate, self.mul(z, candidate)])
         return self.op("Add", [candidate, self.mul(z, self.op("Sub", [h, candidate]))])
+
+
+class _LoopLowering(_Unroller):
+    """An LSTM node as its input projection (ONNX ops) and one SculptLSTMLoop node (the recurrence)."""
+
+    def run(self) -> None:
+        node = self.node
+        hidden = int(self.attrs.get("hidden_size", 0))
+        direction = self.attrs.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        if direction not in ("forward", "reverse", "bidirectional"):
+            self.fail(f"unknown direction '{direction}'")
+        directions = 2 if direction == "bidirectional" else 1
+        layout = int(self.attrs.get("layout", 0))
+        W, R = self.constant(1, "W"), self.constant(2, "R")
+        if W is None or R is None:
+            self.fail("W and R are required")
+        hidden = hidden or R.shape[-1]
+        if W.shape[0] != directions or W.shape[1] != 4 * hidden or R.shape[1:] != (4 * hidden, hidden):
+            self.fail(f"W {list(W.shape)} / R {list(R.shape)} do not fit hidden_size {hidden}, {directions} direction(s)")
+        B = self.constant(3, "B")
+        if B is None:
+            B = np.zeros((directions, 8 * hidden), np.float32)
+        P = self.constant(7, "P")
+        x = self.input_name(0)
+        shape = self.model.static_shape(x)
+        if shape is None or len(shape) != 3:
+            self.fail(f"the shape of X ('{x}') must be static to compile the node (fix the input shapes)")
+        if layout == 1:
+            x = self.op("Transpose", [x], perm=[1, 0, 2])
+            shape = (shape[1], shape[0], shape[2])
+        steps, batch = int(shape[0]), int(shape[1])
+        # all directions' input projections in one MatMul: [T, B, I] @ [I, D*4H] + bias
+        weights = np.concatenate([W[d].T for d in range(directions)], axis=1)
+        bias = np.concatenate([B[d, :4 * hidden] + B[d, 4 * hidden:] for d in range(directions)])
+        projected = self.op("Add", [self.op("MatMul", [x, self.const(weights)]), self.const(bias)])
+        recurrent = self.const(np.stack([R[d].T for d in range(directions)]))
+        h0 = self.state_input(5, directions, batch, hidden, layout)
+        c0 = self.state_input(6, directions, batch, hidden, layout)
+        peep = self.const(P if P is not None else np.zeros((directions, 3 * hidden), np.float32))
+        mask = self.sequence_mask(steps, batch)
+        acts = self.activations(directions)
+        cfg = LoopConfig(steps=steps, batch=batch, hidden=hidden,
+                         reverse=[int(direction == "reverse" or d == 1) for d in range(directions)],
+                         activations=[[LoopActivation(a.name, a.alpha, a.beta) for a in per] for per in acts],
+                         clip=None if self.attrs.get("clip") is None else float(self.attrs["clip"]),
+                         input_forget=bool(self.attrs.get("input_forget", 0)), peepholes=P is not None,
+                         masked=mask is not None)
+        outs = [self.node.output[i] if i < len(self.node.output) and self.node.output[i] and layout == 0
+                else self.fresh(f"loop_out{i}") for i in range(3)]
+        loop = onnx.helper.make_node(LOOP_OP, [projected, recurrent, h0, c0, peep,
+                                               mask if mask is not None else self.const(np.ones((steps, batch)))],
+                                     outs, name=self.fresh(LOOP_OP), domain=LOOP_DOMAIN, config=cfg.to_json())
+        self.model.append_node(loop)
+        if layout == 1:
+            for index, perm in ((0, [2, 0, 1, 3]), (1, [1, 0, 2]), (2, [1, 0, 2])):
+                if index < len(node.output) and node.output[index]:
+                    self.op("Transpose", [outs[index]], out=node.output[index], perm=perm)
+
+    def state_input(self, index: int, directions: int, batch: int, hidden: int, layout: int) -> str:
+        """The [D, B, H] initial state (zeros when the node has none)."""
+        name = self.input_name(index)
+        if not name:
+            return self.const(np.zeros((directions, batch, hidden), np.float32))
+        value = self.model.get_constant(name)
+        if value is not None:
+            value = value.astype(np.float32)
+            return self.const(value.transpose(1, 0, 2) if layout == 1 else value)
+        return self.op("Transpose", [name], perm=[1, 0, 2]) if layout == 1 else name
+
+    def sequence_mask(self, steps: int, batch: int) -> str | None:
+        """The [T, B] float mask (1 while t < sequence_lens), or None when every step is valid."""
+        name = self.input_name(4)
+        if not name:
+            return None
+        lengths = self.model.get_constant(name)
+        if lengths is not None:
+            lengths = np.broadcast_to(lengths.astype(np.int64).reshape(-1), (batch,))
+            if np.all(lengths >= steps):
+                return None
+            return self.const((np.arange(steps)[:, None] < lengths[None, :]).astype(np.float32))
+        lengths64 = self.op("Reshape", [self.op("Cast", [name], to=onnx.TensorProto.INT64),
+                                        self.const([1, -1], np.int64)])
+        less = self.op("Less", [self.const(np.arange(steps).reshape(-1, 1), np.int64), lengths64])
+        return self.op("Cast", [less], to=onnx.TensorProto.FLOAT)

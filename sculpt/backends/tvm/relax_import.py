@@ -17,18 +17,20 @@ class TVMImportError(SculptError):
 
 
 def import_to_relax(model: Model, input_shapes: Mapping[str, Sequence[int | str]] | None = None, *,
-                    canonicalized: bool = False, symbolic: bool = False):
+                    canonicalized: bool = False, symbolic: bool = False, recurrent: str | None = None):
     """Relax IRModule of the model, with static input shapes and weights bound as constants.
 
     ``symbolic``: named dynamic dimensions stay symbolic in Relax (``input_shapes`` may name them:
     ``{"x": ["N", 3, 48, "W"]}``); an unnamed one is a ShapeError naming it. Run ``canonicalize``
     first (and say so with ``canonicalized``: an import error then does not suggest it): the importer
     rejects shape computations it cannot resolve. LSTM, GRU and RNN nodes, which TVM's importer lacks,
-    are unrolled over their static sequence length first (:mod:`sculpt.backends.tvm.recurrent_import`)."""
+    are unrolled over their static sequence length first, or (LSTM, ``recurrent="loop"``) become a TIR
+    loop over time (:mod:`sculpt.backends.tvm.recurrent_import`; ``recurrent``: its RECURRENT_MODES)."""
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
-    from sculpt.backends.tvm.recurrent_import import has_recurrent_nodes, unroll_recurrent
+    from sculpt.backends.tvm.recurrent_import import has_recurrent_nodes, lower_recurrent
+    from sculpt.backends.tvm.recurrent_loop import loop_converters
 
     work = model.clone()
     if input_shapes:
@@ -39,12 +41,13 @@ def import_to_relax(model: Model, input_shapes: Mapping[str, Sequence[int | str]
         work.require_static_inputs("the TVM import")
     if has_recurrent_nodes(work):
         work.infer_shapes()
-        unroll_recurrent(work)
+        lower_recurrent(work, recurrent)
     # the importer reads symbolic dimensions from the model; shape_dict carries the static inputs only
     shapes = {k: [int(d) for d in v] for k, v in work.input_shapes().items()
               if all(isinstance(d, int) for d in v)}
     try:
-        return from_onnx(work.proto, shape_dict=shapes, keep_params_in_input=False)
+        with loop_converters():
+            return from_onnx(work.proto, shape_dict=shapes, keep_params_in_input=False)
     except tvm.error.OpNotImplemented as e:  # no converter: canonicalize would not help
         raise TVMImportError(f"TVM Relax import failed: {one_line(e)}") from None
     except Exception as e:

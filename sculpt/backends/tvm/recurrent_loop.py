@@ -1,0 +1,344 @@
+"""The LSTM recurrence as one TIR function with a serial loop over time, called from Relax (call_tir).
+
+:mod:`sculpt.backends.tvm.recurrent_import` (mode ``"loop"``) replaces an LSTM node by ONNX ops for
+what has no recurrence (the input projection of every step, both directions, in one MatMul + Add;
+the validity mask of ``sequence_lens``) and one node ``SculptLSTMLoop`` (domain ``ai.sculpt``) for
+the recurrence. TVM's ONNX importer converts that node, while :func:`loop_converters` is active, into
+``call_tir`` of the function written here:
+
+    for each direction d, for each step s (t = s, or T-1-s for a reverse direction), for each batch row b:
+        gates[:] = projected[t, b, d] + h[d, b] @ R[d]^T       (4H accumulators, vectorized over gates)
+        i, o, f, c = the gate activations (peepholes, clip, input_forget, ONNX's activation functions)
+        C = f * C + i * c;  H = o * h(C);  past a sequence's end the state stays and Y is 0
+
+The state lives in the Y_h / Y_c outputs, so the function allocates only the 4H gates. On the CPU
+the function is written scheduled (``tirx.is_scheduled``: sculpt's kernel pipeline leaves it alone);
+for the GPU, :func:`gpu_lstm_loop` writes the same recurrence for one work-group (threads over the
+gates, state and gates in shared memory, a barrier between the phases of a step), and
+:func:`replace_loops_for_gpu` swaps it in from the configuration the CPU function carries."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+LOOP_OP = "SculptLSTMLoop"
+LOOP_DOMAIN = "ai.sculpt"
+CONFIG_ATTR = "sculpt.lstm_loop"  # the PrimFunc attribute holding the LoopConfig as JSON
+
+
+@dataclass
+class LoopActivation:
+    name: str  # lower case ONNX name
+    alpha: float | None = None
+    beta: float | None = None
+
+
+@dataclass
+class LoopConfig:
+    """What the function computes: shapes, per-direction reverse flags and activations (f, g, h)."""
+
+    steps: int
+    batch: int
+    hidden: int
+    reverse: list[int]  # per direction: 1 walks the steps backwards
+    activations: list[list[LoopActivation]]  # per direction: [f, g, h]
+    clip: float | None = None
+    input_forget: bool = False
+    peepholes: bool = False
+    masked: bool = False  # sequence_lens given: a [steps, batch] 0/1 mask input
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def directions(self) -> int:
+        return len(self.reverse)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoopConfig":
+        data = json.loads(text)
+        data["activations"] = [[LoopActivation(**a) for a in acts] for acts in data["activations"]]
+        return cls(**data)
+
+
+def _f32(value: float) -> str:
+    return f"T.float32({float(value)!r})"
+
+
+def activation_expr(act: LoopActivation, x: str) -> str:
+    """The TVMScript expression of ONNX activation ``act`` applied to the float32 variable ``x``."""
+    one, zero = _f32(1.0), _f32(0.0)
+    name, a, b = act.name, act.alpha, act.beta
+    table = {
+        "sigmoid": f"{one} / ({one} + T.exp({zero} - {x}))",
+        "tanh": f"T.tanh({x})",
+        "relu": f"T.max({x}, {zero})",
+        "softsign": f"{x} / ({one} + T.fabs({x}))",
+        "softplus": f"T.log(T.exp({x}) + {one})",
+        "leakyrelu": f"T.if_then_else({x} >= {zero}, {x}, {_f32(a or 0)} * {x})",
+        "thresholdedrelu": f"T.if_then_else({x} > {_f32(a or 0)}, {x}, {zero})",
+        "elu": f"T.if_then_else({x} >= {zero}, {x}, {_f32(a or 0)} * (T.exp({x}) - {one}))",
+        "hardsigmoid": f"T.max({zero}, T.min({one}, {_f32(a or 0)} * {x} + {_f32(b or 0)}))",
+        "affine": f"{_f32(a or 0)} * {x} + {_f32(b or 0)}",
+        "scaledtanh": f"{_f32(a or 0)} * T.tanh({_f32(b or 0)} * {x})",
+    }
+    if name not in table:
+        raise ValueError(f"activation '{name}' is not one of ONNX's")
+    return table[name]
+
+
+def _per_direction(cfg: LoopConfig, values: list[str], d: str = "d") -> str:
+    """An expression choosing values[d] for the direction variable ``d`` (a constant when all agree)."""
+    if len(set(values)) == 1:
+        return values[0]
+    out = values[-1]
+    for index in range(len(values) - 2, -1, -1):
+        out = f"T.if_then_else({d} == {index}, {values[index]}, {out})"
+    return out
+
+
+def _step_index(cfg: LoopConfig) -> str:
+    """t of step s in direction d."""
+    if cfg.reverse == [0] * cfg.directions:
+        return "s"
+    if cfg.reverse == [1] * cfg.directions:
+        return f"{cfg.steps - 1} - s"
+    return _per_direction(cfg, ["s" if r == 0 else f"{cfg.steps - 1} - s" for r in cfg.reverse])
+
+
+def _cell_body(cfg: LoopConfig, indent: str, gate: str, hidden_state: str, cell_state: str, out: str,
+               k: str = "k") -> str:
+    """The statements of the elementwise part of one step for hidden unit ``k``: ``gate(j)`` reads the
+    pre-activation of gate row j, ``hidden_state``/``cell_state``/``out`` are buffer accesses (without
+    the closing bracket's index, filled in with k)."""
+    H = cfg.hidden
+
+    def clip(x: str) -> str:
+        if cfg.clip is None:
+            return x
+        return f"T.max({_f32(-cfg.clip)}, T.min({_f32(cfg.clip)}, {x}))"
+
+    def act(position: int, x: str) -> str:
+        exprs = [activation_expr(acts[position], x) for acts in cfg.activations]
+        return _per_direction(cfg, exprs)
+
+    lines = [f"c_prev: T.float32 = {cell_state}"]
+    i_pre = gate(f"{k}") + (f" + peep[d, {k}] * c_prev" if cfg.peepholes else "")
+    lines.append(f"i_pre: T.float32 = {clip(i_pre)}")
+    lines.append(f"i_g: T.float32 = {act(0, 'i_pre')}")
+    if cfg.input_forget:
+        lines.append(f"f_g: T.float32 = {_f32(1.0)} - i_g")
+    else:
+        f_pre = gate(f"{2 * H} + {k}") + (f" + peep[d, {2 * H} + {k}] * c_prev" if cfg.peepholes else "")
+        lines.append(f"f_pre: T.float32 = {clip(f_pre)}")
+        lines.append(f"f_g: T.float32 = {act(0, 'f_pre')}")
+    lines.append(f"c_pre: T.float32 = {clip(gate(f'{3 * H} + {k}'))}")
+    lines.append(f"c_g: T.float32 = {act(1, 'c_pre')}")
+    lines.append("c_new: T.float32 = f_g * c_prev + i_g * c_g")
+    o_pre = gate(f"{H} + {k}") + (f" + peep[d, {H} + {k}] * c_new" if cfg.peepholes else "")
+    lines.append(f"o_pre: T.float32 = {clip(o_pre)}")
+    lines.append(f"o_g: T.float32 = {act(0, 'o_pre')}")
+    lines.append(f"h_new: T.float32 = o_g * ({act(2, 'c_new')})")
+    if cfg.masked:
+        lines.append("m: T.float32 = mask[t, b]")
+        lines.append(f"{out} = h_new * m")
+        lines.append(f"{hidden_state} = {hidden_state} + m * (h_new - {hidden_state})")
+        lines.append(f"{cell_state} = c_prev + m * (c_new - c_prev)")
+    else:
+        lines.append(f"{out} = h_new")
+        lines.append(f"{hidden_state} = h_new")
+        lines.append(f"{cell_state} = c_new")
+    return "".join(f"{indent}{line}\n" for line in lines)
+
+
+def _signature(cfg: LoopConfig) -> str:
+    S, B, D, H = cfg.steps, cfg.batch, cfg.directions, cfg.hidden
+    G = 4 * H
+    return (f"proj: T.Buffer(({S}, {B}, {D * G}), \"float32\"), rt: T.Buffer(({D}, {H}, {G}), \"float32\"), "
+            f"h0: T.Buffer(({D}, {B}, {H}), \"float32\"), c0: T.Buffer(({D}, {B}, {H}), \"float32\"), "
+            f"peep: T.Buffer(({D}, {3 * H}), \"float32\"), mask: T.Buffer(({S}, {B}), \"float32\"), "
+            f"y: T.Buffer(({S}, {D}, {B}, {H}), \"float32\"), yh: T.Buffer(({D}, {B}, {H}), \"float32\"), "
+            f"yc: T.Buffer(({D}, {B}, {H}), \"float32\")")
+
+
+def gate_tile(gates: int) -> int:
+    """Accumulators per tile of the recurrent matmul: the largest of 32, 16, ..., 1 dividing ``gates``."""
+    return next(t for t in (32, 16, 8, 4, 2, 1) if gates % t == 0)
+
+
+def cpu_lstm_loop_script(cfg: LoopConfig) -> str:
+    """TVMScript of the CPU function (see the module docstring)."""
+    S, B, D, H = cfg.steps, cfg.batch, cfg.directions, cfg.hidden
+    G = 4 * H
+    TJ = gate_tile(G)
+    cell = _cell_body(cfg, " " * 20, lambda j: f"gates[{j}]", "yh[d, b, k]", "yc[d, b, k]", "y[t, d, b, k]")
+    return f"""
+@T.prim_func(private=True)
+def sculpt_lstm_loop({_signature(cfg)}):
+    T.func_attr({{"tirx.is_scheduled": True, "tirx.noalias": True}})
+    gates = T.decl_buffer(({G},), "float32")
+    acc = T.decl_buffer(({TJ},), "float32", scope="local")
+    for d, b, k in T.grid({D}, {B}, {H}):
+        yh[d, b, k] = h0[d, b, k]
+        yc[d, b, k] = c0[d, b, k]
+    for d in range({D}):
+        for s in range({S}):
+            t: T.int32 = {_step_index(cfg)}
+            for b in range({B}):
+                for jo in range({G // TJ}):
+                    for ji in T.vectorized({TJ}):
+                        acc[ji] = proj[t, b, d * {G} + jo * {TJ} + ji]
+                    for k in range({H}):
+                        for ji in T.vectorized({TJ}):
+                            acc[ji] = acc[ji] + yh[d, b, k] * rt[d, k, jo * {TJ} + ji]
+                    for ji in T.vectorized({TJ}):
+                        gates[jo * {TJ} + ji] = acc[ji]
+                for k in range({H}):
+{cell}"""
+
+
+def _parse(script: str, cfg: LoopConfig):
+    import tvm
+    from tvm.script import tirx as T  # noqa: F401  (the script's T)
+
+    func = tvm.script.from_source(script)
+    if not isinstance(func, tvm.tirx.PrimFunc):
+        func = func["sculpt_lstm_loop"]
+    return func.with_attr(CONFIG_ATTR, cfg.to_json())
+
+
+def cpu_lstm_loop(cfg: LoopConfig):
+    """The CPU PrimFunc of the loop (scheduled; it carries its configuration for the GPU swap)."""
+    return _parse(cpu_lstm_loop_script(cfg), cfg)
+
+
+def gpu_threads(cfg: LoopConfig, max_threads: int = 256) -> int:
+    """Threads of the one work-group: one per gate row up to ``max_threads``, a divisor of 4H."""
+    G = 4 * cfg.hidden
+    return max(t for t in range(1, min(G, max_threads) + 1) if G % t == 0)
+
+
+def gpu_shared_bytes(cfg: LoopConfig) -> int:
+    return 4 * cfg.batch * (4 * cfg.hidden + 2 * cfg.hidden)
+
+
+def gpu_lstm_loop_script(cfg: LoopConfig, max_threads: int = 256) -> str:
+    """TVMScript of the GPU function: one work-group of NT threads; per step each thread computes the
+    gate rows j = tx, tx + NT, ... (dot products over h in shared memory), a barrier, then hidden units
+    k = tx, tx + NT, ... update the state in shared memory, a barrier."""
+    S, B, D, H = cfg.steps, cfg.batch, cfg.directions, cfg.hidden
+    G = 4 * H
+    NT = gpu_threads(cfg, max_threads)
+    cell = _cell_body(cfg, " " * 32, lambda j: f"gates[b * {G} + {j}]", f"hs[b * {H} + k]", f"cs[b * {H} + k]",
+                      "y[t, d, b, k]")
+    return f"""
+@T.prim_func(private=True)
+def sculpt_lstm_loop({_signature(cfg)}):
+    T.func_attr({{"tirx.is_scheduled": True, "tirx.noalias": True}})
+    for bx in T.thread_binding(1, thread="blockIdx.x"):
+        for tx in T.thread_binding({NT}, thread="threadIdx.x"):
+            gates = T.decl_buffer(({B * G},), "float32", scope="shared")
+            hs = T.decl_buffer(({B * H},), "float32", scope="shared")
+            cs = T.decl_buffer(({B * H},), "float32", scope="shared")
+            acc = T.decl_buffer((1,), "float32", scope="local")
+            for d in range({D}):
+                for b in range({B}):
+                    for kk in range({(H + NT - 1) // NT}):
+                        if kk * {NT} + tx < {H}:
+                            hs[b * {H} + kk * {NT} + tx] = h0[d, b, kk * {NT} + tx]
+                            cs[b * {H} + kk * {NT} + tx] = c0[d, b, kk * {NT} + tx]
+                T.tvm_storage_sync("shared")
+                for s in range({S}):
+                    t: T.int32 = {_step_index(cfg)}
+                    for b in range({B}):
+                        for jj in range({G // NT}):
+                            acc[0] = proj[t, b, d * {G} + jj * {NT} + tx]
+                            for k in range({H}):
+                                acc[0] = acc[0] + hs[b * {H} + k] * rt[d, k, jj * {NT} + tx]
+                            gates[b * {G} + jj * {NT} + tx] = acc[0]
+                    T.tvm_storage_sync("shared")
+                    for b in range({B}):
+                        for kk in range({(H + NT - 1) // NT}):
+                            if kk * {NT} + tx < {H}:
+                                k: T.int32 = kk * {NT} + tx
+{cell}                    T.tvm_storage_sync("shared")
+                for b in range({B}):
+                    for kk in range({(H + NT - 1) // NT}):
+                        if kk * {NT} + tx < {H}:
+                            yh[d, b, kk * {NT} + tx] = hs[b * {H} + kk * {NT} + tx]
+                            yc[d, b, kk * {NT} + tx] = cs[b * {H} + kk * {NT} + tx]
+                T.tvm_storage_sync("shared")
+"""
+
+
+def gpu_lstm_loop(cfg: LoopConfig, max_threads: int = 256):
+    return _parse(gpu_lstm_loop_script(cfg, max_threads), cfg)
+
+
+def replace_loops_for_gpu(mod, max_threads: int = 256, max_shared_bytes: int | None = None):
+    """``mod`` with every CPU loop function replaced by its GPU form. Returns (mod, names replaced).
+    A loop whose state and gates exceed ``max_shared_bytes`` is a ValueError naming it."""
+    from tvm import tirx
+
+    replaced = []
+    for gvar, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or CONFIG_ATTR not in func.attrs:
+            continue
+        cfg = LoopConfig.from_json(str(func.attrs[CONFIG_ATTR]))
+        if max_shared_bytes is not None and gpu_shared_bytes(cfg) > max_shared_bytes:
+            raise ValueError(f"{gvar.name_hint}: the LSTM loop keeps {gpu_shared_bytes(cfg)} bytes of state and "
+                             f"gates in shared memory, over the target's {max_shared_bytes}")
+        new = gpu_lstm_loop(cfg, max_threads)
+        for key in ("global_symbol",):
+            if key in func.attrs:
+                new = new.with_attr(key, func.attrs[key])
+        mod[gvar] = new
+        replaced.append(gvar.name_hint)
+    return mod, replaced
+
+
+# ----------------------------------------------------------------------------- the importer's converter
+def _converter_class():
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class SculptLSTMLoopConverter(OnnxOpConverter):
+        """``SculptLSTMLoop`` -> call_tir of the CPU loop function; outputs Y, Y_h, Y_c."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            config = attr["config"]
+            cfg = LoopConfig.from_json(config.decode() if isinstance(config, bytes) else config)
+            gvar = bb.add_func(cpu_lstm_loop(cfg), "sculpt_lstm_loop")
+            S, B, D, H = cfg.steps, cfg.batch, cfg.directions, cfg.hidden
+            out = [relax.TensorType((S, D, B, H), "float32"), relax.TensorType((D, B, H), "float32"),
+                   relax.TensorType((D, B, H), "float32")]
+            return bb.emit(relax.call_tir(gvar, list(inputs), out))
+
+    return SculptLSTMLoopConverter
+
+
+class loop_converters:
+    """While active, TVM's ONNX importer converts ``SculptLSTMLoop`` nodes (its converter table is a
+    module function, read at each use: it is extended for the duration)."""
+
+    def __enter__(self):
+        from tvm.relax.frontend.onnx import onnx_frontend
+
+        self._module = onnx_frontend
+        self._original = original = onnx_frontend._get_convert_map
+        converter = _converter_class()
+
+        def extended():
+            table = original()
+            table[LOOP_OP] = converter
+            return table
+
+        onnx_frontend._get_convert_map = extended
+        return self
+
+    def __exit__(self, *exc):
+        self._module._get_convert_map = self._original
+        return False
