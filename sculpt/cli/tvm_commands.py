@@ -79,6 +79,10 @@ def register_tvm_commands(subparsers) -> None:
     v.add_argument("--compile-only", action="store_true",
                    help="Mali/Adreno artifacts: only compile the OpenCL kernels on PoCL (by default they also run "
                         "there, in TVM's launch order, and are compared with onnxruntime)")
+    v.add_argument("--qdq-units", choices=["auto", "always", "off"], default="auto",
+                   help="a QDQ model on a CPU: check each quantized unit on the build's own int8 inputs (a "
+                        "verification build exposes them) when the end-to-end error exceeds the tolerance (auto, "
+                        "default: one-step rounding flips at .5 ties propagate), always, or never (off)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
 
@@ -295,7 +299,8 @@ def cmd_verify(args) -> int:
     console = make_console(stderr=True)
     with _status(console, enabled=not args.json) as (say, _, _unused):
         result = verify_artifact(artifact, args.model, feeds, rtol=args.rtol, atol=args.atol, seed=args.seed,
-                                 timeout=args.timeout, compile_only=args.compile_only, progress=say)
+                                 timeout=args.timeout, compile_only=args.compile_only, qdq_units=args.qdq_units,
+                                 progress=say)
     if args.json:
         data = {"artifact": str(artifact.library), "target": artifact.manifest["target"]["name"], "ok": result.ok,
                 "kind": result.kind, "emulated": result.emulated, "notes": result.notes,
@@ -304,6 +309,9 @@ def cmd_verify(args) -> int:
             data.update(result.comparison.as_dict())
         if result.kernel_check is not None:
             data["opencl"] = result.kernel_check.as_dict()
+        if result.unit_check is not None:
+            data["end_to_end_ok"] = result.end_to_end_ok
+            data["qdq_units"] = result.unit_check.as_dict()
         print(json.dumps(to_plain_json(data), allow_nan=False))
     else:
         for note in result.notes:
@@ -313,12 +321,21 @@ def cmd_verify(args) -> int:
             for o in result.comparison.outputs:
                 print(f"{o.name}: max abs {o.max_abs:.3g}, relative {o.max_rel:.3g}"
                       + ("" if o.shape_match else " (shape mismatch)"))
-            print(f"{artifact.library.name}{where}: " + ("matches onnxruntime" if result.ok else "DIFFERS from onnxruntime")
-                  + f" (rtol={args.rtol:g}, atol={args.atol:g})")
+            if result.unit_check is not None:
+                print(f"{artifact.library.name}{where}: " + ("matches onnxruntime unit by unit" if result.ok
+                                                              else "DIFFERS from onnxruntime unit by unit")
+                      + f" ({result.unit_check.bound()}; float tails within rtol={args.rtol:g}, "
+                        f"atol={args.atol:g})")
+            else:
+                print(f"{artifact.library.name}{where}: " + ("matches onnxruntime" if result.ok
+                                                              else "DIFFERS from onnxruntime")
+                      + f" (rtol={args.rtol:g}, atol={args.atol:g})")
         else:
             print(f"{artifact.library.name}: {len(result.kernel_check.kernels)} OpenCL kernels compiled "
                   f"({result.kernel_check.platform})")
-    if not result.ok:
+    if not result.ok and result.unit_check is not None:
+        print(f"sculpt: {result.unit_check.summary()}", file=sys.stderr)
+    elif not result.ok:
         print(f"sculpt: outputs differ beyond rtol={args.rtol:g} / atol={args.atol:g}", file=sys.stderr)
     return 0 if result.ok else 1
 
