@@ -59,9 +59,30 @@ def fail_safe_gpu_pipeline(target, fallbacks: list[ScheduleFallback]):
                     safe += [_shorten_long_names(), relax.transform.NormalizeGlobalVar()]
                     shortened = True
                 safe.append(_FailSafeSchedule(p.rules, fallbacks) if hasattr(p, "rules") else p)
-            return tvm.transform.Sequential([_c_identifier_params()] + safe)(mod)
+            return tvm.transform.Sequential([_c_identifier_params(), _gpu_recurrent_loops(target)] + safe)(mod)
 
     return _pipeline
+
+
+def _gpu_recurrent_loops(target):
+    """A pass giving every LSTM loop function (recurrent_loop: written for the CPU, marked scheduled)
+    its GPU form: one work-group, threads over the gates, state and gates in shared memory."""
+    import tvm
+
+    from sculpt.backends.tvm.recurrent_loop import replace_loops_for_gpu
+
+    threads = int(target.attrs.get("max_num_threads", 256) or 256)
+
+    @tvm.transform.module_pass(opt_level=0, name="SculptGPURecurrentLoops")
+    def swap(mod, _ctx):
+        try:
+            return replace_loops_for_gpu(mod, min(threads, 256), _shared_memory_limit(target))[0]
+        except ValueError as e:
+            from sculpt.backends.tvm.relax_import import TVMImportError
+
+            raise TVMImportError(str(e)) from None
+
+    return swap
 
 
 _C_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from sculpt.backends.tvm.recurrent_loop import LOOP_DOMAIN, LOOP_OP, LoopActivation, LoopConfig
+from sculpt.backends.tvm.recurrent_loop import (LOOP_DOMAIN, LOOP_OP, LoopActivation, LoopConfig,
+                                                 tiled_recurrent_weights)
 from sculpt.backends.tvm.relax_import import TVMImportError
 from sculpt.ir.model import Model
 
@@ -436,7 +437,7 @@ class _LoopLowering(_Unroller):
         weights = np.concatenate([W[d].T for d in range(directions)], axis=1)
         bias = np.concatenate([B[d, :4 * hidden] + B[d, 4 * hidden:] for d in range(directions)])
         projected = self.op("Add", [self.op("MatMul", [x, self.const(weights)]), self.const(bias)])
-        recurrent = self.const(np.stack([R[d].T for d in range(directions)]))
+        recurrent = self.const(tiled_recurrent_weights(R))
         h0 = self.state_input(5, directions, batch, hidden, layout)
         c0 = self.state_input(6, directions, batch, hidden, layout)
         peep = self.const(P if P is not None else np.zeros((directions, 3 * hidden), np.float32))

@@ -156,7 +156,9 @@ def _cell_body(cfg: LoopConfig, indent: str, gate: str, hidden_state: str, cell_
 def _signature(cfg: LoopConfig) -> str:
     S, B, D, H = cfg.steps, cfg.batch, cfg.directions, cfg.hidden
     G = 4 * H
-    return (f"proj: T.Buffer(({S}, {B}, {D * G}), \"float32\"), rt: T.Buffer(({D}, {H}, {G}), \"float32\"), "
+    TJ = gate_tile(G)
+    return (f"proj: T.Buffer(({S}, {B}, {D * G}), \"float32\"), "
+            f"rt: T.Buffer(({D}, {G // TJ}, {H}, {TJ}), \"float32\"), "
             f"h0: T.Buffer(({D}, {B}, {H}), \"float32\"), c0: T.Buffer(({D}, {B}, {H}), \"float32\"), "
             f"peep: T.Buffer(({D}, {3 * H}), \"float32\"), mask: T.Buffer(({S}, {B}), \"float32\"), "
             f"y: T.Buffer(({S}, {D}, {B}, {H}), \"float32\"), yh: T.Buffer(({D}, {B}, {H}), \"float32\"), "
@@ -164,8 +166,17 @@ def _signature(cfg: LoopConfig) -> str:
 
 
 def gate_tile(gates: int) -> int:
-    """Accumulators per tile of the recurrent matmul: the largest of 32, 16, ..., 1 dividing ``gates``."""
-    return next(t for t in (32, 16, 8, 4, 2, 1) if gates % t == 0)
+    """Gate rows per tile of the recurrent matmul (its accumulators: 8 AVX2 / 16 NEON registers at 64): the
+    largest of 64, 32, ..., 1 dividing ``gates``. The recurrent weights are stored tile by tile,
+    ``rt[d, j // TJ, k, j % TJ] = R[d, j, k]``, so a tile streams through contiguous memory."""
+    return next(t for t in (64, 32, 16, 8, 4, 2, 1) if gates % t == 0)
+
+
+def tiled_recurrent_weights(R):
+    """``R`` [D, 4H, H] (ONNX's layout) as the loop reads it: [D, 4H / TJ, H, TJ]."""
+    D, G, H = R.shape
+    TJ = gate_tile(G)
+    return R.reshape(D, G // TJ, TJ, H).transpose(0, 1, 3, 2).copy()
 
 
 def cpu_lstm_loop_script(cfg: LoopConfig) -> str:
@@ -192,7 +203,7 @@ def sculpt_lstm_loop({_signature(cfg)}):
                         acc[ji] = proj[t, b, d * {G} + jo * {TJ} + ji]
                     for k in range({H}):
                         for ji in T.vectorized({TJ}):
-                            acc[ji] = acc[ji] + yh[d, b, k] * rt[d, k, jo * {TJ} + ji]
+                            acc[ji] = acc[ji] + yh[d, b, k] * rt[d, jo, k, ji]
                     for ji in T.vectorized({TJ}):
                         gates[jo * {TJ} + ji] = acc[ji]
                 for k in range({H}):
@@ -215,9 +226,10 @@ def cpu_lstm_loop(cfg: LoopConfig):
 
 
 def gpu_threads(cfg: LoopConfig, max_threads: int = 256) -> int:
-    """Threads of the one work-group: one per gate row up to ``max_threads``, a divisor of 4H."""
-    G = 4 * cfg.hidden
-    return max(t for t in range(1, min(G, max_threads) + 1) if G % t == 0)
+    """Threads of the one work-group: the largest divisor of H up to ``max_threads`` (each thread then has
+    whole hidden units and gate rows, and no thread sits out a barrier behind a condition)."""
+    H = cfg.hidden
+    return max(t for t in range(1, min(H, max_threads) + 1) if H % t == 0)
 
 
 def gpu_shared_bytes(cfg: LoopConfig) -> int:
@@ -225,13 +237,14 @@ def gpu_shared_bytes(cfg: LoopConfig) -> int:
 
 
 def gpu_lstm_loop_script(cfg: LoopConfig, max_threads: int = 256) -> str:
-    """TVMScript of the GPU function: one work-group of NT threads; per step each thread computes the
-    gate rows j = tx, tx + NT, ... (dot products over h in shared memory), a barrier, then hidden units
-    k = tx, tx + NT, ... update the state in shared memory, a barrier."""
+    """TVMScript of the GPU function: one work-group of NT threads (NT divides H); per step each thread
+    computes the gate rows j = tx, tx + NT, ... (dot products over h in shared memory), a barrier, then
+    the hidden units k = tx, tx + NT, ... update the state in shared memory, a barrier."""
     S, B, D, H = cfg.steps, cfg.batch, cfg.directions, cfg.hidden
     G = 4 * H
     NT = gpu_threads(cfg, max_threads)
-    cell = _cell_body(cfg, " " * 32, lambda j: f"gates[b * {G} + {j}]", f"hs[b * {H} + k]", f"cs[b * {H} + k]",
+    TJ = gate_tile(G)
+    cell = _cell_body(cfg, " " * 28, lambda j: f"gates[b * {G} + {j}]", f"hs[b * {H} + k]", f"cs[b * {H} + k]",
                       "y[t, d, b, k]")
     return f"""
 @T.prim_func(private=True)
@@ -245,10 +258,9 @@ def sculpt_lstm_loop({_signature(cfg)}):
             acc = T.decl_buffer((1,), "float32", scope="local")
             for d in range({D}):
                 for b in range({B}):
-                    for kk in range({(H + NT - 1) // NT}):
-                        if kk * {NT} + tx < {H}:
-                            hs[b * {H} + kk * {NT} + tx] = h0[d, b, kk * {NT} + tx]
-                            cs[b * {H} + kk * {NT} + tx] = c0[d, b, kk * {NT} + tx]
+                    for kk in range({H // NT}):
+                        hs[b * {H} + kk * {NT} + tx] = h0[d, b, kk * {NT} + tx]
+                        cs[b * {H} + kk * {NT} + tx] = c0[d, b, kk * {NT} + tx]
                 T.tvm_storage_sync("shared")
                 for s in range({S}):
                     t: T.int32 = {_step_index(cfg)}
@@ -256,19 +268,17 @@ def sculpt_lstm_loop({_signature(cfg)}):
                         for jj in range({G // NT}):
                             acc[0] = proj[t, b, d * {G} + jj * {NT} + tx]
                             for k in range({H}):
-                                acc[0] = acc[0] + hs[b * {H} + k] * rt[d, k, jj * {NT} + tx]
+                                acc[0] = acc[0] + hs[b * {H} + k] * rt[d, (jj * {NT} + tx) // {TJ}, k, (jj * {NT} + tx) % {TJ}]
                             gates[b * {G} + jj * {NT} + tx] = acc[0]
                     T.tvm_storage_sync("shared")
                     for b in range({B}):
-                        for kk in range({(H + NT - 1) // NT}):
-                            if kk * {NT} + tx < {H}:
-                                k: T.int32 = kk * {NT} + tx
+                        for kk in range({H // NT}):
+                            k: T.int32 = kk * {NT} + tx
 {cell}                    T.tvm_storage_sync("shared")
                 for b in range({B}):
-                    for kk in range({(H + NT - 1) // NT}):
-                        if kk * {NT} + tx < {H}:
-                            yh[d, b, kk * {NT} + tx] = hs[b * {H} + kk * {NT} + tx]
-                            yc[d, b, kk * {NT} + tx] = cs[b * {H} + kk * {NT} + tx]
+                    for kk in range({H // NT}):
+                        yh[d, b, kk * {NT} + tx] = hs[b * {H} + kk * {NT} + tx]
+                        yc[d, b, kk * {NT} + tx] = cs[b * {H} + kk * {NT} + tx]
                 T.tvm_storage_sync("shared")
 """
 
@@ -283,9 +293,11 @@ def replace_loops_for_gpu(mod, max_threads: int = 256, max_shared_bytes: int | N
     from tvm import tirx
 
     replaced = []
-    for gvar, func in list(mod.functions_items()):
-        if not isinstance(func, tirx.PrimFunc) or CONFIG_ATTR not in func.attrs:
-            continue
+    loops = [(gvar, func) for gvar, func in mod.functions_items()
+             if isinstance(func, tirx.PrimFunc) and CONFIG_ATTR in func.attrs]
+    if loops:
+        mod = mod.clone()  # a pass does not change its input module
+    for gvar, func in loops:
         cfg = LoopConfig.from_json(str(func.attrs[CONFIG_ATTR]))
         if max_shared_bytes is not None and gpu_shared_bytes(cfg) > max_shared_bytes:
             raise ValueError(f"{gvar.name_hint}: the LSTM loop keeps {gpu_shared_bytes(cfg)} bytes of state and "
