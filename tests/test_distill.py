@@ -263,13 +263,78 @@ def test_qat_after_qdq_keeps_the_qdq_layout_that_onnxruntime_fuses(tmp_path):
     assert rms_error(model, trained, held_out) <= rms_error(model, quantized, held_out)
 
 
-def test_hints_match_tensors_of_the_same_shape_and_skip_pruned_ones(pruned_and_distilled):
+def test_hints_match_tensors_of_the_same_shape_and_pruned_ones_through_their_kept_channels(pruned_and_distilled):
     model, data, _, _ = pruned_and_distilled
     result = run_pipeline(model, data, DISTILL.replace("steps=120", "steps=30") + ",hints=[c*,g],hint_weight=0.5")
     stats = result.records[-1].stats
-    assert stats["hints"] == ["c3", "g"]  # conv3's output and the pool keep their 8 channels
-    assert set(stats["hints_skipped"]) == {"c1", "c2"}  # pruned from 16 to 8 channels
+    assert stats["hints"] == ["c1", "c2", "c3", "g"]  # conv3's output and the pool keep their 8 channels
+    assert stats["hints_through_kept_channels"] == ["c1", "c2"]  # pruned from 16 to 8 channels
+    assert stats["hints_skipped"] == {}
     assert result.records[-1].modified
+
+
+def test_a_hint_is_skipped_when_no_kept_channel_record_names_it(pruned_and_distilled):
+    from sculpt.passes.channel_pruning import KEPT_CHANNELS_KEY
+
+    model, data, pruned, _ = pruned_and_distilled
+    student = pruned.model.clone()
+    props = [p for p in student.proto.metadata_props if p.key != KEPT_CHANNELS_KEY]
+    del student.proto.metadata_props[:]
+    student.proto.metadata_props.extend(props)
+    result = create_pass("distill", {"steps": 2, "hints": ["c1", "c3"], "progress": False})(
+        student, PassContext(calibration=data, teacher=model))
+    assert result.stats["hints"] == ["c3"]
+    assert "no kept-channel record" in result.stats["hints_skipped"]["c1"]
+
+
+def _activations(model, feeds, names):
+    from sculpt.runtime import make_session
+
+    session = make_session(model, extra_outputs=names)
+    return [dict(zip(names, session.run(names, dict(f)))) for f in feeds]
+
+
+def test_channel_pruning_records_the_kept_channels_of_the_teacher_through_two_prunings(pruned_and_distilled, tmp_path):
+    from sculpt.ir.model import Model
+    from sculpt.passes.channel_pruning import kept_channels
+
+    model, data, pruned, _ = pruned_and_distilled
+    record = kept_channels(pruned.model)
+    assert set(record) == {"c1", "r1", "c2", "r2"}
+    assert all(r.axis == 1 and r.size == 16 and len(r.kept) == 8 for r in record.values())
+    # a second pruning composes: its indices still point into the input model's 16 channels
+    twice = Pipeline.from_specs([PRUNE.replace("ratio=0.5", "ratio=0.5,target=channels,round_to=1")], calibration=data,
+                                statistics=False).run(pruned.model).model
+    twice.save(tmp_path / "twice.onnx")
+    again = kept_channels(Model.load(tmp_path / "twice.onnx"))  # in the file: it survives saving
+    assert len(again["r1"].kept) < 8 and set(again["r1"].kept) < set(record["r1"].kept)
+    feeds = list(data)[:4]
+    # without a refit conv1's kept filters are untouched: its outputs are the input model's kept channels
+    for student, kept in [(pruned.model, record), (twice, again)]:
+        for got, want in zip(_activations(student, feeds, ["r1"]), _activations(model, feeds, ["r1"])):
+            np.testing.assert_array_equal(got["r1"], want["r1"][:, kept["r1"].kept])
+
+
+def test_a_hint_on_a_pruned_tensor_pulls_it_to_the_teachers_kept_channels(pruned_and_distilled):
+    from sculpt.passes.channel_pruning import kept_channels
+
+    model, data, pruned, _ = pruned_and_distilled
+    short = DISTILL.replace("steps=120", "steps=60")
+    plain = run_pipeline(model, data, short)
+    hinted = run_pipeline(model, data, short + ",hints=[c2],hint_weight=1")
+    assert hinted.records[-1].stats["hints_through_kept_channels"] == ["c2"]
+    kept = kept_channels(pruned.model)["c2"].kept
+    held_out = list(hinted.split.held_out)
+    teacher = [a["c2"][:, kept] for a in _activations(model, held_out, ["c2"])]
+
+    def hint_error(student):
+        got = [a["c2"] for a in _activations(student, held_out, ["c2"])]
+        return float(np.sqrt(sum(((g - t) ** 2).sum() for g, t in zip(got, teacher)) /
+                             sum((t ** 2).sum() for t in teacher)))
+
+    before, without, with_hint = hint_error(pruned.model), hint_error(plain.model), hint_error(hinted.model)
+    assert with_hint < 0.8 * before and with_hint < 0.8 * without, (before, without, with_hint)
+    assert rms_error(model, hinted.model, held_out) < 0.8 * rms_error(model, pruned.model, held_out)
 
 
 def test_samples_stream_a_large_source_is_never_read_whole():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -17,6 +18,72 @@ from sculpt.passes.base import (MAX_POSITIONS, MAX_RIDGE, Pass, PassContext, Pas
                                 check_range, option, register)
 
 Criterion = Literal["l1", "l2", "bn-scale", "activation", "reconstruction"]
+
+# The channels each pruned activation kept, as indices into the tensor of the model before the first
+# channel pruning (so of the pipeline's input, the distill teacher): metadata_props[KEPT_CHANNELS_KEY] holds
+# JSON {tensor: {"axis": a, "size": channels before, "kept": "0-5,7,9-12"}}. In the model itself it
+# survives saving, clones and later passes; a later channel pruning composes with it. Read it with
+# kept_channels(); a record whose sizes no longer fit the tensor is the reader's to refuse.
+KEPT_CHANNELS_KEY = "sculpt.kept_channels"
+
+
+@dataclass(frozen=True)
+class KeptChannels:
+    axis: int
+    size: int  # channels of the tensor before any recorded pruning
+    kept: np.ndarray  # sorted indices into those channels
+
+
+def _ranges(indices: np.ndarray) -> str:
+    parts, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            parts.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(parts)
+
+
+def _indices(text: str) -> np.ndarray:
+    out = []
+    for part in text.split(",") if text else []:
+        low, _, high = part.partition("-")
+        out.extend(range(int(low), int(high or low) + 1))
+    return np.asarray(out, dtype=np.int64)
+
+
+def kept_channels(model: Model) -> dict[str, KeptChannels]:
+    """The kept-channel record of a pruned model ({} when it has none)."""
+    text = next((p.value for p in model.proto.metadata_props if p.key == KEPT_CHANNELS_KEY), None)
+    if not text:
+        return {}
+    return {name: KeptChannels(int(r["axis"]), int(r["size"]), _indices(r["kept"]))
+            for name, r in json.loads(text).items()}
+
+
+def record_kept_channels(model: Model, kept: dict[Dim, np.ndarray], sizes: dict[Dim, int]) -> None:
+    """Add this pruning's kept indices (``kept``: per dimension that lost channels, ``sizes``: its
+    channel count before) to the model's record, composed with an earlier pruning's. Only
+    activations are recorded (weights are the student's own)."""
+    record = kept_channels(model)
+    weights = {t.name for t in model.graph.initializer}
+    for d, keep in kept.items():
+        if d.tensor in weights:
+            continue
+        before = record.get(d.tensor)
+        if before is not None and before.axis == d.axis and len(before.kept) == sizes[d]:
+            record[d.tensor] = KeptChannels(d.axis, before.size, before.kept[keep])  # into the first model's
+        else:
+            record[d.tensor] = KeptChannels(d.axis, sizes[d], np.asarray(keep, dtype=np.int64))
+    produced = {o for n in model.graph.node for o in n.output}
+    text = json.dumps({name: {"axis": r.axis, "size": r.size, "kept": _ranges(r.kept)}
+                       for name, r in sorted(record.items()) if name in produced}, separators=(",", ":"))
+    props = [p for p in model.proto.metadata_props if p.key != KEPT_CHANNELS_KEY]
+    del model.proto.metadata_props[:]
+    model.proto.metadata_props.extend(props)
+    entry = model.proto.metadata_props.add()
+    entry.key, entry.value = KEPT_CHANNELS_KEY, text
 
 
 @register
@@ -132,7 +199,9 @@ class ChannelPruning(Pass):
         if not removed:
             stats["note"] = "no channel could be removed within min_channels / max_group_ratio"
             return PassResult(model, False, stats)
+        sizes = dict(cg.sizes)
         kept = cg.remove_units(removed)
+        record_kept_channels(model, kept, sizes)
         if self.reconstruct:
             stats["refit"] = self._refit(original, model, cg, kept, ctx)
         after_report = cost_of(model)

@@ -53,8 +53,9 @@ class Distill(Pass):
         "which float weights train: all; changed (those a pass added or changed against the teacher); "
         "or fnmatch patterns of initializer or node names"))
     hints: list[str] = option(default_factory=list, help=(
-        "fnmatch patterns of intermediate tensors to match too (MSE, relative): those of the same name and "
-        "shape in both graphs; a tensor whose channels were pruned is skipped"))
+        "fnmatch patterns of intermediate tensors to match too (MSE, relative): those of the same name in both "
+        "graphs, of the same shape or pruned by channel-pruning (then against the teacher's kept channels); "
+        "others are skipped"))
     hint_weight: float = option(1.0, help="weight of the hint loss against the output loss")
     seed: int = option(0, help="sample order and initial state; the same seed gives the same weights")
     held_out_fraction: float = option(0.2, help="fraction of the calibration samples kept apart to pick the best "
@@ -106,7 +107,7 @@ class Distill(Pass):
         held_set = set(held)
         train = data.subset([k for k in range(count) if k not in held_set], "distillation training samples")
         held_out = data.subset(held, "distillation held-out samples")
-        hints, skipped_hints = self.hint_tensors(model, teacher)
+        hints, hint_channels, skipped_hints = self.hint_tensors(model, teacher, train[0])
         steps = self.steps
         if self.epochs:
             steps = max(1, int(np.ceil(self.epochs * len(train) / min(self.batch_size, len(train)))))
@@ -114,7 +115,8 @@ class Distill(Pass):
                                warmup_steps=int(self.warmup * steps), weight_decay=self.weight_decay,
                                temperature=self.temperature, loss=self.loss, seed=self.seed + ctx.seed,
                                eval_every=self.eval_every or max(1, steps // 20), max_grad_norm=self.max_grad_norm,
-                               threads=self.threads, hints=tuple(hints), hint_weight=self.hint_weight)
+                               threads=self.threads, hints=tuple(hints), hint_channels=hint_channels,
+                               hint_weight=self.hint_weight)
         try:
             values, report = distill(model, teacher, train, held_out, names, config, progress=self.progress)
         except UnconvertibleModelError as e:
@@ -125,7 +127,8 @@ class Distill(Pass):
                  "held_out_error_before": report.initial_error, "held_out_error_after": report.best_error,
                  "training_samples": len(train), "held_out_samples": len(held_out),
                  "losses": report.losses, "conversion_error": report.conversion_error,
-                 "seconds": round(report.seconds, 1), "hints": hints, "hints_skipped": skipped_hints,
+                 "seconds": round(report.seconds, 1), "hints": hints, "hints_through_kept_channels": sorted(hint_channels),
+                 "hints_skipped": skipped_hints,
                  "history": [[step, None if np.isnan(loss) else round(loss, 6), round(error, 6)]
                              for step, loss, error in report.history]}
         if values is None:
@@ -136,23 +139,42 @@ class Distill(Pass):
     def ensures(self, model: Model, ctx: PassContext) -> None:
         model.verify(full_check=True)
 
-    def hint_tensors(self, model: Model, teacher: Model) -> tuple[list[str], list[str]]:
-        """(float tensors the ``hints`` patterns name that both graphs hold with the same static shape,
-        those matched but skipped: missing from the teacher or reshaped by pruning)."""
+    def hint_tensors(self, model: Model, teacher: Model, sample) -> tuple[list[str], dict, dict[str, str]]:
+        """The float tensors the ``hints`` patterns name that both graphs hold: (their names; for those
+        whose channels were pruned, {name: (axis, kept indices into the teacher's channels)} from the
+        kept-channel record channel-pruning leaves in the model; {skipped name: why}). Shapes are
+        measured on ``sample`` (one calibration sample): ONNX shape inference leaves many of the
+        original models' tensors unknown."""
         if not self.hints:
-            return [], []
-        model, teacher = model.clone().infer_shapes(), teacher.clone().infer_shapes()  # shapes, on copies
+            return [], {}, {}
+        from sculpt.passes.channel_pruning import kept_channels
+        from sculpt.runtime import make_session
+
         outputs = set(model.output_names)
-        produced = [o for n in model.graph.node for o in n.output if o and o not in outputs]
         teacher_produced = {o for n in teacher.graph.node for o in n.output}
-        kept, skipped = [], []
-        for name in produced:
-            if not any(fnmatch.fnmatchcase(name, p) for p in self.hints):
-                continue
-            shape = model.static_shape(name)
-            same = name in teacher_produced and shape is not None and shape == teacher.static_shape(name)
-            (kept if same and _is_float(model, name) else skipped).append(name)
-        return kept, skipped
+        named = [o for n in model.graph.node for o in n.output
+                 if o and o not in outputs and any(fnmatch.fnmatchcase(o, p) for p in self.hints)]
+        skipped = {name: "not in the teacher" for name in named if name not in teacher_produced}
+        named = [name for name in named if name in teacher_produced]
+        if not named:
+            return [], {}, skipped
+        shapes, teacher_shapes = ({name: (value.dtype, list(value.shape)) for name, value in
+                                   zip(named, make_session(m, extra_outputs=named).run(named, dict(sample)))}
+                                  for m in (model, teacher))
+        record = kept_channels(model)
+        kept, channels = [], {}
+        for name in named:
+            (dtype, shape), (_, want) = shapes[name], teacher_shapes[name]
+            if dtype not in (np.float32, np.float64):
+                skipped[name] = f"not a float tensor ({dtype})"
+            elif shape == want:
+                kept.append(name)
+            elif (why := _channel_mismatch(shape, want, record.get(name))) is None:
+                kept.append(name)
+                channels[name] = (record[name].axis, record[name].kept)
+            else:
+                skipped[name] = why
+        return kept, channels, skipped
 
     def selected_weights(self, model: Model, teacher: Model, candidates: list[str]) -> list[str]:
         """The trainable initializers the ``train`` option picks, in graph order."""
@@ -175,9 +197,20 @@ class Distill(Pass):
                 if any(fnmatch.fnmatchcase(n, p) for p in self.train for n in [name] + users.get(name, []))]
 
 
-def _is_float(model: Model, name: str) -> bool:
-    info = model.value_infos().get(name)
-    return info is not None and info.type.tensor_type.elem_type in (1, 11)  # FLOAT, DOUBLE
+def _channel_mismatch(shape: list[int], want: list[int], record) -> str | None:
+    """Why the student's ``shape`` is not the teacher's ``want`` restricted to the recorded kept
+    channels, or None when it is."""
+    if record is None:
+        return f"shape {shape} is not the teacher's {want} and no kept-channel record names it"
+    axis = record.axis
+    if len(shape) != len(want) or not 0 <= axis < len(shape):
+        return f"shape {shape} is not the teacher's {want}"
+    if want[axis] != record.size or shape[axis] != len(record.kept) or int(record.kept.max()) >= want[axis]:
+        return (f"the kept-channel record ({len(record.kept)} of {record.size} on axis {axis}) does not fit "
+                f"the student's {shape} and the teacher's {want}")
+    if [d for k, d in enumerate(shape) if k != axis] != [d for k, d in enumerate(want) if k != axis]:
+        return f"shape {shape} differs from the teacher's {want} off the channel axis"
+    return None
 
 
 def write_back(model: Model, values: dict[str, np.ndarray]) -> None:

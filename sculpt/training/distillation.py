@@ -44,7 +44,9 @@ class DistillConfig:
     eval_every: int = 25
     max_grad_norm: float = 1.0
     threads: int = 0  # 0: torch's default
-    hints: tuple[str, ...] = ()  # intermediate tensors of the same name and shape in both graphs: MSE on them
+    hints: tuple[str, ...] = ()  # intermediate tensors of the same name in both graphs: MSE on them
+    # hints whose channels were pruned: {name: (axis, kept indices)}, the teacher's tensor restricted to those
+    hint_channels: Mapping[str, tuple[int, np.ndarray]] = field(default_factory=dict)
     hint_weight: float = 1.0
 
 
@@ -64,10 +66,12 @@ class _Objective:
     """The per-output losses, the targets made from the teacher's outputs."""
 
     def __init__(self, student: Model, module: GraphModule, kind: str, temperature: float,
-                 hints: Sequence[str] = (), hint_weight: float = 1.0):
+                 hints: Sequence[str] = (), hint_weight: float = 1.0,
+                 hint_channels: Mapping[str, tuple[int, np.ndarray]] | None = None):
         self.temperature = temperature
         self.kinds: dict[str, str] = {}
         self.hints = [h for h in hints if h not in module.output_names]
+        self.hint_channels = dict(hint_channels or {})
         self.hint_weight = hint_weight
         module.extra_outputs.extend(self.hints)
         self.logits: dict[str, str] = {}  # output → the student tensor its KL loss reads
@@ -87,6 +91,9 @@ class _Objective:
     def targets(self, outputs: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         out = {}
         for name, value in outputs.items():
+            if name in self.hint_channels:  # a pruned tensor: the teacher's channels the student kept
+                axis, kept = self.hint_channels[name]
+                value = np.take(value, kept, axis=axis)
             t = torch.from_numpy(np.asarray(value, dtype=np.float32))
             if self.kinds.get(name) == "kl":
                 logp = torch.log(t.clamp_min(1e-30)) if name in self.logits else t
@@ -148,7 +155,8 @@ def distill(student: Model, teacher: Model, train: Sequence[Mapping[str, np.ndar
                           "distillation matches outputs by name")
     module = GraphModule(student, trainable)
     conversion_error = check_against_onnxruntime(module, student, [held_out[0], train[0]])
-    objective = _Objective(student, module, config.loss, config.temperature, config.hints, config.hint_weight)
+    objective = _Objective(student, module, config.loss, config.temperature, config.hints, config.hint_weight,
+                           config.hint_channels)
 
     session = make_session(teacher, extra_outputs=objective.hints)
     names = module.output_names + objective.hints
