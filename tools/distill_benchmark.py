@@ -6,6 +6,10 @@ character accuracy and exact match (rec), orientation accuracy (cls), MACs, and 
     python tools/distill_benchmark.py --models rec,cls --count 200 --ratio 0.5 \
         --calibration-count 64 --distill 'steps=100,batch_size=4,learning_rate=3e-4'
 
+``--ratio 0.3,0.5,0.7`` gives a pair of rows (refit only, then distilled) per ratio; ``--compress SPEC``
+(repeatable) the same pair for another compression pass, e.g. ``--compress 'low-rank:data_aware=true'``
+or ``--compress 'depthwise-separable:multiplier=2'``.
+
 Needs the train extra (pip install -e ".[train]"). Input shapes are fixed as in tools/ocr_benchmark.py.
 """
 
@@ -51,15 +55,18 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="rec,cls")
     ap.add_argument("--count", type=int, default=200, help="evaluation lines")
     ap.add_argument("--calibration-count", type=int, default=64, help="rendered training lines (other seed)")
-    ap.add_argument("--ratio", type=float, default=0.5, help="channel-pruning MAC reduction")
+    ap.add_argument("--ratio", default="0.5", help="channel-pruning MAC reductions, comma-separated: a pair of rows each")
+    ap.add_argument("--compress", action="append", default=[],
+                    help="another compression pass spec (NAME:KEY=VALUE,...), then distill: a pair of rows; repeatable")
     ap.add_argument("--distill", default="steps=100,batch_size=4,learning_rate=3e-4",
                     help="options of the distill pass, KEY=VALUE,...")
     ap.add_argument("--iterative", type=int, default=0,
                     help="also prune in this many steps with distill between them (iterative-pruning)")
     ap.add_argument("--iterative-distill", help="distill options of each iterative step (default: --distill)")
     ap.add_argument("--qat", help="also qdq, then distill with these options (quantization-aware fine-tuning)")
-    ap.add_argument("--skip-one-shot", action="store_true", help="only the original and the iterative rows")
+    ap.add_argument("--skip-one-shot", action="store_true", help="no channel-pruning rows (--compress, --iterative and --qat rows still come)")
     args = ap.parse_args(argv)
+    ratios = [float(r) for r in args.ratio.split(",") if r.strip()]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in [k.strip() for k in args.models.split(",") if k.strip()]:
@@ -70,24 +77,27 @@ def main(argv=None) -> int:
                 ocr_task.write_calibration(Path(tmp) / f"{kind}.npz", kind, args.calibration_count))
             fixed = original.clone().fix_input_shapes(shapes)
             stages = [("original", fixed, "", "")]
-            if not args.skip_one_shot:
+            one_shot = [] if args.skip_one_shot else [
+                (f"prune {ratio:.0%}", f"channel-pruning:ratio={ratio}") for ratio in ratios]
+            one_shot += [(spec, spec) for spec in args.compress]
+            for label, spec in one_shot:
                 keep = KeepModels()
-                specs = ["canonicalize", f"channel-pruning:ratio={args.ratio}", f"distill:{args.distill}"]
-                pipe = Pipeline.from_specs(specs, input_shapes=shapes, calibration=calibration, instruments=[keep])
+                pipe = Pipeline.from_specs(["canonicalize", spec, f"distill:{args.distill}"], input_shapes=shapes,
+                                           calibration=calibration, instruments=[keep])
                 start = time.perf_counter()
                 result = pipe.run(original)
-                print(f"{kind}: pipeline {time.perf_counter() - start:.0f} s", file=sys.stderr)
-                seconds = {r.name: r.seconds for r in result.records}
-                stats = next(r.stats for r in result.records if r.name == "distill")
-                stages += [(f"prune {args.ratio:.0%}", keep.models["channel-pruning"],
-                            f"{seconds['channel-pruning']:.0f}", ""),
-                           (f"prune {args.ratio:.0%} + distill", result.model, f"{seconds['channel-pruning']:.0f}",
-                            f"{seconds['distill']:.0f} ({stats['steps']} steps, best {stats['best_step']})")]
-                print(f"{kind}: distill held-out loss {stats['held_out_error_before']:.4g} → "
+                print(f"{kind}: {label}: pipeline {time.perf_counter() - start:.0f} s", file=sys.stderr)
+                compress, distilled = result.records[-2], result.records[-1]
+                stats = distilled.stats
+                stages += [(label, keep.models[compress.name], f"{compress.seconds:.0f}", ""),
+                           (f"{label} + distill", result.model, f"{compress.seconds:.0f}",
+                            f"{distilled.seconds:.0f} ({stats['steps']} steps, best {stats['best_step']})")]
+                print(f"{kind}: {label}: distill held-out loss {stats['held_out_error_before']:.4g} → "
                       f"{stats['held_out_error_after']:.4g} on {stats['held_out_samples']} lines, trained on "
-                      f"{stats['training_samples']}, {stats['trained_weights']} weights", file=sys.stderr)
+                      f"{stats['training_samples']}, {stats['trained_weights']} weights; hints {stats['hints']}",
+                      file=sys.stderr)
             if args.iterative:
-                spec = (f"iterative-pruning:ratio={args.ratio},steps={args.iterative},"
+                spec = (f"iterative-pruning:ratio={ratios[-1]},steps={args.iterative},"
                         f"distill=[{args.iterative_distill or args.distill}]")
                 iterative = Pipeline.from_specs(["canonicalize", spec], input_shapes=shapes,
                                                 calibration=calibration).run(original)
@@ -106,7 +116,7 @@ def main(argv=None) -> int:
                             f"{record.seconds:.0f} ({record.stats['steps']} steps, best {record.stats['best_step']})")]
             for label, model, prune_s, distill_s in stages:
                 row = {"model": kind, "config": label, **metrics(kind, model, data),
-                       "MACs": f"{cost_of(model, shapes).macs / 1e6:.1f}M", "prune s": prune_s, "distill s": distill_s}
+                       "MACs": f"{cost_of(model, shapes).macs / 1e6:.1f}M", "compress s": prune_s, "distill s": distill_s}
                 rows.append(row)
                 print(row, file=sys.stderr)
     keys = list(rows[0])
