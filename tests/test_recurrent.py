@@ -1,6 +1,8 @@
 """LSTM, GRU and RNN in the TVM backend: unrolled over their static sequence length before TVM's
-importer (sculpt.backends.tvm.recurrent_import), built for the host CPU with sculpt's kernels, and
-matched against onnxruntime; their MACs in the cost model; bench without TVM.
+importer, or (LSTM, the default) as a TIR loop over time called from Relax
+(sculpt.backends.tvm.recurrent_import, recurrent_loop), built for the host CPU with sculpt's kernels
+(and for adreno, run on PoCL), and matched against onnxruntime; their MACs in the cost model; bench
+without TVM.
 
 The cases are the onnx wheel's backend node tests test_lstm_*, test_gru_*, test_simple_rnn_* and
 test_rnn_* (models and expected outputs made by the onnx package's own case generators, with W, R, B
@@ -21,9 +23,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import tvm
 from onnx import TensorProto, helper, numpy_helper
 
-from sculpt.backends.tvm.recurrent_import import RecurrentImportError, unroll_recurrent
+from sculpt.backends.tvm import recurrent_import
+from sculpt.backends.tvm.recurrent_import import RECURRENT_MODES, RecurrentImportError, lower_recurrent, unroll_recurrent
+from sculpt.backends.tvm.recurrent_loop import CONFIG_ATTR, LOOP_OP
 from sculpt.backends.tvm.relax_import import TVMImportError, build, import_to_relax, run_relax
 from sculpt.cli import main
 from sculpt.ir.cost import cost_of
@@ -77,12 +82,12 @@ def _unrolled(proto: onnx.ModelProto) -> Model:
     return model
 
 
-def _assert_close(got: list[np.ndarray], want: list[np.ndarray]) -> None:
+def _assert_close(got: list[np.ndarray], want: list[np.ndarray], rtol: float = RTOL) -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g.shape == w.shape
         scale = max(float(np.abs(w).max()), 1e-3)
-        assert float(np.abs(g - w).max()) <= RTOL * scale, (float(np.abs(g - w).max()), scale)
+        assert float(np.abs(g - w).max()) <= rtol * scale, (float(np.abs(g - w).max()), scale)
 
 
 @pytest.mark.parametrize("case", NODE_CASES, ids=[c[3] for c in NODE_CASES])
@@ -167,6 +172,80 @@ def test_random_configurations_match_onnxruntime(name):
     order = [i.name for i in proto.graph.input]
     executable = build(import_to_relax(Model.load(proto)), "llvm", kernels="sculpt")
     _assert_close(run_relax(executable, feeds, order), reference)
+
+
+# ------------------------------------------------------------------------- LSTM: unrolled or a loop over time
+LOOP_RTOL = 1e-5
+LSTM_NODE_CASES = [c for c in NODE_CASES if c[0].op_type == "LSTM"]
+LSTM_RANDOM_CASES = [name for name, spec in RANDOM_CASES.items() if spec["op"] == "LSTM"]
+
+
+def _lstm_case(case) -> tuple[onnx.ModelProto, dict, list[np.ndarray]]:
+    """(model, feeds, reference) of a node test or random case name; the reference is onnxruntime's
+    (the node test's own expected outputs where onnxruntime refuses layout=1)."""
+    if isinstance(case, str):
+        spec = dict(RANDOM_CASES[case])
+        proto, feeds = _random_case(spec.pop("op"), **spec)
+        return proto, feeds, _session(proto).run(None, feeds)
+    node, inputs, expected, _ = case
+    proto, feeds = _as_model(node, inputs)
+    if any(a.name == "layout" and a.i == 1 for a in node.attribute):
+        return proto, feeds, expected
+    return proto, feeds, _session(proto).run(None, feeds)
+
+
+@pytest.mark.parametrize("mode", RECURRENT_MODES)
+@pytest.mark.parametrize("case", LSTM_NODE_CASES + LSTM_RANDOM_CASES,
+                         ids=[c[3] for c in LSTM_NODE_CASES] + LSTM_RANDOM_CASES)
+def test_lstm_unrolled_and_as_a_loop_match_onnxruntime_at_1e5(case, mode):
+    proto, feeds, reference = _lstm_case(case)
+    order = [i.name for i in proto.graph.input]
+    executable = build(import_to_relax(Model.load(proto), recurrent=mode), "llvm", kernels="sculpt")
+    _assert_close(run_relax(executable, feeds, order), reference, LOOP_RTOL)
+
+
+def test_loop_mode_is_one_projection_matmul_and_one_loop_function():
+    proto, _ = _random_case("LSTM", direction="bidirectional", steps=30, seq_lens="input", initial=True,
+                            peepholes=True)
+    model = Model.load(proto)
+    model.infer_shapes()
+    assert lower_recurrent(model, "loop") == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count(LOOP_OP) == 1 and ops.count("MatMul") == 1 and "LSTM" not in ops
+    assert len(ops) < 10  # projection, mask, loop: nothing per step
+    mod = import_to_relax(Model.load(proto), recurrent="loop")
+    loops = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and CONFIG_ATTR in f.attrs]
+    assert loops == ["sculpt_lstm_loop"]
+    # GRU and RNN are unrolled in loop mode
+    gru, _ = _random_case("GRU", steps=4)
+    unrolled = Model.load(gru)
+    unrolled.infer_shapes()
+    assert lower_recurrent(unrolled, "loop") == 1
+    assert [n.op_type for n in unrolled.graph.node].count("MatMul") >= 4
+
+
+def test_loop_is_the_default_and_an_unknown_mode_is_a_one_line_error():
+    assert recurrent_import.DEFAULT_RECURRENT_MODE == "loop"
+    proto, _ = _random_case("LSTM")
+    with pytest.raises(RecurrentImportError, match=r"unknown recurrent mode 'scan' \(choose from unroll, loop\)"):
+        import_to_relax(Model.load(proto), recurrent="scan")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("pyopencl") is None, reason="needs pyopencl and PoCL")
+def test_lstm_loop_builds_for_adreno_and_matches_onnxruntime_on_pocl(tmp_path, monkeypatch):
+    """The loop's GPU form: one work-group, state and gates in shared memory, barriers between phases."""
+    from sculpt.backends.tvm.artifact import compile_artifact, load_artifact
+    from sculpt.backends.tvm.deploy import verify_artifact
+
+    monkeypatch.setattr(recurrent_import, "DEFAULT_RECURRENT_MODE", "loop")
+    proto, feeds, _ = _lstm_case("lstm_bidirectional_seq_lens_input_states_peepholes_clip")
+    path = tmp_path / "lstm.onnx"
+    onnx.save(proto, path)
+    library = tmp_path / "lstm_adreno.so"
+    compile_artifact(path, "adreno", library)
+    result = verify_artifact(load_artifact(library), path, feeds, rtol=LOOP_RTOL, timeout=600)
+    assert result.ok, result.comparison.outputs
 
 
 def test_non_constant_weights_are_a_one_line_error():
@@ -270,29 +349,35 @@ def _captcha_input(folder: Path) -> Path:
     return path
 
 
-def _compile_and_verify_crnn(model: Path, target: str, folder: Path, capsys) -> dict:
+def _compile_and_verify_crnn(model: Path, target: str, folder: Path, capsys, rtol: float = RTOL) -> dict:
     library = folder / f"crnn_{target}.so"
     shape = "input1=" + ",".join(map(str, CRNN_SHAPE))
     assert main(["compile", str(model), "--target", target, "--input-shape", shape, "-o", str(library)]) == 0
     capsys.readouterr()
     assert main(["verify", str(library), "--model", str(model), "--input", f"input1={_captcha_input(folder)}",
-                 "--rtol", str(RTOL), "--json"]) == 0
+                 "--rtol", str(rtol), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["ok"] and data["max_rel"] <= RTOL, data
+    assert data["ok"] and data["max_rel"] <= rtol, data
     assert len(data["outputs"]) == 2 and all(o["shape_match"] for o in data["outputs"])
     return data
 
 
 @pytest.mark.slow
-def test_crnn_recognizer_compiles_for_the_host_and_matches_onnxruntime(crnn_with_logits, tmp_path, capsys):
-    _compile_and_verify_crnn(crnn_with_logits, "host", tmp_path, capsys)
+@pytest.mark.parametrize("mode", RECURRENT_MODES)
+def test_crnn_recognizer_compiles_for_the_host_and_matches_onnxruntime(crnn_with_logits, tmp_path, capsys, mode,
+                                                                       monkeypatch):
+    monkeypatch.setattr(recurrent_import, "DEFAULT_RECURRENT_MODE", mode)
+    _compile_and_verify_crnn(crnn_with_logits, "host", tmp_path, capsys, LOOP_RTOL)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("qemu-aarch64-static") is None or shutil.which("aarch64-linux-gnu-g++") is None,
                     reason="needs qemu-user-static and g++-aarch64-linux-gnu")
-def test_crnn_recognizer_on_arm64_under_qemu_matches_onnxruntime(crnn_with_logits, tmp_path, capsys):
-    data = _compile_and_verify_crnn(crnn_with_logits, "arm64", tmp_path, capsys)
+@pytest.mark.parametrize("mode", RECURRENT_MODES)
+def test_crnn_recognizer_on_arm64_under_qemu_matches_onnxruntime(crnn_with_logits, tmp_path, capsys, mode,
+                                                                  monkeypatch):
+    monkeypatch.setattr(recurrent_import, "DEFAULT_RECURRENT_MODE", mode)
+    data = _compile_and_verify_crnn(crnn_with_logits, "arm64", tmp_path, capsys, LOOP_RTOL)
     assert data["emulated"]
 
 

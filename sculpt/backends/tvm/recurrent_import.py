@@ -47,7 +47,7 @@ def has_recurrent_nodes(model: Model) -> bool:
 
 
 RECURRENT_MODES = ("unroll", "loop")
-DEFAULT_RECURRENT_MODE = "unroll"
+DEFAULT_RECURRENT_MODE = "loop"
 
 
 def lower_recurrent(model: Model, mode: str | None = None) -> int:
