@@ -179,6 +179,15 @@ def tiled_recurrent_weights(R):
     return R.reshape(D, G // TJ, TJ, H).transpose(0, 1, 3, 2).copy()
 
 
+PARALLEL_MACS = 1 << 17  # recurrent MACs per step and direction from which the gate tiles run in parallel
+
+
+def parallel_gates(cfg: LoopConfig) -> bool:
+    """Whether the gate tiles of a step are a parallel loop (TVM's thread pool; one launch per step and
+    direction): from PARALLEL_MACS on (hidden 181+), where a step's work outweighs a launch."""
+    return 4 * cfg.hidden * cfg.hidden >= PARALLEL_MACS
+
+
 def cpu_lstm_loop_script(cfg: LoopConfig) -> str:
     """TVMScript of the CPU function (see the module docstring)."""
     S, B, D, H = cfg.steps, cfg.batch, cfg.directions, cfg.hidden
@@ -190,7 +199,6 @@ def cpu_lstm_loop_script(cfg: LoopConfig) -> str:
 def sculpt_lstm_loop({_signature(cfg)}):
     T.func_attr({{"tirx.is_scheduled": True, "tirx.noalias": True}})
     gates = T.decl_buffer(({G},), "float32")
-    acc = T.decl_buffer(({TJ},), "float32", scope="local")
     for d, b, k in T.grid({D}, {B}, {H}):
         yh[d, b, k] = h0[d, b, k]
         yc[d, b, k] = c0[d, b, k]
@@ -198,7 +206,8 @@ def sculpt_lstm_loop({_signature(cfg)}):
         for s in range({S}):
             t: T.int32 = {_step_index(cfg)}
             for b in range({B}):
-                for jo in range({G // TJ}):
+                for jo in {"T.parallel" if parallel_gates(cfg) else "range"}({G // TJ}):
+                    acc = T.decl_buffer(({TJ},), "float32", scope="local")
                     for ji in T.vectorized({TJ}):
                         acc[ji] = proj[t, b, d * {G} + jo * {TJ} + ji]
                     for k in range({H}):
