@@ -10,7 +10,7 @@ Models: ``ddddocr-captcha`` (tools/zoo.py's CNN+BiLSTM captcha recognizer, hidde
 ArgMax input, are an output too, so the check sees floats) and synthetic
 ``lstm:<steps>:<hidden>[:<input>]``, a bidirectional LSTM at batch 1 (random weights, scale 1/sqrt(hidden)).
 
-    flock /tmp/sculpt-bench.lock python tools/bench_recurrent.py ddddocr-captcha lstm:100:128 lstm:200:256
+    flock /tmp/sculpt-bench.lock python tools/bench_recurrent.py ddddocr-captcha lstm:100:128 lstm:200:256 --repeat 2
 """
 
 from __future__ import annotations
@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="unroll,loop")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure every (model, mode) this many times, alternating the modes (ABAB: a busy "
+                         "machine's noise falls on both); the summary gives the medians")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args(argv)
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
     env = dict(os.environ, TVM_NUM_THREADS="1", OMP_NUM_THREADS="1")
     results = []
     for spec in args.models:
-        for mode in args.modes.split(","):
+        for mode in args.modes.split(",") * args.repeat:
             p = subprocess.run([sys.executable, __file__, spec, "--modes", mode, "--runs", str(args.runs),
                                 "--rounds", str(args.rounds), "--one"], capture_output=True, text=True, env=env)
             if p.returncode != 0:
@@ -141,6 +144,15 @@ def main(argv=None) -> int:
             print(f"{spec:18s} {mode:7s} compile {row['compile_s']:7.1f} s  run {row['run_ms']:9.3f} ms  "
                   f"(onnxruntime 1 thread {row['onnxruntime_1thread_ms']:.3f} ms)  max rel {row['max_rel_vs_onnxruntime']:.1e}",
                   flush=True)
+    print("summary (medians over the repeats):")
+    for spec in args.models:
+        for mode in args.modes.split(","):
+            rows = [r for r in results if r["model"] == spec and r["mode"] == mode]
+            if rows:
+                print(f"{spec:18s} {mode:7s} compile {statistics.median(r['compile_s'] for r in rows):7.1f} s  "
+                      f"run {statistics.median(r['run_ms'] for r in rows):9.3f} ms  "
+                      f"onnxruntime {statistics.median(r['onnxruntime_1thread_ms'] for r in rows):9.3f} ms  "
+                      f"max rel {max(r['max_rel_vs_onnxruntime'] for r in rows):.1e}  ({len(rows)} processes)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
