@@ -67,13 +67,33 @@ def _f32(value: float) -> str:
     return f"T.float32({float(value)!r})"
 
 
+# tanh(x) = x P(x^2) / Q(x^2) on x clamped to [-9, 9] (the rational approximation of Eigen's ptanh_float,
+# which TVM's topi.fast_tanh uses too): a few float32 ulps, and, unlike libm's tanhf/expf (one scalar call
+# per element), it vectorizes. sigmoid(x) = tanh(x / 2) / 2 + 1 / 2 then costs the same.
+_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+           1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)  # x^13 ... x^1
+_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)  # x^6 ... x^0
+
+
+def _rational_tanh(x: str) -> str:
+    clamped = f"T.max({_f32(-9.0)}, T.min({_f32(9.0)}, {x}))"
+    square = f"({clamped} * {clamped})"
+    p = _f32(_TANH_P[0])
+    for c in _TANH_P[1:]:
+        p = f"({p} * {square} + {_f32(c)})"
+    q = _f32(_TANH_Q[0])
+    for c in _TANH_Q[1:]:
+        q = f"({q} * {square} + {_f32(c)})"
+    return f"({clamped} * {p} / {q})"
+
+
 def activation_expr(act: LoopActivation, x: str) -> str:
     """The TVMScript expression of ONNX activation ``act`` applied to the float32 variable ``x``."""
     one, zero = _f32(1.0), _f32(0.0)
     name, a, b = act.name, act.alpha, act.beta
     table = {
-        "sigmoid": f"{one} / ({one} + T.exp({zero} - {x}))",
-        "tanh": f"T.tanh({x})",
+        "sigmoid": f"({_f32(0.5)} * {_rational_tanh(f'{_f32(0.5)} * {x}')} + {_f32(0.5)})",
+        "tanh": _rational_tanh(x),
         "relu": f"T.max({x}, {zero})",
         "softsign": f"{x} / ({one} + T.fabs({x}))",
         "softplus": f"T.log(T.exp({x}) + {one})",
