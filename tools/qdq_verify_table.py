@@ -71,6 +71,7 @@ def row(kind: str, build: str, path: Path, workdir: Path) -> dict:
             "off_by_one_elements": check.off_by_one, "elements": check.elements,
             "worst_steps": max((u.worst_steps for u in check.units), default=0),
             "largest_unit_flip_fraction": max((u.off_by_one / u.elements for u in check.units if u.elements), default=0),
+            "largest_flip_tie_distance": max((u.flip_tie_distance for u in check.units if u.off_by_one), default=0.0),
             "tails_rel": max((o.max_rel for o in check.tails), default=0.0), "consistent": check.consistent,
             "units_ok": check.ok, "verdict": "pass" if (result.end_to_end_ok or check.ok) else "FAIL",
             "failing": [u.as_dict() for u in check.failing_units][:5], "check_s": round(check.seconds, 1),
@@ -79,15 +80,18 @@ def row(kind: str, build: str, path: Path, workdir: Path) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | build | end-to-end error (rel.) | units checked | units off by 1 step (elements) | worst step "
-             "| float tails (rel.) | artifact = verification build | verdict | time of the check |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| flips' distance from a tie (steps) | float tails (rel.) | artifact = verification build | verdict "
+             "| time of the check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['build']} | - | - | - | - | - | - | error: {r['error']} | - |")
+            lines.append(f"| {r['model']} | {r['build']} | - | - | - | - | - | - | - | error: {r['error']} | - |")
             continue
         e2e = f"{r['end_to_end_rel']:.2g}" + ("" if r["end_to_end_ok"] else " (> 1e-4)")
         lines.append(f"| {r['model']} | {r['build']} | {e2e} | {r['units']} | {r['units_with_flips']} "
-                     f"({r['off_by_one_elements']} of {r['elements']:,}) | {r['worst_steps']} | {r['tails_rel']:.2g} | "
+                     f"({r['off_by_one_elements']} of {r['elements']:,}) | {r['worst_steps']} | "
+                     f"{'≤ %.2g' % r['largest_flip_tie_distance'] if r.get('largest_flip_tie_distance') else '-'} | "
+                     f"{r['tails_rel']:.2g} | "
                      f"{'yes' if r['consistent'] else 'NO'} | {r['verdict']} | {r['check_s']:.0f} s |")
     return "\n".join(lines)
 
@@ -99,7 +103,11 @@ def main(argv=None) -> int:
     p.add_argument("--calibration", type=int, default=8, help="calibration inputs of the qdq pass")
     p.add_argument("--workdir", default=None, help="keep the models and artifacts here (default: a temp folder)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON lines (appended per row)")
+    p.add_argument("--from-json", default=None, metavar="FILE", help="only print the table of rows written by --json")
     args = p.parse_args(argv)
+    if args.from_json:
+        print(markdown([json.loads(line) for line in Path(args.from_json).read_text().splitlines() if line.strip()]))
+        return 0
     from kernel_benchmark import zoo_names
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
