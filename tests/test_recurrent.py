@@ -231,6 +231,23 @@ def test_loop_is_the_default_and_an_unknown_mode_is_a_one_line_error():
         import_to_relax(Model.load(proto), recurrent="scan")
 
 
+def test_gpu_form_of_a_loop_too_large_for_shared_memory_is_a_one_line_error():
+    from sculpt.backends.tvm.recurrent_loop import gpu_shared_bytes, replace_loops_for_gpu
+
+    proto, _ = _random_case("LSTM", hidden=64, batch=2, steps=3)
+    mod = import_to_relax(Model.load(proto), recurrent="loop")
+    cfg_bytes = 4 * 2 * 6 * 64  # batch x (4H gates + H state + H cell) floats
+    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and CONFIG_ATTR in f.attrs]
+    from sculpt.backends.tvm.recurrent_loop import LoopConfig
+
+    assert gpu_shared_bytes(LoopConfig.from_json(str(func.attrs[CONFIG_ATTR]))) == cfg_bytes
+    swapped, names = replace_loops_for_gpu(mod, 256, cfg_bytes)
+    assert names == ["sculpt_lstm_loop"] and "shared" in swapped["sculpt_lstm_loop"].script()
+    assert "shared" not in mod["sculpt_lstm_loop"].script()  # the input module is left as it was
+    with pytest.raises(ValueError, match=rf"sculpt_lstm_loop: .* {cfg_bytes} bytes .* over the target's {cfg_bytes - 1}"):
+        replace_loops_for_gpu(mod, 256, cfg_bytes - 1)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("pyopencl") is None, reason="needs pyopencl and PoCL")
 def test_lstm_loop_builds_for_adreno_and_matches_onnxruntime_on_pocl(tmp_path, monkeypatch):
