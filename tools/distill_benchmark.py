@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     for row in rows:
         print("| " + " | ".join(str(row[k]) for k in keys) + " |")
     print(f"\n{args.count} evaluation lines (seed {ocr_task.EVAL_SEED}), {args.calibration_count} training lines "
-          f"(seed {ocr_task.CALIBRATION_SEED}); distill: {args.distill if not args.skip_one_shot else '—'}; "
+          f"(seed {ocr_task.CALIBRATION_SEED}); distill: {args.distill if not args.skip_one_shot or args.compress else '—'}; "
           f"iterative: {args.iterative_distill or args.distill if args.iterative else '—'}; QAT: {args.qat or '—'}; "
           f"peak memory of the process "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
