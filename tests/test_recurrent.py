@@ -1,5 +1,5 @@
 """LSTM, GRU and RNN in the TVM backend: unrolled over their static sequence length before TVM's
-importer, or (LSTM, the default) as a TIR loop over time called from Relax
+importer, or (LSTM and GRU, the default) as a TIR loop over time called from Relax
 (sculpt.backends.tvm.recurrent_import, recurrent_loop), built for the host CPU with sculpt's kernels
 (and for adreno, run on PoCL), and matched against onnxruntime; their MACs in the cost model; bench
 without TVM.
@@ -176,8 +176,8 @@ def test_random_configurations_match_onnxruntime(name):
 
 # ------------------------------------------------------------------------- LSTM: unrolled or a loop over time
 LOOP_RTOL = 1e-5
-LSTM_NODE_CASES = [c for c in NODE_CASES if c[0].op_type == "LSTM"]
-LSTM_RANDOM_CASES = [name for name, spec in RANDOM_CASES.items() if spec["op"] == "LSTM"]
+LSTM_NODE_CASES = [c for c in NODE_CASES if c[0].op_type in ("LSTM", "GRU")]  # the ops with a loop form
+LSTM_RANDOM_CASES = [name for name, spec in RANDOM_CASES.items() if spec["op"] in ("LSTM", "GRU")]
 
 
 def _lstm_case(case) -> tuple[onnx.ModelProto, dict, list[np.ndarray]]:
@@ -197,7 +197,7 @@ def _lstm_case(case) -> tuple[onnx.ModelProto, dict, list[np.ndarray]]:
 @pytest.mark.parametrize("mode", RECURRENT_MODES)
 @pytest.mark.parametrize("case", LSTM_NODE_CASES + LSTM_RANDOM_CASES,
                          ids=[c[3] for c in LSTM_NODE_CASES] + LSTM_RANDOM_CASES)
-def test_lstm_unrolled_and_as_a_loop_match_onnxruntime_at_1e5(case, mode):
+def test_lstm_and_gru_unrolled_and_as_a_loop_match_onnxruntime_at_1e5(case, mode):
     proto, feeds, reference = _lstm_case(case)
     order = [i.name for i in proto.graph.input]
     executable = build(import_to_relax(Model.load(proto), recurrent=mode), "llvm", kernels="sculpt")
@@ -216,9 +216,14 @@ def test_loop_mode_is_one_projection_matmul_and_one_loop_function():
     mod = import_to_relax(Model.load(proto), recurrent="loop")
     loops = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and CONFIG_ATTR in f.attrs]
     assert loops == ["sculpt_lstm_loop"]
-    # GRU and RNN are unrolled in loop mode
-    gru, _ = _random_case("GRU", steps=4)
-    unrolled = Model.load(gru)
+    # a GRU too (both forms of its candidate); RNN is unrolled in loop mode
+    for before_reset in (0, 1):
+        gru, _ = _random_case("GRU", steps=4, direction="bidirectional", linear_before_reset=before_reset)
+        mod = import_to_relax(Model.load(gru), recurrent="loop")
+        assert [gv.name_hint for gv, f in mod.functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc) and CONFIG_ATTR in f.attrs] == ["sculpt_gru_loop"]
+    rnn, _ = _random_case("RNN", steps=4)
+    unrolled = Model.load(rnn)
     unrolled.infer_shapes()
     assert lower_recurrent(unrolled, "loop") == 1
     assert [n.op_type for n in unrolled.graph.node].count("MatMul") >= 4
@@ -250,13 +255,15 @@ def test_gpu_form_of_a_loop_too_large_for_shared_memory_is_a_one_line_error():
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("pyopencl") is None, reason="needs pyopencl and PoCL")
-def test_lstm_loop_builds_for_adreno_and_matches_onnxruntime_on_pocl(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["lstm_bidirectional_seq_lens_input_states_peepholes_clip",
+                                  "gru_linear_before_reset_bidirectional_seq_lens_input", "gru_reverse_states_no_bias"])
+def test_loop_builds_for_adreno_and_matches_onnxruntime_on_pocl(tmp_path, monkeypatch, name):
     """The loop's GPU form: one work-group, state and gates in shared memory, barriers between phases."""
     from sculpt.backends.tvm.artifact import compile_artifact, load_artifact
     from sculpt.backends.tvm.deploy import verify_artifact
 
     monkeypatch.setattr(recurrent_import, "DEFAULT_RECURRENT_MODE", "loop")
-    proto, feeds, _ = _lstm_case("lstm_bidirectional_seq_lens_input_states_peepholes_clip")
+    proto, feeds, _ = _lstm_case(name)
     path = tmp_path / "lstm.onnx"
     onnx.save(proto, path)
     library = tmp_path / "lstm_adreno.so"

@@ -1,8 +1,8 @@
-"""LSTM, GRU and RNN for the TVM import: an LSTM as a loop over time (the default, ``"loop"``), or each
-node unrolled over its static sequence length (``"unroll"``; GRU and RNN always).
+"""LSTM, GRU and RNN for the TVM import: an LSTM or GRU as a loop over time (the default, ``"loop"``), or
+each node unrolled over its static sequence length (``"unroll"``; RNN always).
 
-Loop (:func:`lower_recurrent`, :class:`_LoopLowering`): the LSTM's input projection of every step and
-direction becomes one MatMul + Add, the recurrence one ``SculptLSTMLoop`` node that the importer turns into
+Loop (:func:`lower_recurrent`, :class:`_LoopLowering`): the node's input projection of every step and
+direction becomes one MatMul + Add, the recurrence one ``SculptRecurrentLoop`` node that the importer turns into
 a TIR function with a serial loop over time (:mod:`sculpt.backends.tvm.recurrent_loop`). Measured
 (tools/bench_recurrent.py, 1 thread): never slower than unrolling, 1.6-2.6x faster from 100 steps on,
 level at hidden 512 (memory-bound), and its compile time does not grow with the sequence (2 s vs 80 s
@@ -62,10 +62,10 @@ DEFAULT_RECURRENT_MODE = "loop"
 
 def lower_recurrent(model: Model, mode: str | None = None) -> int:
     """Replace every LSTM/GRU/RNN node of ``model`` (in place) by what TVM's importer takes. ``mode``
-    (default DEFAULT_RECURRENT_MODE): ``"unroll"``, every step as ONNX ops; ``"loop"``, an LSTM's input
-    projection as one MatMul and its recurrence as one ``SculptLSTMLoop`` node, converted while
+    (default DEFAULT_RECURRENT_MODE): ``"unroll"``, every step as ONNX ops; ``"loop"``, an LSTM's or GRU's
+    input projection as one MatMul and its recurrence as one ``SculptRecurrentLoop`` node, converted while
     :class:`sculpt.backends.tvm.recurrent_loop.loop_converters` is active into a TIR function with a
-    serial loop over time (GRU and RNN are unrolled). Returns the number of nodes replaced."""
+    serial loop over time (RNN is unrolled). Returns the number of nodes replaced."""
     mode = mode or DEFAULT_RECURRENT_MODE
     if mode not in RECURRENT_MODES:
         raise RecurrentImportError(f"unknown recurrent mode '{mode}' (choose from {', '.join(RECURRENT_MODES)})")
@@ -79,7 +79,7 @@ def lower_recurrent(model: Model, mode: str | None = None) -> int:
             original = onnx.NodeProto()
             original.CopyFrom(node)
             model.remove_node(node)
-            (_LoopLowering if node.op_type == "LSTM" else _Unroller)(model, original).run()
+            (_LoopLowering if node.op_type in ("LSTM", "GRU") else _Unroller)(model, original).run()
     if not any(o.domain == LOOP_DOMAIN for o in model.proto.opset_import) and has_loop_nodes(model):
         model.proto.opset_import.append(onnx.helper.make_opsetid(LOOP_DOMAIN, 1))
     model.topological_sort()
@@ -414,9 +414,12 @@ class _Unroller:
 
 
 class _LoopLowering(_Unroller):
-    """An LSTM node as its input projection (ONNX ops) and one SculptLSTMLoop node (the recurrence)."""
+    """An LSTM or GRU node as its input projection (ONNX ops) and one SculptRecurrentLoop node (the
+    recurrence)."""
 
     def run(self) -> None:
+        if self.node.op_type == "GRU":
+            return self.run_gru()
         node = self.node
         hidden = int(self.attrs.get("hidden_size", 0))
         direction = self.attrs.get("direction", b"forward")
@@ -467,6 +470,69 @@ class _LoopLowering(_Unroller):
         self.model.append_node(loop)
         if layout == 1:
             for index, perm in ((0, [2, 0, 1, 3]), (1, [1, 0, 2]), (2, [1, 0, 2])):
+                if index < len(node.output) and node.output[index]:
+                    self.op("Transpose", [outs[index]], out=node.output[index], perm=perm)
+
+    def run_gru(self) -> None:
+        node = self.node
+        hidden = int(self.attrs.get("hidden_size", 0))
+        direction = self.attrs.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        if direction not in ("forward", "reverse", "bidirectional"):
+            self.fail(f"unknown direction '{direction}'")
+        directions = 2 if direction == "bidirectional" else 1
+        layout = int(self.attrs.get("layout", 0))
+        W, R = self.constant(1, "W"), self.constant(2, "R")
+        if W is None or R is None:
+            self.fail("W and R are required")
+        hidden = hidden or R.shape[-1]
+        if W.shape[0] != directions or W.shape[1] != 3 * hidden or R.shape[1:] != (3 * hidden, hidden):
+            self.fail(f"W {list(W.shape)} / R {list(R.shape)} do not fit hidden_size {hidden}, {directions} direction(s)")
+        B = self.constant(3, "B")
+        if B is None:
+            B = np.zeros((directions, 6 * hidden), np.float32)
+        before_reset = bool(self.attrs.get("linear_before_reset", 0))
+        x = self.input_name(0)
+        shape = self.model.static_shape(x)
+        if shape is None or len(shape) != 3:
+            self.fail(f"the shape of X ('{x}') must be static to compile the node (fix the input shapes)")
+        if layout == 1:
+            x = self.op("Transpose", [x], perm=[1, 0, 2])
+            shape = (shape[1], shape[0], shape[2])
+        steps, batch = int(shape[0]), int(shape[1])
+        H = hidden
+        weights = np.concatenate([W[d].T for d in range(directions)], axis=1)
+        biases = []
+        for d in range(directions):
+            bias = B[d, :3 * H] + B[d, 3 * H:]
+            if before_reset:  # the candidate's recurrent bias sits inside r * (h @ Rh^T + Rbh)
+                bias = bias.copy()
+                bias[2 * H:] -= B[d, 5 * H:]
+            biases.append(bias)
+        projected = self.op("Add", [self.op("MatMul", [x, self.const(weights)]), self.const(np.concatenate(biases))])
+        if before_reset:
+            first, second = self.const(tiled_recurrent_weights(R)), self.const(np.zeros((1, 1, 1, 1), np.float32))
+            rbh = self.const(B[:, 5 * H:])
+        else:
+            first = self.const(tiled_recurrent_weights(R[:, :2 * H]))
+            second = self.const(tiled_recurrent_weights(R[:, 2 * H:]))
+            rbh = self.const(np.zeros((directions, H), np.float32))
+        h0 = self.state_input(5, directions, batch, H, layout)
+        mask = self.sequence_mask(steps, batch)
+        acts = self.activations(directions)
+        cfg = LoopConfig(steps=steps, batch=batch, hidden=H,
+                         reverse=[int(direction == "reverse" or d == 1) for d in range(directions)],
+                         activations=[[LoopActivation(a.name, a.alpha, a.beta) for a in per] for per in acts],
+                         clip=None if self.attrs.get("clip") is None else float(self.attrs["clip"]),
+                         masked=mask is not None, op="GRU", linear_before_reset=before_reset)
+        outs = [self.node.output[i] if i < len(self.node.output) and self.node.output[i] and layout == 0
+                else self.fresh(f"loop_out{i}") for i in range(2)] + [self.fresh("loop_scratch")]
+        loop = onnx.helper.make_node(LOOP_OP, [projected, first, second, h0, rbh,
+                                               mask if mask is not None else self.const(np.ones((steps, batch)))],
+                                     outs, name=self.fresh(LOOP_OP), domain=LOOP_DOMAIN, config=cfg.to_json())
+        self.model.append_node(loop)
+        if layout == 1:
+            for index, perm in ((0, [2, 0, 1, 3]), (1, [1, 0, 2])):
                 if index < len(node.output) and node.output[index]:
                     self.op("Transpose", [outs[index]], out=node.output[index], perm=perm)
 

@@ -1,8 +1,9 @@
-"""The LSTM recurrence as one TIR function with a serial loop over time, called from Relax (call_tir).
+"""The LSTM (and GRU) recurrence as one TIR function with a serial loop over time, called from Relax
+(call_tir). A GRU's function is the same loop with its own step (:func:`cpu_gru_loop_script`).
 
 :mod:`sculpt.backends.tvm.recurrent_import` (mode ``"loop"``) replaces an LSTM node by ONNX ops for
 what has no recurrence (the input projection of every step, both directions, in one MatMul + Add;
-the validity mask of ``sequence_lens``) and one node ``SculptLSTMLoop`` (domain ``ai.sculpt``) for
+the validity mask of ``sequence_lens``) and one node ``SculptRecurrentLoop`` (domain ``ai.sculpt``) for
 the recurrence. TVM's ONNX importer converts that node, while :func:`loop_converters` is active, into
 ``call_tir`` of the function written here:
 
@@ -13,7 +14,7 @@ the recurrence. TVM's ONNX importer converts that node, while :func:`loop_conver
 
 The state lives in the Y_h / Y_c outputs, so the function allocates only the 4H gates. On the CPU
 the function is written scheduled (``tirx.is_scheduled``: sculpt's kernel pipeline leaves it alone);
-for the GPU, :func:`gpu_lstm_loop` writes the same recurrence for one work-group (threads over the
+for the GPU, :func:`gpu_loop` writes the same recurrence for one work-group (threads over the
 gates, state and gates in shared memory, a barrier between the phases of a step), and
 :func:`replace_loops_for_gpu` swaps it in from the configuration the CPU function carries."""
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-LOOP_OP = "SculptLSTMLoop"
+LOOP_OP = "SculptRecurrentLoop"
 LOOP_DOMAIN = "ai.sculpt"
 CONFIG_ATTR = "sculpt.lstm_loop"  # the PrimFunc attribute holding the LoopConfig as JSON
 
@@ -47,6 +48,8 @@ class LoopConfig:
     input_forget: bool = False
     peepholes: bool = False
     masked: bool = False  # sequence_lens given: a [steps, batch] 0/1 mask input
+    op: str = "LSTM"  # or "GRU"
+    linear_before_reset: bool = False  # GRU
     extra: dict = field(default_factory=dict)
 
     @property
@@ -245,13 +248,13 @@ def _parse(script: str, cfg: LoopConfig):
 
     func = tvm.script.from_source(script)
     if not isinstance(func, tvm.tirx.PrimFunc):
-        func = func["sculpt_lstm_loop"]
+        func = func[f"sculpt_{cfg.op.lower()}_loop"]
     return func.with_attr(CONFIG_ATTR, cfg.to_json())
 
 
-def cpu_lstm_loop(cfg: LoopConfig):
+def cpu_loop(cfg: LoopConfig):
     """The CPU PrimFunc of the loop (scheduled; it carries its configuration for the GPU swap)."""
-    return _parse(cpu_lstm_loop_script(cfg), cfg)
+    return _parse(cpu_gru_loop_script(cfg) if cfg.op == "GRU" else cpu_lstm_loop_script(cfg), cfg)
 
 
 def gpu_threads(cfg: LoopConfig, max_threads: int = 256) -> int:
@@ -262,7 +265,8 @@ def gpu_threads(cfg: LoopConfig, max_threads: int = 256) -> int:
 
 
 def gpu_shared_bytes(cfg: LoopConfig) -> int:
-    return 4 * cfg.batch * (4 * cfg.hidden + 2 * cfg.hidden)
+    gates = 4 if cfg.op == "LSTM" else 3
+    return 4 * cfg.batch * (gates * cfg.hidden + 2 * cfg.hidden)
 
 
 def gpu_lstm_loop_script(cfg: LoopConfig, max_threads: int = 256) -> str:
@@ -312,8 +316,9 @@ def sculpt_lstm_loop({_signature(cfg)}):
 """
 
 
-def gpu_lstm_loop(cfg: LoopConfig, max_threads: int = 256):
-    return _parse(gpu_lstm_loop_script(cfg, max_threads), cfg)
+def gpu_loop(cfg: LoopConfig, max_threads: int = 256):
+    script = gpu_gru_loop_script(cfg, max_threads) if cfg.op == "GRU" else gpu_lstm_loop_script(cfg, max_threads)
+    return _parse(script, cfg)
 
 
 def replace_loops_for_gpu(mod, max_threads: int = 256, max_shared_bytes: int | None = None):
@@ -331,7 +336,7 @@ def replace_loops_for_gpu(mod, max_threads: int = 256, max_shared_bytes: int | N
         if max_shared_bytes is not None and gpu_shared_bytes(cfg) > max_shared_bytes:
             raise ValueError(f"{gvar.name_hint}: the LSTM loop keeps {gpu_shared_bytes(cfg)} bytes of state and "
                              f"gates in shared memory, over the target's {max_shared_bytes}")
-        new = gpu_lstm_loop(cfg, max_threads)
+        new = gpu_loop(cfg, max_threads)
         for key in ("global_symbol",):
             if key in func.attrs:
                 new = new.with_attr(key, func.attrs[key])
@@ -345,24 +350,25 @@ def _converter_class():
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
-    class SculptLSTMLoopConverter(OnnxOpConverter):
-        """``SculptLSTMLoop`` -> call_tir of the CPU loop function; outputs Y, Y_h, Y_c."""
+    class SculptRecurrentLoopConverter(OnnxOpConverter):
+        """``SculptRecurrentLoop`` -> call_tir of the CPU loop function; outputs Y, Y_h, Y_c (a GRU's
+        third output is its scratch for r * h)."""
 
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             config = attr["config"]
             cfg = LoopConfig.from_json(config.decode() if isinstance(config, bytes) else config)
-            gvar = bb.add_func(cpu_lstm_loop(cfg), "sculpt_lstm_loop")
+            gvar = bb.add_func(cpu_loop(cfg), f"sculpt_{cfg.op.lower()}_loop")
             S, B, D, H = cfg.steps, cfg.batch, cfg.directions, cfg.hidden
             out = [relax.TensorType((S, D, B, H), "float32"), relax.TensorType((D, B, H), "float32"),
                    relax.TensorType((D, B, H), "float32")]
             return bb.emit(relax.call_tir(gvar, list(inputs), out))
 
-    return SculptLSTMLoopConverter
+    return SculptRecurrentLoopConverter
 
 
 class loop_converters:
-    """While active, TVM's ONNX importer converts ``SculptLSTMLoop`` nodes (its converter table is a
+    """While active, TVM's ONNX importer converts ``SculptRecurrentLoop`` nodes (its converter table is a
     module function, read at each use: it is extended for the duration)."""
 
     def __enter__(self):
@@ -383,3 +389,158 @@ class loop_converters:
     def __exit__(self, *exc):
         self._module._get_convert_map = self._original
         return False
+
+
+# ----------------------------------------------------------------------------- GRU
+def _gru_signature(cfg: LoopConfig) -> str:
+    S, B, D, H = cfg.steps, cfg.batch, cfg.directions, cfg.hidden
+    rows1 = 3 * H if cfg.linear_before_reset else 2 * H
+    T1, T2 = gate_tile(rows1), gate_tile(H)
+    rt2 = "(1, 1, 1, 1)" if cfg.linear_before_reset else f"({D}, {H // T2}, {H}, {T2})"
+    return (f"proj: T.Buffer(({S}, {B}, {D * 3 * H}), \"float32\"), "
+            f"rt: T.Buffer(({D}, {rows1 // T1}, {H}, {T1}), \"float32\"), rt2: T.Buffer({rt2}, \"float32\"), "
+            f"h0: T.Buffer(({D}, {B}, {H}), \"float32\"), rbh: T.Buffer(({D}, {H}), \"float32\"), "
+            f"mask: T.Buffer(({S}, {B}), \"float32\"), "
+            f"y: T.Buffer(({S}, {D}, {B}, {H}), \"float32\"), yh: T.Buffer(({D}, {B}, {H}), \"float32\"), "
+            f"yc: T.Buffer(({D}, {B}, {H}), \"float32\")")
+
+
+def _gru_act(cfg: LoopConfig, position: int, x: str) -> str:
+    return _per_direction(cfg, [activation_expr(acts[position], x) for acts in cfg.activations])
+
+
+def _gru_clip(cfg: LoopConfig, x: str) -> str:
+    return x if cfg.clip is None else f"T.max({_f32(-cfg.clip)}, T.min({_f32(cfg.clip)}, {x}))"
+
+
+def _gru_reset_body(cfg: LoopConfig, indent: str, rec: str, hidden: str, scratch: str) -> str:
+    """(linear_before_reset=0) the scratch r * h of hidden unit k; ``rec(j)`` reads h @ R^T row j."""
+    H, G = cfg.hidden, 3 * cfg.hidden
+    lines = [f"r_pre: T.float32 = {_gru_clip(cfg, f'proj[t, b, d * {G} + {H} + k] + ' + rec(f'{H} + k'))}",
+             f"{scratch} = ({_gru_act(cfg, 0, 'r_pre')}) * {hidden}"]
+    return "".join(f"{indent}{line}\n" for line in lines)
+
+
+def _gru_cell_body(cfg: LoopConfig, indent: str, rec: str, hidden: str, out: str) -> str:
+    """The state update of hidden unit k: z, the candidate (r applied before or after the matmul), h."""
+    H, G = cfg.hidden, 3 * cfg.hidden
+    proj = lambda j: f"proj[t, b, d * {G} + {j}]"  # noqa: E731
+    lines = [f"h_prev: T.float32 = {hidden}",
+             f"z_pre: T.float32 = {_gru_clip(cfg, proj('k') + ' + ' + rec('k'))}",
+             f"z_g: T.float32 = {_gru_act(cfg, 0, 'z_pre')}"]
+    if cfg.linear_before_reset:
+        lines += [f"r_pre: T.float32 = {_gru_clip(cfg, proj(f'{H} + k') + ' + ' + rec(f'{H} + k'))}",
+                  f"r_g: T.float32 = {_gru_act(cfg, 0, 'r_pre')}",
+                  f"n_pre: T.float32 = {_gru_clip(cfg, proj(f'{2 * H} + k') + ' + r_g * (' + rec(f'{2 * H} + k') + ' + rbh[d, k])')}"]
+    else:
+        lines.append(f"n_pre: T.float32 = {_gru_clip(cfg, proj(f'{2 * H} + k') + ' + ' + rec(f'{2 * H} + k'))}")
+    lines += [f"n_g: T.float32 = {_gru_act(cfg, 1, 'n_pre')}",
+              "h_new: T.float32 = n_g + z_g * (h_prev - n_g)"]
+    if cfg.masked:
+        lines += ["m: T.float32 = mask[t, b]", f"{out} = h_new * m", f"{hidden} = h_prev + m * (h_new - h_prev)"]
+    else:
+        lines += [f"{out} = h_new", f"{hidden} = h_new"]
+    return "".join(f"{indent}{line}\n" for line in lines)
+
+
+def cpu_gru_loop_script(cfg: LoopConfig) -> str:
+    """TVMScript of the GRU's CPU function: per step h @ R^T for z and r (and the candidate's rows with
+    linear_before_reset), else r * h (in the Y_c buffer, a scratch for a GRU) @ Rh^T, then the update."""
+    S, B, D, H = cfg.steps, cfg.batch, cfg.directions, cfg.hidden
+    rows1 = 3 * H if cfg.linear_before_reset else 2 * H
+    T1, T2 = gate_tile(rows1), gate_tile(H)
+    loop = "T.parallel" if 3 * H * H >= PARALLEL_MACS else "range"
+    rec = lambda j: f"gates[{j}]"  # noqa: E731
+    second = "" if cfg.linear_before_reset else f"""
+                for k in range({H}):
+{_gru_reset_body(cfg, " " * 20, rec, "yh[d, b, k]", "yc[d, b, k]")}
+                for jo in {loop}({H // T2}):
+                    acc2 = T.decl_buffer(({T2},), "float32", scope="local")
+                    for ji in T.vectorized({T2}):
+                        acc2[ji] = T.float32(0)
+                    for k in range({H}):
+                        for ji in T.vectorized({T2}):
+                            acc2[ji] = acc2[ji] + yc[d, b, k] * rt2[d, jo, k, ji]
+                    for ji in T.vectorized({T2}):
+                        gates[{2 * H} + jo * {T2} + ji] = acc2[ji]"""
+    return f"""
+@T.prim_func(private=True)
+def sculpt_gru_loop({_gru_signature(cfg)}):
+    T.func_attr({{"tirx.is_scheduled": True, "tirx.noalias": True}})
+    gates = T.decl_buffer(({3 * H},), "float32")
+    for d, b, k in T.grid({D}, {B}, {H}):
+        yh[d, b, k] = h0[d, b, k]
+        yc[d, b, k] = T.float32(0)
+    for d in range({D}):
+        for s in range({S}):
+            t: T.int32 = {_step_index(cfg)}
+            for b in range({B}):
+                for jo in {loop}({rows1 // T1}):
+                    acc = T.decl_buffer(({T1},), "float32", scope="local")
+                    for ji in T.vectorized({T1}):
+                        acc[ji] = T.float32(0)
+                    for k in range({H}):
+                        for ji in T.vectorized({T1}):
+                            acc[ji] = acc[ji] + yh[d, b, k] * rt[d, jo, k, ji]
+                    for ji in T.vectorized({T1}):
+                        gates[jo * {T1} + ji] = acc[ji]{second}
+                for k in range({H}):
+{_gru_cell_body(cfg, " " * 20, rec, "yh[d, b, k]", "y[t, d, b, k]")}"""
+
+
+def gpu_gru_loop_script(cfg: LoopConfig, max_threads: int = 256) -> str:
+    """TVMScript of the GRU's GPU function: one work-group of NT threads (NT divides H), gates, state and
+    r * h in shared memory, a barrier after each phase."""
+    S, B, D, H = cfg.steps, cfg.batch, cfg.directions, cfg.hidden
+    NT = gpu_threads(cfg, max_threads)
+    rows1 = 3 * H if cfg.linear_before_reset else 2 * H
+    T1, T2 = gate_tile(rows1), gate_tile(H)
+    rec = lambda j: f"gates[b * {3 * H} + {j}]"  # noqa: E731
+    second = "" if cfg.linear_before_reset else f"""
+                    for b in range({B}):
+                        for kk in range({H // NT}):
+                            k: T.int32 = kk * {NT} + tx
+{_gru_reset_body(cfg, " " * 28, rec, f"hs[b * {H} + k]", f"rh[b * {H} + k]")}
+                    T.tvm_storage_sync("shared")
+                    for b in range({B}):
+                        for jj in range({H // NT}):
+                            acc[0] = T.float32(0)
+                            for k in range({H}):
+                                acc[0] = acc[0] + rh[b * {H} + k] * rt2[d, (jj * {NT} + tx) // {T2}, k, (jj * {NT} + tx) % {T2}]
+                            gates[b * {3 * H} + {2 * H} + jj * {NT} + tx] = acc[0]
+                    T.tvm_storage_sync("shared")"""
+    return f"""
+@T.prim_func(private=True)
+def sculpt_gru_loop({_gru_signature(cfg)}):
+    T.func_attr({{"tirx.is_scheduled": True, "tirx.noalias": True}})
+    for bx in T.thread_binding(1, thread="blockIdx.x"):
+        for tx in T.thread_binding({NT}, thread="threadIdx.x"):
+            gates = T.decl_buffer(({B * 3 * H},), "float32", scope="shared")
+            hs = T.decl_buffer(({B * H},), "float32", scope="shared")
+            rh = T.decl_buffer(({B * H},), "float32", scope="shared")
+            acc = T.decl_buffer((1,), "float32", scope="local")
+            for d in range({D}):
+                for b in range({B}):
+                    for kk in range({H // NT}):
+                        hs[b * {H} + kk * {NT} + tx] = h0[d, b, kk * {NT} + tx]
+                T.tvm_storage_sync("shared")
+                for s in range({S}):
+                    t: T.int32 = {_step_index(cfg)}
+                    for b in range({B}):
+                        for jj in range({rows1 // NT}):
+                            acc[0] = T.float32(0)
+                            for k in range({H}):
+                                acc[0] = acc[0] + hs[b * {H} + k] * rt[d, (jj * {NT} + tx) // {T1}, k, (jj * {NT} + tx) % {T1}]
+                            gates[b * {3 * H} + jj * {NT} + tx] = acc[0]
+                    T.tvm_storage_sync("shared"){second}
+                    for b in range({B}):
+                        for kk in range({H // NT}):
+                            k: T.int32 = kk * {NT} + tx
+{_gru_cell_body(cfg, " " * 28, rec, f"hs[b * {H} + k]", "y[t, d, b, k]")}
+                    T.tvm_storage_sync("shared")
+                for b in range({B}):
+                    for kk in range({H // NT}):
+                        yh[d, b, kk * {NT} + tx] = hs[b * {H} + kk * {NT} + tx]
+                        yc[d, b, kk * {NT} + tx] = T.float32(0)
+                T.tvm_storage_sync("shared")
+"""
