@@ -8,7 +8,7 @@ is timed ``--runs`` times per round (median) over ``--rounds`` rounds (median of
 
 Models: ``ddddocr-captcha`` (tools/zoo.py's CNN+BiLSTM captcha recognizer, hidden 512; its logits, the
 ArgMax input, are an output too, so the check sees floats) and synthetic
-``lstm:<steps>:<hidden>[:<input>]``, a bidirectional LSTM at batch 1 (random weights, scale 1/sqrt(hidden)).
+``lstm:<steps>:<hidden>[:<input>]`` / ``gru:...``, a bidirectional LSTM / GRU (linear_before_reset 0) at batch 1 (random weights, scale 1/sqrt(hidden)).
 
     flock /tmp/sculpt-bench.lock python tools/bench_recurrent.py ddddocr-captcha lstm:100:128 lstm:200:256 --repeat 2
 """
@@ -32,17 +32,19 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def synthetic_lstm(steps: int, hidden: int, inputs: int) -> onnx.ModelProto:
+def synthetic_lstm(steps: int, hidden: int, inputs: int, op: str = "LSTM") -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     scale = 1.0 / np.sqrt(hidden)
-    W = (rng.standard_normal((2, 4 * hidden, inputs)) * scale).astype(np.float32)
-    R = (rng.standard_normal((2, 4 * hidden, hidden)) * scale).astype(np.float32)
-    B = (rng.standard_normal((2, 8 * hidden)) * 0.1).astype(np.float32)
-    node = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y", "y_h", "y_c"], name="lstm",
+    gates = 4 if op == "LSTM" else 3
+    W = (rng.standard_normal((2, gates * hidden, inputs)) * scale).astype(np.float32)
+    R = (rng.standard_normal((2, gates * hidden, hidden)) * scale).astype(np.float32)
+    B = (rng.standard_normal((2, 2 * gates * hidden)) * 0.1).astype(np.float32)
+    outputs = ["y", "y_h", "y_c"] if op == "LSTM" else ["y", "y_h"]
+    node = helper.make_node(op, ["x", "W", "R", "B"], outputs, name=op.lower(),
                             hidden_size=hidden, direction="bidirectional")
     graph = helper.make_graph([node], "bilstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                                               [steps, 1, inputs])],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "y_h", "y_c")],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
                               [numpy_helper.from_array(v, n) for n, v in (("W", W), ("R", R), ("B", B))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
     model.ir_version = 8
@@ -61,10 +63,10 @@ def model_and_feeds(spec: str, folder: Path) -> tuple[Path, dict[str, np.ndarray
         onnx.save(proto, path)
         entry = zoo.ZOO[spec]
         return path, {entry.input_name: rng.uniform(-1, 1, entry.input_shape).astype(np.float32)}
-    _, steps, hidden, *rest = spec.split(":")
+    op, steps, hidden, *rest = spec.split(":")
     inputs = int(rest[0]) if rest else 64
-    path = folder / f"bilstm_{steps}_{hidden}_{inputs}.onnx"
-    onnx.save(synthetic_lstm(int(steps), int(hidden), inputs), path)
+    path = folder / f"bi{op}_{steps}_{hidden}_{inputs}.onnx"
+    onnx.save(synthetic_lstm(int(steps), int(hidden), inputs, op.upper()), path)
     return path, {"x": rng.standard_normal((int(steps), 1, inputs)).astype(np.float32)}
 
 
@@ -117,7 +119,7 @@ def measure_one(spec: str, mode: str, runs: int, rounds: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("models", nargs="+", help="ddddocr-captcha and/or lstm:<steps>:<hidden>[:<input>]")
+    ap.add_argument("models", nargs="+", help="ddddocr-captcha and/or lstm|gru:<steps>:<hidden>[:<input>]")
     ap.add_argument("--modes", default="unroll,loop")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
