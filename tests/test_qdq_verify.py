@@ -301,3 +301,20 @@ def test_a_bias_at_the_int32_limit_does_not_wrap_around(tmp_path, int8):
     result = verify_artifact(artifact, path, {"x": x}, qdq_units="always")
     assert result.end_to_end_ok and result.ok, result.unit_check.summary()
     assert all(u.worst_steps == 0 for u in result.unit_check.units)
+
+
+def test_a_tuned_build_is_compared_end_to_end_with_a_note(qdq_net, relax_builds, tmp_path):
+    """The check rebuilds the artifact; MetaSchedule's schedules are not rebuilt, so a tuned build is
+    left to the end-to-end comparison (here failed on purpose with a negative tolerance)."""
+    import shutil
+
+    from sculpt.backends.tvm.artifact import load_artifact
+
+    right = relax_builds[0]
+    library = tmp_path / "tuned.so"
+    shutil.copy(right.library, library)
+    manifest = dict(right.manifest, library=library.name, tuning={"tasks": 1, "trials": 1})
+    library.with_suffix(".json").write_text(json.dumps(manifest))
+    result = verify_artifact(load_artifact(library), qdq_net, rtol=-1.0, atol=-1.0)
+    assert result.unit_check is None and not result.ok
+    assert any("tuned build: not checked unit by unit" in n for n in result.notes)
