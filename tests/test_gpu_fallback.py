@@ -144,7 +144,7 @@ def test_an_unrolled_lstm_runs_on_pocl_with_short_kernel_names():
 
     proto, feeds = _random_case("LSTM", steps=2, initial=True, peepholes=True)
     model = Model.load(proto)
-    plan = plan_model(model, "mali")
+    plan = plan_model(model, "mali", recurrent="unroll")
     names = kernel_definitions(plan.source)
     assert any(re.search(r"_[0-9a-f]{16}_kernel", n) for n in names), names  # a shortened one
     assert max(len(n) for n in names) <= MAX_FUNCTION_NAME + len("_kernel") + 3

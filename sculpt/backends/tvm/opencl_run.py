@@ -673,9 +673,11 @@ def _ordered_feeds(plan: OpenCLPlan, feeds) -> list[np.ndarray]:
 
 
 # ------------------------------------------------------------------ models and artifacts
-def plan_model(model, target, *, input_shapes=None, canonicalize: bool = True) -> OpenCLPlan:
+def plan_model(model, target, *, input_shapes=None, canonicalize: bool = True,
+               recurrent: str | None = None) -> OpenCLPlan:
     """The OpenCL plan of a sculpt Model for an OpenCL target (a name like "mali", a dict or a
-    NamedTarget), prepared and imported as ``sculpt compile`` does (canonicalize, static shapes)."""
+    NamedTarget), prepared and imported as ``sculpt compile`` does (canonicalize, static shapes);
+    ``recurrent``: how LSTM/GRU are imported (``import_to_relax``'s option; default a loop)."""
     from sculpt.backends.tvm.artifact import prepare_model
     from sculpt.backends.tvm.relax_import import import_to_relax
     from sculpt.backends.tvm.targets import get_target
@@ -684,7 +686,7 @@ def plan_model(model, target, *, input_shapes=None, canonicalize: bool = True) -
     if not target.is_opencl:
         raise OpenCLRunError(f"target '{target.name}' is not an OpenCL target")
     work, _ = prepare_model(model, input_shapes, canonicalize=canonicalize)
-    _, plan = plan_build(import_to_relax(work), target.tvm_target())
+    _, plan = plan_build(import_to_relax(work, recurrent=recurrent), target.tvm_target())
     return plan
 
 
