@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sculpt.backends.tvm import relax_import
+from sculpt.backends.tvm.adreno_texture import texture_target
 from sculpt.backends.tvm.artifact import check_artifact_path, compile_model, export_artifact, load_artifact
 from sculpt.backends.tvm.bench import benchmark, build_supports
 from sculpt.backends.tvm.deploy import verify_artifact
@@ -60,6 +61,9 @@ def register_tvm_commands(subparsers) -> None:
                    help="a QDQ model's quantized units: off (default: dequantize, float op, quantize), relax "
                         "(integer Relax ops), kernel (sculpt's int8 conv kernel: vpdpbusd on x86 with VNNI, vpmaddwd "
                         "without, sdot on aarch64 with dotprod)")
+    c.add_argument("--gpu-memory", choices=["buffer", "texture"], default="buffer",
+                   help="adreno only: buffer (default: TVM's default GPU pipeline) or texture (TVM's Adreno texture "
+                        "lowering: convolutions read and write OpenCL images)")
     c.add_argument("--thread-policy", choices=["shared", "dedicated"], default="shared",
                    help="the CPU thread pool the artifact expects, recorded in its manifest: shared (default: "
                         "workers neither pinned nor spinning, for devices that run other apps) or dedicated")
@@ -202,6 +206,8 @@ def cmd_targets(args) -> int:
 # ------------------------------------------------------------------ compile
 def cmd_compile(args) -> int:
     target = get_target(args.target)
+    if args.gpu_memory != "buffer":
+        texture_target(target, args.gpu_memory)  # a target that is not Adreno: refused before anything runs
     if args.tune < 0:
         raise OptionError(f"--tune takes a number of trials >= 0, got {args.tune}")
     if args.search_tiles and (args.tune or args.tuning_db):
@@ -229,7 +235,8 @@ def cmd_compile(args) -> int:
                                  tune_trials=args.tune, tuning_database=tuning_db, device=device,
                                  tune_strategy=args.tune_strategy, build_options=build_options, sparse=args.sparse,
                                  search_tiles=args.search_tiles, progress=say,
-                                 on_tuning_start=tuning_started, on_trials=trials_done, int8=args.int8)
+                                 on_tuning_start=tuning_started, on_trials=trials_done, int8=args.int8,
+                                 gpu_memory=args.gpu_memory)
         say(f"exporting {library}")
         artifact = export_artifact(compiled, library, source_model=args.model, thread_policy=args.thread_policy)
     if args.json:

@@ -79,8 +79,14 @@ class Artifact:
 
     @property
     def target(self) -> NamedTarget:
-        return get_target(self.manifest["target"]["tvm_target"]) if self.manifest["target"]["name"] == "custom" \
+        target = get_target(self.manifest["target"]["tvm_target"]) if self.manifest["target"]["name"] == "custom" \
             else get_target(self.manifest["target"]["name"])
+        gpu_memory = (self.manifest.get("options") or {}).get("gpu_memory", "buffer")
+        if gpu_memory != "buffer":
+            from sculpt.backends.tvm.adreno_texture import texture_target
+
+            target = texture_target(target, gpu_memory)
+        return target
 
     @property
     def thread_policy(self) -> str:
@@ -145,7 +151,8 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
                   tune_strategy: str = "evolutionary", build_options: Mapping | None = None, sparse: str | None = None,
                   search_tiles: int = 0, progress: Callable[[str], None] | None = None,
                   on_tuning_start: Callable[[int], None] | None = None,
-                  on_trials: Callable[[int], None] | None = None, int8: str = "off") -> CompiledModel:
+                  on_trials: Callable[[int], None] | None = None, int8: str = "off",
+                  gpu_memory: str = "buffer") -> CompiledModel:
     """Import ``model`` (a sculpt Model) into Relax and build it for ``target``.
 
     ``tune_trials`` > 0 tunes with MetaSchedule into ``tuning_database`` (required then); a database
@@ -155,11 +162,18 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
     every sculpt kernel on this machine and caches the fastest (kernels.tile_search; host targets
     with sculpt's kernels only); the build then uses them. ``int8`` (a QDQ model, CPU targets):
     'off' computes its units as written (dequantize, float op, quantize), 'relax' as integer Relax
-    ops, 'kernel' on sculpt's int8 conv kernel where the target has its instruction (int8.py)."""
+    ops, 'kernel' on sculpt's int8 conv kernel where the target has its instruction (int8.py).
+    ``gpu_memory`` (adreno): 'buffer' (TVM's default pipeline) or 'texture' (adreno_texture)."""
     from sculpt.backends.tvm.relax_import import build, import_to_relax
 
     start = time.perf_counter()
     target = get_target(target)
+    if gpu_memory != "buffer":
+        from sculpt.backends.tvm.adreno_texture import texture_target
+
+        target = texture_target(target, gpu_memory)
+        if tune_trials or tuning_database is not None or (sparse and sparse != "off") or int8 != "off":
+            raise OptionError("--gpu-memory texture builds with TVM's default schedules: no tuning, sparse or int8")
     if int8 != "off":  # canonicalize folds the weights' DequantizeLinear, which the int8 lowering matches
         from sculpt.runtime import is_qdq_model
 
@@ -201,8 +215,13 @@ def compile_model(model, target: str | dict | NamedTarget, *, input_shapes=None,
             options["tile_search"] = _search_tiles(mod, target, search_tiles, build_options, progress)
         if progress:
             progress(f"building for {target.name}")
-        # decisions: filled by sculpt's CPU kernels, left empty by TVM's own pipeline
-        executable = build(mod, target.spec, decisions=kernel_decisions, **dict(build_options or {}))
+        if gpu_memory == "texture":
+            from sculpt.backends.tvm.adreno_texture import build_texture
+
+            executable = build_texture(mod, target.tvm_target())
+            options["gpu_memory"] = gpu_memory
+        else:  # decisions: filled by sculpt's CPU kernels, left empty by TVM's own pipeline
+            executable = build(mod, target.spec, decisions=kernel_decisions, **dict(build_options or {}))
     options.update({k: v for k, v in dict(build_options or {}).items()})
     if "kernels" not in options:
         options["kernels"] = "default" if target.is_opencl else _default_kernels()

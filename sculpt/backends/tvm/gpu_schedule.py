@@ -51,7 +51,12 @@ def fail_safe_gpu_pipeline(target, fallbacks: list[ScheduleFallback]):
     @tvm.transform.module_pass(opt_level=0, name="SculptFailSafeGPUPipeline")
     def _pipeline(mod, _ctx):
         with target:
-            passes = (relax.pipeline.library_dispatch_passes(target) + relax.pipeline.legalize_passes(target)
+            legalize = relax.pipeline.legalize_passes(target)
+            if "texture" in target.keys:  # Adreno's texture lowering, made to build (adreno_texture)
+                from sculpt.backends.tvm.adreno_texture import legalize_passes as legalize_textures
+
+                legalize = legalize_textures(target)
+            passes = (relax.pipeline.library_dispatch_passes(target) + legalize
                       + relax.pipeline.dataflow_lower_passes(target) + relax.pipeline.finalize_passes(target))
             safe, shortened = [], False
             for p in passes:

@@ -27,7 +27,7 @@ a few elements; PP-OCR does not use it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -84,7 +84,9 @@ class Step:
     ``storage``: var <- a buffer of ``nbytes``; ``tensor``: var <- a view at ``offset`` into storage
     ``source``; ``reshape``: var <- ``source`` with ``shape``; ``call``: TIR function ``function`` on
     ``operands`` (outputs included, as TVM passes them), which its host code turns into ``launches``
-    using ``workspaces`` (bytes of each global buffer it allocates)."""
+    using ``workspaces`` (bytes of each global buffer it allocates). A ``tensor`` in a texture ``scope``
+    (Adreno's texture lowering) is an image of its own, as TVM's OpenCL runtime makes it on a device
+    without cl_khr_image2d_from_buffer (PoCL has none)."""
 
     op: str
     var: int = -1
@@ -97,6 +99,7 @@ class Step:
     operands: tuple[Operand, ...] = ()
     launches: tuple[KernelLaunch, ...] = ()
     workspaces: tuple[int, ...] = ()
+    scope: str = "global"
 
 
 @dataclass
@@ -109,6 +112,7 @@ class OpenCLPlan:
     results: list[int]  # vars main returns, flattened
     result_specs: list[tuple[tuple[int, ...], str]]
     constants: list[np.ndarray]
+    constant_scopes: list[str] = field(default_factory=list)  # "global", or the texture scope of an image
 
     @property
     def calls(self) -> list[Step]:
@@ -131,6 +135,7 @@ def plan_build(mod, target) -> tuple[object, OpenCLPlan]:
     import tvm
     from tvm import relax
 
+    from sculpt.backends.tvm.adreno_texture import build_texture, is_texture_target
     from sculpt.backends.tvm.opencl import kernel_definitions, opencl_source
     from sculpt.backends.tvm.relax_import import build_gpu
 
@@ -151,7 +156,10 @@ def plan_build(mod, target) -> tuple[object, OpenCLPlan]:
     with tvm.transform.PassContext(opt_level=current.opt_level, config=dict(current.config),
                                    required_pass=list(current.required_pass),
                                    disabled_pass=list(current.disabled_pass), instruments=[_Capture()]):
-        executable = build_gpu(mod, target)  # TVM's pipeline with sculpt's fail-safe GPU schedules
+        if is_texture_target(target):
+            executable = build_texture(mod, target)  # Adreno's texture lowering (adreno_texture)
+        else:
+            executable = build_gpu(mod, target)  # TVM's pipeline with sculpt's fail-safe GPU schedules
     if "relax" not in captured or "tir" not in captured:
         raise OpenCLRunError("could not observe TVM's lowering of the build (the Relax pipeline or "
                              "MakePackedAPI did not run)")
@@ -342,7 +350,8 @@ class _HostCode:
         for d in ty.shape:
             count *= int(self.eval(d))
         self.env[_key(buffer)] = _Ref(KernelArg("workspace", len(self.workspaces)))
-        self.workspaces.append(count * np.dtype(str(ty.dtype)).itemsize)
+        dtype, _, lanes = str(ty.dtype).partition("x")  # a vector type like float32x4 (texture-lowered code)
+        self.workspaces.append(count * np.dtype(dtype).itemsize * int(lanes or 1))
 
     def _launch(self, call) -> None:
         tags = [str(t) for t in call.attrs.launch_params]
@@ -391,6 +400,9 @@ def _main_plan(module, host_functions: dict) -> OpenCLPlan:
     variables: dict[int, int] = {}  # relax variable -> index of its value
     shapes: dict[int, tuple[int, ...]] = {}  # value index -> tensor shape
     constants: list[np.ndarray] = []
+    constant_scopes: list[str] = []
+    scopes = [str(v.memory_scope) for v in (module.global_infos.get("vdevice") or [])]  # alloc_tensor's index
+    textures: set[int] = set()  # values held in images
     constant_index: dict[int, int] = {}
     tuples: dict[int, list[int]] = {}  # a tuple variable -> the tensor variables it holds
     expanded: dict[tuple, _HostCode] = {}  # (function, argument shapes) -> its launches
@@ -418,6 +430,8 @@ def _main_plan(module, host_functions: dict) -> OpenCLPlan:
             if _key(expr) not in constant_index:
                 constant_index[_key(expr)] = len(constants)
                 constants.append(expr.value.numpy())
+                vdevice = getattr(expr.ty, "vdevice", None)
+                constant_scopes.append(str(vdevice.memory_scope) if vdevice is not None else "global")
             return Operand("const", constant_index[_key(expr)])
         if isinstance(expr, tirx.IntImm):
             return Operand("int", value=int(expr.value))
@@ -490,8 +504,13 @@ def _main_plan(module, host_functions: dict) -> OpenCLPlan:
             elif isinstance(op, tvm.ir.Op) and op.name == "relax.vm.alloc_tensor":
                 storage = operand(value.args[0])
                 shape = tuple(int(d.value) for d in value.args[2].values)
+                index = int(value.args[4].value) if len(value.args) > 4 else 0
+                scope = scopes[index] if 0 <= index < len(scopes) else "global"
                 steps.append(Step("tensor", var=define(var, shape), source=storage.index,
-                                  offset=int(value.args[1].value), shape=shape, dtype=str(value.args[3].value)))
+                                  offset=int(value.args[1].value), shape=shape, dtype=str(value.args[3].value),
+                                  scope=scope))
+                if scope != "global":
+                    textures.add(steps[-1].var)
             elif isinstance(op, tvm.ir.Op) and op.name in ("relax.vm.kill_object", "relax.null_value"):
                 define(var)  # kill_object drops a reference; the object lives on while a tuple or view holds it
             elif isinstance(op, relax.ExternFunc) and op.global_symbol == "vm.builtin.reshape":
@@ -499,6 +518,8 @@ def _main_plan(module, host_functions: dict) -> OpenCLPlan:
                 shape, dtype = _static_tensor(var.ty, f"main: {var.name}")
                 if source.kind != "var":
                     raise OpenCLRunError(f"main reshapes a constant ({var.name})")
+                if source.index in textures:
+                    raise OpenCLRunError(f"main reshapes a tensor held in an image ({var.name})")
                 steps.append(Step("reshape", var=define(var, shape), source=source.index, shape=shape, dtype=dtype))
             elif isinstance(op, relax.ExternFunc) and op.global_symbol in _CHECKS_ONLY:
                 define(var)
@@ -506,10 +527,12 @@ def _main_plan(module, host_functions: dict) -> OpenCLPlan:
                 what = op.global_symbol if isinstance(op, relax.ExternFunc) else getattr(op, "name", str(op))
                 raise OpenCLRunError(f"main calls {what}, which the PoCL launcher does not handle")
     results = tensors(body.body)
+    if textures & set(results):
+        raise OpenCLRunError("main returns a tensor held in an image")
     specs = [_static_tensor(ty, "main's result") for ty in _flatten_type(main.ret_ty)]
     if len(specs) != len(results):
         raise OpenCLRunError(f"main returns {len(results)} tensors, its type lists {len(specs)}")
-    return OpenCLPlan("", inputs, steps, results, specs, constants)
+    return OpenCLPlan("", inputs, steps, results, specs, constants, constant_scopes)
 
 
 def _flatten_type(ty) -> list:
@@ -569,7 +592,10 @@ class OpenCLRunner:
         self.build_seconds = time.perf_counter() - start
         self.kernels = {k.function_name: k for k in self.program.all_kernels()}
         self.max_group = int(self.device.max_work_group_size)
-        self._constants = [self._upload(np.ascontiguousarray(c)) for c in plan.constants]
+        scopes = plan.constant_scopes or ["global"] * len(plan.constants)
+        self._constants = [self._upload(np.ascontiguousarray(c)) if scope == "global"
+                           else self._image(tuple(c.shape), c.dtype.name, scope, np.ascontiguousarray(c))
+                           for c, scope in zip(plan.constants, scopes)]
 
     def _upload(self, array: np.ndarray) -> _Tensor:
         import pyopencl as cl
@@ -577,6 +603,31 @@ class OpenCLRunner:
         flags = cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR
         host = array if array.nbytes else np.zeros(1, np.uint8)
         return _Tensor(cl.Buffer(self.context, flags, hostbuf=host), tuple(array.shape), array.dtype.name)
+
+    def _image(self, shape: tuple[int, ...], dtype: str, scope: str, host: np.ndarray | None = None) -> _Tensor:
+        """An RGBA image2d_array of a tensor in a texture scope, laid out as TVM's OpenCL runtime allocates it
+        (adreno_texture.texture_geometry); filled from ``host``, or with NaN like a new buffer."""
+        import pyopencl as cl
+
+        from sculpt.backends.tvm.adreno_texture import texture_geometry
+
+        channel = {"float32": cl.channel_type.FLOAT, "float16": cl.channel_type.HALF_FLOAT}.get(dtype)
+        if channel is None or not shape or shape[-1] != 4:
+            raise OpenCLRunError(f"a {dtype}{list(shape)} tensor in scope '{scope}': the launcher makes images of "
+                                 "float32/float16 tensors whose last axis is the 4 channels of a pixel")
+        width, height, depth = texture_geometry(shape, scope)
+        fmt = cl.ImageFormat(cl.channel_order.RGBA, channel)
+        flags = cl.mem_flags.READ_WRITE | (cl.mem_flags.COPY_HOST_PTR if host is not None else 0)
+        try:
+            image = cl.Image(self.context, flags, fmt, shape=(width, height, depth), is_array=True,
+                             hostbuf=host.reshape(depth, height, width, 4) if host is not None else None)
+        except cl.Error as e:
+            raise OpenCLRunError(f"an image of {width}x{height}x{depth} pixels for a {list(shape)} tensor in scope "
+                                 f"'{scope}' could not be made: {one_line(e, 200)}") from None
+        if host is None:
+            nan = np.full(4, np.nan, np.dtype(dtype))
+            cl.enqueue_fill_image(self.queue, image, nan, (0, 0, 0), (width, height, depth))
+        return _Tensor(image, tuple(shape), dtype)
 
     def _buffer(self, nbytes: int):
         """A new device buffer filled with 0xFF bytes (NaN as floats, -1 as integers): a kernel that leaves
@@ -600,6 +651,8 @@ class OpenCLRunner:
         for step in plan.steps:
             if step.op == "storage":
                 values[step.var] = self._buffer(step.nbytes)
+            elif step.op == "tensor" and step.scope != "global":
+                values[step.var] = self._image(step.shape, step.dtype, step.scope)
             elif step.op == "tensor":
                 values[step.var] = _Tensor(self._view(values[step.source], step), step.shape, step.dtype)
             elif step.op == "reshape":

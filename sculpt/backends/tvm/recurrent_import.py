@@ -413,6 +413,20 @@ class _Unroller:
         return self.op("Add", [candidate, self.mul(z, self.op("Sub", [h, candidate]))])
 
 
+@dataclass
+class _LoopShape:
+    direction: str
+    directions: int
+    layout: int
+    W: np.ndarray
+    R: np.ndarray
+    B: np.ndarray | None
+    hidden: int
+    x: str          # X, time-major
+    steps: int
+    batch: int
+
+
 class _LoopLowering(_Unroller):
     """An LSTM or GRU node as its input projection (ONNX ops) and one SculptRecurrentLoop node (the
     recurrence)."""
@@ -420,88 +434,28 @@ class _LoopLowering(_Unroller):
     def run(self) -> None:
         if self.node.op_type == "GRU":
             return self.run_gru()
-        node = self.node
-        hidden = int(self.attrs.get("hidden_size", 0))
-        direction = self.attrs.get("direction", b"forward")
-        direction = direction.decode() if isinstance(direction, bytes) else direction
-        if direction not in ("forward", "reverse", "bidirectional"):
-            self.fail(f"unknown direction '{direction}'")
-        directions = 2 if direction == "bidirectional" else 1
-        layout = int(self.attrs.get("layout", 0))
-        W, R = self.constant(1, "W"), self.constant(2, "R")
-        if W is None or R is None:
-            self.fail("W and R are required")
-        hidden = hidden or R.shape[-1]
-        if W.shape[0] != directions or W.shape[1] != 4 * hidden or R.shape[1:] != (4 * hidden, hidden):
-            self.fail(f"W {list(W.shape)} / R {list(R.shape)} do not fit hidden_size {hidden}, {directions} direction(s)")
-        B = self.constant(3, "B")
+        p = self.prologue(gates=4)
+        directions, hidden, B = p.directions, p.hidden, p.B
         if B is None:
             B = np.zeros((directions, 8 * hidden), np.float32)
         P = self.constant(7, "P")
-        x = self.input_name(0)
-        shape = self.model.static_shape(x)
-        if shape is None or len(shape) != 3:
-            self.fail(f"the shape of X ('{x}') must be static to compile the node (fix the input shapes)")
-        if layout == 1:
-            x = self.op("Transpose", [x], perm=[1, 0, 2])
-            shape = (shape[1], shape[0], shape[2])
-        steps, batch = int(shape[0]), int(shape[1])
-        # all directions' input projections in one MatMul: [T, B, I] @ [I, D*4H] + bias
-        weights = np.concatenate([W[d].T for d in range(directions)], axis=1)
         bias = np.concatenate([B[d, :4 * hidden] + B[d, 4 * hidden:] for d in range(directions)])
-        projected = self.op("Add", [self.op("MatMul", [x, self.const(weights)]), self.const(bias)])
-        recurrent = self.const(tiled_recurrent_weights(R))
-        h0 = self.state_input(5, directions, batch, hidden, layout)
-        c0 = self.state_input(6, directions, batch, hidden, layout)
+        projected = self.project(p, bias)
+        recurrent = self.const(tiled_recurrent_weights(p.R))
+        h0 = self.state_input(5, directions, p.batch, hidden, p.layout)
+        c0 = self.state_input(6, directions, p.batch, hidden, p.layout)
         peep = self.const(P if P is not None else np.zeros((directions, 3 * hidden), np.float32))
-        mask = self.sequence_mask(steps, batch)
-        acts = self.activations(directions)
-        cfg = LoopConfig(steps=steps, batch=batch, hidden=hidden,
-                         reverse=[int(direction == "reverse" or d == 1) for d in range(directions)],
-                         activations=[[LoopActivation(a.name, a.alpha, a.beta) for a in per] for per in acts],
-                         clip=None if self.attrs.get("clip") is None else float(self.attrs["clip"]),
-                         input_forget=bool(self.attrs.get("input_forget", 0)), peepholes=P is not None,
-                         masked=mask is not None)
-        outs = [self.node.output[i] if i < len(self.node.output) and self.node.output[i] and layout == 0
-                else self.fresh(f"loop_out{i}") for i in range(3)]
-        loop = onnx.helper.make_node(LOOP_OP, [projected, recurrent, h0, c0, peep,
-                                               mask if mask is not None else self.const(np.ones((steps, batch)))],
-                                     outs, name=self.fresh(LOOP_OP), domain=LOOP_DOMAIN, config=cfg.to_json())
-        self.model.append_node(loop)
-        if layout == 1:
-            for index, perm in ((0, [2, 0, 1, 3]), (1, [1, 0, 2]), (2, [1, 0, 2])):
-                if index < len(node.output) and node.output[index]:
-                    self.op("Transpose", [outs[index]], out=node.output[index], perm=perm)
+        mask = self.sequence_mask(p.steps, p.batch)
+        cfg = LoopConfig(**self.loop_config(p, mask), input_forget=bool(self.attrs.get("input_forget", 0)),
+                         peepholes=P is not None)
+        self.emit_loop(p, [projected, recurrent, h0, c0, peep], mask, cfg, outputs=3)
 
     def run_gru(self) -> None:
-        node = self.node
-        hidden = int(self.attrs.get("hidden_size", 0))
-        direction = self.attrs.get("direction", b"forward")
-        direction = direction.decode() if isinstance(direction, bytes) else direction
-        if direction not in ("forward", "reverse", "bidirectional"):
-            self.fail(f"unknown direction '{direction}'")
-        directions = 2 if direction == "bidirectional" else 1
-        layout = int(self.attrs.get("layout", 0))
-        W, R = self.constant(1, "W"), self.constant(2, "R")
-        if W is None or R is None:
-            self.fail("W and R are required")
-        hidden = hidden or R.shape[-1]
-        if W.shape[0] != directions or W.shape[1] != 3 * hidden or R.shape[1:] != (3 * hidden, hidden):
-            self.fail(f"W {list(W.shape)} / R {list(R.shape)} do not fit hidden_size {hidden}, {directions} direction(s)")
-        B = self.constant(3, "B")
+        p = self.prologue(gates=3)
+        directions, H, B = p.directions, p.hidden, p.B
         if B is None:
-            B = np.zeros((directions, 6 * hidden), np.float32)
+            B = np.zeros((directions, 6 * H), np.float32)
         before_reset = bool(self.attrs.get("linear_before_reset", 0))
-        x = self.input_name(0)
-        shape = self.model.static_shape(x)
-        if shape is None or len(shape) != 3:
-            self.fail(f"the shape of X ('{x}') must be static to compile the node (fix the input shapes)")
-        if layout == 1:
-            x = self.op("Transpose", [x], perm=[1, 0, 2])
-            shape = (shape[1], shape[0], shape[2])
-        steps, batch = int(shape[0]), int(shape[1])
-        H = hidden
-        weights = np.concatenate([W[d].T for d in range(directions)], axis=1)
         biases = []
         for d in range(directions):
             bias = B[d, :3 * H] + B[d, 3 * H:]
@@ -509,7 +463,8 @@ class _LoopLowering(_Unroller):
                 bias = bias.copy()
                 bias[2 * H:] -= B[d, 5 * H:]
             biases.append(bias)
-        projected = self.op("Add", [self.op("MatMul", [x, self.const(weights)]), self.const(np.concatenate(biases))])
+        projected = self.project(p, np.concatenate(biases))
+        R = p.R
         if before_reset:
             first, second = self.const(tiled_recurrent_weights(R)), self.const(np.zeros((1, 1, 1, 1), np.float32))
             rbh = self.const(B[:, 5 * H:])
@@ -517,22 +472,63 @@ class _LoopLowering(_Unroller):
             first = self.const(tiled_recurrent_weights(R[:, :2 * H]))
             second = self.const(tiled_recurrent_weights(R[:, 2 * H:]))
             rbh = self.const(np.zeros((directions, H), np.float32))
-        h0 = self.state_input(5, directions, batch, H, layout)
-        mask = self.sequence_mask(steps, batch)
-        acts = self.activations(directions)
-        cfg = LoopConfig(steps=steps, batch=batch, hidden=H,
-                         reverse=[int(direction == "reverse" or d == 1) for d in range(directions)],
-                         activations=[[LoopActivation(a.name, a.alpha, a.beta) for a in per] for per in acts],
-                         clip=None if self.attrs.get("clip") is None else float(self.attrs["clip"]),
-                         masked=mask is not None, op="GRU", linear_before_reset=before_reset)
-        outs = [self.node.output[i] if i < len(self.node.output) and self.node.output[i] and layout == 0
-                else self.fresh(f"loop_out{i}") for i in range(2)] + [self.fresh("loop_scratch")]
-        loop = onnx.helper.make_node(LOOP_OP, [projected, first, second, h0, rbh,
-                                               mask if mask is not None else self.const(np.ones((steps, batch)))],
+        h0 = self.state_input(5, directions, p.batch, H, p.layout)
+        mask = self.sequence_mask(p.steps, p.batch)
+        cfg = LoopConfig(**self.loop_config(p, mask), op="GRU", linear_before_reset=before_reset)
+        self.emit_loop(p, [projected, first, second, h0, rbh], mask, cfg, outputs=2)
+
+    def prologue(self, gates: int) -> "_LoopShape":
+        """What an LSTM (4 gates) or GRU (3) loop needs from the node: directions, layout, weights,
+        hidden size and the static [T, B] of X (time-major: a Transpose first for ``layout=1``)."""
+        hidden = int(self.attrs.get("hidden_size", 0))
+        direction = self.attrs.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        if direction not in ("forward", "reverse", "bidirectional"):
+            self.fail(f"unknown direction '{direction}'")
+        directions = 2 if direction == "bidirectional" else 1
+        layout = int(self.attrs.get("layout", 0))
+        W, R = self.constant(1, "W"), self.constant(2, "R")
+        if W is None or R is None:
+            self.fail("W and R are required")
+        hidden = hidden or R.shape[-1]
+        if W.shape[0] != directions or W.shape[1] != gates * hidden or R.shape[1:] != (gates * hidden, hidden):
+            self.fail(f"W {list(W.shape)} / R {list(R.shape)} do not fit hidden_size {hidden}, {directions} direction(s)")
+        x = self.input_name(0)
+        shape = self.model.static_shape(x)
+        if shape is None or len(shape) != 3:
+            self.fail(f"the shape of X ('{x}') must be static to compile the node (fix the input shapes)")
+        if layout == 1:
+            x = self.op("Transpose", [x], perm=[1, 0, 2])
+            shape = (shape[1], shape[0], shape[2])
+        return _LoopShape(direction, directions, layout, W, R, self.constant(3, "B"), hidden, x,
+                          int(shape[0]), int(shape[1]))
+
+    def project(self, p: "_LoopShape", bias: np.ndarray) -> str:
+        """All directions' input projections in one MatMul: [T, B, I] @ [I, D*gates*H] + bias."""
+        weights = np.concatenate([p.W[d].T for d in range(p.directions)], axis=1)
+        return self.op("Add", [self.op("MatMul", [p.x, self.const(weights)]), self.const(bias)])
+
+    def loop_config(self, p: "_LoopShape", mask) -> dict:
+        acts = self.activations(p.directions)
+        return dict(steps=p.steps, batch=p.batch, hidden=p.hidden,
+                    reverse=[int(p.direction == "reverse" or d == 1) for d in range(p.directions)],
+                    activations=[[LoopActivation(a.name, a.alpha, a.beta) for a in per] for per in acts],
+                    clip=None if self.attrs.get("clip") is None else float(self.attrs["clip"]),
+                    masked=mask is not None)
+
+    def emit_loop(self, p: "_LoopShape", inputs: list, mask, cfg, outputs: int) -> None:
+        """The SculptRecurrentLoop node (its last input the [T, B] mask, ones when every step is
+        valid) and, for ``layout=1``, the Transposes back to batch-major outputs. The loop node has
+        3 outputs; an op with fewer (GRU) leaves the last as scratch."""
+        node = self.node
+        outs = [node.output[i] if i < len(node.output) and node.output[i] and p.layout == 0
+                else self.fresh(f"loop_out{i}") for i in range(outputs)]
+        outs += [self.fresh("loop_scratch") for _ in range(3 - outputs)]
+        loop = onnx.helper.make_node(LOOP_OP, inputs + [mask if mask is not None else self.const(np.ones((p.steps, p.batch)))],
                                      outs, name=self.fresh(LOOP_OP), domain=LOOP_DOMAIN, config=cfg.to_json())
         self.model.append_node(loop)
-        if layout == 1:
-            for index, perm in ((0, [2, 0, 1, 3]), (1, [1, 0, 2])):
+        if p.layout == 1:
+            for index, perm in ((0, [2, 0, 1, 3]), (1, [1, 0, 2]), (2, [1, 0, 2]))[:outputs]:
                 if index < len(node.output) and node.output[index]:
                     self.op("Transpose", [outs[index]], out=node.output[index], perm=perm)
 
