@@ -21,6 +21,7 @@ from sculpt.ir.model import Model  # noqa: E402
 
 AVX2 = TargetTraits("avx2", 8, 16, 32 * 1024, 512 * 1024)
 NEON = TargetTraits("neon", 4, 32, 32 * 1024, 256 * 1024)
+AVX512 = TargetTraits("avx512", 16, 32, 48 * 1024, 1024 * 1024)
 
 
 @pytest.fixture(autouse=True)
@@ -166,6 +167,24 @@ def test_policy_with_blocked_input_measured_rules():
     # with a blocked input the NEON tiles follow the same rules at 4 lanes and 32 registers
     t = conv_tile(ConvShape(1, 64, 28, 28, 64, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)), NEON, 4, 4)
     assert t.th * t.tw * t.ob // NEON.vector_lanes <= NEON.vector_registers * 3 // 4
+
+
+def test_avx512_blocked_input_prefers_unpadded_tiles_once_the_fmas_are_fed():
+    """AVX-512 with a blocked input: intensity beyond one FMA per load buys nothing, so a tile with
+    no padded column and at least 8 accumulators wins over a denser padded one (SqueezeNet's
+    512->1000 1x1 at 13x13: 16 channels x 13 columns, not 48 x 7 over 14 columns). NCHW input and
+    AVX2 keep the intensity-first ranking; a 1x1 map still gets a blocked tile."""
+    from sculpt.backends.tvm.kernels.tiling import MIN_ACCUMULATORS
+
+    classifier = ConvShape(1, 512, 13, 13, 1000, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0))
+    t = conv_tile(classifier, AVX512, 16, 0)
+    assert t.padded_width(13) == 13 and t.th * t.tw * t.ob // 16 >= MIN_ACCUMULATORS
+    assert (t.ob, t.th, t.tw) == (16, 1, 13)
+    nchw = conv_tile(classifier, AVX512, 0, 0)
+    assert nchw.ob == 48 and nchw.padded_width(13) > 13  # read from NCHW: the densest tile, padded, as before
+    assert conv_tile(classifier, AVX2, 8, 0).ob == 24  # AVX2: unchanged (3 vectors of channels)
+    squeezed = ConvShape(1, 96, 1, 1, 24, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0))  # a squeeze-excitation conv
+    assert conv_tile(squeezed, AVX512, 16, 16) is not None
 
 
 def test_tile_travels_in_the_block_name_and_weights_pack_channel_blocks_innermost():

@@ -163,6 +163,20 @@ MAX_CHANNEL_PADDING = 1.25
 EXTRA_BLOCK_PADDING = 1 / 16
 
 
+# a blocked input on AVX-512 (32 registers; Zen 4 issues one 16-lane FMA per cycle and two loads):
+# once a tile makes one FMA per load, more accumulators buy nothing, while padded columns and unused
+# rows cost in proportion; 8 accumulators hide the FMA latency. So the score caps the intensity at
+# SATURATING_INTENSITY and scales tiles of fewer than MIN_ACCUMULATORS down. Measured on Zen 4 (each
+# conv alone, 1 thread, thread CPU time, best of 9): SqueezeNet's 512->1000 1x1 at 13x13 as 16
+# channels x 13 columns instead of 48 x 7 (one padded column) 1.92 -> 1.67 ms (onnxruntime 1.75), all
+# its convs 6.93 -> 6.44 ms; inception_v1's 27.4 -> 26.1, PP-OCRv6 det small's 129.8 -> 127.6,
+# resnet50's 72.9 -> 71.9; PP-OCR det, doc-orientation and vgg19 within 0.5%. Not for NCHW inputs
+# (PP-OCRv6 det's 24->96 1x1 at 184x184 read from NCHW: 3.5 -> 3.9 ms with the cap) nor for targets
+# not measured (AVX2's 16 registers, NEON).
+SATURATING_INTENSITY = 1.0
+MIN_ACCUMULATORS = 8
+
+
 def conv_tile(shape, traits: TargetTraits, in_block: int = 0, out_block: int = 0):
     """The channel-blocked conv kernel's tile for a conv2d (blocked_conv.ConvShape) reading NCHW
     (``in_block`` 0) or NCHW<in_block>c and writing NCHW or NCHW<out_block>c, or None to keep the
@@ -208,6 +222,7 @@ def conv_tile_ranking(shape, traits: TargetTraits, in_block: int = 0, out_block:
     lanes = traits.vector_lanes
     channels = -(-shape.out_channels // lanes) * lanes
     oh, ow = shape.out_height, shape.out_width
+    saturating = bool(in_block) and traits.isa == "avx512"
     scored = []
     for vregs in (3, 2, 1):
         ob = vregs * lanes
@@ -235,6 +250,8 @@ def conv_tile_ranking(shape, traits: TargetTraits, in_block: int = 0, out_block:
                 padded = -(-ow // tw) * tw
                 acc = th * tw * vregs
                 intensity = acc / (th * tw + vregs)
+                if saturating:
+                    intensity = min(intensity, SATURATING_INTENSITY) * min(acc / MIN_ACCUMULATORS, 1.0)
                 # on a tie, rows the tile leaves unused over padded columns: resnet50's 512->512 3x3
                 # and 512->2048 1x1 at 7x7 (NCHW8c) ran 7-17% faster with 4 rows x 1 column than with
                 # 1 x 4 (same waste: 7 of 8 rows or columns), no padded width or slice after the conv
