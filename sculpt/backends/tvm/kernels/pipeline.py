@@ -28,6 +28,7 @@ from sculpt.backends.tvm.kernels.clip_as_ops import rewrite_clip_calls
 from sculpt.backends.tvm.kernels.batch_norm_as_affine import rewrite_batch_norm_as_affine
 from sculpt.backends.tvm.kernels.pad_matmul_columns import pad_matmul_columns
 from sculpt.backends.tvm.kernels.panel_matmul import rewrite_panel_matmuls
+from sculpt.backends.tvm.kernels.int4_matmul import rewrite_int4_matmuls
 from sculpt.backends.tvm.kernels.long_means import rewrite_long_means
 from sculpt.backends.tvm.kernels.blocked_layout import rewrite_in_blocked_layout
 from sculpt.backends.tvm.kernels.even_strided_width import rewrite_even_strided_widths
@@ -72,6 +73,7 @@ def _front_passes(target, conv_policy: ConvPolicy | None = None, conv_decisions:
         ("SculptLongMeans", rewrite_long_means),
         ("SculptEvenStridedWidths", rewrite_even_strided_widths),
         ("SculptDepthwiseWidths", lambda mod: rewrite_depthwise_widths(mod, traits.vector_lanes)),
+        ("SculptInt4Matmuls", lambda mod: rewrite_int4_matmuls(mod, traits)),
         ("SculptPanelMatmuls", lambda mod: rewrite_panel_matmuls(mod, traits)),
         ("SculptPadMatmulColumns", pad_matmul_columns),
         ("SculptRowSoftmax", lambda mod: rewrite_row_softmax(mod, traits.vector_lanes)),
