@@ -243,7 +243,7 @@ def test_int4_matmuls_run_on_arm64_under_qemu(tmp_path):
     """The NEON build (4 lanes: panels of 8 columns) of a 4-bit MatMul and Gemm, under qemu."""
     import onnx
 
-    from sculpt.backends.tvm.artifact import compile_artifact, load_artifact
+    from sculpt.backends.tvm.artifact import compile_model, export_artifact, load_artifact
     from sculpt.backends.tvm.deploy import verify_artifact
 
     for name, x_shape, gemm, group in (("matmul", (1, 7, 45), False, 16), ("gemm", (5, 120), True, 0)):
@@ -251,7 +251,9 @@ def test_int4_matmuls_run_on_arm64_under_qemu(tmp_path):
         path = tmp_path / f"{name}.onnx"
         onnx.save(model.proto, path)
         library = tmp_path / f"{name}.so"
-        compile_artifact(path, "arm64", library, build_options={"kernels": "sculpt"})
+        compiled = compile_model(model, "arm64", build_options={"kernels": "sculpt"})
+        assert "int4_matmul_0" in compiled.executable.as_text()  # the VM calls the int4 kernel
+        export_artifact(compiled, library, source_model=path)
         x = np.random.default_rng(5).standard_normal(x_shape).astype(np.float32)
         result = verify_artifact(load_artifact(library), path, {"x": x}, rtol=1e-4, timeout=900)
         assert result.emulated and result.ok, result.comparison.outputs
