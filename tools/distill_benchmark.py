@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from sculpt import ocr_task
+from sculpt.errors import PipelineError
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.cost import cost_of
 from sculpt.models import ppocr_model
@@ -108,12 +109,19 @@ def main(argv=None) -> int:
                                f"{total:.0f} (pruning and distill)"))
             if args.qat:
                 keep = KeepModels()
-                quantized = Pipeline.from_specs(["canonicalize", "qdq", f"distill:{args.qat}"], input_shapes=shapes,
-                                                calibration=calibration, instruments=[keep]).run(original)
-                record = quantized.records[-1]
-                stages += [("qdq", keep.models["qdq"], "", ""),
-                           ("qdq + distill (QAT)", quantized.model, "",
-                            f"{record.seconds:.0f} ({record.stats['steps']} steps, best {record.stats['best_step']})")]
+                try:
+                    quantized = Pipeline.from_specs(["canonicalize", "qdq", f"distill:{args.qat}"], input_shapes=shapes,
+                                                    calibration=calibration, instruments=[keep]).run(original)
+                except PipelineError as e:  # QAT refused (e.g. the conversion check): the qdq row still comes
+                    if "qdq" not in keep.models:
+                        raise
+                    print(f"{kind}: QAT failed: {e}", file=sys.stderr)
+                    stages.append(("qdq", keep.models["qdq"], "", ""))
+                else:
+                    record = quantized.records[-1]
+                    stages += [("qdq", keep.models["qdq"], "", ""),
+                               ("qdq + distill (QAT)", quantized.model, "",
+                                f"{record.seconds:.0f} ({record.stats['steps']} steps, best {record.stats['best_step']})")]
             for label, model, prune_s, distill_s in stages:
                 row = {"model": kind, "config": label, **metrics(kind, model, data),
                        "MACs": f"{cost_of(model, shapes).macs / 1e6:.1f}M", "compress s": prune_s, "distill s": distill_s}

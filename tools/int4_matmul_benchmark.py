@@ -80,7 +80,8 @@ def layers(args) -> None:
     target = tvm.target.Target(host_target("llvm"))
     print(f"| K x N (rows {args.rows}) | fp32 ms | int4 g{args.group_size} ms | int4 / fp32 |")
     print("|---|---|---|---|")
-    for k, n in REC_MATMULS:
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else REC_MATMULS
+    for k, n in shapes:
         fp32 = _layer_model(k, n, args.rows)
         int4 = create_pass("weight-quant", {"group_size": args.group_size, "min_elements": 16})(fp32.clone()).model
         x = np.random.default_rng(1).standard_normal((1, args.rows, k)).astype(np.float32)
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--rows", type=int, default=40)
     parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--shapes", help="KxN,KxN,... instead of rec's MatMul shapes (with --layers)")
     args = parser.parse_args(argv)
     # TVM's pool reads these once, before its first parallel call: the shared policy, not pinned
     os.environ["TVM_NUM_THREADS"] = str(args.threads)

@@ -521,14 +521,22 @@ def _main_plan(module, host_functions: dict) -> OpenCLPlan:
                 if source.index in textures:
                     raise OpenCLRunError(f"main reshapes a tensor held in an image ({var.name})")
                 steps.append(Step("reshape", var=define(var, shape), source=source.index, shape=shape, dtype=dtype))
+            elif isinstance(op, relax.ExternFunc) and op.global_symbol == "vm.builtin.to_device":
+                source = operand(value.args[0])  # a copy into another memory scope (buffer <-> image)
+                shape, dtype = _static_tensor(var.ty, f"main: {var.name}")
+                scope = str(value.args[3].value) if len(value.args) > 3 else "global"
+                if source.kind != "var":
+                    raise OpenCLRunError(f"main copies a constant to the device ({var.name})")
+                steps.append(Step("copy", var=define(var, shape), source=source.index, shape=shape, dtype=dtype,
+                                  scope=scope))
+                if scope != "global":
+                    textures.add(steps[-1].var)
             elif isinstance(op, relax.ExternFunc) and op.global_symbol in _CHECKS_ONLY:
                 define(var)
             else:
                 what = op.global_symbol if isinstance(op, relax.ExternFunc) else getattr(op, "name", str(op))
                 raise OpenCLRunError(f"main calls {what}, which the PoCL launcher does not handle")
     results = tensors(body.body)
-    if textures & set(results):
-        raise OpenCLRunError("main returns a tensor held in an image")
     specs = [_static_tensor(ty, "main's result") for ty in _flatten_type(main.ret_ty)]
     if len(specs) != len(results):
         raise OpenCLRunError(f"main returns {len(results)} tensors, its type lists {len(specs)}")
@@ -559,9 +567,10 @@ def _static_tensor(ty, what: str) -> tuple[tuple[int, ...], str]:
 # ------------------------------------------------------------------ running the plan on OpenCL
 @dataclass
 class _Tensor:
-    buffer: object  # pyopencl Buffer
+    buffer: object  # pyopencl Buffer, or Image (a tensor in a texture scope)
     shape: tuple[int, ...]
     dtype: str
+    scope: str = "global"
 
 
 @dataclass
@@ -605,29 +614,23 @@ class OpenCLRunner:
         return _Tensor(cl.Buffer(self.context, flags, hostbuf=host), tuple(array.shape), array.dtype.name)
 
     def _image(self, shape: tuple[int, ...], dtype: str, scope: str, host: np.ndarray | None = None) -> _Tensor:
-        """An RGBA image2d_array of a tensor in a texture scope, laid out as TVM's OpenCL runtime allocates it
-        (adreno_texture.texture_geometry); filled from ``host``, or with NaN like a new buffer."""
-        import pyopencl as cl
+        """A tensor in a texture scope: an image as TVM's OpenCL runtime makes it (adreno_texture)."""
+        from sculpt.backends.tvm.adreno_texture import make_image
 
-        from sculpt.backends.tvm.adreno_texture import texture_geometry
+        return _Tensor(make_image(self.context, self.queue, tuple(shape), dtype, scope, host), tuple(shape), dtype,
+                       scope)
 
-        channel = {"float32": cl.channel_type.FLOAT, "float16": cl.channel_type.HALF_FLOAT}.get(dtype)
-        if channel is None or not shape or shape[-1] != 4:
-            raise OpenCLRunError(f"a {dtype}{list(shape)} tensor in scope '{scope}': the launcher makes images of "
-                                 "float32/float16 tensors whose last axis is the 4 channels of a pixel")
-        width, height, depth = texture_geometry(shape, scope)
-        fmt = cl.ImageFormat(cl.channel_order.RGBA, channel)
-        flags = cl.mem_flags.READ_WRITE | (cl.mem_flags.COPY_HOST_PTR if host is not None else 0)
-        try:
-            image = cl.Image(self.context, flags, fmt, shape=(width, height, depth), is_array=True,
-                             hostbuf=host.reshape(depth, height, width, 4) if host is not None else None)
-        except cl.Error as e:
-            raise OpenCLRunError(f"an image of {width}x{height}x{depth} pixels for a {list(shape)} tensor in scope "
-                                 f"'{scope}' could not be made: {one_line(e, 200)}") from None
-        if host is None:
-            nan = np.full(4, np.nan, np.dtype(dtype))
-            cl.enqueue_fill_image(self.queue, image, nan, (0, 0, 0), (width, height, depth))
-        return _Tensor(image, tuple(shape), dtype)
+    def _copy(self, source: _Tensor, step: Step) -> _Tensor:
+        """vm.builtin.to_device: ``source`` copied into a new tensor in ``step.scope`` (buffer or image)."""
+        from sculpt.backends.tvm.adreno_texture import copy_tensor
+
+        if step.scope == "global":
+            nbytes = int(np.prod(step.shape, dtype=np.int64)) * np.dtype(step.dtype).itemsize
+            target = _Tensor(self._buffer(nbytes), step.shape, step.dtype)
+        else:
+            target = self._image(step.shape, step.dtype, step.scope)
+        copy_tensor(self.queue, (source.buffer, source.shape, source.scope), (target.buffer, target.shape, target.scope))
+        return target
 
     def _buffer(self, nbytes: int):
         """A new device buffer filled with 0xFF bytes (NaN as floats, -1 as integers): a kernel that leaves
@@ -651,6 +654,8 @@ class OpenCLRunner:
         for step in plan.steps:
             if step.op == "storage":
                 values[step.var] = self._buffer(step.nbytes)
+            elif step.op == "copy":
+                values[step.var] = self._copy(values[step.source], step)
             elif step.op == "tensor" and step.scope != "global":
                 values[step.var] = self._image(step.shape, step.dtype, step.scope)
             elif step.op == "tensor":
@@ -667,7 +672,12 @@ class OpenCLRunner:
         outputs = []
         for var, (shape, dtype) in zip(plan.results, plan.result_specs):
             out = np.empty(shape, dtype)
-            cl.enqueue_copy(self.queue, out, values[var].buffer)
+            if values[var].scope != "global":  # an image (adreno_texture)
+                from sculpt.backends.tvm.adreno_texture import copy_tensor
+
+                copy_tensor(self.queue, (values[var].buffer, shape, values[var].scope), (out, shape, "host"))
+            else:
+                cl.enqueue_copy(self.queue, out, values[var].buffer)
             outputs.append(out)
         self.queue.finish()
         return OpenCLRun(outputs, self.device.platform.name, self.device.name, launched, self.build_seconds, seconds)

@@ -145,9 +145,13 @@ def row_tile(rows: int, traits) -> int:
 
 
 def int4_matmul_kernel(m: int, k: int, panels: int, lanes: int, groups: int, group: int, rows: int,
-                       parallel: bool):
+                       parallel: bool, direct: bool | None = None):
     """PrimFunc ``(X [m, k] f32, Wp [panels, k, lanes] i8, S [groups, panels*2*lanes] f32,
-    Y [m, panels*2*lanes] f32)``: ``Y = X @ dequantized(Wp, S)`` (see the module docstring)."""
+    Y [m, panels*2*lanes] f32)``: ``Y = X @ dequantized(Wp, S)`` (see the module docstring).
+
+    ``direct`` (default: when one tile of ``rows`` rows covers ``m``): the codes are unpacked into
+    registers at every step of the reduction instead of into a panel buffer read by every row tile.
+    One scale per column (``groups`` 1) multiplies the accumulators once, at the store."""
     from tvm.script import tirx as T
 
     L = lanes
@@ -155,44 +159,72 @@ def int4_matmul_kernel(m: int, k: int, panels: int, lanes: int, groups: int, gro
     NP = panels * NB
     R = rows
     RT = -(-m // R)
+    if direct is None:
+        direct = RT == 1
+    per_column = groups == 1
 
     @T.macro
-    def panel(X, Wp, S, Y, p):
-        w = T.decl_buffer((k, NB), "float32", scope="local")
+    def unpack(Wp, S, w, at, p, kk):
+        # a nibble sign-extended: shifted to the top of an int32 and back (arithmetic shift)
+        for t in T.vectorized(L):
+            w[at + t] = T.Cast("float32", T.shift_right(T.shift_left(T.Cast("int32", Wp[p, kk, t]), 28), 28))
+            w[at + L + t] = T.Cast("float32", T.shift_right(T.Cast("int32", Wp[p, kk, t]), 4))
+        if not per_column:
+            for v in T.vectorized(NB):
+                w[at + v] = w[at + v] * S[kk // group, p * NB + v]
+
+    @T.macro
+    def store(S, Y, acc, p, rt):
+        for r in T.unroll(R):
+            if rt * R + r < m:
+                for v in T.vectorized(NB):
+                    if per_column:
+                        Y[rt * R + r, p * NB + v] = acc[r, v] * S[0, p * NB + v]
+                    else:
+                        Y[rt * R + r, p * NB + v] = acc[r, v]
+
+    @T.macro
+    def zero(acc):
+        for r in T.unroll(R):
+            for v in T.vectorized(NB):
+                acc[r, v] = T.float32(0)
+
+    @T.macro
+    def buffered(X, Wp, S, Y, p):
+        w = T.decl_buffer((k * NB,), "float32", scope="local")
         acc = T.decl_buffer((R, NB), "float32", scope="local")
         for kk in range(k):
-            for t in T.vectorized(L):
-                w[kk, t] = T.Cast("float32", T.shift_right(T.shift_left(T.Cast("int32", Wp[p, kk, t]), 28), 28)) \
-                    * S[kk // group, p * NB + t]
-                w[kk, L + t] = T.Cast("float32", T.shift_right(T.Cast("int32", Wp[p, kk, t]), 4)) \
-                    * S[kk // group, p * NB + L + t]
+            unpack(Wp, S, w, kk * NB, p, kk)
         for rt in range(RT):
-            for r in T.unroll(R):
-                for v in T.vectorized(NB):
-                    acc[r, v] = T.float32(0)
+            zero(acc)
             for kk in range(k):
                 for r in T.unroll(R):
                     for v in T.vectorized(NB):
-                        acc[r, v] = acc[r, v] + X[T.min(rt * R + r, m - 1), kk] * w[kk, v]
-            for r in T.unroll(R):
-                if rt * R + r < m:
-                    for v in T.vectorized(NB):
-                        Y[rt * R + r, p * NB + v] = acc[r, v]
+                        acc[r, v] = acc[r, v] + X[T.min(rt * R + r, m - 1), kk] * w[kk * NB + v]
+            store(S, Y, acc, p, rt)
 
-    if parallel:
-        @T.prim_func
-        def int4_matmul(X: T.Buffer((m, k), "float32"), Wp: T.Buffer((panels, k, L), "int8"),
-                        S: T.Buffer((groups, NP), "float32"), Y: T.Buffer((m, NP), "float32")):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            for p in T.parallel(panels):
-                panel(X, Wp, S, Y, p)
-    else:
-        @T.prim_func
-        def int4_matmul(X: T.Buffer((m, k), "float32"), Wp: T.Buffer((panels, k, L), "int8"),
-                        S: T.Buffer((groups, NP), "float32"), Y: T.Buffer((m, NP), "float32")):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            for p in range(panels):
-                panel(X, Wp, S, Y, p)
+    @T.macro
+    def in_registers(X, Wp, S, Y, p):
+        w = T.decl_buffer((NB,), "float32", scope="local")
+        acc = T.decl_buffer((R, NB), "float32", scope="local")
+        for rt in range(RT):
+            zero(acc)
+            for kk in range(k):
+                unpack(Wp, S, w, 0, p, kk)
+                for r in T.unroll(R):
+                    for v in T.vectorized(NB):
+                        acc[r, v] = acc[r, v] + X[T.min(rt * R + r, m - 1), kk] * w[v]
+            store(S, Y, acc, p, rt)
+
+    body = in_registers if direct else buffered
+    loop = T.parallel if parallel else T.serial
+
+    @T.prim_func
+    def int4_matmul(X: T.Buffer((m, k), "float32"), Wp: T.Buffer((panels, k, L), "int8"),
+                    S: T.Buffer((groups, NP), "float32"), Y: T.Buffer((m, NP), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for p in loop(panels):
+            body(X, Wp, S, Y, p)
 
     return int4_matmul
 
