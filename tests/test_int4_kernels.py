@@ -130,6 +130,31 @@ def test_row_tiles_fit_the_accumulators_and_divide_the_rows():
     assert row_tile(1, traits) == 1
 
 
+@pytest.mark.parametrize("direct,group_sums", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("group", [0, 16])
+def test_every_kernel_variant_computes_the_dequantized_product(direct, group_sums, group):
+    """The kernel alone against numpy: 9 rows in tiles of 4 (a partial last tile), K = 37 (groups of
+    16: a short last one), 21 columns (a partial panel)."""
+    from sculpt.backends.tvm.kernels.int4_matmul import int4_matmul_kernel
+
+    m, k, n, lanes = 9, 37, 21, traits_of(HOST).vector_lanes
+    rng = np.random.default_rng(6)
+    codes = rng.integers(-8, 8, (k, n)).astype(np.int8)
+    group = group or k
+    scales = rng.random((-(-k // group), n)).astype(np.float32) + 0.5
+    packed, padded = pack_int4_panels(codes, lanes), pad_scales(scales, lanes)
+    func = int4_matmul_kernel(m, k, packed.shape[0], lanes, padded.shape[0], group, 4, True, direct, group_sums)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(HOST))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    dev = tvm.cpu()
+    y = tvm.runtime.tensor(np.zeros((m, padded.shape[1]), np.float32), dev)
+    lib["main"](*(tvm.runtime.tensor(a, dev) for a in (x, packed, padded)), y)
+    w = codes.astype(np.float32) * np.repeat(scales, group, axis=0)[:k]
+    ref = x.astype(np.float64) @ w
+    assert np.abs(y.numpy()[:, :n] - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert not y.numpy()[:, n:].any()  # zero codes past the last column
+
+
 # ------------------------------------------------------------------ numerics against onnxruntime
 @pytest.mark.parametrize("group", [0, 16])
 @pytest.mark.parametrize("gemm", [False, True])
@@ -143,10 +168,21 @@ def test_int4_matmul_and_gemm_match_onnxruntime(group, gemm):
     assert _max_rel_error(model, model, x) <= 1e-5
 
 
-def test_a_wide_int4_classifier_matches_onnxruntime_on_several_threads_worth_of_work():
-    """rec's head shape, smaller: 40 x 120 by 120 x 1000 (parallel over panels), groups of 32."""
-    model = _quantized(_matmul_model((1, 40, 120), 120, 1000), group_size=32)
+@pytest.mark.parametrize("group", [0, 32])
+def test_a_wide_int4_classifier_matches_onnxruntime_on_several_threads_worth_of_work(group):
+    """rec's head shape, smaller: 40 x 120 by 120 x 1000 (parallel over panels; several row tiles:
+    the codes unpacked once into a panel buffer)."""
+    model = _quantized(_matmul_model((1, 40, 120), 120, 1000), group_size=group)
     x = np.random.default_rng(2).standard_normal((1, 40, 120)).astype(np.float32)
+    assert _max_rel_error(model, model, x) <= 1e-5
+
+
+@pytest.mark.parametrize("group", [0, 16])
+def test_a_matrix_vector_product_on_int4_weights_matches_onnxruntime(group):
+    """One row: the codes unpacked in registers, groups of 16 summed apart (K = 75: a short last group)."""
+    model = _quantized(_matmul_model((1, 75), 75, 50, gemm=True), group_size=group)
+    assert _rewritten(model)[1]["int4_matmuls"] == 1
+    x = np.random.default_rng(3).standard_normal((1, 75)).astype(np.float32)
     assert _max_rel_error(model, model, x) <= 1e-5
 
 

@@ -145,13 +145,15 @@ def row_tile(rows: int, traits) -> int:
 
 
 def int4_matmul_kernel(m: int, k: int, panels: int, lanes: int, groups: int, group: int, rows: int,
-                       parallel: bool, direct: bool | None = None):
+                       parallel: bool, direct: bool | None = None, group_sums: bool = False):
     """PrimFunc ``(X [m, k] f32, Wp [panels, k, lanes] i8, S [groups, panels*2*lanes] f32,
     Y [m, panels*2*lanes] f32)``: ``Y = X @ dequantized(Wp, S)`` (see the module docstring).
 
     ``direct`` (default: when one tile of ``rows`` rows covers ``m``): the codes are unpacked into
     registers at every step of the reduction instead of into a panel buffer read by every row tile.
-    One scale per column (``groups`` 1) multiplies the accumulators once, at the store."""
+    One scale per column (``groups`` 1) multiplies the accumulators once, at the store.
+    ``group_sums`` (direct, per-group scales): each group's products are summed apart and scaled once
+    a group (twice the accumulators), instead of scaling the unpacked codes at every step."""
     from tvm.script import tirx as T
 
     L = lanes
@@ -162,14 +164,15 @@ def int4_matmul_kernel(m: int, k: int, panels: int, lanes: int, groups: int, gro
     if direct is None:
         direct = RT == 1
     per_column = groups == 1
+    group_sums = group_sums and direct and not per_column
 
     @T.macro
-    def unpack(Wp, S, w, at, p, kk):
+    def unpack(Wp, S, w, at, p, kk, scaled):
         # a nibble sign-extended: shifted to the top of an int32 and back (arithmetic shift)
         for t in T.vectorized(L):
             w[at + t] = T.Cast("float32", T.shift_right(T.shift_left(T.Cast("int32", Wp[p, kk, t]), 28), 28))
             w[at + L + t] = T.Cast("float32", T.shift_right(T.Cast("int32", Wp[p, kk, t]), 4))
-        if not per_column:
+        if scaled:
             for v in T.vectorized(NB):
                 w[at + v] = w[at + v] * S[kk // group, p * NB + v]
 
@@ -194,7 +197,7 @@ def int4_matmul_kernel(m: int, k: int, panels: int, lanes: int, groups: int, gro
         w = T.decl_buffer((k * NB,), "float32", scope="local")
         acc = T.decl_buffer((R, NB), "float32", scope="local")
         for kk in range(k):
-            unpack(Wp, S, w, kk * NB, p, kk)
+            unpack(Wp, S, w, kk * NB, p, kk, not per_column)
         for rt in range(RT):
             zero(acc)
             for kk in range(k):
@@ -210,13 +213,32 @@ def int4_matmul_kernel(m: int, k: int, panels: int, lanes: int, groups: int, gro
         for rt in range(RT):
             zero(acc)
             for kk in range(k):
-                unpack(Wp, S, w, 0, p, kk)
+                unpack(Wp, S, w, 0, p, kk, not per_column)
                 for r in T.unroll(R):
                     for v in T.vectorized(NB):
                         acc[r, v] = acc[r, v] + X[T.min(rt * R + r, m - 1), kk] * w[v]
             store(S, Y, acc, p, rt)
 
-    body = in_registers if direct else buffered
+    @T.macro
+    def in_registers_by_group(X, Wp, S, Y, p):
+        w = T.decl_buffer((NB,), "float32", scope="local")
+        acc = T.decl_buffer((R, NB), "float32", scope="local")
+        part = T.decl_buffer((R, NB), "float32", scope="local")
+        for rt in range(RT):
+            zero(acc)
+            for gi in range(groups):
+                zero(part)
+                for kk in range(gi * group, T.min(k, gi * group + group)):
+                    unpack(Wp, S, w, 0, p, kk, False)
+                    for r in T.unroll(R):
+                        for v in T.vectorized(NB):
+                            part[r, v] = part[r, v] + X[T.min(rt * R + r, m - 1), kk] * w[v]
+                for r in T.unroll(R):
+                    for v in T.vectorized(NB):
+                        acc[r, v] = acc[r, v] + part[r, v] * S[gi, p * NB + v]
+            store(S, Y, acc, p, rt)
+
+    body = (in_registers_by_group if group_sums else in_registers) if direct else buffered
     loop = T.parallel if parallel else T.serial
 
     @T.prim_func
@@ -275,7 +297,10 @@ def rewrite_int4_matmuls(mod, traits, stats: dict | None = None):
         packed = pack_int4_panels(found.codes, lanes)
         scales = pad_scales(found.scales, lanes)
         panels = packed.shape[0]
-        key = (rows, k, panels, scales.shape[0], found.group, row_tile(rows, traits), worth_parallel(rows * k * n))
+        tile = row_tile(rows, traits)
+        direct = rows <= tile  # one row tile: unpack into registers (a panel buffer would be read once)
+        group_sums = direct and scales.shape[0] > 1 and 4 * tile <= traits.accumulator_registers
+        key = (rows, k, panels, scales.shape[0], found.group, tile, worth_parallel(rows * k * n), direct, group_sums)
         if key not in kernels:  # one function per shape, shared by the matmuls of that shape
             name = f"int4_matmul_{len(kernels)}"
             # opaque (op_pattern 8): scheduled already, fusion must not merge it with its neighbours
