@@ -145,6 +145,19 @@ def test_tvms_own_texture_lowering_stores_scalars_into_pixels():
     assert narrow_texture_stores(lowered["tir"]) == {"te_layout_transform_kernel": 1}
 
 
+def test_a_reduction_written_into_a_texture_is_flagged():
+    """A mean whose result feeds an NCHW4c conv is written into a texture by TVM's cross-thread reduction,
+    one channel per thread broadcast into the whole pixel (lowered after TextureFlatten): not repaired,
+    the build warns."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["c1"], ["m"], axes=[2], keepdims=1),
+             helper.make_node("Conv", ["m", "w2", "b2"], ["y"], pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [("x", [1, 8, 12, 20])], [("y", [1, 16, 1, 20])],
+                       {"w1": f32(16, 8, 3, 3), "b1": f32(16), "w2": f32(16, 16, 3, 3), "b2": f32(16)})
+    _, warned = _plan(model)
+    assert len(warned) == 1 and "mean_kernel" in str(warned[0]) and "wrong results" in str(warned[0])
+
+
 def test_gpu_memory_texture_on_another_target_is_one_line_error(tmp_path, capsys):
     model_path = tmp_path / "conv.onnx"
     _conv_relu().save(model_path)

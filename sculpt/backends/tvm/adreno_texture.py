@@ -96,8 +96,9 @@ def legalize_passes(target) -> list:
             # VectorizeLoop shrinks to one float for all four lanes: pooling goes to the generic rules
             p = dlight.ApplyDefaultSchedule(*[r for r in p.rules if not isinstance(r, dlight.adreno.Pool2D)])
         elif any(isinstance(rule, dlight.gpu.Fallback) for rule in getattr(p, "rules", ())):
-            # functions that write a texture: Adreno's fallback (channels of a pixel as a vector), not the
-            # generic one, which binds the channels to threads that each store the whole pixel
+            # elementwise functions that write a texture: Adreno's fallback (the channels of a pixel as a
+            # vector), not the generic one, which binds the channels to threads that each store the whole
+            # pixel (reductions keep the generic reduction rules: see narrow_texture_stores)
             p = dlight.ApplyDefaultSchedule(*[r for r in p.rules if not isinstance(r, dlight.gpu.Fallback)],
                                             dlight.adreno.Fallback(), dlight.gpu.Fallback())
         passes.append(p)
@@ -295,7 +296,8 @@ def image_kernels(source: str) -> dict:
 
 def narrow_texture_stores(mod) -> dict[str, int]:
     """Function -> how many of its ``texture2d_store`` calls store a value narrower than the pixel they
-    write (a float where the RGBA pixel takes a float4), in a TIR module after TVM's lowering.
+    write (a float, or a float broadcast to 4 lanes, where the RGBA pixel takes 4 channels' values), in a
+    TIR module after TVM's lowering.
 
     OpenCL's write_imagef writes a whole pixel; TVM emits such a store as the scalar broadcast to the
     four channels, so three of them get a wrong value. TVM 0.27 makes them in two ways:
@@ -303,8 +305,10 @@ def narrow_texture_stores(mod) -> dict[str, int]:
     returns early for calls without a primitive type, "Non-primitive calls are not vectorized
     themselves", and texture2d_store returns void, so the branch that vectorizes its value is never
     reached): the loop then stores lane i's value into the whole pixel, once per lane; and a schedule
-    that binds the 4 channels to threads (dlight's GPU fallback) has each thread store its own channel
-    into the whole pixel."""
+    that binds the 4 channels to threads (dlight's generic GPU rules: the fallback, the reductions) has
+    each thread store its own channel into the whole pixel. Also counted: element stores into a texture
+    buffer that are no texture2d_store at all (a cross-thread reduction's result, lowered by
+    LowerThreadAllreduce after TextureFlatten ran), which OpenCL C gets as the same broadcast."""
     from tvm import tirx
 
     found: dict[str, int] = {}
@@ -321,8 +325,10 @@ def narrow_texture_stores(mod) -> dict[str, int]:
             call = stmt.value
             if getattr(getattr(call, "op", None), "name", None) == "tirx.texture2d_store":
                 value, pixel_bits = call.args[-1], int(call.args[4].value)
-                if value.ty.dtype.bits * value.ty.dtype.lanes < pixel_bits:
+                if value.ty.dtype.bits * value.ty.dtype.lanes < pixel_bits or isinstance(value, tirx.Broadcast):
                     found[name] = found.get(name, 0) + 1
+        elif isinstance(stmt, tirx.BufferStore) and "texture" in stmt.buffer.scope():
+            found[name] = found.get(name, 0) + 1  # an element store into a texture (made after TextureFlatten)
         elif getattr(stmt, "body", None) is not None:  # For, While, AttrStmt, LetStmt, ...
             visit(stmt.body, name)
 
