@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sculpt.backends.tvm.kernels import host_target
 from sculpt.backends.tvm.kernels.int4_matmul import (
-    MIN_ELEMENTS, int4_codes, pack_int4_panels, pad_scales, rewrite_int4_matmuls, row_tile)
+    MIN_ELEMENTS, Int4Weight, int4_codes, pack_int4_panels, pack_panels, pad_scales, rewrite_int4_matmuls, row_tile)
 from sculpt.backends.tvm.kernels.pipeline import compile_with_kernels, legalized_and_fused
 from sculpt.backends.tvm.kernels.relax_rewrite import constant_value
 from sculpt.backends.tvm.kernels.target_traits import traits_of
@@ -98,12 +98,15 @@ def test_codes_reproduce_weight_quants_weights_bit_for_bit(group):
     assert np.array_equal(found.dequantized(), w)
 
 
-def test_float_and_8_bit_weights_have_no_int4_codes():
+def test_float_and_8_bit_weights_have_no_int4_codes_and_8_bit_ones_have_int8_codes():
     rng = np.random.default_rng(3)
     assert int4_codes(rng.standard_normal((64, 40)).astype(np.float32)) is None
     model = _quantized(_matmul_model((1, 4, 64), 64, 40), bits=8)
     w = numpy_helper.to_array(next(t for t in _folded(model).graph.initializer if t.name.startswith("w")))
     assert int4_codes(w) is None
+    found = int4_codes(w, bits=8)
+    assert found is not None and found.bits == 8 and np.array_equal(found.dequantized(), w)
+    assert int4_codes(rng.standard_normal((64, 40)).astype(np.float32), bits=8) is None
     # zero columns take any scale; the codes stay zero
     z = np.zeros((16, 3), np.float32)
     z[:, 1] = np.arange(-8, 8, dtype=np.float32) * np.float32(0.1)
@@ -130,20 +133,22 @@ def test_row_tiles_fit_the_accumulators_and_divide_the_rows():
     assert row_tile(1, traits) == 1
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("direct,group_sums", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("group", [0, 16])
-def test_every_kernel_variant_computes_the_dequantized_product(direct, group_sums, group):
+def test_every_kernel_variant_computes_the_dequantized_product(direct, group_sums, group, bits):
     """The kernel alone against numpy: 9 rows in tiles of 4 (a partial last tile), K = 37 (groups of
     16: a short last one), 21 columns (a partial panel)."""
     from sculpt.backends.tvm.kernels.int4_matmul import int4_matmul_kernel
 
     m, k, n, lanes = 9, 37, 21, traits_of(HOST).vector_lanes
     rng = np.random.default_rng(6)
-    codes = rng.integers(-8, 8, (k, n)).astype(np.int8)
+    codes = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), (k, n)).astype(np.int8)
     group = group or k
     scales = rng.random((-(-k // group), n)).astype(np.float32) + 0.5
-    packed, padded = pack_int4_panels(codes, lanes), pad_scales(scales, lanes)
-    func = int4_matmul_kernel(m, k, packed.shape[0], lanes, padded.shape[0], group, 4, True, direct, group_sums)
+    packed = pack_panels(Int4Weight(codes, scales, group, bits), lanes)
+    padded = pad_scales(scales, lanes)
+    func = int4_matmul_kernel(m, k, packed.shape[0], lanes, padded.shape[0], group, 4, True, direct, group_sums, bits)
     lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(HOST))
     x = rng.standard_normal((m, k)).astype(np.float32)
     dev = tvm.cpu()
@@ -186,6 +191,17 @@ def test_a_matrix_vector_product_on_int4_weights_matches_onnxruntime(group):
     assert _max_rel_error(model, model, x) <= 1e-5
 
 
+@pytest.mark.parametrize("group", [0, 32])
+def test_8_bit_weights_are_kept_a_byte_a_code_and_match_onnxruntime(group):
+    model = _quantized(_matmul_model((1, 7, 75), 75, 37), bits=8, group_size=group)
+    mod, stats = _rewritten(model)
+    assert stats["int8_matmuls"] == 1 and stats["int4_matmuls"] == 0
+    lanes = traits_of(HOST).vector_lanes
+    assert ((-(-37 // (2 * lanes)), 75, 2 * lanes), "int8") in _constants(mod)
+    x = np.random.default_rng(8).standard_normal((1, 7, 75)).astype(np.float32)
+    assert _max_rel_error(model, model, x) <= 1e-5
+
+
 # ------------------------------------------------------------------ what the module holds
 @pytest.mark.parametrize("gemm", [False, True])
 def test_the_built_module_holds_packed_nibbles_not_the_float_weight(gemm):
@@ -215,10 +231,9 @@ def test_the_exported_library_is_smaller_than_the_float_build(tmp_path):
 
 
 # ------------------------------------------------------------------ where it does not apply
-def test_float_8_bit_and_small_weights_are_left_to_the_float_kernels():
-    base = _matmul_model((1, 4, 64), 64, 40)
-    for model in (base, _quantized(base, bits=8)):
-        assert _rewritten(model)[1]["int4_matmuls"] == 0
+def test_float_and_small_weights_are_left_to_the_float_kernels():
+    stats = _rewritten(_matmul_model((1, 4, 64), 64, 40))[1]
+    assert stats["int4_matmuls"] == stats["int8_matmuls"] == 0
     small = _matmul_model((1, 4, 8), 8, 8)  # 64 weights < MIN_ELEMENTS
     assert 8 * 8 < MIN_ELEMENTS
     assert _rewritten(_quantized(small))[1]["int4_matmuls"] == 0

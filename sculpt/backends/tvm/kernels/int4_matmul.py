@@ -1,6 +1,7 @@
 """Relax rewrite: a matmul whose constant weight is a 4-bit quantized weight (``weight-quant``'s
 int4 codes times per-column or per-group scales, folded to float32 by ``canonicalize``) keeps the
-weight packed at 4 bits in the compiled module and unpacks it inside its kernel.
+weight packed at 4 bits in the compiled module and unpacks it inside its kernel (8-bit weights: a
+byte a code, below).
 
 Why the weights are found in float32 constants: ``sculpt compile`` canonicalizes first, and constant
 folding evaluates the weights' DequantizeLinear in onnxruntime, so the Relax module holds
@@ -22,7 +23,11 @@ The kernel (TVMScript, scheduled in its loops), per panel (the parallel axis): u
 codes into a ``[K, nb]`` float32 buffer once (sign-extended nibbles by vector shifts, converted,
 times their scale), then for every tile of ``R`` rows a register tile of ``R x 2`` vector
 accumulators over the whole reduction, a broadcast of ``x[i, k]`` times the two unpacked vectors.
-The unpacking is 1/M of the multiply-adds; the packed panel is read once.
+The unpacking is 1/M of the multiply-adds; the packed panel is read once. With one row tile (a
+matrix-vector product) the codes are unpacked in registers at each step instead.
+
+8-bit weights (``weight-quant:bits=8``: codes up to +-127) that have no int4 form take the same
+path with one byte a code (``Wp`` int8 ``[P, K, nb]``).
 
 Convolution weights are not rewritten: they stay float32 constants (sculpt's blocked conv repacks
 them at build time).
@@ -37,31 +42,32 @@ import numpy as np
 
 from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls, static_shape
 
-CODE_MIN, CODE_MAX = -8, 7  # int4
+CODE_RANGE = {4: (-8, 7), 8: (-128, 127)}  # int4, int8
 MIN_ELEMENTS = 1024  # smaller weights stay float32 (weight-quant's own default floor)
 GROUP_SIZES = (256, 128, 64, 32, 16)  # tried after per-column scales, largest first
 MAX_ROW_TILE = 12
 # the scale of a group is found from its largest magnitude: that element's code is +-m for one m
 # (7 for weight-quant's 4-bit codes; 1 for ternary/binary); the division may round the scale one
 # or two ulps off the one the codes were multiplied by, so its neighbours are tried too
-_CODE_MAGNITUDES = (7, 8, 1, 2, 3, 4, 5, 6)
+_CODE_MAGNITUDES = {4: (7, 8, 1, 2, 3, 4, 5, 6), 8: (127, 128)}  # 8 bits: weight-quant's codes reach +-127
 _ULP_STEPS = (0, -1, 1, -2, 2)
 
 
 @dataclass(frozen=True)
 class Int4Weight:
-    """A [K, N] weight as int4 codes and float32 scales: ``W[k, n] == float32(codes[k, n]) *
-    scales[k // group, n]`` bit for bit."""
+    """A [K, N] weight as int4 (or int8) codes and float32 scales: ``W[k, n] == float32(codes[k, n])
+    * scales[k // group, n]`` bit for bit."""
 
-    codes: np.ndarray   # int8 [K, N], values in [-8, 7]
+    codes: np.ndarray   # int8 [K, N], values in [-8, 7] (bits 4) or [-128, 127] (bits 8)
     scales: np.ndarray  # float32 [ceil(K / group), N]
     group: int          # rows per scale (K: one scale per column)
+    bits: int = 4
 
     def dequantized(self) -> np.ndarray:
         return self.codes.astype(np.float32) * np.repeat(self.scales, self.group, axis=0)[:self.codes.shape[0]]
 
 
-def _group_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def _group_codes(blocks: np.ndarray, bits: int = 4) -> tuple[np.ndarray, np.ndarray] | None:
     """(codes, scales) of ``blocks`` [G, g, N] float32 (zero rows past K) with one scale per (G, N),
     reproducing every element exactly, or None."""
     amax = np.abs(blocks).max(axis=1)                      # [G, N]
@@ -69,7 +75,8 @@ def _group_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     scales = np.zeros(amax.shape, np.float32)
     codes = np.zeros(blocks.shape, np.float32)
     done = zero.copy()
-    for m in _CODE_MAGNITUDES:
+    low, high = CODE_RANGE[bits]
+    for m in _CODE_MAGNITUDES[bits]:
         base = (amax / np.float32(m)).astype(np.float32)
         for step in _ULP_STEPS:
             if done.all():
@@ -79,7 +86,7 @@ def _group_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
                 s = np.nextafter(s, np.float32(np.inf if step > 0 else 0)).astype(np.float32)
             s = np.where(done | (s == 0), np.float32(1), s).astype(np.float32)
             c = np.rint(blocks / s[:, None, :])
-            ok = ((c >= CODE_MIN) & (c <= CODE_MAX) & ((c.astype(np.float32) * s[:, None, :]) == blocks)).all(axis=1)
+            ok = ((c >= low) & (c <= high) & ((c.astype(np.float32) * s[:, None, :]) == blocks)).all(axis=1)
             new = ok & ~done
             if new.any():
                 scales = np.where(new, s, scales)
@@ -90,9 +97,10 @@ def _group_codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return None
 
 
-def int4_codes(weight: np.ndarray) -> Int4Weight | None:
-    """``weight`` [K, N] float32 as int4 codes times per-column scales, or per-group scales over
-    ``GROUP_SIZES`` rows (the largest group that fits), reproducing it bit for bit; else None."""
+def int4_codes(weight: np.ndarray, bits: int = 4) -> Int4Weight | None:
+    """``weight`` [K, N] float32 as int4 (``bits`` 8: int8) codes times per-column scales, or
+    per-group scales over ``GROUP_SIZES`` rows (the largest group that fits), reproducing it bit for
+    bit; else None."""
     w = np.asarray(weight)
     if w.ndim != 2 or w.dtype != np.float32 or not np.isfinite(w).all():
         return None
@@ -103,12 +111,12 @@ def int4_codes(weight: np.ndarray) -> Int4Weight | None:
         padded[:k] = w
         blocks = padded.reshape(groups, group, n)
         # a float weight fails on its first columns already: check a few before the whole matrix
-        if n > 8 and _group_codes(blocks[:, :, :8]) is None:
+        if n > 8 and _group_codes(blocks[:, :, :8], bits) is None:
             continue
-        found = _group_codes(blocks)
+        found = _group_codes(blocks, bits)
         if found is not None:
             codes, scales = found
-            return Int4Weight(np.ascontiguousarray(codes.reshape(groups * group, n)[:k]), scales, group)
+            return Int4Weight(np.ascontiguousarray(codes.reshape(groups * group, n)[:k]), scales, group, bits)
     return None
 
 
@@ -123,6 +131,22 @@ def pack_int4_panels(codes: np.ndarray, lanes: int) -> np.ndarray:
     p = padded.reshape(k, panels, 2, lanes).transpose(1, 0, 2, 3)     # [P, K, 2, L]
     byte = (p[:, :, 0, :] & 0xF) | ((p[:, :, 1, :] & 0xF) << 4)
     return np.ascontiguousarray(byte.astype(np.uint8).view(np.int8))
+
+
+def pack_int8_panels(codes: np.ndarray, lanes: int) -> np.ndarray:
+    """int8 [P, K, 2 * lanes]: panel p's row k holds columns p*2*lanes ... + 2*lanes - 1, one byte a
+    code; zero codes past the last column."""
+    k, n = codes.shape
+    nb = 2 * lanes
+    panels = -(-n // nb)
+    padded = np.zeros((k, panels * nb), np.int8)
+    padded[:, :n] = codes
+    return np.ascontiguousarray(padded.reshape(k, panels, nb).transpose(1, 0, 2))
+
+
+def pack_panels(weight: Int4Weight, lanes: int) -> np.ndarray:
+    """The codes of ``weight`` packed for the kernel: nibbles (4 bits) or bytes (8 bits)."""
+    return pack_int4_panels(weight.codes, lanes) if weight.bits == 4 else pack_int8_panels(weight.codes, lanes)
 
 
 def pad_scales(scales: np.ndarray, lanes: int) -> np.ndarray:
@@ -145,9 +169,10 @@ def row_tile(rows: int, traits) -> int:
 
 
 def int4_matmul_kernel(m: int, k: int, panels: int, lanes: int, groups: int, group: int, rows: int,
-                       parallel: bool, direct: bool | None = None, group_sums: bool = False):
+                       parallel: bool, direct: bool | None = None, group_sums: bool = False, bits: int = 4):
     """PrimFunc ``(X [m, k] f32, Wp [panels, k, lanes] i8, S [groups, panels*2*lanes] f32,
     Y [m, panels*2*lanes] f32)``: ``Y = X @ dequantized(Wp, S)`` (see the module docstring).
+    ``bits`` 8: ``Wp`` is [panels, k, 2 * lanes], one code a byte (pack_int8_panels).
 
     ``direct`` (default: when one tile of ``rows`` rows covers ``m``): the codes are unpacked into
     registers at every step of the reduction instead of into a panel buffer read by every row tile.
@@ -164,14 +189,19 @@ def int4_matmul_kernel(m: int, k: int, panels: int, lanes: int, groups: int, gro
     if direct is None:
         direct = RT == 1
     per_column = groups == 1
+    WB = L if bits == 4 else NB  # bytes a panel row
     group_sums = group_sums and direct and not per_column
 
     @T.macro
     def unpack(Wp, S, w, at, p, kk, scaled):
-        # a nibble sign-extended: shifted to the top of an int32 and back (arithmetic shift)
-        for t in T.vectorized(L):
-            w[at + t] = T.Cast("float32", T.shift_right(T.shift_left(T.Cast("int32", Wp[p, kk, t]), 28), 28))
-            w[at + L + t] = T.Cast("float32", T.shift_right(T.Cast("int32", Wp[p, kk, t]), 4))
+        if bits == 4:
+            # a nibble sign-extended: shifted to the top of an int32 and back (arithmetic shift)
+            for t in T.vectorized(L):
+                w[at + t] = T.Cast("float32", T.shift_right(T.shift_left(T.Cast("int32", Wp[p, kk, t]), 28), 28))
+                w[at + L + t] = T.Cast("float32", T.shift_right(T.Cast("int32", Wp[p, kk, t]), 4))
+        else:
+            for v in T.vectorized(NB):
+                w[at + v] = T.Cast("float32", Wp[p, kk, v])
         if scaled:
             for v in T.vectorized(NB):
                 w[at + v] = w[at + v] * S[kk // group, p * NB + v]
@@ -242,7 +272,7 @@ def int4_matmul_kernel(m: int, k: int, panels: int, lanes: int, groups: int, gro
     loop = T.parallel if parallel else T.serial
 
     @T.prim_func
-    def int4_matmul(X: T.Buffer((m, k), "float32"), Wp: T.Buffer((panels, k, L), "int8"),
+    def int4_matmul(X: T.Buffer((m, k), "float32"), Wp: T.Buffer((panels, k, WB), "int8"),
                     S: T.Buffer((groups, NP), "float32"), Y: T.Buffer((m, NP), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for p in loop(panels):
@@ -268,13 +298,13 @@ def _constant_weight(expr, rewriter) -> np.ndarray | None:
 
 
 def rewrite_int4_matmuls(mod, traits, stats: dict | None = None):
-    """The module with every matmul on a 4-bit quantized constant weight computed by the int4
-    kernel (see the module docstring). ``stats`` (a dict) receives ``int4_matmuls`` (how many) and
-    ``packed_bytes`` (the packed weights and scales)."""
+    """The module with every matmul on a 4-bit (else 8-bit) quantized constant weight computed by the
+    int4 kernel on its packed codes (see the module docstring). ``stats`` (a dict) receives
+    ``int4_matmuls`` and ``int8_matmuls`` (how many) and ``packed_bytes`` (the packed codes and scales)."""
     from sculpt.backends.tvm.kernels.tiling import worth_parallel
 
     lanes = traits.vector_lanes
-    counts = {"int4_matmuls": 0, "packed_bytes": 0}
+    counts = {"int4_matmuls": 0, "int8_matmuls": 0, "packed_bytes": 0}
     kernels: dict = {}
 
     def rule(call, rewriter):
@@ -290,19 +320,20 @@ def rewrite_int4_matmuls(mod, traits, stats: dict | None = None):
         k, n = weight.shape
         if x_shape[-1] != k or k * n < MIN_ELEMENTS:
             return None
-        found = int4_codes(weight)
+        found = int4_codes(weight) or int4_codes(weight, bits=8)
         if found is None:
             return None
         rows = math.prod(x_shape[:-1])
-        packed = pack_int4_panels(found.codes, lanes)
+        packed = pack_panels(found, lanes)
         scales = pad_scales(found.scales, lanes)
         panels = packed.shape[0]
         tile = row_tile(rows, traits)
         direct = rows <= tile  # one row tile: unpack into registers (a panel buffer would be read once)
         group_sums = direct and scales.shape[0] > 1 and 4 * tile <= traits.accumulator_registers
-        key = (rows, k, panels, scales.shape[0], found.group, tile, worth_parallel(rows * k * n), direct, group_sums)
+        key = (rows, k, panels, scales.shape[0], found.group, tile, worth_parallel(rows * k * n), direct, group_sums,
+               found.bits)
         if key not in kernels:  # one function per shape, shared by the matmuls of that shape
-            name = f"int4_matmul_{len(kernels)}"
+            name = f"int{found.bits}_matmul_{len(kernels)}"
             # opaque (op_pattern 8): scheduled already, fusion must not merge it with its neighbours
             kernels[key] = rewriter.add_func(int4_matmul_kernel(*key[:3], lanes, *key[3:]).with_attr(
                 "global_symbol", name).with_attr("op_pattern", 8), name)
@@ -310,7 +341,7 @@ def rewrite_int4_matmuls(mod, traits, stats: dict | None = None):
         x = call.args[0] if len(x_shape) == 2 else rewriter.emit(relax.op.reshape(call.args[0], (rows, k)))
         y = rewriter.emit(relax.call_tir(gv, [x, relax.const(packed), relax.const(scales)],
                                          relax.TensorType((rows, panels * 2 * lanes), "float32")))
-        counts["int4_matmuls"] += 1
+        counts[f"int{found.bits}_matmuls"] += 1
         counts["packed_bytes"] += packed.nbytes + scales.nbytes
         if panels * 2 * lanes != n:
             y = rewriter.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))
