@@ -124,6 +124,19 @@ def test_an_output_in_an_image_depthwise_convs_and_pooling_match_onnxruntime():
     assert cmp.within(RTOL) and len(cmp.outputs) == 2, cmp.as_dict()
 
 
+def test_a_transposed_conv_after_an_nchw4c_conv_builds_and_matches():
+    """conv2d_transpose cannot follow an NCHW4c input in TVM's layout inference (PP-OCR det's head):
+    it reads NCHW."""
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("ConvTranspose", ["c1", "wt", "bt"], ["y"], strides=[2, 2], kernel_shape=[2, 2])]
+    model = make_model(nodes, [("x", [1, 8, 12, 20])], [("y", [1, 4, 24, 40])],
+                       {"w1": f32(16, 8, 3, 3), "b1": f32(16), "wt": f32(16, 4, 2, 2), "bt": f32(4)})
+    plan, warned = _plan(model)
+    assert not warned and image_kernels(plan.source)["writes"] >= 1
+    cmp = _compare(model, plan)
+    assert cmp.within(RTOL), cmp.as_dict()
+
+
 def test_tvms_own_texture_lowering_stores_scalars_into_pixels():
     """Without sculpt's repair (vector_texture_stores), TVM 0.27's code writes one channel's value into
     the whole pixel: when this test fails, TVM's VectorizeLoop handles texture2d_store again."""

@@ -108,6 +108,10 @@ def legalize_passes(target) -> list:
 def _conv_layouts(call):
     if call.op.name == "relax.nn.conv2d" and int(call.attrs.groups) != 1:
         return {"relax.nn.conv2d": ["NCHW", "OIHW", "NCHW"]}  # conv2d_NCHWc_OIHWo divides by zero on these
+    if call.op.name == "relax.nn.conv2d_transpose":
+        # its layout inference cannot follow an NCHW4c input (TransposeLike: "Layouts must have the same
+        # size"): it reads NCHW
+        return {"relax.nn.conv2d_transpose": ["NCHW", "IOHW", "NCHW"]}
     return {"relax.nn.conv2d": list(_NCHW4C)}
 
 
