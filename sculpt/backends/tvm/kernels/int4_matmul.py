@@ -192,19 +192,22 @@ def int4_matmul_kernel(m: int, k: int, panels: int, lanes: int, groups: int, gro
     WB = L if bits == 4 else NB  # bytes a panel row
     group_sums = group_sums and direct and not per_column
 
+    def scale(S, kk, column, scaled, code):
+        """The code times its scale (``scaled``: per-group scales applied as the codes are unpacked)."""
+        return code * S[kk // group, column] if scaled else code
+
     @T.macro
     def unpack(Wp, S, w, at, p, kk, scaled):
         if bits == 4:
             # a nibble sign-extended: shifted to the top of an int32 and back (arithmetic shift)
             for t in T.vectorized(L):
-                w[at + t] = T.Cast("float32", T.shift_right(T.shift_left(T.Cast("int32", Wp[p, kk, t]), 28), 28))
-                w[at + L + t] = T.Cast("float32", T.shift_right(T.Cast("int32", Wp[p, kk, t]), 4))
+                w[at + t] = scale(S, kk, p * NB + t, scaled,
+                                  T.Cast("float32", T.shift_right(T.shift_left(T.Cast("int32", Wp[p, kk, t]), 28), 28)))
+                w[at + L + t] = scale(S, kk, p * NB + L + t, scaled,
+                                      T.Cast("float32", T.shift_right(T.Cast("int32", Wp[p, kk, t]), 4)))
         else:
             for v in T.vectorized(NB):
-                w[at + v] = T.Cast("float32", Wp[p, kk, v])
-        if scaled:
-            for v in T.vectorized(NB):
-                w[at + v] = w[at + v] * S[kk // group, p * NB + v]
+                w[at + v] = scale(S, kk, p * NB + v, scaled, T.Cast("float32", Wp[p, kk, v]))
 
     @T.macro
     def store(S, Y, acc, p, rt):
@@ -215,6 +218,15 @@ def int4_matmul_kernel(m: int, k: int, panels: int, lanes: int, groups: int, gro
                         Y[rt * R + r, p * NB + v] = acc[r, v] * S[0, p * NB + v]
                     else:
                         Y[rt * R + r, p * NB + v] = acc[r, v]
+
+    last = m - 1
+
+    if m % R == 0:  # whole row tiles: no clamp on the row index
+        def row(i):
+            return i
+    else:  # the last tile's rows past m read row m - 1 (not stored)
+        def row(i):
+            return T.min(i, last)
 
     @T.macro
     def zero(acc):
@@ -233,7 +245,7 @@ def int4_matmul_kernel(m: int, k: int, panels: int, lanes: int, groups: int, gro
             for kk in range(k):
                 for r in T.unroll(R):
                     for v in T.vectorized(NB):
-                        acc[r, v] = acc[r, v] + X[T.min(rt * R + r, m - 1), kk] * w[kk * NB + v]
+                        acc[r, v] = acc[r, v] + X[row(rt * R + r), kk] * w[kk * NB + v]
             store(S, Y, acc, p, rt)
 
     @T.macro
@@ -246,7 +258,7 @@ def int4_matmul_kernel(m: int, k: int, panels: int, lanes: int, groups: int, gro
                 unpack(Wp, S, w, 0, p, kk, not per_column)
                 for r in T.unroll(R):
                     for v in T.vectorized(NB):
-                        acc[r, v] = acc[r, v] + X[T.min(rt * R + r, m - 1), kk] * w[v]
+                        acc[r, v] = acc[r, v] + X[row(rt * R + r), kk] * w[v]
             store(S, Y, acc, p, rt)
 
     @T.macro
@@ -262,7 +274,7 @@ def int4_matmul_kernel(m: int, k: int, panels: int, lanes: int, groups: int, gro
                     unpack(Wp, S, w, 0, p, kk, False)
                     for r in T.unroll(R):
                         for v in T.vectorized(NB):
-                            part[r, v] = part[r, v] + X[T.min(rt * R + r, m - 1), kk] * w[v]
+                            part[r, v] = part[r, v] + X[row(rt * R + r), kk] * w[v]
                 for r in T.unroll(R):
                     for v in T.vectorized(NB):
                         acc[r, v] = acc[r, v] + part[r, v] * S[gi, p * NB + v]
