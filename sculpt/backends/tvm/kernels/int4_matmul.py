@@ -30,7 +30,9 @@ matrix-vector product) the codes are unpacked in registers at each step instead.
 path with one byte a code (``Wp`` int8 ``[P, K, nb]``).
 
 Convolution weights are not rewritten: they stay float32 constants (sculpt's blocked conv repacks
-them at build time).
+them at build time). A dequantizing ``call_tir`` of its own in front of the conv would not keep
+them packed: Relax's FoldConstant evaluates a call_tir whose arguments are all constants and folds
+it back into a float32 constant. The unpacking has to be inside the conv kernel's definition.
 """
 
 from __future__ import annotations
