@@ -89,6 +89,9 @@ def legalize_passes(target) -> list:
 
     passes = []
     for p in relax.backend.adreno.legalize_passes(target):
+        if p.info.name == "AnnotateCustomMemoryScope":
+            passes += [p, _reductions_into_buffers()]
+            continue
         if p.info.name == "ConvertLayout":
             p = relax.transform.ConvertLayout({}, _conv_layouts)
         elif any(isinstance(rule, dlight.adreno.Pool2D) for rule in getattr(p, "rules", ())):
@@ -103,6 +106,60 @@ def legalize_passes(target) -> list:
                                             dlight.adreno.Fallback(), dlight.gpu.Fallback())
         passes.append(p)
     return passes
+
+
+# OpPatternKind kCommReduce and kOutEWiseFusable: the TIR functions legalized by then that reduce (mean, sum,
+# a reduction with elementwise ops after it); convolutions and pooling are still Relax ops at that point
+_REDUCTIONS = (3, 4)
+_POOLS = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d")
+
+
+def _reductions_into_buffers():
+    """A Relax pass after AnnotateCustomMemoryScope: a reduction (a TIR function of pattern kCommReduce or
+    kOutEWiseFusable, e.g. a mean) that would write its result into a texture writes a buffer, copied into
+    the texture after it (``to_vdevice``); so does pooling. TVM lowers a cross-thread reduction's final store
+    after TextureFlatten, and the generic rules that schedule pooling bind the channels to threads: either
+    way one channel per thread is written into the whole pixel (narrow_texture_stores)."""
+    import tvm
+    from tvm import relax
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    @relax.expr_functor.mutator
+    class Rewrite(relax.PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.mod = mod
+            vdevices = list(mod.global_infos.get("vdevice") or [])
+            self.buffer = next((v for v in vdevices if str(v.memory_scope) == "global"), None)
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            out = call.ty_args[0] if len(call.ty_args) == 1 else None
+            vdevice = getattr(out, "vdevice", None)
+            if self.buffer is None or vdevice is None or "texture" not in str(vdevice.memory_scope):
+                return call
+            if call.op.same_as(call_tir):
+                if int(self.mod[call.args[0]].attrs.get("op_pattern", -1)) not in _REDUCTIONS:
+                    return call
+            elif getattr(call.op, "name", None) in _POOLS:  # the output's device follows the input's
+                data = self.builder_.emit(relax.op.to_vdevice(call.args[0], self.buffer))
+                call = relax.Call(call.op, [data, *call.args[1:]], call.attrs, call.ty_args, call.span)
+            else:
+                return call
+            buffer_ty = relax.TensorType(out.shape, out.dtype, vdevice=self.buffer)
+            into_buffer = relax.Call(call.op, call.args, call.attrs, [buffer_ty], call.span)
+            return relax.op.to_vdevice(self.builder_.emit(into_buffer), vdevice)
+
+    @tvm.transform.module_pass(opt_level=0, name="SculptReductionsIntoBuffers")
+    def rewrite(mod, _ctx):
+        mutator = Rewrite(mod)
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                mod[gvar] = mutator.visit_expr(func)
+        return mod
+
+    return rewrite
 
 
 def _conv_layouts(call):
