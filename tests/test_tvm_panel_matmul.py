@@ -1,5 +1,5 @@
-"""Matmuls with a constant weight larger than L2 and a long reduction read it in column panels
-(panel_matmul): same results as onnxruntime, applied only where it pays."""
+"""Matmuls with a constant weight larger than L2 read it in column panels (panel_matmul): same
+results as onnxruntime, applied only where it pays."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tvm
 from onnx import TensorProto, helper, numpy_helper
 
 from sculpt.backends.tvm.kernels import host_target
-from sculpt.backends.tvm.kernels.panel_matmul import MIN_REDUCTION, pack_panels, panel_width
+from sculpt.backends.tvm.kernels.panel_matmul import pack_panels, panel_width
 from sculpt.backends.tvm.kernels.pipeline import compile_with_kernels
 from sculpt.backends.tvm.kernels.target_traits import traits_of
 from sculpt.backends.tvm.relax_import import import_to_relax, run_relax
@@ -32,7 +32,7 @@ def _matmul_add_model(x_shape, k: int, n: int, seed: int = 0):
     return Model.wrap(proto)
 
 
-def _compile_and_compare(model, x_shape):
+def _compile_and_compare(model, x_shape, kinds=("matmul",)):
     decisions = []
     exe = compile_with_kernels(import_to_relax(model), tvm.target.Target(host_target("llvm")), decisions=decisions)
     x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
@@ -40,7 +40,7 @@ def _compile_and_compare(model, x_shape):
     ref = make_session(model).run(None, {"x": x})[0]
     assert got.shape == ref.shape
     assert float(np.abs(got - ref).max()) <= 2e-6 * float(np.abs(ref).max())
-    return [d for d in decisions if d.kind == "matmul"]
+    return [d for d in decisions if d.kind in kinds]
 
 
 def test_panels_hold_the_columns_in_order_with_zeros_past_the_last():
@@ -59,12 +59,21 @@ def test_a_classifier_with_a_weight_over_l2_reads_panels_and_matches_onnxruntime
     assert 1024 * n * 4 >= traits.l2_bytes
     matmuls = _compile_and_compare(_matmul_add_model(x_shape, 1024, n), x_shape)
     nb = panel_width(traits.vector_lanes)
-    assert [tuple(d.shape) for d in matmuls] == [(-(-n // nb), 20, nb)]
+    # one kernel over [rows, panels, panel columns]: its result is the [rows, columns] matrix as it is
+    assert [tuple(d.shape) for d in matmuls] == [(20, -(-n // nb), nb)]
 
 
-@pytest.mark.parametrize("k, n", [(MIN_REDUCTION // 2, 8192), (512, 64)])
-def test_a_short_reduction_or_a_small_weight_keeps_the_plain_matmul(k, n):
-    """K=128 (PP-OCRv6 rec's classifier kind: the result's transpose would cost more than the panels
-    save) and a 128 KB weight (in L2 already) keep the one matmul over [rows, columns]."""
-    matmuls = _compile_and_compare(_matmul_add_model((12, k), k, n), (12, k))
-    assert len(matmuls) == 1 and len(matmuls[0].shape) == 2, [d.shape for d in matmuls]
+def test_a_short_reduction_reads_panels_too():
+    """PP-OCR rec's classifier kind: 40 x 120 by 120 x 6625 (3.2 MB; 6625 = 5^3 x 53 columns)."""
+    traits = traits_of(host_target("llvm"))
+    nb = panel_width(traits.vector_lanes)
+    matmuls = _compile_and_compare(_matmul_add_model((1, 40, 120), 120, 6625), (1, 40, 120))
+    assert [tuple(d.shape) for d in matmuls] == [(40, -(-6625 // nb), nb)]
+
+
+@pytest.mark.parametrize("rows, k, n", [(12, 512, 64), (1, 1024, 2048)])
+def test_a_small_weight_or_one_row_keeps_the_plain_matmul(rows, k, n):
+    """A 128 KB weight (in L2 already) and a matrix-vector product (its kernel streams whole weight
+    rows in order) keep their plain kernel."""
+    decisions = _compile_and_compare(_matmul_add_model((rows, k), k, n), (rows, k), kinds=("matmul", "reduce"))
+    assert [tuple(d.shape) for d in decisions] == [(rows, n)], [(d.kind, d.shape) for d in decisions]

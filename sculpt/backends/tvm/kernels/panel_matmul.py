@@ -1,18 +1,22 @@
-"""Relax rewrite: a matmul whose constant weight is larger than L2 and has a long reduction reads
-that weight packed in column panels.
+"""Relax rewrite: a matmul whose constant weight is larger than L2 reads that weight packed in
+column panels.
 
-``x [.., M, K] @ W [K, N]`` becomes ``x' [M', K] @ Wp [P, K, nb]`` (a batch of P panels of ``nb``
-columns, each stored contiguously: ``Wp[p, k, j] = W[k, p * nb + j]``, zero-padded to whole
-panels), a ``[P, M', nb]`` result turned back to ``[.., M, N]`` by a transpose, a reshape and a slice
-that fuse with the bias add after them. The kernel then streams each panel as one contiguous block,
-reused from L2 by every block of rows, where reading a column strip of ``W`` jumps a whole weight
-row (32 KB for 8210 columns) at every step of the reduction: a new page each time.
+``x [.., M, K] @ W [K, N]`` becomes ``einsum("mk,pkj->mpj", x' [M', K], Wp [P, K, nb])``: P panels of
+``nb`` columns, each stored contiguously (``Wp[p, k, j] = W[k, p * nb + j]``, zero-padded to whole
+panels). The ``[M', P, nb]`` result *is* ``[M', P * nb]`` row-major, so a reshape (free) and a slice
+that fuses with the bias add after it give ``[.., M, N]``. The kernel (the register-tiled matmul
+kernel over j, broadcast over m, P outermost) streams each panel as one contiguous block, reused
+from L1/L2 by every block of rows, where reading a column strip of ``W`` jumps a whole weight row at
+every step of the reduction (32 KB for 8210 columns, 75 KB for 18,710): a new page each time, more
+TLB misses than multiply-adds are worth.
 
-Measured on an AMD EPYC (Zen 4), 1 thread, CPU time, the matmul + bias alone: ddddocr's classifier
-20x1024 by 1024x8210 (34 MB of weights) 5.6-6.0 -> 3.8-4.0 ms (onnxruntime 4.6-5.0); 80x512 by
-512x1024 0.89-1.09 -> 0.78. With a short reduction the result's transpose costs more than the
-panels save (PP-OCRv6 rec's 40x120 by 120x18720: 2.6 -> 4.1 ms), so K must be at least
-``MIN_REDUCTION``.
+Measured on an AMD EPYC (Zen 4), 1 thread, CPU time, the matmul + bias alone (one-node model,
+medians of 20, three rounds; onnxruntime on the same model beside it): PP-OCRv4 rec's classifier
+40x120 by 120x6625 1.5-1.75 -> 0.75-0.98 ms (onnxruntime 0.66-0.92); PP-OCRv6 rec's 40x120 by
+120x18710 3.8-3.9 -> 3.0-3.3 (2.7-3.0); ddddocr's 20x1024 by 1024x8210 (34 MB) 4.1-5.1 with
+the panels' result transposed back (the form before this one) -> 4.0-4.1 (4.7-4.9). Before the
+einsum form the transpose cost more than the panels saved on short reductions (K = 120), so they
+were used only from K = 256.
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ import numpy as np
 
 from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls, static_shape
 
-MIN_REDUCTION = 256  # K: shorter reductions keep the plain kernel (see above); one row (a matrix-vector
-# product) too: its kernel reads whole weight rows in order
 
 
 def panel_width(lanes: int) -> int:
@@ -55,7 +57,7 @@ def rewrite_panel_matmuls(mod, traits):
         if weight is None or len(weight.shape) != 2 or str(weight.dtype) != "float32" or x_shape is None:
             return None
         k, n = (int(d) for d in weight.shape)
-        if (k < MIN_REDUCTION or k * n * 4 < traits.l2_bytes or len(x_shape) < 2 or x_shape[-1] != k
+        if (k * n * 4 < traits.l2_bytes or len(x_shape) < 2 or x_shape[-1] != k
                 or str(call.args[0].ty.dtype) != "float32" or n < nb):
             return None
         rows = math.prod(x_shape[:-1])
@@ -64,8 +66,7 @@ def rewrite_panel_matmuls(mod, traits):
         packed = pack_panels(weight.numpy(), nb)
         panels = packed.shape[0]
         x = call.args[0] if len(x_shape) == 2 else rewriter.emit(relax.op.reshape(call.args[0], (rows, k)))
-        y = rewriter.emit(relax.op.matmul(x, relax.const(packed)))               # [P, rows, nb]
-        y = rewriter.emit(relax.op.permute_dims(y, [1, 0, 2]))                  # [rows, P, nb]
+        y = rewriter.emit(relax.op.einsum([x, relax.const(packed)], "mk,pkj->mpj"))  # [rows, P, nb]
         y = rewriter.emit(relax.op.reshape(y, (rows, panels * nb)))
         if panels * nb != n:
             y = rewriter.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n]))

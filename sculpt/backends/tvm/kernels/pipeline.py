@@ -10,7 +10,7 @@
              -> [sculpt: means over 4096+ terms summed in float64 (long_means)]
              -> [sculpt: strided pools/depthwise over odd widths get an unused column (even_strided_width)]
              -> [sculpt: depthwise convs over widths of no whole vectors computed wider, sliced (whole_vector_width)]
-             -> [sculpt: matmuls with weights over L2 and K >= 256 read them in column panels (panel_matmul)]
+             -> [sculpt: matmuls with weights over L2 read them in column panels (panel_matmul)]
              -> [sculpt: matmul weights padded to whole vectors of columns (pad_matmul_columns)]
              -> [sculpt: softmax over long rows with vector reductions (row_softmax)]
              -> [sculpt: softmax/exp/erf/tanh/sigmoid as approximations that vectorize (fast_math)]
