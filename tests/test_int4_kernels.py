@@ -112,6 +112,9 @@ def test_float_and_8_bit_weights_have_no_int4_codes_and_8_bit_ones_have_int8_cod
     z[:, 1] = np.arange(-8, 8, dtype=np.float32) * np.float32(0.1)
     found = int4_codes(z)
     assert found is not None and np.array_equal(found.dequantized(), z)
+    # a fill (the onnx wheel's light models: one value per weight tensor) is no quantized weight
+    fill = np.full((64, 40), np.float32(0.0123))
+    assert int4_codes(fill) is None and int4_codes(fill, bits=8) is None
 
 
 def test_panels_hold_two_vectors_of_columns_as_nibbles():

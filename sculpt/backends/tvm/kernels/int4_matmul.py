@@ -106,6 +106,10 @@ def int4_codes(weight: np.ndarray, bits: int = 4) -> Int4Weight | None:
     w = np.asarray(weight)
     if w.ndim != 2 or w.dtype != np.float32 or not np.isfinite(w).all():
         return None
+    if w.size and (w == w.flat[0]).all():
+        # one value everywhere (a fill, as in the onnx wheel's light models): trivially "codes", but
+        # no quantized weight; compressing it would flatter those models' benchmarks
+        return None
     k, n = w.shape
     for group in (k, *(g for g in GROUP_SIZES if g < k)):
         groups = -(-k // group)
