@@ -36,6 +36,12 @@ module does about it:
 5. ``dlight.adreno.Pool2D`` allocates the pooling accumulator inside the vectorized channel loop;
    VectorizeLoop keeps one float for the four lanes (the max of the last channel everywhere). Pooling
    is scheduled by the generic rules instead.
+6. A reduction (a mean: PP-OCR det's squeeze-and-excitation blocks) or a pooling whose result an NCHW4c
+   conv reads writes it into a texture one channel per thread: the cross-thread reduction's store is
+   lowered after TextureFlatten, the generic rules bind the channels to threads. Here they write a
+   buffer, copied into the texture (``to_vdevice``, :func:`_reductions_into_buffers`).
+7. ``conv2d_transpose``'s layout inference cannot follow an NCHW4c input ("Layouts must have the same
+   size", PP-OCR det): it reads NCHW.
 
 What comes out: the NCHW4c convolutions, their layout transforms and the ops fused with them read and
 write ``image2d_array_t`` with ``read_imagef``/``write_imagef``; weights stay buffers; biases become
@@ -81,8 +87,10 @@ def is_texture_target(target) -> bool:
 
 
 def legalize_passes(target) -> list:
-    """TVM's Adreno legalization passes for a texture target, with ConvertLayout leaving grouped
-    (depthwise) convolutions in NCHW."""
+    """TVM's Adreno legalization passes for a texture target, changed as the module's docstring lists:
+    ConvertLayout leaves grouped convolutions and conv2d_transpose in NCHW; reductions and pooling that would
+    write a texture write a buffer copied into it; pooling is not scheduled by Adreno's Pool2D rule;
+    Adreno's fallback rule comes before the generic one."""
     from tvm import relax
 
     from tvm.s_tir import dlight
