@@ -71,20 +71,10 @@ def lower_recurrent(model: Model, mode: str | None = None) -> int:
         raise RecurrentImportError(f"unknown recurrent mode '{mode}' (choose from {', '.join(RECURRENT_MODES)})")
     if mode == "unroll":
         return unroll_recurrent(model)
-    targets = [n for n in model.graph.node if n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx")]
-    if not targets:
-        return 0
-    with model.indexed():
-        for node in targets:
-            original = onnx.NodeProto()
-            original.CopyFrom(node)
-            model.remove_node(node)
-            (_LoopLowering if node.op_type in ("LSTM", "GRU") else _Unroller)(model, original).run()
+    count = _replace_recurrent_nodes(model, lambda op: _LoopLowering if op in ("LSTM", "GRU") else _Unroller)
     if not any(o.domain == LOOP_DOMAIN for o in model.proto.opset_import) and has_loop_nodes(model):
         model.proto.opset_import.append(onnx.helper.make_opsetid(LOOP_DOMAIN, 1))
-    model.topological_sort()
-    model.remove_unused()
-    return len(targets)
+    return count
 
 
 def has_loop_nodes(model: Model) -> bool:
@@ -94,6 +84,11 @@ def has_loop_nodes(model: Model) -> bool:
 def unroll_recurrent(model: Model) -> int:
     """Replace every LSTM/GRU/RNN node of ``model`` (in place) by its unrolled ONNX ops. Returns the
     number of nodes replaced. Shapes must be known (run shape inference with static inputs first)."""
+    return _replace_recurrent_nodes(model, lambda op: _Unroller)
+
+
+def _replace_recurrent_nodes(model: Model, lowering_for) -> int:
+    """Each LSTM/GRU/RNN node removed and lowered by ``lowering_for(op_type)(model, node).run()``."""
     targets = [n for n in model.graph.node if n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx")]
     if not targets:
         return 0
@@ -102,7 +97,7 @@ def unroll_recurrent(model: Model) -> int:
             original = onnx.NodeProto()
             original.CopyFrom(node)
             model.remove_node(node)  # first: its outputs get their new producers
-            _Unroller(model, original).run()
+            lowering_for(original.op_type)(model, original).run()
     model.topological_sort()  # the new nodes were appended after their readers
     model.remove_unused()  # the original weights (now transposed copies)
     return len(targets)
