@@ -243,10 +243,8 @@ class _Unroller:
             acts.append(_Activation(key, alpha, beta))
         return [acts[d * per_direction:(d + 1) * per_direction] for d in range(directions)]
 
-    # ---------------------------------------------------------------- the unrolled recurrence
-    def run(self) -> None:
-        node, op_type = self.node, self.node.op_type
-        gates = RECURRENT_OPS[op_type]
+    def weights(self, gates: int) -> tuple:
+        """(direction, directions, layout, W, R, hidden size) of the node, checked against each other."""
         hidden = int(self.attrs.get("hidden_size", 0))
         direction = self.attrs.get("direction", b"forward")
         direction = direction.decode() if isinstance(direction, bytes) else direction
@@ -254,14 +252,19 @@ class _Unroller:
             self.fail(f"unknown direction '{direction}'")
         directions = 2 if direction == "bidirectional" else 1
         layout = int(self.attrs.get("layout", 0))
-        W = self.constant(1, "W")
-        R = self.constant(2, "R")
+        W, R = self.constant(1, "W"), self.constant(2, "R")
         if W is None or R is None:
             self.fail("W and R are required")
-        if not hidden:
-            hidden = R.shape[-1]
+        hidden = hidden or R.shape[-1]
         if W.shape[0] != directions or W.shape[1] != gates * hidden or R.shape[1:] != (gates * hidden, hidden):
             self.fail(f"W {list(W.shape)} / R {list(R.shape)} do not fit hidden_size {hidden}, {directions} direction(s)")
+        return direction, directions, layout, W, R, hidden
+
+    # ---------------------------------------------------------------- the unrolled recurrence
+    def run(self) -> None:
+        node, op_type = self.node, self.node.op_type
+        gates = RECURRENT_OPS[op_type]
+        direction, directions, layout, W, R, hidden = self.weights(gates)
         B = self.constant(3, "B")
         if B is None:
             B = np.zeros((directions, 2 * gates * hidden), np.float32)
@@ -475,19 +478,7 @@ class _LoopLowering(_Unroller):
     def prologue(self, gates: int) -> "_LoopShape":
         """What an LSTM (4 gates) or GRU (3) loop needs from the node: directions, layout, weights,
         hidden size and the static [T, B] of X (time-major: a Transpose first for ``layout=1``)."""
-        hidden = int(self.attrs.get("hidden_size", 0))
-        direction = self.attrs.get("direction", b"forward")
-        direction = direction.decode() if isinstance(direction, bytes) else direction
-        if direction not in ("forward", "reverse", "bidirectional"):
-            self.fail(f"unknown direction '{direction}'")
-        directions = 2 if direction == "bidirectional" else 1
-        layout = int(self.attrs.get("layout", 0))
-        W, R = self.constant(1, "W"), self.constant(2, "R")
-        if W is None or R is None:
-            self.fail("W and R are required")
-        hidden = hidden or R.shape[-1]
-        if W.shape[0] != directions or W.shape[1] != gates * hidden or R.shape[1:] != (gates * hidden, hidden):
-            self.fail(f"W {list(W.shape)} / R {list(R.shape)} do not fit hidden_size {hidden}, {directions} direction(s)")
+        direction, directions, layout, W, R, hidden = self.weights(gates)
         x = self.input_name(0)
         shape = self.model.static_shape(x)
         if shape is None or len(shape) != 3:
