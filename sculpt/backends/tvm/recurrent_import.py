@@ -243,6 +243,17 @@ class _Unroller:
             acts.append(_Activation(key, alpha, beta))
         return [acts[d * per_direction:(d + 1) * per_direction] for d in range(directions)]
 
+    def time_major_input(self, layout: int, verb: str) -> tuple:
+        """X as [T, B, I] (a Transpose first for ``layout=1``) and that static shape."""
+        x = self.input_name(0)
+        shape = self.model.static_shape(x)
+        if shape is None or len(shape) != 3:
+            self.fail(f"the shape of X ('{x}') must be static to {verb} the node (fix the input shapes)")
+        if layout == 1:
+            x = self.op("Transpose", [x], perm=[1, 0, 2])
+            shape = (shape[1], shape[0], shape[2])
+        return x, shape
+
     def weights(self, gates: int) -> tuple:
         """(direction, directions, layout, W, R, hidden size) of the node, checked against each other."""
         hidden = int(self.attrs.get("hidden_size", 0))
@@ -269,13 +280,7 @@ class _Unroller:
         if B is None:
             B = np.zeros((directions, 2 * gates * hidden), np.float32)
         P = self.constant(7, "P") if op_type == "LSTM" else None
-        x = self.input_name(0)
-        shape = self.model.static_shape(x)
-        if shape is None or len(shape) != 3:
-            self.fail(f"the shape of X ('{x}') must be static to unroll the node (fix the input shapes)")
-        if layout == 1:
-            x = self.op("Transpose", [x], perm=[1, 0, 2])
-            shape = (shape[1], shape[0], shape[2])
+        x, shape = self.time_major_input(layout, "unroll")
         steps = shape[0]
         masks = self.step_masks(steps, shape[1])
         acts = self.activations(directions)
@@ -479,13 +484,7 @@ class _LoopLowering(_Unroller):
         """What an LSTM (4 gates) or GRU (3) loop needs from the node: directions, layout, weights,
         hidden size and the static [T, B] of X (time-major: a Transpose first for ``layout=1``)."""
         direction, directions, layout, W, R, hidden = self.weights(gates)
-        x = self.input_name(0)
-        shape = self.model.static_shape(x)
-        if shape is None or len(shape) != 3:
-            self.fail(f"the shape of X ('{x}') must be static to compile the node (fix the input shapes)")
-        if layout == 1:
-            x = self.op("Transpose", [x], perm=[1, 0, 2])
-            shape = (shape[1], shape[0], shape[2])
+        x, shape = self.time_major_input(layout, "compile")
         return _LoopShape(direction, directions, layout, W, R, self.constant(3, "B"), hidden, x,
                           int(shape[0]), int(shape[1]))
 
