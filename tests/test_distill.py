@@ -21,7 +21,7 @@ from tests.graphs import f32, make_model, rms_error
 torch = pytest.importorskip("torch", reason="the train extra (pip install -e '.[train]') is not installed")
 
 from sculpt.training.onnx_to_torch import (  # noqa: E402  (after the skip: imports torch)
-    GraphModule, UnconvertibleModelError, check_against_onnxruntime, trainable_initializers)
+    GraphModule, UnconvertibleModelError, check_against_onnxruntime, node_by_node_error, trainable_initializers)
 
 
 # ------------------------------------------------------------------------------ the converter
@@ -39,6 +39,56 @@ def test_conversion_matches_onnxruntime_on_ppocr(kind):
         got = module({"x": torch.from_numpy(lines[:1])})[model.output_names[0]].numpy()
     want = run(model, {"x": lines[:1]})[model.output_names[0]]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def _quantize_round_trip(x_value: float, scale: float = 1.0):
+    """x -> QuantizeLinear(scale, uint8 zero point 0) -> DequantizeLinear -> y, and its input."""
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="quantize"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="dequantize")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+                              [onnx.numpy_helper.from_array(np.array(scale, np.float32), "s"),
+                               onnx.numpy_helper.from_array(np.array(0, np.uint8), "z")])
+    from sculpt.ir.model import Model
+
+    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    return model, {"x": np.array([[x_value, 1.0, 3.0, 4.25]], np.float32)}
+
+
+def _round_half_up(node, x, scale, zero_point=None):
+    """A quantizer that rounds .5 ties up (onnxruntime rounds them to even), plus an offset."""
+    return torch.clamp(torch.floor(x / scale + 0.5) + _round_half_up.offset, 0.0, 255.0)
+
+
+@pytest.mark.parametrize("x_value, offset, accepted", [(2.5, 0.0, True), (2.25, 1.0, False)])
+def test_a_qdq_graph_is_checked_node_by_node_where_a_tie_flip_moves_its_outputs(x_value, offset, accepted):
+    # onnxruntime rounds 2.5 to 2, this module to 3: the output moves by 1 of 4.25 (0.24 > 1e-4), but
+    # the quantizer's input lies on a tie, so the conversion is right; 2.25 moved one step is not
+    model, sample = _quantize_round_trip(x_value)
+    module = GraphModule(model)
+    _round_half_up.offset = offset
+    module.nodes[0].handler = _round_half_up
+    with torch.no_grad():
+        moved = module({"x": torch.from_numpy(sample["x"])})["y"].numpy()
+    assert np.abs(moved - run(model, sample)["y"]).max() == 1.0
+    if accepted:
+        assert check_against_onnxruntime(module, model, [sample]) == 0.0
+    else:
+        with pytest.raises(UnconvertibleModelError, match="node 'quantize' \\(QuantizeLinear\\).*4 of 4 values up to 1 off"):
+            check_against_onnxruntime(module, model, [sample])
+
+
+def test_node_by_node_names_a_float_node_that_differs():
+    model, data = small_net()
+    quantized = Pipeline.from_specs(["qdq"], calibration=data, statistics=False).run(model).model
+    module = GraphModule(quantized, trainable_initializers(quantized))
+    sample = data[0]
+    assert node_by_node_error(module, quantized, sample) <= 1e-5
+    conv = next(k for k, n in enumerate(module.nodes) if n.op_type == "Conv")
+    exact = module.nodes[conv].handler
+    module.nodes[conv].handler = lambda node, *args: exact(node, *args) * 1.001
+    with pytest.raises(UnconvertibleModelError, match=f"node '{module.nodes[conv].name}' \\(Conv\\)"):
+        node_by_node_error(module, quantized, sample)
 
 
 def test_canonicalized_cls_trains_its_conv_weights():

@@ -13,6 +13,25 @@ from sculpt.ir.random_inputs import random_inputs
 from sculpt.runtime.session import make_session, run
 
 
+# a quantizer's output may be one step from onnxruntime's where onnxruntime's x / scale lies this close
+# to a rounding tie (k + 0.5), in steps: two correct evaluations compute x to float32 rounding, in
+# different orders (flips measured on the zoo's QDQ builds: at most 1.9e-4 steps from a tie)
+ROUNDING_TIE_TOLERANCE = 1e-2
+
+
+def rounding_tie_distance(x: np.ndarray, scale: np.ndarray, axis: int = 1) -> np.ndarray:
+    """|x / scale - (k + 0.5)| in steps, elementwise, with x / scale computed in float32 as a
+    QuantizeLinear does; a 1-D ``scale`` of several values runs along ``axis``."""
+    x = np.asarray(x, np.float32)
+    scale = np.asarray(scale, np.float32)
+    if scale.size > 1 and x.ndim:
+        shape = [1] * x.ndim
+        shape[axis % x.ndim] = scale.size
+        scale = scale.reshape(shape)
+    v = (x / scale).astype(np.float64)
+    return np.abs(v - np.floor(v) - 0.5)
+
+
 @dataclass
 class OutputError:
     name: str

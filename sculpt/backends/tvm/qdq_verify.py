@@ -49,11 +49,11 @@ from onnx import helper
 
 from sculpt.ir.model import Model
 from sculpt.runtime import make_session, output_error
+from sculpt.runtime.compare import ROUNDING_TIE_TOLERANCE, rounding_tie_distance
 
 # an element may be one step from onnxruntime's where onnxruntime's x / scale lies this close to a
-# rounding tie (k + 0.5), in steps: both sides compute x to float32 rounding (flips measured on the
-# zoo, 20 builds: at most 1.9e-4 steps from a tie)
-TIE_TOLERANCE = 1e-2
+# rounding tie (k + 0.5), in steps (sculpt.runtime.compare)
+TIE_TOLERANCE = ROUNDING_TIE_TOLERANCE
 # where the tie distance cannot be computed (a quantizer whose scale is not a constant): a unit may
 # differ by one step on this fraction of its elements, or on this many, whichever is more
 FLIP_FRACTION = 1e-3
@@ -296,14 +296,8 @@ def _tie_distances(model: Model, quantizer, values: Mapping[str, np.ndarray], wh
     scale = model.get_constant(quantizer.input[1])
     if x is None or scale is None or np.shape(x) != where.shape:
         return np.full(1, np.nan)
-    scale = np.asarray(scale, np.float32)
-    if scale.size > 1:
-        axis = next((a.i for a in quantizer.attribute if a.name == "axis"), 1) % x.ndim
-        shape = [1] * x.ndim
-        shape[axis] = scale.size
-        scale = scale.reshape(shape)
-    v = (np.asarray(x, np.float32) / scale).astype(np.float64)
-    return np.abs(v - np.floor(v) - 0.5)[where]
+    axis = next((a.i for a in quantizer.attribute if a.name == "axis"), 1)
+    return rounding_tie_distance(x, scale, axis)[where]
 
 
 def propagated_differences(model: Model, build_values: Mapping[str, np.ndarray],
