@@ -17,6 +17,7 @@ with sculpt's kernels, compile times and the largest output error against onnxru
     python tools/kernel_benchmark.py --models det,rec,cls --end-to-end    # whole models
     python tools/kernel_benchmark.py --models zoo --end-to-end --skip-default --threads 1
     python tools/kernel_benchmark.py --models rec --end-to-end --skip-default --threads 2 --load 2  # busy cores
+    python tools/kernel_benchmark.py --models zoo --end-to-end --threads 2 --compare-load 2  # idle vs busy
 
 TVM's default build is the bare ``llvm`` target (what ``build(..., kernels="default")`` does); sculpt's
 build is the same target completed with the host CPU. Both TVM and onnxruntime use all cores
@@ -233,21 +234,68 @@ def _text_feeds(kind: str) -> dict:
     return {"x": ocr_task.resize_norm(np.ascontiguousarray(page), h, w)}
 
 
+def _reference(kind: str, args):
+    """(canonical model, its inputs, an onnxruntime session, onnxruntime's outputs) of one zoo model."""
+    from sculpt.ir.model import Model
+    from sculpt.runtime import make_session
+
+    model = Model.load(_canonical_model_path(kind, args))
+    feeds = _text_feeds(kind) if kind in PPOCR else _feeds(model)
+    sess = make_session(model, threads=args.threads)
+    return model, feeds, sess, [np.array(o, copy=True) for o in sess.run(None, feeds)]
+
+
+def _max_rel_error(got, ref) -> float:
+    return max(float(np.abs(g - r).max()) / (float(np.abs(r).max()) or 1.0) for g, r in zip(got, ref))
+
+
+def bench_under_load(args) -> int:
+    """Each model idle and with ``args.compare_load`` spinning processes, in alternating rounds of one
+    process: onnxruntime's and sculpt's slowdowns under the same load, from the same builds."""
+    from sculpt.backends.tvm import build, import_to_relax
+    from sculpt.backends.tvm.bench import RUNTIME_SETTLE_S
+
+    print(f"{'model':18} {'ort idle':>9} {'ort busy':>9} {'ort x':>6} {'tvm idle':>9} {'tvm busy':>9} {'tvm x':>6} "
+          f"{'tvm/ort idle':>12} {'tvm/ort busy':>12} {'max rel err':>11}   "
+          f"({args.threads or 'all'} thread(s), {args.compare_load} busy processes when busy, {args.thread_policy} pool)")
+    slowdowns = []
+    for kind in args.models:
+        model, feeds, sess, ref = _reference(kind, args)
+        sculpt_run = _tvm_runner(build(import_to_relax(model), "llvm", kernels="sculpt"), feeds, model.input_names)
+        err = _max_rel_error(_outputs(sculpt_run()), ref)
+        times = {key: [] for key in ("ort idle", "ort busy", "tvm idle", "tvm busy")}
+        for _ in range(args.rounds):
+            for state in ("idle", "busy"):
+                with busy_processes(args.compare_load if state == "busy" else 0):
+                    time.sleep(LOAD_RAMP_S if state == "busy" else RUNTIME_SETTLE_S)
+                    times[f"ort {state}"].append(_median_ms(lambda: sess.run(None, feeds), args.runs, budget_s=10))
+                    time.sleep(RUNTIME_SETTLE_S)  # onnxruntime's threads still spin after its runs
+                    times[f"tvm {state}"].append(_median_ms(sculpt_run, args.runs, budget_s=10))
+        err = max(err, _max_rel_error(_outputs(sculpt_run()), ref))
+        m = {key: statistics.median(v) for key, v in times.items()}
+        ort_x, tvm_x = m["ort busy"] / m["ort idle"], m["tvm busy"] / m["tvm idle"]
+        slowdowns.append((kind, ort_x, tvm_x))
+        print(f"{kind:18} {m['ort idle']:9.2f} {m['ort busy']:9.2f} {ort_x:6.2f} {m['tvm idle']:9.2f} "
+              f"{m['tvm busy']:9.2f} {tvm_x:6.2f} {m['tvm idle'] / m['ort idle']:12.2f} "
+              f"{m['tvm busy'] / m['ort busy']:12.2f} {err:11.2e}", flush=True)
+    if slowdowns:
+        worse = [k for k, o, t in slowdowns if t > o]
+        geo = float(np.exp(np.mean([np.log(t / o) for _, o, t in slowdowns])))
+        print(f"\n{len(slowdowns)} models: sculpt's slowdown / onnxruntime's, geometric mean {geo:.2f}; "
+              f"sculpt degraded more than onnxruntime on {len(worse)}" + (f" ({', '.join(worse)})" if worse else ""))
+    return 0
+
+
 def bench_end_to_end(args) -> int:
     from sculpt.backends.tvm import build, import_to_relax
     from sculpt.backends.tvm.bench import RUNTIME_SETTLE_S
-    from sculpt.ir.model import Model
-    from sculpt.runtime import make_session
 
     ratios = []
     print(f"{'model':12} {'ort ms':>8} {'tvm default ms':>14} {'tvm sculpt ms':>13} {'sculpt/ort':>10} "
           f"{'default/ort':>11} {'compile s (def/scl)':>19} {'max abs err':>11} {'max rel err':>11}"
           + (f" {'search s':>8}" if args.search else ""))
     for kind in args.models:
-        model = Model.load(_canonical_model_path(kind, args))
-        feeds = _text_feeds(kind) if kind in PPOCR else _feeds(model)
-        sess = make_session(model, threads=args.threads)
-        ref = [np.array(o, copy=True) for o in sess.run(None, feeds)]
+        model, feeds, sess, ref = _reference(kind, args)
         mod = import_to_relax(model)
         search_s = 0.0
         if args.search:
@@ -262,7 +310,7 @@ def bench_end_to_end(args) -> int:
         sculpt_compile = time.perf_counter() - t
         sculpt_run = _tvm_runner(sculpt_exe, feeds, model.input_names)
         got = _outputs(sculpt_run())
-        err = max(float(np.abs(g - r).max()) / (float(np.abs(r).max()) or 1.0) for g, r in zip(got, ref))
+        err = _max_rel_error(got, ref)
         abs_err = max(float(np.abs(g - r).max()) for g, r in zip(got, ref))
         default_ms, default_compile = float("nan"), float("nan")
         if not args.skip_default:
@@ -282,7 +330,7 @@ def bench_end_to_end(args) -> int:
         # again after the timed runs: a kernel that leaves part of its output to whatever memory held
         # is right on the first run only
         later = _outputs(sculpt_run())
-        err = max([err] + [float(np.abs(g - r).max()) / (float(np.abs(r).max()) or 1.0) for g, r in zip(later, ref)])
+        err = max(err, _max_rel_error(later, ref))
         abs_err = max([abs_err] + [float(np.abs(g - r).max()) for g, r in zip(later, ref)])
         if default_t:
             default_ms = statistics.median(default_t)
@@ -377,6 +425,9 @@ def main(argv=None) -> int:
                         "default vectors), wide (its widest: AVX-512's 16 lanes) for every model")
     p.add_argument("--load", type=int, default=0, metavar="N",
                    help="keep N other processes busy (spinning) while measuring: a device whose cores other apps use")
+    p.add_argument("--compare-load", type=int, default=0, metavar="N",
+                   help="end to end: measure every model idle and with N spinning processes, in alternating "
+                        "rounds of this one process, and print both runtimes' slowdowns")
     p.add_argument("--thread-policy", choices=["shared", "dedicated"], default="shared",
                    help="TVM's thread pool (sculpt.backends.tvm.thread_policy; default shared)")
     args = p.parse_args(argv)
@@ -401,8 +452,16 @@ def main(argv=None) -> int:
     # the policy's threshold moved to always (0) or never (above 1) widen
     lane_policy.WIDE_SHARE = {"auto": lane_policy.WIDE_SHARE, "default": 2.0, "wide": 0.0}[args.conv_lanes]
     thread_policy.apply(args.thread_policy, args.threads)  # before TVM's pool starts
+    if args.compare_load:
+        if args.load or not args.end_to_end:
+            print("kernel_benchmark: error: --compare-load needs --end-to-end and no --load", file=sys.stderr)
+            return 2
+        return bench_under_load(args)
     with busy_processes(args.load):
         return bench_end_to_end(args) if args.end_to_end else bench_layers(args)
+
+
+LOAD_RAMP_S = 0.5  # after starting the spinning processes, before measuring
 
 
 class busy_processes:
