@@ -170,6 +170,8 @@ def analyze_reduction(sch, block_rv) -> ReductionAnatomy | None:
             break
     multiply_accumulate = _is_multiply_accumulate(block.body)
     kind = _kind(spatial, reduce, broadcast, multiply_accumulate)
+    if kind == "depthwise" and "einsum" in str(block.name_hint):
+        kind = "matmul"  # panel_matmul's einsum at one row: a matrix-vector product, no broadcast axis
     return ReductionAnatomy(spatial, reduce, vector, broadcast, row, kind,
                             tuple(int(x) for x in out_buf.shape), [str(r.source.name) for r in reads])
 
