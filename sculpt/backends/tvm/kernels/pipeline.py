@@ -34,7 +34,7 @@ from sculpt.backends.tvm.kernels.blocked_layout import rewrite_in_blocked_layout
 from sculpt.backends.tvm.kernels.even_strided_width import rewrite_even_strided_widths
 from sculpt.backends.tvm.kernels.sum_as_adds import rewrite_sum_of_stack
 from sculpt.backends.tvm.kernels.fast_math import rewrite_fast_math
-from sculpt.backends.tvm.kernels.row_softmax import rewrite_row_softmax
+from sculpt.backends.tvm.kernels.row_softmax import rewrite_row_softmax, softmax_lanes
 from sculpt.backends.tvm.kernels.target_traits import traits_of
 from sculpt.backends.tvm.kernels.lane_policy import conv_traits_for
 from sculpt.backends.tvm.kernels.blocked_conv import ConvPolicy
@@ -76,7 +76,7 @@ def _front_passes(target, conv_policy: ConvPolicy | None = None, conv_decisions:
         ("SculptInt4Matmuls", lambda mod: rewrite_int4_matmuls(mod, traits)),
         ("SculptPanelMatmuls", lambda mod: rewrite_panel_matmuls(mod, traits)),
         ("SculptPadMatmulColumns", pad_matmul_columns),
-        ("SculptRowSoftmax", lambda mod: rewrite_row_softmax(mod, traits.vector_lanes)),
+        ("SculptRowSoftmax", lambda mod: rewrite_row_softmax(mod, softmax_lanes(traits))),
         ("SculptFastMath", rewrite_fast_math),
     ]
     return [_module_pass(name, rewrite) for name, rewrite in rewrites] \

@@ -22,7 +22,7 @@ from sculpt.backends.tvm.kernels.register_tile import (
     KernelDecision, inline_epilogue, schedule_injective_block, schedule_register_tile)
 from sculpt.backends.tvm.kernels.blocked_conv import schedule_blocked_conv, tile_from_block_name
 from sculpt.backends.tvm.kernels import blocked_depthwise
-from sculpt.backends.tvm.kernels.row_softmax import is_row_softmax, schedule_row_softmax
+from sculpt.backends.tvm.kernels.row_softmax import is_row_softmax, schedule_row_softmax, softmax_lanes
 from sculpt.backends.tvm.kernels.target_traits import TargetTraits, traits_of
 from sculpt.backends.tvm.kernels.tiling import Tile, gemv_tile, ranked_tiles, worth_parallel
 
@@ -126,7 +126,7 @@ def try_row_softmax(func, traits: TargetTraits, name: str = ""):
         return None
     shape, work = _output_and_work(sch, next(b for b in root_blocks(sch)
                                              if sch.get(b).name_hint.endswith("partial_max")))
-    schedule_row_softmax(sch, traits.vector_lanes, worth_parallel(4 * work))
+    schedule_row_softmax(sch, softmax_lanes(traits), worth_parallel(4 * work))
     return sch, KernelDecision(name, "softmax_rows", shape, None)
 
 
