@@ -26,10 +26,11 @@ from sculpt.backends.tvm.kernels.target_traits import host_target, traits_of
 from sculpt.backends.tvm.relax_import import build, import_to_relax, run_relax
 from sculpt.ir.calibration import CalibrationSet
 from sculpt.ir.model import Model
-from sculpt.passes import Pipeline
+from sculpt.passes import PassContext, Pipeline, create_pass
 from sculpt.runtime import make_session
 
-from test_tvm_int8 import assert_small_net_exact, qdq_proto, small_net
+from graphs import make_model
+from test_tvm_int8 import assert_small_net_exact, qdq_proto, rand, small_net
 
 ARM_DOTPROD = "cortex-a76"
 HOST_AVX512_VNNI = is_x86() and {"avx512_vnni", "avx512vl"} <= (cpu_flags() or set())
@@ -259,11 +260,11 @@ def test_ppocr_rec_units_on_sdot_are_exact_under_qemu(rec_units, tmp_path):
     onnx.save(units, path)
     compiled = compile_model(Model.load(path), ARM_DOTPROD, int8="kernel")
     assert compiled.options["int8"]["instruction"] == NEON_SDOT.name
-    assert compiled.options["int8"]["on_int8_kernel"] >= 20
+    assert compiled.options["int8"]["on_int8_kernel"] >= 15  # the units over MIN_KERNEL_MACS: 16 of rec's
     artifact = export_artifact(compiled, tmp_path / "units.so", source_model=path)
     asm = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(artifact.library)], capture_output=True,
                          text=True, check=True).stdout
-    assert asm.count("sdot\t") >= 20
+    assert asm.count("sdot\t") >= 15
     run = run_artifact(artifact, feeds)
     assert run.emulated
     integer_ops, _ = compile_int8(Model.load(path), int8_kernel=False)
@@ -318,3 +319,99 @@ def test_a_unit_whose_bias_cannot_be_folded_stays_integer_relax_ops():
     policy = int8_kernel_policy("llvm")
     _, stats = lower_qdq_to_int8(import_to_relax(Model(proto)), Int8KernelPolicy(policy.instruction))
     assert (stats.conv2d, stats.int8_kernel) == (1, 0) and stats.left_float == {}
+
+
+def _unit_outputs(executable, x_shape, runs: int = 3) -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    return [run_relax(executable, {"x": (rng.standard_normal(x_shape) * (1 + k)).astype(np.float32)}, ["x"])[0]
+            for k in range(runs)]
+
+
+@pytest.mark.parametrize("bias", ["small", "beyond_2^24", "int32_limit"])
+def test_depthwise_units_on_a_kernel_policy_are_exact_float32_convs(bias):
+    """Under an int8 kernel policy a depthwise unit (not the kernel's) runs as a float32 conv of the
+    integers (sculpt's float depthwise kernels instead of an int16 conv): every partial sum is an integer
+    below 2^24, so it equals the integer lowering bit for bit, with a bias added in float32 where exact
+    and as integers (int64 at the int32 limit) where not."""
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(8)
+    c = 16
+    xs, ws = np.float32(0.03), (rng.uniform(0.5, 2, c) * 1e-2).astype(np.float32)
+    bq = rng.integers(-3000, 3000, c).astype(np.int32)
+    if bias == "beyond_2^24":
+        bq[::3] = np.int32(40_000_000)
+    elif bias == "int32_limit":
+        bq[1] = np.int32(-2 ** 31)
+    consts = {"xs": np.array(xs), "xz": np.array(113, np.uint8),
+              "wq": rng.integers(-127, 128, (c, 1, 5, 5)).astype(np.int8), "ws": ws, "wz": np.zeros(c, np.int8),
+              "bq": bq, "bs": (xs * ws).astype(np.float32), "bz": np.zeros(c, np.int32),
+              "ys": np.array(0.05, np.float32), "yz": np.array(120, np.uint8)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["bd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], group=c, pads=[2, 2, 2, 2], strides=[2, 2]),
+             helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["y"])]
+    proto = qdq_proto(nodes, consts, [1, c, 19, 19], ("y", TensorProto.UINT8, [1, c, 10, 10]))
+    policy = int8_kernel_policy("llvm") or Int8KernelPolicy(AVX2_PMADDWD)
+    lowered, stats = lower_qdq_to_int8(import_to_relax(Model(proto)), policy)
+    assert (stats.conv2d, stats.int8_kernel, stats.exact_float) == (1, 0, 1) and stats.left_float == {}
+    assert "int16" not in lowered.script()
+    integer, integer_stats = lower_qdq_to_int8(import_to_relax(Model(proto)))
+    assert integer_stats.exact_float == 0
+    for got, want in zip(_unit_outputs(build(lowered), [1, c, 19, 19]), _unit_outputs(build(integer), [1, c, 19, 19])):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_unit_beyond_float32s_exact_integers_stays_an_integer_conv():
+    """A float32 sum is exact only below 2^24: a 1x1 conv over 640 channels of weight 127 (reach
+    640 x 127 x 256 > 2^24) keeps the int16 conv."""
+    from onnx import TensorProto
+
+    consts = {"xs": np.array(0.02, np.float32), "xz": np.array(13, np.uint8),
+              "wq": np.full((2, 640, 1, 1), 127, np.int8), "ws": np.full(2, 1e-3, np.float32),
+              "wz": np.zeros(2, np.int8), "ys": np.array(0.5, np.float32), "yz": np.array(10, np.uint8)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["c"]),
+             helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["y"])]
+    proto = qdq_proto(nodes, consts, [1, 640, 1, 1], ("y", TensorProto.UINT8, [1, 2, 1, 1]))
+    policy = Int8KernelPolicy((int8_kernel_policy("llvm") or Int8KernelPolicy(AVX2_PMADDWD)).instruction,
+                              min_macs=10 ** 9)  # not on the kernel
+    lowered, stats = lower_qdq_to_int8(import_to_relax(Model(proto)), policy)
+    assert (stats.conv2d, stats.int8_kernel, stats.exact_float) == (1, 0, 0) and "int16" in lowered.script()
+
+
+def test_a_quantized_transposed_conv_reads_a_constant_weight():
+    """A QDQ ConvTranspose stays float, but its weight's DequantizeLinear is evaluated at lowering (as
+    TVM's FoldConstant would later), so that sculpt's kernels rewrite the stride == kernel transposed conv
+    into a 1x1 conv and a pixel shuffle (PP-OCRv4 det's head: 4.2 -> about 1 ms) instead of naive loops.
+    The values are the same: the output equals the build that dequantizes in TVM."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             helper.make_node("ConvTranspose", ["r1", "wt", "bt"], ["y"], name="up", strides=[2, 2],
+                              kernel_shape=[2, 2])]
+    inits = {"w1": rand(rng, 16, 8, 3, 3, scale=0.3), "b1": rand(rng, 16, scale=0.1),
+             "wt": rand(rng, 16, 8, 2, 2, scale=0.3), "bt": rand(rng, 8, scale=0.1)}
+    model = make_model(nodes, [("x", [1, 8, 10, 10])], [("y", [1, 8, 20, 20])], inits)
+    q = create_pass("qdq", {"ops": ["Conv", "ConvTranspose"]})(
+        model, PassContext(calibration=CalibrationSet.random(model, 4, seed=2))).model
+    assert any(n.op_type == "ConvTranspose" for n in q.graph.node)
+    policy = int8_kernel_policy("llvm") or Int8KernelPolicy(AVX2_PMADDWD)
+    lowered, _ = lower_qdq_to_int8(import_to_relax(q), policy)
+    text = lowered.script(show_meta=False)
+    assert "conv2d_transpose" in text
+    main = lowered["main"]
+    import tvm
+    from tvm import relax
+
+    weights = []
+    relax.analysis.post_order_visit(main, lambda e: weights.append(e.args[1]) if isinstance(e, relax.Call) and getattr(
+        e.op, "name", "") == "relax.nn.conv2d_transpose" else None)
+    assert weights and all(isinstance(w, tvm.ir.expr.Constant) for w in weights)
+    before, _ = lower_qdq_to_int8(import_to_relax(q))  # the weight dequantized by TVM
+    for got, want in zip(_unit_outputs(build(lowered), [1, 8, 10, 10]), _unit_outputs(build(before), [1, 8, 10, 10])):
+        np.testing.assert_array_equal(got, want)

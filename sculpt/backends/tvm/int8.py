@@ -35,6 +35,7 @@ class LoweringStats:
     conv2d: int = 0
     matmul: int = 0
     int8_kernel: int = 0  # of the conv2d units: those on the int8 conv kernel
+    exact_float: int = 0  # of the conv2d units: integer math run exactly as a float32 conv (_float_exact_conv)
     left_float: dict[str, int] = field(default_factory=dict)  # op → units the patterns did not match
 
     @property
@@ -87,7 +88,31 @@ def _patterns():
     dq_a, dq_b2 = dq(a_q), dq(b_q)
     mm = is_op("relax.matmul")(dq_a, dq_b2)
     q_mm = is_op("relax.quantize")(mm, is_const(), is_const())
-    return {"conv": (q_conv, conv, conv_bias, dq_x, dq_w, dq_b, x_q), "matmul": (q_mm, mm, dq_a, dq_b2, a_q, b_q)}
+    dq_tw = dq(is_const())
+    deconv = is_op("relax.nn.conv2d_transpose")(wildcard(), dq_tw)
+    return {"conv": (q_conv, conv, conv_bias, dq_x, dq_w, dq_b, x_q), "matmul": (q_mm, mm, dq_a, dq_b2, a_q, b_q),
+            "conv_transpose": (deconv, dq_tw)}
+
+
+def _dequantized_constant(call) -> np.ndarray | None:
+    """relax.dequantize of a constant integer tensor to float32, computed as TVM's legalization does
+    (float32(int32(q) - zp) * scale, per channel along ``axis``), or None for other forms."""
+    if str(call.attrs.out_dtype) != "float32":
+        return None
+    q = _const_value(call.args[0])
+    scale, zp, axis = _dq_params(call)
+    if q.dtype.kind not in "iu" or scale.dtype != np.float32 or zp.dtype.kind not in "iu":
+        return None
+    if scale.size > 1 or zp.size > 1:
+        shape = [1] * q.ndim
+        shape[axis] = q.shape[axis]
+        if scale.size not in (1, q.shape[axis]) or zp.size not in (1, q.shape[axis]):
+            return None
+        scale = scale.reshape(shape) if scale.size > 1 else scale.reshape(())
+        zp = zp.reshape(shape) if zp.size > 1 else zp.reshape(())
+    else:
+        scale, zp = scale.reshape(()), zp.reshape(())
+    return ((q.astype(np.int32) - zp.astype(np.int32)).astype(np.float32) * scale).astype(np.float32)
 
 
 def _widen(bb_expr, zero_point: int):
@@ -105,7 +130,7 @@ def _dq_params(call) -> tuple[np.ndarray, np.ndarray, int]:
     return _const_value(call.args[1]), _const_value(call.args[2]), int(call.attrs.axis)
 
 
-def _requantize(acc, multiplier: np.ndarray, out_q_call, channel_axis: int, ndim: int):
+def _requantize(acc, multiplier: np.ndarray, out_q_call, channel_axis: int, ndim: int, float_acc: bool = False):
     """float32(acc) * M (per channel along ``channel_axis``) rounded to the output type with its
     zero point — relax.quantize with scale 1 is round-half-even, add zp, saturate."""
     from tvm import relax
@@ -115,7 +140,8 @@ def _requantize(acc, multiplier: np.ndarray, out_q_call, channel_axis: int, ndim
         shape = [1] * ndim
         shape[channel_axis] = mult.size
         mult = mult.reshape(shape)
-    scaled = relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(mult.reshape(mult.shape), "float32"))
+    acc_f = acc if float_acc else relax.op.astype(acc, "float32")
+    scaled = relax.op.multiply(acc_f, relax.const(mult.reshape(mult.shape), "float32"))
     zy = _const_value(out_q_call.args[2])
     return relax.op.quantize(scaled, relax.const(np.float32(1.0), "float32"),
                              relax.const(zy.reshape(()) if zy.size == 1 else zy, str(zy.dtype)),
@@ -133,6 +159,45 @@ def _add_bias(acc, b_q: np.ndarray, w_q: np.ndarray):
     if np.all(np.abs(b_q.reshape(-1).astype(np.int64)) + reach < 2 ** 31):
         return relax.op.add(acc, relax.const(b_q.reshape(1, -1, 1, 1), "int32"))
     return relax.op.add(relax.op.astype(acc, "int64"), relax.const(b_q.reshape(1, -1, 1, 1).astype(np.int64), "int64"))
+
+
+# a float32 holds every integer of magnitude up to 2^24 exactly
+_FLOAT32_EXACT = 2 ** 24
+
+
+def _reach(w_q: np.ndarray) -> np.ndarray:
+    """Per output channel, a bound on |sum((x - zx) * w)| (|x - zx| <= 255): also on every partial sum."""
+    o = w_q.shape[0]
+    return np.abs(w_q.reshape(o, -1).astype(np.int64)).sum(axis=1) * 256
+
+
+def _exact_in_float32(w_q: np.ndarray, x_q) -> bool:
+    """Whether the unit's integer accumulation can run in float32 exactly: every product and every
+    partial sum (in any order, with or without FMA) is an integer below 2^24."""
+    return w_q.dtype == np.int8 and str(_type_of(x_q).dtype) in ("uint8", "int8") \
+        and bool(np.all(_reach(w_q) < _FLOAT32_EXACT))
+
+
+def _float_exact_conv(x_q, zx: int, w_q: np.ndarray, b_q: np.ndarray | None, a, multiplier: np.ndarray, out_q_call):
+    """The conv unit's integer math in float32, exact (``_exact_in_float32``): float32(x_q) - zx (exact)
+    convolved with the integer weights as float32 sums integers below 2^24 without rounding, so the
+    accumulator equals the int32 one; the float conv then runs on sculpt's float kernels (depthwise,
+    blocked) instead of an unvectorized int16 conv. The bias is added in float32 where that is exact
+    too, else as integers (``_add_bias``); the requantization is the same ``_requantize``."""
+    from tvm import relax
+
+    data = relax.op.astype(x_q, "float32")
+    if zx:
+        data = relax.op.subtract(data, relax.const(np.float32(zx), "float32"))
+    acc = relax.op.nn.conv2d(data, relax.const(w_q.astype(np.float32), "float32"), strides=a.strides,
+                             padding=a.padding, dilation=a.dilation, groups=a.groups, data_layout="NCHW",
+                             kernel_layout="OIHW", out_dtype="float32")
+    if b_q is not None:
+        if np.all(np.abs(b_q.reshape(-1).astype(np.int64)) + _reach(w_q) < _FLOAT32_EXACT):
+            acc = relax.op.add(acc, relax.const(b_q.reshape(1, -1, 1, 1).astype(np.float32), "float32"))
+        else:
+            return _requantize(_add_bias(relax.op.astype(acc, "int32"), b_q, w_q), multiplier, out_q_call, 1, 4)
+    return _requantize(acc, multiplier, out_q_call, 1, 4, float_acc=True)
 
 
 def _multiplier(sx, sw, sy) -> np.ndarray:
@@ -297,9 +362,16 @@ def lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None = None):
                 stats.conv2d += 1
                 stats.int8_kernel += 1
                 return call
+        a = conv.attrs
+        # the first conv of a network (3 image channels) stays integer: measured slower on the float
+        # blocked kernel (PP-OCRv4 det's first conv 0.70 -> 1.22 ms, 1 thread)
+        if emitter is not None and (int(a.groups) > 1 or w_int8.shape[1] >= emitter.policy.min_in_channels) \
+                and _exact_in_float32(w_int8, m[x_q_p]):
+            stats.exact_float += 1
+            stats.conv2d += 1
+            return _float_exact_conv(m[x_q_p], int(zx.reshape(())), w_int8, b_q, a, multiplier, expr)
         w_q = w_int8.astype(np.int16)
         data = _widen(m[x_q_p], int(zx.reshape(())))
-        a = conv.attrs
         acc = relax.op.nn.conv2d(data, relax.const(w_q, "int16"), strides=a.strides, padding=a.padding,
                                  dilation=a.dilation, groups=a.groups, data_layout="NCHW", kernel_layout="OIHW",
                                  out_dtype="int32")
@@ -339,11 +411,24 @@ def lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None = None):
         stats.matmul += 1
         return _requantize(acc, multiplier, expr, out_rank - 1, out_rank)
 
+    deconv_p, deconv_w_p = pats["conv_transpose"]
+
+    def constant_transposed_weight(expr, m):
+        # dequantize(constant) evaluated here, as TVM's FoldConstant would, but early enough for the
+        # transposed-conv rewrite of sculpt's kernels (kernels/transposed_conv.py: a 1x1 blocked conv and
+        # a pixel shuffle) to see a constant weight instead of the naive conv2d_transpose loops
+        weight = _dequantized_constant(m[deconv_w_p])
+        if weight is None:
+            return expr
+        return relax.Call(expr.op, [expr.args[0], relax.const(weight, "float32")], expr.attrs)
+
     out = {}
     for gvar, func in mod.functions.items():
         if isinstance(func, relax.Function):
             func = rewrite_call(q_conv, rewrite_conv, func)
             func = rewrite_call(q_mm, rewrite_matmul, func)
+            if emitter is not None:
+                func = rewrite_call(deconv_p, constant_transposed_weight, func)
         out[gvar] = func
     if emitter is not None:  # the kernels' PrimFuncs
         for gvar, func in emitter.builder.get().functions.items():
@@ -351,6 +436,12 @@ def lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None = None):
     new_mod = type(mod)(out, attrs=mod.attrs) if mod.attrs is not None else type(mod)(out)
     new_mod = relax.transform.DeadCodeElimination()(new_mod)
     stats.left_float = _float_units(new_mod)
+    if stats.exact_float:  # those float32 convs compute the integer units exactly: not left float
+        left = stats.left_float.get("relax.nn.conv2d", 0) - stats.exact_float
+        if left > 0:
+            stats.left_float["relax.nn.conv2d"] = left
+        else:
+            stats.left_float.pop("relax.nn.conv2d", None)
     return new_mod, stats
 
 
