@@ -91,6 +91,32 @@ def test_node_by_node_names_a_float_node_that_differs():
         node_by_node_error(module, quantized, sample)
 
 
+def test_a_float_graph_beyond_the_tolerance_is_checked_node_by_node():
+    """A float graph whose outputs differ from onnxruntime by more than the tolerance while every node
+    is right (here: two convs of nearly equal weights subtracted, so their rounding differences are
+    large against the small difference) passes node by node, with the node error; a wrong node is
+    named."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Sub", ["c1", "c2"], ["y"], name="difference")]
+    model = make_model(nodes, [("x", [1, 8, 12, 12])], [("y", [1, 16, 12, 12])],
+                       {"w1": w, "w2": (w * (1 + 1e-5 * rng.standard_normal(w.shape))).astype(np.float32)})
+    sample = {"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32)}
+    module = GraphModule(model, trainable_initializers(model))
+    with torch.no_grad():
+        got = module({"x": torch.from_numpy(sample["x"])})["y"].numpy()
+    want = run(model, sample)["y"]
+    assert np.abs(got - want).max() > 1e-4 * np.abs(want).max()  # beyond the tolerance as a whole
+    error = check_against_onnxruntime(module, model, [sample])
+    assert error == node_by_node_error(module, model, sample) <= 1e-5
+    exact = module.nodes[1].handler
+    module.nodes[1].handler = lambda node, *args: exact(node, *args) * 1.001
+    with pytest.raises(UnconvertibleModelError, match="node 'conv2' \\(Conv\\) differs from onnxruntime on 'c2'"):
+        check_against_onnxruntime(module, model, [sample])
+
+
 def test_canonicalized_cls_trains_its_conv_weights():
     from sculpt.models import ppocr_model
     from sculpt.ocr_task import calibration_inputs

@@ -228,33 +228,30 @@ def check_against_onnxruntime(module: GraphModule, model: Model, samples: Sequen
     """The largest relative error (max |torch - ort| / max |ort| per output) of the module against
     onnxruntime on ``samples``; UnconvertibleModelError above ``rtol``.
 
-    A QDQ graph is compared with its own arithmetic (onnxruntime unoptimized). Where its outputs differ
-    by more than ``rtol``, it is checked node by node instead (:func:`node_by_node_error`): one
-    quantizer that rounds an element at a .5 tie the other way (PyTorch and onnxruntime sum a conv's
-    products in different orders) moves that element one step, and the later quantizers grow the
-    step to far more than ``rtol`` at the outputs, while every node is right. The value returned is
-    then the node-by-node error."""
+    A QDQ graph is compared with its own arithmetic (onnxruntime unoptimized). Where the outputs differ
+    by more than ``rtol``, the graph is checked node by node instead (:func:`node_by_node_error`), and
+    the value returned is then the node-by-node error: in a QDQ graph one quantizer that rounds an
+    element at a .5 tie the other way (PyTorch and onnxruntime sum a conv's products in different
+    orders) moves it one step and the later quantizers grow that step far beyond ``rtol``; in a deep
+    float graph the two runtimes' rounding differences add up along the chain (PP-OCRv4 rec after a
+    whole-graph CP factorization: 1.03e-4) while every node is right."""
     from sculpt.runtime import make_session
 
     # the fused int8 kernels onnxruntime runs by default requantize in fixed point and differ from the
     # graph's arithmetic by more than 1e-4
     quantized = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     session = make_session(model, optimize=not quantized)
-    worst, worst_name = 0.0, ""
+    worst = 0.0
     with torch.no_grad():
         for sample in samples:
             expected = dict(zip(module.output_names, session.run(module.output_names, dict(sample))))
             got = module({k: torch.from_numpy(np.asarray(v)) for k, v in sample.items()})
             for name in module.output_names:
                 err = _relative_error(name, got[name], expected[name])
-                if err > worst:
-                    worst, worst_name = err, name
-    if worst <= rtol:
+                worst = max(worst, err)
+    if worst <= rtol or not samples:
         return worst
-    if quantized:
-        return max(node_by_node_error(module, model, sample, rtol) for sample in samples)
-    raise UnconvertibleModelError(f"the PyTorch conversion differs from onnxruntime on output '{worst_name}' "
-                                  f"by {worst:.3g} (max |a-b| / max |b|) > {rtol:g}")
+    return max(node_by_node_error(module, model, sample, rtol) for sample in samples)
 
 
 def _relative_error(name: str, got: torch.Tensor, expected: np.ndarray) -> float:
