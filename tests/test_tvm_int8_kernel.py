@@ -123,6 +123,63 @@ def test_a_bias_saturated_at_the_int32_limit_becomes_a_constant_channel():
         folded_bias(wide, np.array([-2147482648, 5], np.int32), 13, 128, 8, np.full(2, 1e-7, np.float32), 220, "uint8")
 
 
+def _kernel_reference(x, w, bias, zx, multiplier, zy, out_dtype, s: ConvShape) -> np.ndarray:
+    """The QDQ conv unit in numpy: integer sum((x - zx) * w) + bias, then QuantizeLinear's float32 math."""
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = s.strides, s.dilation, s.padding
+    xs = np.pad(x.astype(np.int64) - zx, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    acc = np.zeros((s.batch, s.out_channels, s.out_height, s.out_width), np.int64)
+    for r in range(s.kernel[0]):
+        for t in range(s.kernel[1]):
+            patch = xs[:, :, r * dh:r * dh + sh * (s.out_height - 1) + 1:sh,
+                       t * dw:t * dw + sw * (s.out_width - 1) + 1:sw]
+            acc += np.einsum("nchw,oc->nohw", patch, w[:, :, r, t].astype(np.int64))
+    acc += bias.reshape(1, -1, 1, 1)
+    lo, hi = (0, 255) if out_dtype == "uint8" else (-128, 127)
+    y = acc.astype(np.float32) * multiplier.reshape(1, -1, 1, 1)
+    return (np.rint(np.clip(y, np.float32(lo - zy), np.float32(hi - zy))) + zy).astype(out_dtype)
+
+
+@pytest.mark.parametrize("instruction", X86_INSTRUCTIONS, ids=lambda i: i.name)
+@pytest.mark.parametrize("shape", [
+    ConvShape(2, 7, 13, 10, 9, (1, 1), (2, 2), (1, 1), (0, 0, 0, 0)),    # 1x1, stride 2: a strided pack
+    ConvShape(1, 8, 13, 13, 24, (1, 1), (2, 3), (1, 1), (1, 2, 0, 1)),   # 1x1, uneven strides and pads
+    ConvShape(1, 5, 9, 11, 19, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),    # channels not a whole group
+    ConvShape(1, 12, 15, 14, 16, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1)),
+    ConvShape(1, 6, 12, 12, 8, (3, 2), (1, 2), (2, 1), (2, 1, 1, 0)),    # dilated, asymmetric pads
+    ConvShape(1, 16, 8, 8, 33, (1, 1), (1, 1), (1, 1), (1, 1, 1, 1)),    # a padded 1x1: border pixels only
+], ids=lambda s: f"{s.kernel[0]}x{s.kernel[1]}s{s.strides[0]}{s.strides[1]}c{s.in_channels}")
+@pytest.mark.parametrize("x_dtype, zx, zy", [("uint8", 131, 3), ("int8", -7, -2)])
+def test_the_packed_input_is_exact_on_strides_pads_and_partial_groups(shape, instruction, x_dtype, zx, zy):
+    """The kernel's input pack (channel groups as int32 words; the padding rows and columns written
+    apart; a 1x1 kernel's stride taken in the pack, so its conv reads every packed pixel) gives the
+    integer QDQ conv's bits, and a strided 1x1 conv packs only the pixels it reads."""
+    import tvm
+
+    from sculpt.backends.tvm.kernels.int8_conv import int8_conv_func, padded_multiplier
+
+    rng = np.random.default_rng(shape.in_channels)
+    info = np.iinfo(x_dtype)
+    x = rng.integers(info.min, info.max + 1, (shape.batch, shape.in_channels, shape.height, shape.width)).astype(x_dtype)
+    w = rng.integers(-128, 128, (shape.out_channels, shape.in_channels) + tuple(shape.kernel)).astype(np.int8)
+    bias = rng.integers(-5000, 5000, shape.out_channels).astype(np.int32)
+    mult = rng.uniform(1e-4, 3e-3, shape.out_channels).astype(np.float32)
+    tile = int8_conv_tile(shape, instruction)
+    channels = tile.padded_channels(shape.out_channels)
+    w2, b2 = folded_bias(w, bias, zx, instruction.offset(x_dtype, zx), channels, mult, zy, x_dtype)
+    func = int8_conv_func(shape, tile, instruction, x_dtype, x_dtype, zx, zy)
+    if shape.kernel == (1, 1):
+        groups = -(-shape.in_channels // instruction.group)
+        packed = (shape.batch, shape.out_height, tile.padded_width(shape.out_width), groups)
+        assert f"T.alloc_buffer({packed}" in func.script().replace(" ", "").replace(",", ", ")
+    lib = tvm.compile(tvm.IRModule({"conv": func.with_attr("global_symbol", "conv")}),
+                      target=tvm.target.Target(host_target({"kind": "llvm"})))
+    dev = tvm.cpu()
+    y = tvm.runtime.tensor(np.zeros((shape.batch, shape.out_channels, shape.out_height, shape.out_width), x_dtype), dev)
+    lib.mod["conv"](*[tvm.runtime.tensor(a, dev) for a in (
+        x, pack_int8_weight(w2, tile, instruction), b2, padded_multiplier(mult, shape.out_channels, channels))], y)
+    np.testing.assert_array_equal(y.numpy(), _kernel_reference(x, w, bias, zx, mult, zy, x_dtype, shape))
+
+
 @pytest.mark.parametrize("instruction", X86_INSTRUCTIONS, ids=lambda i: i.name)
 @pytest.mark.parametrize("activations", ["uint8", "int8"])
 def test_small_net_on_the_kernel_is_exact_against_the_qdq_graph(activations, instruction):

@@ -28,7 +28,8 @@ widening dot product of ``group`` input channels per int32 lane, the instruction
 ``xp`` is the input with the zero point moved: ``x - offset`` in the instruction's operand type (offset
 = zx for int16 operands; 128 for uint8 / 0 for int8 data with int8 operands; 0 for uint8 / -128 for int8
 data with uint8 operands), its channels grouped
-innermost, padded with ``zx - offset`` (the value of a padded zero in the quantized domain). Then
+innermost (each group one int32 word, built in a register), padded with ``zx - offset`` (the value of a
+padded zero in the quantized domain); a 1x1 kernel's pack keeps only the pixels its stride reads. Then
 ``sum((x - zx) * w) = sum(xp * w) - (zx - offset) * sum(w)``, so the correction is folded into the
 int32 bias (``bias'``): the accumulation is exact integer arithmetic on every target. The epilogue is
 QuantizeLinear's (round half to even — ``nearbyint`` in the default rounding mode — add the zero point,
@@ -195,8 +196,15 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
     blocks = ocp // ob
     owp = tile.padded_width(ow_)
     wtiles = owp // tw
-    hp = (oh_ - 1) * sh + dh * (kh_ - 1) + 1
-    wp = (owp - 1) * sw + dw * (kw_ - 1) + 1
+    # a 1x1 kernel reads only every stride-th pixel: the pack keeps those alone and the conv steps by 1
+    psh, psw = (sh, sw) if (kh_, kw_) == (1, 1) else (1, 1)
+    csh, csw = sh // psh, sw // psw
+    hp = (oh_ - 1) * csh + dh * (kh_ - 1) + 1
+    wp = (owp - 1) * csw + dw * (kw_ - 1) + 1
+    # the rows and columns of xp that hold input pixels: [h_lo, h_hi) x [w_lo, w_hi)
+    h_lo, h_hi = -(-pt // psh), min(hp, -(-(h_ + pt) // psh))
+    w_lo, w_hi = min(wp, -(-pl // psw)), min(wp, -(-(w_ + pl) // psw))
+    w_hi = max(w_hi, w_lo)
     offset = instr.offset(x_dtype, zx)
     pad_value = zx - offset
     qmin, qmax = _qrange(out_dtype)
@@ -204,6 +212,10 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
     accs = tw * vectors
     vec_i32, vec_f32, vec_op = f"int32x{lanes}", f"float32x{lanes}", f"{op}x{lanes * g}"
     group_int = {2: "int32", 4: "int32"}[g * (2 if op == "int16" else 1)]
+    bits = 16 if op == "int16" else 8  # one operand's bits in the group word
+    mask = (1 << bits) - 1
+    pad_word = sum((pad_value & mask) << (gi * bits) for gi in range(g))
+    pad_word = pad_word - (1 << 32) if pad_word >= 1 << 31 else pad_word  # as an int32
     pad_tasks, conv_tasks = n_ * hp, n_ * blocks * oh_
     accumulates = instr.accumulates
     intrinsic = instr.intrinsic
@@ -213,13 +225,31 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
                   bias: T.Buffer((ocp,), "int32"), mult: T.Buffer((ocp,), "float32"),
                   y: T.Buffer((n_, oc, oh_, ow_), out_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        xp = T.alloc_buffer((n_, hp, wp, cg_, g), op)
+        # xp[n, row, col, cg]: the ``group`` operands of channel group cg as one int32 word (operand gi in
+        # bits gi * bits, little-endian, as the dot instruction reads the bytes), built in a register and
+        # stored once; channel groups outside, columns inside, so the input is read along its rows and
+        # the padding columns and rows are written apart, without a test per element
+        xp = T.alloc_buffer((n_, hp, wp, cg_), group_int)
         for task in T.parallel(pad_tasks) if parallel else T.serial(pad_tasks):
-            for ww, cg, gi in T.grid(wp, cg_, g):
-                xp[task // hp, task % hp, ww, cg, gi] = T.if_then_else(
-                    cg * g + gi < c_ and task % hp >= pt and task % hp < h_ + pt and ww >= pl and ww < w_ + pl,
-                    T.Cast(op, T.Cast("int32", x[task // hp, cg * g + gi, task % hp - pt, ww - pl]) - offset),
-                    T.Cast(op, pad_value))
+            if task % hp >= h_lo and task % hp < h_hi:
+                for cg in T.serial(cg_):
+                    for ww in T.serial(w_lo):
+                        xp[task // hp, task % hp, ww, cg] = pad_word
+                    for ww in T.serial(w_hi - w_lo):
+                        word = T.decl_buffer((1,), "int32", scope="local")
+                        word[0] = 0
+                        for gi in T.unroll(g):
+                            word[0] = word[0] | T.shift_left(T.bitwise_and(T.if_then_else(
+                                cg * g + gi < c_,
+                                T.Cast("int32", x[task // hp, cg * g + gi, (task % hp) * psh - pt,
+                                                  (ww + w_lo) * psw - pl]) - offset,
+                                pad_value), mask), gi * bits)
+                        xp[task // hp, task % hp, ww + w_lo, cg] = word[0]
+                    for ww in T.serial(wp - w_hi):
+                        xp[task // hp, task % hp, ww + w_hi, cg] = pad_word
+            else:
+                for ww, cg in T.grid(wp, cg_):
+                    xp[task // hp, task % hp, ww, cg] = pad_word
         for task in T.parallel(conv_tasks) if parallel else T.serial(conv_tasks):
             for wo in T.serial(wtiles):
                 acc = T.decl_buffer((accs * lanes,), "int32", scope="local")
@@ -232,17 +262,17 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
                             if accumulates:
                                 acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
                                     vec_i32, intrinsic, acc[T.ramp((p * vectors + v) * lanes, 1, lanes)],
-                                    T.reinterpret(vec_op, T.broadcast(T.reinterpret(group_int, xp[
-                                        task // (blocks * oh_), (task % oh_) * sh + r * dh,
-                                        (wo * tw + p) * sw + t * dw, cg, T.ramp(0, 1, g)]), lanes)),
+                                    T.reinterpret(vec_op, T.broadcast(xp[
+                                        task // (blocks * oh_), (task % oh_) * csh + r * dh,
+                                        (wo * tw + p) * csw + t * dw, cg], lanes)),
                                     wt[task // oh_ % blocks, cg, r, t, T.ramp(v * lanes * g, 1, lanes * g)])
                             else:
                                 acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] = \
                                     acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] + T.call_llvm_pure_intrin(
                                         vec_i32, intrinsic,
-                                        T.reinterpret(vec_op, T.broadcast(T.reinterpret(group_int, xp[
-                                            task // (blocks * oh_), (task % oh_) * sh + r * dh,
-                                            (wo * tw + p) * sw + t * dw, cg, T.ramp(0, 1, g)]), lanes)),
+                                        T.reinterpret(vec_op, T.broadcast(xp[
+                                            task // (blocks * oh_), (task % oh_) * csh + r * dh,
+                                            (wo * tw + p) * csw + t * dw, cg], lanes)),
                                         wt[task // oh_ % blocks, cg, r, t, T.ramp(v * lanes * g, 1, lanes * g)])
                 for p in T.unroll(tw):
                     for v in T.unroll(vectors):
