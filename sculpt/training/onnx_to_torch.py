@@ -117,9 +117,7 @@ class GraphModule(torch.nn.Module):
         self.extra_outputs: list[str] = []
 
     def forward(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        env: dict[str, torch.Tensor] = dict(self.constants)
-        for name, p in zip(self.parameter_names, self.weights):
-            env[name] = self.quantized[name].fake_integers(p) if name in self.quantized else p
+        env = self.initializer_values()
         env.update(feeds)
         for node in self.nodes:
             args = [env[name] if name else None for name in node.inputs]
@@ -136,6 +134,14 @@ class GraphModule(torch.nn.Module):
                 if name:
                     env[name] = value
         return {name: env[name] for name in self.output_names + self.extra_outputs}
+
+    def initializer_values(self) -> dict[str, torch.Tensor]:
+        """{initializer name: the tensor the graph reads}: constants, and the parameters (a quantized
+        weight's fake integers)."""
+        env: dict[str, torch.Tensor] = dict(self.constants)
+        for name, p in zip(self.parameter_names, self.weights):
+            env[name] = self.quantized[name].fake_integers(p) if name in self.quantized else p
+        return env
 
     def trained_values(self) -> dict[str, np.ndarray]:
         """{initializer name: its current value} for the trainable initializers (integers, in the
@@ -283,9 +289,7 @@ def node_by_node_error(module: GraphModule, model: Model, sample: Mapping[str, n
     names = [o for node in model.graph.node for o in node.output if o]
     session = make_session(model, optimize=False, extra_outputs=names)
     values = dict(zip(names, session.run(names, dict(sample))))
-    env: dict[str, torch.Tensor] = dict(module.constants)
-    for name, p in zip(module.parameter_names, module.weights):
-        env[name] = module.quantized[name].fake_integers(p) if name in module.quantized else p
+    env = module.initializer_values()
     env.update({k: torch.from_numpy(np.asarray(v)) for k, v in sample.items()})
     env.update({k: torch.from_numpy(np.array(v)) for k, v in values.items()})  # teacher-forced
     worst = 0.0

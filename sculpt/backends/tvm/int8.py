@@ -28,6 +28,7 @@ import numpy as np
 from sculpt.backends.tvm.relax_import import TVMImportError, build, import_to_relax
 from sculpt.common import one_line
 from sculpt.ir.model import Model
+from sculpt.ir.quantization import dequantize
 
 
 @dataclass
@@ -95,24 +96,18 @@ def _patterns():
 
 
 def _dequantized_constant(call) -> np.ndarray | None:
-    """relax.dequantize of a constant integer tensor to float32, computed as TVM's legalization does
-    (float32(int32(q) - zp) * scale, per channel along ``axis``), or None for other forms."""
+    """relax.dequantize of a constant integer tensor to float32 (sculpt.ir.quantization.dequantize: the
+    float32 formula TVM's legalization uses, per channel along ``axis``), or None for other forms."""
     if str(call.attrs.out_dtype) != "float32":
         return None
     q = _const_value(call.args[0])
     scale, zp, axis = _dq_params(call)
     if q.dtype.kind not in "iu" or scale.dtype != np.float32 or zp.dtype.kind not in "iu":
         return None
-    if scale.size > 1 or zp.size > 1:
-        shape = [1] * q.ndim
-        shape[axis] = q.shape[axis]
-        if scale.size not in (1, q.shape[axis]) or zp.size not in (1, q.shape[axis]):
-            return None
-        scale = scale.reshape(shape) if scale.size > 1 else scale.reshape(())
-        zp = zp.reshape(shape) if zp.size > 1 else zp.reshape(())
-    else:
-        scale, zp = scale.reshape(()), zp.reshape(())
-    return ((q.astype(np.int32) - zp.astype(np.int32)).astype(np.float32) * scale).astype(np.float32)
+    if scale.size not in (1, q.shape[axis]) or zp.size not in (1, scale.size):
+        return None
+    flat = lambda v: v.reshape(-1) if v.size > 1 else v.reshape(())  # noqa: E731
+    return dequantize(q, flat(scale), flat(zp), axis)
 
 
 def _widen(bb_expr, zero_point: int):
