@@ -122,3 +122,23 @@ def test_blocked_layout_chains_run_on_arm64_under_qemu(tmp_path):
         folder = tmp_path / f"chain_build{i}"
         folder.mkdir()
         _verify_on_arm64(path, folder, {"x": rng.standard_normal(shape).astype(np.float32)})
+
+
+def test_winograd_convs_run_on_arm64_under_qemu(tmp_path, monkeypatch):
+    """3x3 convs by F(2x2, 3x3) in NCHW4c (every blocked 3x3 conv of the chain, whatever its size)."""
+    from sculpt.backends.tvm.kernels import tiling, winograd_conv
+
+    monkeypatch.setattr(tiling, "WINOGRAD_MIN_MACS", 0)
+    made = []
+    original = winograd_conv.WinogradBuilder.rewrite
+
+    def counting(self, *args, **kwargs):
+        made.append(args[2])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(winograd_conv.WinogradBuilder, "rewrite", counting)
+    path = tmp_path / "winograd.onnx"
+    onnx.save(cases.winograd_chain_model(), path)
+    x = np.random.default_rng(11).standard_normal((1, 16, 13, 11)).astype(np.float32)
+    _verify_on_arm64(path, tmp_path, {"x": x})
+    assert len(made) == 4, made

@@ -239,8 +239,12 @@ class BlockedConvBuilder:
     gives a tile (one PrimFunc per distinct shape and tile; ``decisions`` receives (ConvShape,
     ConvTile) pairs)."""
 
-    def __init__(self, choose: ConvPolicy, traits, decisions: list | None = None):
+    def __init__(self, choose: ConvPolicy, traits, decisions: list | None = None,
+                 winograd: Callable[..., bool] | None = None):
         self.choose, self.traits, self.decisions = choose, traits, decisions
+        # policy: (ConvShape, traits) -> True for a blocked 3x3 conv to compute by F(2x2, 3x3)
+        self.winograd = winograd
+        self._winograd_builder = None
         self._made: dict[tuple, object] = {}
 
     def tile_for(self, call, block: int = 0) -> ConvTile | None:
@@ -251,7 +255,9 @@ class BlockedConvBuilder:
             return None
         return self.choose(shape, self.traits, block if shape.in_channels % max(block, 1) == 0 else 0, block)
 
-    def _emit(self, x, weight: np.ndarray, shape: ConvShape, tile: ConvTile, rewriter):
+    def padded_call(self, x, weight: np.ndarray, shape: ConvShape, tile: ConvTile, rewriter):
+        """The kernel's call as it computes: every group's output channels padded to whole blocks
+        (``tile.padded_channels``) and the width to whole register tiles (``tile.padded_width``)."""
         from tvm import relax
 
         key = (shape, tile)
@@ -265,10 +271,18 @@ class BlockedConvBuilder:
             tile.out_block, shape.groups
         packed = relax.const(pack_weight(weight, tile.weight_block, tile.in_block, ocp, groups))
         if cb:
-            out, channel_end = (shape.batch, groups * ocp // cb, shape.out_height, owp, cb), shape.out_channels // cb
+            out = (shape.batch, groups * ocp // cb, shape.out_height, owp, cb)
         else:
-            out, channel_end = (shape.batch, groups * ocp, shape.out_height, owp), shape.out_channels
-        y = relax.call_tir(self._made[key], [x, packed], relax.TensorType(out, "float32"))
+            out = (shape.batch, groups * ocp, shape.out_height, owp)
+        return relax.call_tir(self._made[key], [x, packed], relax.TensorType(out, "float32"))
+
+    def _emit(self, x, weight: np.ndarray, shape: ConvShape, tile: ConvTile, rewriter):
+        from tvm import relax
+
+        ocp, owp, cb, groups = tile.padded_channels(shape.out_channels), tile.padded_width(shape.out_width), \
+            tile.out_block, shape.groups
+        channel_end = shape.out_channels // cb if cb else shape.out_channels
+        y = self.padded_call(x, weight, shape, tile, rewriter)
         if (ocp, owp) == (shape.out_channels, shape.out_width):
             return y
         y = rewriter.emit(y)
@@ -295,7 +309,26 @@ class BlockedConvBuilder:
             return None
         # the schedule vectorizes with the width the tile was chosen for (lane_policy may widen it)
         tile = replace(tile, lanes=self.traits.vector_lanes)
-        return self._emit(x, constant_value(call.args[1]).numpy(), shape, tile, rewriter)
+        weight = constant_value(call.args[1]).numpy()
+        if self.winograd is not None:
+            y = self._winograd(x, weight, shape, in_block, out_block, rewriter)
+            if y is not None:
+                return y
+        return self._emit(x, weight, shape, tile, rewriter)
+
+    def _winograd(self, x, weight: np.ndarray, shape: ConvShape, in_block: int, out_block: int, rewriter):
+        """The conv by winograd_conv where the mechanism applies and the policy asks for it, else None."""
+        from sculpt.backends.tvm.kernels import winograd_conv
+
+        if not (winograd_conv.winograd_applies(shape, in_block, out_block, weight) and self.winograd(shape, self.traits)):
+            return None
+        if self._winograd_builder is None:
+            self._winograd_builder = winograd_conv.WinogradBuilder()
+        found = self._winograd_builder.product_tile(shape, self.choose, self.traits, in_block, out_block)
+        if found is None:
+            return None
+        tile, tiles_w = found
+        return self._winograd_builder.rewrite(x, weight, shape, tile, tiles_w, rewriter, self.padded_call)
 
 
 def rewrite_blocked_convs(mod, choose: ConvPolicy, traits, decisions: list | None = None):

@@ -267,13 +267,13 @@ def _concat_on_channels(call) -> bool:
     return axis is not None and int(axis) in (1, -3)
 
 
-def rewrite_in_blocked_layout(mod, choose: ConvPolicy, traits, decisions: list | None = None):
+def rewrite_in_blocked_layout(mod, choose: ConvPolicy, traits, decisions: list | None = None, winograd=None):
     """``mod`` with the blocked-channel convs of ``rewrite_blocked_convs`` and, where the plan keeps
     them, their activations in NCHW<lanes>c."""
     from tvm import relax
 
     block = traits.vector_lanes
-    builder = BlockedConvBuilder(choose, traits, decisions)
+    builder = BlockedConvBuilder(choose, traits, decisions, winograd)
     depthwise = BlockedDepthwiseBuilder(block, traits.vector_registers)
 
     plan = BlockedLayoutPlan(block)

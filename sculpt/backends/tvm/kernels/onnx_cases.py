@@ -177,11 +177,11 @@ class _ChainGraph:
         self.inits.append(numpy_helper.from_array(np.asarray(array, np.float32), name))
         return name
 
-    def conv(self, out, x, cin, cout, k, stride=1, group=1):
+    def conv(self, out, x, cin, cout, k, stride=1, group=1, pads=None):
         w = self.const(out + "_w", self.rng.standard_normal((cout, cin // group, k, k)) / np.sqrt(cin // group * k * k))
         b = self.const(out + "_b", self.rng.standard_normal(cout))
         self.nodes.append(helper.make_node("Conv", [x, w, b], [out], kernel_shape=[k, k], strides=[stride] * 2,
-                                           pads=[k // 2] * 4, group=group))
+                                           pads=[k // 2] * 4 if pads is None else list(pads), group=group))
         return out
 
     def op(self, kind, ins, out, **attrs):
@@ -213,6 +213,19 @@ def residual_chain_model(nchw_branch: bool = False) -> onnx.ModelProto:
         g.op("MaxPool", ["ra"], "pooled", kernel_shape=[2, 2], strides=[2, 2])
         outputs.append(g.op("Flatten", ["pooled"], "flat", axis=1))
     return g.model(8, (20, 19), outputs)
+
+
+def winograd_chain_model() -> onnx.ModelProto:
+    """3x3 stride-1 convs between blocked tensors (winograd_conv's case), on an odd map (13x11):
+    1x1 16->32 -> ReLU -> 3x3 32->48 -> ReLU -> 3x3 48->48 + residual -> 3x3 48->32 with no padding
+    (11x9) -> clip -> 3x3 32->32 padded only bottom and right (12x10) -> 1x1 32->16 (the output)."""
+    g = _ChainGraph(19)
+    g.op("Relu", [g.conv("p1", "x", 16, 32, 1)], "r1")
+    g.op("Relu", [g.conv("w1", "r1", 32, 48, 3)], "r2")
+    g.op("Add", [g.conv("w2", "r2", 48, 48, 3), "r2"], "s")
+    g.op("Clip", [g.conv("w3", "s", 48, 32, 3, pads=(0, 0, 0, 0)), g.const("lo", 0.0), g.const("hi", 6.0)], "c")
+    g.conv("w4", "c", 32, 32, 3, pads=(0, 0, 3, 3))
+    return g.model(16, (13, 11), [g.conv("y", "w4", 32, 16, 1)])
 
 
 def mobile_block_model() -> onnx.ModelProto:

@@ -38,6 +38,7 @@ from sculpt.backends.tvm.kernels.row_softmax import rewrite_row_softmax, softmax
 from sculpt.backends.tvm.kernels.target_traits import traits_of
 from sculpt.backends.tvm.kernels.lane_policy import conv_traits_for
 from sculpt.backends.tvm.kernels.blocked_conv import ConvPolicy
+from sculpt.backends.tvm.kernels.tiling import winograd_worth
 from sculpt.backends.tvm.kernels.whole_vector_width import rewrite_depthwise_widths
 from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
 from sculpt.backends.tvm.kernels.rules import TileChooser, schedule_module
@@ -69,7 +70,7 @@ def _front_passes(target, conv_policy: ConvPolicy | None = None, conv_decisions:
         ("SculptSumAsAdds", rewrite_sum_of_stack),
         ("SculptRewriteTransposedConvs", rewrite_transposed_convs),
         ("SculptBlockedConvs", lambda mod: rewrite_in_blocked_layout(mod, conv_policy, conv_traits_for(mod, traits),
-                                                                     conv_decisions)),
+                                                                     conv_decisions, winograd_worth)),
         ("SculptLongMeans", rewrite_long_means),
         ("SculptEvenStridedWidths", rewrite_even_strided_widths),
         ("SculptDepthwiseWidths", lambda mod: rewrite_depthwise_widths(mod, traits.vector_lanes)),

@@ -21,7 +21,7 @@ from sculpt.backends.tvm.kernels.block_analysis import (
 from sculpt.backends.tvm.kernels.register_tile import (
     KernelDecision, inline_epilogue, schedule_injective_block, schedule_register_tile)
 from sculpt.backends.tvm.kernels.blocked_conv import schedule_blocked_conv, tile_from_block_name
-from sculpt.backends.tvm.kernels import blocked_depthwise
+from sculpt.backends.tvm.kernels import blocked_depthwise, winograd_conv
 from sculpt.backends.tvm.kernels.row_softmax import is_row_softmax, schedule_row_softmax, softmax_lanes
 from sculpt.backends.tvm.kernels.target_traits import TargetTraits, traits_of
 from sculpt.backends.tvm.kernels.tiling import Tile, gemv_tile, ranked_tiles, worth_parallel
@@ -117,6 +117,20 @@ def _blocked_conv(sch, main, tile, traits: TargetTraits, name: str):
     return sch, KernelDecision(name, "conv2d_blocked", shape, tile.as_list())
 
 
+def try_winograd_transform(func, traits: TargetTraits, name: str = ""):
+    """(schedule, decision) for a Winograd input or output transform (winograd_conv), or None."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    block = winograd_conv.transform_block(sch)
+    if block is None:
+        return None
+    shape, work = _output_and_work(sch, block)
+    kind = sch.get(block).name_hint
+    winograd_conv.schedule_winograd_transform(sch, block, worth_parallel(16 * work))
+    return sch, KernelDecision(name, kind.replace("sculpt_", ""), shape, None)
+
+
 def try_row_softmax(func, traits: TargetTraits, name: str = ""):
     """(schedule, decision) for sculpt's long-row softmax (row_softmax), or None."""
     from tvm import s_tir
@@ -170,7 +184,8 @@ def schedule_every_block(func, traits: TargetTraits, name: str = ""):
 def schedule_func(func, traits: TargetTraits, choose: TileChooser = heuristic_chooser, name: str = ""):
     """(scheduled PrimFunc or None, decision) for one legalized PrimFunc."""
     errors = []
-    for attempt in (lambda: try_row_softmax(func, traits, name),
+    for attempt in (lambda: try_winograd_transform(func, traits, name),
+                    lambda: try_row_softmax(func, traits, name),
                     lambda: try_register_tile(func, traits, choose, name),
                     lambda: schedule_every_block(func, traits, name)):
         try:
