@@ -217,11 +217,11 @@ def residual_chain_model(nchw_branch: bool = False) -> onnx.ModelProto:
 
 def winograd_chain_model() -> onnx.ModelProto:
     """3x3 stride-1 convs between blocked tensors (winograd_conv's case), on an odd map (13x11):
-    1x1 16->32 -> ReLU -> 3x3 32->48 -> ReLU -> 3x3 48->48 + residual -> 3x3 48->32 with no padding
+    1x1 16->32 -> ReLU -> 3x3 32->48 -> SiLU -> 3x3 48->48 + residual -> 3x3 48->32 with no padding
     (11x9) -> clip -> 3x3 32->32 padded only bottom and right (12x10) -> 1x1 32->16 (the output)."""
     g = _ChainGraph(19)
     g.op("Relu", [g.conv("p1", "x", 16, 32, 1)], "r1")
-    g.op("Relu", [g.conv("w1", "r1", 32, 48, 3)], "r2")
+    g.op("Mul", [g.conv("w1", "r1", 32, 48, 3), g.op("Sigmoid", ["w1"], "sg")], "r2")  # SiLU: reads w1 twice
     g.op("Add", [g.conv("w2", "r2", 48, 48, 3), "r2"], "s")
     g.op("Clip", [g.conv("w3", "s", 48, 32, 3, pads=(0, 0, 0, 0)), g.const("lo", 0.0), g.const("hi", 6.0)], "c")
     g.conv("w4", "c", 32, 32, 3, pads=(0, 0, 3, 3))

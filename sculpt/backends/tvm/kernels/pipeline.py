@@ -6,7 +6,8 @@
              -> [sculpt: ONNX Sum's stack + reduce as adds (sum_as_adds)]
              -> [sculpt: transposed convs with stride == kernel -> 1x1 conv + pixel shuffle]
              -> [sculpt: conv2d -> the channel-blocked kernel where the policy gives a tile (blocked_conv),
-                 activations NCHW<lanes>c between such convs where no transform is needed (blocked_layout)]
+                 activations NCHW<lanes>c between such convs where no transform is needed (blocked_layout);
+                 3x3 stride-1 convs between blocked tensors by Winograd F(2x2, 3x3) (winograd_conv)]
              -> [sculpt: means over 4096+ terms summed in float64 (long_means)]
              -> [sculpt: strided pools/depthwise over odd widths get an unused column (even_strided_width)]
              -> [sculpt: depthwise convs over widths of no whole vectors computed wider, sliced (whole_vector_width)]

@@ -220,33 +220,42 @@ def transform_block(sch):
 
 
 def schedule_winograd_transform(sch, block, parallel: bool) -> None:
-    """One transform block with its producers (copies) and consumers (the epilogue) inlined: parallel
-    over (batch, channel blocks, tile rows), the tile's positions unrolled (their selects fold to one
-    sum each), the channel block's lanes as one vector."""
+    """One transform block: parallel over (batch, channel blocks, tile rows), the tile's positions
+    unrolled (their selects fold to one sum each), the channel block's lanes as one vector. Copies
+    before it are inlined; the epilogue after an output transform (bias, activation, residual; SiLU
+    reads its input twice) is computed per 2x2 tile from the transform's values, which stay in
+    registers, rather than substituted into it (that would repeat the transform per read)."""
     from sculpt.backends.tvm.kernels.block_analysis import root_blocks
+    from sculpt.backends.tvm.kernels.register_tile import inline_epilogue
 
     name = sch.get(block).name_hint
     blocks = root_blocks(sch)
     position = [sch.get(b).name_hint for b in blocks].index(name)
     for b in reversed(blocks[:position]):
         sch.compute_inline(b)
-    for b in blocks[position + 1:]:
-        sch.reverse_compute_inline(b)
-    block = next(b for b in root_blocks(sch))
+    epilogue = inline_epilogue(sch, sch.mod["main"], block)
     n, c, h, w, lane = sch.get_loops(block)
     if name == INPUT_BLOCK:
         # channel axis = (position a, position b, channel block): positions innermost, unrolled
         extent = int(sch.get(c).extent)
         a, b, ch = sch.split(c, factors=[4, 4, extent // POSITIONS])
         sch.reorder(n, ch, h, w, a, b, lane)
-        outer, unrolled = sch.fuse(n, ch, h), (a, b)
+        outer, tile_loop, unrolled = sch.fuse(n, ch, h), w, (a, b)
     else:
         t_h, i = sch.split(h, factors=[None, TILE])
         t_w, j = sch.split(w, factors=[None, TILE])
         sch.reorder(n, c, t_h, t_w, i, j, lane)
-        outer, unrolled = sch.fuse(n, c, t_h), (i, j)
+        outer, tile_loop, unrolled = sch.fuse(n, c, t_h), t_w, (i, j)
     for lp in unrolled:
         sch.unroll(lp)
     sch.vectorize(lane)
+    for tail in epilogue:
+        sch.reverse_compute_at(tail, tile_loop, preserve_unit_loops=True)
+        loops = sch.get_loops(tail)
+        inner = loops[len(sch.get_loops(block)) - len(unrolled) - 1:]
+        for lp in inner[:-1]:
+            if int(sch.get(lp).extent) > 1:
+                sch.unroll(lp)
+        sch.vectorize(inner[-1])
     if parallel:
         sch.parallel(outer)
