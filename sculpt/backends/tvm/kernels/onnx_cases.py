@@ -218,14 +218,17 @@ def residual_chain_model(nchw_branch: bool = False) -> onnx.ModelProto:
 def winograd_chain_model() -> onnx.ModelProto:
     """3x3 stride-1 convs between blocked tensors (winograd_conv's case), on an odd map (13x11):
     1x1 16->32 -> ReLU -> 3x3 32->48 -> SiLU -> 3x3 48->48 + residual -> 3x3 48->32 with no padding
-    (11x9) -> clip -> 3x3 32->32 padded only bottom and right (12x10) -> 1x1 32->16 (the output)."""
+    (11x9) -> clip -> two 3x3 convs padded only bottom and right (12x10), 32->32 each ->
+    concat -> 1x1 64->16 (the output)."""
     g = _ChainGraph(19)
     g.op("Relu", [g.conv("p1", "x", 16, 32, 1)], "r1")
     g.op("Mul", [g.conv("w1", "r1", 32, 48, 3), g.op("Sigmoid", ["w1"], "sg")], "r2")  # SiLU: reads w1 twice
     g.op("Add", [g.conv("w2", "r2", 48, 48, 3), "r2"], "s")
     g.op("Clip", [g.conv("w3", "s", 48, 32, 3, pads=(0, 0, 0, 0)), g.const("lo", 0.0), g.const("hi", 6.0)], "c")
     g.conv("w4", "c", 32, 32, 3, pads=(0, 0, 3, 3))
-    return g.model(16, (13, 11), [g.conv("y", "w4", 32, 16, 1)])
+    # DenseNet's: each conv's only reader is the concat, which FuseOps fuses with the output transform
+    g.op("Concat", ["w4", g.conv("w5", "c", 32, 32, 3, pads=(0, 0, 3, 3))], "k", axis=1)
+    return g.model(16, (13, 11), [g.conv("y", "k", 64, 16, 1)])
 
 
 def mobile_block_model() -> onnx.ModelProto:

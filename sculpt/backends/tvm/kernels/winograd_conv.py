@@ -224,9 +224,10 @@ def schedule_winograd_transform(sch, block, parallel: bool) -> None:
     unrolled (their selects fold to one sum each), the channel block's lanes as one vector. Copies
     before it are inlined; the epilogue after an output transform (bias, activation, residual; SiLU
     reads its input twice) is computed per 2x2 tile from the transform's values, which stay in
-    registers, rather than substituted into it (that would repeat the transform per read)."""
-    from sculpt.backends.tvm.kernels.block_analysis import root_blocks
-    from sculpt.backends.tvm.kernels.register_tile import inline_epilogue
+    registers, rather than substituted into it (that would repeat the transform per read); an op
+    that reads them elsewhere than at its own position (a concat) runs as a stage of its own."""
+    from sculpt.backends.tvm.kernels.block_analysis import reads_pointwise, root_blocks
+    from sculpt.backends.tvm.kernels.register_tile import inline_epilogue, schedule_injective_block
 
     name = sch.get(block).name_hint
     blocks = root_blocks(sch)
@@ -250,6 +251,12 @@ def schedule_winograd_transform(sch, block, parallel: bool) -> None:
         sch.unroll(lp)
     sch.vectorize(lane)
     for tail in epilogue:
+        if not reads_pointwise(sch, tail, block):
+            # a concat (DenseNet's) or another op that reads the transform's values at positions other
+            # than its own: a stage of its own over the whole tensor (per tile it would write only
+            # the part its region analysis maps to the tile)
+            schedule_injective_block(sch, tail, int(sch.get(lane).extent))
+            continue
         sch.reverse_compute_at(tail, tile_loop, preserve_unit_loops=True)
         loops = sch.get_loops(tail)
         inner = loops[len(sch.get_loops(block)) - len(unrolled) - 1:]
