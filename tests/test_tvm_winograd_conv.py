@@ -91,8 +91,9 @@ def test_the_policy_keeps_small_convs_direct():
     traits = traits_of(host_target("llvm"))
     big = ConvShape(1, 256, 28, 28, 256, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
     assert tiling.winograd_worth(big, traits)
-    assert not tiling.winograd_worth(ConvShape(1, 128, 7, 7, 32, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
-    assert not tiling.winograd_worth(ConvShape(1, 16, 55, 55, 64, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
+    assert tiling.winograd_worth(ConvShape(1, 16, 55, 55, 64, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
+    assert not tiling.winograd_worth(ConvShape(1, 32, 7, 7, 32, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
+    assert not tiling.winograd_worth(ConvShape(1, 8, 56, 56, 64, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
     # the mechanism's own limits: stride, dilation, groups, layouts
     assert winograd_conv.winograd_applies(big, 16, 16)
     assert not winograd_conv.winograd_applies(big, 0, 16)
