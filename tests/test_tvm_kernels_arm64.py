@@ -125,7 +125,8 @@ def test_blocked_layout_chains_run_on_arm64_under_qemu(tmp_path):
 
 
 def test_winograd_convs_run_on_arm64_under_qemu(tmp_path, monkeypatch):
-    """3x3 convs by F(2x2, 3x3) in NCHW4c (every blocked 3x3 conv of the chain, whatever its size)."""
+    """3x3 convs by F(2x2, 3x3) in NCHW4c (every 3x3 conv of the chain, whatever its size), and
+    convs reading the graph's NCHW input and writing its NCHW output."""
     from sculpt.backends.tvm.kernels import tiling, winograd_conv
 
     monkeypatch.setattr(tiling, "WINOGRAD_MIN_MACS", 0)
@@ -137,8 +138,11 @@ def test_winograd_convs_run_on_arm64_under_qemu(tmp_path, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(winograd_conv.WinogradBuilder, "rewrite", counting)
-    path = tmp_path / "winograd.onnx"
-    onnx.save(cases.winograd_chain_model(), path)
-    x = np.random.default_rng(11).standard_normal((1, 16, 13, 11)).astype(np.float32)
-    _verify_on_arm64(path, tmp_path, {"x": x})
-    assert len(made) == 5, made
+    rng = np.random.default_rng(11)
+    for i, model in enumerate([cases.winograd_chain_model(), cases.winograd_edges_model()]):
+        path = tmp_path / f"winograd{i}.onnx"
+        onnx.save(model, path)
+        folder = tmp_path / f"winograd_build{i}"
+        folder.mkdir()
+        _verify_on_arm64(path, folder, {"x": rng.standard_normal((1, 16, 13, 11)).astype(np.float32)})
+    assert len(made) == 5 + 2, made  # the chain's five, the edges model's two (NCHW in, NCHW out)

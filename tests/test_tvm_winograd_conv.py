@@ -4,6 +4,8 @@ add, clip) match onnxruntime; the policy keeps small convs direct."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -87,6 +89,32 @@ def test_a_chain_of_3x3_convs_by_winograd_matches_onnxruntime(monkeypatch):
     assert float(np.abs(direct[0] - ref[0]).max()) <= 2e-5 * scale
 
 
+@pytest.mark.parametrize("case", ["edges", "single"])
+def test_3x3_convs_reading_or_writing_nchw_by_winograd_match_onnxruntime(case, monkeypatch):
+    """The transforms read an NCHW input (the graph's) and write an NCHW output (the graph's); a
+    lone conv does both (AlexNet's 256->384 between NCHW ops)."""
+    if case == "edges":
+        proto = cases.winograd_edges_model()
+    else:
+        proto = cases.conv_model([cases.ConvCase("k3", 16, 32, (3, 3), pads=(1, 1, 1, 1), epilogue="relu")],
+                                 (1, 16, 13, 11))
+    model = Model.wrap(proto)
+    x = np.random.default_rng(2).standard_normal((1, 16, 13, 11)).astype(np.float32)
+    made = []
+    original = winograd_conv.WinogradBuilder.rewrite
+
+    def counting(self, *args, **kwargs):
+        made.append((kwargs.get("nchw_input"), kwargs.get("nchw_output")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(winograd_conv.WinogradBuilder, "rewrite", counting)
+    got, _ = _compile(model, x, monkeypatch, min_macs=0)
+    assert made == ([(True, False), (False, True)] if case == "edges" else [(True, True)]), made
+    ref = make_session(model).run([o.name for o in proto.graph.output], {"x": x})
+    assert got[0].shape == ref[0].shape
+    assert float(np.abs(got[0] - ref[0]).max()) <= 2e-5 * float(np.abs(ref[0]).max())
+
+
 def test_the_policy_keeps_small_convs_direct():
     traits = traits_of(host_target("llvm"))
     big = ConvShape(1, 256, 28, 28, 256, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
@@ -95,13 +123,11 @@ def test_the_policy_keeps_small_convs_direct():
     assert not tiling.winograd_worth(ConvShape(1, 32, 7, 7, 32, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
     assert not tiling.winograd_worth(ConvShape(1, 8, 56, 56, 64, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
     # the mechanism's own limits: stride, dilation, groups, layouts
-    assert winograd_conv.winograd_applies(big, 16, 16)
-    assert not winograd_conv.winograd_applies(big, 0, 16)
+    assert winograd_conv.winograd_applies(big, 16)
+    assert not winograd_conv.winograd_applies(replace(big, out_channels=40), 16)  # no whole blocks
     # integer weights: the int8 lowering's exact float32 units, which must stay exact
     weights = np.random.default_rng(0).integers(-127, 128, (256, 256, 3, 3)).astype(np.float32)
-    assert not winograd_conv.winograd_applies(big, 16, 16, weights)
-    assert winograd_conv.winograd_applies(big, 16, 16, weights / 7)
+    assert not winograd_conv.winograd_applies(big, 16, weights)
+    assert winograd_conv.winograd_applies(big, 16, weights / 7)
     for other in (dict(strides=(2, 2)), dict(dilation=(2, 2)), dict(kernel=(5, 5)), dict(groups=2)):
-        from dataclasses import replace
-
-        assert not winograd_conv.winograd_applies(replace(big, **other), 16, 16), other
+        assert not winograd_conv.winograd_applies(replace(big, **other), 16), other

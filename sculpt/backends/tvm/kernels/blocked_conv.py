@@ -317,18 +317,22 @@ class BlockedConvBuilder:
         return self._emit(x, weight, shape, tile, rewriter)
 
     def _winograd(self, x, weight: np.ndarray, shape: ConvShape, in_block: int, out_block: int, rewriter):
-        """The conv by winograd_conv where the mechanism applies and the policy asks for it, else None."""
+        """The conv by winograd_conv where the mechanism applies and the policy asks for it, else None.
+        Its transformed tensors take the blocked layout's block (the convs' vector width); the conv's
+        own input and output stay as the plan has them (NCHW at the graph's edges)."""
         from sculpt.backends.tvm.kernels import winograd_conv
 
-        if not (winograd_conv.winograd_applies(shape, in_block, out_block, weight) and self.winograd(shape, self.traits)):
+        block = in_block or out_block or self.traits.vector_lanes
+        if not (winograd_conv.winograd_applies(shape, block, weight) and self.winograd(shape, self.traits)):
             return None
         if self._winograd_builder is None:
             self._winograd_builder = winograd_conv.WinogradBuilder()
-        found = self._winograd_builder.product_tile(shape, self.choose, self.traits, in_block, out_block)
+        found = self._winograd_builder.product_tile(shape, self.choose, self.traits, block, block)
         if found is None:
             return None
         tile, tiles_w = found
-        return self._winograd_builder.rewrite(x, weight, shape, tile, tiles_w, rewriter, self.padded_call)
+        return self._winograd_builder.rewrite(x, weight, shape, tile, tiles_w, rewriter, self.padded_call,
+                                              nchw_input=not in_block, nchw_output=not out_block)
 
 
 def rewrite_blocked_convs(mod, choose: ConvPolicy, traits, decisions: list | None = None):

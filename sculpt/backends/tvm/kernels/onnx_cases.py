@@ -231,6 +231,14 @@ def winograd_chain_model() -> onnx.ModelProto:
     return g.model(16, (13, 11), [g.conv("y", "k", 64, 16, 1)])
 
 
+def winograd_edges_model() -> onnx.ModelProto:
+    """3x3 convs at the graph's edges, whose own input or output stays NCHW: x (NCHW) -> 3x3 16->32
+    -> ReLU -> 3x3 32->32 + bias -> the output (NCHW), on a 13x11 map."""
+    g = _ChainGraph(23)
+    g.op("Relu", [g.conv("w1", "x", 16, 32, 3)], "r1")
+    return g.model(16, (13, 11), [g.conv("w2", "r1", 32, 32, 3)])
+
+
 def mobile_block_model() -> onnx.ModelProto:
     """pointwise -> depthwise 3x3 -> ReLU6 -> pointwise + residual -> depthwise 5x5 stride 2 over an
     odd width -> HardSwish -> squeeze-and-excitation (mean, 1x1 convs, HardSigmoid gate) -> max pool

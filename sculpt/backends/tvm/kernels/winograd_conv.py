@@ -43,16 +43,17 @@ G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 A_T = ((1, 1, 1, 0), (0, 1, -1, -1))
 
 
-def winograd_applies(shape: ConvShape, in_block: int, out_block: int, weight: np.ndarray | None = None) -> bool:
-    """The mechanism's own limits: a 3x3, stride-1, undilated, ungrouped conv between blocked tensors
-    (both layouts NCHW<c>c with whole channel blocks). Integer weights are refused: such a conv is
+def winograd_applies(shape: ConvShape, block: int, weight: np.ndarray | None = None) -> bool:
+    """The mechanism's own limits: a 3x3, stride-1, undilated, ungrouped conv whose input and output
+    channels are whole blocks of ``block`` (the transformed tensors are NCHW<block>c; the conv's own
+    input and output may be NCHW or NCHW<block>c). Integer weights are refused: such a conv is
     integer arithmetic run exactly in float32 (the int8 lowering's exact units), which the
     transforms' halves and rounding would break."""
     if weight is not None and np.array_equal(weight, np.round(weight)):
         return False
     return (shape.kernel == (3, 3) and shape.strides == (1, 1) and shape.dilation == (1, 1)
-            and shape.groups == 1 and bool(in_block) and bool(out_block)
-            and shape.in_channels % in_block == 0 and shape.out_channels % out_block == 0)
+            and shape.groups == 1 and block > 0
+            and shape.in_channels % block == 0 and shape.out_channels % block == 0)
 
 
 def transformed_weight(w: np.ndarray) -> np.ndarray:
@@ -88,9 +89,9 @@ def tile_counts(shape: ConvShape) -> tuple[int, int]:
     return -(-shape.out_height // TILE), -(-shape.out_width // TILE)
 
 
-def input_transform_func(shape: ConvShape, block: int, tiles_w: int):
-    """x [N, C/block, H, W, block] -> V [N, 16 * C/block, TH, tiles_w, block] (tiles beyond the map
-    read zeros: the padding)."""
+def input_transform_func(shape: ConvShape, block: int, tiles_w: int, nchw: bool = False):
+    """x [N, C/block, H, W, block] (``nchw``: [N, C, H, W]) -> V [N, 16 * C/block, TH, tiles_w, block]
+    (tiles beyond the map read zeros: the padding)."""
     from tvm import te, tirx
 
     s = shape
@@ -101,7 +102,13 @@ def input_transform_func(shape: ConvShape, block: int, tiles_w: int):
     def i64(*dims):
         return [tirx.IntImm("int64", int(d)) for d in dims]
 
-    x = te.placeholder(i64(s.batch, cb, s.height, s.width, block), "float32", name="x")
+    if nchw:
+        x = te.placeholder(i64(s.batch, s.in_channels, s.height, s.width), "float32", name="x")
+    else:
+        x = te.placeholder(i64(s.batch, cb, s.height, s.width, block), "float32", name="x")
+
+    def read(n, ch, h, w, lane):
+        return x[n, ch * block + lane, h, w] if nchw else x[n, ch, h, w, lane]
 
     def value(n, c, t_h, t_w, lane):
         xi, ch = c // cb, c % cb
@@ -110,7 +117,7 @@ def input_transform_func(shape: ConvShape, block: int, tiles_w: int):
         def d(r, q):
             h, w = t_h * TILE + r - pt, t_w * TILE + q - pl
             inside = tirx.all(h >= 0, h < s.height, w >= 0, w < s.width)
-            return tirx.if_then_else(inside, x[n, ch, h, w, lane], tirx.const(0.0, "float32"))
+            return tirx.if_then_else(inside, read(n, ch, h, w, lane), tirx.const(0.0, "float32"))
 
         rows = []
         for ra in range(4):
@@ -126,8 +133,9 @@ def input_transform_func(shape: ConvShape, block: int, tiles_w: int):
     return te.create_prim_func([x, v])
 
 
-def output_transform_func(shape: ConvShape, block: int, tiles_w: int, blocks_per_position: int):
-    """M [N, 16 * blocks_per_position, TH, tiles_w, block] -> y [N, K/block, OH, OW, block]."""
+def output_transform_func(shape: ConvShape, block: int, tiles_w: int, blocks_per_position: int, nchw: bool = False):
+    """M [N, 16 * blocks_per_position, TH, tiles_w, block] -> y [N, K/block, OH, OW, block]
+    (``nchw``: [N, K, OH, OW])."""
     from tvm import te, tirx
 
     s = shape
@@ -151,7 +159,11 @@ def output_transform_func(shape: ConvShape, block: int, tiles_w: int, blocks_per
             rows.append(_select(j, cols))
         return _select(i, rows)
 
-    y = te.compute(i64(s.batch, kb, s.out_height, s.out_width, block), value, name=OUTPUT_BLOCK)
+    if nchw:
+        y = te.compute(i64(s.batch, s.out_channels, s.out_height, s.out_width),
+                       lambda n, k, h, w: value(n, k // block, h, w, k % block), name=OUTPUT_BLOCK)
+    else:
+        y = te.compute(i64(s.batch, kb, s.out_height, s.out_width, block), value, name=OUTPUT_BLOCK)
     return te.create_prim_func([m, y])
 
 
@@ -187,28 +199,32 @@ class WinogradBuilder:
             tiles_w = padded
         return None
 
-    def rewrite(self, x, weight: np.ndarray, shape: ConvShape, tile: ConvTile, tiles_w: int, rewriter, padded_call):
-        """y (NCHW<out_block>c, before the epilogue) of the conv ``shape`` of input ``x``
-        (NCHW<in_block>c); ``padded_call(x, weight, shape, tile, rewriter)`` is the blocked kernel's
-        call (BlockedConvBuilder.padded_call)."""
+    def rewrite(self, x, weight: np.ndarray, shape: ConvShape, tile: ConvTile, tiles_w: int, rewriter, padded_call,
+                nchw_input: bool = False, nchw_output: bool = False):
+        """y (before the epilogue) of the conv ``shape`` of input ``x``, each NCHW<block>c (``block``
+        the product tile's in_block and out_block) or NCHW (``nchw_input``, ``nchw_output``);
+        ``padded_call(x, weight, shape, tile, rewriter)`` is the blocked kernel's call
+        (BlockedConvBuilder.padded_call)."""
         from tvm import relax
 
         ib, ob = tile.in_block, tile.out_block
         th, _ = tile_counts(shape)
         # opaque to FuseOps: an output transform before it would fuse with it into one function
         # (both injective) that no single schedule serves
-        v_func = self._func(("in", shape, ib, tiles_w),
-                            lambda: input_transform_func(shape, ib, tiles_w).with_attr("op_pattern", OPAQUE_PATTERN),
+        v_func = self._func(("in", shape, ib, tiles_w, nchw_input),
+                            lambda: input_transform_func(shape, ib, tiles_w, nchw_input).with_attr(
+                                "op_pattern", OPAQUE_PATTERN),
                             INPUT_BLOCK, rewriter)
         v = rewriter.emit(relax.call_tir(v_func, [x], relax.TensorType(
             (shape.batch, POSITIONS * shape.in_channels // ib, th, tiles_w, ib), "float32")))
         m = rewriter.emit(padded_call(v, transformed_weight(weight), product_shape(shape, tiles_w), tile, rewriter))
         blocks_per_position = tile.padded_channels(shape.out_channels) // ob
-        y_func = self._func(("out", shape, ob, tiles_w, blocks_per_position),
-                            lambda: output_transform_func(shape, ob, tiles_w, blocks_per_position),
+        y_func = self._func(("out", shape, ob, tiles_w, blocks_per_position, nchw_output),
+                            lambda: output_transform_func(shape, ob, tiles_w, blocks_per_position, nchw_output),
                             OUTPUT_BLOCK, rewriter)
-        return relax.call_tir(y_func, [m], relax.TensorType(
-            (shape.batch, shape.out_channels // ob, shape.out_height, shape.out_width, ob), "float32"))
+        out = (shape.batch, shape.out_channels, shape.out_height, shape.out_width) if nchw_output else \
+            (shape.batch, shape.out_channels // ob, shape.out_height, shape.out_width, ob)
+        return relax.call_tir(y_func, [m], relax.TensorType(out, "float32"))
 
 
 def transform_block(sch):
@@ -217,6 +233,11 @@ def transform_block(sch):
 
     found = [b for b in root_blocks(sch) if sch.get(b).name_hint in (INPUT_BLOCK, OUTPUT_BLOCK)]
     return found[0] if len(found) == 1 else None
+
+
+def _blocked_lanes_read(sch, block) -> int:
+    """The lanes of the NCHW<c>c tensor a transform block reads (the products, for an output transform)."""
+    return next(int(r.source.shape[-1]) for r in sch.get(block).reads if len(r.source.shape) == 5)
 
 
 def schedule_winograd_transform(sch, block, parallel: bool) -> None:
@@ -235,7 +256,12 @@ def schedule_winograd_transform(sch, block, parallel: bool) -> None:
     for b in reversed(blocks[:position]):
         sch.compute_inline(b)
     epilogue = inline_epilogue(sch, sch.mod["main"], block)
-    n, c, h, w, lane = sch.get_loops(block)
+    loops = sch.get_loops(block)
+    if len(loops) == 4:  # an NCHW output: channels = (block, lane), the block's lanes innermost
+        n, k, h, w = loops
+        c, lane = sch.split(k, factors=[None, _blocked_lanes_read(sch, block)])
+    else:
+        n, c, h, w, lane = loops
     if name == INPUT_BLOCK:
         # channel axis = (position a, position b, channel block): positions innermost, unrolled
         extent = int(sch.get(c).extent)
