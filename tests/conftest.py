@@ -22,3 +22,21 @@ def register_pass():
 
     with contextlib.ExitStack() as stack:
         yield lambda cls: stack.enter_context(registered_temporarily(cls))
+
+
+@pytest.fixture
+def winograd_rewrites(monkeypatch):
+    """The convs compiled by Winograd F(2x2, 3x3) while the test runs, as (ConvShape, nchw_input,
+    nchw_output), whatever their size (the policy's multiply-add floor set to 0)."""
+    from sculpt.backends.tvm.kernels import tiling, winograd_conv
+
+    monkeypatch.setattr(tiling, "WINOGRAD_MIN_MACS", 0)
+    made = []
+    original = winograd_conv.WinogradBuilder.rewrite
+
+    def counting(self, x, weight, shape, *args, **kwargs):
+        made.append((shape, kwargs.get("nchw_input", False), kwargs.get("nchw_output", False)))
+        return original(self, x, weight, shape, *args, **kwargs)
+
+    monkeypatch.setattr(winograd_conv.WinogradBuilder, "rewrite", counting)
+    return made

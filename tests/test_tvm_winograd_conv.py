@@ -51,32 +51,23 @@ def test_the_transforms_reproduce_a_direct_conv_in_float64():
     assert np.abs(y - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
-def _compile(model, x, monkeypatch, min_macs: int):
+def _compile(model, x):
     import tvm
 
-    monkeypatch.setattr(tiling, "WINOGRAD_MIN_MACS", min_macs)
     decisions = []
     executable = compile_with_kernels(import_to_relax(model), tvm.target.Target(host_target("llvm")),
                                       decisions=decisions)
     return run_relax(executable, {"x": x}, ["x"]), decisions
 
 
-def test_a_chain_of_3x3_convs_by_winograd_matches_onnxruntime(monkeypatch):
+def test_a_chain_of_3x3_convs_by_winograd_matches_onnxruntime(winograd_rewrites, monkeypatch):
     proto = cases.winograd_chain_model()
     model = Model.wrap(proto)
     x = np.random.default_rng(1).standard_normal((1, 16, 13, 11)).astype(np.float32)
-    made = []
-    original = winograd_conv.WinogradBuilder.rewrite
-
-    def counting(self, *args, **kwargs):
-        made.append(args[2])
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(winograd_conv.WinogradBuilder, "rewrite", counting)
-    got, decisions = _compile(model, x, monkeypatch, min_macs=0)
+    got, decisions = _compile(model, x)
     # w1..w5 read and write blocked tensors: each is an input transform, a product, an output
     # transform (w4 and w5 read the same input: one input transform function serves both)
-    assert len(made) == 5, made
+    assert [(i, o) for _, i, o in winograd_rewrites] == [(False, False)] * 5, winograd_rewrites
     kinds = [d.kind for d in decisions]
     assert kinds.count("wino_in") == 4 and kinds.count("wino_out") >= 4, kinds
     ref = make_session(model).run([o.name for o in proto.graph.output], {"x": x})
@@ -84,13 +75,14 @@ def test_a_chain_of_3x3_convs_by_winograd_matches_onnxruntime(monkeypatch):
     scale = float(np.abs(ref[0]).max())
     assert float(np.abs(got[0] - ref[0]).max()) <= 2e-5 * scale
     # direct, the same chain is as close: F(2x2, 3x3) adds rounding only
-    direct, decisions = _compile(model, x, monkeypatch, min_macs=1 << 60)
+    monkeypatch.setattr(tiling, "WINOGRAD_MIN_MACS", 1 << 60)
+    direct, decisions = _compile(model, x)
     assert not any(d.kind.startswith("wino") for d in decisions)
     assert float(np.abs(direct[0] - ref[0]).max()) <= 2e-5 * scale
 
 
 @pytest.mark.parametrize("case", ["edges", "single"])
-def test_3x3_convs_reading_or_writing_nchw_by_winograd_match_onnxruntime(case, monkeypatch):
+def test_3x3_convs_reading_or_writing_nchw_by_winograd_match_onnxruntime(case, winograd_rewrites):
     """The transforms read an NCHW input (the graph's) and write an NCHW output (the graph's); a
     lone conv does both (AlexNet's 256->384 between NCHW ops)."""
     if case == "edges":
@@ -100,16 +92,9 @@ def test_3x3_convs_reading_or_writing_nchw_by_winograd_match_onnxruntime(case, m
                                  (1, 16, 13, 11))
     model = Model.wrap(proto)
     x = np.random.default_rng(2).standard_normal((1, 16, 13, 11)).astype(np.float32)
-    made = []
-    original = winograd_conv.WinogradBuilder.rewrite
-
-    def counting(self, *args, **kwargs):
-        made.append((kwargs.get("nchw_input"), kwargs.get("nchw_output")))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(winograd_conv.WinogradBuilder, "rewrite", counting)
-    got, _ = _compile(model, x, monkeypatch, min_macs=0)
-    assert made == ([(True, False), (False, True)] if case == "edges" else [(True, True)]), made
+    got, _ = _compile(model, x)
+    layouts = [(i, o) for _, i, o in winograd_rewrites]
+    assert layouts == ([(True, False), (False, True)] if case == "edges" else [(True, True)]), layouts
     ref = make_session(model).run([o.name for o in proto.graph.output], {"x": x})
     assert got[0].shape == ref[0].shape
     assert float(np.abs(got[0] - ref[0]).max()) <= 2e-5 * float(np.abs(ref[0]).max())
