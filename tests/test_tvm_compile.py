@@ -187,4 +187,10 @@ def test_compile_with_a_tile_search_caches_measured_tiles_and_says_so(tmp_path, 
     tiles = json.loads((tmp_path / "cache" / "kernel_tiles.json").read_text())["tiles"]
     assert len(tiles) == searched["kernels"]
     assert any("conv2d_blocked" in key for key in tiles)
+    # timed for the CPU the build compiles for (the search once timed bare llvm: SSE code, under a
+    # key no build of this machine reads)
+    from sculpt.backends.tvm.kernels import host_target, traits_of
+
+    traits = traits_of(host_target("llvm"))
+    assert {key.split("|")[0] for key in tiles} <= {traits.key, traits.widened().key}, sorted(tiles)
     assert main(["verify", str(out), "--model", str(ppocr_model_path("cls"))]) == 0

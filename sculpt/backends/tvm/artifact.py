@@ -252,6 +252,9 @@ def _lower_int8(mod, model, target: NamedTarget, mode: str, progress) -> tuple[o
 def _search_tiles(mod, target: NamedTarget, candidates: int, build_options: Mapping | None, progress) -> dict:
     """Time ``candidates`` tiles of every kernel on this machine (kernels.tile_search) and cache the
     fastest; what was searched, for the manifest."""
+    import tvm
+
+    from sculpt.backends.tvm.kernels import host_target
     from sculpt.backends.tvm.kernels.tile_search import timed_search
 
     if candidates < 0:
@@ -263,7 +266,10 @@ def _search_tiles(mod, target: NamedTarget, candidates: int, build_options: Mapp
         raise OptionError("--search-tiles measures sculpt's kernels: it needs --kernels sculpt")
     if progress:
         progress(f"timing {candidates} candidate tiles of every kernel on this machine")
-    results, seconds = timed_search(mod, target.tvm_target(), candidates=candidates, progress=progress)
+    # the CPU the build compiles for (relax_import.build: a bare host llvm gets this machine's mcpu);
+    # searched as bare llvm, the tiles were timed as SSE code and cached under a key no build reads
+    results, seconds = timed_search(mod, tvm.target.Target(host_target(target.tvm_target())), candidates=candidates,
+                                    progress=progress)
     return {"candidates": candidates, "kernels": len(results), "seconds": round(seconds, 1),
             "faster_than_heuristic": sum(1 for r in results if r.best_ms < r.heuristic_ms)}
 
