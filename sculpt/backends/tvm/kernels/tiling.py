@@ -277,14 +277,13 @@ def _rows_outer(shape, channels: int, traits: TargetTraits) -> bool:
     return input_bytes > traits.l2_bytes // 2 and weight_bytes <= 4 * input_bytes
 
 
-# F(2x2, 3x3) (winograd_conv) in place of the direct blocked kernel: a 3x3 stride-1 conv between
-# blocked tensors of at least this many channels on each side and this many multiply-adds. Measured on
-# AVX-512 (Zen 4), 1 thread, one conv + bias + ReLU between two blocked 1x1 convs, whole model, direct
-# -> Winograd (medians of 5 rounds): 256->256 at 28x28 8.2 -> 4.0 ms per conv, 64->64 at 224x224
-# 52.7 -> 41.5 ms (whole model), 96->24 at 184x184 24.5 -> 20.8, 24->24 at 92x92 1.27 -> 0.87,
-# 32->16 at 56x56 0.36 -> 0.31, 16->16 at 112x112 0.77 -> 0.70, 48->48 at 23x23 0.26 -> 0.17,
-# 128->32 at 7x7 (1.8M multiply-adds) 0.049 -> 0.044; nothing measured was slower. Smaller convs and
-# 8-channel ones are left direct, unmeasured.
+# F(2x2, 3x3) (winograd_conv) in place of the direct blocked kernel: a 3x3 stride-1 conv of at least
+# this many channels on each side and this many multiply-adds. Measured on AVX-512 (Zen 4), 1 thread,
+# one conv + bias + ReLU between two blocked 1x1 convs, whole model, direct -> Winograd (medians of 5
+# rounds): 256->256 at 28x28 8.2 -> 4.0 ms per conv, 64->64 at 224x224 52.7 -> 41.5 ms (whole model),
+# 96->24 at 184x184 24.5 -> 20.8, 24->24 at 92x92 1.27 -> 0.87, 32->16 at 56x56 0.36 -> 0.31, 16->16
+# at 112x112 0.77 -> 0.70, 48->48 at 23x23 0.26 -> 0.17, 128->32 at 7x7 (1.8M multiply-adds) 0.049 ->
+# 0.044; nothing measured was slower. Smaller convs and 8-channel ones are left direct, unmeasured.
 WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MIN_MACS = 1_000_000
 

@@ -11,17 +11,19 @@ onnxruntime's do), so fewer multiplies is what is left to gain on 3x3-heavy CNNs
     y[k, 2x2 tile t] = A^T M[:, t, k] A  (+ bias, activation, residual: fused)     (output transform)
 
 with U = G g G^T, the 3x3 weights transformed once at compile time (in float64, stored float32).
-Every tensor is channel-blocked (NCHW<c>c): the transforms are whole-vector adds and subtractions
-over the ``c`` channels of a pixel; the product is the blocked conv kernel itself (``blocked_conv``,
-1x1, ``groups`` = 16), so it keeps that kernel's register tiles and tile search.
+The transformed tensors are channel-blocked (NCHW<c>c): the transforms are whole-vector adds and
+subtractions over the ``c`` channels of a pixel (the conv's own input and output may be NCHW, at the
+graph's edges: then the input transform gathers and the output transform scatters the lanes); the
+product is the blocked conv kernel itself (``blocked_conv``, 1x1, ``groups`` = 16), so it keeps that
+kernel's register tiles and tile search.
 
 Error: the transforms' coefficients are 0, +-1/2 and +-1; against the direct conv, the output differs
-by rounding only (measured in tests/test_winograd_conv.py against onnxruntime).
+by rounding only (tests/test_tvm_winograd_conv.py, against onnxruntime and the direct build).
 
 Mechanism only: ``WinogradBuilder.rewrite`` emits the three calls for one conv (before legalization,
 so FuseOps fuses the output transform with the epilogue); ``schedule_winograd_transform`` schedules
 a fused function whose main block is a transform (found by the block names ``sculpt_wino_in`` /
-``sculpt_wino_out``). Which convs take it is a policy (``winograd_worth``)."""
+``sculpt_wino_out``). Which convs take it is a policy (``tiling.winograd_worth``)."""
 
 from __future__ import annotations
 
