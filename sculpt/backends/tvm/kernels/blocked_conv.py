@@ -255,14 +255,15 @@ class BlockedConvBuilder:
             return None
         return self.choose(shape, self.traits, block if shape.in_channels % max(block, 1) == 0 else 0, block)
 
-    def padded_call(self, x, weight: np.ndarray, shape: ConvShape, tile: ConvTile, rewriter):
+    def padded_call(self, x, weight: np.ndarray, shape: ConvShape, tile: ConvTile, rewriter, name: str = "sculpt_conv_oc"):
         """The kernel's call as it computes: every group's output channels padded to whole blocks
-        (``tile.padded_channels``) and the width to whole register tiles (``tile.padded_width``)."""
+        (``tile.padded_channels``) and the width to whole register tiles (``tile.padded_width``);
+        ``name`` prefixes its function's name (what `sculpt bench --layers` shows)."""
         from tvm import relax
 
         key = (shape, tile)
         if key not in self._made:
-            name = f"sculpt_conv_oc{len(self._made)}"
+            name = f"{name}{len(self._made)}"
             # private (no global symbol): once fused into its callers, DeadCodeElimination drops it
             self._made[key] = rewriter.add_func(blocked_conv_func(shape, tile).without_attr("global_symbol"), name)
         if self.decisions is not None:

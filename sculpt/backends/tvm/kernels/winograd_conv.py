@@ -34,6 +34,7 @@ import numpy as np
 from sculpt.backends.tvm.kernels.blocked_conv import ConvShape, ConvTile, blocked_conv_func, pack_weight
 
 INPUT_BLOCK = "sculpt_wino_in"
+PRODUCT_NAME = "sculpt_wino_product"  # the products' function (the blocked kernel's) in layer tables
 OUTPUT_BLOCK = "sculpt_wino_out"
 OPAQUE_PATTERN = 8  # TVM's OpPatternKind kOpaque
 TILE = 2  # outputs per tile side: F(2x2, 3x3)
@@ -219,7 +220,8 @@ class WinogradBuilder:
                             INPUT_BLOCK, rewriter)
         v = rewriter.emit(relax.call_tir(v_func, [x], relax.TensorType(
             (shape.batch, POSITIONS * shape.in_channels // ib, th, tiles_w, ib), "float32")))
-        m = rewriter.emit(padded_call(v, transformed_weight(weight), product_shape(shape, tiles_w), tile, rewriter))
+        m = rewriter.emit(padded_call(v, transformed_weight(weight), product_shape(shape, tiles_w), tile, rewriter,
+                                      name=PRODUCT_NAME))
         blocks_per_position = tile.padded_channels(shape.out_channels) // ob
         y_func = self._func(("out", shape, ob, tiles_w, blocks_per_position, nchw_output),
                             lambda: output_transform_func(shape, ob, tiles_w, blocks_per_position, nchw_output),
