@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, four_pads, rewrite_calls, static_shape
+from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, four_pads, i64, rewrite_calls, static_shape
 
 BLOCK_PREFIX = "sculpt_conv_oc"
 _BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_h(\d+)_w(\d+)_c(\d+)_r(\d+)(?:_i(\d+)_o(\d+))?(?:_l(\d+))?")
@@ -189,8 +189,6 @@ def blocked_conv_func(shape: ConvShape, tile: ConvTile):
     (kh, kw) = s.kernel
     need_h = (s.out_height - 1) * sh + dh * (kh - 1) + 1
     need_w = (owp - 1) * sw + dw * (kw - 1) + 1
-    def i64(*dims):  # Relax's legalized functions index in int64: FuseTIR needs equal buffer types
-        return [tirx.IntImm("int64", int(d)) for d in dims]
 
     channel_dims = (groups * s.in_channels // ib, ) if ib else (groups * s.in_channels, )
     lane_dims = (ib, ) if ib else ()

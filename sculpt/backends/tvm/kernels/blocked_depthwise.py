@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from sculpt.backends.tvm.kernels.blocked_conv import ConvShape, static_conv_of
-from sculpt.backends.tvm.kernels.relax_rewrite import constant_value
+from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, i64
 
 BLOCK_PREFIX = "sculpt_dw_h"
 _BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_w(\d+)_p(\d+)")
@@ -105,8 +105,6 @@ def blocked_depthwise_func(shape: ConvShape, tile: DepthwiseTile, block: int):
     need_h = (s.out_height - 1) * sh + dh * (kh - 1) + 1
     need_w = (owp - 1) * sw + dw * (kw - 1) + 1
 
-    def i64(*dims):
-        return [tirx.IntImm("int64", int(d)) for d in dims]
 
     blocks = s.in_channels // block
     x = te.placeholder(i64(s.batch, blocks, s.height, s.width, block), "float32", name="x")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from sculpt.backends.tvm.kernels.relax_rewrite import rewrite_calls, static_shape
+from sculpt.backends.tvm.kernels.relax_rewrite import i64, rewrite_calls, static_shape
 
 MIN_TERMS = 4096  # a mean over fewer terms keeps float32 accumulation
 
@@ -22,8 +22,6 @@ def float64_mean_func(shape: tuple[int, ...], axes: list[int], keepdims: bool):
     """The TE definition: the mean of a float32 tensor of ``shape`` over ``axes``, summed in float64."""
     from tvm import te, tirx
 
-    def i64(*dims):
-        return [tirx.IntImm("int64", int(d)) for d in dims]
 
     x = te.placeholder(i64(*shape), "float32", name="x")
     reduce = {a: te.reduce_axis(i64(0, shape[a]), f"r{a}") for a in axes}

@@ -15,6 +15,14 @@ def constant_value(expr):
     return None
 
 
+def i64(*dims) -> list:
+    """Extents as int64 constants, for TE definitions emitted next to Relax's legalized functions:
+    those index in int64, and FuseTIR needs equal buffer types."""
+    from tvm import tirx
+
+    return [tirx.IntImm("int64", int(d)) for d in dims]
+
+
 def static_shape(expr) -> tuple[int, ...] | None:
     """The static shape of a Relax expression's tensor type, or None (symbolic or not a tensor)."""
     try:

@@ -127,6 +127,7 @@ def try_winograd_transform(func, traits: TargetTraits, name: str = ""):
         return None
     shape, work = _output_and_work(sch, block)
     kind = sch.get(block).name_hint
+    # work: the block's output elements; each costs a sum of 4 (input) to 9 (output) vector terms
     winograd_conv.schedule_winograd_transform(sch, block, worth_parallel(16 * work))
     return sch, KernelDecision(name, kind.replace("sculpt_", ""), shape, None)
 

@@ -31,7 +31,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from sculpt.backends.tvm.kernels.blocked_conv import ConvShape, ConvTile, blocked_conv_func, pack_weight
+from sculpt.backends.tvm.kernels.blocked_conv import ConvShape, ConvTile
+from sculpt.backends.tvm.kernels.relax_rewrite import i64
 
 INPUT_BLOCK = "sculpt_wino_in"
 PRODUCT_NAME = "sculpt_wino_product"  # the products' function (the blocked kernel's) in layer tables
@@ -102,8 +103,6 @@ def input_transform_func(shape: ConvShape, block: int, tiles_w: int, nchw: bool 
     th, _ = tile_counts(s)
     pt, pl = s.padding[0], s.padding[1]
 
-    def i64(*dims):
-        return [tirx.IntImm("int64", int(d)) for d in dims]
 
     if nchw:
         x = te.placeholder(i64(s.batch, s.in_channels, s.height, s.width), "float32", name="x")
@@ -145,8 +144,6 @@ def output_transform_func(shape: ConvShape, block: int, tiles_w: int, blocks_per
     kb = s.out_channels // block
     th, _ = tile_counts(s)
 
-    def i64(*dims):
-        return [tirx.IntImm("int64", int(d)) for d in dims]
 
     m = te.placeholder(i64(s.batch, POSITIONS * blocks_per_position, th, tiles_w, block), "float32", name="m")
 
