@@ -149,10 +149,13 @@ def _kernel_reference(x, w, bias, zx, multiplier, zy, out_dtype, s: ConvShape) -
     ConvShape(1, 16, 8, 8, 33, (1, 1), (1, 1), (1, 1), (1, 1, 1, 1)),    # a padded 1x1: border pixels only
 ], ids=lambda s: f"{s.kernel[0]}x{s.kernel[1]}s{s.strides[0]}{s.strides[1]}c{s.in_channels}")
 @pytest.mark.parametrize("x_dtype, zx, zy", [("uint8", 131, 3), ("int8", -7, -2)])
-def test_the_packed_input_is_exact_on_strides_pads_and_partial_groups(shape, instruction, x_dtype, zx, zy):
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_the_packed_input_is_exact_on_strides_pads_and_partial_groups(shape, instruction, x_dtype, zx, zy, layout):
     """The kernel's input pack (channel groups as int32 words; the padding rows and columns written
     apart; a 1x1 kernel's stride taken in the pack, so its conv reads every packed pixel) gives the
-    integer QDQ conv's bits, and a strided 1x1 conv packs only the pixels it reads."""
+    integer QDQ conv's bits, and a strided 1x1 conv packs only the pixels it reads; in NHWC too (whole
+    groups of byte operands copied as words, output channels stored a vector at a time or, past a whole
+    vector, one by one)."""
     import tvm
 
     from sculpt.backends.tvm.kernels.int8_conv import int8_conv_func, padded_multiplier
@@ -166,7 +169,7 @@ def test_the_packed_input_is_exact_on_strides_pads_and_partial_groups(shape, ins
     tile = int8_conv_tile(shape, instruction)
     channels = tile.padded_channels(shape.out_channels)
     w2, b2 = folded_bias(w, bias, zx, instruction.offset(x_dtype, zx), channels, mult, zy, x_dtype)
-    func = int8_conv_func(shape, tile, instruction, x_dtype, x_dtype, zx, zy)
+    func = int8_conv_func(shape, tile, instruction, x_dtype, x_dtype, zx, zy, layout=layout)
     if shape.kernel == (1, 1):
         groups = -(-shape.in_channels // instruction.group)
         packed = (shape.batch, shape.out_height, tile.padded_width(shape.out_width), groups)
@@ -174,21 +177,26 @@ def test_the_packed_input_is_exact_on_strides_pads_and_partial_groups(shape, ins
     lib = tvm.compile(tvm.IRModule({"conv": func.with_attr("global_symbol", "conv")}),
                       target=tvm.target.Target(host_target({"kind": "llvm"})))
     dev = tvm.cpu()
-    y = tvm.runtime.tensor(np.zeros((shape.batch, shape.out_channels, shape.out_height, shape.out_width), x_dtype), dev)
+    to_layout = (lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))) if layout == "NHWC" else (lambda a: a)
+    y = tvm.runtime.tensor(to_layout(np.zeros((shape.batch, shape.out_channels, shape.out_height, shape.out_width),
+                                              x_dtype)), dev)
     lib.mod["conv"](*[tvm.runtime.tensor(a, dev) for a in (
-        x, pack_int8_weight(w2, tile, instruction), b2, padded_multiplier(mult, shape.out_channels, channels))], y)
-    np.testing.assert_array_equal(y.numpy(), _kernel_reference(x, w, bias, zx, mult, zy, x_dtype, shape))
+        to_layout(x), pack_int8_weight(w2, tile, instruction), b2,
+        padded_multiplier(mult, shape.out_channels, channels))], y)
+    np.testing.assert_array_equal(y.numpy(), to_layout(_kernel_reference(x, w, bias, zx, mult, zy, x_dtype, shape)))
 
 
 @pytest.mark.parametrize("instruction", X86_INSTRUCTIONS, ids=lambda i: i.name)
 @pytest.mark.parametrize("activations", ["uint8", "int8"])
-def test_small_net_on_the_kernel_is_exact_against_the_qdq_graph(activations, instruction):
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "auto"])
+def test_small_net_on_the_kernel_is_exact_against_the_qdq_graph(activations, instruction, layout):
     _, q = small_net(activations)
-    policy = Int8KernelPolicy(instruction, min_in_channels=1)  # the 3-channel first conv too
+    policy = Int8KernelPolicy(instruction, min_in_channels=1, layout=layout)  # the 3-channel first conv too
     lowered, stats = lower_qdq_to_int8(import_to_relax(q), policy)
     # conv1, conv3 and the weight matmul on the kernel; the depthwise conv and the matmul of two
     # activations stay integer Relax ops
     assert (stats.conv2d, stats.matmul, stats.int8_kernel) == (3, 2, 3) and stats.left_float == {}
+    assert stats.layout == layout if layout != "auto" else stats.layout in ("NCHW", "NHWC")
     assert lowered.script().count("sculpt_int8_conv") >= 3
     assert_small_net_exact(build(lowered), q, runs=3)
 
@@ -330,6 +338,74 @@ def test_ppocr_rec_units_on_sdot_are_exact_under_qemu(rec_units, tmp_path):
     assert len(got) == len(want) == len(units.graph.output)
     for g, w, out in zip(got, want, units.graph.output):
         np.testing.assert_array_equal(g, w, err_msg=out.name)
+
+
+def residual_chain() -> Model:
+    """A QDQ ResNet-like block: two 3x3 convs beside a 3x3 shortcut conv, their sum, Relu, a max pool and
+    one more conv, every conv over MIN_KERNEL_MACS: in NHWC only the input's and the output's transposes
+    are left."""
+    rng = np.random.default_rng(5)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "ws", "bs"], ["cs"], name="shortcut", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "cs"], ["s"], name="residual"),
+        helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+        helper.make_node("MaxPool", ["r2"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p", "w3", "b3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
+        helper.make_node("Flatten", ["c3"], ["y"], name="flatten"),  # conv3's output quantized too
+    ]
+    inits = {"w1": rand(rng, 32, 16, 3, 3, scale=0.2), "b1": rand(rng, 32, scale=0.1),
+             "w2": rand(rng, 32, 32, 3, 3, scale=0.1), "b2": rand(rng, 32, scale=0.1),
+             "ws": rand(rng, 32, 16, 3, 3, scale=0.2), "bs": rand(rng, 32, scale=0.1),
+             "w3": rand(rng, 64, 32, 3, 3, scale=0.1), "b3": rand(rng, 64, scale=0.1)}
+    model = make_model(nodes, [("x", [1, 16, 32, 32])], [("y", [1, 64 * 16 * 16])], inits)
+    return create_pass("qdq", {"ops": ["Conv"]})(model, PassContext(calibration=CalibrationSet.random(model, 4, seed=1))).model
+
+
+def test_a_residual_chain_runs_in_nhwc_and_equals_the_integer_lowering():
+    """The auto layout puts a chain of kernel units into NHWC (the transposes between them cancel across
+    the residual sum, the Relu and the pool) and the build equals the integer Relax lowering bit for bit."""
+    from tvm import relax
+
+    q = residual_chain()
+    policy = int8_kernel_policy("llvm") or Int8KernelPolicy(AVX2_PMADDWD, min_macs=MIN_KERNEL_MACS)
+    lowered, stats = lower_qdq_to_int8(import_to_relax(q), policy)
+    assert stats.int8_kernel == 4 and stats.layout == "NHWC"
+    transposes = []
+    relax.analysis.post_order_visit(lowered["main"], lambda e: transposes.append(e) if isinstance(e, relax.Call)
+                                    and getattr(e.op, "name", "") == "relax.permute_dims" else None)
+    assert len(transposes) == 2
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 16, 32, 32)).astype(np.float32)}
+    integer_ops, _ = lower_qdq_to_int8(import_to_relax(q))
+    for got, want in zip(run_relax(build(lowered), feeds, ["x"]), run_relax(build(integer_ops), feeds, ["x"])):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_residual_chain_in_nhwc_on_sdot_is_exact_under_qemu(tmp_path):
+    """The same chain for aarch64 with dotprod, run under qemu: NHWC, sdot, the host's integer lowering's bits."""
+    import subprocess
+
+    from sculpt.backends.tvm.artifact import compile_model, export_artifact
+    from sculpt.backends.tvm.deploy import run_artifact
+
+    q = residual_chain()
+    path = tmp_path / "chain.onnx"
+    q.save(path)
+    compiled = compile_model(Model.load(path), ARM_DOTPROD, int8="kernel")
+    assert compiled.options["int8"]["instruction"] == NEON_SDOT.name
+    assert (compiled.options["int8"]["on_int8_kernel"], compiled.options["int8"]["layout"]) == (4, "NHWC")
+    artifact = export_artifact(compiled, tmp_path / "chain.so", source_model=path)
+    asm = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(artifact.library)], capture_output=True,
+                         text=True, check=True).stdout
+    assert asm.count("sdot\t") >= 4
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 16, 32, 32)).astype(np.float32)}
+    run = run_artifact(artifact, feeds)
+    assert run.emulated
+    integer_ops, _ = compile_int8(Model.load(path), int8_kernel=False)
+    for got, want in zip(run.outputs.values(), run_relax(integer_ops, feeds, ["x"])):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_compile_option_lowers_a_qdq_model_onto_the_kernel(monkeypatch):

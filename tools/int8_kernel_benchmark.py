@@ -3,7 +3,7 @@ threads, in one run.
 
     python tools/int8_kernel_benchmark.py [--models rec,det,cls,doc-orientation,ppocrv6-rec-small]
                                           [--threads 1,2] [--runs 20] [--rounds 3] [--calibration 8]
-                                          [--also-instructions avx2-pmaddwd,avx512-vnni-512]
+                                          [--also-instructions avx2-pmaddwd,avx512-vnni-512,NCHW]
 
 Per model: the canonicalized fp32 model at its static shape, and its QDQ version from sculpt's ``qdq``
 pass (calibrated on ``--calibration`` inputs: rendered text lines for PP-OCR, the benchmark's image-like
@@ -12,7 +12,8 @@ inputs for the zoo). Builds (host llvm, sculpt's kernels): ``tvm fp32`` (the fp3
 off``), ``tvm int8 relax`` (the QDQ units as integer Relax ops, ``--int8 relax``) and ``tvm int8
 kernel`` (the conv/matmul units on sculpt's int8 kernel with the instruction the host target selects,
 ``--int8 kernel``), and with ``--also-instructions``, the same kernel build forced onto each of those dot
-instructions (``tvm int8 <name>``: e.g. vpmaddwd on a VNNI machine, before/after). onnxruntime: the fp32
+instructions or activation layouts (``tvm int8 <name>``: e.g. vpmaddwd on a VNNI machine, or the NCHW
+kernel, before/after). onnxruntime: the fp32
 model and the QDQ model, optimized (its own fused int8 kernels; on a CPU without VNNI they saturate,
 see README). Times are the median over ``--rounds`` rounds of the median of ``--runs`` runs, all rows of
 a model interleaved in each round; each thread count runs in its own process (TVM's thread pool reads
@@ -25,6 +26,7 @@ bit (both compute the integer QDQ math; float ops between units are shared)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import os
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_benchmark import PPOCR, _feeds, _median_ms, _outputs, _source_model, _text_feeds  # noqa: E402
 
 DEFAULT_MODELS = "rec,det,cls,doc-orientation,ppocrv6-rec-small"
+LAYOUTS = ("NCHW", "NHWC")  # the int8 kernel's activation layouts (Int8KernelPolicy.layout)
 BUILDS = ("tvm fp32", "tvm qdq", "tvm int8 relax", "tvm int8 kernel")
 
 
@@ -83,7 +86,7 @@ def calibration(kind: str, model, count: int):
 
 def prepare(kind: str, args, workdir: Path) -> dict:
     """Make the models and the four builds of ``kind`` in ``workdir``; check the int8 build."""
-    from sculpt.backends.tvm.int8 import Int8KernelPolicy, int8_kernel_policy, lower_qdq_to_int8
+    from sculpt.backends.tvm.int8 import int8_kernel_policy, lower_qdq_to_int8
     from sculpt.backends.tvm.relax_import import build, import_to_relax
     from sculpt.passes import Pipeline
     from sculpt.runtime import reference_session
@@ -101,9 +104,9 @@ def prepare(kind: str, args, workdir: Path) -> dict:
     kernel_int8, kernel_stats = lower_qdq_to_int8(import_to_relax(q), policy)
     mods = {"tvm fp32": import_to_relax(fp32), "tvm qdq": import_to_relax(q), "tvm int8 relax": relax_int8,
             "tvm int8 kernel": kernel_int8}
-    for name in args.also_instructions:  # the host policy with another instruction
-        forced = Int8KernelPolicy(instruction_named(name), min_macs=policy.min_macs,
-                                  min_in_channels=policy.min_in_channels, float_grouped=policy.float_grouped)
+    for name in args.also_instructions:  # the host policy with another instruction or layout
+        forced = dataclasses.replace(policy, layout=name) if name in LAYOUTS else \
+            dataclasses.replace(policy, instruction=instruction_named(name))
         mods[f"tvm int8 {name}"] = lower_qdq_to_int8(import_to_relax(q), forced)[0]
     outputs = {}
     for name, mod in mods.items():
@@ -119,7 +122,8 @@ def prepare(kind: str, args, workdir: Path) -> dict:
                     for name in args.also_instructions}
     return {"model": kind, "input": {k: list(v.shape) for k, v in feeds.items()},
             "instruction": policy.instruction.name, "forced_equal_relax": forced_equal,
-            "units": f"{kernel_stats.int8_kernel} of {kernel_stats.conv2d} conv + {kernel_stats.matmul} matmul",
+            "units": f"{kernel_stats.int8_kernel} of {kernel_stats.conv2d} conv + {kernel_stats.matmul} matmul"
+                     + (f" ({kernel_stats.layout})" if kernel_stats.layout else ""),
             "left_float": kernel_stats.left_float, "relax_units": relax_stats.total,
             "max_abs_vs_qdq_graph": max(float(np.abs(g - r).max()) for g, r in zip(kernel_out, ref)),
             "output_scale": max(float(np.abs(r).max()) for r in ref),
@@ -179,8 +183,9 @@ def main(argv=None) -> int:
     p.add_argument("--calibration", type=int, default=8, help="calibration inputs of the qdq pass")
     p.add_argument("--workdir", default=None, help="keep the models and builds here (default: a temp folder)")
     p.add_argument("--also-instructions", default="",
-                   help="comma-separated dot instructions (int8_conv's names, e.g. avx2-pmaddwd) to build the "
-                        "int8 kernel with besides the host's own, each a row 'tvm int8 <name>'")
+                   help="comma-separated dot instructions (int8_conv's names, e.g. avx2-pmaddwd) or activation "
+                        "layouts (NCHW, NHWC) to build the int8 kernel with besides the host's own instruction "
+                        "and the default layout, each a row 'tvm int8 <name>'")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -192,7 +197,8 @@ def main(argv=None) -> int:
 
     try:
         for name in args.also_instructions:
-            instruction_named(name)
+            if name not in LAYOUTS:
+                instruction_named(name)
     except ValueError as e:
         print(f"int8_kernel_benchmark: error: {e}", file=sys.stderr)
         return 2

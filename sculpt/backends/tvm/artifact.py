@@ -246,7 +246,8 @@ def _lower_int8(mod, model, target: NamedTarget, mode: str, progress) -> tuple[o
     policy = int8_kernel_policy(target.spec) if mode == "kernel" else None
     lowered, stats = lower_qdq_to_int8(mod, policy)
     return lowered, {"mode": mode, "conv2d": stats.conv2d, "matmul": stats.matmul, "on_int8_kernel": stats.int8_kernel,
-                     "instruction": policy.instruction.name if policy else None, "left_float": stats.left_float}
+                     "instruction": policy.instruction.name if policy else None,
+                     "layout": stats.layout or None, "left_float": stats.left_float}
 
 
 def _search_tiles(mod, target: NamedTarget, candidates: int, build_options: Mapping | None, progress) -> dict:

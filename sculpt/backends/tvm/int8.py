@@ -38,6 +38,7 @@ class LoweringStats:
     int8_kernel: int = 0  # of the conv2d units: those on the int8 conv kernel
     exact_float: int = 0  # of the conv2d units: integer math run exactly as a float32 conv (_float_exact_conv)
     left_float: dict[str, int] = field(default_factory=dict)  # op → units the patterns did not match
+    layout: str = ""  # the int8 kernel's activation layout (NHWC or NCHW), when a unit is on it
 
     @property
     def total(self) -> int:
@@ -202,6 +203,12 @@ def _multiplier(sx, sw, sy) -> np.ndarray:
     return ((np.float32(sx) * np.asarray(sw, np.float32)).astype(np.float32) / np.float32(sy)).astype(np.float32)
 
 
+# auto layout: NHWC when at most this many transposes per int8 kernel call are left. Measured (1 thread,
+# NHWC / NCHW time): resnet50 (3 left for 53 calls) 24.8 / 36.2 ms, vgg19 (5 for 16) 117 / 141; PP-OCRv4
+# det (about 60 for 26: its depthwise units and HardSwish stay NCHW) 12.75 / 12.28, rec (about 50 for 30)
+# 11.14 / 10.16
+AUTO_NHWC_LEFT_TRANSPOSES = 0.5
+
 # below this many multiply-adds a conv unit stays integer Relax ops, which TVM fuses with the float
 # ops after it: PP-OCR cls (every conv unit under 1.3M MACs) measured 2.5 ms with its units on the
 # kernel, 1.9 ms without (2 threads, host loaded)
@@ -221,6 +228,11 @@ class Int8KernelPolicy:
     min_macs: int = 0
     min_in_channels: int = 1
     float_grouped: bool = False  # depthwise/grouped units stay dequantize -> float conv -> quantize
+    # the kernel's activation layout: NHWC (transposes around each call, cancelled between kernels by
+    # kernels/sink_permutes), NCHW (the graph's own: no transpose, the kernel gathers its input's channels
+    # and scatters its output's, a byte at a time), or auto: NHWC unless more than AUTO_NHWC_LEFT_TRANSPOSES
+    # transposes per kernel call are left after sinking (ops between the units that no transpose crosses)
+    layout: str = "auto"
 
     def keeps_float(self, groups: int) -> bool:
         return self.float_grouped and groups > 1
@@ -267,7 +279,19 @@ class _KernelEmitter:
 
     def call(self, shape, x_q, w_q: np.ndarray, b_q: np.ndarray | None, zx: int, multiplier: np.ndarray,
              out_q_call, x_dtype: str | None = None):
-        """The call of the kernel for this unit, or None when its bias cannot be folded (folded_bias)."""
+        """The call of the kernel for this unit on an NCHW ``x_q``, giving NCHW (transposed in and out
+        when the policy's layout is NHWC), or None when its bias cannot be folded (folded_bias)."""
+        from tvm import relax
+
+        if self.policy.layout == "NCHW":
+            return self.kernel_call(shape, x_q, w_q, b_q, zx, multiplier, out_q_call, x_dtype)
+        y = self.kernel_call(shape, relax.op.permute_dims(x_q, [0, 2, 3, 1]), w_q, b_q, zx, multiplier, out_q_call,
+                             x_dtype or str(_type_of(x_q).dtype))
+        return None if y is None else relax.op.permute_dims(y, [0, 3, 1, 2])
+
+    def kernel_call(self, shape, x_q, w_q: np.ndarray, b_q: np.ndarray | None, zx: int, multiplier: np.ndarray,
+                    out_q_call, x_dtype: str | None = None):
+        """The call of the kernel on ``x_q`` in the policy's layout, or None (``call``)."""
         from tvm import relax
 
         from sculpt.backends.tvm.kernels import int8_conv as k
@@ -281,14 +305,17 @@ class _KernelEmitter:
             w_q, bias = k.folded_bias(w_q, b_q, zx, instr.offset(x_dtype, zx), channels, multiplier, zy, out_dtype)
         except OverflowError:  # a bias at the int32 limit on a channel that is not constant: not this kernel
             return None
-        key = (shape, tile, instr.name, x_dtype, out_dtype, zx, zy)
+        layout = self.policy.layout
+        key = (shape, tile, instr.name, x_dtype, out_dtype, zx, zy, layout)
         if key not in self.funcs:
-            func = k.int8_conv_func(shape, tile, instr, x_dtype, out_dtype, zx, zy)
+            func = k.int8_conv_func(shape, tile, instr, x_dtype, out_dtype, zx, zy, layout=layout)
             self.funcs[key] = self.builder.add_func(func, f"sculpt_int8_conv{len(self.funcs)}")
         gvar = self.funcs[key]
         args = [x_q, relax.const(k.pack_int8_weight(w_q, tile, instr)), relax.const(bias, "int32"),
                 relax.const(k.padded_multiplier(multiplier, shape.out_channels, channels), "float32")]
         out = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
+        if layout == "NHWC":
+            out = (out[0], out[2], out[3], out[1])
         return relax.call_tir(gvar, args, relax.TensorType(out, out_dtype))
 
     def matmul_call(self, a_q, b_q: np.ndarray, za: int, multiplier: np.ndarray, out_q_call):
@@ -308,9 +335,13 @@ class _KernelEmitter:
         shape = ConvShape(1, k, 1, rows, n, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0))
         if not self.policy.takes(shape, 1):
             return None
+        weight = np.ascontiguousarray(b_q.T).reshape(n, k, 1, 1)
+        if self.policy.layout == "NHWC":  # the rows are the pixels of a [1, 1, M, K] NHWC image as they are
+            y = self.kernel_call(shape, relax.op.reshape(a_q, (1, 1, rows, k)), weight, None, za, multiplier,
+                                 out_q_call, str(_type_of(a_q).dtype))
+            return None if y is None else relax.op.reshape(y, tuple(a_shape[:-1]) + (n,))
         image = relax.op.reshape(relax.op.permute_dims(relax.op.reshape(a_q, (rows, k)), [1, 0]), (1, k, 1, rows))
-        y = self.call(shape, image, np.ascontiguousarray(b_q.T).reshape(n, k, 1, 1), None, za, multiplier,
-                      out_q_call, str(_type_of(a_q).dtype))
+        y = self.call(shape, image, weight, None, za, multiplier, out_q_call, str(_type_of(a_q).dtype))
         if y is None:
             return None
         y = relax.op.permute_dims(relax.op.reshape(y, (n, rows)), [1, 0])
@@ -320,7 +351,34 @@ class _KernelEmitter:
 def lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None = None):
     """Rewrite the QDQ conv2d/matmul units of every Relax function of ``mod`` into int8 compute with
     int32 accumulation and requantization; with ``kernel_policy``, the conv units it takes into calls to
-    the int8 conv kernel. Returns (new module, LoweringStats)."""
+    the int8 conv kernel (in the policy's layout; ``auto`` decided by the transposes NHWC leaves).
+    Returns (new module, LoweringStats)."""
+    import dataclasses
+
+    if kernel_policy is None or kernel_policy.layout != "auto":
+        return _lower_qdq_to_int8(mod, kernel_policy)
+    lowered, stats = _lower_qdq_to_int8(mod, dataclasses.replace(kernel_policy, layout="NHWC"))
+    if _count_calls(lowered, "relax.permute_dims") <= AUTO_NHWC_LEFT_TRANSPOSES * max(1, stats.int8_kernel):
+        return lowered, stats
+    return _lower_qdq_to_int8(mod, dataclasses.replace(kernel_policy, layout="NCHW"))
+
+
+def _count_calls(mod, op_name: str) -> int:
+    from tvm import relax
+
+    found = [0]
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == op_name:
+            found[0] += 1
+
+    for _, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found[0]
+
+
+def _lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None):
     from tvm import relax
     from tvm.relax.dpl import rewrite_call
 
@@ -434,6 +492,12 @@ def lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None = None):
             out.setdefault(gvar, func)
     new_mod = type(mod)(out, attrs=mod.attrs) if mod.attrs is not None else type(mod)(out)
     new_mod = relax.transform.DeadCodeElimination()(new_mod)
+    if emitter is not None and emitter.funcs:
+        stats.layout = kernel_policy.layout
+    if emitter is not None and emitter.funcs and kernel_policy.layout == "NHWC":
+        from sculpt.backends.tvm.kernels.sink_permutes import sink_permutes
+
+        new_mod = sink_permutes(new_mod)
     stats.left_float = _float_units(new_mod)
     if stats.exact_float:  # those float32 convs compute the integer units exactly: not left float
         left = stats.left_float.get("relax.nn.conv2d", 0) - stats.exact_float

@@ -179,9 +179,12 @@ def _qrange(dtype: str) -> tuple[int, int]:
 
 
 def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dtype: str, out_dtype: str,
-                   zx: int, zy: int, parallel: bool = True):
+                   zx: int, zy: int, parallel: bool = True, layout: str = "NCHW"):
     """The scheduled PrimFunc (x [N,C,H,W] x_dtype, packed weight, folded bias [OCp] int32,
-    multiplier [OCp] float32) -> y [N,OC,OH,OW] out_dtype."""
+    multiplier [OCp] float32) -> y [N,OC,OH,OW] out_dtype; with ``layout="NHWC"``, x [N,H,W,C] and
+    y [N,OH,OW,OC]: the pack reads each pixel's channels contiguously (a group of 4 byte operands is one
+    word of the input, its offset an XOR) and each output vector is one store of ``lanes`` channels,
+    where NCHW writes its lanes one byte at a time to ``lanes`` planes."""
     from tvm.script import tirx as T
 
     n_, c_, h_, w_ = s.batch, s.in_channels, s.height, s.width
@@ -219,11 +222,23 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
     pad_tasks, conv_tasks = n_ * hp, n_ * blocks * oh_
     accumulates = instr.accumulates
     intrinsic = instr.intrinsic
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"int8 conv layout {layout!r}: NCHW or NHWC")
+    nhwc = layout == "NHWC"
+    x_shape, y_shape = ((n_, h_, w_, c_), (n_, oh_, ow_, oc)) if nhwc else ((n_, c_, h_, w_), (n_, oc, oh_, ow_))
+    # NHWC with whole groups of byte operands: a group is 4 adjacent input bytes, and subtracting the
+    # offset (0 or +-128) from each byte modulo 256 is an XOR of the word with 0x80 per byte
+    word_copy = nhwc and c_ % g == 0 and bits == 8
+    xor_word = sum(((-offset) & mask) << (gi * bits) for gi in range(g))
+    xor_word = xor_word - (1 << 32) if xor_word >= 1 << 31 else xor_word
+    vec_out = f"{out_dtype}x{lanes}"
+    full_width = owp == ow_
+    full_vectors = oc % lanes == 0
 
     @T.prim_func(private=True)
-    def int8_conv(x: T.Buffer((n_, c_, h_, w_), x_dtype), wt: T.Buffer((blocks, cg_, kh_, kw_, ob * g), wop),
+    def int8_conv(x: T.Buffer(x_shape, x_dtype), wt: T.Buffer((blocks, cg_, kh_, kw_, ob * g), wop),
                   bias: T.Buffer((ocp,), "int32"), mult: T.Buffer((ocp,), "float32"),
-                  y: T.Buffer((n_, oc, oh_, ow_), out_dtype)):
+                  y: T.Buffer(y_shape, out_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         # xp[n, row, col, cg]: the ``group`` operands of channel group cg as one int32 word (operand gi in
         # bits gi * bits, little-endian, as the dot instruction reads the bytes), built in a register and
@@ -231,7 +246,36 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
         # the padding columns and rows are written apart, without a test per element
         xp = T.alloc_buffer((n_, hp, wp, cg_), group_int)
         for task in T.parallel(pad_tasks) if parallel else T.serial(pad_tasks):
-            if task % hp >= h_lo and task % hp < h_hi:
+            if nhwc and task % hp >= h_lo and task % hp < h_hi:
+                for ww, cg in T.grid(w_lo, cg_):
+                    xp[task // hp, task % hp, ww, cg] = pad_word
+                for ww, cg in T.grid(w_hi - w_lo, cg_):
+                    if word_copy:
+                        xp[task // hp, task % hp, ww + w_lo, cg] = T.bitwise_xor(
+                            T.bitwise_or(T.bitwise_or(
+                                T.Cast("int32", T.reinterpret("uint8", x[task // hp, (task % hp) * psh - pt,
+                                                                         (ww + w_lo) * psw - pl, cg * 4])),
+                                T.shift_left(T.Cast("int32", T.reinterpret("uint8", x[
+                                    task // hp, (task % hp) * psh - pt, (ww + w_lo) * psw - pl, cg * 4 + 1])), 8)),
+                                T.bitwise_or(
+                                T.shift_left(T.Cast("int32", T.reinterpret("uint8", x[
+                                    task // hp, (task % hp) * psh - pt, (ww + w_lo) * psw - pl, cg * 4 + 2])), 16),
+                                T.shift_left(T.Cast("int32", T.reinterpret("uint8", x[
+                                    task // hp, (task % hp) * psh - pt, (ww + w_lo) * psw - pl, cg * 4 + 3])), 24))),
+                            xor_word)
+                    else:
+                        word = T.decl_buffer((1,), "int32", scope="local")
+                        word[0] = 0
+                        for gi in T.unroll(g):
+                            word[0] = word[0] | T.shift_left(T.bitwise_and(T.if_then_else(
+                                cg * g + gi < c_,
+                                T.Cast("int32", x[task // hp, (task % hp) * psh - pt, (ww + w_lo) * psw - pl,
+                                                  cg * g + gi]) - offset,
+                                pad_value), mask), gi * bits)
+                        xp[task // hp, task % hp, ww + w_lo, cg] = word[0]
+                for ww, cg in T.grid(wp - w_hi, cg_):
+                    xp[task // hp, task % hp, ww + w_hi, cg] = pad_word
+            elif task % hp >= h_lo and task % hp < h_hi:
                 for cg in T.serial(cg_):
                     for ww in T.serial(w_lo):
                         xp[task // hp, task % hp, ww, cg] = pad_word
@@ -282,9 +326,25 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
                             * mult[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)],
                             T.broadcast(T.float32(lo), lanes)), T.broadcast(T.float32(hi), lanes)))) \
                             + T.broadcast(T.int32(zy), lanes)
-                for v, lane, p in T.grid(vectors, lanes, tw):
-                    if (task // oh_ % blocks) * ob + v * lanes + lane < oc and wo * tw + p < ow_:
-                        y[task // (blocks * oh_), (task // oh_ % blocks) * ob + v * lanes + lane, task % oh_,
-                          wo * tw + p] = T.Cast(out_dtype, out[(p * vectors + v) * lanes + lane])
+                if nhwc:
+                    for p in T.unroll(tw):
+                        if full_width or wo * tw + p < ow_:
+                            for v in T.unroll(vectors):
+                                if full_vectors:
+                                    if (task // oh_ % blocks) * ob + v * lanes < oc:
+                                        y[task // (blocks * oh_), task % oh_, wo * tw + p,
+                                          T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)] = \
+                                            T.Cast(vec_out, out[T.ramp((p * vectors + v) * lanes, 1, lanes)])
+                                else:
+                                    for lane in T.serial(lanes):
+                                        if (task // oh_ % blocks) * ob + v * lanes + lane < oc:
+                                            y[task // (blocks * oh_), task % oh_, wo * tw + p,
+                                              (task // oh_ % blocks) * ob + v * lanes + lane] = \
+                                                T.Cast(out_dtype, out[(p * vectors + v) * lanes + lane])
+                else:
+                    for v, lane, p in T.grid(vectors, lanes, tw):
+                        if (task // oh_ % blocks) * ob + v * lanes + lane < oc and wo * tw + p < ow_:
+                            y[task // (blocks * oh_), (task // oh_ % blocks) * ob + v * lanes + lane, task % oh_,
+                              wo * tw + p] = T.Cast(out_dtype, out[(p * vectors + v) * lanes + lane])
 
     return int8_conv

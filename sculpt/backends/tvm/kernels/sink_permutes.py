@@ -1,0 +1,172 @@
+"""Move layout transposes (``relax.permute_dims``) down through ops that do not care about the layout,
+until two meet and cancel.
+
+A kernel that computes in another layout than the graph's (the int8 conv kernel in NHWC in an NCHW
+model) is called as ``permute_dims(kernel(permute_dims(x, to_nhwc)), to_nchw)``. Between two such
+kernels the graph usually holds only elementwise ops, pools, means and concats: each of them, applied
+to ``permute_dims(s, p)``, equals ``permute_dims(op'(s), p)`` with ``op'`` the same op on the source
+layout (an axis attribute mapped through ``p``). Applied bottom-up over the graph, the transpose after
+one kernel moves down to the transpose before the next, and ``permute_dims(permute_dims(s, p), q)``
+with ``q`` undoing ``p`` is ``s``. Where a transpose meets an op it cannot cross (a reshape, a matmul,
+a float conv), it stays there.
+
+Mechanism only: which calls are emitted in another layout is the caller's choice."""
+
+from __future__ import annotations
+
+from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls
+
+# one tensor operand (the first), every other operand a scalar or an attribute
+_UNARY = frozenset({
+    "relax.astype", "relax.clip", "relax.nn.relu", "relax.round", "relax.floor", "relax.ceil", "relax.abs",
+    "relax.negative", "relax.sigmoid", "relax.tanh", "relax.exp", "relax.sqrt", "relax.nn.gelu",
+    "relax.nn.silu", "relax.quantize", "relax.dequantize",
+})
+# two tensor operands of the same shape, or one of them a scalar
+_BINARY = frozenset({
+    "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
+})
+_POOLS = frozenset({"relax.nn.max_pool2d", "relax.nn.avg_pool2d"})
+_REDUCTION_NAMES = ("sum", "mean", "max", "min")
+_NHWC_TO_NCHW = (0, 3, 1, 2)
+
+
+def _reductions():
+    from tvm import relax
+
+    return {f"relax.{n}": getattr(relax.op, n) for n in _REDUCTION_NAMES}
+
+
+def _axes(call) -> tuple[int, ...] | None:
+    axes = call.attrs.axes
+    return None if axes is None else tuple(int(a) for a in axes)
+
+
+def _is_scalar(expr) -> bool:
+    value = constant_value(expr)
+    if value is not None:
+        return int(value.numpy().size) == 1
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    try:
+        return shape is not None and all(int(d) == 1 for d in shape)
+    except (TypeError, ValueError):
+        return False
+
+
+def _permuted(expr, rewriter):
+    """(source, axes) when ``expr`` is bound to ``permute_dims(source, axes)`` with explicit axes."""
+    from tvm import relax
+
+    bound = rewriter.bound(expr)
+    if isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == "relax.permute_dims":
+        axes = _axes(bound)
+        if axes is not None:
+            return bound.args[0], axes
+    return None
+
+
+def _permute(expr, axes: list[int]):
+    from tvm import relax
+
+    return expr if axes == list(range(len(axes))) else relax.op.permute_dims(expr, axes)
+
+
+def _permuted_fields(expr, rewriter):
+    """[(source, axes)] of a tuple whose every field is permuted the same way, else None."""
+    from tvm import relax
+
+    parts = rewriter.bound(expr)
+    if not isinstance(parts, relax.Tuple) or not parts.fields:
+        return None
+    permuted = [_permuted(f, rewriter) for f in parts.fields]
+    if any(p is None for p in permuted) or len({p[1] for p in permuted}) != 1:
+        return None
+    return permuted
+
+
+def _rule(call, rewriter):
+    from tvm import relax
+
+    name = getattr(call.op, "name", "")
+    if not call.args:
+        return None
+    reductions = _reductions()
+    if name == "relax.permute_dims":
+        inner, outer = _permuted(call.args[0], rewriter), _axes(call)
+        if inner is None or outer is None:
+            return None
+        source, axes = inner
+        composed = tuple(axes[a] for a in outer)
+        if composed == tuple(range(len(composed))):
+            return source
+        return relax.op.permute_dims(source, list(composed))
+    first = _permuted(call.args[0], rewriter)
+    if name in _UNARY:
+        if first is None or not all(_is_scalar(a) for a in call.args[1:]):
+            return None
+        source, axes = first
+        inner = rewriter.emit(relax.Call(call.op, [source, *call.args[1:]], call.attrs))
+        return relax.op.permute_dims(inner, list(axes))
+    if name in _BINARY and len(call.args) == 2:
+        second = _permuted(call.args[1], rewriter)
+        if first is not None and second is not None and first[1] == second[1]:
+            operands, axes = [first[0], second[0]], first[1]
+        elif first is not None and _is_scalar(call.args[1]):
+            operands, axes = [first[0], call.args[1]], first[1]
+        elif second is not None and _is_scalar(call.args[0]):
+            operands, axes = [call.args[0], second[0]], second[1]
+        else:
+            return None
+        return relax.op.permute_dims(rewriter.emit(relax.Call(call.op, operands, call.attrs)), list(axes))
+    if name in _POOLS and first is not None and first[1] == _NHWC_TO_NCHW and str(call.attrs.layout) == "NCHW" \
+            and str(call.attrs.out_layout) == "NCHW":
+        a = call.attrs
+        pool = relax.op.nn.max_pool2d if name == "relax.nn.max_pool2d" else relax.op.nn.avg_pool2d
+        kwargs = {"count_include_pad": bool(a.count_include_pad)} if name == "relax.nn.avg_pool2d" else {}
+        inner = rewriter.emit(pool(first[0], pool_size=list(a.pool_size), strides=list(a.strides),
+                                   padding=list(a.padding), dilation=list(a.dilation), ceil_mode=bool(a.ceil_mode),
+                                   layout="NHWC", out_layout="NHWC", **kwargs))
+        return relax.op.permute_dims(inner, list(_NHWC_TO_NCHW))
+    if name in reductions and first is not None and call.attrs.axis is not None:
+        source, axes = first
+        rank = len(axes)
+        reduced = sorted({int(a) % rank for a in call.attrs.axis})
+        inner = rewriter.emit(reductions[name](source, [axes[k] for k in reduced], keepdims=bool(call.attrs.keepdims)))
+        if bool(call.attrs.keepdims):
+            return relax.op.permute_dims(inner, list(axes))
+        kept_source = [a for a in range(rank) if a not in {axes[k] for k in reduced}]
+        return _permute(inner, [kept_source.index(axes[k]) for k in range(rank) if k not in reduced])
+    if name == "relax.broadcast_to" and first is not None:
+        source, axes = first
+        target = [int(d) for d in call.args[1].values] if hasattr(call.args[1], "values") else None
+        if target is None or len(target) != len(axes):
+            return None
+        source_target = [0] * len(axes)
+        for k, a in enumerate(axes):
+            source_target[a] = target[k]
+        return relax.op.permute_dims(rewriter.emit(relax.op.broadcast_to(source, source_target)), list(axes))
+    if name == "relax.stack":
+        permuted = _permuted_fields(call.args[0], rewriter)
+        if permuted is None:
+            return None
+        axes = permuted[0][1]
+        at = int(call.attrs.axis) % (len(axes) + 1)
+        inner = rewriter.emit(relax.op.stack([p[0] for p in permuted], axis=0))
+        shifted = [a + 1 for a in axes]
+        return relax.op.permute_dims(inner, shifted[:at] + [0] + shifted[at:])
+    if name == "relax.concat":
+        permuted = _permuted_fields(call.args[0], rewriter)
+        if permuted is None:
+            return None
+        axes = permuted[0][1]
+        inner = rewriter.emit(relax.op.concat([p[0] for p in permuted], axis=axes[int(call.attrs.axis) % len(axes)]))
+        return relax.op.permute_dims(inner, list(axes))
+    return None
+
+
+def sink_permutes(mod):
+    """``mod`` with its ``permute_dims`` moved below layout-agnostic ops and cancelled in pairs (the
+    module docstring); transposes left without a consumer are removed."""
+    from tvm import relax
+
+    return relax.transform.DeadCodeElimination()(rewrite_calls(mod, _rule))
