@@ -25,6 +25,11 @@ widening dot product of ``group`` input channels per int32 lane, the instruction
                 acc[pixel] += dot(broadcast(xp[cg, ih, iw, 0:group]), w)
         y[n, o, oh, ow] = saturate(nearbyint(min(max(float32(acc + bias') * M, lo), hi)) + zy)
 
+In NHWC (``layout``; the lowering's policy chooses it where the transposes around the calls cancel
+between kernels) the input is read a pixel's channels at a time and the output written a vector of
+channels at a time; in NCHW the pack gathers each group of channels from ``group`` planes and the
+epilogue scatters each vector's lanes to ``lanes`` planes, one byte each.
+
 ``xp`` is the input with the zero point moved: ``x - offset`` in the instruction's operand type (offset
 = zx for int16 operands; 128 for uint8 / 0 for int8 data with int8 operands; 0 for uint8 / -128 for int8
 data with uint8 operands), its channels grouped
@@ -228,7 +233,7 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
     x_shape, y_shape = ((n_, h_, w_, c_), (n_, oh_, ow_, oc)) if nhwc else ((n_, c_, h_, w_), (n_, oc, oh_, ow_))
     # NHWC with whole groups of byte operands: a group is 4 adjacent input bytes, and subtracting the
     # offset (0 or +-128) from each byte modulo 256 is an XOR of the word with 0x80 per byte
-    word_copy = nhwc and c_ % g == 0 and bits == 8
+    word_copy = nhwc and c_ % g == 0 and bits == 8 and g == 4
     xor_word = sum(((-offset) & mask) << (gi * bits) for gi in range(g))
     xor_word = xor_word - (1 << 32) if xor_word >= 1 << 31 else xor_word
     vec_out = f"{out_dtype}x{lanes}"
