@@ -52,11 +52,11 @@ def _qdq_add_relu_pool(bb, y, skip):
 
 def _residual_sum(bb, y, skip):
     """ONNX Sum as the importer writes it: both operands broadcast to the output shape, stacked and
-    summed over the stacking axis."""
+    summed over the stacking axis; then a Clip (bounds as PrimValues) and a max over a stacked axis."""
     shape = (1, 8, 6, 10)
     stacked = bb.emit(relax.op.stack([bb.emit(relax.op.broadcast_to(y, shape)),
                                       bb.emit(relax.op.broadcast_to(skip, shape))], axis=0))
-    total = bb.emit(relax.op.sum(stacked, axis=[0], keepdims=False))
+    total = bb.emit(relax.op.clip(bb.emit(relax.op.sum(stacked, axis=[0], keepdims=False)), 0, 200))
     return bb.emit(relax.op.max(bb.emit(relax.op.stack([total, total], axis=2)), axis=[2], keepdims=False))
 
 

@@ -43,6 +43,8 @@ def _axes(call) -> tuple[int, ...] | None:
 
 
 def _is_scalar(expr) -> bool:
+    if isinstance(getattr(expr, "value", None), (int, float)):  # an IntImm/FloatImm: clip's bounds
+        return True
     value = constant_value(expr)
     if value is not None:
         return int(value.numpy().size) == 1
@@ -147,7 +149,7 @@ def _rule(call, rewriter):
         return relax.op.permute_dims(rewriter.emit(relax.op.broadcast_to(source, source_target)), list(axes))
     if name == "relax.stack":
         permuted = _permuted_fields(call.args[0], rewriter)
-        if permuted is None:
+        if permuted is None or call.attrs.axis is None:
             return None
         axes = permuted[0][1]
         at = int(call.attrs.axis) % (len(axes) + 1)
@@ -156,7 +158,7 @@ def _rule(call, rewriter):
         return relax.op.permute_dims(inner, shifted[:at] + [0] + shifted[at:])
     if name == "relax.concat":
         permuted = _permuted_fields(call.args[0], rewriter)
-        if permuted is None:
+        if permuted is None or call.attrs.axis is None:
             return None
         axes = permuted[0][1]
         inner = rewriter.emit(relax.op.concat([p[0] for p in permuted], axis=axes[int(call.attrs.axis) % len(axes)]))
