@@ -358,24 +358,26 @@ def lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None = None):
     if kernel_policy is None or kernel_policy.layout != "auto":
         return _lower_qdq_to_int8(mod, kernel_policy)
     nhwc = _lower_qdq_to_int8(mod, dataclasses.replace(kernel_policy, layout="NHWC"))
+    if not nhwc[1].int8_kernel:  # no unit on the kernel: the layout changes nothing
+        return nhwc
     nchw = _lower_qdq_to_int8(mod, dataclasses.replace(kernel_policy, layout="NCHW"))
     added = _count_calls(nhwc[0], "relax.permute_dims") - _count_calls(nchw[0], "relax.permute_dims")
     return nhwc if added <= AUTO_NHWC_ADDED_TRANSPOSES * max(1, nhwc[1].int8_kernel) else nchw
 
 
-def _count_calls(mod, op_name: str) -> int:
+def _calls(mod):
+    """Every call in the Relax functions of ``mod``."""
     from tvm import relax
 
-    found = [0]
-
-    def visit(expr):
-        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == op_name:
-            found[0] += 1
-
+    found = []
     for _, func in mod.functions.items():
         if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
-    return found[0]
+            relax.analysis.post_order_visit(func, lambda e: found.append(e) if isinstance(e, relax.Call) else None)
+    return found
+
+
+def _count_calls(mod, op_name: str) -> int:
+    return sum(1 for call in _calls(mod) if getattr(call.op, "name", "") == op_name)
 
 
 def _lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None):
@@ -510,20 +512,11 @@ def _lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None):
 
 def _float_units(mod) -> dict[str, int]:
     """conv2d/matmul calls still computing in float32 (not rewritten)."""
-    from tvm import relax
-
     counts: dict[str, int] = {}
-
-    def visit(expr):
-        if isinstance(expr, relax.Call) and hasattr(expr.op, "name") and expr.op.name in (
-                "relax.nn.conv2d", "relax.matmul"):
-            dtype = _type_of(expr).dtype
-            if dtype == "float32":
-                counts[expr.op.name] = counts.get(expr.op.name, 0) + 1
-
-    for _, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func, visit)
+    for call in _calls(mod):
+        name = getattr(call.op, "name", "")
+        if name in ("relax.nn.conv2d", "relax.matmul") and _type_of(call).dtype == "float32":
+            counts[name] = counts.get(name, 0) + 1
     return counts
 
 

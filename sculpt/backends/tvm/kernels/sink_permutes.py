@@ -14,6 +14,8 @@ Mechanism only: which calls are emitted in another layout is the caller's choice
 
 from __future__ import annotations
 
+import functools
+
 from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls
 
 # one tensor operand (the first), every other operand a scalar or an attribute
@@ -31,6 +33,7 @@ _REDUCTION_NAMES = ("sum", "mean", "max", "min")
 _NHWC_TO_NCHW = (0, 3, 1, 2)
 
 
+@functools.cache
 def _reductions():
     from tvm import relax
 
