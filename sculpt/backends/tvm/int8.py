@@ -20,6 +20,7 @@ Relax ops above, which sculpt's float kernels schedule.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -36,6 +37,7 @@ class LoweringStats:
     conv2d: int = 0
     matmul: int = 0
     int8_kernel: int = 0  # of the conv2d units: those on the int8 conv kernel
+    int8_depthwise: int = 0  # of the conv2d units: those on the int8 depthwise kernel (NHWC layout only)
     exact_float: int = 0  # of the conv2d units: integer math run exactly as a float32 conv (_float_exact_conv)
     left_float: dict[str, int] = field(default_factory=dict)  # op → units the patterns did not match
     layout: str = ""  # the int8 kernel's activation layout (NHWC or NCHW), when a unit is on it
@@ -240,7 +242,10 @@ class Int8KernelPolicy:
     def takes(self, shape, groups: int) -> bool:
         macs = shape.out_channels * shape.out_height * shape.out_width * shape.in_channels \
             * shape.kernel[0] * shape.kernel[1]
-        return groups == 1 and macs >= self.min_macs and shape.in_channels >= self.min_in_channels
+        # min_macs keeps small units off the kernel in NCHW only (fused with the float ops after them); in
+        # NHWC a unit off the kernel would need a transpose on each side
+        min_macs = self.min_macs if self.layout != "NHWC" else 0
+        return groups == 1 and macs >= min_macs and shape.in_channels >= self.min_in_channels
 
 
 def int8_kernel_policy(target) -> Int8KernelPolicy | None:
@@ -318,6 +323,29 @@ class _KernelEmitter:
             out = (out[0], out[2], out[3], out[1])
         return relax.call_tir(gvar, args, relax.TensorType(out, out_dtype))
 
+    def depthwise_call(self, shape, x_q, w_q: np.ndarray, b_q: np.ndarray | None, zx: int, multiplier: np.ndarray,
+                       out_q_call):
+        """The call of the int8 depthwise kernel (kernels/int8_depthwise.py, NHWC) for a depthwise unit on
+        an NCHW ``x_q`` (``shape``: its ConvShape over all C channels), transposed in and out, giving NCHW;
+        the caller checked that its sums are exact in float32."""
+        from tvm import relax
+
+        from sculpt.backends.tvm.kernels import int8_depthwise as k
+
+        instr = self.policy.instruction
+        tile = k.int8_depthwise_tile(shape, instr.lanes, instr.registers)
+        x_dtype, out_dtype = str(_type_of(x_q).dtype), str(out_q_call.attrs.out_dtype)
+        zy = int(_const_value(out_q_call.args[2]).reshape(-1)[0])
+        key = ("depthwise", shape, tile, x_dtype, out_dtype, zx, zy)
+        if key not in self.funcs:
+            func = k.int8_depthwise_func(shape, tile, x_dtype, out_dtype, zx, zy)
+            self.funcs[key] = self.builder.add_func(func, f"sculpt_int8_dw{len(self.funcs)}")
+        weight, bias, mult = k.depthwise_constants(w_q, b_q, multiplier, tile)
+        args = [relax.op.permute_dims(x_q, [0, 2, 3, 1]), relax.const(weight), relax.const(bias), relax.const(mult)]
+        y = relax.call_tir(self.funcs[key], args, relax.TensorType(
+            (shape.batch, shape.out_height, shape.out_width, shape.out_channels), out_dtype))
+        return relax.op.permute_dims(y, [0, 3, 1, 2])
+
     def matmul_call(self, a_q, b_q: np.ndarray, za: int, multiplier: np.ndarray, out_q_call):
         """A matmul by a constant [K, N] int8 matrix as a 1x1 conv of the kernel: the rows of ``a_q``
         [..., M, K] are the pixels of a [1, K, 1, M] image (transposed in and out), or None when the
@@ -353,16 +381,15 @@ def lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None = None):
     int32 accumulation and requantization; with ``kernel_policy``, the conv units it takes into calls to
     the int8 conv kernel (in the policy's layout; ``auto`` decided by the transposes NHWC leaves).
     Returns (new module, LoweringStats)."""
-    import dataclasses
-
     if kernel_policy is None or kernel_policy.layout != "auto":
         return _lower_qdq_to_int8(mod, kernel_policy)
-    nhwc = _lower_qdq_to_int8(mod, dataclasses.replace(kernel_policy, layout="NHWC"))
-    if not nhwc[1].int8_kernel:  # no unit on the kernel: the layout changes nothing
-        return nhwc
     nchw = _lower_qdq_to_int8(mod, dataclasses.replace(kernel_policy, layout="NCHW"))
+    if not nchw[1].int8_kernel:  # every unit below the policy's min_macs: a model of small convs stays off
+        return nchw              # the kernels (NHWC would take them all, to avoid transposes)
+    nhwc = _lower_qdq_to_int8(mod, dataclasses.replace(kernel_policy, layout="NHWC"))
+    kernel_calls = nhwc[1].int8_kernel + nhwc[1].int8_depthwise
     added = _count_calls(nhwc[0], "relax.permute_dims") - _count_calls(nchw[0], "relax.permute_dims")
-    return nhwc if added <= AUTO_NHWC_ADDED_TRANSPOSES * max(1, nhwc[1].int8_kernel) else nchw
+    return nhwc if added <= AUTO_NHWC_ADDED_TRANSPOSES * kernel_calls else nchw
 
 
 def _calls(mod):
@@ -422,6 +449,12 @@ def _lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None):
                 stats.int8_kernel += 1
                 return call
         a = conv.attrs
+        if emitter is not None and emitter.policy.layout == "NHWC" and w_int8.dtype == np.int8:
+            call = _depthwise_unit(emitter, conv, m[x_q_p], w_int8, b_q, int(zx.reshape(())), multiplier, expr)
+            if call is not None:
+                stats.conv2d += 1
+                stats.int8_depthwise += 1
+                return call
         # a conv on 3 image channels off the kernel stays integer: measured slower on the float blocked
         # kernel (PP-OCRv4 det's first conv 0.70 -> 1.22 ms, 1 thread)
         if emitter is not None and (int(a.groups) > 1 or w_int8.shape[1] >= EXACT_FLOAT_MIN_IN_CHANNELS) \
@@ -497,9 +530,13 @@ def _lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None):
     if emitter is not None and emitter.funcs:
         stats.layout = kernel_policy.layout
     if emitter is not None and emitter.funcs and kernel_policy.layout == "NHWC":
+        from sculpt.backends.tvm.kernels.clip_as_ops import rewrite_clip_calls
+        from sculpt.backends.tvm.kernels.fold_small_constants import fold_small_constants
         from sculpt.backends.tvm.kernels.sink_permutes import sink_permutes
 
-        new_mod = sink_permutes(new_mod)
+        # Clip's bounds as constants and Clip as Relax ops (the float pipeline's first rewrites, earlier):
+        # the importer's call_tir of maximum/minimum by a computed scalar stops every transpose
+        new_mod = sink_permutes(rewrite_clip_calls(fold_small_constants(new_mod)))
     stats.left_float = _float_units(new_mod)
     if stats.exact_float:  # those float32 convs compute the integer units exactly: not left float
         left = stats.left_float.get("relax.nn.conv2d", 0) - stats.exact_float
@@ -508,6 +545,21 @@ def _lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None):
         else:
             stats.left_float.pop("relax.nn.conv2d", None)
     return new_mod, stats
+
+
+def _depthwise_unit(emitter: _KernelEmitter, conv, x_q, w_q: np.ndarray, b_q: np.ndarray | None, zx: int,
+                    multiplier: np.ndarray, out_q_call):
+    """The int8 depthwise kernel's call for a depthwise unit (one input and one output channel per group)
+    whose sums are exact in float32 and stay within int32 with the bias, or None."""
+    shape, groups = emitter.conv_shape(conv, x_q)
+    if shape is None or groups == 1 or shape.in_channels != 1 or shape.out_channels != groups:
+        return None
+    if not _exact_in_float32(w_q, x_q):
+        return None
+    if b_q is not None and not np.all(np.abs(b_q.reshape(-1).astype(np.int64)) + _reach(w_q) < 2 ** 31):
+        return None  # the kernel adds the bias in int32
+    all_channels = dataclasses.replace(shape, in_channels=groups, out_channels=groups)
+    return emitter.depthwise_call(all_channels, x_q, w_q, b_q, zx, multiplier, out_q_call)
 
 
 def _float_units(mod) -> dict[str, int]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls
 
 # one tensor operand (the first), every other operand a scalar or an attribute
@@ -24,7 +26,7 @@ _UNARY = frozenset({
     "relax.negative", "relax.sigmoid", "relax.tanh", "relax.exp", "relax.sqrt", "relax.nn.gelu",
     "relax.nn.silu", "relax.quantize", "relax.dequantize",
 })
-# two tensor operands of the same shape, or one of them a scalar
+# two tensor operands of the same shape, or one of them a scalar, a constant or small (_to_source_layout)
 _BINARY = frozenset({
     "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
 })
@@ -89,6 +91,41 @@ def _permuted_fields(expr, rewriter):
     return permuted
 
 
+# a tensor operand of a binary op this small (elements) is transposed to meet the other one's layout: a
+# squeeze-and-excitation scale [1, C, 1, 1] times a permuted map crosses as [1, 1, 1, C] (C elements moved)
+SMALL_OPERAND = 4096
+
+
+def _to_source_layout(operand, axes: tuple[int, ...], rewriter):
+    """``operand`` of a binary op whose other operand is ``permute_dims(s, axes)``, in ``s``'s layout: a
+    constant of the same rank transposed here, a small tensor of the same rank by a transpose, a
+    scalar as it is; None for anything else."""
+    from tvm import relax
+
+    if _is_scalar(operand):
+        return operand
+    shape = getattr(getattr(operand, "ty", None), "shape", None)
+    try:
+        dims = [int(d) for d in shape]
+    except (TypeError, ValueError):
+        return None
+    if len(dims) != len(axes):
+        return None
+    inverse = [axes.index(k) for k in range(len(axes))]
+    value = constant_value(rewriter.bound(operand))
+    if value is not None:
+        array = value.numpy()
+        return relax.const(array.transpose(inverse).copy(), str(array.dtype))
+    if int(np.prod(dims)) <= SMALL_OPERAND:
+        return rewriter.emit(relax.op.permute_dims(operand, inverse))
+    return None
+
+
+def _same_dtype_out(call) -> bool:
+    out = call.attrs.out_dtype
+    return out is None or str(out) in ("", "void", str(call.args[0].ty.dtype))
+
+
 def _rule(call, rewriter):
     from tvm import relax
 
@@ -116,10 +153,10 @@ def _rule(call, rewriter):
         second = _permuted(call.args[1], rewriter)
         if first is not None and second is not None and first[1] == second[1]:
             operands, axes = [first[0], second[0]], first[1]
-        elif first is not None and _is_scalar(call.args[1]):
-            operands, axes = [first[0], call.args[1]], first[1]
-        elif second is not None and _is_scalar(call.args[0]):
-            operands, axes = [call.args[0], second[0]], second[1]
+        elif first is not None and (other := _to_source_layout(call.args[1], first[1], rewriter)) is not None:
+            operands, axes = [first[0], other], first[1]
+        elif second is not None and (other := _to_source_layout(call.args[0], second[1], rewriter)) is not None:
+            operands, axes = [other, second[0]], second[1]
         else:
             return None
         return relax.op.permute_dims(rewriter.emit(relax.Call(call.op, operands, call.attrs)), list(axes))
@@ -131,6 +168,14 @@ def _rule(call, rewriter):
         inner = rewriter.emit(pool(first[0], pool_size=list(a.pool_size), strides=list(a.strides),
                                    padding=list(a.padding), dilation=list(a.dilation), ceil_mode=bool(a.ceil_mode),
                                    layout="NHWC", out_layout="NHWC", **kwargs))
+        return relax.op.permute_dims(inner, list(_NHWC_TO_NCHW))
+    if name == "relax.image.resize2d" and first is not None and first[1] == _NHWC_TO_NCHW \
+            and str(call.attrs.layout) == "NCHW" and _same_dtype_out(call):
+        a = call.attrs
+        inner = rewriter.emit(relax.op.image.resize2d(
+            first[0], call.args[1], [float(v) for v in a.roi], "NHWC", str(a.method),
+            str(a.coordinate_transformation_mode), str(a.rounding_method), float(a.cubic_alpha),
+            int(a.cubic_exclude), float(a.extrapolation_value)))
         return relax.op.permute_dims(inner, list(_NHWC_TO_NCHW))
     if name in reductions and first is not None and call.attrs.axis is not None:
         source, axes = first
