@@ -147,6 +147,8 @@ def _kernel_reference(x, w, bias, zx, multiplier, zy, out_dtype, s: ConvShape) -
     ConvShape(1, 12, 15, 14, 16, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1)),
     ConvShape(1, 6, 12, 12, 8, (3, 2), (1, 2), (2, 1), (2, 1, 1, 0)),    # dilated, asymmetric pads
     ConvShape(1, 16, 8, 8, 33, (1, 1), (1, 1), (1, 1), (1, 1, 1, 1)),    # a padded 1x1: border pixels only
+    ConvShape(1, 8, 9, 13, 24, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)),    # NHWC reads these two in place:
+    ConvShape(2, 12, 11, 11, 16, (3, 3), (2, 2), (1, 1), (0, 0, 0, 0)),  # no padding, whole groups of 4
 ], ids=lambda s: f"{s.kernel[0]}x{s.kernel[1]}s{s.strides[0]}{s.strides[1]}c{s.in_channels}")
 @pytest.mark.parametrize("x_dtype, zx, zy", [("uint8", 131, 3), ("int8", -7, -2)])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -154,8 +156,8 @@ def test_the_packed_input_is_exact_on_strides_pads_and_partial_groups(shape, ins
     """The kernel's input pack (channel groups as int32 words; the padding rows and columns written
     apart; a 1x1 kernel's stride taken in the pack, so its conv reads every packed pixel) gives the
     integer QDQ conv's bits, and a strided 1x1 conv packs only the pixels it reads; in NHWC too (whole
-    groups of byte operands copied as words, output channels stored a vector at a time or, past a whole
-    vector, one by one)."""
+    groups of byte operands copied as words, or without padding read in place, output channels stored a
+    vector at a time or, past a whole vector, one by one)."""
     import tvm
 
     from sculpt.backends.tvm.kernels.int8_conv import int8_conv_func, padded_multiplier
@@ -170,7 +172,10 @@ def test_the_packed_input_is_exact_on_strides_pads_and_partial_groups(shape, ins
     channels = tile.padded_channels(shape.out_channels)
     w2, b2 = folded_bias(w, bias, zx, instruction.offset(x_dtype, zx), channels, mult, zy, x_dtype)
     func = int8_conv_func(shape, tile, instruction, x_dtype, x_dtype, zx, zy, layout=layout)
-    if shape.kernel == (1, 1):
+    in_place = layout == "NHWC" and instruction.group == 4 and shape.in_channels % 4 == 0 and not any(shape.padding)
+    if in_place:  # read as words where they are: no packed copy
+        assert "alloc_buffer" not in func.script()
+    elif shape.kernel == (1, 1):
         groups = -(-shape.in_channels // instruction.group)
         packed = (shape.batch, shape.out_height, tile.padded_width(shape.out_width), groups)
         assert f"T.alloc_buffer({packed}" in func.script().replace(" ", "").replace(",", ", ")

@@ -217,6 +217,19 @@ AUTO_NHWC_ADDED_TRANSPOSES = 0.5
 MIN_KERNEL_MACS = 2_000_000
 
 
+# below these many multiply-adds a kernel call runs on one thread: waking the pool's other workers costs
+# more than the work (each parallel loop wakes them; with the shared thread policy they sleep between
+# loops). PP-OCRv4 det in NHWC, 2 threads: its squeeze-and-excitation convs (1x1 maps, 2-40K MACs) took
+# 30-40 us on 2 threads and 5 us on one; 192 -> 42 channels at 20x20 (3.2M) 73 us vs 38
+MIN_PARALLEL_MACS = 4_000_000
+MIN_PARALLEL_DEPTHWISE_MACS = 1_000_000
+
+
+def _macs(shape, depthwise: bool = False) -> int:
+    per_output = shape.kernel[0] * shape.kernel[1] * (1 if depthwise else shape.in_channels)
+    return shape.out_channels * shape.out_height * shape.out_width * per_output
+
+
 @dataclass(frozen=True)
 class Int8KernelPolicy:
     """Which QDQ conv units run on the int8 conv kernel (kernels/int8_conv.py) with ``instruction``:
@@ -240,8 +253,7 @@ class Int8KernelPolicy:
         return self.float_grouped and groups > 1
 
     def takes(self, shape, groups: int) -> bool:
-        macs = shape.out_channels * shape.out_height * shape.out_width * shape.in_channels \
-            * shape.kernel[0] * shape.kernel[1]
+        macs = _macs(shape)
         # min_macs keeps small units off the kernel in NCHW only (fused with the float ops after them); in
         # NHWC a unit off the kernel would need a transpose on each side
         min_macs = self.min_macs if self.layout != "NHWC" else 0
@@ -313,7 +325,8 @@ class _KernelEmitter:
         layout = self.policy.layout
         key = (shape, tile, instr.name, x_dtype, out_dtype, zx, zy, layout)
         if key not in self.funcs:
-            func = k.int8_conv_func(shape, tile, instr, x_dtype, out_dtype, zx, zy, layout=layout)
+            func = k.int8_conv_func(shape, tile, instr, x_dtype, out_dtype, zx, zy, layout=layout,
+                                    parallel=_macs(shape) >= MIN_PARALLEL_MACS)
             self.funcs[key] = self.builder.add_func(func, f"sculpt_int8_conv{len(self.funcs)}")
         gvar = self.funcs[key]
         args = [x_q, relax.const(k.pack_int8_weight(w_q, tile, instr)), relax.const(bias, "int32"),
@@ -338,7 +351,8 @@ class _KernelEmitter:
         zy = int(_const_value(out_q_call.args[2]).reshape(-1)[0])
         key = ("depthwise", shape, tile, x_dtype, out_dtype, zx, zy)
         if key not in self.funcs:
-            func = k.int8_depthwise_func(shape, tile, x_dtype, out_dtype, zx, zy)
+            func = k.int8_depthwise_func(shape, tile, x_dtype, out_dtype, zx, zy,
+                                         parallel=_macs(shape, depthwise=True) >= MIN_PARALLEL_DEPTHWISE_MACS)
             self.funcs[key] = self.builder.add_func(func, f"sculpt_int8_dw{len(self.funcs)}")
         weight, bias, mult = k.depthwise_constants(w_q, b_q, multiplier, tile)
         args = [relax.op.permute_dims(x_q, [0, 2, 3, 1]), relax.const(weight), relax.const(bias), relax.const(mult)]

@@ -118,10 +118,14 @@ class Int8ConvTile:
 
 
 def int8_conv_tile(shape: ConvShape, instr: DotInstruction) -> Int8ConvTile:
-    """Two vectors of output channels (one for narrow layers) and as many columns as the remaining
-    accumulator registers hold (one register for the broadcast input, one per weight vector, one
-    for the product of an instruction that does not accumulate, one spare)."""
+    """Two vectors of output channels (one for narrow layers; three on 32 registers where that pads
+    fewer channels: 24 outputs in 8-lane vectors, PP-OCR det's head and neck) and as many columns as the
+    remaining accumulator registers hold (one register for the broadcast input, one per weight vector,
+    one for the product of an instruction that does not accumulate, one spare)."""
     vectors = 2 if shape.out_channels > instr.lanes else 1
+    padded = lambda v: -(-shape.out_channels // (v * instr.lanes)) * v * instr.lanes  # noqa: E731
+    if vectors == 2 and instr.registers >= 32 and padded(3) < padded(2):
+        vectors = 3
     free = instr.registers - 2 - vectors - (0 if instr.accumulates else 1)
     tw = max(1, min(free // vectors, shape.out_width, 12))
     # an even split of the row: 40 columns as 5 x 8 rather than 4 x 10 with a padded tail
@@ -236,6 +240,9 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
     word_copy = nhwc and c_ % g == 0 and bits == 8 and g == 4
     xor_word = sum(((-offset) & mask) << (gi * bits) for gi in range(g))
     xor_word = xor_word - (1 << 32) if xor_word >= 1 << 31 else xor_word
+    # no padding, whole groups of bytes in NHWC: no packed copy at all; the conv reads the input's words in
+    # place (XOR-ed in a register; a padded tile's extra columns read the row's last pixel, never stored)
+    direct = word_copy and accumulates and not any(s.padding)
     vec_out = f"{out_dtype}x{lanes}"
     full_width = owp == ow_
     full_vectors = oc % lanes == 0
@@ -245,60 +252,62 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
                   bias: T.Buffer((ocp,), "int32"), mult: T.Buffer((ocp,), "float32"),
                   y: T.Buffer(y_shape, out_dtype)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        xw = T.decl_buffer((n_, h_, w_, cg_), "int32", data=x.data)  # NHWC x as words of 4 channels (direct)
         # xp[n, row, col, cg]: the ``group`` operands of channel group cg as one int32 word (operand gi in
         # bits gi * bits, little-endian, as the dot instruction reads the bytes), built in a register and
         # stored once; channel groups outside, columns inside, so the input is read along its rows and
         # the padding columns and rows are written apart, without a test per element
-        xp = T.alloc_buffer((n_, hp, wp, cg_), group_int)
-        for task in T.parallel(pad_tasks) if parallel else T.serial(pad_tasks):
-            if nhwc and task % hp >= h_lo and task % hp < h_hi:
-                for ww, cg in T.grid(w_lo, cg_):
-                    xp[task // hp, task % hp, ww, cg] = pad_word
-                for ww, cg in T.grid(w_hi - w_lo, cg_):
-                    if word_copy:
-                        xp[task // hp, task % hp, ww + w_lo, cg] = T.bitwise_xor(
-                            T.bitwise_or(T.bitwise_or(
-                                T.Cast("int32", T.reinterpret("uint8", x[task // hp, (task % hp) * psh - pt,
-                                                                         (ww + w_lo) * psw - pl, cg * 4])),
-                                T.shift_left(T.Cast("int32", T.reinterpret("uint8", x[
-                                    task // hp, (task % hp) * psh - pt, (ww + w_lo) * psw - pl, cg * 4 + 1])), 8)),
-                                T.bitwise_or(
-                                T.shift_left(T.Cast("int32", T.reinterpret("uint8", x[
-                                    task // hp, (task % hp) * psh - pt, (ww + w_lo) * psw - pl, cg * 4 + 2])), 16),
-                                T.shift_left(T.Cast("int32", T.reinterpret("uint8", x[
-                                    task // hp, (task % hp) * psh - pt, (ww + w_lo) * psw - pl, cg * 4 + 3])), 24))),
-                            xor_word)
-                    else:
-                        word = T.decl_buffer((1,), "int32", scope="local")
-                        word[0] = 0
-                        for gi in T.unroll(g):
-                            word[0] = word[0] | T.shift_left(T.bitwise_and(T.if_then_else(
-                                cg * g + gi < c_,
-                                T.Cast("int32", x[task // hp, (task % hp) * psh - pt, (ww + w_lo) * psw - pl,
-                                                  cg * g + gi]) - offset,
-                                pad_value), mask), gi * bits)
-                        xp[task // hp, task % hp, ww + w_lo, cg] = word[0]
-                for ww, cg in T.grid(wp - w_hi, cg_):
-                    xp[task // hp, task % hp, ww + w_hi, cg] = pad_word
-            elif task % hp >= h_lo and task % hp < h_hi:
-                for cg in T.serial(cg_):
-                    for ww in T.serial(w_lo):
+        xp = T.alloc_buffer((n_, hp, wp, cg_) if not direct else (1,), group_int)
+        if not direct:  # the packed copy
+            for task in T.parallel(pad_tasks) if parallel else T.serial(pad_tasks):
+                if nhwc and task % hp >= h_lo and task % hp < h_hi:
+                    for ww, cg in T.grid(w_lo, cg_):
                         xp[task // hp, task % hp, ww, cg] = pad_word
-                    for ww in T.serial(w_hi - w_lo):
-                        word = T.decl_buffer((1,), "int32", scope="local")
-                        word[0] = 0
-                        for gi in T.unroll(g):
-                            word[0] = word[0] | T.shift_left(T.bitwise_and(T.if_then_else(
-                                cg * g + gi < c_,
-                                T.Cast("int32", x[task // hp, cg * g + gi, (task % hp) * psh - pt,
-                                                  (ww + w_lo) * psw - pl]) - offset,
-                                pad_value), mask), gi * bits)
-                        xp[task // hp, task % hp, ww + w_lo, cg] = word[0]
-                    for ww in T.serial(wp - w_hi):
+                    for ww, cg in T.grid(w_hi - w_lo, cg_):
+                        if word_copy:
+                            xp[task // hp, task % hp, ww + w_lo, cg] = T.bitwise_xor(
+                                T.bitwise_or(T.bitwise_or(
+                                    T.Cast("int32", T.reinterpret("uint8", x[task // hp, (task % hp) * psh - pt,
+                                                                             (ww + w_lo) * psw - pl, cg * 4])),
+                                    T.shift_left(T.Cast("int32", T.reinterpret("uint8", x[
+                                        task // hp, (task % hp) * psh - pt, (ww + w_lo) * psw - pl, cg * 4 + 1])), 8)),
+                                    T.bitwise_or(
+                                    T.shift_left(T.Cast("int32", T.reinterpret("uint8", x[
+                                        task // hp, (task % hp) * psh - pt, (ww + w_lo) * psw - pl, cg * 4 + 2])), 16),
+                                    T.shift_left(T.Cast("int32", T.reinterpret("uint8", x[
+                                        task // hp, (task % hp) * psh - pt, (ww + w_lo) * psw - pl, cg * 4 + 3])), 24))),
+                                xor_word)
+                        else:
+                            word = T.decl_buffer((1,), "int32", scope="local")
+                            word[0] = 0
+                            for gi in T.unroll(g):
+                                word[0] = word[0] | T.shift_left(T.bitwise_and(T.if_then_else(
+                                    cg * g + gi < c_,
+                                    T.Cast("int32", x[task // hp, (task % hp) * psh - pt, (ww + w_lo) * psw - pl,
+                                                      cg * g + gi]) - offset,
+                                    pad_value), mask), gi * bits)
+                            xp[task // hp, task % hp, ww + w_lo, cg] = word[0]
+                    for ww, cg in T.grid(wp - w_hi, cg_):
                         xp[task // hp, task % hp, ww + w_hi, cg] = pad_word
-            else:
-                for ww, cg in T.grid(wp, cg_):
-                    xp[task // hp, task % hp, ww, cg] = pad_word
+                elif task % hp >= h_lo and task % hp < h_hi:
+                    for cg in T.serial(cg_):
+                        for ww in T.serial(w_lo):
+                            xp[task // hp, task % hp, ww, cg] = pad_word
+                        for ww in T.serial(w_hi - w_lo):
+                            word = T.decl_buffer((1,), "int32", scope="local")
+                            word[0] = 0
+                            for gi in T.unroll(g):
+                                word[0] = word[0] | T.shift_left(T.bitwise_and(T.if_then_else(
+                                    cg * g + gi < c_,
+                                    T.Cast("int32", x[task // hp, cg * g + gi, (task % hp) * psh - pt,
+                                                      (ww + w_lo) * psw - pl]) - offset,
+                                    pad_value), mask), gi * bits)
+                            xp[task // hp, task % hp, ww + w_lo, cg] = word[0]
+                        for ww in T.serial(wp - w_hi):
+                            xp[task // hp, task % hp, ww + w_hi, cg] = pad_word
+                else:
+                    for ww, cg in T.grid(wp, cg_):
+                        xp[task // hp, task % hp, ww, cg] = pad_word
         for task in T.parallel(conv_tasks) if parallel else T.serial(conv_tasks):
             for wo in T.serial(wtiles):
                 acc = T.decl_buffer((accs * lanes,), "int32", scope="local")
@@ -308,7 +317,14 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
                 for cg, r, t in T.grid(cg_, kh_, kw_):
                     for p in T.unroll(tw):
                         for v in T.unroll(vectors):
-                            if accumulates:
+                            if direct:
+                                acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
+                                    vec_i32, intrinsic, acc[T.ramp((p * vectors + v) * lanes, 1, lanes)],
+                                    T.reinterpret(vec_op, T.broadcast(T.bitwise_xor(xw[
+                                        task // (blocks * oh_), (task % oh_) * sh + r * dh,
+                                        T.min((wo * tw + p) * sw + t * dw, w_ - 1), cg], xor_word), lanes)),
+                                    wt[task // oh_ % blocks, cg, r, t, T.ramp(v * lanes * g, 1, lanes * g)])
+                            elif accumulates:
                                 acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
                                     vec_i32, intrinsic, acc[T.ramp((p * vectors + v) * lanes, 1, lanes)],
                                     T.reinterpret(vec_op, T.broadcast(xp[
