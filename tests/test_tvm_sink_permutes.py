@@ -111,3 +111,40 @@ def test_a_residual_sum_of_two_kernels_outputs_stays_in_their_layout():
     sunk = sink_permutes(mod)
     assert _count(sunk, "relax.permute_dims") == 3  # x's and skip's in, the end out
     np.testing.assert_array_equal(_run(sunk, *_inputs()), _run(mod, *_inputs()))
+
+
+def _excite_and_upsample(bb, y, skip):
+    """A squeeze-and-excitation scale (a per-channel vector computed from the map, [1, C, 1, 1]), a
+    per-channel affine (constants [1, C, 1, 1]), a nearest 2x upsampling and a strided slice back."""
+    scale, zero = relax.const(np.float32(0.05)), relax.const(np.uint8(3))
+    a = bb.emit(relax.op.dequantize(y, scale, zero, axis=1))
+    squeezed = bb.emit(relax.op.mean(a, axis=[2, 3], keepdims=True))
+    gate = bb.emit(relax.op.nn.conv2d(squeezed, relax.const(np.full((8, 8, 1, 1), 0.01, np.float32))))  # NCHW op
+    a = bb.emit(relax.op.multiply(a, bb.emit(relax.op.sigmoid(gate))))
+    channel = np.arange(8, dtype=np.float32).reshape(1, 8, 1, 1)
+    a = bb.emit(relax.op.add(relax.op.multiply(relax.const(channel * 0.1 + 1), a), relax.const(channel)))
+    up = bb.emit(relax.op.image.resize2d(a, (12, 20), method="nearest_neighbor",
+                                         coordinate_transformation_mode="asymmetric", rounding_method="floor"))
+    down = bb.emit(relax.op.strided_slice(up, axes=[2, 3], begin=[0, 0], end=[12, 20], strides=[2, 2]))
+    return bb.emit(relax.op.quantize(down, scale, zero, axis=1, out_dtype="uint8"))
+
+
+def test_transposes_cross_a_scale_vector_per_channel_constants_and_a_resize():
+    mod = _module(_excite_and_upsample)
+    sunk = sink_permutes(mod)
+    resizes = []
+    relax.analysis.post_order_visit(sunk["main"], lambda e: resizes.append(e) if isinstance(e, relax.Call)
+                                    and getattr(e.op, "name", "") == "relax.image.resize2d" else None)
+    assert [str(r.attrs.layout) for r in resizes] == ["NHWC"]
+    # left: x's in, the squeezed vector's into the NCHW conv, the gate's back (C elements each), the slice's
+    # pair (a strided slice does not cross), the end's out
+    small = [c for c in _calls_of(sunk, "relax.permute_dims") if int(np.prod([int(d) for d in c.ty.shape])) <= 8]
+    assert len(small) == 2 and _count(sunk, "relax.permute_dims") == 6
+    np.testing.assert_array_equal(_run(sunk, *_inputs()), _run(mod, *_inputs()))
+
+
+def _calls_of(mod, name: str) -> list:
+    found = []
+    relax.analysis.post_order_visit(
+        mod["main"], lambda e: found.append(e) if isinstance(e, relax.Call) and getattr(e.op, "name", "") == name else None)
+    return found

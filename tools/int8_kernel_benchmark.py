@@ -122,7 +122,8 @@ def prepare(kind: str, args, workdir: Path) -> dict:
                     for name in args.also_instructions}
     return {"model": kind, "input": {k: list(v.shape) for k, v in feeds.items()},
             "instruction": policy.instruction.name, "forced_equal_relax": forced_equal,
-            "units": f"{kernel_stats.int8_kernel} of {kernel_stats.conv2d} conv + {kernel_stats.matmul} matmul"
+            "units": f"{kernel_stats.int8_kernel} (+ {kernel_stats.int8_depthwise} depthwise) of {kernel_stats.conv2d} "
+                     f"conv + {kernel_stats.matmul} matmul"
                      + (f" ({kernel_stats.layout})" if kernel_stats.layout else ""),
             "left_float": kernel_stats.left_float, "relax_units": relax_stats.total,
             "max_abs_vs_qdq_graph": max(float(np.abs(g - r).max()) for g, r in zip(kernel_out, ref)),

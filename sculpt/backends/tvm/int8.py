@@ -14,8 +14,10 @@ before the multiply (``x_q - zx`` of a uint8 needs 9 bits), products accumulate 
 With an :class:`Int8KernelPolicy` (``compile_int8`` makes one for CPU targets with a dot-product
 instruction: x86 VNNI's vpdpbusd, else AVX2's vpmaddwd; aarch64's sdot), the conv units the policy takes become one call to the
 int8 conv kernel instead (kernels/int8_conv.py: int8/uint8 in, int32 accumulators, the requantization
-in its epilogue, int8/uint8 out); depthwise and grouped convs and the units it declines stay the
-Relax ops above, which sculpt's float kernels schedule.
+in its epilogue, int8/uint8 out). In the NHWC layout depthwise units whose sums are exact in float32
+become calls to the int8 depthwise kernel (kernels/int8_depthwise.py), so that a MobileNet-style
+pointwise -> depthwise -> pointwise chain stays NHWC; grouped convs and the units the policy declines
+stay the Relax ops above (exact float32 convs where possible), which sculpt's float kernels schedule.
 """
 
 from __future__ import annotations
@@ -207,8 +209,8 @@ def _multiplier(sx, sw, sy) -> np.ndarray:
 
 # auto layout: NHWC when, after sinking, it adds at most this many transposes per int8 kernel call to the
 # NCHW lowering's. Measured (1 thread, NHWC / NCHW time): resnet50 (2 added for 53 calls) 24.8 / 36.2 ms,
-# vgg19 (2 for 16) 117 / 141; PP-OCRv4 det (about 90 for 26: its depthwise units and HardSwish stay NCHW)
-# 12.75 / 12.28 and rec 11.14 / 10.16, within this host's noise (two runs of one build differ by up to 15%)
+# vgg19 (2 for 16) 117 / 141; PP-OCRv4 det (6 added for 60 calls, with its depthwise units on the int8
+# depthwise kernel; about 90 for 26 before) 9.4 / 12.5 and rec (11 for 44) 10.4 / 13.0
 AUTO_NHWC_ADDED_TRANSPOSES = 0.5
 
 # below this many multiply-adds a conv unit stays integer Relax ops, which TVM fuses with the float

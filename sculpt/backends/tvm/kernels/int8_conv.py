@@ -30,6 +30,10 @@ between kernels) the input is read a pixel's channels at a time and the output w
 channels at a time; in NCHW the pack gathers each group of channels from ``group`` planes and the
 epilogue scatters each vector's lanes to ``lanes`` planes, one byte each.
 
+Without padding, in NHWC, with whole groups of byte operands, there is no ``xp``: the conv reads each
+group's word where it is in the input and XORs the offset in a register (a padded tile's extra columns
+read the row's last pixel; they are never stored).
+
 ``xp`` is the input with the zero point moved: ``x - offset`` in the instruction's operand type (offset
 = zx for int16 operands; 128 for uint8 / 0 for int8 data with int8 operands; 0 for uint8 / -128 for int8
 data with uint8 operands), its channels grouped

@@ -5,7 +5,9 @@ A kernel that computes in another layout than the graph's (the int8 conv kernel 
 model) is called as ``permute_dims(kernel(permute_dims(x, to_nhwc)), to_nchw)``. Between two such
 kernels the graph usually holds only elementwise ops, pools, means and concats: each of them, applied
 to ``permute_dims(s, p)``, equals ``permute_dims(op'(s), p)`` with ``op'`` the same op on the source
-layout (an axis attribute mapped through ``p``). Applied bottom-up over the graph, the transpose after
+layout (an axis attribute mapped through ``p``; a binary op's other operand, when it is a constant
+or a tensor of at most SMALL_OPERAND elements such as a squeeze-and-excitation scale, transposed to
+meet it; a pool or nearest/linear resize in its NHWC form). Applied bottom-up over the graph, the transpose after
 one kernel moves down to the transpose before the next, and ``permute_dims(permute_dims(s, p), q)``
 with ``q`` undoing ``p`` is ``s``. Where a transpose meets an op it cannot cross (a reshape, a matmul,
 a float conv), it stays there.
