@@ -114,10 +114,13 @@ def test_a_residual_sum_of_two_kernels_outputs_stays_in_their_layout():
 
 
 def _excite_and_upsample(bb, y, skip):
-    """A squeeze-and-excitation scale (a per-channel vector computed from the map, [1, C, 1, 1]), a
+    """A GELU (erf), a squeeze-and-excitation scale (a per-channel vector computed from the map, [1, C, 1, 1]), a
     per-channel affine (constants [1, C, 1, 1]), a nearest 2x upsampling and a strided slice back."""
     scale, zero = relax.const(np.float32(0.05)), relax.const(np.uint8(3))
     a = bb.emit(relax.op.dequantize(y, scale, zero, axis=1))
+    gelu = bb.emit(relax.op.add(relax.op.erf(relax.op.divide(a, relax.const(np.float32(1.4142135)))),
+                                relax.const(np.float32(1.0))))
+    a = bb.emit(relax.op.multiply(relax.op.multiply(a, gelu), relax.const(np.float32(0.5))))  # GELU (erf)
     squeezed = bb.emit(relax.op.mean(a, axis=[2, 3], keepdims=True))
     gate = bb.emit(relax.op.nn.conv2d(squeezed, relax.const(np.full((8, 8, 1, 1), 0.01, np.float32))))  # NCHW op
     a = bb.emit(relax.op.multiply(a, bb.emit(relax.op.sigmoid(gate))))
@@ -129,7 +132,7 @@ def _excite_and_upsample(bb, y, skip):
     return bb.emit(relax.op.quantize(down, scale, zero, axis=1, out_dtype="uint8"))
 
 
-def test_transposes_cross_a_scale_vector_per_channel_constants_and_a_resize():
+def test_transposes_cross_gelu_a_scale_vector_per_channel_constants_and_a_resize():
     mod = _module(_excite_and_upsample)
     sunk = sink_permutes(mod)
     resizes = []

@@ -26,11 +26,11 @@ from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_ca
 _UNARY = frozenset({
     "relax.astype", "relax.clip", "relax.nn.relu", "relax.round", "relax.floor", "relax.ceil", "relax.abs",
     "relax.negative", "relax.sigmoid", "relax.tanh", "relax.exp", "relax.sqrt", "relax.nn.gelu",
-    "relax.nn.silu", "relax.quantize", "relax.dequantize",
+    "relax.nn.silu", "relax.quantize", "relax.dequantize", "relax.erf", "relax.log", "relax.rsqrt", "relax.square",
 })
 # two tensor operands of the same shape, or one of them a scalar, a constant or small (_to_source_layout)
 _BINARY = frozenset({
-    "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
+    "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum", "relax.power",
 })
 _POOLS = frozenset({"relax.nn.max_pool2d", "relax.nn.avg_pool2d"})
 _REDUCTION_NAMES = ("sum", "mean", "max", "min")
