@@ -60,11 +60,15 @@ def _residual_sum(bb, y, skip):
     return bb.emit(relax.op.max(bb.emit(relax.op.stack([total, total], axis=2)), axis=[2], keepdims=False))
 
 
-def _count(mod, name: str) -> int:
+def _calls_of(mod, name: str) -> list:
     found = []
     relax.analysis.post_order_visit(
         mod["main"], lambda e: found.append(e) if isinstance(e, relax.Call) and getattr(e.op, "name", "") == name else None)
-    return len(found)
+    return found
+
+
+def _count(mod, name: str) -> int:
+    return len(_calls_of(mod, name))
 
 
 def _run(mod, *arrays):
@@ -90,10 +94,7 @@ def test_transposes_cross_elementwise_ops_pools_means_and_concats_exactly():
     # the pooled tensor's NHWC -> NCHW transpose cannot cross the subtraction of a broadcast mean: it stays,
     # and so does the second kernel's NCHW -> NHWC; the skip input is transposed to meet the first kernel's
     # output at the add
-    pools = []
-    relax.analysis.post_order_visit(sunk["main"], lambda e: pools.append(e) if isinstance(e, relax.Call)
-                                    and getattr(e.op, "name", "") == "relax.nn.max_pool2d" else None)
-    assert [str(p.attrs.layout) for p in pools] == ["NHWC"]
+    assert [str(p.attrs.layout) for p in _calls_of(sunk, "relax.nn.max_pool2d")] == ["NHWC"]
     # everything between the kernels crosses: only x's and skip's transposes in and the end's out are left
     assert _count(sunk, "relax.permute_dims") == 3
     np.testing.assert_array_equal(_run(sunk, *_inputs()), _run(mod, *_inputs()))
@@ -135,19 +136,9 @@ def _excite_and_upsample(bb, y, skip):
 def test_transposes_cross_gelu_a_scale_vector_per_channel_constants_and_a_resize():
     mod = _module(_excite_and_upsample)
     sunk = sink_permutes(mod)
-    resizes = []
-    relax.analysis.post_order_visit(sunk["main"], lambda e: resizes.append(e) if isinstance(e, relax.Call)
-                                    and getattr(e.op, "name", "") == "relax.image.resize2d" else None)
-    assert [str(r.attrs.layout) for r in resizes] == ["NHWC"]
+    assert [str(r.attrs.layout) for r in _calls_of(sunk, "relax.image.resize2d")] == ["NHWC"]
     # left: x's in, the squeezed vector's into the NCHW conv, the gate's back (C elements each), the slice's
     # pair (a strided slice does not cross), the end's out
     small = [c for c in _calls_of(sunk, "relax.permute_dims") if int(np.prod([int(d) for d in c.ty.shape])) <= 8]
     assert len(small) == 2 and _count(sunk, "relax.permute_dims") == 6
     np.testing.assert_array_equal(_run(sunk, *_inputs()), _run(mod, *_inputs()))
-
-
-def _calls_of(mod, name: str) -> list:
-    found = []
-    relax.analysis.post_order_visit(
-        mod["main"], lambda e: found.append(e) if isinstance(e, relax.Call) and getattr(e.op, "name", "") == name else None)
-    return found
