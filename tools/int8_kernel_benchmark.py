@@ -122,7 +122,7 @@ def prepare(kind: str, args, workdir: Path) -> dict:
                     for name in args.also_instructions}
     return {"model": kind, "input": {k: list(v.shape) for k, v in feeds.items()},
             "instruction": policy.instruction.name, "forced_equal_relax": forced_equal,
-            "units": f"{kernel_stats.int8_kernel} (+ {kernel_stats.int8_depthwise} depthwise) of {kernel_stats.conv2d} "
+            "units": f"{kernel_stats.int8_kernel} + {kernel_stats.int8_depthwise} depthwise of {kernel_stats.conv2d} "
                      f"conv + {kernel_stats.matmul} matmul"
                      + (f" ({kernel_stats.layout})" if kernel_stats.layout else ""),
             "left_float": kernel_stats.left_float, "relax_units": relax_stats.total,
@@ -251,7 +251,7 @@ def print_tables(checks, timings, thread_counts, args, load, load_after) -> None
                   + f" | {k / t['tvm fp32']:.2f} | {k / t['ort int8']:.2f} | {k / t['ort fp32']:.2f} |")
     print()
     forced = "".join(f" | {name} == int8 relax" for name in args.also_instructions)
-    print("| model | input | on the int8 kernel | left float | kernel == int8 relax (bitwise)" + forced
+    print("| model | input | on the int8 kernels (conv and matmul units + depthwise units) | left float | kernel == int8 relax (bitwise)" + forced
           + " | max abs diff vs the QDQ graph (output scale) |")
     print("|---|---|---|---|---|" + "---|" * len(args.also_instructions) + "---|")
     for c in checks:

@@ -38,7 +38,7 @@ from sculpt.ir.quantization import dequantize
 class LoweringStats:
     conv2d: int = 0
     matmul: int = 0
-    int8_kernel: int = 0  # of the conv2d units: those on the int8 conv kernel
+    int8_kernel: int = 0  # of the conv2d and matmul units: those on the int8 conv kernel
     int8_depthwise: int = 0  # of the conv2d units: those on the int8 depthwise kernel (NHWC layout only)
     exact_float: int = 0  # of the conv2d units: integer math run exactly as a float32 conv (_float_exact_conv)
     left_float: dict[str, int] = field(default_factory=dict)  # op → units the patterns did not match
