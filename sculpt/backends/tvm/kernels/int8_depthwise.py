@@ -51,8 +51,9 @@ class Int8DepthwiseTile:
 
 
 def int8_depthwise_tile(shape: ConvShape, lanes: int, registers: int) -> Int8DepthwiseTile:
-    """Columns: up to MAX_TILE_COLUMNS accumulators (fewer with 16 registers), an even split of the
-    row; rows per band: as many as keep the band's float rows within BAND_BYTES (at least one)."""
+    """Columns: up to MAX_TILE_COLUMNS accumulators (fewer on a target with under 12 vector registers),
+    an even split of the row; rows per band: as many as keep the band's float rows within BAND_BYTES (at
+    least one), an even split of the output's rows."""
     budget = min(MAX_TILE_COLUMNS, registers - 4)
     tiles = -(-shape.out_width // max(1, min(budget, shape.out_width)))
     tw = -(-shape.out_width // tiles)
