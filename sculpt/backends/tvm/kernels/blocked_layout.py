@@ -28,7 +28,7 @@ import numpy as np
 
 from sculpt.backends.tvm.kernels.blocked_conv import BlockedConvBuilder, ConvPolicy
 from sculpt.backends.tvm.kernels.blocked_depthwise import BlockedDepthwiseBuilder
-from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls, static_shape
+from sculpt.backends.tvm.kernels.relax_rewrite import RESIZE_OP, constant_value, in_layout, rewrite_calls, static_shape
 
 ELEMENTWISE_OPS = frozenset({
     "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
@@ -40,7 +40,6 @@ SPATIAL_MEAN_OP = "relax.mean"  # over the rows and columns, dims kept: squeeze-
 # a blocked tensor up to this size that an NCHW op reads gets an NCHW copy (a pass over it) instead
 # of keeping its producers NCHW: resnet50's pooled 2048 features before the flatten
 CONVERT_MAX_ELEMENTS = 1 << 14
-RESIZE_OP = "relax.image.resize2d"
 # ops with a layout attribute that Relax computes in NCHW<c>c too
 LAYOUT_OPS = frozenset({"relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d", RESIZE_OP})
 
@@ -49,23 +48,6 @@ def _nchw_op(call) -> bool:
     a = call.attrs
     return str(a.layout) == "NCHW" and str(getattr(a, "out_layout", "") or "") in ("NCHW", "") \
         and (str(call.op.name) != RESIZE_OP or a.out_dtype is None or str(a.out_dtype) in ("", "float32", "void"))
-
-
-def _in_blocked_layout(call, x, block: int):
-    """The pool or resize ``call`` over ``x`` in NCHW<block>c."""
-    from tvm import relax
-
-    a, layout = call.attrs, f"NCHW{block}c"
-    if str(call.op.name) == RESIZE_OP:
-        return relax.op.image.resize2d(x, call.args[1], [float(v) for v in a.roi], layout, str(a.method),
-                                       str(a.coordinate_transformation_mode), str(a.rounding_method),
-                                       float(a.cubic_alpha), int(a.cubic_exclude), float(a.extrapolation_value))
-    if str(call.op.name) == "relax.nn.adaptive_avg_pool2d":
-        size = None if a.output_size is None else [int(d) for d in a.output_size]
-        return relax.op.nn.adaptive_avg_pool2d(x, size, layout, layout)
-    make = relax.op.nn.max_pool2d if str(call.op.name) == "relax.nn.max_pool2d" else relax.op.nn.avg_pool2d
-    return make(x, [int(d) for d in a.pool_size], [int(d) for d in a.strides], [int(d) for d in a.padding],
-                [int(d) for d in a.dilation], bool(a.ceil_mode), bool(a.count_include_pad), layout, layout)
 
 
 def _spatial_mean(call) -> bool:
@@ -301,7 +283,7 @@ def rewrite_in_blocked_layout(mod, choose: ConvPolicy, traits, decisions: list |
         if call in plan.depthwise:
             return depthwise.rewrite(call, visit(call.args[0]), rewriter)
         if call in plan.layout_ops:
-            return _in_blocked_layout(call, visit(call.args[0]), block)
+            return in_layout(call, visit(call.args[0]), f"NCHW{block}c")
         if call in plan.convs:
             return builder.rewrite(call, rewriter, *plan.convs[call], x=visit(call.args[0]))
         if call in plan.ops:  # Relax infers the blocked shapes from the operands

@@ -166,7 +166,7 @@ def folded_bias(w_q: np.ndarray, bias_q: np.ndarray | None, zx: int, offset: int
     reach = np.abs(w.reshape(o, -1).astype(np.int64)).sum(axis=1) * 256  # |sum(x' * w)| < reach
     risky = np.flatnonzero(np.abs(b[:o]) + reach >= 2 ** 31)
     if risky.size:
-        qmin, qmax = _qrange(out_dtype)
+        qmin, qmax = quantized_range(out_dtype)
         m = np.broadcast_to(np.asarray(multiplier, np.float32).reshape(-1), (o,))
 
         def out(acc, c):
@@ -187,7 +187,8 @@ def padded_multiplier(multiplier: np.ndarray, out_channels: int, channels: int) 
     return m
 
 
-def _qrange(dtype: str) -> tuple[int, int]:
+def quantized_range(dtype: str) -> tuple[int, int]:
+    """The saturation bounds of QuantizeLinear's output type."""
     return (0, 255) if dtype == "uint8" else (-128, 127)
 
 
@@ -223,7 +224,7 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
     w_hi = max(w_hi, w_lo)
     offset = instr.offset(x_dtype, zx)
     pad_value = zx - offset
-    qmin, qmax = _qrange(out_dtype)
+    qmin, qmax = quantized_range(out_dtype)
     lo, hi = float(qmin - zy), float(qmax - zy)
     accs = tw * vectors
     vec_i32, vec_f32, vec_op = f"int32x{lanes}", f"float32x{lanes}", f"{op}x{lanes * g}"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
+from sculpt.backends.tvm.kernels.int8_conv import padded_multiplier, quantized_range
 
 # a band's float32 input rows fit in this many bytes (the L1 data cache of the targets: 32-64 KiB)
 BAND_BYTES = 32 * 1024
@@ -82,13 +83,7 @@ def depthwise_constants(w_q: np.ndarray, b_q: np.ndarray | None, multiplier: np.
     b = np.zeros(cp, np.int32)
     if b_q is not None:
         b[:c] = b_q.reshape(-1)
-    m = np.zeros(cp, np.float32)
-    m[:c] = np.broadcast_to(np.asarray(multiplier, np.float32).reshape(-1), (c,))
-    return w, b, m
-
-
-def _qrange(dtype: str) -> tuple[int, int]:
-    return (0, 255) if dtype == "uint8" else (-128, 127)
+    return w, b, padded_multiplier(multiplier, c, cp)
 
 
 def int8_depthwise_func(s: ConvShape, tile: Int8DepthwiseTile, x_dtype: str, out_dtype: str, zx: int, zy: int,
@@ -111,7 +106,7 @@ def int8_depthwise_func(s: ConvShape, tile: Int8DepthwiseTile, x_dtype: str, out
     cols = _band_width(s, tw)
     # the band's columns that hold input pixels: [w_lo, w_hi)
     w_lo, w_hi = min(cols, pl), min(cols, w_ + pl)
-    qmin, qmax = _qrange(out_dtype)
+    qmin, qmax = quantized_range(out_dtype)
     lo, hi = float(qmin - zy), float(qmax - zy)
     tasks = n_ * cblocks * bands
     vec_f32, vec_i32, vec_out = f"float32x{lanes}", f"int32x{lanes}", f"{out_dtype}x{lanes}"

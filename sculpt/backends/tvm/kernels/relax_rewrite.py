@@ -15,6 +15,27 @@ def constant_value(expr):
     return None
 
 
+RESIZE_OP = "relax.image.resize2d"
+
+
+def in_layout(call, x, layout: str):
+    """The pool, adaptive average pool or 2-D resize ``call`` rebuilt over ``x`` with ``layout`` as its
+    input and output layout (NHWC, NCHW<c>c), its other attributes kept."""
+    from tvm import relax
+
+    a = call.attrs
+    if str(call.op.name) == RESIZE_OP:
+        return relax.op.image.resize2d(x, call.args[1], [float(v) for v in a.roi], layout, str(a.method),
+                                       str(a.coordinate_transformation_mode), str(a.rounding_method),
+                                       float(a.cubic_alpha), int(a.cubic_exclude), float(a.extrapolation_value))
+    if str(call.op.name) == "relax.nn.adaptive_avg_pool2d":
+        size = None if a.output_size is None else [int(d) for d in a.output_size]
+        return relax.op.nn.adaptive_avg_pool2d(x, size, layout, layout)
+    make = relax.op.nn.max_pool2d if str(call.op.name) == "relax.nn.max_pool2d" else relax.op.nn.avg_pool2d
+    return make(x, [int(d) for d in a.pool_size], [int(d) for d in a.strides], [int(d) for d in a.padding],
+                [int(d) for d in a.dilation], bool(a.ceil_mode), bool(a.count_include_pad), layout, layout)
+
+
 def i64(*dims) -> list:
     """Extents as int64 constants, for TE definitions emitted next to Relax's legalized functions:
     those index in int64, and FuseTIR needs equal buffer types."""

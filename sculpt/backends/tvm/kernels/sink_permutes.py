@@ -20,7 +20,7 @@ import functools
 
 import numpy as np
 
-from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls
+from sculpt.backends.tvm.kernels.relax_rewrite import RESIZE_OP, constant_value, in_layout, rewrite_calls
 
 # one tensor operand (the first), every other operand a scalar or an attribute
 _UNARY = frozenset({
@@ -162,23 +162,9 @@ def _rule(call, rewriter):
         else:
             return None
         return relax.op.permute_dims(rewriter.emit(relax.Call(call.op, operands, call.attrs)), list(axes))
-    if name in _POOLS and first is not None and first[1] == _NHWC_TO_NCHW and str(call.attrs.layout) == "NCHW" \
-            and str(call.attrs.out_layout) == "NCHW":
-        a = call.attrs
-        pool = relax.op.nn.max_pool2d if name == "relax.nn.max_pool2d" else relax.op.nn.avg_pool2d
-        kwargs = {"count_include_pad": bool(a.count_include_pad)} if name == "relax.nn.avg_pool2d" else {}
-        inner = rewriter.emit(pool(first[0], pool_size=list(a.pool_size), strides=list(a.strides),
-                                   padding=list(a.padding), dilation=list(a.dilation), ceil_mode=bool(a.ceil_mode),
-                                   layout="NHWC", out_layout="NHWC", **kwargs))
-        return relax.op.permute_dims(inner, list(_NHWC_TO_NCHW))
-    if name == "relax.image.resize2d" and first is not None and first[1] == _NHWC_TO_NCHW \
-            and str(call.attrs.layout) == "NCHW" and _same_dtype_out(call):
-        a = call.attrs
-        inner = rewriter.emit(relax.op.image.resize2d(
-            first[0], call.args[1], [float(v) for v in a.roi], "NHWC", str(a.method),
-            str(a.coordinate_transformation_mode), str(a.rounding_method), float(a.cubic_alpha),
-            int(a.cubic_exclude), float(a.extrapolation_value)))
-        return relax.op.permute_dims(inner, list(_NHWC_TO_NCHW))
+    layout_op = (name in _POOLS and str(call.attrs.out_layout) == "NCHW") or (name == RESIZE_OP and _same_dtype_out(call))
+    if layout_op and first is not None and first[1] == _NHWC_TO_NCHW and str(call.attrs.layout) == "NCHW":
+        return relax.op.permute_dims(rewriter.emit(in_layout(call, first[0], "NHWC")), list(_NHWC_TO_NCHW))
     if name in reductions and first is not None and call.attrs.axis is not None:
         source, axes = first
         rank = len(axes)
