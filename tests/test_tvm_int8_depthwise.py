@@ -131,6 +131,7 @@ def test_a_mobilenet_block_runs_in_nhwc_and_equals_the_integer_lowering():
     lowered, stats = lower_qdq_to_int8(import_to_relax(q), policy)
     assert stats.layout == "NHWC" and stats.int8_depthwise == 1 and stats.left_float == {}
     assert stats.int8_kernel == 6  # every ungrouped conv, the SE block's too
+    assert stats.folded_chains == 1  # the expansion's HardSwish (the depthwise's feeds the SE block's mean)
     assert sorted(_large_transposes(lowered)) == [(1, 8, 48, 48), (1, 48, 48, 32)]
     integer_ops, _ = lower_qdq_to_int8(import_to_relax(q))
     rng = np.random.default_rng(0)
@@ -151,7 +152,8 @@ def test_the_mobilenet_block_on_aarch64_is_exact_under_qemu(tmp_path):
     q.save(path)
     compiled = compile_model(Model.load(path), "cortex-a76", int8="kernel")
     info = compiled.options["int8"]
-    assert (info["instruction"], info["layout"], info["on_int8_depthwise"]) == (NEON_SDOT.name, "NHWC", 1)
+    assert (info["instruction"], info["layout"], info["on_int8_depthwise"], info["folded_chains"]) == \
+        (NEON_SDOT.name, "NHWC", 1, 1)
     artifact = export_artifact(compiled, tmp_path / "block.so", source_model=path)
     feeds = {"x": np.random.default_rng(1).standard_normal(X_SHAPE).astype(np.float32)}
     run = run_artifact(artifact, feeds)

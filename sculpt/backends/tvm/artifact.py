@@ -246,7 +246,7 @@ def _lower_int8(mod, model, target: NamedTarget, mode: str, progress) -> tuple[o
     policy = int8_kernel_policy(target.spec) if mode == "kernel" else None
     lowered, stats = lower_qdq_to_int8(mod, policy)
     return lowered, {"mode": mode, "conv2d": stats.conv2d, "matmul": stats.matmul, "on_int8_kernel": stats.int8_kernel,
-                     "on_int8_depthwise": stats.int8_depthwise,
+                     "on_int8_depthwise": stats.int8_depthwise, "folded_chains": stats.folded_chains,
                      "instruction": policy.instruction.name if policy else None,
                      "layout": stats.layout or None, "left_float": stats.left_float}
 

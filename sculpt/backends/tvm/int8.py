@@ -23,11 +23,17 @@ stay the Relax ops above (exact float32 convs where possible), which sculpt's fl
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from sculpt.backends.tvm.int8_chains import divisions_as_products, output_chains
+from sculpt.backends.tvm.kernels.clip_as_ops import rewrite_clip_calls
+from sculpt.backends.tvm.kernels.fold_small_constants import fold_small_constants
+from sculpt.backends.tvm.kernels.relax_rewrite import rewrite_calls
+from sculpt.backends.tvm.kernels.sink_permutes import sink_permutes
 from sculpt.backends.tvm.relax_import import TVMImportError, build, import_to_relax
 from sculpt.common import one_line
 from sculpt.ir.model import Model
@@ -41,6 +47,7 @@ class LoweringStats:
     int8_kernel: int = 0  # of the conv2d and matmul units: those on the int8 conv kernel
     int8_depthwise: int = 0  # of the conv2d units: those on the int8 depthwise kernel (NHWC layout only)
     exact_float: int = 0  # of the conv2d units: integer math run exactly as a float32 conv (_float_exact_conv)
+    folded_chains: int = 0  # elementwise chains (dequantize -> activation -> quantize) in a kernel's epilogue
     left_float: dict[str, int] = field(default_factory=dict)  # op → units the patterns did not match
     layout: str = ""  # the int8 kernel's activation layout (NHWC or NCHW), when a unit is on it
 
@@ -284,6 +291,28 @@ class _KernelEmitter:
         self.policy = policy
         self.builder = relax.BlockBuilder(mod)  # its add_func gives GlobalVars typed for call_tir
         self.funcs: dict[tuple, object] = {}  # key -> GlobalVar
+        self.makers: dict[str, object] = {}  # kernel name -> its PrimFunc given an epilogue chain
+
+    def _add(self, key, make, prefix: str) -> None:
+        gvar = self.builder.add_func(make(), f"{prefix}{len(self.funcs)}")
+        self.funcs[key] = gvar
+        self.makers[gvar.name_hint] = make
+
+    def is_kernel(self, gvar) -> bool:
+        return getattr(gvar, "name_hint", None) in self.makers
+
+    def with_chain(self, kernel_call, chain, args, rewriter):
+        """The call, on ``args``, of the kernel ``kernel_call`` calls (a call_tir of one of these
+        kernels) with ``chain`` (kernels/quantized_chain.py) in its epilogue; one PrimFunc per (kernel,
+        chain), added to the module by ``rewriter``."""
+        from tvm import relax
+
+        name = kernel_call.args[0].name_hint
+        key = ("chain", name, chain)
+        if key not in self.funcs:
+            self.funcs[key] = rewriter.add_func(self.makers[name](chain=chain), f"{name}_chain")
+        out = kernel_call.ty_args[0]
+        return relax.call_tir(self.funcs[key], args, relax.TensorType([int(d) for d in out.shape], chain.out_dtype))
 
     def conv_shape(self, conv, x_q):
         from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
@@ -327,9 +356,9 @@ class _KernelEmitter:
         layout = self.policy.layout
         key = (shape, tile, instr.name, x_dtype, out_dtype, zx, zy, layout)
         if key not in self.funcs:
-            func = k.int8_conv_func(shape, tile, instr, x_dtype, out_dtype, zx, zy, layout=layout,
-                                    parallel=_macs(shape) >= MIN_PARALLEL_MACS)
-            self.funcs[key] = self.builder.add_func(func, f"sculpt_int8_conv{len(self.funcs)}")
+            make = functools.partial(k.int8_conv_func, shape, tile, instr, x_dtype, out_dtype, zx, zy, layout=layout,
+                                     parallel=_macs(shape) >= MIN_PARALLEL_MACS)
+            self._add(key, make, "sculpt_int8_conv")
         gvar = self.funcs[key]
         args = [x_q, relax.const(k.pack_int8_weight(w_q, tile, instr)), relax.const(bias, "int32"),
                 relax.const(k.padded_multiplier(multiplier, shape.out_channels, channels), "float32")]
@@ -353,9 +382,9 @@ class _KernelEmitter:
         zy = int(_const_value(out_q_call.args[2]).reshape(-1)[0])
         key = ("depthwise", shape, tile, x_dtype, out_dtype, zx, zy)
         if key not in self.funcs:
-            func = k.int8_depthwise_func(shape, tile, x_dtype, out_dtype, zx, zy,
-                                         parallel=_macs(shape, depthwise=True) >= MIN_PARALLEL_DEPTHWISE_MACS)
-            self.funcs[key] = self.builder.add_func(func, f"sculpt_int8_dw{len(self.funcs)}")
+            make = functools.partial(k.int8_depthwise_func, shape, tile, x_dtype, out_dtype, zx, zy,
+                                     parallel=_macs(shape, depthwise=True) >= MIN_PARALLEL_DEPTHWISE_MACS)
+            self._add(key, make, "sculpt_int8_dw")
         weight, bias, mult = k.depthwise_constants(w_q, b_q, multiplier, tile)
         args = [relax.op.permute_dims(x_q, [0, 2, 3, 1]), relax.const(weight), relax.const(bias), relax.const(mult)]
         y = relax.call_tir(self.funcs[key], args, relax.TensorType(
@@ -543,16 +572,14 @@ def _lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None):
             out.setdefault(gvar, func)
     new_mod = type(mod)(out, attrs=mod.attrs) if mod.attrs is not None else type(mod)(out)
     new_mod = relax.transform.DeadCodeElimination()(new_mod)
+    # Clip's bounds as constants and Clip as Relax ops (the float pipeline's first rewrites, earlier): the
+    # importer's call_tir of maximum/minimum by a computed scalar stops every transpose and chain
+    new_mod = divisions_as_products(rewrite_clip_calls(fold_small_constants(new_mod)))
     if emitter is not None and emitter.funcs:
         stats.layout = kernel_policy.layout
-    if emitter is not None and emitter.funcs and kernel_policy.layout == "NHWC":
-        from sculpt.backends.tvm.kernels.clip_as_ops import rewrite_clip_calls
-        from sculpt.backends.tvm.kernels.fold_small_constants import fold_small_constants
-        from sculpt.backends.tvm.kernels.sink_permutes import sink_permutes
-
-        # Clip's bounds as constants and Clip as Relax ops (the float pipeline's first rewrites, earlier):
-        # the importer's call_tir of maximum/minimum by a computed scalar stops every transpose
-        new_mod = sink_permutes(rewrite_clip_calls(fold_small_constants(new_mod)))
+        if kernel_policy.layout == "NHWC":
+            new_mod = sink_permutes(new_mod)
+        new_mod, stats.folded_chains = _fold_output_chains(new_mod, emitter)
     stats.left_float = _float_units(new_mod)
     if stats.exact_float:  # those float32 convs compute the integer units exactly: not left float
         left = stats.left_float.get("relax.nn.conv2d", 0) - stats.exact_float
@@ -561,6 +588,28 @@ def _lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None):
         else:
             stats.left_float.pop("relax.nn.conv2d", None)
     return new_mod, stats
+
+
+def _fold_output_chains(mod, emitter: _KernelEmitter):
+    """``mod`` with each elementwise chain after a kernel call (int8_chains.output_chains) computed in
+    that kernel's epilogue; returns (module, chains folded)."""
+    from tvm import relax
+
+    planned = []
+    for _, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            planned += output_chains(func, emitter.is_kernel)
+    if not planned:
+        return mod, 0
+
+    def before(call, rewriter, visit):
+        for found in planned:
+            if found.end.same_as(call):
+                return emitter.with_chain(found.kernel_call, found.chain, visit(found.kernel_call.args[1]), rewriter)
+        return None
+
+    mod = rewrite_calls(mod, lambda call, rewriter: None, before=before)
+    return relax.transform.DeadCodeElimination()(mod), len(planned)
 
 
 def _depthwise_unit(emitter: _KernelEmitter, conv, x_q, w_q: np.ndarray, b_q: np.ndarray | None, zx: int,

@@ -192,13 +192,33 @@ def quantized_range(dtype: str) -> tuple[int, int]:
     return (0, 255) if dtype == "uint8" else (-128, 127)
 
 
+def requantized(total, mult, lanes: int, out_dtype: str, zy: int, chain=None):
+    """The kernels' epilogue on ``lanes`` int32 sums ``total`` (accumulator + bias) with their float32
+    multipliers ``mult``: the quantized output clamp(round_half_even(float32(total) * mult) + zy) to
+    ``out_dtype``'s range as int32 lanes; with ``chain`` (a quantized_chain.QuantizedChain), the chain's
+    output for it instead."""
+    from tvm import tirx
+
+    qmin, qmax = quantized_range(out_dtype)
+    vec_f32, vec_i32 = f"float32x{lanes}", f"int32x{lanes}"
+    scaled = tirx.Cast(vec_f32, total) * mult
+    clamped = tirx.Min(tirx.Max(scaled, tirx.Broadcast(tirx.FloatImm("float32", qmin - zy), lanes)),
+                       tirx.Broadcast(tirx.FloatImm("float32", qmax - zy), lanes))
+    rounded = tirx.nearbyint(clamped)
+    if chain is not None:  # the chain dequantizes float32(q - in_zero): the rounded value plus a small integer
+        return chain.apply(rounded, lanes, zy)
+    return tirx.Cast(vec_i32, rounded) + tirx.Broadcast(tirx.IntImm("int32", zy), lanes)
+
+
 def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dtype: str, out_dtype: str,
-                   zx: int, zy: int, parallel: bool = True, layout: str = "NCHW"):
+                   zx: int, zy: int, parallel: bool = True, layout: str = "NCHW", chain=None):
     """The scheduled PrimFunc (x [N,C,H,W] x_dtype, packed weight, folded bias [OCp] int32,
     multiplier [OCp] float32) -> y [N,OC,OH,OW] out_dtype; with ``layout="NHWC"``, x [N,H,W,C] and
     y [N,OH,OW,OC]: the pack reads each pixel's channels contiguously (a group of 4 byte operands is one
     word of the input, its offset an XOR) and each output vector is one store of ``lanes`` channels,
-    where NCHW writes its lanes one byte at a time to ``lanes`` planes."""
+    where NCHW writes its lanes one byte at a time to ``lanes`` planes. With ``chain`` (a
+    quantized_chain.QuantizedChain), y holds the chain's output for each quantized output, in the
+    chain's ``out_dtype`` (an elementwise function after the unit folded into its epilogue)."""
     from tvm.script import tirx as T
 
     n_, c_, h_, w_ = s.batch, s.in_channels, s.height, s.width
@@ -224,10 +244,8 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
     w_hi = max(w_hi, w_lo)
     offset = instr.offset(x_dtype, zx)
     pad_value = zx - offset
-    qmin, qmax = quantized_range(out_dtype)
-    lo, hi = float(qmin - zy), float(qmax - zy)
     accs = tw * vectors
-    vec_i32, vec_f32, vec_op = f"int32x{lanes}", f"float32x{lanes}", f"{op}x{lanes * g}"
+    vec_i32, vec_op = f"int32x{lanes}", f"{op}x{lanes * g}"
     group_int = {2: "int32", 4: "int32"}[g * (2 if op == "int16" else 1)]
     bits = 16 if op == "int16" else 8  # one operand's bits in the group word
     mask = (1 << bits) - 1
@@ -248,14 +266,15 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
     # no padding, whole groups of bytes in NHWC: no packed copy at all; the conv reads the input's words in
     # place (XOR-ed in a register; a padded tile's extra columns read the row's last pixel, never stored)
     direct = word_copy and accumulates and not any(s.padding)
-    vec_out = f"{out_dtype}x{lanes}"
+    stored = chain.out_dtype if chain is not None else out_dtype
+    vec_out = f"{stored}x{lanes}"
     full_width = owp == ow_
     full_vectors = oc % lanes == 0
 
     @T.prim_func(private=True)
     def int8_conv(x: T.Buffer(x_shape, x_dtype), wt: T.Buffer((blocks, cg_, kh_, kw_, ob * g), wop),
                   bias: T.Buffer((ocp,), "int32"), mult: T.Buffer((ocp,), "float32"),
-                  y: T.Buffer(y_shape, out_dtype)):
+                  y: T.Buffer(y_shape, stored)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         xw = T.decl_buffer((n_, h_, w_, cg_), "int32", data=x.data)  # NHWC x as words of 4 channels (direct)
         # xp[n, row, col, cg]: the ``group`` operands of channel group cg as one int32 word (operand gi in
@@ -346,12 +365,11 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
                                         wt[task // oh_ % blocks, cg, r, t, T.ramp(v * lanes * g, 1, lanes * g)])
                 for p in T.unroll(tw):
                     for v in T.unroll(vectors):
-                        out[T.ramp((p * vectors + v) * lanes, 1, lanes)] = T.Cast(vec_i32, T.nearbyint(T.min(T.max(
-                            T.Cast(vec_f32, acc[T.ramp((p * vectors + v) * lanes, 1, lanes)]
-                                   + bias[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)])
-                            * mult[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)],
-                            T.broadcast(T.float32(lo), lanes)), T.broadcast(T.float32(hi), lanes)))) \
-                            + T.broadcast(T.int32(zy), lanes)
+                        out[T.ramp((p * vectors + v) * lanes, 1, lanes)] = requantized(
+                            acc[T.ramp((p * vectors + v) * lanes, 1, lanes)]
+                            + bias[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)],
+                            mult[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)], lanes, out_dtype, zy,
+                            chain)
                 if nhwc:
                     for p in T.unroll(tw):
                         if full_width or wo * tw + p < ow_:
@@ -366,11 +384,11 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
                                         if (task // oh_ % blocks) * ob + v * lanes + lane < oc:
                                             y[task // (blocks * oh_), task % oh_, wo * tw + p,
                                               (task // oh_ % blocks) * ob + v * lanes + lane] = \
-                                                T.Cast(out_dtype, out[(p * vectors + v) * lanes + lane])
+                                                T.Cast(stored, out[(p * vectors + v) * lanes + lane])
                 else:
                     for v, lane, p in T.grid(vectors, lanes, tw):
                         if (task // oh_ % blocks) * ob + v * lanes + lane < oc and wo * tw + p < ow_:
                             y[task // (blocks * oh_), (task // oh_ % blocks) * ob + v * lanes + lane, task % oh_,
-                              wo * tw + p] = T.Cast(out_dtype, out[(p * vectors + v) * lanes + lane])
+                              wo * tw + p] = T.Cast(stored, out[(p * vectors + v) * lanes + lane])
 
     return int8_conv

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
-from sculpt.backends.tvm.kernels.int8_conv import padded_multiplier, quantized_range
+from sculpt.backends.tvm.kernels.int8_conv import padded_multiplier, requantized
 
 # a band's float32 input rows fit in this many bytes (the L1 data cache of the targets: 32-64 KiB)
 BAND_BYTES = 32 * 1024
@@ -87,10 +87,11 @@ def depthwise_constants(w_q: np.ndarray, b_q: np.ndarray | None, multiplier: np.
 
 
 def int8_depthwise_func(s: ConvShape, tile: Int8DepthwiseTile, x_dtype: str, out_dtype: str, zx: int, zy: int,
-                        parallel: bool = True):
+                        parallel: bool = True, chain=None):
     """The scheduled PrimFunc (x [N,H,W,C] x_dtype, weights [KH,KW,Cp] float32, bias [Cp] int32,
     multiplier [Cp] float32) -> y [N,OH,OW,C] out_dtype, for the depthwise ``s`` (``in_channels`` =
-    ``out_channels`` = C, one channel per group). The caller keeps ``|bias| + |sum|`` within int32."""
+    ``out_channels`` = C, one channel per group). The caller keeps ``|bias| + |sum|`` within int32. With
+    ``chain``, y holds the chain's output for each quantized output (int8_conv_func)."""
     from tvm.script import tirx as T
 
     n_, c_, h_, w_ = s.batch, s.in_channels, s.height, s.width
@@ -106,10 +107,9 @@ def int8_depthwise_func(s: ConvShape, tile: Int8DepthwiseTile, x_dtype: str, out
     cols = _band_width(s, tw)
     # the band's columns that hold input pixels: [w_lo, w_hi)
     w_lo, w_hi = min(cols, pl), min(cols, w_ + pl)
-    qmin, qmax = quantized_range(out_dtype)
-    lo, hi = float(qmin - zy), float(qmax - zy)
     tasks = n_ * cblocks * bands
-    vec_f32, vec_i32, vec_out = f"float32x{lanes}", f"int32x{lanes}", f"{out_dtype}x{lanes}"
+    stored = chain.out_dtype if chain is not None else out_dtype
+    vec_f32, vec_i32, vec_out = f"float32x{lanes}", f"int32x{lanes}", f"{stored}x{lanes}"
     full_vectors = c_ % lanes == 0
     full_rows = oh_ % th == 0
     full_width = wtiles * tw == ow_
@@ -117,7 +117,7 @@ def int8_depthwise_func(s: ConvShape, tile: Int8DepthwiseTile, x_dtype: str, out
     @T.prim_func(private=True)
     def int8_depthwise(x: T.Buffer((n_, h_, w_, c_), x_dtype), wt: T.Buffer((kh_, kw_, cp), "float32"),
                        bias: T.Buffer((cp,), "int32"), mult: T.Buffer((cp,), "float32"),
-                       y: T.Buffer((n_, oh_, ow_, c_), out_dtype)):
+                       y: T.Buffer((n_, oh_, ow_, c_), stored)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         for task in T.parallel(tasks) if parallel else T.serial(tasks):
             band = T.decl_buffer((rows * cols * lanes,), "float32")
@@ -157,12 +157,11 @@ def int8_depthwise_func(s: ConvShape, tile: Int8DepthwiseTile, x_dtype: str, out
                                     ((row * sh + r * dh) * cols + (wo * tw + p) * sw + t * dw) * lanes, 1, lanes)] \
                                     * wt[r, t, T.ramp(task // bands % cblocks * lanes, 1, lanes)]
                         for p in T.unroll(tw):
-                            out[T.ramp(p * lanes, 1, lanes)] = T.Cast(vec_i32, T.nearbyint(T.min(T.max(
-                                T.Cast(vec_f32, T.Cast(vec_i32, acc[T.ramp(p * lanes, 1, lanes)])
-                                       + bias[T.ramp(task // bands % cblocks * lanes, 1, lanes)])
-                                * mult[T.ramp(task // bands % cblocks * lanes, 1, lanes)],
-                                T.broadcast(T.float32(lo), lanes)), T.broadcast(T.float32(hi), lanes)))) \
-                                + T.broadcast(T.int32(zy), lanes)
+                            out[T.ramp(p * lanes, 1, lanes)] = requantized(
+                                T.Cast(vec_i32, acc[T.ramp(p * lanes, 1, lanes)])
+                                + bias[T.ramp(task // bands % cblocks * lanes, 1, lanes)],
+                                mult[T.ramp(task // bands % cblocks * lanes, 1, lanes)], lanes, out_dtype, zy,
+                                chain)
                         for p in T.unroll(tw):
                             if full_width or wo * tw + p < ow_:
                                 if full_vectors:
@@ -174,6 +173,6 @@ def int8_depthwise_func(s: ConvShape, tile: Int8DepthwiseTile, x_dtype: str, out
                                         if task // bands % cblocks * lanes + lane < c_:
                                             y[task // (cblocks * bands), (task % bands) * th + row, wo * tw + p,
                                               task // bands % cblocks * lanes + lane] = \
-                                                T.Cast(out_dtype, out[p * lanes + lane])
+                                                T.Cast(stored, out[p * lanes + lane])
 
     return int8_depthwise
