@@ -72,6 +72,34 @@ def test_the_depthwise_kernel_is_exact(shape, lanes, x_dtype, zx, out_dtype, zy,
     np.testing.assert_array_equal(y.numpy(), _reference(x, w, bias, zx, multiplier, zy, out_dtype, s))
 
 
+def test_a_bias_at_the_int32_limit_takes_the_wide_epilogue():
+    """PP-OCRv4 rec's 5x5 depthwise units have biases quantized to -2^31: bias + sum overflows int32. The
+    kernel keeps a bias within 64 of zero in int32 and adds the rest in float64, where the sum is exact:
+    the outputs are the int64 sum's, rounded once to float32, on channels near the limit and off it
+    (a depthwise unit's sums are too small to move such a channel's output by more than a step)."""
+    import tvm
+
+    s = ConvShape(1, 16, 9, 10, 16, (5, 5), (1, 1), (1, 1), (2, 2, 2, 2))
+    tile = int8_depthwise.int8_depthwise_tile(s, 8, 16)
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, (1, 9, 10, 16)).astype(np.uint8)
+    w = rng.integers(-128, 128, (16, 1, 5, 5)).astype(np.int8)
+    bias = rng.integers(-4_000_000, 4_000_000, 16).astype(np.int32)
+    bias[[0, 3, 9]] = [-2 ** 31, 2 ** 31 - 1, -2 ** 31 + 1000]
+    multiplier = np.full(16, 1e-3, np.float32)
+    # the limit channels' outputs: about 1, 255 (int32 wrap-around would give 0) and 6
+    multiplier[[0, 3, 9]] = [5.9e-8, 1.2e-7, 5.6e-8]
+    weight, folded, mult = int8_depthwise.depthwise_constants(w, bias, multiplier, tile)
+    assert mult.size == 2 * 16 and np.count_nonzero(mult[16:]) == 3 and np.abs(folded).max() < 4_000_000
+    func = int8_depthwise.int8_depthwise_func(s, tile, "uint8", "uint8", 7, 128, wide=True)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    y = tvm.runtime.tensor(np.zeros((1, 9, 10, 16), np.uint8))
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, weight, folded, mult)), y)
+    want = _reference(x, w, bias, 7, multiplier, 128, "uint8", s)
+    assert want[..., 3].min() == 255 and 0 < want[..., 0].max() < 255 and 0 < want[..., 9].max() < 255
+    np.testing.assert_array_equal(y.numpy(), want)
+
+
 X_SHAPE = [1, 32, 48, 48]
 
 

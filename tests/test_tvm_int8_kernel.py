@@ -123,6 +123,43 @@ def test_a_bias_saturated_at_the_int32_limit_becomes_a_constant_channel():
         folded_bias(wide, np.array([-2147482648, 5], np.int32), 13, 128, 8, np.full(2, 1e-7, np.float32), 220, "uint8")
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_a_bias_beyond_the_int32_reach_takes_the_wide_epilogue(layout):
+    """The channel ``folded_bias`` refuses (its output varies with the input) takes the kernel with
+    ``wide_folded_bias``: an int32 bias within 64 of zero and a float32 rest added in float64, where the
+    sum is exact; the outputs are the int64 sum's rounded once to float32, as the integer lowering's."""
+    import tvm
+
+    from sculpt.backends.tvm.kernels.int8_conv import int8_conv_func, padded_multiplier, wide_folded_bias
+
+    instruction = AVX512_VNNI_256 if "avx512_vnni" in cpu_flags() else AVX2_PMADDWD
+    s = ConvShape(1, 512, 3, 5, 16, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0))
+    rng = np.random.default_rng(8)
+    # each pixel one value on all channels: channel 0's sums span most of their reach
+    x = np.broadcast_to(np.linspace(0, 255, 15).astype(np.uint8).reshape(1, 1, 3, 5), (1, 512, 3, 5)).copy()
+    w = rng.integers(-128, 128, (16, 512, 1, 1)).astype(np.int8)
+    w[0] = 127
+    bias = rng.integers(-5000, 5000, 16).astype(np.int32)
+    bias[0] = -2147482648
+    mult = np.full(16, 2e-3, np.float32)
+    mult[0] = 1e-7
+    tile = int8_conv_tile(s, instruction)
+    channels = tile.padded_channels(16)
+    w2, b2, rest = wide_folded_bias(w, bias, 13, instruction.offset("uint8", 13), channels, mult, 220, "uint8")
+    assert np.flatnonzero(rest).tolist() == [0] and abs(int(b2[0])) <= 64 and (w2[0] == 127).all()
+    func = int8_conv_func(s, tile, instruction, "uint8", "uint8", 13, 220, layout=layout, wide=True)
+    lib = tvm.compile(tvm.IRModule({"conv": func.with_attr("global_symbol", "conv")}),
+                      target=tvm.target.Target(host_target({"kind": "llvm"})))
+    to_layout = (lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))) if layout == "NHWC" else (lambda a: a)
+    y = tvm.runtime.tensor(to_layout(np.zeros((1, 16, 3, 5), np.uint8)))
+    lib.mod["conv"](*[tvm.runtime.tensor(a) for a in (
+        to_layout(x), pack_int8_weight(w2, tile, instruction), b2,
+        np.concatenate([padded_multiplier(mult, 16, channels), rest]))], y)
+    want = _kernel_reference(x, w, bias, 13, mult, 220, "uint8", s)
+    assert len(np.unique(want[:, 0])) == 3  # channel 0 is not constant
+    np.testing.assert_array_equal(y.numpy(), to_layout(want))
+
+
 def _kernel_reference(x, w, bias, zx, multiplier, zy, out_dtype, s: ConvShape) -> np.ndarray:
     """The QDQ conv unit in numpy: integer sum((x - zx) * w) + bias, then QuantizeLinear's float32 math."""
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = s.strides, s.dilation, s.padding

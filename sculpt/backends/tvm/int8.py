@@ -328,7 +328,7 @@ class _KernelEmitter:
     def call(self, shape, x_q, w_q: np.ndarray, b_q: np.ndarray | None, zx: int, multiplier: np.ndarray,
              out_q_call, x_dtype: str | None = None):
         """The call of the kernel for this unit on an NCHW ``x_q``, giving NCHW (transposed in and out
-        when the policy's layout is NHWC), or None when its bias cannot be folded (folded_bias)."""
+        when the policy's layout is NHWC), or None when its sums may overflow int32 (wide_folded_bias)."""
         from tvm import relax
 
         if self.policy.layout == "NCHW":
@@ -350,18 +350,20 @@ class _KernelEmitter:
         zy = int(_const_value(out_q_call.args[2]).reshape(-1)[0])
         channels = tile.padded_channels(shape.out_channels)
         try:
-            w_q, bias = k.folded_bias(w_q, b_q, zx, instr.offset(x_dtype, zx), channels, multiplier, zy, out_dtype)
-        except OverflowError:  # a bias at the int32 limit on a channel that is not constant: not this kernel
+            w_q, bias, rest = k.wide_folded_bias(w_q, b_q, zx, instr.offset(x_dtype, zx), channels, multiplier, zy,
+                                                 out_dtype)
+        except OverflowError:  # sums that may overflow int32 whatever the bias: not this kernel
             return None
-        layout = self.policy.layout
-        key = (shape, tile, instr.name, x_dtype, out_dtype, zx, zy, layout)
+        layout, wide = self.policy.layout, rest is not None
+        key = (shape, tile, instr.name, x_dtype, out_dtype, zx, zy, layout, wide)
         if key not in self.funcs:
             make = functools.partial(k.int8_conv_func, shape, tile, instr, x_dtype, out_dtype, zx, zy, layout=layout,
-                                     parallel=_macs(shape) >= MIN_PARALLEL_MACS)
+                                     parallel=_macs(shape) >= MIN_PARALLEL_MACS, wide=wide)
             self._add(key, make, "sculpt_int8_conv")
         gvar = self.funcs[key]
+        mult = k.padded_multiplier(multiplier, shape.out_channels, channels)
         args = [x_q, relax.const(k.pack_int8_weight(w_q, tile, instr)), relax.const(bias, "int32"),
-                relax.const(k.padded_multiplier(multiplier, shape.out_channels, channels), "float32")]
+                relax.const(np.concatenate([mult, rest]) if wide else mult, "float32")]
         out = (shape.batch, shape.out_channels, shape.out_height, shape.out_width)
         if layout == "NHWC":
             out = (out[0], out[2], out[3], out[1])
@@ -380,12 +382,13 @@ class _KernelEmitter:
         tile = k.int8_depthwise_tile(shape, instr.lanes, instr.registers)
         x_dtype, out_dtype = str(_type_of(x_q).dtype), str(out_q_call.attrs.out_dtype)
         zy = int(_const_value(out_q_call.args[2]).reshape(-1)[0])
-        key = ("depthwise", shape, tile, x_dtype, out_dtype, zx, zy)
+        weight, bias, mult = k.depthwise_constants(w_q, b_q, multiplier, tile)
+        wide = mult.size > tile.padded_channels(shape.out_channels)  # with bias rests (a bias near int32's limit)
+        key = ("depthwise", shape, tile, x_dtype, out_dtype, zx, zy, wide)
         if key not in self.funcs:
-            make = functools.partial(k.int8_depthwise_func, shape, tile, x_dtype, out_dtype, zx, zy,
+            make = functools.partial(k.int8_depthwise_func, shape, tile, x_dtype, out_dtype, zx, zy, wide=wide,
                                      parallel=_macs(shape, depthwise=True) >= MIN_PARALLEL_DEPTHWISE_MACS)
             self._add(key, make, "sculpt_int8_dw")
-        weight, bias, mult = k.depthwise_constants(w_q, b_q, multiplier, tile)
         args = [relax.op.permute_dims(x_q, [0, 2, 3, 1]), relax.const(weight), relax.const(bias), relax.const(mult)]
         y = relax.call_tir(self.funcs[key], args, relax.TensorType(
             (shape.batch, shape.out_height, shape.out_width, shape.out_channels), out_dtype))
@@ -615,14 +618,12 @@ def _fold_output_chains(mod, emitter: _KernelEmitter):
 def _depthwise_unit(emitter: _KernelEmitter, conv, x_q, w_q: np.ndarray, b_q: np.ndarray | None, zx: int,
                     multiplier: np.ndarray, out_q_call):
     """The int8 depthwise kernel's call for a depthwise unit (one input and one output channel per group)
-    whose sums are exact in float32 and stay within int32 with the bias, or None."""
+    whose sums are exact in float32, or None."""
     shape, groups = emitter.conv_shape(conv, x_q)
     if shape is None or groups == 1 or shape.in_channels != 1 or shape.out_channels != groups:
         return None
     if not _exact_in_float32(w_q, x_q):
         return None
-    if b_q is not None and not np.all(np.abs(b_q.reshape(-1).astype(np.int64)) + _reach(w_q) < 2 ** 31):
-        return None  # the kernel adds the bias in int32
     all_channels = dataclasses.replace(shape, in_channels=groups, out_channels=groups)
     return emitter.depthwise_call(all_channels, x_q, w_q, b_q, zx, multiplier, out_q_call)
 

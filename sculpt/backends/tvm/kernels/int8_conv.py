@@ -151,12 +151,31 @@ def pack_int8_weight(w_q: np.ndarray, tile: Int8ConvTile, instr: DotInstruction)
     return np.ascontiguousarray(packed.reshape(ocp // tile.ob, icp // g, kh, kw, tile.ob * g)).astype(instr.weight_operand)
 
 
+# a bias part that is a multiple of this is exact in float32 up to 2^31 (24 significant bits)
+_FLOAT32_EXACT_STEP = 2 ** 7
+
+
 def folded_bias(w_q: np.ndarray, bias_q: np.ndarray | None, zx: int, offset: int, channels: int,
                 multiplier: np.ndarray, zy: int, out_dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """(weights, int32 bias zero-padded to ``channels``): bias - (zx - offset) * sum(w) per output
     channel. A channel whose int32 bias is so large that its sum could overflow int32 (a bias
     quantized with a tiny weight scale saturates at -2^31 in real models) has the same output for
-    every input; it gets zero weights and a bias of the same output instead."""
+    every input; it gets zero weights and a bias of the same output instead. OverflowError when such a
+    channel's output is not constant (``wide_folded_bias`` takes those)."""
+    w, b, rest = wide_folded_bias(w_q, bias_q, zx, offset, channels, multiplier, zy, out_dtype)
+    if rest is not None:
+        c = int(np.flatnonzero(rest)[0])
+        raise OverflowError(f"output channel {c}: its int32 bias {int(b[c]) + int(rest[c])} may overflow "
+                            "the accumulator")
+    return w, b
+
+
+def wide_folded_bias(w_q: np.ndarray, bias_q: np.ndarray | None, zx: int, offset: int, channels: int,
+                     multiplier: np.ndarray, zy: int, out_dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``folded_bias`` that also takes the channels whose output is not constant: (weights, int32
+    bias, float32 rest or None). Such a channel's bias is split into an int32 part within 64 of zero,
+    added to the accumulator, and a rest, a multiple of 2^7 (exact in float32), that the kernel's
+    ``wide`` epilogue adds in float64 — where the sum is exact, so its float32 is the int64 sum's."""
     o = w_q.shape[0]
     w = np.array(w_q)
     b = np.zeros(channels, np.int64)
@@ -165,6 +184,7 @@ def folded_bias(w_q: np.ndarray, bias_q: np.ndarray | None, zx: int, offset: int
     b[:o] -= (zx - offset) * w.reshape(o, -1).astype(np.int64).sum(axis=1)
     reach = np.abs(w.reshape(o, -1).astype(np.int64)).sum(axis=1) * 256  # |sum(x' * w)| < reach
     risky = np.flatnonzero(np.abs(b[:o]) + reach >= 2 ** 31)
+    rest = None
     if risky.size:
         qmin, qmax = quantized_range(out_dtype)
         m = np.broadcast_to(np.asarray(multiplier, np.float32).reshape(-1), (o,))
@@ -174,11 +194,24 @@ def folded_bias(w_q: np.ndarray, bias_q: np.ndarray | None, zx: int, offset: int
 
         for c in risky:
             small = int(np.clip(b[c], -2 ** 30, 2 ** 30))
-            if not out(b[c] - reach[c], c) == out(b[c] + reach[c], c) == out(small, c):
-                raise OverflowError(f"output channel {c}: its int32 bias {b[c]} may overflow the accumulator")
-            w[c] = 0
-            b[c] = small
-    return w, b.astype(np.int32)
+            if out(b[c] - reach[c], c) == out(b[c] + reach[c], c) == out(small, c):
+                w[c] = 0
+                b[c] = small
+                continue
+            if reach[c] + _FLOAT32_EXACT_STEP >= 2 ** 31:
+                raise OverflowError(f"output channel {c}: its sums may overflow int32 without the bias")
+            rest = split_bias(b, c, rest)
+    return w, b.astype(np.int32), rest
+
+
+def split_bias(b: np.ndarray, c: int, rest: np.ndarray | None) -> np.ndarray:
+    """Move channel ``c``'s int64 bias ``b[c]`` but a part within 64 of zero to the float32 ``rest``
+    (made as zeros of b's size when None), as a multiple of 2^7, exact in float32; returns ``rest``."""
+    rest = np.zeros(b.size, np.float32) if rest is None else rest
+    part = int(np.rint(b[c] / _FLOAT32_EXACT_STEP)) * _FLOAT32_EXACT_STEP
+    rest[c] = np.float32(part)
+    b[c] -= part
+    return rest
 
 
 def padded_multiplier(multiplier: np.ndarray, out_channels: int, channels: int) -> np.ndarray:
@@ -192,15 +225,17 @@ def quantized_range(dtype: str) -> tuple[int, int]:
     return (0, 255) if dtype == "uint8" else (-128, 127)
 
 
-def requantized(total, mult, lanes: int, out_dtype: str, zy: int, chain=None):
+def requantized(total, mult, lanes: int, out_dtype: str, zy: int, chain=None, rest=None):
     """The kernels' epilogue on ``lanes`` int32 sums ``total`` (accumulator + bias) with their float32
     multipliers ``mult``: the quantized output clamp(round_half_even(float32(total) * mult) + zy) to
     ``out_dtype``'s range as int32 lanes; with ``chain`` (a quantized_chain.QuantizedChain), the chain's
-    output for it instead."""
+    output for it instead. ``rest`` (float32 lanes, wide_folded_bias): a bias part added in float64."""
     from tvm import tirx
 
     qmin, qmax = quantized_range(out_dtype)
-    vec_f32, vec_i32 = f"float32x{lanes}", f"int32x{lanes}"
+    vec_f32, vec_i32, vec_f64 = f"float32x{lanes}", f"int32x{lanes}", f"float64x{lanes}"
+    if rest is not None:  # exact in float64; float32 of it rounds once, as float32 of the int64 sum
+        total = tirx.Cast(vec_f64, total) + tirx.Cast(vec_f64, rest)
     scaled = tirx.Cast(vec_f32, total) * mult
     clamped = tirx.Min(tirx.Max(scaled, tirx.Broadcast(tirx.FloatImm("float32", qmin - zy), lanes)),
                        tirx.Broadcast(tirx.FloatImm("float32", qmax - zy), lanes))
@@ -211,14 +246,15 @@ def requantized(total, mult, lanes: int, out_dtype: str, zy: int, chain=None):
 
 
 def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dtype: str, out_dtype: str,
-                   zx: int, zy: int, parallel: bool = True, layout: str = "NCHW", chain=None):
+                   zx: int, zy: int, parallel: bool = True, layout: str = "NCHW", chain=None, wide: bool = False):
     """The scheduled PrimFunc (x [N,C,H,W] x_dtype, packed weight, folded bias [OCp] int32,
     multiplier [OCp] float32) -> y [N,OC,OH,OW] out_dtype; with ``layout="NHWC"``, x [N,H,W,C] and
     y [N,OH,OW,OC]: the pack reads each pixel's channels contiguously (a group of 4 byte operands is one
     word of the input, its offset an XOR) and each output vector is one store of ``lanes`` channels,
     where NCHW writes its lanes one byte at a time to ``lanes`` planes. With ``chain`` (a
     quantized_chain.QuantizedChain), y holds the chain's output for each quantized output, in the
-    chain's ``out_dtype`` (an elementwise function after the unit folded into its epilogue)."""
+    chain's ``out_dtype`` (an elementwise function after the unit folded into its epilogue). With
+    ``wide``, the multiplier argument is followed by each channel's float32 bias rest (wide_folded_bias)."""
     from tvm.script import tirx as T
 
     n_, c_, h_, w_ = s.batch, s.in_channels, s.height, s.width
@@ -273,9 +309,10 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
 
     @T.prim_func(private=True)
     def int8_conv(x: T.Buffer(x_shape, x_dtype), wt: T.Buffer((blocks, cg_, kh_, kw_, ob * g), wop),
-                  bias: T.Buffer((ocp,), "int32"), mult: T.Buffer((ocp,), "float32"),
+                  bias: T.Buffer((ocp,), "int32"), mult: T.Buffer((ocp * (2 if wide else 1),), "float32"),
                   y: T.Buffer(y_shape, stored)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        rest = T.decl_buffer((ocp,), "float32", data=mult.data, elem_offset=ocp)  # with wide
         xw = T.decl_buffer((n_, h_, w_, cg_), "int32", data=x.data)  # NHWC x as words of 4 channels (direct)
         # xp[n, row, col, cg]: the ``group`` operands of channel group cg as one int32 word (operand gi in
         # bits gi * bits, little-endian, as the dot instruction reads the bytes), built in a register and
@@ -369,7 +406,7 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
                             acc[T.ramp((p * vectors + v) * lanes, 1, lanes)]
                             + bias[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)],
                             mult[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)], lanes, out_dtype, zy,
-                            chain)
+                            chain, rest[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)] if wide else None)
                 if nhwc:
                     for p in T.unroll(tw):
                         if full_width or wo * tw + p < ow_:

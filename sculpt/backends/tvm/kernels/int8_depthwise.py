@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
-from sculpt.backends.tvm.kernels.int8_conv import padded_multiplier, requantized
+from sculpt.backends.tvm.kernels.int8_conv import padded_multiplier, requantized, split_bias
 
 # a band's float32 input rows fit in this many bytes (the L1 data cache of the targets: 32-64 KiB)
 BAND_BYTES = 32 * 1024
@@ -74,24 +74,33 @@ def _band_width(shape: ConvShape, tw: int) -> int:
 
 def depthwise_constants(w_q: np.ndarray, b_q: np.ndarray | None, multiplier: np.ndarray,
                         tile: Int8DepthwiseTile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(weights [KH, KW, Cp] float32, bias [Cp] int32, multiplier [Cp] float32) from the unit's int8 weights
-    [C, 1, KH, KW], int32 bias and per-channel multiplier; the padding channels are zero."""
+    """(weights [KH, KW, Cp] float32, bias [Cp] int32, multiplier [Cp] float32, then with a ``wide`` kernel
+    each channel's bias rest [Cp] float32) from the unit's int8 weights [C, 1, KH, KW], int32 bias and
+    per-channel multiplier; the padding channels are zero. A channel whose bias and sums could overflow
+    int32 keeps a bias within 64 of zero; the rest goes to the float64 epilogue (int8_conv.split_bias)."""
     c, _, kh, kw = w_q.shape
     cp = tile.padded_channels(c)
     w = np.zeros((kh, kw, cp), np.float32)
     w[:, :, :c] = w_q[:, 0].transpose(1, 2, 0)
-    b = np.zeros(cp, np.int32)
+    b = np.zeros(cp, np.int64)
     if b_q is not None:
         b[:c] = b_q.reshape(-1)
-    return w, b, padded_multiplier(multiplier, c, cp)
+    reach = np.zeros(cp, np.int64)
+    reach[:c] = np.abs(w_q.reshape(c, -1).astype(np.int64)).sum(axis=1) * 256
+    rest = None
+    for channel in np.flatnonzero(np.abs(b) + reach >= 2 ** 31):
+        rest = split_bias(b, int(channel), rest)
+    mult = padded_multiplier(multiplier, c, cp)
+    return w, b.astype(np.int32), mult if rest is None else np.concatenate([mult, rest])
 
 
 def int8_depthwise_func(s: ConvShape, tile: Int8DepthwiseTile, x_dtype: str, out_dtype: str, zx: int, zy: int,
-                        parallel: bool = True, chain=None):
+                        parallel: bool = True, chain=None, wide: bool = False):
     """The scheduled PrimFunc (x [N,H,W,C] x_dtype, weights [KH,KW,Cp] float32, bias [Cp] int32,
     multiplier [Cp] float32) -> y [N,OH,OW,C] out_dtype, for the depthwise ``s`` (``in_channels`` =
-    ``out_channels`` = C, one channel per group). The caller keeps ``|bias| + |sum|`` within int32. With
-    ``chain``, y holds the chain's output for each quantized output (int8_conv_func)."""
+    ``out_channels`` = C, one channel per group). The int32 bias plus the sum stays within int32 (depthwise_constants). With
+    ``chain``, y holds the chain's output for each quantized output; with ``wide``, the multiplier is
+    followed by each channel's bias rest, added in float64 (int8_conv_func, depthwise_constants)."""
     from tvm.script import tirx as T
 
     n_, c_, h_, w_ = s.batch, s.in_channels, s.height, s.width
@@ -116,9 +125,10 @@ def int8_depthwise_func(s: ConvShape, tile: Int8DepthwiseTile, x_dtype: str, out
 
     @T.prim_func(private=True)
     def int8_depthwise(x: T.Buffer((n_, h_, w_, c_), x_dtype), wt: T.Buffer((kh_, kw_, cp), "float32"),
-                       bias: T.Buffer((cp,), "int32"), mult: T.Buffer((cp,), "float32"),
+                       bias: T.Buffer((cp,), "int32"), mult: T.Buffer((cp * (2 if wide else 1),), "float32"),
                        y: T.Buffer((n_, oh_, ow_, c_), stored)):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        rest = T.decl_buffer((cp,), "float32", data=mult.data, elem_offset=cp)  # with wide
         for task in T.parallel(tasks) if parallel else T.serial(tasks):
             band = T.decl_buffer((rows * cols * lanes,), "float32")
             # task = (image, channel block, band of rows); the band's first input row
@@ -161,7 +171,7 @@ def int8_depthwise_func(s: ConvShape, tile: Int8DepthwiseTile, x_dtype: str, out
                                 T.Cast(vec_i32, acc[T.ramp(p * lanes, 1, lanes)])
                                 + bias[T.ramp(task // bands % cblocks * lanes, 1, lanes)],
                                 mult[T.ramp(task // bands % cblocks * lanes, 1, lanes)], lanes, out_dtype, zy,
-                                chain)
+                                chain, rest[T.ramp(task // bands % cblocks * lanes, 1, lanes)] if wide else None)
                         for p in T.unroll(tw):
                             if full_width or wo * tw + p < ow_:
                                 if full_vectors:
