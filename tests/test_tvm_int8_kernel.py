@@ -473,9 +473,9 @@ def test_compile_option_lowers_a_qdq_model_onto_the_kernel(monkeypatch):
     assert_small_net_exact(compiled.executable, q, runs=2)
 
 
-def test_a_unit_whose_bias_cannot_be_folded_stays_integer_relax_ops():
+def test_a_unit_whose_bias_cannot_be_folded_takes_the_wide_kernel():
     """PP-OCRv4 det (qdq) has such a unit: a bias at -2^31 on a channel whose output still depends on
-    its input. The kernel declines it; the lowering keeps it as integer Relax ops."""
+    its input. The kernel takes it with its wide epilogue, and equals the integer Relax lowering."""
     from onnx import TensorProto
 
     xs, ws = np.float32(0.02), np.full(2, 1e-3, np.float32)
@@ -492,8 +492,11 @@ def test_a_unit_whose_bias_cannot_be_folded_stays_integer_relax_ops():
     proto = qdq_proto(nodes, consts, [1, 512, 4, 4], ("y", TensorProto.UINT8, [1, 2, 4, 4]))
     onnx.checker.check_model(proto, full_check=True)
     policy = int8_kernel_policy("llvm")
-    _, stats = lower_qdq_to_int8(import_to_relax(Model(proto)), Int8KernelPolicy(policy.instruction))
-    assert (stats.conv2d, stats.int8_kernel) == (1, 0) and stats.left_float == {}
+    lowered, stats = lower_qdq_to_int8(import_to_relax(Model(proto)), Int8KernelPolicy(policy.instruction))
+    assert (stats.conv2d, stats.int8_kernel) == (1, 1) and stats.left_float == {}
+    integer_ops, _ = lower_qdq_to_int8(import_to_relax(Model(proto)))
+    for got, want in zip(_unit_outputs(build(lowered), [1, 512, 4, 4]), _unit_outputs(build(integer_ops), [1, 512, 4, 4])):
+        np.testing.assert_array_equal(got, want)
 
 
 def _unit_outputs(executable, x_shape, runs: int = 3) -> list[np.ndarray]:
