@@ -18,6 +18,11 @@ in its epilogue, int8/uint8 out). In the NHWC layout depthwise units whose sums 
 become calls to the int8 depthwise kernel (kernels/int8_depthwise.py), so that a MobileNet-style
 pointwise -> depthwise -> pointwise chain stays NHWC; grouped convs and the units the policy declines
 stay the Relax ops above (exact float32 convs where possible), which sculpt's float kernels schedule.
+A unit whose bias is so near int32's limit that bias + sum could overflow takes the kernels' wide
+epilogue (the bias's rest added in float64, where the sum is exact). The elementwise chain after a
+kernel call (dequantize -> HardSwish, ReLU6, affine... -> quantize; int8_chains.py) becomes that
+kernel's epilogue. Every chain, on the kernels or not, multiplies by reciprocals where the graph divides
+by a constant (int8_chains.divisions_as_products), so both builds compute the same bits.
 """
 
 from __future__ import annotations
@@ -291,7 +296,7 @@ class _KernelEmitter:
         self.policy = policy
         self.builder = relax.BlockBuilder(mod)  # its add_func gives GlobalVars typed for call_tir
         self.funcs: dict[tuple, object] = {}  # key -> GlobalVar
-        self.makers: dict[str, object] = {}  # kernel name -> its PrimFunc given an epilogue chain
+        self.makers: dict[str, object] = {}  # kernel name -> makes its PrimFunc (with chain=, the chain's)
 
     def _add(self, key, make, prefix: str) -> None:
         gvar = self.builder.add_func(make(), f"{prefix}{len(self.funcs)}")
@@ -576,7 +581,8 @@ def _lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None):
     new_mod = type(mod)(out, attrs=mod.attrs) if mod.attrs is not None else type(mod)(out)
     new_mod = relax.transform.DeadCodeElimination()(new_mod)
     # Clip's bounds as constants and Clip as Relax ops (the float pipeline's first rewrites, earlier): the
-    # importer's call_tir of maximum/minimum by a computed scalar stops every transpose and chain
+    # importer's call_tir of maximum/minimum by a computed scalar stops every transpose and chain; then the
+    # chains' divisions as products, with or without kernels
     new_mod = divisions_as_products(rewrite_clip_calls(fold_small_constants(new_mod)))
     if emitter is not None and emitter.funcs:
         stats.layout = kernel_policy.layout

@@ -10,7 +10,8 @@ After the int8 lowering a QDQ model holds, between two kernel calls,
 (HardSwish is ``x * min(max(x + 3, 0), 6) / 6``). When ``q1`` feeds only the dequantize and every
 value of the chain feeds only the chain, ``q2`` is the kernel's call with the chain in its epilogue
 (kernels/quantized_chain.py) and the rest is dead. :func:`output_chains` finds them, as data; the
-lowering re-emits the kernels."""
+lowering re-emits the kernels. :func:`divisions_as_products` rewrites every chain's divisions by
+constants (those after kernels and the others alike) as products by reciprocals."""
 
 from __future__ import annotations
 
