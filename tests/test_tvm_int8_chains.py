@@ -150,3 +150,31 @@ def test_a_chain_in_the_epilogue_matches_its_float32_formula():
     want = np.clip(np.rint(h / 1.0) + 5, -128, 127).astype(np.int8)
     assert len(np.unique(want)) > 20  # the chain is not saturated
     np.testing.assert_array_equal(y.numpy(), want)
+
+
+def test_gemm_units_with_transposed_weights_and_bias_take_the_int8_path():
+    """A classifier head as ONNX writes it — Gemm with transB and a bias (VGG-19's fc7 and fc8): the
+    unit matmul(dequantize(x), permute_dims(dequantize(W))) + dequantize(bias) is an int8 unit (the
+    weight transposed at compile time, the bias added to the int32 sums), on the kernel and off it,
+    bit-equal between the two and within one output step of onnxruntime's QDQ graph."""
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["g1"], name="fc1", transB=1),
+             helper.make_node("Relu", ["g1"], ["r1"], name="relu"),
+             helper.make_node("Gemm", ["r1", "w2", "b2"], ["g2"], name="fc2", transB=1),
+             helper.make_node("Flatten", ["g2"], ["y"], name="flatten")]
+    inits = {"w1": rand(rng, 48, 64, scale=0.2), "b1": rand(rng, 48, scale=0.1),
+             "w2": rand(rng, 10, 48, scale=0.2), "b2": rand(rng, 10, scale=0.1)}
+    model = make_model(nodes, [("x", [3, 64])], [("y", [3, 10])], inits)
+    q = create_pass("qdq", {"ops": ["Gemm"]})(model, PassContext(calibration=CalibrationSet.random(model, 4, seed=2)))
+    q = q.model
+    lowered, stats = lower_qdq_to_int8(import_to_relax(q), _policy("NHWC"))
+    assert (stats.matmul, stats.int8_kernel, stats.left_float) == (2, 2, {})
+    integer_ops, relax_stats = lower_qdq_to_int8(import_to_relax(q))
+    assert (relax_stats.matmul, relax_stats.left_float) == (2, {})
+    out_scale = float(q.get_constant(q.producers()[q.node_by_name("flatten").input[0]].input[1]))
+    sess = make_session(q, optimize=False)
+    for k in range(3):
+        x = {"x": (np.random.default_rng(k).standard_normal((3, 64)) * (1 + k)).astype(np.float32)}
+        got, want = run_relax(build(lowered), x, ["x"])[0], run_relax(build(integer_ops), x, ["x"])[0]
+        np.testing.assert_array_equal(got, want)
+        assert np.abs(got - sess.run(None, x)[0]).max() <= 1.01 * out_scale

@@ -83,3 +83,33 @@ def test_a_matrix_vector_product_reads_panels_and_matches_onnxruntime():
     nb = panel_width(traits.vector_lanes)
     matmuls = _compile_and_compare(_matmul_add_model((1, 1024), 1024, 2048), (1, 1024), kinds=("matmul", "reduce"))
     assert [tuple(d.shape) for d in matmuls] == [(1, 2048 // nb, nb)], [(d.kind, d.shape) for d in matmuls]
+
+
+def test_a_gemm_by_a_constant_of_shape_weight_is_a_sum():
+    """VGG-19 (the onnx wheel's light model) stores fc6's weight as ConstantOfShape: every entry one
+    value. The matmul becomes sum(x) x that value (uniform_weight_matmul), with onnxruntime's results
+    to float32 rounding of the sum, and no matmul is left in the module."""
+    from sculpt.backends.tvm.int8 import _calls
+    from sculpt.backends.tvm.kernels.uniform_weight_matmul import rewrite_uniform_weight_matmuls
+
+    k, n = 512, 96
+    shape = numpy_helper.from_array(np.array([n, k], np.int64), "w_shape")
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["w_shape"], ["w"],
+                          value=numpy_helper.from_array(np.array([0.03125], np.float32))),
+         helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "fc",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
+        [shape, numpy_helper.from_array(np.linspace(-1, 1, n).astype(np.float32), "b")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    model = Model.wrap(proto)
+    mod = import_to_relax(model)
+    assert any(getattr(c.op, "name", "") == "relax.matmul" for c in _calls(mod))
+    assert not any(getattr(c.op, "name", "") == "relax.matmul" for c in _calls(rewrite_uniform_weight_matmuls(mod)))
+    x = np.random.default_rng(2).standard_normal((2, k)).astype(np.float32)
+    exe = compile_with_kernels(mod, tvm.target.Target(host_target("llvm")))
+    got = run_relax(exe, {"x": x}, ["x"])[0]
+    want = make_session(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.ptp(got[0]) > 1.5  # the bias varies the columns; the sum is one value per row

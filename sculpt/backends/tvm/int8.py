@@ -105,10 +105,16 @@ def _patterns():
     a_q, b_q = wildcard(), wildcard()
     dq_a, dq_b2 = dq(a_q), dq(b_q)
     mm = is_op("relax.matmul")(dq_a, dq_b2)
-    q_mm = is_op("relax.quantize")(mm, is_const(), is_const())
+    # Gemm with transB: the [N, K] weight transposed; with a bias, Gemm's C (dequantized int32)
+    perm_b = is_op("relax.permute_dims")(dq_b2)
+    mm_t = is_op("relax.matmul")(dq_a, perm_b)
+    dq_mb = dq(is_const())
+    mm_bias = is_op("relax.add")(mm | mm_t, dq_mb)
+    q_mm = is_op("relax.quantize")(mm_bias | mm | mm_t, is_const(), is_const())
     dq_tw = dq(is_const())
     deconv = is_op("relax.nn.conv2d_transpose")(wildcard(), dq_tw)
-    return {"conv": (q_conv, conv, conv_bias, dq_x, dq_w, dq_b, x_q), "matmul": (q_mm, mm, dq_a, dq_b2, a_q, b_q),
+    return {"conv": (q_conv, conv, conv_bias, dq_x, dq_w, dq_b, x_q),
+            "matmul": (q_mm, mm, dq_a, dq_b2, a_q, b_q, mm_t, perm_b, mm_bias, dq_mb),
             "conv_transpose": (deconv, dq_tw)}
 
 
@@ -160,17 +166,18 @@ def _requantize(acc, multiplier: np.ndarray, out_q_call, channel_axis: int, ndim
                              axis=-1, out_dtype=out_q_call.attrs.out_dtype)
 
 
-def _add_bias(acc, b_q: np.ndarray, w_q: np.ndarray):
-    """acc + b_q per output channel; in int64 when the int32 sum could overflow: a bias quantized with
-    a tiny weight scale saturates at -2^31 (PP-OCRv4 det's Conv.28 channel 33: 15 of its 100 outputs
-    wrapped around, 8 steps off onnxruntime)."""
+def _add_bias(acc, b_q: np.ndarray, w_q: np.ndarray, shape=(1, -1, 1, 1)):
+    """acc + b_q per output channel (``w_q``'s first axis; the bias reshaped to ``shape`` to meet acc's
+    channel axis); in int64 when the int32 sum could overflow: a bias quantized with a tiny weight scale
+    saturates at -2^31 (PP-OCRv4 det's Conv.28 channel 33: 15 of its 100 outputs wrapped around, 8 steps
+    off onnxruntime)."""
     from tvm import relax
 
     o = w_q.shape[0]
     reach = np.abs(w_q.reshape(o, -1).astype(np.int64)).sum(axis=1) * 256  # |sum((x - zx) * w)| < reach
     if np.all(np.abs(b_q.reshape(-1).astype(np.int64)) + reach < 2 ** 31):
-        return relax.op.add(acc, relax.const(b_q.reshape(1, -1, 1, 1), "int32"))
-    return relax.op.add(relax.op.astype(acc, "int64"), relax.const(b_q.reshape(1, -1, 1, 1).astype(np.int64), "int64"))
+        return relax.op.add(acc, relax.const(b_q.reshape(shape), "int32"))
+    return relax.op.add(relax.op.astype(acc, "int64"), relax.const(b_q.reshape(shape).astype(np.int64), "int64"))
 
 
 # a float32 holds every integer of magnitude up to 2^24 exactly
@@ -399,10 +406,11 @@ class _KernelEmitter:
             (shape.batch, shape.out_height, shape.out_width, shape.out_channels), out_dtype))
         return relax.op.permute_dims(y, [0, 3, 1, 2])
 
-    def matmul_call(self, a_q, b_q: np.ndarray, za: int, multiplier: np.ndarray, out_q_call):
-        """A matmul by a constant [K, N] int8 matrix as a 1x1 conv of the kernel: the rows of ``a_q``
-        [..., M, K] are the pixels of a [1, K, 1, M] image (transposed in and out), or None when the
-        policy does not take it."""
+    def matmul_call(self, a_q, b_q: np.ndarray, za: int, multiplier: np.ndarray, out_q_call,
+                    bias: np.ndarray | None = None):
+        """A matmul by a constant [K, N] int8 matrix (plus an int32 ``bias`` [N]) as a 1x1 conv of the
+        kernel: the rows of ``a_q`` [..., M, K] are the pixels of a [1, K, 1, M] image (transposed in and
+        out), or None when the policy does not take it."""
         from tvm import relax
 
         from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
@@ -418,11 +426,11 @@ class _KernelEmitter:
             return None
         weight = np.ascontiguousarray(b_q.T).reshape(n, k, 1, 1)
         if self.policy.layout == "NHWC":  # the rows are the pixels of a [1, 1, M, K] NHWC image as they are
-            y = self.kernel_call(shape, relax.op.reshape(a_q, (1, 1, rows, k)), weight, None, za, multiplier,
+            y = self.kernel_call(shape, relax.op.reshape(a_q, (1, 1, rows, k)), weight, bias, za, multiplier,
                                  out_q_call, str(_type_of(a_q).dtype))
             return None if y is None else relax.op.reshape(y, tuple(a_shape[:-1]) + (n,))
         image = relax.op.reshape(relax.op.permute_dims(relax.op.reshape(a_q, (rows, k)), [1, 0]), (1, k, 1, rows))
-        y = self.call(shape, image, weight, None, za, multiplier, out_q_call, str(_type_of(a_q).dtype))
+        y = self.call(shape, image, weight, bias, za, multiplier, out_q_call, str(_type_of(a_q).dtype))
         if y is None:
             return None
         y = relax.op.permute_dims(relax.op.reshape(y, (n, rows)), [1, 0])
@@ -468,7 +476,7 @@ def _lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None):
     stats = LoweringStats()
     emitter = _KernelEmitter(kernel_policy, mod) if kernel_policy is not None else None
     q_conv, conv_p, conv_bias_p, dq_x_p, dq_w_p, dq_b_p, x_q_p = pats["conv"]
-    q_mm, mm_p, dq_a_p, dq_b_p2, a_q_p, b_q_p = pats["matmul"]
+    q_mm, mm_p, dq_a_p, dq_b_p2, a_q_p, b_q_p, mm_t_p, perm_b_p, mm_bias_p, dq_mb_p = pats["matmul"]
 
     def rewrite_conv(expr, m):
         conv = m[conv_p]
@@ -531,28 +539,49 @@ def _lower_qdq_to_int8(mod, kernel_policy: Int8KernelPolicy | None):
         sb, zb, b_axis = _dq_params(dq_b)
         sy = _const_value(expr.args[1])
         b_rank = _ndim(dq_b)
+        b_expr = m[b_q_p]
+        transposed = mm_t_p in m  # Gemm's transB: matmul(a, permute_dims(dequantize(w [N, K])))
+        if transposed:
+            permute = m[perm_b_p]
+            if not _is_constant(b_expr) or b_rank != 2 or (permute.attrs.axes is not None and
+                                                            [int(v) for v in permute.attrs.axes] != [1, 0]):
+                return expr
+            b_axis = {0: 1, -2: 1}.get(b_axis, -2)  # the channel axis of the transposed weight [K, N]
         if sa.size != 1 or za.size != 1 or sy.size != 1:
             return expr
         if sb.size > 1 and (b_rank != 2 or b_axis not in (1, -1) or np.any(zb != 0)):
             return expr
-        b_expr = m[b_q_p]
+        b_const = _const_value(b_expr).T if transposed else (_const_value(b_expr) if _is_constant(b_expr) else None)
+        bias = None
+        if mm_bias_p in m:  # Gemm's C, quantized with scale sa·sb and zero point 0 (as the conv bias)
+            dq_bias = m[dq_mb_p]
+            bias = _const_value(dq_bias.args[0])
+            if b_const is None or b_rank != 2 or bias.dtype != np.int32 or bias.size != b_const.shape[1] \
+                    or np.any(_const_value(dq_bias.args[2]) != 0) or not np.allclose(
+                        _const_value(dq_bias.args[1]), np.float32(sa.reshape(())) * sb.reshape(-1), rtol=1e-6):
+                return expr
+            bias = bias.reshape(-1)
         multiplier = _multiplier(sa.reshape(()), sb.reshape(-1), sy.reshape(()))
-        if emitter is not None and _is_constant(b_expr) and b_rank == 2 and np.all(zb == 0) \
-                and _const_value(b_expr).dtype == np.int8:
-            call = emitter.matmul_call(m[a_q_p], _const_value(b_expr), int(za.reshape(())), multiplier, expr)
+        if emitter is not None and b_const is not None and b_rank == 2 and np.all(zb == 0) \
+                and b_const.dtype == np.int8:
+            call = emitter.matmul_call(m[a_q_p], b_const, int(za.reshape(())), multiplier, expr, bias)
             if call is not None:
                 stats.matmul += 1
                 stats.int8_kernel += 1
                 return call
         a = _widen(m[a_q_p], int(za.reshape(())))
-        if _is_constant(b_expr) and sb.size > 1:
-            b = relax.const(_const_value(b_expr).astype(np.int16), "int16")
+        if b_const is not None and (sb.size > 1 or transposed):
+            if zb.size > 1 and np.any(zb != 0):
+                return expr
+            b = relax.const((b_const.astype(np.int16) - np.int16(zb.reshape(-1)[0])).astype(np.int16), "int16")
         elif zb.size == 1:
             b = _widen(b_expr, int(zb.reshape(())))
         else:
             return expr
         acc = relax.op.matmul(a, b, out_dtype="int32")
         out_rank = _ndim(expr)
+        if bias is not None:
+            acc = _add_bias(acc, bias, np.ascontiguousarray(b_const.T), shape=(-1,))
         stats.matmul += 1
         return _requantize(acc, multiplier, expr, out_rank - 1, out_rank)
 

@@ -4,6 +4,7 @@
              -> [sculpt: the importer's Clip (call_tir of TE maximum/minimum) as Relax ops (clip_as_ops)]
              -> [sculpt: batch_norm with constant statistics as a multiply and an add (batch_norm_as_affine)]
              -> [sculpt: ONNX Sum's stack + reduce as adds (sum_as_adds)]
+             -> [sculpt: a matmul by a weight of one repeated constant as a sum times it (uniform_weight_matmul)]
              -> [sculpt: transposed convs with stride == kernel -> 1x1 conv + pixel shuffle]
              -> [sculpt: conv2d -> the channel-blocked kernel where the policy gives a tile (blocked_conv),
                  activations NCHW<lanes>c between such convs where no transform is needed (blocked_layout);
@@ -34,6 +35,7 @@ from sculpt.backends.tvm.kernels.long_means import rewrite_long_means
 from sculpt.backends.tvm.kernels.blocked_layout import rewrite_in_blocked_layout
 from sculpt.backends.tvm.kernels.even_strided_width import rewrite_even_strided_widths
 from sculpt.backends.tvm.kernels.sum_as_adds import rewrite_sum_of_stack
+from sculpt.backends.tvm.kernels.uniform_weight_matmul import rewrite_uniform_weight_matmuls
 from sculpt.backends.tvm.kernels.fast_math import rewrite_fast_math
 from sculpt.backends.tvm.kernels.row_softmax import rewrite_row_softmax, softmax_lanes
 from sculpt.backends.tvm.kernels.target_traits import traits_of
@@ -69,6 +71,7 @@ def _front_passes(target, conv_policy: ConvPolicy | None = None, conv_decisions:
         ("SculptClipAsOps", rewrite_clip_calls),
         ("SculptBatchNormAsAffine", rewrite_batch_norm_as_affine),
         ("SculptSumAsAdds", rewrite_sum_of_stack),
+        ("SculptUniformWeightMatmuls", rewrite_uniform_weight_matmuls),
         ("SculptRewriteTransposedConvs", rewrite_transposed_convs),
         ("SculptBlockedConvs", lambda mod: rewrite_in_blocked_layout(mod, conv_policy, conv_traits_for(mod, traits),
                                                                      conv_decisions, winograd_worth)),
