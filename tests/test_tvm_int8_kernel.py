@@ -473,9 +473,9 @@ def test_compile_option_lowers_a_qdq_model_onto_the_kernel(monkeypatch):
     assert_small_net_exact(compiled.executable, q, runs=2)
 
 
-def test_a_unit_whose_bias_cannot_be_folded_takes_the_wide_kernel():
-    """PP-OCRv4 det (qdq) has such a unit: a bias at -2^31 on a channel whose output still depends on
-    its input. The kernel takes it with its wide epilogue, and equals the integer Relax lowering."""
+def wide_bias_unit(side: int = 4) -> onnx.ModelProto:
+    """One conv unit (512 -> 2 channels, 1x1, on a ``side`` x ``side`` map) with a bias at -2^31 on a
+    channel whose output still depends on its input."""
     from onnx import TensorProto
 
     xs, ws = np.float32(0.02), np.full(2, 1e-3, np.float32)
@@ -489,14 +489,38 @@ def test_a_unit_whose_bias_cannot_be_folded_takes_the_wide_kernel():
              helper.make_node("DequantizeLinear", ["bq", "bs", "bz"], ["bd"], axis=0),
              helper.make_node("Conv", ["xd", "wd", "bd"], ["c"]),
              helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["y"])]
-    proto = qdq_proto(nodes, consts, [1, 512, 4, 4], ("y", TensorProto.UINT8, [1, 2, 4, 4]))
+    proto = qdq_proto(nodes, consts, [1, 512, side, side], ("y", TensorProto.UINT8, [1, 2, side, side]))
     onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def test_a_unit_whose_bias_cannot_be_folded_takes_the_wide_kernel():
+    """PP-OCRv4 det (qdq) has such a unit: a bias at -2^31 on a channel whose output still depends on
+    its input. The kernel takes it with its wide epilogue, and equals the integer Relax lowering."""
+    proto = wide_bias_unit()
     policy = int8_kernel_policy("llvm")
     lowered, stats = lower_qdq_to_int8(import_to_relax(Model(proto)), Int8KernelPolicy(policy.instruction))
     assert (stats.conv2d, stats.int8_kernel) == (1, 1) and stats.left_float == {}
     integer_ops, _ = lower_qdq_to_int8(import_to_relax(Model(proto)))
     for got, want in zip(_unit_outputs(build(lowered), [1, 512, 4, 4]), _unit_outputs(build(integer_ops), [1, 512, 4, 4])):
         np.testing.assert_array_equal(got, want)
+
+
+def test_the_wide_epilogue_on_aarch64_is_exact_under_qemu(tmp_path):
+    """The same unit for aarch64 with dotprod (the float64 part of the epilogue on NEON), under qemu:
+    the host's integer lowering's bits."""
+    from sculpt.backends.tvm.artifact import compile_model, export_artifact
+    from sculpt.backends.tvm.deploy import run_artifact
+
+    path = tmp_path / "wide.onnx"
+    onnx.save(wide_bias_unit(48), path)  # over the policy's min_macs
+    compiled = compile_model(Model.load(path), ARM_DOTPROD, int8="kernel")
+    assert compiled.options["int8"]["on_int8_kernel"] == 1
+    feeds = {"x": (np.random.default_rng(3).standard_normal((1, 512, 48, 48)) * 4).astype(np.float32)}
+    run = run_artifact(export_artifact(compiled, tmp_path / "wide.so", source_model=path), feeds)
+    assert run.emulated
+    integer_ops, _ = compile_int8(Model.load(path), int8_kernel=False)
+    np.testing.assert_array_equal(list(run.outputs.values())[0], run_relax(integer_ops, feeds, ["x"])[0])
 
 
 def _unit_outputs(executable, x_shape, runs: int = 3) -> list[np.ndarray]:
