@@ -9,6 +9,8 @@ from sculpt.passes.base import MAX_ROUNDS, MAX_TENSOR_MB, Pass, PassContext, Pas
 from sculpt.passes.constant_folding import ConstantFolding
 from sculpt.passes.fold_batchnorm import FoldBatchNorm
 from sculpt.passes.fold_conv_affine import FoldConvAffine
+from sculpt.passes.explicit_pads import ExplicitPads
+from sculpt.passes.fold_pad_into_conv import FoldPadIntoConv
 from sculpt.passes.freeze_initializers import FreezeInitializers
 from sculpt.passes.remove_identity import RemoveIdentity
 from sculpt.passes.simplify_shapes import SimplifyShapes
@@ -18,7 +20,7 @@ from sculpt.passes.simplify_shapes import SimplifyShapes
 @dataclass
 class Canonicalize(Pass):
     """Run the exact canonicalization passes until a fixed point: freeze-initializers,
-    remove-identity, simplify-shapes (with constant-folding), fold-batchnorm, fold-conv-affine.
+    remove-identity, simplify-shapes (with constant-folding), explicit-pads, fold-pad, fold-batchnorm, fold-conv-affine.
     Then drop unused tensors, sort nodes topologically and refresh the inferred shapes; a declared
     output shape that contradicts them is dropped (one DeclaredShapeWarning names it).
     The result is what the other passes and the TVM importer expect."""
@@ -28,6 +30,7 @@ class Canonicalize(Pass):
 
     fold_batchnorm: bool = option(True, help="fold BatchNormalization into the producing Conv/Gemm")
     fold_affine: bool = option(True, help="fold constant per-channel Mul/Div/Add/Sub into the producing Conv")
+    fold_pad: bool = option(True, help="a Conv's auto_pad and a constant zero Pad before it as its pads")
     freeze_initializers: bool = option(True, help="initializers listed as graph inputs become constants")
     max_rounds: int = option(4, help="maximum rounds of the whole sequence")
     max_tensor_mb: float = option(256.0, help="largest tensor constant folding may create (MB)")
@@ -41,6 +44,8 @@ class Canonicalize(Pass):
         if self.freeze_initializers:
             steps.append(FreezeInitializers())
         steps += [RemoveIdentity(), ConstantFolding(max_tensor_mb=self.max_tensor_mb), SimplifyShapes()]
+        if self.fold_pad:
+            steps += [ExplicitPads(), FoldPadIntoConv()]
         if self.fold_batchnorm:
             steps.append(FoldBatchNorm())
         if self.fold_affine:
