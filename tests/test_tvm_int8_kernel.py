@@ -176,6 +176,18 @@ def _kernel_reference(x, w, bias, zx, multiplier, zy, out_dtype, s: ConvShape) -
     return (np.rint(np.clip(y, np.float32(lo - zy), np.float32(hi - zy))) + zy).astype(out_dtype)
 
 
+@pytest.mark.parametrize("width, tile_width, widths", [
+    (112, 12, [12, 12] + [11] * 8), (28, 10, [10, 9, 9]), (224, 12, [12] * 15 + [11] * 4), (24, 12, [12, 12]),
+    (5, 12, [5]), (13, 7, [7, 6])])
+def test_a_row_is_cut_into_tiles_one_column_apart_with_none_padded(width, tile_width, widths):
+    """112 columns in tiles of at most 12: ten tiles, none wider than needed (ten of 12 would compute
+    eight padded columns, 7% of VGG's 112-wide layers)."""
+    from sculpt.backends.tvm.kernels.int8_conv import Int8ConvTile
+
+    runs = Int8ConvTile(32, tile_width).column_tiles(width)
+    assert [w for count, w in runs for _ in range(count)] == widths
+
+
 @pytest.mark.parametrize("instruction", X86_INSTRUCTIONS, ids=lambda i: i.name)
 @pytest.mark.parametrize("shape", [
     ConvShape(2, 7, 13, 10, 9, (1, 1), (2, 2), (1, 1), (0, 0, 0, 0)),    # 1x1, stride 2: a strided pack
@@ -186,6 +198,7 @@ def _kernel_reference(x, w, bias, zx, multiplier, zy, out_dtype, s: ConvShape) -
     ConvShape(1, 16, 8, 8, 33, (1, 1), (1, 1), (1, 1), (1, 1, 1, 1)),    # a padded 1x1: border pixels only
     ConvShape(1, 8, 9, 13, 24, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)),    # NHWC reads these two in place:
     ConvShape(2, 12, 11, 11, 16, (3, 3), (2, 2), (1, 1), (0, 0, 0, 0)),  # no padding, whole groups of 4
+    ConvShape(1, 8, 4, 30, 40, (3, 3), (1, 1), (1, 1), (0, 0, 0, 0)),    # 28 columns: tiles of 10, 9, 9
 ], ids=lambda s: f"{s.kernel[0]}x{s.kernel[1]}s{s.strides[0]}{s.strides[1]}c{s.in_channels}")
 @pytest.mark.parametrize("x_dtype, zx, zy", [("uint8", 131, 3), ("int8", -7, -2)])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -214,7 +227,7 @@ def test_the_packed_input_is_exact_on_strides_pads_and_partial_groups(shape, ins
         assert "alloc_buffer" not in func.script()
     elif shape.kernel == (1, 1):
         groups = -(-shape.in_channels // instruction.group)
-        packed = (shape.batch, shape.out_height, tile.padded_width(shape.out_width), groups)
+        packed = (shape.batch, shape.out_height, shape.out_width, groups)
         assert f"T.alloc_buffer({packed}" in func.script().replace(" ", "").replace(",", ", ")
     lib = tvm.compile(tvm.IRModule({"conv": func.with_attr("global_symbol", "conv")}),
                       target=tvm.target.Target(host_target({"kind": "llvm"})))

@@ -17,7 +17,8 @@ widening dot product of ``group`` input channels per int32 lane, the instruction
                 step, the whole sum bounded by folded_bias's check. The unsigned operand is the input:
                 uint8 data as is, int8 data + 128.
 
-    for each block of ob output channels x one row x tw output columns (parallel over rows and blocks):
+    for each block of ob output channels x one row x a tile of tw (or tw - 1) output columns (parallel
+    over rows and blocks; a row's tiles differ by one column at most, none padded):
         acc[tw][ob] = 0                                          # tw * ob / lanes vector registers
         for cg, kh, kw:                                          # cg: groups of ``group`` input channels
             w = packed[block, cg, kh, kw, 0:ob, 0:group]         # ob / lanes vector loads
@@ -31,8 +32,7 @@ channels at a time; in NCHW the pack gathers each group of channels from ``group
 epilogue scatters each vector's lanes to ``lanes`` planes, one byte each.
 
 Without padding, in NHWC, with whole groups of byte operands, there is no ``xp``: the conv reads each
-group's word where it is in the input and XORs the offset in a register (a padded tile's extra columns
-read the row's last pixel; they are never stored).
+group's word where it is in the input and XORs the offset in a register.
 
 ``xp`` is the input with the zero point moved: ``x - offset`` in the instruction's operand type (offset
 = zx for int16 operands; 128 for uint8 / 0 for int8 data with int8 operands; 0 for uint8 / -128 for int8
@@ -117,8 +117,13 @@ class Int8ConvTile:
     def padded_channels(self, out_channels: int) -> int:
         return -(-out_channels // self.ob) * self.ob
 
-    def padded_width(self, out_width: int) -> int:
-        return -(-out_width // self.tw) * self.tw
+    def column_tiles(self, out_width: int) -> tuple[tuple[int, int], ...]:
+        """(count, width) of the row's column tiles, at most ``tw`` wide, in order: as many tiles as
+        ``tw`` needs, their widths differing by one column at most (112 as 2 x 12 + 8 x 11, where
+        ten tiles of 12 would compute 8 padded columns, 7% of the work)."""
+        tiles = -(-out_width // self.tw)
+        base, wider = divmod(out_width, tiles)
+        return tuple((count, width) for count, width in ((wider, base + 1), (tiles - wider, base)) if count)
 
 
 def int8_conv_tile(shape: ConvShape, instr: DotInstruction) -> Int8ConvTile:
@@ -267,20 +272,18 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
     cg_ = -(-c_ // g)
     ocp = tile.padded_channels(oc)
     blocks = ocp // ob
-    owp = tile.padded_width(ow_)
-    wtiles = owp // tw
+    col_tiles = tile.column_tiles(ow_)
     # a 1x1 kernel reads only every stride-th pixel: the pack keeps those alone and the conv steps by 1
     psh, psw = (sh, sw) if (kh_, kw_) == (1, 1) else (1, 1)
     csh, csw = sh // psh, sw // psw
     hp = (oh_ - 1) * csh + dh * (kh_ - 1) + 1
-    wp = (owp - 1) * csw + dw * (kw_ - 1) + 1
+    wp = (ow_ - 1) * csw + dw * (kw_ - 1) + 1
     # the rows and columns of xp that hold input pixels: [h_lo, h_hi) x [w_lo, w_hi)
     h_lo, h_hi = -(-pt // psh), min(hp, -(-(h_ + pt) // psh))
     w_lo, w_hi = min(wp, -(-pl // psw)), min(wp, -(-(w_ + pl) // psw))
     w_hi = max(w_hi, w_lo)
     offset = instr.offset(x_dtype, zx)
     pad_value = zx - offset
-    accs = tw * vectors
     vec_i32, vec_op = f"int32x{lanes}", f"{op}x{lanes * g}"
     group_int = {2: "int32", 4: "int32"}[g * (2 if op == "int16" else 1)]
     bits = 16 if op == "int16" else 8  # one operand's bits in the group word
@@ -300,12 +303,79 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
     xor_word = sum(((-offset) & mask) << (gi * bits) for gi in range(g))
     xor_word = xor_word - (1 << 32) if xor_word >= 1 << 31 else xor_word
     # no padding, whole groups of bytes in NHWC: no packed copy at all; the conv reads the input's words in
-    # place (XOR-ed in a register; a padded tile's extra columns read the row's last pixel, never stored)
+    # place (XOR-ed in a register)
     direct = word_copy and accumulates and not any(s.padding)
     stored = chain.out_dtype if chain is not None else out_dtype
     vec_out = f"{stored}x{lanes}"
-    full_width = owp == ow_
     full_vectors = oc % lanes == 0
+
+    def column_tile(width: int):
+        """One tile of ``width`` output columns from column ``col`` of the task's row and block: the
+        accumulators zeroed, the dot products, the epilogue, the stores."""
+
+        @T.macro
+        def tile(x, xw, xp, wt, bias, mult, rest, y, task, col):
+            acc = T.decl_buffer((width * vectors * lanes,), "int32", scope="local")
+            out = T.decl_buffer((width * vectors * lanes,), "int32", scope="local")
+            for a in T.unroll(width * vectors):
+                acc[T.ramp(a * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+            for cg, r, t in T.grid(cg_, kh_, kw_):
+                for p in T.unroll(width):
+                    for v in T.unroll(vectors):
+                        if direct:
+                            acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
+                                vec_i32, intrinsic, acc[T.ramp((p * vectors + v) * lanes, 1, lanes)],
+                                T.reinterpret(vec_op, T.broadcast(T.bitwise_xor(xw[
+                                    task // (blocks * oh_), (task % oh_) * sh + r * dh,
+                                    (col + p) * sw + t * dw, cg], xor_word), lanes)),
+                                wt[task // oh_ % blocks, cg, r, t, T.ramp(v * lanes * g, 1, lanes * g)])
+                        elif accumulates:
+                            acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
+                                vec_i32, intrinsic, acc[T.ramp((p * vectors + v) * lanes, 1, lanes)],
+                                T.reinterpret(vec_op, T.broadcast(xp[
+                                    task // (blocks * oh_), (task % oh_) * csh + r * dh,
+                                    (col + p) * csw + t * dw, cg], lanes)),
+                                wt[task // oh_ % blocks, cg, r, t, T.ramp(v * lanes * g, 1, lanes * g)])
+                        else:
+                            acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] = \
+                                acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] + T.call_llvm_pure_intrin(
+                                    vec_i32, intrinsic,
+                                    T.reinterpret(vec_op, T.broadcast(xp[
+                                        task // (blocks * oh_), (task % oh_) * csh + r * dh,
+                                        (col + p) * csw + t * dw, cg], lanes)),
+                                    wt[task // oh_ % blocks, cg, r, t, T.ramp(v * lanes * g, 1, lanes * g)])
+            for p in T.unroll(width):
+                for v in T.unroll(vectors):
+                    out[T.ramp((p * vectors + v) * lanes, 1, lanes)] = requantized(
+                        acc[T.ramp((p * vectors + v) * lanes, 1, lanes)]
+                        + bias[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)],
+                        mult[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)], lanes, out_dtype, zy,
+                        chain, rest[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)] if wide else None)
+            if nhwc:
+                for p in T.unroll(width):
+                    for v in T.unroll(vectors):
+                        if full_vectors:
+                            if (task // oh_ % blocks) * ob + v * lanes < oc:
+                                y[task // (blocks * oh_), task % oh_, col + p,
+                                  T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)] = \
+                                    T.Cast(vec_out, out[T.ramp((p * vectors + v) * lanes, 1, lanes)])
+                        else:
+                            for lane in T.serial(lanes):
+                                if (task // oh_ % blocks) * ob + v * lanes + lane < oc:
+                                    y[task // (blocks * oh_), task % oh_, col + p,
+                                      (task // oh_ % blocks) * ob + v * lanes + lane] = \
+                                        T.Cast(stored, out[(p * vectors + v) * lanes + lane])
+            else:
+                for v, lane, p in T.grid(vectors, lanes, width):
+                    if (task // oh_ % blocks) * ob + v * lanes + lane < oc:
+                        y[task // (blocks * oh_), (task // oh_ % blocks) * ob + v * lanes + lane, task % oh_,
+                          col + p] = T.Cast(stored, out[(p * vectors + v) * lanes + lane])
+
+        return tile
+
+    (wide_count, wide_width), (narrow_count, narrow_width) = (col_tiles * 2)[:2]
+    two_widths = len(col_tiles) == 2
+    wide_tile, narrow_tile = column_tile(wide_width), column_tile(narrow_width)
 
     @T.prim_func(private=True)
     def int8_conv(x: T.Buffer(x_shape, x_dtype), wt: T.Buffer((blocks, cg_, kh_, kw_, ob * g), wop),
@@ -370,62 +440,10 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
                     for ww, cg in T.grid(wp, cg_):
                         xp[task // hp, task % hp, ww, cg] = pad_word
         for task in T.parallel(conv_tasks) if parallel else T.serial(conv_tasks):
-            for wo in T.serial(wtiles):
-                acc = T.decl_buffer((accs * lanes,), "int32", scope="local")
-                out = T.decl_buffer((accs * lanes,), "int32", scope="local")
-                for a in T.unroll(accs):
-                    acc[T.ramp(a * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
-                for cg, r, t in T.grid(cg_, kh_, kw_):
-                    for p in T.unroll(tw):
-                        for v in T.unroll(vectors):
-                            if direct:
-                                acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
-                                    vec_i32, intrinsic, acc[T.ramp((p * vectors + v) * lanes, 1, lanes)],
-                                    T.reinterpret(vec_op, T.broadcast(T.bitwise_xor(xw[
-                                        task // (blocks * oh_), (task % oh_) * sh + r * dh,
-                                        T.min((wo * tw + p) * sw + t * dw, w_ - 1), cg], xor_word), lanes)),
-                                    wt[task // oh_ % blocks, cg, r, t, T.ramp(v * lanes * g, 1, lanes * g)])
-                            elif accumulates:
-                                acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
-                                    vec_i32, intrinsic, acc[T.ramp((p * vectors + v) * lanes, 1, lanes)],
-                                    T.reinterpret(vec_op, T.broadcast(xp[
-                                        task // (blocks * oh_), (task % oh_) * csh + r * dh,
-                                        (wo * tw + p) * csw + t * dw, cg], lanes)),
-                                    wt[task // oh_ % blocks, cg, r, t, T.ramp(v * lanes * g, 1, lanes * g)])
-                            else:
-                                acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] = \
-                                    acc[T.ramp((p * vectors + v) * lanes, 1, lanes)] + T.call_llvm_pure_intrin(
-                                        vec_i32, intrinsic,
-                                        T.reinterpret(vec_op, T.broadcast(xp[
-                                            task // (blocks * oh_), (task % oh_) * csh + r * dh,
-                                            (wo * tw + p) * csw + t * dw, cg], lanes)),
-                                        wt[task // oh_ % blocks, cg, r, t, T.ramp(v * lanes * g, 1, lanes * g)])
-                for p in T.unroll(tw):
-                    for v in T.unroll(vectors):
-                        out[T.ramp((p * vectors + v) * lanes, 1, lanes)] = requantized(
-                            acc[T.ramp((p * vectors + v) * lanes, 1, lanes)]
-                            + bias[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)],
-                            mult[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)], lanes, out_dtype, zy,
-                            chain, rest[T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)] if wide else None)
-                if nhwc:
-                    for p in T.unroll(tw):
-                        if full_width or wo * tw + p < ow_:
-                            for v in T.unroll(vectors):
-                                if full_vectors:
-                                    if (task // oh_ % blocks) * ob + v * lanes < oc:
-                                        y[task // (blocks * oh_), task % oh_, wo * tw + p,
-                                          T.ramp((task // oh_ % blocks) * ob + v * lanes, 1, lanes)] = \
-                                            T.Cast(vec_out, out[T.ramp((p * vectors + v) * lanes, 1, lanes)])
-                                else:
-                                    for lane in T.serial(lanes):
-                                        if (task // oh_ % blocks) * ob + v * lanes + lane < oc:
-                                            y[task // (blocks * oh_), task % oh_, wo * tw + p,
-                                              (task // oh_ % blocks) * ob + v * lanes + lane] = \
-                                                T.Cast(stored, out[(p * vectors + v) * lanes + lane])
-                else:
-                    for v, lane, p in T.grid(vectors, lanes, tw):
-                        if (task // oh_ % blocks) * ob + v * lanes + lane < oc and wo * tw + p < ow_:
-                            y[task // (blocks * oh_), (task // oh_ % blocks) * ob + v * lanes + lane, task % oh_,
-                              wo * tw + p] = T.Cast(stored, out[(p * vectors + v) * lanes + lane])
+            for wo in T.serial(wide_count):
+                wide_tile(x, xw, xp, wt, bias, mult, rest, y, task, wo * wide_width)
+            if two_widths:
+                for wo in T.serial(narrow_count):
+                    narrow_tile(x, xw, xp, wt, bias, mult, rest, y, task, wide_count * wide_width + wo * narrow_width)
 
     return int8_conv

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from sculpt.backends.tvm.kernels.block_analysis import (
     ReductionAnatomy, contiguous_along_last_axis, has_if_then_else, is_reduction, reads_pointwise, root_blocks,
     writes_function_output)
-from sculpt.backends.tvm.kernels.tiling import Tile, is_streaming, vector_width, worth_parallel
+from sculpt.backends.tvm.kernels.tiling import Tile, is_streaming, vector_width, worth_parallel, worth_parallel_elements
 
 
 ACCUMULATOR_SCOPE = "global"
@@ -228,7 +228,7 @@ def schedule_injective_block(sch, block, lanes: int, max_vector: int = 64) -> No
         outer = loops[:kinds.index("R")] if "R" in kinds else loops
     else:
         outer = loops[:-1]
-    if outer and worth_parallel(work):
+    if outer and worth_parallel_elements(work):
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         if int(sch.get(fused).extent) > 1:
             sch.parallel(fused)
