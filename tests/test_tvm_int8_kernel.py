@@ -57,6 +57,26 @@ def test_the_host_policy_takes_vnni_where_the_cpu_has_it():
     assert traits_of({"kind": "llvm", "mcpu": "znver4"}).vector_lanes == 8
 
 
+@pytest.mark.parametrize("cpu, wide", [("znver4", None), ("znver5", AVX512_VNNI_512), ("icelake-server", AVX512_VNNI_512),
+                                       ("sapphirerapids", AVX512_VNNI_512), ("alderlake", None), ("znver3", None)])
+def test_zmm_vnni_is_taken_where_the_core_runs_it_at_full_rate(cpu, wide):
+    """Zen 4 splits a 512-bit vpdpbusd in two halves (the ymm form keeps the kernel's padding small at
+    the same rate); Intel's AVX-512 cores and Zen 5 retire twice the multiply-adds in zmm, which a unit
+    takes unless it pads more than WIDE_MAX_PADDING (1.5) times the output channels of the ymm form."""
+    policy = int8_kernel_policy({"kind": "llvm", "mcpu": cpu})
+    assert policy is not None and policy.wide_instruction is wide
+    if wide is None:
+        assert {policy.instruction_for(c) for c in (24, 64, 256)} == {policy.instruction}
+        assert {policy.depthwise_lanes(c) for c in (24, 64, 256)} == {policy.instruction.lanes}
+        return
+    # the depthwise kernel pads to whole vectors: 8 channels to 16 in zmm is too many, 24 to 32 is not
+    assert {c: policy.depthwise_lanes(c) for c in (8, 24, 40, 96)} == {8: 8, 24: 16, 40: 16, 96: 16}
+    chosen = {c: policy.instruction_for(c).name for c in (4, 8, 16, 24, 40, 72, 256)}
+    # 8 channels: 16 in one zmm block against 8 in ymm; 24 and 72: 32 and 96 against 24 and 72 pay
+    assert chosen == {4: AVX512_VNNI_256.name, 8: AVX512_VNNI_256.name, 16: wide.name, 24: wide.name,
+                      40: wide.name, 72: wide.name, 256: wide.name}
+
+
 def test_weights_are_packed_as_the_dot_instruction_reads_them():
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, (19, 5, 3, 3)).astype(np.int8)

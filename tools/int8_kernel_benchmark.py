@@ -106,7 +106,7 @@ def prepare(kind: str, args, workdir: Path) -> dict:
             "tvm int8 kernel": kernel_int8}
     for name in args.also_instructions:  # the host policy with another instruction or layout
         forced = dataclasses.replace(policy, layout=name) if name in LAYOUTS else \
-            dataclasses.replace(policy, instruction=instruction_named(name))
+            dataclasses.replace(policy, instruction=instruction_named(name), wide_instruction=None)
         mods[f"tvm int8 {name}"] = lower_qdq_to_int8(import_to_relax(q), forced)[0]
     outputs = {}
     for name, mod in mods.items():

@@ -248,6 +248,7 @@ def _lower_int8(mod, model, target: NamedTarget, mode: str, progress) -> tuple[o
     return lowered, {"mode": mode, "conv2d": stats.conv2d, "matmul": stats.matmul, "on_int8_kernel": stats.int8_kernel,
                      "on_int8_depthwise": stats.int8_depthwise, "folded_chains": stats.folded_chains,
                      "instruction": policy.instruction.name if policy else None,
+                     "wide_instruction": policy.wide_instruction.name if policy and policy.wide_instruction else None,
                      "layout": stats.layout or None, "left_float": stats.left_float}
 
 

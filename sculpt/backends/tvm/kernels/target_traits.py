@@ -37,13 +37,16 @@ class TargetTraits:
     dotprod: bool = False    # aarch64 SDOT/UDOT (int8 kernels)
     vnni: bool = False       # x86 vpdpbusd (int8 kernels): AVX-512 VNNI with VL on an avx512 isa, else AVX-VNNI
     wide_lanes: int = 0      # float32 lanes of the widest vectors, when wider than ``vector_lanes`` (AVX-512: 16)
+    # the widest vectors at full rate: a core with two 512-bit multiply-add units (Intel's AVX-512 server
+    # cores, Zen 5) retires twice the lanes of 256-bit code per cycle; Zen 4 splits 512-bit ops in halves
+    wide_at_full_rate: bool = False
 
     def widened(self) -> "TargetTraits":
         """The same target with its widest vectors (channel blocks of ``wide_lanes``), or itself."""
         if self.wide_lanes <= self.vector_lanes:
             return self
         return TargetTraits(self.isa, self.wide_lanes, self.vector_registers, self.l1_bytes, self.l2_bytes,
-                            self.dotprod, self.vnni)
+                            self.dotprod, self.vnni, wide_at_full_rate=self.wide_at_full_rate)
 
     @property
     def accumulator_registers(self) -> int:
@@ -162,7 +165,8 @@ def traits_of(target) -> TargetTraits:
         # against 16 lanes, 9 models, 1 thread: geometric mean 0.88 vs 0.90 of onnxruntime's time
         # (PP-OCR cls 0.45 vs 0.60, shufflenet 1.30 vs 1.62; resnet50 1.09 vs 1.02). README, "AVX-512".
         # The convs of a model whose channels are multiples of 16 take 16 (lane_policy.conv_traits_for).
-        return TargetTraits("avx512", 8, 32, 32 * 1024, 1024 * 1024, vnni=avx512_vnni or avx_vnni, wide_lanes=16)
+        return TargetTraits("avx512", 8, 32, 32 * 1024, 1024 * 1024, vnni=avx512_vnni or avx_vnni, wide_lanes=16,
+                            wide_at_full_rate=not cpu.startswith("znver4"))
     if avx2:
         return TargetTraits("avx2", 8, 16, 32 * 1024, 512 * 1024, vnni=avx_vnni)
     return TargetTraits("sse", 4, 16, 32 * 1024, 256 * 1024)
