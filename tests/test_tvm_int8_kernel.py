@@ -21,7 +21,7 @@ from sculpt.backends.tvm.int8 import (MIN_KERNEL_MACS, Int8KernelPolicy, compile
 from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
 from sculpt.backends.tvm.kernels.int8_conv import (AVX2_PMADDWD, AVX512_VNNI_256, AVX512_VNNI_512, AVX_VNNI,
                                                     NEON_SDOT, folded_bias, instruction_for, int8_conv_tile,
-                                                    pack_int8_weight)
+                                                    pack_int8_weight, wide_instruction_for)
 from sculpt.backends.tvm.kernels.target_traits import host_target, traits_of
 from sculpt.backends.tvm.relax_import import build, import_to_relax, run_relax
 from sculpt.ir.calibration import CalibrationSet
@@ -497,6 +497,8 @@ def test_compile_option_lowers_a_qdq_model_onto_the_kernel(monkeypatch):
     info = compiled.options["int8"]
     host_instruction = instruction_for(traits_of(host_target({"kind": "llvm"})))
     assert info["instruction"] == host_instruction.name and info["on_int8_kernel"] == 3 and info["conv2d"] == 3  # the 3-channel first conv too
+    host_wide = wide_instruction_for(traits_of(host_target({"kind": "llvm"})))
+    assert info["wide_instruction"] == (host_wide.name if host_wide else None)
     relax_only = compile_model(q, "host", int8="relax").options["int8"]
     assert relax_only["on_int8_kernel"] == 0 and relax_only["conv2d"] == 3
     with pytest.raises(OptionError, match="--int8"):

@@ -86,7 +86,7 @@ def calibration(kind: str, model, count: int):
 
 def prepare(kind: str, args, workdir: Path) -> dict:
     """Make the models and the four builds of ``kind`` in ``workdir``; check the int8 build."""
-    from sculpt.backends.tvm.int8 import int8_kernel_policy, lower_qdq_to_int8
+    from sculpt.backends.tvm.int8 import WIDE_MAX_PADDING, int8_kernel_policy, lower_qdq_to_int8
     from sculpt.backends.tvm.relax_import import build, import_to_relax
     from sculpt.passes import Pipeline
     from sculpt.runtime import reference_session
@@ -121,7 +121,9 @@ def prepare(kind: str, args, workdir: Path) -> dict:
     forced_equal = {name: all(np.array_equal(a, b) for a, b in zip(outputs[f"tvm int8 {name}"], relax_out))
                     for name in args.also_instructions}
     return {"model": kind, "input": {k: list(v.shape) for k, v in feeds.items()},
-            "instruction": policy.instruction.name, "forced_equal_relax": forced_equal,
+            "instruction": policy.instruction.name + (f" ({policy.wide_instruction.name} for the units it pads"
+                                                      f" at most {WIDE_MAX_PADDING}x)" if policy.wide_instruction else ""),
+            "forced_equal_relax": forced_equal,
             "units": f"{kernel_stats.int8_kernel} + {kernel_stats.int8_depthwise} depthwise of {kernel_stats.conv2d} "
                      f"conv + {kernel_stats.matmul} matmul"
                      + (f" ({kernel_stats.layout})" if kernel_stats.layout else ""),
