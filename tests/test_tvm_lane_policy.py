@@ -58,6 +58,22 @@ def test_only_a_target_with_wider_vectors_widens_and_only_for_models_whose_chann
     assert conv_traits_for(narrow_model, ZEN4) is ZEN4  # 24 input channels: no wide blocks at all
 
 
+def test_a_core_with_two_512_bit_units_widens_every_model_but_the_smallest():
+    """Zen 4 keeps a mobile net's 24- and 40-channel convs in blocks of 8 (its 512-bit ops take two
+    cycles); a Sapphire Rapids core widens them, unless the model's convs are under FULL_RATE_MIN_MACS."""
+    sapphire = traits_of({"kind": "llvm", "mcpu": "sapphirerapids"})
+    assert sapphire.wide_at_full_rate and not ZEN4.wide_at_full_rate
+    narrow = [cases.ConvCase("a", 24, 40, (3, 3), pads=(1, 1, 1, 1)), cases.ConvCase("b", 24, 24, (1, 1))]
+    big = import_to_relax(Model.wrap(cases.conv_model(narrow, (1, 24, 112, 112))))
+    small = import_to_relax(Model.wrap(cases.conv_model(narrow, (1, 24, 28, 28))))
+    macs = lambda mod: sum(lane_policy.conv_macs(s) for s in conv_shapes(mod))  # noqa: E731
+    assert macs(big) >= lane_policy.FULL_RATE_MIN_MACS > macs(small)
+    assert wide_share(conv_shapes(big), 16) == 0.0
+    assert conv_traits_for(big, sapphire).vector_lanes == 16
+    assert conv_traits_for(small, sapphire) is sapphire
+    assert conv_traits_for(big, ZEN4) is ZEN4
+
+
 def test_a_tile_carries_the_vector_width_it_was_chosen_for_in_its_block_name():
     tile = ConvTile(16, 1, 4, 0, 0, 16, 16, 16)
     assert tile_from_block_name(f"x_{tile.name}_y") == tile
@@ -77,7 +93,9 @@ def test_a_model_with_wide_channels_compiles_in_wide_blocks_on_an_avx512_host_an
     assert float(np.abs(got - ref).max()) <= 2e-5 * float(np.abs(ref).max())
     lanes = {d.tile[7] for d in decisions if d.kind == "conv2d_blocked"}
     share = wide_share(conv_shapes(import_to_relax(model)), traits.wide_lanes or traits.vector_lanes)
-    expected = traits.wide_lanes if traits.wide_lanes and share >= lane_policy.WIDE_SHARE else traits.vector_lanes
+    macs = sum(lane_policy.conv_macs(s) for s in conv_shapes(import_to_relax(model)))
+    widens = share >= lane_policy.WIDE_SHARE or (traits.wide_at_full_rate and macs >= lane_policy.FULL_RATE_MIN_MACS)
+    expected = traits.wide_lanes if traits.wide_lanes and widens else traits.vector_lanes
     assert lanes == {expected}, (lanes, share)
 
 

@@ -16,6 +16,10 @@ small (72% of its conv MACs wide; its 24- and 12-channel stem convs fall back to
 16 lanes and its 96->24 3x3 computes 32 channels) 0.94 of onnxruntime's time with blocks of 8, 1.09
 with 16 (1 thread, CPU time, one run each, Zen 4); SqueezeNet (100% once its classifier counts)
 1.13 with 16, 1.18 with 8; the models below 40% (PP-OCR det and cls, ShuffleNet) faster with 8.
+
+All of that is Zen 4, which splits a 512-bit op in two halves. Where the core has two 512-bit units
+(Intel's AVX-512 server cores, Zen 5: ``wide_at_full_rate``) every conv of a model of
+FULL_RATE_MIN_MACS or more takes wide blocks.
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ WIDE_SHARE = 0.8
 WIDE_OUTPUT_PADDING = 1 / 16
 # a stem reading this few channels (an image) runs NCHW in any case
 STEM_CHANNELS = 4
+# on a core with two 512-bit units (TargetTraits.wide_at_full_rate) wide blocks pay whatever the
+# channels, but for a model this small, where the layout transforms weigh more than the convs. On an
+# Intel Xeon (session 18), 1 thread, sculpt / onnxruntime with blocks of 8 -> 16 for every conv, the
+# models below WIDE_SHARE: PP-OCR det (0.56 GMAC, 40% wide) 0.76 -> 0.67, ShuffleNet (0.12, 4%) 1.09 ->
+# 0.97, PP-OCR cls (0.016, 31%) 0.43 -> 0.58; those above it 0.89 -> 0.67 (rec), 1.31 -> 1.01
+# (squeezenet), 1.32 -> 1.03 (PP-OCRv6 rec)
+FULL_RATE_MIN_MACS = 50_000_000
 
 
 def conv_shapes(mod) -> list:
@@ -82,9 +93,13 @@ def wide_share(shapes: list, block: int) -> float:
 
 def conv_traits_for(mod, traits: TargetTraits) -> TargetTraits:
     """The traits the blocked convs of ``mod`` are planned and scheduled with: ``traits.widened()``
-    when at least WIDE_SHARE of the conv multiply-adds have channels in whole wide blocks, else
-    ``traits``."""
+    when at least WIDE_SHARE of the conv multiply-adds have channels in whole wide blocks, or, on a
+    target that runs its wide vectors at full rate, when the convs do FULL_RATE_MIN_MACS or more;
+    else ``traits``."""
     wide = traits.widened()
     if wide is traits:
         return traits
-    return wide if wide_share(conv_shapes(mod), wide.vector_lanes) >= WIDE_SHARE else traits
+    shapes = conv_shapes(mod)
+    if traits.wide_at_full_rate and sum(conv_macs(s) for s in shapes) >= FULL_RATE_MIN_MACS:
+        return wide
+    return wide if wide_share(shapes, wide.vector_lanes) >= WIDE_SHARE else traits
