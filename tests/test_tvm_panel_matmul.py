@@ -58,7 +58,7 @@ def test_a_classifier_with_a_weight_over_l2_reads_panels_and_matches_onnxruntime
     n = 2100
     assert 1024 * n * 4 >= traits.l2_bytes
     matmuls = _compile_and_compare(_matmul_add_model(x_shape, 1024, n), x_shape)
-    nb = panel_width(traits.vector_lanes)
+    nb = panel_width(traits.for_matmuls().vector_lanes)
     # one kernel over [rows, panels, panel columns]: its result is the [rows, columns] matrix as it is
     assert [tuple(d.shape) for d in matmuls] == [(20, -(-n // nb), nb)]
 
@@ -66,7 +66,7 @@ def test_a_classifier_with_a_weight_over_l2_reads_panels_and_matches_onnxruntime
 def test_a_short_reduction_reads_panels_too():
     """PP-OCR rec's classifier kind: 40 x 120 by 120 x 6625 (3.2 MB; 6625 = 5^3 x 53 columns)."""
     traits = traits_of(host_target("llvm"))
-    nb = panel_width(traits.vector_lanes)
+    nb = panel_width(traits.for_matmuls().vector_lanes)
     matmuls = _compile_and_compare(_matmul_add_model((1, 40, 120), 120, 6625), (1, 40, 120))
     assert [tuple(d.shape) for d in matmuls] == [(40, -(-6625 // nb), nb)]
 
@@ -80,7 +80,7 @@ def test_a_small_weight_keeps_the_plain_matmul():
 def test_a_matrix_vector_product_reads_panels_and_matches_onnxruntime():
     """One row (an FC layer at batch 1), 1024 x 2048 (8 MB): panels, accumulators in registers."""
     traits = traits_of(host_target("llvm"))
-    nb = panel_width(traits.vector_lanes)
+    nb = panel_width(traits.for_matmuls().vector_lanes)
     matmuls = _compile_and_compare(_matmul_add_model((1, 1024), 1024, 2048), (1, 1024), kinds=("matmul", "reduce"))
     assert [tuple(d.shape) for d in matmuls] == [(1, 2048 // nb, nb)], [(d.kind, d.shape) for d in matmuls]
 

@@ -51,7 +51,7 @@ def pack_panels(w: np.ndarray, nb: int) -> np.ndarray:
 
 def rewrite_panel_matmuls(mod, traits):
     """The module with every such matmul reading packed panels (see the module docstring)."""
-    nb = panel_width(traits.vector_lanes)
+    nb = panel_width(traits.for_matmuls().vector_lanes)
 
     def rule(call, rewriter):
         from tvm import relax

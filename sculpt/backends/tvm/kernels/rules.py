@@ -91,6 +91,8 @@ def try_register_tile(func, traits: TargetTraits, choose: TileChooser, name: str
     # on wide rows (rec's 80, 160) the separate row tile measured faster
     if anatomy.vector.extent < 2 * traits.vector_lanes and rows_fusable(sch, main, anatomy):
         anatomy = with_fused_rows(anatomy)
+    if anatomy.kind == "matmul":
+        traits = traits.for_matmuls()
     tile = choose(anatomy, traits, func)
     schedule_register_tile(sch, sch.mod["main"], main, anatomy, tile, traits.vector_lanes)
     return sch, KernelDecision(name, anatomy.kind, anatomy.output_shape, tile.as_list())

@@ -48,6 +48,11 @@ class TargetTraits:
         return TargetTraits(self.isa, self.wide_lanes, self.vector_registers, self.l1_bytes, self.l2_bytes,
                             self.dotprod, self.vnni, wide_at_full_rate=self.wide_at_full_rate)
 
+    def for_matmuls(self) -> "TargetTraits":
+        """The traits the matmul kernels (and their weight panels) use: the widest vectors on a core
+        that runs them at full rate, else these."""
+        return self.widened() if self.wide_at_full_rate else self
+
     @property
     def accumulator_registers(self) -> int:
         """Vector registers a register tile may use for accumulators (the rest hold inputs)."""
