@@ -72,6 +72,8 @@ def test_a_core_with_two_512_bit_units_widens_every_model_but_the_smallest():
     assert conv_traits_for(big, sapphire).vector_lanes == 16
     assert conv_traits_for(small, sapphire) is sapphire
     assert conv_traits_for(big, ZEN4) is ZEN4
+    # the matmul kernels likewise: 16 lanes and panels of 32 columns on the two-unit core only
+    assert sapphire.for_matmuls().vector_lanes == 16 and ZEN4.for_matmuls() is ZEN4 and AVX2.for_matmuls() is AVX2
 
 
 def test_a_tile_carries_the_vector_width_it_was_chosen_for_in_its_block_name():

@@ -50,7 +50,9 @@ class TargetTraits:
 
     def for_matmuls(self) -> "TargetTraits":
         """The traits the matmul kernels (and their weight panels) use: the widest vectors on a core
-        that runs them at full rate, else these."""
+        that runs them at full rate, else these. On an Intel Xeon (two 512-bit units), 1 thread:
+        PP-OCRv6 rec's 40x120 by 120x18710 classifier einsum 2.28 -> 1.52 ms in 16 lanes and panels of
+        32 columns (onnxruntime's whole MatMul 1.2 ms; the einsum's slice to 18,710 columns 0.33 more)."""
         return self.widened() if self.wide_at_full_rate else self
 
     @property
