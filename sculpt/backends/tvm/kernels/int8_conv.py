@@ -287,7 +287,7 @@ def int8_conv_func(s: ConvShape, tile: Int8ConvTile, instr: DotInstruction, x_dt
     kh_, kw_ = s.kernel
     (sh, sw), (dh, dw), (pt, pl, _, _) = s.strides, s.dilation, s.padding
     g, lanes, op, wop = instr.group, instr.lanes, instr.operand, instr.weight_operand
-    ob, tw = tile.ob, tile.tw
+    ob = tile.ob
     vectors = ob // lanes
     cg_ = -(-c_ // g)
     ocp = tile.padded_channels(oc)
