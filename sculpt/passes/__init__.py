@@ -13,6 +13,7 @@ from sculpt.passes.fold_batchnorm import FoldBatchNorm
 from sculpt.passes.fold_conv_affine import FoldConvAffine
 from sculpt.passes.fold_pad_into_conv import FoldPadIntoConv
 from sculpt.passes.explicit_pads import ExplicitPads
+from sculpt.passes.flush_subnormals import FlushSubnormals
 from sculpt.passes.low_rank import LowRank
 from sculpt.passes.freeze_initializers import FreezeInitializers
 from sculpt.passes.remove_identity import RemoveIdentity

@@ -10,6 +10,7 @@ from sculpt.passes.constant_folding import ConstantFolding
 from sculpt.passes.fold_batchnorm import FoldBatchNorm
 from sculpt.passes.fold_conv_affine import FoldConvAffine
 from sculpt.passes.explicit_pads import ExplicitPads
+from sculpt.passes.flush_subnormals import FlushSubnormals
 from sculpt.passes.fold_pad_into_conv import FoldPadIntoConv
 from sculpt.passes.freeze_initializers import FreezeInitializers
 from sculpt.passes.remove_identity import RemoveIdentity
@@ -20,7 +21,8 @@ from sculpt.passes.simplify_shapes import SimplifyShapes
 @dataclass
 class Canonicalize(Pass):
     """Run the exact canonicalization passes until a fixed point: freeze-initializers,
-    remove-identity, simplify-shapes (with constant-folding), explicit-pads, fold-pad, fold-batchnorm, fold-conv-affine.
+    remove-identity, simplify-shapes (with constant-folding), explicit-pads, fold-pad, fold-batchnorm, fold-conv-affine,
+    flush-subnormals.
     Then drop unused tensors, sort nodes topologically and refresh the inferred shapes; a declared
     output shape that contradicts them is dropped (one DeclaredShapeWarning names it).
     The result is what the other passes and the TVM importer expect."""
@@ -32,6 +34,7 @@ class Canonicalize(Pass):
     fold_affine: bool = option(True, help="fold constant per-channel Mul/Div/Add/Sub into the producing Conv")
     fold_pad: bool = option(True, help="a Conv's auto_pad and a constant zero Pad before it as its pads")
     freeze_initializers: bool = option(True, help="initializers listed as graph inputs become constants")
+    flush_subnormals: bool = option(True, help="subnormal float constants become zero (slow on Intel cores)")
     max_rounds: int = option(4, help="maximum rounds of the whole sequence")
     max_tensor_mb: float = option(256.0, help="largest tensor constant folding may create (MB)")
 
@@ -50,6 +53,8 @@ class Canonicalize(Pass):
             steps.append(FoldBatchNorm())
         if self.fold_affine:
             steps.append(FoldConvAffine())
+        if self.flush_subnormals:  # last: folding can make new ones
+            steps.append(FlushSubnormals())
         stats: dict[str, dict] = {}
         modified = False
         nodes_before = len(model.graph.node)
