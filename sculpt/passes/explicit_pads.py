@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import onnx
 
+from sculpt.ir.channel_handlers import attr as attribute
 from sculpt.ir.model import Model
 from sculpt.passes.base import Pass, PassContext, PassResult, register
-from sculpt.passes.fold_pad_into_conv import attribute
 
 
 def same_pads(size: int, kernel: int, stride: int, dilation: int, upper: bool) -> tuple[int, int]:

@@ -7,15 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from sculpt.ir.channel_handlers import attr as attribute
 from sculpt.ir.model import Model
 from sculpt.passes.base import Pass, PassContext, PassResult, register
-
-
-def attribute(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def _zero_pads(model: Model, pad: onnx.NodeProto) -> list[int] | None:
