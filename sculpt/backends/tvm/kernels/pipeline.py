@@ -59,6 +59,7 @@ def _front_passes(target, conv_policy: ConvPolicy | None = None, conv_decisions:
     (the blocked convs' tiles) defaults to the search cache, then the heuristic
     (tile_search.cached_conv_policy, tiling.conv_tile); ``conv_decisions`` (a list) receives the
     blocked convs' (ConvShape, ConvTile) pairs."""
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     if conv_policy is None:
@@ -84,7 +85,9 @@ def _front_passes(target, conv_policy: ConvPolicy | None = None, conv_decisions:
         ("SculptRowSoftmax", lambda mod: rewrite_row_softmax(mod, softmax_lanes(traits))),
         ("SculptFastMath", rewrite_fast_math),
     ]
-    return [_module_pass(name, rewrite) for name, rewrite in rewrites] \
+    # reshapes of reshapes (the rewrites' and the importer's) as one reshape, the identical ones gone:
+    # a lone reshape is a view at run time, a fused chain of them was a copy (0.24 ms in PP-OCRv6 rec)
+    return [_module_pass(name, rewrite) for name, rewrite in rewrites] + [relax.transform.RemoveRedundantReshape()] \
         + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
 
 

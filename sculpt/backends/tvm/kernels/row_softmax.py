@@ -27,6 +27,8 @@ it (its blocks are named ``sculpt_softmax_*``)."""
 
 from __future__ import annotations
 
+import math
+
 from sculpt.backends.tvm.kernels.relax_rewrite import rewrite_calls, static_shape
 
 BLOCK_PREFIX = "sculpt_softmax_"
@@ -39,16 +41,21 @@ def softmax_lanes(traits) -> int:
     return max(traits.vector_lanes, traits.wide_lanes)
 
 
-def row_softmax_func(rows: int, length: int, lanes: int):
-    """The TE definition: x [rows, length] -> y [rows, length]. The partial reductions read the
-    row's whole vectors; the last ``length % lanes`` elements are reduced apart (``tail_*``), so no
-    stage holds a condition (a bound check on the lane index keeps TVM from vectorizing the loop)."""
+def row_softmax_func(rows: int, length: int, lanes: int, row_stride: int | None = None,
+                     out_shape: tuple[int, ...] | None = None):
+    """The TE definition: x [rows, row_stride] -> y [rows, length], over each row's first ``length``
+    elements (``row_stride``, default ``length``: rows padded past their length are read in place);
+    y in ``out_shape`` (its leading dimensions ``rows`` together) if given: a reshape of the result
+    is a copy where it is the function's output (Relax makes views of the others only).
+    The partial reductions read the row's whole vectors; the last ``length % lanes`` elements are
+    reduced apart (``tail_*``), so no stage holds a condition (a bound check on the lane index keeps
+    TVM from vectorizing the loop)."""
     from tvm import te, tirx, topi
 
     groups, tail = divmod(length, lanes)
     full = groups * lanes
     i64 = lambda *d: [tirx.IntImm("int64", int(v)) for v in d]  # noqa: E731 - Relax indexes in int64
-    x = te.placeholder(i64(rows, length), "float32", name="x")
+    x = te.placeholder(i64(rows, row_stride or length), "float32", name="x")
 
     i = te.reduce_axis(i64(0, groups), "i")
     pmax = te.compute(i64(rows, lanes), lambda r, j: te.max(x[r, i * lanes + j], axis=i),
@@ -71,39 +78,99 @@ def row_softmax_func(rows: int, length: int, lanes: int):
         t2 = te.reduce_axis(i64(0, tail), "t2")
         tsum = te.compute(i64(rows), lambda r: te.sum(e[r, full + t2], axis=t2), name=BLOCK_PREFIX + "tail_sum")
         rsum = te.compute(i64(rows), lambda r: rsum[r] + tsum[r], name=BLOCK_PREFIX + "row_sum")
-    y = te.compute(i64(rows, length), lambda r, c: e[r, c] * (tirx.const(1.0, "float32") / rsum[r]),
-                   name=BLOCK_PREFIX + "normalize")
+    lead = list(out_shape[:-1]) if out_shape else [rows]
+
+    def normalize(*index):
+        r = index[0]
+        for i, d in zip(index[1:-1], lead[1:]):
+            r = r * d + i
+        return e[r, index[-1]] * (tirx.const(1.0, "float32") / rsum[r])
+
+    y = te.compute(i64(*lead, length), normalize, name=BLOCK_PREFIX + "normalize")
     return te.create_prim_func([x, y])
 
 
 def rewrite_row_softmax(mod, lanes: int):
-    """``mod`` with every softmax over the last axis of long static rows replaced (module docstring)."""
+    """``mod`` with every softmax over the last axis of long static rows replaced (module docstring).
+    A softmax of the first columns of a wider matrix (a padded matmul's result sliced back:
+    panel_matmul) reads the wider rows in place instead of a sliced copy."""
+    from tvm import relax
+
     made: dict[tuple, object] = {}
+    key_of: dict = {}  # a made function's GlobalVar -> its key
 
-    def rule(call, rewriter):
-        from tvm import relax
+    def softmax_call(rewriter, source, rows: int, length: int, stride: int, shape):
+        key = (rows, length, stride, tuple(shape))
+        if key not in made:
+            func = row_softmax_func(rows, length, lanes, stride, tuple(shape)).without_attr("global_symbol")
+            made[key] = rewriter.add_func(func, f"sculpt_row_softmax{len(made)}")
+            key_of[made[key]] = key
+        flat = rewriter.emit(relax.op.reshape(source, (rows, stride)))
+        return relax.call_tir(made[key], [flat], relax.TensorType(shape, "float32"))
 
-        if getattr(call.op, "name", "") != "relax.nn.softmax":
-            return None
+    def softmax_rule(call, rewriter):
         x = call.args[0]
         shape = static_shape(x)
         if shape is None or not shape or str(x.ty.dtype) != "float32" or int(call.attrs.axis) not in (-1, len(shape) - 1):
             return None
         length = shape[-1]
-        rows = 1
-        for d in shape[:-1]:
-            rows *= d
+        rows = math.prod(shape[:-1])
         if length < MIN_ROW or rows == 0:
             return None
-        key = (rows, length)
-        if key not in made:
-            func = row_softmax_func(rows, length, lanes).without_attr("global_symbol")
-            made[key] = rewriter.add_func(func, f"sculpt_row_softmax{len(made)}")
-        flat = rewriter.emit(relax.op.reshape(x, (rows, length)))
-        y = rewriter.emit(relax.call_tir(made[key], [flat], relax.TensorType((rows, length), "float32")))
-        return relax.op.reshape(y, shape)
+        wider = _wider_rows(x, rows, length, rewriter)
+        stride = length if wider is None else static_shape(wider)[-1]
+        return softmax_call(rewriter, x if wider is None else wider, rows, length, stride, shape)
 
-    return rewrite_calls(mod, rule)
+    def reshape_rule(call, rewriter):
+        """A reshape of a row softmax's result that keeps its rows: the softmax writes that shape."""
+        made_call = _value(call.args[0], rewriter)
+        shape = static_shape(call)
+        key = key_of.get(getattr(made_call, "args", [None])[0]) if made_call is not None else None
+        if key is None or shape is None or not shape or shape[-1] != key[1] or math.prod(shape[:-1]) != key[0]:
+            return None
+        rows, length, stride, _ = key
+        return softmax_call(rewriter, made_call.args[1][0], rows, length, stride, shape)
+
+    def rule(call, rewriter):
+        name = getattr(call.op, "name", "")
+        if name == "relax.nn.softmax":
+            return softmax_rule(call, rewriter)
+        if name == "relax.reshape" and key_of:
+            return reshape_rule(call, rewriter)
+        return None
+
+    # the slices read in place and the results reshaped go
+    return relax.transform.DeadCodeElimination()(rewrite_calls(mod, rule))
+
+
+def _value(var, rewriter):
+    """What ``var`` is bound to, through bindings of one variable to another (a rewrite's result)."""
+    from tvm import relax
+
+    expr = rewriter.bound(var)
+    while expr is not var and isinstance(expr, relax.Var):
+        var, expr = expr, rewriter.bound(expr)
+    return expr
+
+
+def _wider_rows(x, rows: int, length: int, rewriter):
+    """The tensor ``x`` is the first ``length`` columns of (through reshapes that keep the rows), if
+    it is a slice of a matrix of ``rows`` rows; else None."""
+    expr = _value(x, rewriter)
+    while getattr(getattr(expr, "op", None), "name", "") == "relax.reshape":
+        inner = static_shape(expr.args[0])
+        if inner is None or inner[-1] != length:
+            return None
+        expr = _value(expr.args[0], rewriter)
+    if getattr(getattr(expr, "op", None), "name", "") != "relax.strided_slice" or len(expr.args) < 4:
+        return None
+    source = static_shape(expr.args[0])
+    axes, begin, end = ([int(v.value) for v in t] for t in expr.args[1:4])
+    strides = [int(v.value) for v in expr.args[4]] if len(expr.args) > 4 else [1]
+    if (source is None or len(source) != 2 or source[0] != rows or axes not in ([1], [-1])
+            or begin != [0] or end != [length] or strides != [1]):
+        return None
+    return expr.args[0]
 
 
 def is_row_softmax(sch) -> bool:
@@ -131,7 +198,8 @@ def schedule_row_softmax(sch, lanes: int, parallel: bool) -> None:
               if sch.get(b).name_hint.startswith(BLOCK_PREFIX)}
     others = [b for b in root_blocks(sch) if not sch.get(b).name_hint.startswith(BLOCK_PREFIX)]
     last = blocks["normalize"]
-    r = sch.get_loops(last)[0]
+    leading = sch.get_loops(last)[:-1]
+    r = sch.fuse(*leading) if len(leading) > 1 else leading[0]
     order = ("row_sum", "tail_sum", "sum", "partial_sum", "exp", "row_max", "tail_max", "max", "partial_max")
     for name in order:
         if name in blocks:
