@@ -292,6 +292,37 @@ def test_depthwise_on_large_planes_pads_one_plane_at_a_time():
     assert not [d for d in decisions if d.note], [(d.func, d.note) for d in decisions if d.note]
 
 
+def test_a_blocked_max_pool_on_a_large_plane_pads_one_plane_at_a_time():
+    """ResNet-50's 3x3 stride-2 max pool over 64 x 112x112, in NCHW16c (after the blocked stem): its
+    plane is 112 x 112 x 16, so it is padded inside the parallel loop over channel blocks, not in
+    two passes over the whole input before it (0.95 -> 0.43 ms on an Intel Xeon, 1 thread); the
+    result equals numpy's max over the windows."""
+    import tvm
+    from tvm import relax
+
+    from sculpt.backends.tvm.kernels.rules import schedule_module
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 112, 112, 16), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.max_pool2d(x, (3, 3), (2, 2), (1, 1, 1, 1), layout="NCHW16c"))
+        bb.emit_func_output(y)
+    target = _host()
+    with target:
+        mod = tvm.transform.Sequential([relax.transform.LegalizeOps()])(bb.get())
+        scheduled, decisions = schedule_module(mod, target)
+    assert [d.kind for d in decisions] == ["pool"]
+    pool = next(f for gv, f in scheduled.functions_items() if gv.name_hint.startswith("max_pool2d"))
+    assert pool.script().count("T.parallel(") == 1, pool.script()  # pad and pool in one loop over planes
+    data = np.random.default_rng(3).standard_normal((1, 4, 112, 112, 16)).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.compile(scheduled, target=target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(data)).numpy()
+    padded = np.pad(data, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    windows = [padded[:, :, i:i + 111:2, j:j + 111:2] for i in range(3) for j in range(3)]
+    assert np.array_equal(got, np.max(windows, axis=0))
+
+
 def test_unused_right_columns_never_change_the_output_width():
     from sculpt.backends.tvm.kernels.even_strided_width import unused_right_columns
 

@@ -19,6 +19,7 @@ Padding stays a separate parallel stage (inlining it would put a branch in the i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from sculpt.backends.tvm.kernels.block_analysis import (
@@ -252,12 +253,10 @@ def _loop_kinds(sch, block) -> list[str]:
 PER_PLANE_MIN_ELEMENTS = 2048
 
 
-def _plane_elements(sch, block, deinterleaved: bool) -> int:
-    shape = [int(d) for d in sch.get(block).writes[0].source.shape]
-    n = 1
-    for d in shape[-3 if deinterleaved else -2:]:
-        n *= d
-    return n
+def _plane_elements(sch, block) -> int:
+    """Elements of one channel plane (one channel block's, in NCHW<c>c) of the tensor ``block``
+    writes: everything after its batch and channel axes."""
+    return math.prod(int(d) for d in sch.get(block).writes[0].source.shape[2:])
 
 
 def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Tile, lanes: int) -> None:
@@ -323,7 +322,7 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
     # depthwise and pools: padding per channel plane (it stays in cache) instead of one pass over the
     # whole input, so the parallel loop covers (n, c) only and the tiles of a plane run inside it
     per_plane = a.kind in ("depthwise", "pool") and len(outer) > 2 and len(producers) == 1 \
-        and _plane_elements(sch, producers[0], deinterleaved) >= PER_PLANE_MIN_ELEMENTS
+        and _plane_elements(sch, producers[0]) >= PER_PLANE_MIN_ELEMENTS
     fused = sch.fuse(*outer[:2]) if per_plane else sch.fuse(*outer)
     work = a.reduce_extent
     for ax in a.spatial:
