@@ -4,6 +4,8 @@ block (pointwise conv, HardSwish, depthwise, squeeze-and-excitation, pointwise, 
 build whose only large transposes are the model's edges and whose outputs equal the integer Relax
 lowering bit for bit, on the host and on aarch64 under qemu."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from onnx import helper
@@ -53,7 +55,8 @@ def test_the_depthwise_kernel_is_exact(shape, lanes, x_dtype, zx, out_dtype, zy,
     tails, and (with a small band) bands whose rows do not divide the output's."""
     import tvm
 
-    monkeypatch.setattr(int8_depthwise, "BAND_BYTES", 2048)  # several bands, the last one partial
+    for budget in ("BAND_BYTES", "STRIDE_ONE_BAND_BYTES"):  # several bands, the last one partial
+        monkeypatch.setattr(int8_depthwise, budget, 2048)
     c, h, wd, k, stride, dil, pads = shape
     s = ConvShape(1, c, h, wd, c, (k, k), (stride, stride), (dil, dil), pads)
     tile = int8_depthwise.int8_depthwise_tile(s, lanes, 16)
@@ -70,6 +73,25 @@ def test_the_depthwise_kernel_is_exact(shape, lanes, x_dtype, zx, out_dtype, zy,
     consts = int8_depthwise.depthwise_constants(w, bias, multiplier, tile)
     lib["main"](*(tvm.runtime.tensor(a) for a in (x, *consts)), y)
     np.testing.assert_array_equal(y.numpy(), _reference(x, w, bias, zx, multiplier, zy, out_dtype, s))
+
+
+def test_stride_one_bands_are_tall_and_leave_work_for_every_thread():
+    """At stride 1 a band holds as many rows as fit STRIDE_ONE_BAND_BYTES (PP-OCRv4 rec's 240-channel
+    5x5 at 12x80: the whole height, each input row converted once), at stride 2 as fit BAND_BYTES; a
+    unit of one channel block keeps MIN_TASKS bands."""
+    def band_bytes(s, t):
+        rows = (t.th - 1) * s.strides[0] + s.kernel[0]
+        return rows * int8_depthwise._band_width(s, t.tw) * t.lanes * 4
+
+    rec = ConvShape(1, 240, 12, 80, 240, (5, 5), (1, 1), (1, 1), (2, 2, 2, 2))
+    assert int8_depthwise.int8_depthwise_tile(rec, 16, 32).th == 12
+    strided = ConvShape(1, 96, 200, 152, 96, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1))
+    tile = int8_depthwise.int8_depthwise_tile(strided, 16, 32)
+    assert band_bytes(strided, tile) <= int8_depthwise.BAND_BYTES < band_bytes(strided, replace(tile, th=tile.th + 1))
+    narrow = ConvShape(1, 16, 40, 40, 16, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+    tile = int8_depthwise.int8_depthwise_tile(narrow, 16, 32)
+    assert band_bytes(narrow, tile) <= int8_depthwise.STRIDE_ONE_BAND_BYTES
+    assert -(-40 // tile.th) >= int8_depthwise.MIN_TASKS
 
 
 def test_a_bias_at_the_int32_limit_takes_the_wide_epilogue():

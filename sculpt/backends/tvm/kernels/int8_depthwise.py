@@ -32,8 +32,18 @@ import numpy as np
 from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
 from sculpt.backends.tvm.kernels.int8_conv import padded_multiplier, requantized, split_bias
 
-# a band's float32 input rows fit in this many bytes (the L1 data cache of the targets: 32-64 KiB)
+# a band's float32 input rows fit in this many bytes: at stride 1, in L2 (each input row is converted
+# once per band that reads it, (th - 1 + kh) / th times: tall bands convert less), at stride 2 in L1 (its
+# bands read each row about twice whatever their height). One depthwise unit alone, 1 thread, an Intel
+# Xeon, 32 KiB -> 128 KiB bands: 240 channels 5x5 at 12x80 0.156 -> 0.127 ms, 480 5x5 at 6x80 0.154 ->
+# 0.132, 64 3x3 at 24x160 0.107 -> 0.079, 96 5x5 at 100x76 0.527 -> 0.44, 48 3x3 at 200x152 0.70 -> 0.52;
+# at stride 2 taller bands measured up to 10% slower (96 3x3 at 200x152: 0.74 ms with 1 row, 0.79-0.82
+# with 2-8)
 BAND_BYTES = 32 * 1024
+STRIDE_ONE_BAND_BYTES = 128 * 1024
+# bands are split further while the unit has fewer tasks (channel blocks x bands) than this: work for
+# two or more threads
+MIN_TASKS = 4
 # output columns per register tile (one accumulator each; the rest of the registers hold the weight and
 # input vectors of the taps)
 MAX_TILE_COLUMNS = 8
@@ -53,15 +63,20 @@ class Int8DepthwiseTile:
 
 def int8_depthwise_tile(shape: ConvShape, lanes: int, registers: int) -> Int8DepthwiseTile:
     """Columns: up to MAX_TILE_COLUMNS accumulators (fewer on a target with under 12 vector registers),
-    an even split of the row; rows per band: as many as keep the band's float rows within BAND_BYTES (at
-    least one), an even split of the output's rows."""
+    an even split of the row; rows per band: as many as keep the band's float rows within
+    STRIDE_ONE_BAND_BYTES (stride 1) or BAND_BYTES, and leave MIN_TASKS tasks (at least one row), an
+    even split of the output's rows."""
     budget = min(MAX_TILE_COLUMNS, registers - 4)
     tiles = -(-shape.out_width // max(1, min(budget, shape.out_width)))
     tw = -(-shape.out_width // tiles)
     sh, dh, kh = shape.strides[0], shape.dilation[0], shape.kernel[0]
     width = _band_width(shape, tw)
+    budget = STRIDE_ONE_BAND_BYTES if sh == 1 else BAND_BYTES
     th = shape.out_height
-    while th > 1 and ((th - 1) * sh + dh * (kh - 1) + 1) * width * lanes * 4 > BAND_BYTES:
+    while th > 1 and ((th - 1) * sh + dh * (kh - 1) + 1) * width * lanes * 4 > budget:
+        th -= 1
+    blocks = -(-shape.out_channels // lanes)
+    while th > 1 and blocks * -(-shape.out_height // th) < MIN_TASKS:
         th -= 1
     bands = -(-shape.out_height // th)  # an even split of the rows
     return Int8DepthwiseTile(lanes, -(-shape.out_height // bands), tw)
