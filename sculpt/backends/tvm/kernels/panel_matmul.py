@@ -4,7 +4,7 @@ column panels.
 ``x [.., M, K] @ W [K, N]`` becomes ``einsum("mk,pkj->mpj", x' [M', K], Wp [P, K, nb])``: P panels of
 ``nb`` columns, each stored contiguously (``Wp[p, k, j] = W[k, p * nb + j]``, zero-padded to whole
 panels). The ``[M', P, nb]`` result *is* ``[M', P * nb]`` row-major, so a reshape (free) and a slice
-that fuses with the bias add after it give ``[.., M, N]``. The kernel (the register-tiled matmul
+give ``[.., M, N]``. The kernel (the register-tiled matmul
 kernel over j, broadcast over m, P outermost) streams each panel as one contiguous block, reused
 from L1/L2 by every block of rows, where reading a column strip of ``W`` jumps a whole weight row at
 every step of the reduction (32 KB for 8210 columns, 75 KB for 18,710): a new page each time, more
