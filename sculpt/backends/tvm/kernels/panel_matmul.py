@@ -36,7 +36,7 @@ import math
 
 import numpy as np
 
-from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls, static_shape
+from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_ops, static_shape
 
 
 
@@ -104,13 +104,5 @@ def rewrite_panel_matmuls(mod, traits):
             return from_panels(rewriter, biased, n, out_shape)
         return None
 
-    def rule(call, rewriter):
-        name = getattr(call.op, "name", "")
-        if name == "relax.matmul":
-            return matmul_rule(call, rewriter)
-        if name == "relax.add" and panels_of:
-            return bias_rule(call, rewriter)
-        return None
-
     # the result without its bias, now unused, goes
-    return relax.transform.DeadCodeElimination()(rewrite_calls(mod, rule))
+    return rewrite_ops(mod, {"relax.matmul": matmul_rule, "relax.add": bias_rule}, drop_unused=True)

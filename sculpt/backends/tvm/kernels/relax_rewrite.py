@@ -116,3 +116,16 @@ def rewrite_calls(mod, rule: Callable, *, before: Callable | None = None, on_fun
             return self.builder_.get()
 
     return _Mutator(mod).run()
+
+
+def rewrite_ops(mod, rules: dict, *, drop_unused: bool = False):
+    """``rewrite_calls`` with one rule per Relax op name (``{"relax.matmul": rule, ...}``);
+    ``drop_unused``: the bindings the rewrites left unused are removed afterwards."""
+    from tvm import relax
+
+    def rule(call, rewriter):
+        chosen = rules.get(getattr(call.op, "name", ""))
+        return None if chosen is None else chosen(call, rewriter)
+
+    out = rewrite_calls(mod, rule)
+    return relax.transform.DeadCodeElimination()(out) if drop_unused else out

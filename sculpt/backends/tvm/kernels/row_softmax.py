@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 
-from sculpt.backends.tvm.kernels.relax_rewrite import rewrite_calls, static_shape
+from sculpt.backends.tvm.kernels.relax_rewrite import rewrite_ops, static_shape
 
 BLOCK_PREFIX = "sculpt_softmax_"
 # shorter rows (attention's 40 or 80 keys) keep TVM's softmax: the partial rows would be mostly empty
@@ -131,16 +131,8 @@ def rewrite_row_softmax(mod, lanes: int):
         rows, length, stride, _ = key
         return softmax_call(rewriter, made_call.args[1][0], rows, length, stride, shape)
 
-    def rule(call, rewriter):
-        name = getattr(call.op, "name", "")
-        if name == "relax.nn.softmax":
-            return softmax_rule(call, rewriter)
-        if name == "relax.reshape" and key_of:
-            return reshape_rule(call, rewriter)
-        return None
-
     # the slices read in place and the results reshaped go
-    return relax.transform.DeadCodeElimination()(rewrite_calls(mod, rule))
+    return rewrite_ops(mod, {"relax.nn.softmax": softmax_rule, "relax.reshape": reshape_rule}, drop_unused=True)
 
 
 def _value(var, rewriter):
