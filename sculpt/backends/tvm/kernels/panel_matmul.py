@@ -97,10 +97,8 @@ def rewrite_panel_matmuls(mod, traits):
             values = bias.numpy()
             if values.size != n or values.shape[-1:] != (n,):  # one value per column, broadcast over rows
                 continue
-            panels = int(y.ty.shape[1])
-            padded = np.zeros(panels * nb, np.float32)
-            padded[:n] = values.reshape(n)
-            biased = rewriter.emit(relax.op.add(y, relax.const(padded.reshape(panels, nb))))
+            padded = pack_panels(values.reshape(1, n), nb)[:, 0]  # [P, nb], zeros past N like the weight
+            biased = rewriter.emit(relax.op.add(y, relax.const(padded)))
             return from_panels(rewriter, biased, n, out_shape)
         return None
 

@@ -62,7 +62,8 @@ def four_pads(attrs) -> list[int] | None:
 
 class Rewriter:
     """Handed to a rule: ``emit(expr)`` binds a helper expression and returns its variable;
-    ``bound(var)`` is the expression a variable was bound to (or the variable itself)."""
+    ``bound(var)`` is the expression a variable was bound to (or the variable itself), ``value(var)``
+    the same through variables bound to variables."""
 
     def __init__(self, mutator):
         self._mutator = mutator
@@ -81,6 +82,16 @@ class Rewriter:
             value = self._mutator.lookup_binding(expr)
             return value if value is not None else expr
         return expr
+
+    def value(self, expr):
+        """``bound`` through bindings of one variable to another (a rule's result is bound to a new
+        variable that the original one is then bound to)."""
+        from tvm import relax
+
+        found = self.bound(expr)
+        while found is not expr and isinstance(found, relax.Var):
+            expr, found = found, self.bound(found)
+        return found
 
 
 def rewrite_calls(mod, rule: Callable, *, before: Callable | None = None, on_function: Callable | None = None):

@@ -123,7 +123,7 @@ def rewrite_row_softmax(mod, lanes: int):
 
     def reshape_rule(call, rewriter):
         """A reshape of a row softmax's result that keeps its rows: the softmax writes that shape."""
-        made_call = _value(call.args[0], rewriter)
+        made_call = rewriter.value(call.args[0])
         shape = static_shape(call)
         key = key_of.get(getattr(made_call, "args", [None])[0]) if made_call is not None else None
         if key is None or shape is None or not shape or shape[-1] != key[1] or math.prod(shape[:-1]) != key[0]:
@@ -135,25 +135,15 @@ def rewrite_row_softmax(mod, lanes: int):
     return rewrite_ops(mod, {"relax.nn.softmax": softmax_rule, "relax.reshape": reshape_rule}, drop_unused=True)
 
 
-def _value(var, rewriter):
-    """What ``var`` is bound to, through bindings of one variable to another (a rewrite's result)."""
-    from tvm import relax
-
-    expr = rewriter.bound(var)
-    while expr is not var and isinstance(expr, relax.Var):
-        var, expr = expr, rewriter.bound(expr)
-    return expr
-
-
 def _wider_rows(x, rows: int, length: int, rewriter):
     """The tensor ``x`` is the first ``length`` columns of (through reshapes that keep the rows), if
     it is a slice of a matrix of ``rows`` rows; else None."""
-    expr = _value(x, rewriter)
+    expr = rewriter.value(x)
     while getattr(getattr(expr, "op", None), "name", "") == "relax.reshape":
         inner = static_shape(expr.args[0])
         if inner is None or inner[-1] != length:
             return None
-        expr = _value(expr.args[0], rewriter)
+        expr = rewriter.value(expr.args[0])
     if getattr(getattr(expr, "op", None), "name", "") != "relax.strided_slice" or len(expr.args) < 4:
         return None
     source = static_shape(expr.args[0])
