@@ -18,6 +18,13 @@ the panels' result transposed back (the form before this one) -> 4.0-4.1 (4.7-4.
 einsum form the transpose cost more than the panels saved on short reductions (K = 120), so they
 were used only from K = 256.
 
+A tile takes two or more panels at once where it can: the reduction then reads as many streams
+from memory side by side, where one stream alone leaves a core's bandwidth unused (the hardware
+prefetchers stop at each page). A prime panel count allows no such tile, so it gets one zero panel
+more. Intel Xeon, 1 thread, the matmul + bias alone, 8 rounds of 10 interleaved, medians:
+ddddocr's 20x1024 by 1024x8210 (257 panels) in tiles of 10 rows x 1 panel 5.4 ms; with 258 panels,
+4 rows x 3 panels 3.7, 5 rows x 2 panels 3.6 (onnxruntime 3.4-3.5).
+
 A bias added to such a matmul (``add(matmul(x, W), b)``, b constant over the columns) is added to
 the panels' result before the slice, zero-padded like the weight: the add joins the einsum's
 epilogue and the slice stays the one copy after it (a row softmax after it reads the padded rows in
@@ -45,10 +52,17 @@ def panel_width(lanes: int) -> int:
     return 2 * lanes
 
 
-def pack_panels(w: np.ndarray, nb: int) -> np.ndarray:
-    """[K, N] -> [ceil(N / nb), K, nb], zero columns past N."""
-    k, n = w.shape
+def panel_count(n: int, nb: int) -> int:
+    """Panels for ``n`` columns: whole panels, one more (all zeros) when that count is prime (a
+    register tile then takes two or three panels at once, see the module docstring)."""
     panels = -(-n // nb)
+    return panels + 1 if panels > 3 and all(panels % d for d in range(2, math.isqrt(panels) + 1)) else panels
+
+
+def pack_panels(w: np.ndarray, nb: int) -> np.ndarray:
+    """[K, N] -> [panel_count(N, nb), K, nb], zero columns past N."""
+    k, n = w.shape
+    panels = panel_count(n, nb)
     padded = np.zeros((k, panels * nb), np.float32)
     padded[:, :n] = w
     return np.ascontiguousarray(padded.reshape(k, panels, nb).transpose(1, 0, 2))
