@@ -69,10 +69,12 @@ def _fast_math_model():
 def test_grouped_convs_and_a_channel_shuffle_run_on_arm64_under_qemu(tmp_path):
     """ShuffleNet's unit on NEON: grouped 1x1 convs of 34 channels a group as one blocked kernel each
     (each group's output padded to whole 4-lane blocks, then dropped), the channel shuffle, a
-    depthwise conv and the residual add; and a residual stage read by an NCHW transpose (blocked,
+    depthwise conv and the residual add; the same unit at 14x16, its grouped convs as matmuls over
+    planes of whole vectors (grouped_pointwise_matmul); and a residual stage read by an NCHW transpose (blocked,
     the last sum copied to NCHW)."""
     rng = np.random.default_rng(9)
     for name, model, shape in (("shuffle", cases.shuffle_unit_model(), (1, 136, 14, 15)),
+                               ("shuffle_matmuls", cases.shuffle_unit_model(136, 4, (14, 16)), (1, 136, 14, 16)),
                                ("sequence", cases.residual_stage_to_sequence_model(), (1, 8, 6, 10))):
         path = tmp_path / f"{name}.onnx"
         onnx.save(model, path)

@@ -104,8 +104,10 @@ def test_a_model_with_wide_channels_compiles_in_wide_blocks_on_an_avx512_host_an
 def test_a_shuffle_units_slice_add_and_shuffle_run_as_one_vectorized_loop_and_match_onnxruntime():
     """The grouped conv's padded channels sliced off, the bias and ReLU, and the channel shuffle
     (reshape, transpose, reshape): one block after the indices are simplified, vectorized along the
-    width, where it was seven blocks of scalar loops."""
-    proto = cases.shuffle_unit_model(136, 4, (28, 28))
+    width, where it was seven blocks of scalar loops. (68-channel groups at 14x14: ShuffleNet's
+    34-channel groups at 28x28 run as matmuls, test_tvm_grouped_pointwise_matmul.py, with nothing
+    to slice.)"""
+    proto = cases.shuffle_unit_model(272, 4, (14, 14))
     model = Model.wrap(proto)
     target = tvm.target.Target(host_target("llvm"))
     from sculpt.backends.tvm.kernels.block_analysis import root_blocks
@@ -122,7 +124,7 @@ def test_a_shuffle_units_slice_add_and_shuffle_run_as_one_vectorized_loop_and_ma
     for name, _ in shuffles:
         assert "T.vectorized" in scheduled[name].script(), name
     exe = compile_with_kernels(import_to_relax(model), target)
-    x = np.random.default_rng(7).standard_normal((1, 136, 28, 28)).astype(np.float32)
+    x = np.random.default_rng(7).standard_normal((1, 272, 14, 14)).astype(np.float32)
     got = run_relax(exe, {"x": x}, ["x"])[0]
     ref = make_session(model).run(None, {"x": x})[0]
     assert float(np.abs(got - ref).max()) <= 1e-5 * float(np.abs(ref).max())

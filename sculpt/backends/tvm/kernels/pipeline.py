@@ -36,12 +36,13 @@ from sculpt.backends.tvm.kernels.blocked_layout import rewrite_in_blocked_layout
 from sculpt.backends.tvm.kernels.even_strided_width import rewrite_even_strided_widths
 from sculpt.backends.tvm.kernels.sum_as_adds import rewrite_sum_of_stack
 from sculpt.backends.tvm.kernels.uniform_weight_matmul import rewrite_uniform_weight_matmuls
+from sculpt.backends.tvm.kernels.grouped_pointwise_matmul import rewrite_grouped_pointwise_matmuls
 from sculpt.backends.tvm.kernels.fast_math import rewrite_fast_math
 from sculpt.backends.tvm.kernels.row_softmax import rewrite_row_softmax, softmax_lanes
 from sculpt.backends.tvm.kernels.target_traits import traits_of
 from sculpt.backends.tvm.kernels.lane_policy import conv_traits_for
 from sculpt.backends.tvm.kernels.blocked_conv import ConvPolicy
-from sculpt.backends.tvm.kernels.tiling import winograd_worth
+from sculpt.backends.tvm.kernels.tiling import grouped_pointwise_as_matmul, winograd_worth
 from sculpt.backends.tvm.kernels.whole_vector_width import rewrite_depthwise_widths
 from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
 from sculpt.backends.tvm.kernels.rules import TileChooser, schedule_module
@@ -52,6 +53,12 @@ def _module_pass(name: str, rewrite):
     import tvm
 
     return tvm.transform.module_pass(lambda mod, _ctx: rewrite(mod), opt_level=0, name=name)
+
+
+def _grouped_pointwise_matmuls(mod, traits):
+    conv_traits, matmul_traits = conv_traits_for(mod, traits), traits.for_matmuls()
+    return rewrite_grouped_pointwise_matmuls(
+        mod, lambda shape: grouped_pointwise_as_matmul(shape, conv_traits, matmul_traits))
 
 
 def _front_passes(target, conv_policy: ConvPolicy | None = None, conv_decisions: list | None = None) -> list:
@@ -74,6 +81,7 @@ def _front_passes(target, conv_policy: ConvPolicy | None = None, conv_decisions:
         ("SculptSumAsAdds", rewrite_sum_of_stack),
         ("SculptUniformWeightMatmuls", rewrite_uniform_weight_matmuls),
         ("SculptRewriteTransposedConvs", rewrite_transposed_convs),
+        ("SculptGroupedPointwiseMatmuls", lambda mod: _grouped_pointwise_matmuls(mod, traits)),
         ("SculptBlockedConvs", lambda mod: rewrite_in_blocked_layout(mod, conv_policy, conv_traits_for(mod, traits),
                                                                      conv_decisions, winograd_worth)),
         ("SculptLongMeans", rewrite_long_means),
