@@ -27,10 +27,12 @@ def register_pass():
 @pytest.fixture
 def winograd_rewrites(monkeypatch):
     """The convs compiled by Winograd F(2x2, 3x3) while the test runs, as (ConvShape, nchw_input,
-    nchw_output), whatever their size (the policy's multiply-add floor set to 0)."""
+    nchw_output), whatever their size (the policy's multiply-add floor and its channel floor for
+    two-unit cores set to 0)."""
     from sculpt.backends.tvm.kernels import tiling, winograd_conv
 
     monkeypatch.setattr(tiling, "WINOGRAD_MIN_MACS", 0)
+    monkeypatch.setattr(tiling, "WINOGRAD_MIN_CHANNEL_PRODUCT_FULL_RATE", 0)
     made = []
     original = winograd_conv.WinogradBuilder.rewrite
 

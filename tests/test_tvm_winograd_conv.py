@@ -14,6 +14,7 @@ from sculpt.backends.tvm.kernels import compile_with_kernels, host_target, trait
 from sculpt.backends.tvm.kernels import onnx_cases as cases
 from sculpt.backends.tvm.kernels import tiling, winograd_conv
 from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
+from sculpt.backends.tvm.kernels.target_traits import TargetTraits
 from sculpt.ir.model import Model
 from sculpt.runtime import make_session
 
@@ -100,13 +101,19 @@ def test_3x3_convs_reading_or_writing_nchw_by_winograd_match_onnxruntime(case, w
     assert float(np.abs(got[0] - ref[0]).max()) <= 2e-5 * float(np.abs(ref[0]).max())
 
 
-def test_the_policy_keeps_small_convs_direct():
-    traits = traits_of(host_target("llvm"))
+@pytest.mark.parametrize("full_rate", [False, True])
+def test_the_policy_keeps_small_convs_direct(full_rate):
+    traits = TargetTraits("avx512", 16, 32, 48 << 10, 2 << 20, wide_at_full_rate=full_rate)
     big = ConvShape(1, 256, 28, 28, 256, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
     assert tiling.winograd_worth(big, traits)
-    assert tiling.winograd_worth(ConvShape(1, 16, 55, 55, 64, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
     assert not tiling.winograd_worth(ConvShape(1, 32, 7, 7, 32, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
     assert not tiling.winograd_worth(ConvShape(1, 8, 56, 56, 64, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
+    # SqueezeNet's 16->64 at 55x55: Winograd unless the direct kernel runs at twice the rate
+    squeeze = ConvShape(1, 16, 55, 55, 64, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+    assert tiling.winograd_worth(squeeze, traits) is not full_rate
+    # PP-OCRv6 det's 96->24 at 184x184 and SqueezeNet's 32->128 at 27x27: Winograd on both kinds
+    assert tiling.winograd_worth(ConvShape(1, 96, 184, 184, 24, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
+    assert tiling.winograd_worth(ConvShape(1, 32, 27, 27, 128, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
     # the mechanism's own limits: stride, dilation, groups, layouts
     assert winograd_conv.winograd_applies(big, 16)
     assert not winograd_conv.winograd_applies(replace(big, out_channels=40), 16)  # no whole blocks

@@ -316,10 +316,20 @@ def _rows_outer(shape, channels: int, traits: TargetTraits) -> bool:
 # 0.044; nothing measured was slower. Smaller convs and 8-channel ones are left direct, unmeasured.
 WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MIN_MACS = 1_000_000
+# on a core with two 512-bit units (TargetTraits.wide_at_full_rate) the direct kernel runs twice the
+# FMAs per cycle while the transforms, memory-bound, do not speed up. Per output pixel Winograd saves
+# 5 Ci Co of the direct kernel's 9 Ci Co multiply-adds and its transforms cost in proportion to Ci + Co:
+# there it needs Ci Co / (Ci + Co) of at least this. Intel Xeon, 1 thread, 8-10 interleaved rounds:
+# SqueezeNet's 16->64 at 55x55 (12.8) direct 4.02 -> 3.87 ms (onnxruntime 3.89), its 32->128 at 27x27
+# (25.6) direct too 3.97; PP-OCRv6 det small's 96->24 at 184x184 (19.2) direct 104.8 -> 106.2
+WINOGRAD_MIN_CHANNEL_PRODUCT_FULL_RATE = 16
 
 
 def winograd_worth(shape, traits: TargetTraits) -> bool:
     """Whether a blocked 3x3 stride-1 conv (blocked_conv.ConvShape) is computed by F(2x2, 3x3)
     (winograd_conv) rather than directly."""
     macs = shape.in_channels * shape.out_channels * shape.out_height * shape.out_width * 9
-    return min(shape.in_channels, shape.out_channels) >= WINOGRAD_MIN_CHANNELS and macs >= WINOGRAD_MIN_MACS
+    ci, co = shape.in_channels, shape.out_channels
+    if traits.wide_at_full_rate and ci * co < WINOGRAD_MIN_CHANNEL_PRODUCT_FULL_RATE * (ci + co):
+        return False
+    return min(ci, co) >= WINOGRAD_MIN_CHANNELS and macs >= WINOGRAD_MIN_MACS
