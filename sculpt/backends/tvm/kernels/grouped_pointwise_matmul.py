@@ -57,41 +57,41 @@ def rewrite_grouped_pointwise_matmuls(mod, choose: Callable[[ConvShape], bool]):
         y = rewriter.emit(relax.op.matmul(relax.const(weight), x))
         return as_nchw(rewriter, y, (s.batch, s.groups * s.out_channels, s.height, s.width))
 
+    def tracked(rewriter, arg):
+        return inner_of.get(arg) or inner_of.get(rewriter.bound(arg))
+
     def operand_inside(rewriter, arg, inner_shape, nchw):
-        """``arg`` in the matmul's shape: a rewritten result's tensor, a scalar as it is, a per-channel
-        constant as [G, Co, 1], a tensor of the NCHW shape reshaped; None for anything else."""
-        found = inner_of.get(rewriter.bound(arg))
+        """How ``arg`` enters the matmul's shape, as a function of the rewriter emitting it: a rewritten
+        result's tensor, a scalar as it is, a per-channel constant as [G, Co, 1], a tensor of the NCHW
+        shape reshaped; None for anything else."""
+        found = tracked(rewriter, arg)
         if found is not None:
-            return found[0] if found[1] == nchw else None
+            return (lambda: found[0]) if found[1] == nchw else None
         value = constant_value(rewriter.bound(arg))
         if value is not None:
             v = value.numpy()
             if v.size == 1:
-                return arg
+                return lambda: arg
             if tuple(v.shape) in ((nchw[1], 1, 1), (1, nchw[1], 1, 1)):
-                return relax.const(np.ascontiguousarray(v.reshape(inner_shape[1], inner_shape[2], 1)))
+                return lambda: relax.const(np.ascontiguousarray(v.reshape(inner_shape[1], inner_shape[2], 1)))
             return None
         if static_shape(arg) == nchw:
-            return rewriter.emit(relax.op.reshape(arg, inner_shape))
+            return lambda: rewriter.emit(relax.op.reshape(arg, inner_shape))
         return None
 
     def elementwise_rule(call, rewriter):
-        name = str(call.op.name)
-        tracked = [inner_of.get(rewriter.bound(a)) for a in call.args[:2 if name in _BINARY else 1]]
-        found = next((t for t in tracked if t is not None), None)
-        if found is None or name not in _UNARY | _BINARY:
+        unary = str(call.op.name) in _UNARY
+        found = next((t for t in (tracked(rewriter, a) for a in call.args[:1 if unary else 2]) if t is not None), None)
+        if found is None:
             return None
         y, nchw = found
         inner_shape = tuple(int(d) for d in y.ty.shape)
-        if name in _UNARY:
+        if unary:
             return as_nchw(rewriter, rewriter.emit(relax.Call(call.op, [y], call.attrs)), nchw)
         operands = [operand_inside(rewriter, a, inner_shape, nchw) for a in call.args]
         if any(o is None for o in operands):
             return None
-        result = rewriter.emit(relax.Call(call.op, operands, call.attrs))
-        if static_shape(result) != inner_shape:
-            return None
-        return as_nchw(rewriter, result, nchw)
+        return as_nchw(rewriter, rewriter.emit(relax.Call(call.op, [o() for o in operands], call.attrs)), nchw)
 
     def rule(call, rewriter):
         if getattr(call.op, "name", "") == "relax.nn.conv2d":
