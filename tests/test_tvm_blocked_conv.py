@@ -4,6 +4,8 @@ epilogues; the tile policy; the weight packing."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,7 @@ from sculpt.runtime import make_session  # noqa: E402
 from sculpt.backends.tvm import import_to_relax, run_relax  # noqa: E402
 from sculpt.backends.tvm.kernels import compile_with_kernels, host_target, traits_of  # noqa: E402
 from sculpt.backends.tvm.kernels import onnx_cases as cases  # noqa: E402
+from sculpt.backends.tvm.kernels import tiling  # noqa: E402
 from sculpt.backends.tvm.kernels.blocked_conv import (ConvShape, ConvTile, pack_weight,  # noqa: E402
                                                       tile_from_block_name)
 from sculpt.backends.tvm.kernels.target_traits import TargetTraits  # noqa: E402
@@ -130,6 +133,11 @@ def test_policy_tiles_within_the_register_budget_and_keeps_the_width_kernel_wher
     # 1.6 MB of input keep the channel blocks outermost
     assert conv_tile(ConvShape(1, 256, 14, 14, 256, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0)), AVX2).rows_outer == 0
     assert conv_tile(ConvShape(1, 512, 28, 28, 512, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2).rows_outer == 0
+    # PP-OCRv6 rec's 384->192 1x1 at 6x80 (737 KB of input, 1 MB of L2 in the traits): rows outer on
+    # AVX-512 at half rate (Zen 4), channel blocks outer on a core with two 512-bit units
+    rec = ConvShape(1, 384, 6, 80, 192, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0))
+    assert tiling._rows_outer(rec, 192, AVX512)
+    assert not tiling._rows_outer(rec, 192, replace(AVX512, wide_at_full_rate=True))
     # 13 wide: the least padding of the width wins
     narrow = conv_tile(ConvShape(1, 256, 13, 13, 256, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), AVX2)
     assert narrow.padded_width(13) - 13 <= 3
