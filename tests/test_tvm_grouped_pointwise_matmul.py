@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tvm
 from onnx import TensorProto, helper, numpy_helper
 
-from sculpt.backends.tvm.kernels import host_target
 from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
 from sculpt.backends.tvm.kernels.grouped_pointwise_matmul import rewrite_grouped_pointwise_matmuls
-from sculpt.backends.tvm.kernels.pipeline import compile_with_kernels
 from sculpt.backends.tvm.kernels.target_traits import TargetTraits
 from sculpt.backends.tvm.kernels.tiling import grouped_pointwise_as_matmul
-from sculpt.backends.tvm.relax_import import import_to_relax, run_relax
+from sculpt.backends.tvm.relax_import import import_to_relax
 from sculpt.ir.model import Model
-from sculpt.runtime import make_session
+from tvm_checks import host_build_and_reference
 
 
 def _shufflenet_unit(channels: int, groups: int, size: int, seed: int = 0):
@@ -52,12 +49,7 @@ def _shufflenet_unit(channels: int, groups: int, size: int, seed: int = 0):
 
 
 def _compile_and_compare(model, shape):
-    decisions = []
-    exe = compile_with_kernels(import_to_relax(model), tvm.target.Target(host_target("llvm")), decisions=decisions)
-    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    got = run_relax(exe, {"x": x}, ["x"])[0]
-    ref = make_session(model).run(None, {"x": x})[0]
-    assert got.shape == ref.shape
+    got, ref, decisions = host_build_and_reference(model, shape)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(np.abs(ref).max()))
     return decisions
 

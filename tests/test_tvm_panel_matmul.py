@@ -17,6 +17,7 @@ from sculpt.backends.tvm.kernels.target_traits import traits_of
 from sculpt.backends.tvm.relax_import import import_to_relax, run_relax
 from sculpt.ir.model import Model
 from sculpt.runtime import make_session
+from tvm_checks import host_build_and_reference
 
 
 def _matmul_add_model(x_shape, k: int, n: int, seed: int = 0):
@@ -35,12 +36,7 @@ def _matmul_add_model(x_shape, k: int, n: int, seed: int = 0):
 
 
 def _compile_and_compare(model, x_shape, kinds=("matmul",)):
-    decisions = []
-    exe = compile_with_kernels(import_to_relax(model), tvm.target.Target(host_target("llvm")), decisions=decisions)
-    x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
-    got = run_relax(exe, {"x": x}, ["x"])[0]
-    ref = make_session(model).run(None, {"x": x})[0]
-    assert got.shape == ref.shape
+    got, ref, decisions = host_build_and_reference(model, x_shape)
     assert float(np.abs(got - ref).max()) <= 2e-6 * float(np.abs(ref).max())
     return [d for d in decisions if d.kind in kinds]
 
