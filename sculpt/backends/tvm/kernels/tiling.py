@@ -164,8 +164,9 @@ def ranked_tiles(vector_extent: int, broadcast_extent: int, row_extent: int, tra
 
 # computing up to this many times the output channels (zero weights, sliced off) beats the
 # width-vectorized kernel on rows of whole vectors: ShuffleNet's 34- and 68-channel groups compute 40
-# and 72. On other widths up to twice: PP-OCRv6 det's 24->12 2x2 at 368x368 (367 wide) ran at 2.1x
-# onnxruntime's time with the width kernel, 0.95x with 16 channels computed.
+# and 72 (grouped 1x1 convs over planes of whole vectors run as matmuls instead since session 20:
+# grouped_pointwise_as_matmul). On other widths up to twice: PP-OCRv6 det's 24->12 2x2 at 368x368 (367
+# wide) ran at 2.1x onnxruntime's time with the width kernel, 0.95x with 16 channels computed.
 MAX_CHANNEL_PADDING = 1.25
 
 
