@@ -18,11 +18,13 @@ with sculpt's kernels, compile times and the largest output error against onnxru
     python tools/kernel_benchmark.py --models zoo --end-to-end --skip-default --threads 1
     python tools/kernel_benchmark.py --models rec --end-to-end --skip-default --threads 2 --load 2  # busy cores
     python tools/kernel_benchmark.py --models zoo --end-to-end --threads 2 --compare-load 2  # idle vs busy
+    python tools/kernel_benchmark.py --models rec --end-to-end --threads 2 --compare-load 2 --compare-pools
 
 TVM's default build is the bare ``llvm`` target (what ``build(..., kernels="default")`` does); sculpt's
 build is the same target completed with the host CPU. Both TVM and onnxruntime use all cores
 (TVM_NUM_THREADS / intra-op threads unset) unless --threads is given; TVM's pool runs under the
-thread policy given (default shared: not pinned, not spinning)."""
+thread policy given (default shared: not pinned, not spinning; stealing: sculpt's pool, the build
+loaded through a file)."""
 
 from __future__ import annotations
 
@@ -150,11 +152,16 @@ def _median_ms(fn, runs: int, warmup: int = 2, budget_s: float = 20.0) -> float:
     return statistics.median(times)
 
 
-def _tvm_runner(executable, feeds: dict, order: list[str]):
+_policy = "shared"  # the TVM thread policy (--thread-policy), set by main
+
+
+def _tvm_runner(executable, feeds: dict, order: list[str], policy: str | None = None):
     import tvm
     from tvm import relax
 
-    vm = relax.VirtualMachine(executable, tvm.cpu())
+    from sculpt.backends.tvm.work_pool import vm_module
+
+    vm = relax.VirtualMachine(vm_module(executable, policy or _policy), tvm.cpu())
     args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), tvm.cpu()) for n in order]
 
     def run():
@@ -251,38 +258,50 @@ def _max_rel_error(got, ref) -> float:
 
 def bench_under_load(args) -> int:
     """Each model idle and with ``args.compare_load`` spinning processes, in alternating rounds of one
-    process: onnxruntime's and sculpt's slowdowns under the same load, from the same builds."""
+    process: onnxruntime's and sculpt's slowdowns under the same load, from the same builds. With
+    ``--compare-pools`` the build also runs on sculpt's own pool (policy stealing) in the same rounds."""
     from sculpt.backends.tvm import build, import_to_relax
     from sculpt.backends.tvm.bench import RUNTIME_SETTLE_S
 
-    print(f"{'model':18} {'ort idle':>9} {'ort busy':>9} {'ort x':>6} {'tvm idle':>9} {'tvm busy':>9} {'tvm x':>6} "
-          f"{'tvm/ort idle':>12} {'tvm/ort busy':>12} {'max rel err':>11}   "
-          f"({args.threads or 'all'} thread(s), {args.compare_load} busy processes when busy, {args.thread_policy} pool)")
-    slowdowns = []
+    policies = [args.thread_policy]
+    if args.compare_pools and args.thread_policy != "stealing":
+        policies.append("stealing")
+    head = f"{'model':18} {'ort idle':>9} {'ort busy':>9} {'ort x':>6}"
+    for policy in policies:
+        head += f" | {policy + ' idle':>14} {'busy':>8} {'x':>5} {'/ort idle':>9} {'/ort busy':>9}"
+    print(f"{head} {'max rel err':>11}   ({args.threads or 'all'} thread(s), {args.compare_load} busy processes "
+          "when busy; TVM builds with sculpt's kernels on each thread policy)")
+    slowdowns = {policy: [] for policy in policies}
     for kind in args.models:
         model, feeds, sess, ref = _reference(kind, args)
-        sculpt_run = _tvm_runner(build(import_to_relax(model), "llvm", kernels="sculpt"), feeds, model.input_names)
-        err = _max_rel_error(_outputs(sculpt_run()), ref)
-        times = {key: [] for key in ("ort idle", "ort busy", "tvm idle", "tvm busy")}
+        executable = build(import_to_relax(model), "llvm", kernels="sculpt")
+        runs = {policy: _tvm_runner(executable, feeds, model.input_names, policy) for policy in policies}
+        err = max(_max_rel_error(_outputs(run()), ref) for run in runs.values())
+        times = {f"{who} {state}": [] for who in ["ort", *policies] for state in ("idle", "busy")}
         for _ in range(args.rounds):
             for state in ("idle", "busy"):
                 with busy_processes(args.compare_load if state == "busy" else 0):
                     time.sleep(LOAD_RAMP_S if state == "busy" else RUNTIME_SETTLE_S)
                     times[f"ort {state}"].append(_median_ms(lambda: sess.run(None, feeds), args.runs, budget_s=10))
-                    time.sleep(RUNTIME_SETTLE_S)  # onnxruntime's threads still spin after its runs
-                    times[f"tvm {state}"].append(_median_ms(sculpt_run, args.runs, budget_s=10))
-        err = max(err, _max_rel_error(_outputs(sculpt_run()), ref))
+                    for policy, run in runs.items():
+                        time.sleep(RUNTIME_SETTLE_S)  # the last runtime's threads may still spin
+                        times[f"{policy} {state}"].append(_median_ms(run, args.runs, budget_s=10))
+        err = max([err] + [_max_rel_error(_outputs(run()), ref) for run in runs.values()])
         m = {key: statistics.median(v) for key, v in times.items()}
-        ort_x, tvm_x = m["ort busy"] / m["ort idle"], m["tvm busy"] / m["tvm idle"]
-        slowdowns.append((kind, ort_x, tvm_x))
-        print(f"{kind:18} {m['ort idle']:9.2f} {m['ort busy']:9.2f} {ort_x:6.2f} {m['tvm idle']:9.2f} "
-              f"{m['tvm busy']:9.2f} {tvm_x:6.2f} {m['tvm idle'] / m['ort idle']:12.2f} "
-              f"{m['tvm busy'] / m['ort busy']:12.2f} {err:11.2e}", flush=True)
-    if slowdowns:
-        worse = [k for k, o, t in slowdowns if t > o]
-        geo = float(np.exp(np.mean([np.log(t / o) for _, o, t in slowdowns])))
-        print(f"\n{len(slowdowns)} models: sculpt's slowdown / onnxruntime's, geometric mean {geo:.2f}; "
-              f"sculpt degraded more than onnxruntime on {len(worse)}" + (f" ({', '.join(worse)})" if worse else ""))
+        ort_x = m["ort busy"] / m["ort idle"]
+        line = f"{kind:18} {m['ort idle']:9.2f} {m['ort busy']:9.2f} {ort_x:6.2f}"
+        for policy in policies:
+            idle, busy = m[f"{policy} idle"], m[f"{policy} busy"]
+            slowdowns[policy].append((kind, ort_x, busy / idle))
+            line += (f" | {idle:14.2f} {busy:8.2f} {busy / idle:5.2f} {idle / m['ort idle']:9.2f} "
+                     f"{busy / m['ort busy']:9.2f}")
+        print(f"{line} {err:11.2e}", flush=True)
+    for policy, rows in slowdowns.items():
+        if rows:
+            worse = [k for k, o, t in rows if t > o]
+            geo = float(np.exp(np.mean([np.log(t / o) for _, o, t in rows])))
+            print(f"\n{len(rows)} models, {policy} pool: sculpt's slowdown / onnxruntime's, geometric mean {geo:.2f}; "
+                  f"sculpt degraded more than onnxruntime on {len(worse)}" + (f" ({', '.join(worse)})" if worse else ""))
     return 0
 
 
@@ -428,8 +447,11 @@ def main(argv=None) -> int:
     p.add_argument("--compare-load", type=int, default=0, metavar="N",
                    help="end to end: measure every model idle and with N spinning processes, in alternating "
                         "rounds of this one process, and print both runtimes' slowdowns")
-    p.add_argument("--thread-policy", choices=["shared", "dedicated"], default="shared",
-                   help="TVM's thread pool (sculpt.backends.tvm.thread_policy; default shared)")
+    p.add_argument("--thread-policy", choices=["shared", "stealing", "dedicated"], default="shared",
+                   help="the TVM build's thread pool (sculpt.backends.tvm.thread_policy; default shared)")
+    p.add_argument("--compare-pools", action="store_true",
+                   help="with --compare-load: also run each build on sculpt's pool (policy stealing) in the same "
+                        "rounds")
     args = p.parse_args(argv)
     known = zoo_names()
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -444,14 +466,17 @@ def main(argv=None) -> int:
         print("kernel_benchmark: error: --clock cpu needs --threads 1 (other threads' CPU time is not the "
               "caller's)", file=sys.stderr)
         return 2
-    global _clock
-    _clock = CLOCK[args.clock]
+    global _clock, _policy
+    _clock, _policy = CLOCK[args.clock], args.thread_policy
     from sculpt.backends.tvm import thread_policy
     from sculpt.backends.tvm.kernels import lane_policy
 
     # the policy's threshold moved to always (0) or never (above 1) widen
     lane_policy.WIDE_SHARE = {"auto": lane_policy.WIDE_SHARE, "default": 2.0, "wide": 0.0}[args.conv_lanes]
     thread_policy.apply(args.thread_policy, args.threads)  # before TVM's pool starts
+    if args.compare_pools and not args.compare_load:
+        print("kernel_benchmark: error: --compare-pools needs --compare-load", file=sys.stderr)
+        return 2
     if args.compare_load:
         if args.load or not args.end_to_end:
             print("kernel_benchmark: error: --compare-load needs --end-to-end and no --load", file=sys.stderr)

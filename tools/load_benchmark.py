@@ -8,9 +8,11 @@ the same load:
 
     python tools/load_benchmark.py --models zoo --threads 2 --policies shared
     python tools/load_benchmark.py --models rec,det,squeezenet --policies shared,dedicated --runs 10
+    python tools/load_benchmark.py --models zoo --policies shared --compare-pools  # + sculpt's pool, same rounds
 
 Columns: idle and busy medians (ms) of onnxruntime and TVM (sculpt kernels), each one's slowdown
-(busy / idle), and TVM / onnxruntime idle and busy. The issue's bar: TVM's slowdown no larger than
+(busy / idle), and TVM / onnxruntime idle and busy. ``--compare-pools`` also runs each build on
+sculpt's own pool (policy stealing) in the same process and rounds as the policy's. The issue's bar: TVM's slowdown no larger than
 onnxruntime's."""
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ def main(argv=None) -> int:
     p.add_argument("--load", type=int, default=os.cpu_count() or 1, help="busy processes when loaded")
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compare-pools", action="store_true",
+                   help="also run each build on sculpt's pool (policy stealing) in the same rounds")
     args = p.parse_args(argv)
     status = 0
     for policy in [q.strip() for q in args.policies.split(",") if q.strip()]:
         cmd = [sys.executable, str(BENCH), "--models", args.models, "--end-to-end", "--threads", str(args.threads),
                "--thread-policy", policy, "--compare-load", str(args.load), "--runs", str(args.runs),
-               "--rounds", str(args.rounds)]
+               "--rounds", str(args.rounds)] + (["--compare-pools"] if args.compare_pools else [])
         status = max(status, subprocess.run(cmd).returncode)
     return status
 

@@ -187,7 +187,9 @@ def load_timer(compiled, feeds: Mapping[str, np.ndarray], *, device=None, sessio
         timer = remote_timer(compiled.executable, compiled.target, device, ordered, runs=runs, warmup=warmup,
                              session=session)
         return lambda: timer().median_ms
-    run = _runner(compiled, compiled.target, None, ordered, runs, warmup, threads, "")
+    from sculpt.backends.tvm.thread_policy import DEFAULT_POLICY
+
+    run = _runner(compiled, compiled.target, None, ordered, runs, warmup, threads, DEFAULT_POLICY)
     return lambda: run()[0]
 
 
@@ -217,9 +219,10 @@ def _runner(compiled, target: NamedTarget, device, ordered, runs: int, warmup: i
     from tvm import relax
 
     from sculpt.backends.tvm.rpc import time_vm
+    from sculpt.backends.tvm.work_pool import vm_module
 
     dev = tvm.cpu()
-    vm = relax.VirtualMachine(compiled.executable, dev)
+    vm = relax.VirtualMachine(vm_module(compiled.executable, policy), dev)
     args = [tvm.runtime.tensor(a, dev) for a in ordered]
 
     def local():

@@ -5,11 +5,15 @@ TVM's runtime pool (libtvm_runtime) pins one worker per core and, after each par
 apps always run, a pinned spinning worker competes with them for the same core and the model's
 latency collapses (PP-OCRv4 rec, 2 threads, both cores busy with other processes: 5 -> 118 ms).
 
-Two policies:
+Three policies:
 
 - ``shared`` (the default): workers not pinned (``TVM_BIND_THREADS=0``) and no spinning
   (``TVM_THREAD_POOL_SPIN_COUNT=0``): a worker that has nothing to do sleeps at once, and the OS
   places it on whichever core is free.
+- ``stealing``: the library's parallel loops run on sculpt's own pool (``work_pool``,
+  ``runner/work_pool.cc``): each loop in several chunks per thread, a thread runs its own chunks and
+  then those of a late thread that it has not started, so a descheduled thread no longer stalls
+  every loop (``SCULPT_THREAD_POOL=stealing``; TVM's pool, unused then, as in ``shared``).
 - ``dedicated``: TVM's own behaviour (pinned, spinning) for a device that runs nothing else.
 
 The pool reads these variables once, when it starts (at the first parallel call of the process), so
@@ -28,6 +32,7 @@ from sculpt.errors import OptionError
 POLICIES: dict[str, dict[str, str]] = {
     "shared": {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0"},
     "dedicated": {"TVM_BIND_THREADS": "1", "TVM_THREAD_POOL_SPIN_COUNT": "300000"},
+    "stealing": {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0", "SCULPT_THREAD_POOL": "stealing"},
 }
 DEFAULT_POLICY = "shared"
 
@@ -36,6 +41,11 @@ def check_policy(policy: str) -> str:
     if policy not in POLICIES:
         raise OptionError(f"unknown thread policy '{policy}' (choose from {', '.join(POLICIES)})")
     return policy
+
+
+def uses_work_pool(policy: str) -> bool:
+    """Whether ``policy`` runs a library's parallel loops on sculpt's pool (installed after loading)."""
+    return POLICIES[check_policy(policy)].get("SCULPT_THREAD_POOL") == "stealing"
 
 
 def default_threads() -> int:

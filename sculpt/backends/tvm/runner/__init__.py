@@ -22,6 +22,7 @@ from sculpt.backends.tvm.runtime_libs import (ToolchainError, RuntimeLibraries, 
 from sculpt.common import one_line
 
 SOURCE = Path(__file__).with_name("deploy_runner.cc")
+POOL_SOURCE = Path(__file__).with_name("work_pool.cc")  # sculpt's thread pool, linked in
 _COMPILERS = {"aarch64": ("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")}
 
 
@@ -46,8 +47,7 @@ def runner_path(arch: str | None = None, progress: Callable[[str], None] | None 
     arch = arch or platform.machine()
     runtime = runtime_for(arch, progress)
     cxx = _compiler(arch)
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cxx.encode(), *(str(d).encode() for d in runtime.lib_dirs),
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), POOL_SOURCE.read_bytes(), cxx.encode(), *(str(d).encode() for d in runtime.lib_dirs),
                                      str(runtime.include_dir).encode(), " ".join(runtime.versions).encode()]))
     out_dir = cache_dir() / "runner"
     binary = out_dir / f"sculpt_deploy_runner-{arch}-{key.hexdigest()[:16]}"
@@ -60,8 +60,9 @@ def runner_path(arch: str | None = None, progress: Callable[[str], None] | None 
     os.close(fd)
     lib_flags = [f"-L{d}" for d in runtime.lib_dirs]
     rpath = ":".join(str(d) for d in runtime.lib_dirs)
-    command = [cxx, "-std=c++17", "-O2", str(SOURCE), f"-I{runtime.include_dir}", "-o", tmp, *lib_flags,
-               "-Wl,--no-as-needed", "-ltvm_ffi", "-ltvm_runtime", f"-Wl,-rpath,{rpath}"]
+    command = [cxx, "-std=c++17", "-O2", str(SOURCE), str(POOL_SOURCE), f"-I{runtime.include_dir}", "-o", tmp,
+               *lib_flags, "-Wl,--no-as-needed", "-ltvm_ffi", "-ltvm_runtime", "-lpthread", "-ldl",
+               f"-Wl,-rpath,{rpath}"]
     try:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -80,6 +81,7 @@ class RunnerResult:
     output_files: list[Path]
     median_ms: float
     times_ms: list[float]
+    thread_pool: str = "tvm"  # whose pool ran the parallel loops: "sculpt" (policy stealing) or "tvm"
 
 
 class DeployRunFailed(ToolchainError):
@@ -111,4 +113,4 @@ def run_runner(library: Path, arch: str, input_files: Sequence[Path], output_dir
     except (ValueError, IndexError):
         raise DeployRunFailed(f"{library}: the deploy runner printed no result ({done.stdout[-200:]!r})") from None
     return RunnerResult([Path(p) for p in report["outputs"]], float(report["median_ms"]),
-                        [float(t) for t in report["times_ms"]])
+                        [float(t) for t in report["times_ms"]], str(report.get("thread_pool", "tvm")))

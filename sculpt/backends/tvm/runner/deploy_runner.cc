@@ -4,9 +4,11 @@
 // (sculpt.backends.tvm.runner); it needs only the TVM runtime (libtvm_runtime, libtvm_ffi).
 //
 //   sculpt_deploy_runner ARTIFACT.so [--input FILE.npy]... [--output-dir DIR] [--runs N] [--warmup N]
+//                        [--thread-policy shared|dedicated|stealing]
 //
 // Inputs are passed to `main` in the order given. On success the last line of stdout is one JSON
 // object: {"outputs": [...paths...], "median_ms": ..., "runs": N, "times_ms": [...]}.
+// "thread_pool" says whose pool ran its parallel loops ("sculpt" or "tvm").
 // On failure one line "deploy_runner: error: ..." goes to stderr and the exit status is nonzero.
 
 #include <tvm/ffi/any.h>
@@ -14,6 +16,8 @@
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <chrono>
@@ -29,6 +33,8 @@
 #include <vector>
 
 namespace ffi = tvm::ffi;
+
+extern "C" void sculpt_pool_install(void** slot);  // work_pool.cc
 
 namespace {
 
@@ -184,7 +190,7 @@ struct Options {
   std::string output_dir;
   int runs = 1;
   int warmup = 0;
-  std::string thread_policy;  // "", "shared" or "dedicated"
+  std::string thread_policy;  // "", "shared", "dedicated" or "stealing"
 };
 
 int ParseCount(const std::string& flag, const char* value, int minimum) {
@@ -214,8 +220,8 @@ Options ParseArgs(int argc, char** argv) {
       o.warmup = ParseCount(a, next(), 0);
     } else if (a == "--thread-policy") {
       o.thread_policy = next();
-      if (o.thread_policy != "shared" && o.thread_policy != "dedicated") {
-        throw std::runtime_error("--thread-policy must be shared or dedicated, got " + o.thread_policy);
+      if (o.thread_policy != "shared" && o.thread_policy != "dedicated" && o.thread_policy != "stealing") {
+        throw std::runtime_error("--thread-policy must be shared, dedicated or stealing, got " + o.thread_policy);
       }
     } else if (!a.empty() && a[0] == '-') {
       throw std::runtime_error("unknown option " + a);
@@ -228,7 +234,7 @@ Options ParseArgs(int argc, char** argv) {
   if (o.artifact.empty()) {
     throw std::runtime_error(
         "usage: sculpt_deploy_runner ARTIFACT.so [--input FILE.npy]... [--output-dir DIR] [--runs N] [--warmup N] "
-        "[--thread-policy shared|dedicated]");
+        "[--thread-policy shared|dedicated|stealing]");
   }
   return o;
 }
@@ -242,21 +248,42 @@ std::string JsonString(const std::string& s) {
   return out + "\"";
 }
 
-// TVM's CPU thread pool reads these once, at its first parallel call. "shared" (the default; the
-// variables the caller set win): workers not pinned to cores and not spinning, so that a core busy with
-// another process does not stall the model. "dedicated": TVM's own pinned, spinning pool.
-void ApplyThreadPolicy(const std::string& policy, bool explicit_choice) {
-  const bool shared = policy == "shared";
-  setenv("TVM_BIND_THREADS", shared ? "0" : "1", explicit_choice ? 1 : 0);
-  setenv("TVM_THREAD_POOL_SPIN_COUNT", shared ? "0" : "300000", explicit_choice ? 1 : 0);
+// TVM's CPU thread pool reads these once, at its first parallel call. "shared": workers not pinned to
+// cores and not spinning, so that a core busy with another process does not stall the model.
+// "dedicated": TVM's own pinned, spinning pool. "stealing": the artifact's parallel loops run on
+// sculpt's pool (work_pool.cc), TVM's pool (unused then) as in "shared". Without --thread-policy the
+// policy is SCULPT_THREAD_POOL=stealing if set, else "shared", and variables the caller set win.
+std::string ApplyThreadPolicy(const Options& o) {
+  const char* pool = getenv("SCULPT_THREAD_POOL");
+  std::string policy = !o.thread_policy.empty()                          ? o.thread_policy
+                       : pool != nullptr && std::string(pool) == "stealing" ? "stealing"
+                                                                          : "shared";
+  const bool dedicated = policy == "dedicated";
+  const int overwrite = o.thread_policy.empty() ? 0 : 1;
+  setenv("TVM_BIND_THREADS", dedicated ? "1" : "0", overwrite);
+  setenv("TVM_THREAD_POOL_SPIN_COUNT", dedicated ? "300000" : "0", overwrite);
+  return policy;
+}
+
+// Points the loaded artifact's parallel loops (its __TVMBackendParallelLaunch slot, which the runtime
+// filled when it loaded the library) at sculpt's pool.
+// False when the artifact has no parallel loops.
+bool InstallWorkPool(const std::string& artifact) {
+  void* handle = dlopen(artifact.c_str(), RTLD_LAZY | RTLD_NOLOAD);
+  if (handle == nullptr) throw std::runtime_error(artifact + ": not loaded, cannot install the thread pool");
+  void* slot = dlsym(handle, "__TVMBackendParallelLaunch");
+  if (slot != nullptr) sculpt_pool_install(static_cast<void**>(slot));
+  dlclose(handle);  // the runtime's own reference keeps it loaded
+  return slot != nullptr;
 }
 
 int Run(const Options& o) {
-  ApplyThreadPolicy(o.thread_policy.empty() ? "shared" : o.thread_policy, !o.thread_policy.empty());
+  const std::string policy = ApplyThreadPolicy(o);
   std::vector<ffi::Tensor> inputs;
   for (const auto& path : o.inputs) inputs.push_back(ReadNpy(path));
 
   ffi::Module lib = ffi::Module::LoadFromFile(o.artifact);
+  const bool on_work_pool = policy == "stealing" && InstallWorkPool(o.artifact);
   ffi::Module vm = Require(lib, "vm_load_executable")().cast<ffi::Module>();
   // one CPU device (DLPack type 1, id 0) with the pooled allocator (2), as relax.VirtualMachine does
   Require(vm, "vm_initialization")(static_cast<int>(kDLCPU), 0, 2);
@@ -292,7 +319,7 @@ int Run(const Options& o) {
   json.precision(6);
   json << std::fixed << "{\"outputs\": [";
   for (size_t i = 0; i < written.size(); ++i) json << (i ? ", " : "") << JsonString(written[i]);
-  json << "], \"num_outputs\": " << outputs.size() << ", \"median_ms\": " << median << ", \"runs\": " << n
+  json << "], \"thread_pool\": " << (on_work_pool ? "\"sculpt\"" : "\"tvm\"") << ", \"num_outputs\": " << outputs.size() << ", \"median_ms\": " << median << ", \"runs\": " << n
        << ", \"times_ms\": [";
   for (size_t i = 0; i < times.size(); ++i) json << (i ? ", " : "") << times[i];
   json << "]}";

@@ -1,0 +1,246 @@
+// sculpt's CPU thread pool for TVM-generated code: each thread runs its own share of a parallel loop
+// first, then the parts of the other threads' shares that they have not started.
+//
+// TVM's generated code runs a parallel loop by calling the function that the library's
+// `__TVMBackendParallelLaunch` pointer holds (the runtime fills it when it loads the library) with
+// a lambda that runs chunk `task_id` of `num_task` equal chunks of the loop. TVM's own pool gives
+// each thread one chunk, so every loop waits for its slowest thread: on a device whose cores also
+// run other processes, a descheduled thread stalls every loop. This pool splits each loop into
+// `threads * tasks_per_thread` chunks; chunk i belongs to thread i % threads (a thread meets the same
+// rows and channel blocks from one loop to the next, as with a static split, so they stay in its
+// cache); a thread runs its own chunks in order, then claims the unstarted chunks of the others. A
+// thread that wakes late finds its share done and sleeps again.
+//
+// sculpt_pool_install(slot) points a loaded library's `__TVMBackendParallelLaunch` at the pool
+// (after the runtime has filled it). Settings, read once when the pool starts (its first launch):
+//   SCULPT_POOL_THREADS           threads (else TVM_NUM_THREADS, else the cores this process may use)
+//   SCULPT_POOL_TASKS_PER_THREAD  chunks per thread and loop (default 4)
+//   SCULPT_POOL_SPIN              polls of a waiting thread before it sleeps (default 200)
+//
+// Linux only (futex): the host, aarch64 Linux and Android. Built into the deploy runner and, for
+// the Python API, into a small shared library (sculpt.backends.tvm.work_pool).
+
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+
+namespace {
+
+constexpr int kMaxThreads = 64;
+
+struct ParallelGroupEnv {  // TVMParallelGroupEnv
+  void* sync_handle;
+  int32_t num_task;
+};
+
+using ParallelLambda = int (*)(int task_id, ParallelGroupEnv* penv, void* cdata);
+
+// One counter per owner: the job's generation in the high 32 bits, then the end (16 bits) and the
+// start (16 bits) of the owner's unclaimed chunks. A claim is a compare-and-swap of the whole word,
+// so a thread that wakes after its job ended never claims a chunk of the next one.
+struct alignas(64) OwnerCounter {
+  std::atomic<uint64_t> next{0};
+};
+
+struct Pool {
+  int threads = 1, tasks_per_thread = 4, spin = 200, caller_yields = 0, steal_back = 1;
+  pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_mutex_t launch_lock = PTHREAD_MUTEX_INITIALIZER;  // one job at a time
+  alignas(64) std::atomic<uint32_t> generation{0};
+  std::atomic<int> sleepers{0};
+  // the job: written by the caller while no chunk of any job can be claimed
+  ParallelLambda lambda = nullptr;
+  void* cdata = nullptr;
+  int num_task = 0;
+  ParallelGroupEnv env{nullptr, 0};
+  alignas(64) std::atomic<uint32_t> done{0};  // chunks finished
+  std::atomic<int> caller_sleeps{0};
+  std::atomic<int> failed{0};
+  OwnerCounter owners[kMaxThreads];
+};
+
+Pool pool;
+thread_local bool in_task = false;
+
+static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex words are 32 bits");
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+long Futex(std::atomic<uint32_t>* word, int op, uint32_t value) {
+  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, value, nullptr, nullptr, 0);
+}
+
+int EnvInt(const char* name, int fallback, int lo, int hi) {
+  const char* s = getenv(name);
+  if (s == nullptr || *s == '\0') return fallback;
+  char* end = nullptr;
+  long v = strtol(s, &end, 10);
+  if (*end != '\0' || v < lo || v > hi) return fallback;
+  return static_cast<int>(v);
+}
+
+int OwnedChunks(int owner, int num_task) {  // chunks owner, owner + threads, ... below num_task
+  return owner < num_task ? (num_task - owner + pool.threads - 1) / pool.threads : 0;
+}
+
+uint64_t CounterWord(uint32_t gen, int front, int back) {
+  return (static_cast<uint64_t>(gen) << 32) | (static_cast<uint64_t>(back) << 16) | static_cast<uint64_t>(front);
+}
+
+// Claims and runs chunks of `owner` in job `gen` until none is left: the owner from the front of its
+// share, other threads from the back (the owner keeps the order it would have run them in).
+void RunShare(int owner, uint32_t gen, bool thief) {
+  std::atomic<uint64_t>& counter = pool.owners[owner].next;
+  for (;;) {
+    uint64_t c = counter.load(std::memory_order_acquire);
+    if (static_cast<uint32_t>(c >> 32) != gen) return;
+    int front = static_cast<int>(c & 0xffff), back = static_cast<int>((c >> 16) & 0xffff);
+    if (front >= back) return;
+    int k = thief && pool.steal_back ? back - 1 : front;
+    uint64_t claimed = k == front ? CounterWord(gen, front + 1, back) : CounterWord(gen, front, back - 1);
+    if (!counter.compare_exchange_weak(c, claimed, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+    // a chunk of this job is claimed and unfinished: the job's fields cannot change until it is done
+    int num_task = pool.num_task;
+    in_task = true;
+    if (pool.lambda(owner + k * pool.threads, &pool.env, pool.cdata) != 0) pool.failed.store(1);
+    in_task = false;
+    if (static_cast<int>(pool.done.fetch_add(1) + 1) >= num_task && pool.caller_sleeps.load())
+      Futex(&pool.done, FUTEX_WAKE_PRIVATE, 1);
+  }
+}
+
+void RunJob(int self, uint32_t gen) {
+  RunShare(self, gen, false);
+  for (int i = 1; i < pool.threads; i++) RunShare((self + i) % pool.threads, gen, true);
+}
+
+void* WorkerMain(void* arg) {
+  int self = static_cast<int>(reinterpret_cast<intptr_t>(arg));
+  uint32_t seen = pool.generation.load();
+  for (;;) {
+    uint32_t gen;
+    int polls = 0;
+    while ((gen = pool.generation.load(std::memory_order_acquire)) == seen) {
+      if (polls++ < pool.spin) {
+        CpuRelax();
+        continue;
+      }
+      // sleepers is raised before the generation is read again and the caller reads it after
+      // publishing: either this thread sees the new job or the caller wakes it
+      pool.sleepers.fetch_add(1);
+      if (pool.generation.load() == seen) Futex(&pool.generation, FUTEX_WAIT_PRIVATE, seen);
+      pool.sleepers.fetch_sub(1);
+    }
+    seen = gen;
+    RunJob(self, gen);
+  }
+  return nullptr;
+}
+
+void StartPool() {
+  int cores = 1;
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) cores = CPU_COUNT(&set);
+  int threads = EnvInt("TVM_NUM_THREADS", cores, 1, kMaxThreads);
+  pool.threads = EnvInt("SCULPT_POOL_THREADS", threads, 1, kMaxThreads);
+  pool.tasks_per_thread = EnvInt("SCULPT_POOL_TASKS_PER_THREAD", 4, 1, 1024);
+  pool.spin = EnvInt("SCULPT_POOL_SPIN", 200, 0, INT_MAX);
+  pool.caller_yields = EnvInt("SCULPT_POOL_CALLER_YIELDS", 0, 0, 1);
+  pool.steal_back = EnvInt("SCULPT_POOL_STEAL_BACK", 1, 0, 1);
+  for (int i = 1; i < pool.threads; i++) {
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t thread;
+    int failed = pthread_create(&thread, &attr, WorkerMain, reinterpret_cast<void*>(static_cast<intptr_t>(i)));
+    pthread_attr_destroy(&attr);
+    if (failed) {
+      pool.threads = i;  // run with the workers that started
+      break;
+    }
+  }
+}
+
+// The loop in the calling thread: as one chunk, or as the `num_task` chunks asked for.
+int RunAlone(ParallelLambda lambda, void* cdata, int num_task) {
+  ParallelGroupEnv env{nullptr, num_task > 0 ? num_task : 1};
+  int failed = 0;
+  for (int task = 0; task < env.num_task; task++) failed |= lambda(task, &env, cdata) != 0;
+  return failed ? -1 : 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// TVMBackendParallelLaunch's contract: run lambda(task_id, env, cdata) for task_id in [0, env.num_task);
+// num_task 0 lets the pool choose. A launch from inside a chunk, or while another thread's job runs,
+// runs in the calling thread alone (as one chunk when the pool may choose).
+int sculpt_pool_launch(ParallelLambda lambda, void* cdata, int num_task) {
+  pthread_once(&pool.once, StartPool);
+  if (pool.threads <= 1 || in_task || pthread_mutex_trylock(&pool.launch_lock) != 0) return RunAlone(lambda, cdata, num_task);
+  int tasks = num_task > 0 ? num_task : pool.threads * pool.tasks_per_thread;
+  if (OwnedChunks(0, tasks) > 0xffff) {
+    pthread_mutex_unlock(&pool.launch_lock);
+    return RunAlone(lambda, cdata, num_task);
+  }
+  uint32_t gen = pool.generation.load() + 1;
+  // the counters move to the new generation first: from here on a thread still in the last job
+  // can claim nothing, so nobody reads the fields below while they change
+  for (int i = 0; i < pool.threads; i++) pool.owners[i].next.store(CounterWord(gen, 0, OwnedChunks(i, tasks)));
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  pool.lambda = lambda;
+  pool.cdata = cdata;
+  pool.num_task = tasks;
+  pool.env = ParallelGroupEnv{nullptr, tasks};
+  pool.done.store(0);
+  pool.failed.store(0);
+  pool.generation.store(gen);  // publishes the job
+  if (pool.sleepers.load() > 0) Futex(&pool.generation, FUTEX_WAKE_PRIVATE, INT_MAX);
+  RunJob(0, gen);
+  // every chunk is claimed: wait for the ones other threads still run, asleep after a short poll
+  // (a caller that spins would take the core from the thread it waits for)
+  for (int polls = 0;; polls++) {
+    uint32_t done = pool.done.load();
+    if (static_cast<int>(done) >= pool.num_task) break;
+    if (polls < pool.spin) {
+      CpuRelax();
+      continue;
+    }
+    if (pool.caller_yields) {
+      sched_yield();
+      continue;
+    }
+    pool.caller_sleeps.store(1);
+    if (pool.done.load() == done) Futex(&pool.done, FUTEX_WAIT_PRIVATE, done);
+    pool.caller_sleeps.store(0);
+  }
+  int failed = pool.failed.load();
+  pthread_mutex_unlock(&pool.launch_lock);
+  return failed ? -1 : 0;
+}
+
+// Points a loaded library's parallel-launch slot (`__TVMBackendParallelLaunch`) at this pool.
+void sculpt_pool_install(void** slot) { *slot = reinterpret_cast<void*>(&sculpt_pool_launch); }
+
+// The pool's thread count (starts the pool).
+int sculpt_pool_threads(void) {
+  pthread_once(&pool.once, StartPool);
+  return pool.threads;
+}
+
+}  // extern "C"

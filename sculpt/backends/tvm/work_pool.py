@@ -1,0 +1,102 @@
+"""sculpt's work-stealing CPU pool (runner/work_pool.cc) for TVM libraries loaded in this process.
+
+TVM's generated code calls the parallel-launch function that a loaded library holds in its
+``__TVMBackendParallelLaunch`` pointer. The deploy runner links the pool in and points that slot at
+it after loading an artifact; in Python the pool is a small shared library built once per source
+into the sculpt cache (with the same C++ compiler as the deploy runner), and :func:`load` loads an
+executable through a file (an in-memory build's code is JIT-compiled, and its slot is out of reach)
+and installs the pool in it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from sculpt.backends.tvm.runtime_libs import ToolchainError, cache_dir, require_tool
+from sculpt.common import one_line
+
+SOURCE = Path(__file__).with_name("runner") / "work_pool.cc"
+SLOT = "__TVMBackendParallelLaunch"
+
+_library: ctypes.CDLL | None = None
+
+
+def _build() -> Path:
+    cxx = require_tool("g++", "g++")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + b"\0" + cxx.encode()).hexdigest()[:16]
+    out_dir = cache_dir() / "work_pool"
+    path = out_dir / f"libsculpt_work_pool-{key}.so"
+    if path.is_file():
+        return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, "-std=c++17", "-O2", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lpthread"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ToolchainError(f"building sculpt's thread pool failed: {one_line(done.stderr, 600)}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def pool_library() -> ctypes.CDLL:
+    """The pool, built on first use and loaded once per process."""
+    global _library
+    if _library is None:
+        _library = ctypes.CDLL(str(_build()))
+        _library.sculpt_pool_threads.restype = ctypes.c_int
+        _library.sculpt_pool_install.argtypes = [ctypes.c_void_p]
+    return _library
+
+
+def install(library_path: str | os.PathLike) -> bool:
+    """Point the parallel loops of a library that the TVM runtime has already loaded at the pool.
+    False when the library has no parallel loops (no slot)."""
+    try:
+        loaded = ctypes.CDLL(os.fspath(library_path), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        raise ToolchainError(f"{library_path}: not loaded in this process (load it with the TVM runtime first)") from None
+    try:
+        slot = ctypes.c_void_p.in_dll(loaded, SLOT)
+    except ValueError:
+        return False
+    if not slot.value:
+        raise ToolchainError(f"{library_path}: the TVM runtime has not filled {SLOT} yet")
+    pool_library().sculpt_pool_install(ctypes.addressof(slot))
+    return True
+
+
+def threads() -> int:
+    """The pool's thread count (starts the pool: its settings are read then, see work_pool.cc)."""
+    return int(pool_library().sculpt_pool_threads())
+
+
+def load(executable):
+    """A TVM module of ``executable`` (a Relax executable from ``tvm.compile``) whose parallel loops
+    run on the pool: exported to a temporary library, loaded, the pool installed, the file removed."""
+    import tvm
+
+    with tempfile.TemporaryDirectory(prefix="sculpt-pool-") as folder:
+        path = os.path.join(folder, "model.so")
+        executable.export_library(path)
+        module = tvm.runtime.load_module(path)
+        install(path)
+    return module
+
+
+def vm_module(executable, policy: str):
+    """What ``relax.VirtualMachine`` should run for thread policy ``policy``: the executable itself (TVM's
+    pool), or, for a policy on sculpt's pool, the executable loaded through a file with the pool installed."""
+    from sculpt.backends.tvm.thread_policy import uses_work_pool
+
+    return load(executable) if uses_work_pool(policy) else executable

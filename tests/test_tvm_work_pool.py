@@ -1,0 +1,160 @@
+"""sculpt's work-stealing CPU pool (runner/work_pool.cc, sculpt.backends.tvm.work_pool): every chunk of
+every parallel loop runs exactly once, on however many threads; a model's loops run on it in Python
+and in the deploy runner and compute what onnxruntime does."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from sculpt.backends.tvm import thread_policy, work_pool
+
+# A parallel loop through the pool's C entry point, its chunks recorded by a Python callback (the
+# callback takes the GIL, so chunks run one at a time here; the claims still race between threads).
+_DRIVER = textwrap.dedent("""
+    import ctypes, random, sys
+    from sculpt.backends.tvm import work_pool
+    lib = work_pool.pool_library()
+
+    class Env(ctypes.Structure):
+        _fields_ = [("sync_handle", ctypes.c_void_p), ("num_task", ctypes.c_int32)]
+
+    Lambda = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(Env), ctypes.c_void_p)
+    launch = lib.sculpt_pool_launch
+    launch.argtypes = [Lambda, ctypes.c_void_p, ctypes.c_int]
+    threads = lib.sculpt_pool_threads()
+    ran = []
+    record = Lambda(lambda task, env, cdata: ran.append((task, env.contents.num_task)) or 0)
+    rng = random.Random(0)
+    for _ in range(int(sys.argv[1])):
+        ran.clear()
+        asked = rng.choice([0, 0, 1, 3, 7, 50])
+        assert launch(record, None, asked) == 0
+        total = ran[0][1]
+        assert all(n == total for _, n in ran), ran
+        assert sorted(t for t, _ in ran) == list(range(total)), (asked, ran)
+        assert total == (asked or (threads * 4 if threads > 1 else 1)), (asked, total, threads)
+
+    def nested(task, env, cdata):  # a launch from inside a chunk runs alone, as one chunk
+        inner = []
+        assert launch(Lambda(lambda t, e, c: inner.append((t, e.contents.num_task)) or 0), None, 0) == 0
+        return 0 if inner == [(0, 1)] else 1
+
+    keep = Lambda(nested)
+    assert launch(keep, None, 0) == 0
+    failing = Lambda(lambda task, env, cdata: 1 if task == env.contents.num_task - 1 else 0)
+    assert launch(failing, None, 0) == -1
+    print("threads", threads)
+""")
+
+
+@pytest.mark.parametrize("threads, spin", [(2, "200"), (4, "0"), (1, "200")])
+def test_every_chunk_of_every_loop_runs_once(threads, spin):
+    env = {**os.environ, "SCULPT_POOL_THREADS": str(threads), "SCULPT_POOL_SPIN": spin}
+    done = subprocess.run([sys.executable, "-c", _DRIVER, "400"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["threads", str(threads)]
+
+
+def test_the_policy_names_the_pool_and_others_keep_tvms():
+    assert thread_policy.runtime_env("stealing", 2) == {
+        "TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0", "SCULPT_THREAD_POOL": "stealing",
+        "TVM_NUM_THREADS": "2"}
+    assert thread_policy.uses_work_pool("stealing")
+    assert not thread_policy.uses_work_pool("shared") and not thread_policy.uses_work_pool("dedicated")
+    executable = object()
+    assert work_pool.vm_module(executable, "shared") is executable  # TVM's pool: nothing loaded
+
+
+INPUT = (1, 8, 96, 96)  # large enough that the kernels split their loops over threads
+
+
+def _conv_model():
+    from sculpt.backends.tvm.kernels import onnx_cases as cases
+
+    return cases.conv_model(cases.CONV_GRID[:4], INPUT)
+
+
+def _tensors(value) -> list[np.ndarray]:
+    return [value.numpy()] if hasattr(value, "numpy") else [t for v in value for t in _tensors(v)]
+
+
+def test_a_models_parallel_loops_run_on_the_pool_and_match_onnxruntime(tmp_path):
+    import onnxruntime as ort
+    import tvm
+    from tvm import relax
+
+    from sculpt.backends.tvm import build, import_to_relax
+    from sculpt.ir.model import Model
+
+    proto = _conv_model()
+    x = np.random.default_rng(0).random(INPUT).astype(np.float32)
+    references = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    executable = build(import_to_relax(Model(proto)), "llvm", kernels="sculpt")
+
+    path = tmp_path / "model.so"
+    executable.export_library(str(path))
+    module = tvm.runtime.load_module(str(path))
+    loaded = ctypes.CDLL(str(path), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    slot = ctypes.c_void_p.in_dll(loaded, work_pool.SLOT)
+    tvms = slot.value
+    assert work_pool.install(path)
+    pool_launch = ctypes.cast(work_pool.pool_library().sculpt_pool_launch, ctypes.c_void_p).value
+    assert slot.value == pool_launch != tvms  # the library's loops now launch on sculpt's pool
+
+    for runnable in (module, work_pool.vm_module(executable, "stealing")):
+        vm = relax.VirtualMachine(runnable, tvm.cpu())
+        for _ in range(3):
+            got = _tensors(vm["main"](tvm.runtime.tensor(x)))
+            assert len(got) == len(references) == 4
+            for g, r in zip(got, references):
+                np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_install_refuses_a_library_that_is_not_loaded(tmp_path):
+    from sculpt.backends.tvm.runtime_libs import ToolchainError
+
+    with pytest.raises(ToolchainError, match="not loaded in this process"):
+        work_pool.install(tmp_path / "absent.so")
+
+
+def test_an_artifact_compiled_for_the_pool_runs_on_it_in_the_deploy_runner(tmp_path, capsys):
+    import json
+
+    import onnx
+    import onnxruntime as ort
+
+    from sculpt.backends.tvm.artifact import load_artifact
+    from sculpt.backends.tvm.deploy import run_artifact
+    from sculpt.backends.tvm.runner import run_runner
+    from sculpt.cli import main
+
+    proto = _conv_model()
+    path = tmp_path / "grid.onnx"
+    onnx.save(proto, str(path))
+    out = tmp_path / "grid.so"
+    assert main(["compile", str(path), "-o", str(out), "--thread-policy", "stealing", "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["runtime"]["thread_policy"] == "stealing"
+    assert manifest["runtime"]["env"]["SCULPT_THREAD_POOL"] == "stealing"
+    artifact = load_artifact(out)
+    name = artifact.inputs[0].name
+    x = np.random.default_rng(1).random(artifact.inputs[0].shape).astype(np.float32)
+    references = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {name: x})
+    run = run_artifact(artifact, {name: x}, runs=3, threads=2)
+    assert len(run.outputs) == len(references) == 4
+    for got, reference in zip(run.outputs.values(), references):
+        np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4)
+    # the runner says whose pool ran the loops: sculpt's under this policy, TVM's under shared
+    np.save(tmp_path / "x.npy", x)
+    for policy, pool in (("stealing", "sculpt"), ("shared", "tvm")):
+        env = thread_policy.runtime_env(policy, 2)
+        result = run_runner(artifact.library, artifact.arch, [tmp_path / "x.npy"], None, runs=2, env=env)
+        assert result.thread_pool == pool
