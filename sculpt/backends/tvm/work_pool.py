@@ -10,10 +10,12 @@ and installs the pool in it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -86,12 +88,37 @@ def load(executable):
     run on the pool: exported to a temporary library, loaded, the pool installed, the file removed."""
     import tvm
 
-    with tempfile.TemporaryDirectory(prefix="sculpt-pool-") as folder:
+    with tempfile.TemporaryDirectory(prefix="sculpt-pool-") as folder, _without_scope_chatter():
         path = os.path.join(folder, "model.so")
         executable.export_library(path)
         module = tvm.runtime.load_module(path)
         install(path)
     return module
+
+
+# TVM 0.27's VM executable logs one warning line per memory scope it saves or loads
+_CHATTER = ("Warning: Scope Saving:", "Warning: Scope Loaded:")
+
+
+@contextlib.contextmanager
+def _without_scope_chatter():
+    """Runs the block with the process's stderr (fd 2) caught, then passes on all but TVM's
+    scope-saving chatter."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(c in line for c in _CHATTER)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def vm_module(executable, policy: str):

@@ -51,7 +51,7 @@ struct alignas(64) OwnerCounter {
 };
 
 struct Pool {
-  int threads = 1, tasks_per_thread = 4, spin = 200, caller_yields = 0, steal_back = 1;
+  int threads = 1, tasks_per_thread = 4, spin = 200;
   pthread_once_t once = PTHREAD_ONCE_INIT;
   pthread_mutex_t launch_lock = PTHREAD_MUTEX_INITIALIZER;  // one job at a time
   alignas(64) std::atomic<uint32_t> generation{0};
@@ -110,7 +110,7 @@ void RunShare(int owner, uint32_t gen, bool thief) {
     if (static_cast<uint32_t>(c >> 32) != gen) return;
     int front = static_cast<int>(c & 0xffff), back = static_cast<int>((c >> 16) & 0xffff);
     if (front >= back) return;
-    int k = thief && pool.steal_back ? back - 1 : front;
+    int k = thief ? back - 1 : front;
     uint64_t claimed = k == front ? CounterWord(gen, front + 1, back) : CounterWord(gen, front, back - 1);
     if (!counter.compare_exchange_weak(c, claimed, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
     // a chunk of this job is claimed and unfinished: the job's fields cannot change until it is done
@@ -159,8 +159,6 @@ void StartPool() {
   pool.threads = EnvInt("SCULPT_POOL_THREADS", threads, 1, kMaxThreads);
   pool.tasks_per_thread = EnvInt("SCULPT_POOL_TASKS_PER_THREAD", 4, 1, 1024);
   pool.spin = EnvInt("SCULPT_POOL_SPIN", 200, 0, INT_MAX);
-  pool.caller_yields = EnvInt("SCULPT_POOL_CALLER_YIELDS", 0, 0, 1);
-  pool.steal_back = EnvInt("SCULPT_POOL_STEAL_BACK", 1, 0, 1);
   for (int i = 1; i < pool.threads; i++) {
     pthread_attr_t attr;
     pthread_attr_init(&attr);
@@ -219,10 +217,6 @@ int sculpt_pool_launch(ParallelLambda lambda, void* cdata, int num_task) {
     if (static_cast<int>(done) >= pool.num_task) break;
     if (polls < pool.spin) {
       CpuRelax();
-      continue;
-    }
-    if (pool.caller_yields) {
-      sched_yield();
       continue;
     }
     pool.caller_sleeps.store(1);
