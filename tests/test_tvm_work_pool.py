@@ -158,3 +158,18 @@ def test_an_artifact_compiled_for_the_pool_runs_on_it_in_the_deploy_runner(tmp_p
         env = thread_policy.runtime_env(policy, 2)
         result = run_runner(artifact.library, artifact.arch, [tmp_path / "x.npy"], None, runs=2, env=env)
         assert result.thread_pool == pool
+
+
+@pytest.mark.parametrize("with_barrier", [False, True])
+def test_a_library_whose_loops_synchronize_keeps_tvms_pool(tmp_path, with_barrier):
+    """A stand-in for a TVM library: the slots the runtime fills, with or without the barrier's."""
+    source = tmp_path / "lib.cc"
+    source.write_text('extern "C" { void* __TVMBackendParallelLaunch = (void*)1;'
+                      + (' void* __TVMBackendParallelBarrier = (void*)1;' if with_barrier else '') + ' }\n')
+    path = tmp_path / "lib.so"
+    subprocess.run(["g++", "-shared", "-fPIC", str(source), "-o", str(path)], check=True)
+    library = ctypes.CDLL(str(path))
+    slot = ctypes.c_void_p.in_dll(library, work_pool.SLOT)
+    assert work_pool.install(path) is not with_barrier
+    pool_launch = ctypes.cast(work_pool.pool_library().sculpt_pool_launch, ctypes.c_void_p).value
+    assert slot.value == (1 if with_barrier else pool_launch)

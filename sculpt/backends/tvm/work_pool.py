@@ -24,6 +24,7 @@ from sculpt.common import one_line
 
 SOURCE = Path(__file__).with_name("runner") / "work_pool.cc"
 SLOT = "__TVMBackendParallelLaunch"
+BARRIER = "__TVMBackendParallelBarrier"  # a library whose loops synchronize inside keeps TVM's pool
 
 _library: ctypes.CDLL | None = None
 
@@ -63,7 +64,8 @@ def pool_library() -> ctypes.CDLL:
 
 def install(library_path: str | os.PathLike) -> bool:
     """Point the parallel loops of a library that the TVM runtime has already loaded at the pool.
-    False when the library has no parallel loops (no slot)."""
+    False (TVM's pool kept) when the library has no parallel loops, or loops with a barrier inside
+    (the pool runs chunks independently)."""
     try:
         loaded = ctypes.CDLL(os.fspath(library_path), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
     except OSError:
@@ -72,9 +74,19 @@ def install(library_path: str | os.PathLike) -> bool:
         slot = ctypes.c_void_p.in_dll(loaded, SLOT)
     except ValueError:
         return False
+    if _has_symbol(loaded, BARRIER):  # loops that synchronize inside need TVM's pool
+        return False
     if not slot.value:
         raise ToolchainError(f"{library_path}: the TVM runtime has not filled {SLOT} yet")
     pool_library().sculpt_pool_install(ctypes.addressof(slot))
+    return True
+
+
+def _has_symbol(library: ctypes.CDLL, name: str) -> bool:
+    try:
+        ctypes.c_void_p.in_dll(library, name)
+    except ValueError:
+        return False
     return True
 
 

@@ -267,11 +267,13 @@ std::string ApplyThreadPolicy(const Options& o) {
 
 // Points the loaded artifact's parallel loops (its __TVMBackendParallelLaunch slot, which the runtime
 // filled when it loaded the library) at sculpt's pool.
-// False when the artifact has no parallel loops.
+// False (TVM's pool kept) when the artifact has no parallel loops or loops with a barrier inside.
 bool InstallWorkPool(const std::string& artifact) {
   void* handle = dlopen(artifact.c_str(), RTLD_LAZY | RTLD_NOLOAD);
   if (handle == nullptr) throw std::runtime_error(artifact + ": not loaded, cannot install the thread pool");
   void* slot = dlsym(handle, "__TVMBackendParallelLaunch");
+  // loops with a barrier inside need TVM's pool (sculpt's runs chunks independently)
+  if (dlsym(handle, "__TVMBackendParallelBarrier") != nullptr) slot = nullptr;
   if (slot != nullptr) sculpt_pool_install(static_cast<void**>(slot));
   dlclose(handle);  // the runtime's own reference keeps it loaded
   return slot != nullptr;
