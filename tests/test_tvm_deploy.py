@@ -21,13 +21,13 @@ from sculpt.textdata import text_input
 RTOL = 1e-4
 
 
-def _compile_and_verify(tmp_path, capsys, kind, shape, target="arm64"):
+def _compile_and_verify(tmp_path, capsys, kind, shape, target="arm64", extra=()):
     """Compile with `sculpt compile`, verify with `sculpt verify` on rendered text (random noise drives
     det's probability map to ~0, where relative errors mean nothing)."""
     out = tmp_path / f"{kind}_{target}.so"
     model = str(ppocr_model_path(kind))
     assert main(["compile", model, "--target", target, "--input-shape", "x=" + ",".join(map(str, shape)),
-                 "-o", str(out)]) == 0
+                 "-o", str(out), *extra]) == 0
     capsys.readouterr()
     np.save(tmp_path / "x.npy", text_input(shape, seed=1))
     assert main(["verify", str(out), "--model", model, "--input", f"x={tmp_path / 'x.npy'}", "--rtol", str(RTOL),
@@ -56,8 +56,17 @@ def test_cls_arm64_under_qemu_matches_onnxruntime(tmp_path, capsys):
     assert "libc.so" in needed  # an ordinary aarch64 Linux shared library
 
 
-def test_rec_arm64_under_qemu_matches_onnxruntime(tmp_path, capsys):
-    _compile_and_verify(tmp_path, capsys, "rec", [1, 3, 48, 320])
+def test_rec_arm64_under_qemu_matches_onnxruntime_on_sculpts_pool(tmp_path, capsys):
+    """rec compiled for sculpt's work-stealing pool: its loops run on the pool in the aarch64 runner."""
+    from sculpt.backends.tvm import thread_policy
+    from sculpt.backends.tvm.runner import run_runner
+
+    out, _ = _compile_and_verify(tmp_path, capsys, "rec", [1, 3, 48, 320], extra=["--thread-policy", "stealing"])
+    artifact = load_artifact(out)
+    assert artifact.thread_policy == "stealing"
+    result = run_runner(artifact.library, "aarch64", [tmp_path / "x.npy"], None, runs=1,
+                        env=thread_policy.runtime_env("stealing", 2))
+    assert result.thread_pool == "sculpt"
 
 
 def test_det_arm64_reduced_input_under_qemu_matches_onnxruntime(tmp_path, capsys):

@@ -13,10 +13,12 @@ from sculpt.errors import OptionError  # noqa: E402
 
 
 def test_shared_policy_neither_pins_nor_spins_and_dedicated_is_tvms_own():
-    assert thread_policy.runtime_env("shared") == {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0"}
+    assert thread_policy.runtime_env("shared") == {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0",
+                                                   "SCULPT_THREAD_POOL": "tvm"}
     assert thread_policy.runtime_env("dedicated", 2) == {
-        "TVM_BIND_THREADS": "1", "TVM_THREAD_POOL_SPIN_COUNT": "300000", "TVM_NUM_THREADS": "2"}
-    assert thread_policy.DEFAULT_POLICY == "shared"
+        "TVM_BIND_THREADS": "1", "TVM_THREAD_POOL_SPIN_COUNT": "300000", "SCULPT_THREAD_POOL": "tvm",
+        "TVM_NUM_THREADS": "2"}
+    assert thread_policy.DEFAULT_POLICY == "stealing"  # sculpt's pool
     with pytest.raises(OptionError, match="unknown thread policy 'busy'"):
         thread_policy.runtime_env("busy")
     with pytest.raises(OptionError, match="threads must be >= 1"):
@@ -26,9 +28,10 @@ def test_shared_policy_neither_pins_nor_spins_and_dedicated_is_tvms_own():
 def test_apply_keeps_what_the_user_set_unless_told_to_override():
     env = {"TVM_THREAD_POOL_SPIN_COUNT": "1000"}
     now = thread_policy.apply("shared", environ=env, override=False)
-    assert now == {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "1000"}
+    assert now == {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "1000", "SCULPT_THREAD_POOL": "tvm"}
     thread_policy.apply("shared", 3, environ=env)
-    assert env == {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0", "TVM_NUM_THREADS": "3"}
+    assert env == {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0", "SCULPT_THREAD_POOL": "tvm",
+                   "TVM_NUM_THREADS": "3"}
 
 
 def test_importing_the_backend_gives_the_process_the_default_policy():
@@ -58,7 +61,8 @@ def test_the_manifest_records_the_policy_and_the_artifact_reads_it(tmp_path, cap
     assert main(["compile", str(path), "-o", str(out), "--thread-policy", "dedicated", "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["runtime"] == {"thread_policy": "dedicated",
-                                   "env": {"TVM_BIND_THREADS": "1", "TVM_THREAD_POOL_SPIN_COUNT": "300000"}}
+                                   "env": {"TVM_BIND_THREADS": "1", "TVM_THREAD_POOL_SPIN_COUNT": "300000",
+                                           "SCULPT_THREAD_POOL": "tvm"}}
     artifact = load_artifact(out)
     assert artifact.thread_policy == "dedicated"
     x = np.array([[-1, 2, -3], [4, -5, 6]], np.float32)
@@ -68,7 +72,7 @@ def test_the_manifest_records_the_policy_and_the_artifact_reads_it(tmp_path, cap
     with pytest.raises(ArtifactError, match="unknown thread_policy 'spinning'"):
         _ = artifact.thread_policy
     del artifact.manifest["runtime"]  # a manifest from before the policy: the default
-    assert artifact.thread_policy == "shared"
+    assert artifact.thread_policy == "stealing"
 
 
 def test_vector_features_a_virtual_machine_hides_are_turned_off():
@@ -95,7 +99,7 @@ def test_bench_layers_times_every_kernel_and_names_it(tmp_path, capsys):
     assert main(["bench", str(path), "--layers", "--runs", "3", "--rounds", "1", "--threads", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     rows = result["layers"]["tvm_ms"]
-    assert result["thread_policy"] == "shared"
+    assert result["thread_policy"] == "stealing"
     kinds = {r["kernel"] for r in rows}
     assert {"conv2d_blocked", "conv2d"} <= kinds, kinds
     assert all(r["calls"] >= 1 and r["ms"] >= 0 for r in rows)

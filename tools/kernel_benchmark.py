@@ -23,8 +23,8 @@ with sculpt's kernels, compile times and the largest output error against onnxru
 TVM's default build is the bare ``llvm`` target (what ``build(..., kernels="default")`` does); sculpt's
 build is the same target completed with the host CPU. Both TVM and onnxruntime use all cores
 (TVM_NUM_THREADS / intra-op threads unset) unless --threads is given; TVM's pool runs under the
-thread policy given (default shared: not pinned, not spinning; stealing: sculpt's pool, the build
-loaded through a file)."""
+thread policy given (default stealing: sculpt's pool, the build loaded through a file; shared: TVM's,
+not pinned, not spinning)."""
 
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def _median_ms(fn, runs: int, warmup: int = 2, budget_s: float = 20.0) -> float:
     return statistics.median(times)
 
 
-_policy = "shared"  # the TVM thread policy (--thread-policy), set by main
+_policy = "stealing"  # the TVM thread policy (--thread-policy), set by main
 
 
 def _tvm_runner(executable, feeds: dict, order: list[str], policy: str | None = None):
@@ -259,13 +259,13 @@ def _max_rel_error(got, ref) -> float:
 def bench_under_load(args) -> int:
     """Each model idle and with ``args.compare_load`` spinning processes, in alternating rounds of one
     process: onnxruntime's and sculpt's slowdowns under the same load, from the same builds. With
-    ``--compare-pools`` the build also runs on sculpt's own pool (policy stealing) in the same rounds."""
+    ``--compare-pools`` each build runs on TVM's pool and on sculpt's (policy stealing) in the same rounds."""
     from sculpt.backends.tvm import build, import_to_relax
     from sculpt.backends.tvm.bench import RUNTIME_SETTLE_S
 
     policies = [args.thread_policy]
-    if args.compare_pools and args.thread_policy != "stealing":
-        policies.append("stealing")
+    if args.compare_pools:
+        policies = ["shared" if args.thread_policy == "stealing" else args.thread_policy, "stealing"]
     head = f"{'model':18} {'ort idle':>9} {'ort busy':>9} {'ort x':>6}"
     for policy in policies:
         head += f" | {policy + ' idle':>14} {'busy':>8} {'x':>5} {'/ort idle':>9} {'/ort busy':>9}"
@@ -447,11 +447,11 @@ def main(argv=None) -> int:
     p.add_argument("--compare-load", type=int, default=0, metavar="N",
                    help="end to end: measure every model idle and with N spinning processes, in alternating "
                         "rounds of this one process, and print both runtimes' slowdowns")
-    p.add_argument("--thread-policy", choices=["shared", "stealing", "dedicated"], default="shared",
-                   help="the TVM build's thread pool (sculpt.backends.tvm.thread_policy; default shared)")
+    p.add_argument("--thread-policy", choices=["stealing", "shared", "dedicated"], default="stealing",
+                   help="the TVM build's thread pool (sculpt.backends.tvm.thread_policy; default stealing)")
     p.add_argument("--compare-pools", action="store_true",
-                   help="with --compare-load: also run each build on sculpt's pool (policy stealing) in the same "
-                        "rounds")
+                   help="with --compare-load: each build on TVM's pool (shared, or dedicated if given) and on "
+                        "sculpt's (stealing), in the same rounds")
     args = p.parse_args(argv)
     known = zoo_names()
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]

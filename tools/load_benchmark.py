@@ -8,11 +8,11 @@ the same load:
 
     python tools/load_benchmark.py --models zoo --threads 2 --policies shared
     python tools/load_benchmark.py --models rec,det,squeezenet --policies shared,dedicated --runs 10
-    python tools/load_benchmark.py --models zoo --policies shared --compare-pools  # + sculpt's pool, same rounds
+    python tools/load_benchmark.py --models zoo --policies shared --compare-pools  # TVM's and sculpt's pools
 
 Columns: idle and busy medians (ms) of onnxruntime and TVM (sculpt kernels), each one's slowdown
-(busy / idle), and TVM / onnxruntime idle and busy. ``--compare-pools`` also runs each build on
-sculpt's own pool (policy stealing) in the same process and rounds as the policy's. The issue's bar: TVM's slowdown no larger than
+(busy / idle), and TVM / onnxruntime idle and busy. ``--compare-pools`` runs each build on TVM's
+pool (the policy given, or shared) and on sculpt's (stealing) in the same process and rounds. The issue's bar: TVM's slowdown no larger than
 onnxruntime's."""
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="rec", help="comma-separated zoo models (see kernel_benchmark.py), or zoo")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--policies", default="shared,dedicated", help="TVM thread policies to compare")
+    p.add_argument("--policies", default="stealing,shared", help="thread policies, one process each")
     p.add_argument("--load", type=int, default=os.cpu_count() or 1, help="busy processes when loaded")
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compare-pools", action="store_true",
-                   help="also run each build on sculpt's pool (policy stealing) in the same rounds")
+                   help="each build on TVM's pool and on sculpt's (stealing) in the same rounds")
     args = p.parse_args(argv)
     status = 0
     for policy in [q.strip() for q in args.policies.split(",") if q.strip()]:

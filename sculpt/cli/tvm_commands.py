@@ -64,11 +64,11 @@ def register_tvm_commands(subparsers) -> None:
     c.add_argument("--gpu-memory", choices=["buffer", "texture"], default="buffer",
                    help="adreno only: buffer (default: TVM's default GPU pipeline) or texture (TVM's Adreno texture "
                         "lowering: convolutions read and write OpenCL images)")
-    c.add_argument("--thread-policy", choices=["shared", "stealing", "dedicated"], default="shared",
-                   help="the CPU thread pool the artifact expects, recorded in its manifest: shared (default: "
-                        "TVM's pool, workers neither pinned nor spinning, for devices that run other apps), stealing "
-                        "(sculpt's pool: a thread takes over the unstarted work of a late one) or dedicated "
-                        "(TVM's pinned, spinning pool)")
+    c.add_argument("--thread-policy", choices=["stealing", "shared", "dedicated"], default="stealing",
+                   help="the CPU thread pool the artifact expects, recorded in its manifest: stealing (default: "
+                        "sculpt's pool, a thread takes over the unstarted work of a late one, for devices that run "
+                        "other apps), shared (TVM's pool, workers neither pinned nor spinning) or dedicated (TVM's "
+                        "pinned, spinning pool)")
     c.add_argument("--json", action="store_true", help="print the manifest as JSON")
     c.set_defaults(func=cmd_compile)
 
@@ -102,10 +102,10 @@ def register_tvm_commands(subparsers) -> None:
     b.add_argument("--threads", type=int, default=None, help="threads of both runtimes (default: all cores)")
     b.add_argument("--layers", action="store_true",
                    help="also time every kernel of the TVM build (this machine only): kernel used, ms, share")
-    b.add_argument("--thread-policy", choices=["shared", "stealing", "dedicated"], default=None,
-                   help="the CPU thread pool: shared (default: TVM's, workers neither pinned nor spinning, for "
-                        "cores other processes use too), stealing (sculpt's: a thread takes over the unstarted work "
-                        "of a late one) or dedicated (TVM's pinned, spinning pool)")
+    b.add_argument("--thread-policy", choices=["stealing", "shared", "dedicated"], default=None,
+                   help="the CPU thread pool: stealing (default: sculpt's, a thread takes over the unstarted work "
+                        "of a late one, for cores other processes use too), shared (TVM's, workers neither pinned "
+                        "nor spinning) or dedicated (TVM's pinned, spinning pool)")
     b.add_argument("--tune", type=int, default=0, metavar="TRIALS", help="also measure a build tuned with TRIALS trials")
     b.add_argument("--tuning-db", metavar="DIR", help="tuning database to use and extend (default: a temporary one)")
     _add_strategy_option(b)

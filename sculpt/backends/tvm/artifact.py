@@ -337,11 +337,11 @@ def check_artifact_path(output: str | os.PathLike, *protected: str | os.PathLike
 
 
 def export_artifact(compiled: CompiledModel, library: str | os.PathLike, *, source_model: str | os.PathLike | None,
-                    source_sha256: str | None = None, thread_policy: str = "shared") -> Artifact:
+                    source_sha256: str | None = None, thread_policy: str | None = None) -> Artifact:
     """Export the library (cross-linked when the target is not this machine), write the manifest and,
     for OpenCL targets, the kernels' source; all atomically."""
     from sculpt.backends.tvm.runtime_libs import installed_versions, require_tool
-    from sculpt.backends.tvm.thread_policy import manifest_entry as thread_policy_entry
+    from sculpt.backends.tvm.thread_policy import DEFAULT_POLICY, manifest_entry as thread_policy_entry
 
     library = Path(library)
     target = compiled.target
@@ -371,7 +371,7 @@ def export_artifact(compiled: CompiledModel, library: str | os.PathLike, *, sour
         "tvm_target_full": _full_target(target),
         "compile_seconds": round(compiled.compile_seconds, 3),
         # how the CPU thread pool should run it (the deploy runner and 'sculpt bench' apply it)
-        "runtime": thread_policy_entry(thread_policy),
+        "runtime": thread_policy_entry(thread_policy or DEFAULT_POLICY),
     }
     fd, tmp_lib = tempfile.mkstemp(dir=library.parent if str(library.parent) else ".",
                                    prefix=f".{library.stem}.", suffix=".so")

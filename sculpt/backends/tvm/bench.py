@@ -157,13 +157,15 @@ def benchmark(model_path, target: str | NamedTarget = "host", *, input_shapes=No
         import tvm
 
         from sculpt.backends.tvm.layer_profile import profile_layers
+        from sculpt.backends.tvm.work_pool import vm_module
 
         result["layers"] = {}
         for label, compiled in builds.items():
             if progress:
                 progress(f"timing each kernel of {label.removesuffix('_ms')}")
             args = [tvm.runtime.tensor(a, tvm.cpu()) for a in ordered]
-            rows = profile_layers(compiled.executable, args, compiled.kernels, runs=max(3, min(runs, 10)))
+            rows = profile_layers(vm_module(compiled.executable, policy), args, compiled.kernels,
+                                  runs=max(3, min(runs, 10)))
             result["layers"][label] = [r.as_dict() for r in rows]
     return result
 

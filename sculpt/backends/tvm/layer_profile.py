@@ -30,8 +30,9 @@ class LayerTime:
 
 def profile_layers(executable, args: Sequence, decisions: Sequence = (), *, runs: int = 5,
                    warmup: int = 1) -> list[LayerTime]:
-    """Per-function times of ``runs`` runs of ``main`` on this machine (slowest first). ``args``: the
-    input tensors (tvm.runtime.Tensor); ``decisions``: the KernelDecisions of the build."""
+    """Per-function times of ``runs`` runs of ``main`` on this machine (slowest first). ``executable``:
+    a Relax executable or a module loaded from one (work_pool.vm_module); ``args``: the input tensors
+    (tvm.runtime.Tensor); ``decisions``: the KernelDecisions of the build."""
     import tvm
     from tvm import relax
 

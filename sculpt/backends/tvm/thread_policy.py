@@ -7,13 +7,14 @@ latency collapses (PP-OCRv4 rec, 2 threads, both cores busy with other processes
 
 Three policies:
 
-- ``shared`` (the default): workers not pinned (``TVM_BIND_THREADS=0``) and no spinning
+- ``stealing`` (the default): the library's parallel loops run on sculpt's own pool
+  (``work_pool``, ``runner/work_pool.cc``): each loop in several chunks per thread, a thread runs its
+  own chunks and then those of a late thread that it has not started, so a thread that a busy core
+  delays no longer stalls every loop (``SCULPT_THREAD_POOL=stealing``; TVM's pool, unused then, as in
+  ``shared``).
+- ``shared``: TVM's pool with workers not pinned (``TVM_BIND_THREADS=0``) and not spinning
   (``TVM_THREAD_POOL_SPIN_COUNT=0``): a worker that has nothing to do sleeps at once, and the OS
-  places it on whichever core is free.
-- ``stealing``: the library's parallel loops run on sculpt's own pool (``work_pool``,
-  ``runner/work_pool.cc``): each loop in several chunks per thread, a thread runs its own chunks and
-  then those of a late thread that it has not started, so a descheduled thread no longer stalls
-  every loop (``SCULPT_THREAD_POOL=stealing``; TVM's pool, unused then, as in ``shared``).
+  places it on whichever core is free; each thread has one fixed share of every loop.
 - ``dedicated``: TVM's own behaviour (pinned, spinning) for a device that runs nothing else.
 
 The pool reads these variables once, when it starts (at the first parallel call of the process), so
@@ -30,11 +31,11 @@ from typing import Mapping
 from sculpt.errors import OptionError
 
 POLICIES: dict[str, dict[str, str]] = {
-    "shared": {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0"},
-    "dedicated": {"TVM_BIND_THREADS": "1", "TVM_THREAD_POOL_SPIN_COUNT": "300000"},
     "stealing": {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0", "SCULPT_THREAD_POOL": "stealing"},
+    "shared": {"TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0", "SCULPT_THREAD_POOL": "tvm"},
+    "dedicated": {"TVM_BIND_THREADS": "1", "TVM_THREAD_POOL_SPIN_COUNT": "300000", "SCULPT_THREAD_POOL": "tvm"},
 }
-DEFAULT_POLICY = "shared"
+DEFAULT_POLICY = "stealing"
 
 
 def check_policy(policy: str) -> str:

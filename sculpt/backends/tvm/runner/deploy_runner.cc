@@ -248,16 +248,18 @@ std::string JsonString(const std::string& s) {
   return out + "\"";
 }
 
-// TVM's CPU thread pool reads these once, at its first parallel call. "shared": workers not pinned to
-// cores and not spinning, so that a core busy with another process does not stall the model.
-// "dedicated": TVM's own pinned, spinning pool. "stealing": the artifact's parallel loops run on
-// sculpt's pool (work_pool.cc), TVM's pool (unused then) as in "shared". Without --thread-policy the
-// policy is SCULPT_THREAD_POOL=stealing if set, else "shared", and variables the caller set win.
+// The CPU thread pool. "stealing" (the default): the artifact's parallel loops run on sculpt's pool
+// (work_pool.cc): a thread runs its own chunks of a loop, then the unstarted chunks of a late one.
+// "shared": TVM's pool, workers not pinned to cores and not spinning, so that a core busy with
+// another process does not stall the model. "dedicated": TVM's own pinned, spinning pool. TVM's pool
+// reads its variables once, at its first parallel call. Without --thread-policy the policy comes from
+// SCULPT_THREAD_POOL (stealing, or tvm: TVM's pool as its variables say, shared if unset), and
+// variables the caller set win.
 std::string ApplyThreadPolicy(const Options& o) {
   const char* pool = getenv("SCULPT_THREAD_POOL");
-  std::string policy = !o.thread_policy.empty()                          ? o.thread_policy
-                       : pool != nullptr && std::string(pool) == "stealing" ? "stealing"
-                                                                          : "shared";
+  std::string policy = !o.thread_policy.empty()                      ? o.thread_policy
+                       : pool != nullptr && std::string(pool) == "tvm" ? "shared"
+                                                                      : "stealing";
   const bool dedicated = policy == "dedicated";
   const int overwrite = o.thread_policy.empty() ? 0 : 1;
   setenv("TVM_BIND_THREADS", dedicated ? "1" : "0", overwrite);
