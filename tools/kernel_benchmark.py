@@ -489,6 +489,17 @@ def main(argv=None) -> int:
 LOAD_RAMP_S = 0.5  # after starting the spinning processes, before measuring
 
 
+# spins until its parent is gone: a benchmark killed by a signal (timeout's SIGTERM skips the `with`
+# block's exit) leaves no spinner behind to load the machine for what runs next
+_SPINNER = """
+import os, sys
+parent = int(sys.argv[1])
+while os.getppid() == parent:
+    for _ in range(200000):
+        pass
+"""
+
+
 class busy_processes:
     """``n`` processes spinning on the CPU for the duration of a ``with`` block (killed at its end)."""
 
@@ -498,7 +509,9 @@ class busy_processes:
     def __enter__(self):
         import subprocess
 
-        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+        import os
+
+        self.procs = [subprocess.Popen([sys.executable, "-c", _SPINNER, str(os.getpid())]) for _ in range(self.n)]
         return self
 
     def __exit__(self, *exc):

@@ -213,9 +213,9 @@ int sculpt_pool_launch(ParallelLambda lambda, void* cdata, int num_task) {
   RunJob(0, gen);
   // every chunk is claimed: wait for the ones other threads still run (at most one chunk each).
   // Polling, then yielding the core (to the awaited thread, when it waits on this core), then,
-  // if that thread was descheduled mid-chunk for long, asleep. Sleeping at once costs a wake-up
-  // per loop: on a virtual machine a halted CPU takes tens of microseconds to wake (PP-OCRv4 det
-  // idle, 2 threads: 23 ms sleeping at once, 14 ms yielding).
+  // if that thread was descheduled mid-chunk for long, asleep. Sleeping at once costs a wake-up per
+  // loop, and on a busy core the woken caller waits for its turn (PP-OCRv4 det, 2 threads, both
+  // cores busy with other processes: 23 ms sleeping at once, 14 ms yielding).
   for (int polls = 0;; polls++) {
     uint32_t done = pool.done.load();
     if (static_cast<int>(done) >= pool.num_task) break;
