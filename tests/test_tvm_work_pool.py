@@ -54,9 +54,9 @@ _DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("threads, spin", [(2, "200"), (4, "0"), (1, "200")])
-def test_every_chunk_of_every_loop_runs_once(threads, spin):
-    env = {**os.environ, "SCULPT_POOL_THREADS": str(threads), "SCULPT_POOL_SPIN": spin}
+@pytest.mark.parametrize("threads, spin_us", [(2, "200"), (4, "0"), (1, "200")])
+def test_every_chunk_of_every_loop_runs_once(threads, spin_us):
+    env = {**os.environ, "SCULPT_POOL_THREADS": str(threads), "SCULPT_POOL_SPIN_US": spin_us}
     done = subprocess.run([sys.executable, "-c", _DRIVER, "400"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

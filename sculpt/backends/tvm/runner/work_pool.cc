@@ -15,7 +15,8 @@
 // (after the runtime has filled it). Settings, read once when the pool starts (its first launch):
 //   SCULPT_POOL_THREADS           threads (else TVM_NUM_THREADS, else the cores this process may use)
 //   SCULPT_POOL_TASKS_PER_THREAD  chunks per thread and loop (default 4)
-//   SCULPT_POOL_SPIN              polls of a waiting thread before it sleeps (default 200)
+//   SCULPT_POOL_SPIN_US           how long a worker polls for the next loop before it sleeps
+//                                 (default 200 microseconds)
 //
 // Linux only (futex): the host, aarch64 Linux and Android. Built into the deploy runner and, for
 // the Python API, into a small shared library (sculpt.backends.tvm.work_pool).
@@ -27,6 +28,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <climits>
 #include <cstdint>
@@ -35,7 +37,8 @@
 namespace {
 
 constexpr int kMaxThreads = 64;
-constexpr int kCallerYields = 2000;  // yields of a waiting caller before it sleeps
+constexpr int kCallerPolls = 200;    // polls of a caller waiting for other threads' chunks, then
+constexpr int kCallerYields = 2000;  // yields before it sleeps
 
 struct ParallelGroupEnv {  // TVMParallelGroupEnv
   void* sync_handle;
@@ -52,7 +55,7 @@ struct alignas(64) OwnerCounter {
 };
 
 struct Pool {
-  int threads = 1, tasks_per_thread = 4, spin = 200;
+  int threads = 1, tasks_per_thread = 4, spin_us = 200;
   pthread_once_t once = PTHREAD_ONCE_INIT;
   pthread_mutex_t launch_lock = PTHREAD_MUTEX_INITIALIZER;  // one job at a time
   alignas(64) std::atomic<uint32_t> generation{0};
@@ -134,9 +137,12 @@ void* WorkerMain(void* arg) {
   uint32_t seen = pool.generation.load();
   for (;;) {
     uint32_t gen;
+    // the next loop usually follows within microseconds (the model's next kernel): poll for
+    // spin_us before sleeping, which would cost a wake-up per loop
+    auto spin_end = std::chrono::steady_clock::now() + std::chrono::microseconds(pool.spin_us);
     int polls = 0;
     while ((gen = pool.generation.load(std::memory_order_acquire)) == seen) {
-      if (polls++ < pool.spin) {
+      if (++polls % 32 != 0 || std::chrono::steady_clock::now() < spin_end) {
         CpuRelax();
         continue;
       }
@@ -159,7 +165,7 @@ void StartPool() {
   int threads = EnvInt("TVM_NUM_THREADS", cores, 1, kMaxThreads);
   pool.threads = EnvInt("SCULPT_POOL_THREADS", threads, 1, kMaxThreads);
   pool.tasks_per_thread = EnvInt("SCULPT_POOL_TASKS_PER_THREAD", 4, 1, 1024);
-  pool.spin = EnvInt("SCULPT_POOL_SPIN", 200, 0, INT_MAX);
+  pool.spin_us = EnvInt("SCULPT_POOL_SPIN_US", 200, 0, 1000000);
   for (int i = 1; i < pool.threads; i++) {
     pthread_attr_t attr;
     pthread_attr_init(&attr);
@@ -219,9 +225,9 @@ int sculpt_pool_launch(ParallelLambda lambda, void* cdata, int num_task) {
   for (int polls = 0;; polls++) {
     uint32_t done = pool.done.load();
     if (static_cast<int>(done) >= pool.num_task) break;
-    if (polls < pool.spin) {
+    if (polls < kCallerPolls) {
       CpuRelax();
-    } else if (polls < pool.spin + kCallerYields) {
+    } else if (polls < kCallerPolls + kCallerYields) {
       sched_yield();
     } else {
       pool.caller_sleeps.store(1);
