@@ -222,13 +222,15 @@ int sculpt_pool_launch(ParallelLambda lambda, void* cdata, int num_task) {
   // if that thread was descheduled mid-chunk for long, asleep. Sleeping at once costs a wake-up per
   // loop, and on a busy core the woken caller waits for its turn (PP-OCRv4 det, 2 threads, both
   // cores busy with other processes: 23 ms sleeping at once, 14 ms yielding).
-  for (int polls = 0;; polls++) {
+  for (int polls = 0;;) {
     uint32_t done = pool.done.load();
     if (static_cast<int>(done) >= pool.num_task) break;
     if (polls < kCallerPolls) {
       CpuRelax();
+      polls++;
     } else if (polls < kCallerPolls + kCallerYields) {
       sched_yield();
+      polls++;
     } else {
       pool.caller_sleeps.store(1);
       if (pool.done.load() == done) Futex(&pool.done, FUTEX_WAIT_PRIVATE, done);
