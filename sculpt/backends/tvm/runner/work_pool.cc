@@ -16,7 +16,7 @@
 //   SCULPT_POOL_THREADS           threads (else TVM_NUM_THREADS, else the cores this process may use)
 //   SCULPT_POOL_TASKS_PER_THREAD  chunks per thread and loop (default 4)
 //   SCULPT_POOL_SPIN_US           how long a worker polls for the next loop before it sleeps
-//                                 (default 200 microseconds)
+//                                 (default 200 microseconds; none while other processes preempt it)
 //
 // Linux only (futex): the host, aarch64 Linux and Android. Built into the deploy runner and, for
 // the Python API, into a small shared library (sculpt.backends.tvm.work_pool).
@@ -24,6 +24,7 @@
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -39,6 +40,10 @@ namespace {
 constexpr int kMaxThreads = 64;
 constexpr int kCallerPolls = 200;    // polls of a caller waiting for other threads' chunks, then
 constexpr int kCallerYields = 2000;  // yields before it sleeps
+// The cores are contended when the pool's threads were preempted kRecentPreemptions times within
+// kContendedWindow (an idle machine preempts them a few times a second, a busy one every few ms).
+constexpr int kRecentPreemptions = 4;
+constexpr int64_t kContendedWindowNs = 40'000'000;
 
 struct ParallelGroupEnv {  // TVMParallelGroupEnv
   void* sync_handle;
@@ -68,6 +73,11 @@ struct Pool {
   alignas(64) std::atomic<uint32_t> done{0};  // chunks finished
   std::atomic<int> caller_sleeps{0};
   std::atomic<int> failed{0};
+  int launches = 0;  // by the caller holding launch_lock
+  long caller_preempted = 0;
+  // when the pool's threads were last preempted (steady clock, ns), kRecentPreemptions of them
+  std::atomic<int64_t> preemptions[kRecentPreemptions] = {};
+  std::atomic<unsigned> next_preemption{0};
   OwnerCounter owners[kMaxThreads];
 };
 
@@ -95,6 +105,29 @@ int EnvInt(const char* name, int fallback, int lo, int hi) {
   long v = strtol(s, &end, 10);
   if (*end != '\0' || v < lo || v > hi) return fallback;
   return static_cast<int>(v);
+}
+
+int64_t NowNs(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+}
+
+// Records when this thread was preempted (involuntary context switches since `*seen`).
+void NotePreemptions(long* seen) {
+  struct rusage usage;
+  if (getrusage(RUSAGE_THREAD, &usage) != 0 || usage.ru_nivcsw == *seen) return;
+  *seen = usage.ru_nivcsw;
+  int64_t now = NowNs(std::chrono::steady_clock::now());
+  pool.preemptions[pool.next_preemption.fetch_add(1) % kRecentPreemptions].store(now);
+}
+
+// Whether other processes want these cores now: then a worker that polls for the next loop takes
+// the core from the threads doing the work (PP-OCRv4 rec, 2 threads, both cores busy with other
+// processes: 21-25 ms polling 200 us, 12-17 with TVM's pool that does not poll).
+bool Contended(std::chrono::steady_clock::time_point now) {
+  int64_t since = NowNs(now) - kContendedWindowNs;
+  for (const auto& t : pool.preemptions)
+    if (t.load(std::memory_order_relaxed) < since) return false;
+  return true;
 }
 
 int OwnedChunks(int owner, int num_task) {  // chunks owner, owner + threads, ... below num_task
@@ -135,11 +168,14 @@ void RunJob(int self, uint32_t gen) {
 void* WorkerMain(void* arg) {
   int self = static_cast<int>(reinterpret_cast<intptr_t>(arg));
   uint32_t seen = pool.generation.load();
+  long preempted = 0;  // involuntary context switches of this thread so far
   for (;;) {
     uint32_t gen;
     // the next loop usually follows within microseconds (the model's next kernel): poll for
-    // spin_us before sleeping, which would cost a wake-up per loop
-    auto spin_end = std::chrono::steady_clock::now() + std::chrono::microseconds(pool.spin_us);
+    // spin_us before sleeping, which would cost a wake-up per loop -- unless the cores are contended
+    NotePreemptions(&preempted);
+    auto now = std::chrono::steady_clock::now();
+    auto spin_end = now + std::chrono::microseconds(Contended(now) ? 0 : pool.spin_us);
     int polls = 0;
     while ((gen = pool.generation.load(std::memory_order_acquire)) == seen) {
       if (++polls % 32 != 0 || std::chrono::steady_clock::now() < spin_end) {
@@ -198,6 +234,7 @@ extern "C" {
 int sculpt_pool_launch(ParallelLambda lambda, void* cdata, int num_task) {
   pthread_once(&pool.once, StartPool);
   if (pool.threads <= 1 || in_task || pthread_mutex_trylock(&pool.launch_lock) != 0) return RunAlone(lambda, cdata, num_task);
+  if (pool.launches++ % 4 == 0) NotePreemptions(&pool.caller_preempted);
   int tasks = num_task > 0 ? num_task : pool.threads * pool.tasks_per_thread;
   if (OwnedChunks(0, tasks) > 0xffff) {
     pthread_mutex_unlock(&pool.launch_lock);
