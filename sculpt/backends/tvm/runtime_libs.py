@@ -16,7 +16,9 @@ import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
+from sculpt.common import one_line
 from sculpt.errors import SculptError
 
 RUNTIME_LIBRARIES = ("libtvm_ffi.so", "libtvm_runtime.so")
@@ -118,6 +120,27 @@ def _fetch_aarch64_runtime(target: Path, versions: dict[str, str], progress=None
         if target.exists():
             shutil.rmtree(target)
         os.replace(staged, target)  # all or nothing: a half-fetched runtime is never used
+
+
+def build_into_cache(path: Path, command: Callable[[str], list[str]], what: str, *, executable: bool = False) -> Path:
+    """``path`` (a file in the sculpt cache named by a hash of its inputs), built by ``command(output)``
+    unless it is there already; written atomically (a failed or interrupted build leaves nothing)."""
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run(command(tmp), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ToolchainError(f"building {what} failed: {one_line(done.stderr, 600)}")
+        if executable:
+            os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def require_tool(name: str, package: str) -> str:

@@ -14,13 +14,11 @@ import contextlib
 import ctypes
 import hashlib
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from sculpt.backends.tvm.runtime_libs import ToolchainError, cache_dir, require_tool
-from sculpt.common import one_line
+from sculpt.backends.tvm.runtime_libs import ToolchainError, build_into_cache, cache_dir, require_tool
 
 SOURCE = Path(__file__).with_name("runner") / "work_pool.cc"
 SLOT = "__TVMBackendParallelLaunch"
@@ -31,25 +29,11 @@ _library: ctypes.CDLL | None = None
 
 def _build() -> Path:
     cxx = require_tool("g++", "g++")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + b"\0" + cxx.encode()).hexdigest()[:16]
-    out_dir = cache_dir() / "work_pool"
-    path = out_dir / f"libsculpt_work_pool-{key}.so"
-    if path.is_file():
-        return path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        done = subprocess.run([cxx, "-std=c++17", "-O2", "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lpthread"],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise ToolchainError(f"building sculpt's thread pool failed: {one_line(done.stderr, 600)}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + cxx.encode()).hexdigest()[:16]
+    return build_into_cache(cache_dir() / "work_pool" / f"libsculpt_work_pool-{key}.so",
+                            lambda output: [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", str(SOURCE), "-o", output,
+                                            "-lpthread"],
+                            "sculpt's thread pool")
 
 
 def pool_library() -> ctypes.CDLL:

@@ -12,14 +12,12 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sculpt.backends.tvm.runtime_libs import (ToolchainError, RuntimeLibraries, aarch64_runtime, cache_dir,
-                                              host_runtime, qemu_command, require_tool)
-from sculpt.common import one_line
+from sculpt.backends.tvm.runtime_libs import (ToolchainError, RuntimeLibraries, aarch64_runtime, build_into_cache,
+                                              cache_dir, host_runtime, qemu_command, require_tool)
 
 SOURCE = Path(__file__).with_name("deploy_runner.cc")
 POOL_SOURCE = Path(__file__).with_name("work_pool.cc")  # sculpt's thread pool, linked in
@@ -49,31 +47,20 @@ def runner_path(arch: str | None = None, progress: Callable[[str], None] | None 
     cxx = _compiler(arch)
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), POOL_SOURCE.read_bytes(), cxx.encode(), *(str(d).encode() for d in runtime.lib_dirs),
                                      str(runtime.include_dir).encode(), " ".join(runtime.versions).encode()]))
-    out_dir = cache_dir() / "runner"
-    binary = out_dir / f"sculpt_deploy_runner-{arch}-{key.hexdigest()[:16]}"
+    binary = cache_dir() / "runner" / f"sculpt_deploy_runner-{arch}-{key.hexdigest()[:16]}"
     if binary.is_file():
         return binary
-    out_dir.mkdir(parents=True, exist_ok=True)
     if progress:
         progress(f"building the deploy runner for {arch}")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{binary.name}.", suffix=".tmp")
-    os.close(fd)
     lib_flags = [f"-L{d}" for d in runtime.lib_dirs]
     rpath = ":".join(str(d) for d in runtime.lib_dirs)
-    command = [cxx, "-std=c++17", "-O2", str(SOURCE), str(POOL_SOURCE), f"-I{runtime.include_dir}", "-o", tmp,
-               *lib_flags, "-Wl,--no-as-needed", "-ltvm_ffi", "-ltvm_runtime", "-lpthread", "-ldl",
-               f"-Wl,-rpath,{rpath}"]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise ToolchainError(f"building the deploy runner for {arch} failed: "
-                                 f"{one_line(done.stderr, 600)}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, binary)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return binary
+
+    def command(output: str) -> list[str]:
+        return [cxx, "-std=c++17", "-O2", str(SOURCE), str(POOL_SOURCE), f"-I{runtime.include_dir}", "-o", output,
+                *lib_flags, "-Wl,--no-as-needed", "-ltvm_ffi", "-ltvm_runtime", "-lpthread", "-ldl",
+                f"-Wl,-rpath,{rpath}"]
+
+    return build_into_cache(binary, command, f"the deploy runner for {arch}", executable=True)
 
 
 @dataclass
