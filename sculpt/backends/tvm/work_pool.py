@@ -22,7 +22,6 @@ from sculpt.backends.tvm.runtime_libs import ToolchainError, build_into_cache, c
 
 SOURCE = Path(__file__).with_name("runner") / "work_pool.cc"
 SLOT = "__TVMBackendParallelLaunch"
-BARRIER = "__TVMBackendParallelBarrier"  # a library whose loops synchronize inside keeps TVM's pool
 
 _library: ctypes.CDLL | None = None
 
@@ -32,7 +31,7 @@ def _build() -> Path:
     key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + cxx.encode()).hexdigest()[:16]
     return build_into_cache(cache_dir() / "work_pool" / f"libsculpt_work_pool-{key}.so",
                             lambda output: [cxx, "-std=c++17", "-O2", "-shared", "-fPIC", str(SOURCE), "-o", output,
-                                            "-lpthread"],
+                                            "-lpthread", "-ldl"],
                             "sculpt's thread pool")
 
 
@@ -42,36 +41,21 @@ def pool_library() -> ctypes.CDLL:
     if _library is None:
         _library = ctypes.CDLL(str(_build()))
         _library.sculpt_pool_threads.restype = ctypes.c_int
-        _library.sculpt_pool_install.argtypes = [ctypes.c_void_p]
+        _library.sculpt_pool_install_library.argtypes = [ctypes.c_char_p]
     return _library
 
 
 def install(library_path: str | os.PathLike) -> bool:
     """Point the parallel loops of a library that the TVM runtime has already loaded at the pool.
     False (TVM's pool kept) when the library has no parallel loops, or loops with a barrier inside
-    (the pool runs chunks independently)."""
-    try:
-        loaded = ctypes.CDLL(os.fspath(library_path), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-    except OSError:
-        raise ToolchainError(f"{library_path}: not loaded in this process (load it with the TVM runtime first)") from None
-    try:
-        slot = ctypes.c_void_p.in_dll(loaded, SLOT)
-    except ValueError:
-        return False
-    if _has_symbol(loaded, BARRIER):  # loops that synchronize inside need TVM's pool
-        return False
-    if not slot.value:
+    (the pool runs chunks independently). The pool's own ``sculpt_pool_install_library`` decides, as
+    in the deploy runner."""
+    status = pool_library().sculpt_pool_install_library(os.fsencode(library_path))
+    if status == -1:
+        raise ToolchainError(f"{library_path}: not loaded in this process (load it with the TVM runtime first)")
+    if status == -2:
         raise ToolchainError(f"{library_path}: the TVM runtime has not filled {SLOT} yet")
-    pool_library().sculpt_pool_install(ctypes.addressof(slot))
-    return True
-
-
-def _has_symbol(library: ctypes.CDLL, name: str) -> bool:
-    try:
-        ctypes.c_void_p.in_dll(library, name)
-    except ValueError:
-        return False
-    return True
+    return status == 1
 
 
 def threads() -> int:

@@ -17,8 +17,6 @@
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
-#include <dlfcn.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -34,7 +32,7 @@
 
 namespace ffi = tvm::ffi;
 
-extern "C" void sculpt_pool_install(void** slot);  // work_pool.cc
+extern "C" int sculpt_pool_install_library(const char* path);  // work_pool.cc
 
 namespace {
 
@@ -267,18 +265,12 @@ std::string ApplyThreadPolicy(const Options& o) {
   return policy;
 }
 
-// Points the loaded artifact's parallel loops (its __TVMBackendParallelLaunch slot, which the runtime
-// filled when it loaded the library) at sculpt's pool.
-// False (TVM's pool kept) when the artifact has no parallel loops or loops with a barrier inside.
+// Points the loaded artifact's parallel loops at sculpt's pool; false (TVM's pool kept) when the
+// artifact has no parallel loops or loops with a barrier inside.
 bool InstallWorkPool(const std::string& artifact) {
-  void* handle = dlopen(artifact.c_str(), RTLD_LAZY | RTLD_NOLOAD);
-  if (handle == nullptr) throw std::runtime_error(artifact + ": not loaded, cannot install the thread pool");
-  void* slot = dlsym(handle, "__TVMBackendParallelLaunch");
-  // loops with a barrier inside need TVM's pool (sculpt's runs chunks independently)
-  if (dlsym(handle, "__TVMBackendParallelBarrier") != nullptr) slot = nullptr;
-  if (slot != nullptr) sculpt_pool_install(static_cast<void**>(slot));
-  dlclose(handle);  // the runtime's own reference keeps it loaded
-  return slot != nullptr;
+  int status = sculpt_pool_install_library(artifact.c_str());
+  if (status < 0) throw std::runtime_error(artifact + ": not loaded, cannot install the thread pool");
+  return status == 1;
 }
 
 int Run(const Options& o) {

@@ -11,8 +11,8 @@
 // cache); a thread runs its own chunks in order, then claims the unstarted chunks of the others. A
 // thread that wakes late finds its share done and sleeps again.
 //
-// sculpt_pool_install(slot) points a loaded library's `__TVMBackendParallelLaunch` at the pool
-// (after the runtime has filled it). Settings, read once when the pool starts (its first launch):
+// sculpt_pool_install_library(path) points a loaded library's `__TVMBackendParallelLaunch` at the
+// pool (after the runtime has filled it); the deploy runner and sculpt.backends.tvm.work_pool call it. Settings, read once when the pool starts (its first launch):
 //   SCULPT_POOL_THREADS           threads (else TVM_NUM_THREADS, else the cores this process may use)
 //   SCULPT_POOL_TASKS_PER_THREAD  chunks per thread and loop (default 4)
 //   SCULPT_POOL_SPIN_US           how long a worker polls for the next loop before it sleeps
@@ -21,6 +21,7 @@
 // Linux only (futex): the host, aarch64 Linux and Android. Built into the deploy runner and, for
 // the Python API, into a small shared library (sculpt.backends.tvm.work_pool).
 
+#include <dlfcn.h>
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
@@ -279,8 +280,23 @@ int sculpt_pool_launch(ParallelLambda lambda, void* cdata, int num_task) {
   return failed ? -1 : 0;
 }
 
-// Points a loaded library's parallel-launch slot (`__TVMBackendParallelLaunch`) at this pool.
-void sculpt_pool_install(void** slot) { *slot = reinterpret_cast<void*>(&sculpt_pool_launch); }
+// Points the parallel loops of a library the TVM runtime has loaded (its `__TVMBackendParallelLaunch`
+// slot, which the runtime filled when it loaded the library) at this pool. Returns 1 when installed;
+// 0 when the library keeps TVM's pool: no parallel loops, or loops with a barrier inside
+// (`__TVMBackendParallelBarrier`: this pool runs chunks independently); -1 when the library is not
+// loaded in this process; -2 when its slot is not filled yet.
+int sculpt_pool_install_library(const char* path) {
+  void* handle = dlopen(path, RTLD_LAZY | RTLD_NOLOAD);
+  if (handle == nullptr) return -1;
+  void** slot = static_cast<void**>(dlsym(handle, "__TVMBackendParallelLaunch"));
+  int status = 0;
+  if (slot != nullptr && dlsym(handle, "__TVMBackendParallelBarrier") == nullptr) {
+    status = *slot == nullptr ? -2 : 1;
+    if (status == 1) *slot = reinterpret_cast<void*>(&sculpt_pool_launch);
+  }
+  dlclose(handle);  // the runtime's own reference keeps it loaded
+  return status;
+}
 
 // The pool's thread count (starts the pool).
 int sculpt_pool_threads(void) {
