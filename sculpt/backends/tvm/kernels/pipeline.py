@@ -16,9 +16,13 @@
              -> [sculpt: matmul weights padded to whole vectors of columns (pad_matmul_columns)]
              -> [sculpt: softmax over long rows with vector reductions (row_softmax)]
              -> [sculpt: softmax/exp/erf/tanh/sigmoid as approximations that vectorize (fast_math)]
-             -> dispatch -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR
+             -> dispatch -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant
+             -> [sculpt: concats that can be placed in place kept out of fusion (concat_in_place)]
+             -> FuseOps -> FuseTIR
              -> [sculpt: schedule every PrimFunc (rules.schedule_module)]
-             -> dataflow lowering -> memory planning / VM lowering
+             -> dataflow lowering
+             -> [sculpt: concats whose inputs' kernels write their ranges of the output (concat_in_place)]
+             -> memory planning / VM lowering
 
 Fusion is TVM's own (a conv2d/matmul absorbs the elementwise ops after it), so the kernels are
 scheduled with their epilogues in place."""
@@ -46,6 +50,7 @@ from sculpt.backends.tvm.kernels.tiling import grouped_pointwise_as_matmul, wino
 from sculpt.backends.tvm.kernels.whole_vector_width import rewrite_depthwise_widths
 from sculpt.backends.tvm.kernels.transposed_conv import rewrite_transposed_convs
 from sculpt.backends.tvm.kernels.rules import TileChooser, schedule_module
+from sculpt.backends.tvm.kernels.concat_in_place import isolate_placeable_concats, place_concats
 
 
 def _module_pass(name: str, rewrite):
@@ -96,7 +101,16 @@ def _front_passes(target, conv_policy: ConvPolicy | None = None, conv_decisions:
     # reshapes of reshapes (the rewrites' and the importer's) as one reshape, the identical ones gone:
     # a lone reshape is a view at run time, a fused chain of them was a copy (0.24 ms in PP-OCRv6 rec)
     return [_module_pass(name, rewrite) for name, rewrite in rewrites] + [relax.transform.RemoveRedundantReshape()] \
-        + cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
+        + cpu.library_dispatch_passes(target) + _legalize_passes(target)
+
+
+def _legalize_passes(target) -> list:
+    """TVM's CPU legalization and fusion, with the concats to be placed in place kept out of fusion."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    passes = list(cpu.legalize_passes(target))
+    fuse = next(i for i, p in enumerate(passes) if p.info.name == "FuseOps")
+    return passes[:fuse] + [_module_pass("SculptIsolateConcats", isolate_placeable_concats)] + passes[fuse:]
 
 
 def legalized_and_fused(mod, target, conv_policy: ConvPolicy | None = None, conv_decisions: list | None = None):
@@ -130,7 +144,8 @@ def sculpt_relax_pipeline(target, choose: TileChooser | None = None, decisions: 
         with target:
             seq = tvm.transform.Sequential(
                 _front_passes(target) + [schedule_kernels]
-                + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+                + cpu.dataflow_lower_passes(target) + [_module_pass("SculptConcatInPlace", place_concats)]
+                + cpu.finalize_passes(target))
             return seq(mod)
 
     return _pipeline
