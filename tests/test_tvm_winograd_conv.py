@@ -114,6 +114,11 @@ def test_the_policy_keeps_small_convs_direct(full_rate):
     # PP-OCRv6 det's 96->24 at 184x184 and SqueezeNet's 32->128 at 27x27: Winograd on both kinds
     assert tiling.winograd_worth(ConvShape(1, 96, 184, 184, 24, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
     assert tiling.winograd_worth(ConvShape(1, 32, 27, 27, 128, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
+    # weights over L2 on a small map: ResNet's 512->512 at 7x7 direct, its 256->256 at 14x14 Winograd,
+    # DenseNet's 128->32 at 7x7 (transformed weights of 256 KB) Winograd
+    assert not tiling.winograd_worth(ConvShape(1, 512, 7, 7, 512, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
+    assert tiling.winograd_worth(ConvShape(1, 256, 14, 14, 256, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
+    assert tiling.winograd_worth(ConvShape(1, 128, 7, 7, 32, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)), traits)
     # the mechanism's own limits: stride, dilation, groups, layouts
     assert winograd_conv.winograd_applies(big, 16)
     assert not winograd_conv.winograd_applies(replace(big, out_channels=40), 16)  # no whole blocks

@@ -331,6 +331,13 @@ WINOGRAD_MIN_MACS = 1_000_000
 # SqueezeNet's 16->64 at 55x55 (12.8) direct 4.02 -> 3.87 ms (onnxruntime 3.89), its 32->128 at 27x27
 # (25.6) direct too 3.97; PP-OCRv6 det small's 96->24 at 184x184 (19.2) direct 104.8 -> 106.2
 WINOGRAD_MIN_CHANNEL_PRODUCT_FULL_RATE = 16
+# Winograd's product reads 16 Ci Co transformed weights against the direct kernel's 9 Ci Co, each once
+# per conv. Weights over L2 come from memory, and on a small map the product does too little per weight
+# to hide it: ResNet-50's 512->512 at 7x7 (16 MB transformed, 16 tiles) took 1.82 ms per conv on the
+# Winograd product alone against 1.30 direct and onnxruntime's 1.68 (1 thread, Intel Xeon, in the
+# model). Such a conv stays direct below this many output pixels (14x14's 196 keep Winograd: ResNet's
+# 256->256 0.65 ms against onnxruntime's 1.14).
+WINOGRAD_MIN_PIXELS_WEIGHTS_OVER_L2 = 64
 
 
 def winograd_worth(shape, traits: TargetTraits) -> bool:
@@ -339,5 +346,9 @@ def winograd_worth(shape, traits: TargetTraits) -> bool:
     macs = shape.in_channels * shape.out_channels * shape.out_height * shape.out_width * 9
     ci, co = shape.in_channels, shape.out_channels
     if traits.wide_at_full_rate and ci * co < WINOGRAD_MIN_CHANNEL_PRODUCT_FULL_RATE * (ci + co):
+        return False
+    transformed_weight_bytes = 16 * ci * co * 4
+    if transformed_weight_bytes > traits.l2_bytes \
+            and shape.out_height * shape.out_width < WINOGRAD_MIN_PIXELS_WEIGHTS_OVER_L2:
         return False
     return min(ci, co) >= WINOGRAD_MIN_CHANNELS and macs >= WINOGRAD_MIN_MACS
