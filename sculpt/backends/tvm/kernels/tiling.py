@@ -333,10 +333,11 @@ WINOGRAD_MIN_MACS = 1_000_000
 WINOGRAD_MIN_CHANNEL_PRODUCT_FULL_RATE = 16
 # Winograd's product reads 16 Ci Co transformed weights against the direct kernel's 9 Ci Co, each once
 # per conv. Weights over L2 come from memory, and on a small map the product does too little per weight
-# to hide it: ResNet-50's 512->512 at 7x7 (16 MB transformed, 16 tiles) took 1.82 ms per conv on the
-# Winograd product alone against 1.30 direct and onnxruntime's 1.68 (1 thread, Intel Xeon, in the
-# model). Such a conv stays direct below this many output pixels (14x14's 196 keep Winograd: ResNet's
-# 256->256 0.65 ms against onnxruntime's 1.14).
+# to hide it: ResNet-50's 512->512 at 7x7 (16 MB transformed, 16 tiles) took 1.82 ms per conv in the
+# Winograd product alone (in the model, 1 thread, Intel Xeon; onnxruntime's conv 1.68), the direct
+# kernel 1.30 alone; direct, the model went 42.9 -> 41.9 ms (8 interleaved rounds). Such a conv stays
+# direct below this many output pixels (14x14's 196 keep Winograd: ResNet's 256->256 0.65 ms against
+# onnxruntime's 1.14).
 WINOGRAD_MIN_PIXELS_WEIGHTS_OVER_L2 = 64
 
 
