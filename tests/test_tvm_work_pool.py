@@ -63,6 +63,58 @@ def test_every_chunk_of_every_loop_runs_once(threads, spin_us):
     assert done.stdout.split() == ["threads", str(threads)]
 
 
+# The caller and the worker both pinned to one core (the kernel's wake-up placement beside the waker):
+# the worker, at its next loop, moves off the caller's core when /proc/loadavg (here a file standing in
+# for it) shows a core to spare, and stays when it shows none.
+_SPREAD_DRIVER = textwrap.dedent("""
+    import ctypes, os, threading, time
+    from sculpt.backends.tvm import work_pool
+    lib = work_pool.pool_library()
+    sched_getcpu = ctypes.CDLL(None).sched_getcpu
+
+    class Env(ctypes.Structure):
+        _fields_ = [("sync_handle", ctypes.c_void_p), ("num_task", ctypes.c_int32)]
+
+    Lambda = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(Env), ctypes.c_void_p)
+    launch = lib.sculpt_pool_launch
+    launch.argtypes = [Lambda, ctypes.c_void_p, ctypes.c_int]
+    before = set(os.listdir("/proc/self/task"))
+    assert lib.sculpt_pool_threads() == 2  # starts the pool: its worker is a thread of this process
+    workers = [int(t) for t in set(os.listdir("/proc/self/task")) - before]
+    assert len(workers) == 1, workers
+    caller = threading.get_native_id()
+    core = min(os.sched_getaffinity(0))
+    for thread in [caller] + workers:  # the caller and the worker on one core
+        os.sched_setaffinity(thread, {core})
+    seen = []
+    record = Lambda(lambda task, env, cdata: seen.append((threading.get_native_id(), sched_getcpu())) or 0)
+    for _ in range(200):
+        time.sleep(0.001)
+        assert launch(record, None, 64) == 0
+    allowed = sorted(os.sched_getaffinity(workers[0]))
+    by_worker = sorted({cpu for thread, cpu in seen if thread != caller})
+    print(core, ",".join(map(str, allowed)), ",".join(map(str, by_worker)) or "-")
+""")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+@pytest.mark.parametrize("runnable, moves", [(1, True), (9, False)])
+def test_a_worker_beside_its_caller_moves_off_its_core_when_another_is_idle(tmp_path, runnable, moves):
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text(f"0.10 0.10 0.10 {runnable}/100 1234\n")
+    env = {**os.environ, "SCULPT_POOL_THREADS": "2", "SCULPT_POOL_LOADAVG": str(loadavg)}
+    done = subprocess.run([sys.executable, "-c", _SPREAD_DRIVER], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    core, allowed, ran_on = done.stdout.split()
+    allowed = [int(c) for c in allowed.split(",")]
+    if moves:  # the worker may no longer run on the caller's core, and its chunks ran elsewhere
+        assert int(core) not in allowed and allowed, done.stdout
+        assert ran_on == "-" or int(core) not in [int(c) for c in ran_on.split(",")], done.stdout
+    else:
+        assert allowed == [int(core)], done.stdout
+
+
 def test_the_policy_names_the_pool_and_others_keep_tvms():
     assert thread_policy.runtime_env("stealing", 2) == {
         "TVM_BIND_THREADS": "0", "TVM_THREAD_POOL_SPIN_COUNT": "0", "SCULPT_THREAD_POOL": "stealing",
