@@ -19,6 +19,7 @@ with sculpt's kernels, compile times and the largest output error against onnxru
     python tools/kernel_benchmark.py --models rec --end-to-end --skip-default --threads 2 --load 2  # busy cores
     python tools/kernel_benchmark.py --models zoo --end-to-end --threads 2 --compare-load 2  # idle vs busy
     python tools/kernel_benchmark.py --models rec --end-to-end --threads 2 --compare-load 2 --compare-pools
+    python tools/kernel_benchmark.py --models zoo --end-to-end --skip-default --threads 2 --pause-ms 33  # per frame
 
 TVM's default build is the bare ``llvm`` target (what ``build(..., kernels="default")`` does); sculpt's
 build is the same target completed with the host CPU. Both TVM and onnxruntime use all cores
@@ -136,6 +137,7 @@ def one_node_model(layer: LayerShape, seed: int = 0) -> onnx.ModelProto:
 # the time the scheduler gives them is not counted (their effect on the caches still is)
 CLOCK = {"wall": time.perf_counter, "cpu": time.thread_time}
 _clock = CLOCK["wall"]
+_pause_s = 0.0  # --pause-ms: idle time before each timed run (a camera's frame interval), set by main
 
 
 def _median_ms(fn, runs: int, warmup: int = 2, budget_s: float = 20.0) -> float:
@@ -144,6 +146,8 @@ def _median_ms(fn, runs: int, warmup: int = 2, budget_s: float = 20.0) -> float:
     times = []
     start = time.perf_counter()
     for _ in range(runs):
+        if _pause_s:
+            time.sleep(_pause_s)
         t = _clock()
         fn()
         times.append((_clock() - t) * 1e3)
@@ -439,6 +443,9 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=sorted(CLOCK), default="wall",
                    help="wall: elapsed time (default); cpu: the calling thread's CPU time, with --threads 1 "
                         "only (both runtimes run one thread's work in the caller: time other jobs take is not counted)")
+    p.add_argument("--pause-ms", type=float, default=0.0,
+                   help="end to end: sleep this long before each timed run, not counted (one inference per "
+                        "camera frame: 33); both runtimes alike")
     p.add_argument("--conv-lanes", choices=["auto", "default", "wide"], default="auto",
                    help="channel blocks of the convs: auto (lane_policy decides per model), default (the target's "
                         "default vectors), wide (its widest: AVX-512's 16 lanes) for every model")
@@ -466,8 +473,8 @@ def main(argv=None) -> int:
         print("kernel_benchmark: error: --clock cpu needs --threads 1 (other threads' CPU time is not the "
               "caller's)", file=sys.stderr)
         return 2
-    global _clock, _policy
-    _clock, _policy = CLOCK[args.clock], args.thread_policy
+    global _clock, _policy, _pause_s
+    _clock, _policy, _pause_s = CLOCK[args.clock], args.thread_policy, max(0.0, args.pause_ms) / 1e3
     from sculpt.backends.tvm import thread_policy
     from sculpt.backends.tvm.kernels import lane_policy
 
