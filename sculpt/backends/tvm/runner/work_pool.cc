@@ -48,6 +48,7 @@ constexpr int kCallerYields = 2000;  // yields before it sleeps
 // kContendedWindow (an idle machine preempts them a few times a second, a busy one every few ms).
 constexpr int kRecentPreemptions = 4;
 constexpr int64_t kContendedWindowNs = 40'000'000;
+constexpr int64_t kLoadavgPeriodNs = 10'000'000;
 
 struct ParallelGroupEnv {  // TVMParallelGroupEnv
   void* sync_handle;
@@ -157,11 +158,18 @@ int RunnableTasks() {
 // 2.2-2.4 off the caller's core (onnxruntime 2.1-2.3), SqueezeNet 5.6 against 3.1 (3.0-3.2).
 // Once other processes contend for the cores, the worker's own affinity comes back and the kernel
 // places it.
-void KeepOffCallersCore(const cpu_set_t* own_mask, bool* narrowed) {
+// `*next_read_ns`: a worker beside its caller on a busy machine reads /proc/loadavg at most every
+// kLoadavgPeriodNs (a read costs ~10 us, a loop can take less).
+void KeepOffCallersCore(const cpu_set_t* own_mask, bool* narrowed, int64_t* next_read_ns) {
   int caller = pool.caller_cpu.load(std::memory_order_relaxed);
   if (caller >= 0 && sched_getcpu() == caller) {
+    int64_t now = NowNs(std::chrono::steady_clock::now());
+    if (now < *next_read_ns) return;
     int running = RunnableTasks();
-    if (running < 0 || running > pool.cpus) return;  // no core to spare
+    if (running < 0 || running > pool.cpus) {  // no core to spare
+      *next_read_ns = now + kLoadavgPeriodNs;
+      return;
+    }
     cpu_set_t others = *own_mask;
     CPU_CLR(caller, &others);
     if (CPU_COUNT(&others) > 0 && sched_setaffinity(0, sizeof(others), &others) == 0) *narrowed = true;
@@ -211,6 +219,7 @@ void* WorkerMain(void* arg) {
   uint32_t seen = pool.generation.load();
   long preempted = 0;  // involuntary context switches of this thread so far
   bool narrowed = false;
+  int64_t next_loadavg_read = 0;
   cpu_set_t own_mask;
   sched_getaffinity(0, sizeof(own_mask), &own_mask);
   for (;;) {
@@ -233,7 +242,7 @@ void* WorkerMain(void* arg) {
       pool.sleepers.fetch_sub(1);
     }
     seen = gen;
-    if (pool.spread) KeepOffCallersCore(&own_mask, &narrowed);
+    if (pool.spread) KeepOffCallersCore(&own_mask, &narrowed, &next_loadavg_read);
     RunJob(self, gen);
   }
   return nullptr;
