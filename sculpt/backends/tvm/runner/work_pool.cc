@@ -163,11 +163,16 @@ int RunnableTasks() {
 void KeepOffCallersCore(const cpu_set_t* own_mask, bool* narrowed, int64_t* next_read_ns) {
   int caller = pool.caller_cpu.load(std::memory_order_relaxed);
   if (caller >= 0 && sched_getcpu() == caller) {
-    int64_t now = NowNs(std::chrono::steady_clock::now());
+    auto clock_now = std::chrono::steady_clock::now();
+    int64_t now = NowNs(clock_now);
     if (now < *next_read_ns) return;
-    int running = RunnableTasks();
-    if (running < 0 || running > pool.cpus) {  // no core to spare
+    int running = Contended(clock_now) ? -1 : RunnableTasks();
+    if (running < 0 || running > pool.cpus) {  // no core to spare: the kernel places the worker
       *next_read_ns = now + kLoadavgPeriodNs;
+      if (*narrowed) {
+        sched_setaffinity(0, sizeof(*own_mask), own_mask);
+        *narrowed = false;
+      }
       return;
     }
     cpu_set_t others = *own_mask;
