@@ -67,7 +67,7 @@ def test_every_chunk_of_every_loop_runs_once(threads, spin_us):
 # the worker, at its next loop, moves off the caller's core when /proc/loadavg (here a file standing in
 # for it) shows a core to spare, and stays when it shows none.
 _SPREAD_DRIVER = textwrap.dedent("""
-    import ctypes, os, threading, time
+    import ctypes, os, sys, threading, time
     from sculpt.backends.tvm import work_pool
     lib = work_pool.pool_library()
     sched_getcpu = ctypes.CDLL(None).sched_getcpu
@@ -88,31 +88,32 @@ _SPREAD_DRIVER = textwrap.dedent("""
         os.sched_setaffinity(thread, {core})
     seen = []
     record = Lambda(lambda task, env, cdata: seen.append((threading.get_native_id(), sched_getcpu())) or 0)
-    for _ in range(200):
+    lib.sculpt_pool_moves_off_caller.restype = ctypes.c_long
+    deadline = time.monotonic() + 20  # on a loaded machine the worker may wait long for its core
+    for launches in range(1, 100000):
         time.sleep(0.001)
         assert launch(record, None, 64) == 0
-    allowed = sorted(os.sched_getaffinity(workers[0]))
-    by_worker = sorted({cpu for thread, cpu in seen if thread != caller})
-    print(core, ",".join(map(str, allowed)), ",".join(map(str, by_worker)) or "-")
+        if launches >= 200 and (lib.sculpt_pool_moves_off_caller() or time.monotonic() > deadline
+                                or sys.argv[1] == "stays"):
+            break
+    print(core, lib.sculpt_pool_moves_off_caller())
 """)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
-@pytest.mark.parametrize("runnable, moves", [(1, True), (9, False)])
-def test_a_worker_beside_its_caller_moves_off_its_core_when_another_is_idle(tmp_path, runnable, moves):
+@pytest.mark.parametrize("runnable, moves_expected", [(1, True), (9, False)])
+def test_a_worker_beside_its_caller_moves_off_its_core_when_another_is_idle(tmp_path, runnable, moves_expected):
     loadavg = tmp_path / "loadavg"
     loadavg.write_text(f"0.10 0.10 0.10 {runnable}/100 1234\n")
     env = {**os.environ, "SCULPT_POOL_THREADS": "2", "SCULPT_POOL_LOADAVG": str(loadavg)}
-    done = subprocess.run([sys.executable, "-c", _SPREAD_DRIVER], env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", _SPREAD_DRIVER, "moves" if moves_expected else "stays"], env=env,
+                          capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    core, allowed, ran_on = done.stdout.split()
-    allowed = [int(c) for c in allowed.split(",")]
-    if moves:  # the worker may no longer run on the caller's core, and its chunks ran elsewhere
-        assert int(core) not in allowed and allowed, done.stdout
-        assert ran_on == "-" or int(core) not in [int(c) for c in ran_on.split(",")], done.stdout
-    else:
-        assert allowed == [int(core)], done.stdout
+    core, moves = done.stdout.split()
+    # once moved, a worker gets its own affinity back when its threads are preempted (a loaded machine,
+    # as CI's), so the count of moves is what is deterministic, not where the worker ends up
+    assert (int(moves) > 0) == moves_expected, done.stdout
 
 
 def test_the_policy_names_the_pool_and_others_keep_tvms():

@@ -69,6 +69,7 @@ struct Pool {
   bool spread = true;
   const char* loadavg_path = "/proc/loadavg";  // SCULPT_POOL_LOADAVG: another file, for tests
   std::atomic<int> caller_cpu{-1};  // the core the caller last launched a loop from
+  std::atomic<long> moves_off_caller{0};  // times a worker left its caller's core (KeepOffCallersCore)
   pthread_once_t once = PTHREAD_ONCE_INIT;
   pthread_mutex_t launch_lock = PTHREAD_MUTEX_INITIALIZER;  // one job at a time
   alignas(64) std::atomic<uint32_t> generation{0};
@@ -163,10 +164,9 @@ int RunnableTasks() {
 void KeepOffCallersCore(const cpu_set_t* own_mask, bool* narrowed, int64_t* next_read_ns) {
   int caller = pool.caller_cpu.load(std::memory_order_relaxed);
   if (caller >= 0 && sched_getcpu() == caller) {
-    auto clock_now = std::chrono::steady_clock::now();
-    int64_t now = NowNs(clock_now);
+    int64_t now = NowNs(std::chrono::steady_clock::now());
     if (now < *next_read_ns) return;
-    int running = Contended(clock_now) ? -1 : RunnableTasks();
+    int running = RunnableTasks();
     if (running < 0 || running > pool.cpus) {  // no core to spare: the kernel places the worker
       *next_read_ns = now + kLoadavgPeriodNs;
       if (*narrowed) {
@@ -177,7 +177,10 @@ void KeepOffCallersCore(const cpu_set_t* own_mask, bool* narrowed, int64_t* next
     }
     cpu_set_t others = *own_mask;
     CPU_CLR(caller, &others);
-    if (CPU_COUNT(&others) > 0 && sched_setaffinity(0, sizeof(others), &others) == 0) *narrowed = true;
+    if (CPU_COUNT(&others) > 0 && sched_setaffinity(0, sizeof(others), &others) == 0) {
+      *narrowed = true;
+      pool.moves_off_caller.fetch_add(1, std::memory_order_relaxed);
+    }
   } else if (*narrowed && Contended(std::chrono::steady_clock::now())) {
     sched_setaffinity(0, sizeof(*own_mask), own_mask);
     *narrowed = false;
@@ -360,6 +363,9 @@ int sculpt_pool_install_library(const char* path) {
   dlclose(handle);  // the runtime's own reference keeps it loaded
   return status;
 }
+
+// How many times a worker has moved off its caller's core (KeepOffCallersCore).
+long sculpt_pool_moves_off_caller(void) { return pool.moves_off_caller.load(); }
 
 // The pool's thread count (starts the pool).
 int sculpt_pool_threads(void) {
