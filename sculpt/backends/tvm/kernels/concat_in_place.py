@@ -76,6 +76,38 @@ def _byte_offsets(shapes: list[tuple[int, ...]], axis: int, itemsize: int) -> li
     return offsets
 
 
+def _input_offsets(inputs: list, axis: int) -> list[int] | None:
+    """The byte offsets of a concat's ``inputs`` (Relax variables) in its output, if they are distinct,
+    of static shapes, and each placeable (``_byte_offsets``); else None."""
+    if len(set(inputs)) != len(inputs):
+        return None
+    shapes = [static_shape(x) for x in inputs]
+    if any(s is None for s in shapes):
+        return None
+    return _byte_offsets(shapes, axis, _itemsize(inputs[0]))
+
+
+def _rewritten_functions(mod, rewrite_block) -> dict:
+    """{GlobalVar: the Relax function with each block ``rewrite_block`` returns new bindings for
+    rebuilt with them (of the same kind)} for the functions where it returned any."""
+    from tvm import relax
+
+    updated = {}
+    for gv, func in list(mod.functions.items()):
+        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            continue
+        blocks, changed = [], False
+        for block in func.body.blocks:
+            bindings = rewrite_block(block)
+            changed |= bindings is not None
+            blocks.append(block if bindings is None else relax.DataflowBlock(bindings)
+                          if isinstance(block, relax.DataflowBlock) else relax.BindingBlock(bindings))
+        if changed:
+            updated[gv] = relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty,
+                                         func.is_pure, func.attrs, func.span)
+    return updated
+
+
 def _is_alloc(value) -> bool:
     from tvm import relax
 
@@ -83,9 +115,12 @@ def _is_alloc(value) -> bool:
 
 
 def _place_block(block, mod, normalize):
-    """The bindings of ``block`` with every eligible concat placed; also how many were."""
+    """The bindings of ``block`` (after CallTIRRewrite: not a dataflow block) with every eligible concat
+    placed, or None if none is."""
     from tvm import relax, tirx
 
+    if isinstance(block, relax.DataflowBlock):
+        return None
     bindings = list(block.bindings)
     bound = {b.var: b.value for b in bindings}
 
@@ -120,23 +155,20 @@ def _place_block(block, mod, normalize):
         roots, out_root = [origin(v) for v in ins], origin(out)
         if not _is_alloc(bound.get(out_root)) or writers.get(out_root) != i:
             continue
-        if len(set(roots)) != len(roots) or any(r in placed_inputs or r in placed_outputs for r in roots):
+        if any(r in placed_inputs or r in placed_outputs for r in roots):
             continue
         if not all(_is_alloc(bound.get(r)) and index[r] < writers.get(r, -1) < i for r in roots):
             continue
         if any(not origin(bindings[writers[r]].value.args[-1]).same_as(r) for r in roots):
             continue  # the allocation is not the writing call's last (output) argument
-        shapes = [static_shape(r) for r in roots]
-        if any(s is None for s in shapes) or static_shape(out_root) is None:
-            continue
-        offsets = _byte_offsets(shapes, axis, _itemsize(out_root))
-        if offsets is None:
+        offsets = _input_offsets(roots, axis)
+        if offsets is None or static_shape(out_root) is None:
             continue
         placed_inputs.update(roots)
         placed_outputs.add(out_root)
         plans.append((i, out_root, list(zip(roots, offsets))))
     if not plans:
-        return bindings, 0
+        return None
     drop = {i for i, _, _ in plans}
     hoist = {}  # index of an input's allocation -> the output allocation to bind before it (first only)
     views = {}
@@ -162,7 +194,7 @@ def _place_block(block, mod, normalize):
             new.append(relax.VarBinding(b.var, normalize(relax.op.memory.ensure_zero_offset(view))))
             continue
         new.append(b)
-    return new, len(plans)
+    return new
 
 
 def _itemsize(var) -> int:
@@ -177,20 +209,8 @@ def place_concats(mod):
     from tvm import relax
 
     normalize = relax.BlockBuilder(mod).normalize
-    for gv, func in list(mod.functions.items()):
-        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
-            continue
-        blocks, changed = [], 0
-        for block in func.body.blocks:
-            if isinstance(block, relax.DataflowBlock):
-                blocks.append(block)
-                continue
-            bindings, n = _place_block(block, mod, normalize)
-            changed += n
-            blocks.append(relax.BindingBlock(bindings) if n else block)
-        if changed:
-            body = relax.SeqExpr(blocks, func.body.body)
-            mod[gv] = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
+    for gv, func in _rewritten_functions(mod, lambda block: _place_block(block, mod, normalize)).items():
+        mod[gv] = func
     return mod
 
 
@@ -201,7 +221,6 @@ def isolate_placeable_concats(mod):
 
     isolated: dict = {}  # original GlobalVar name -> the opaque copy's GlobalVar
     builder = relax.BlockBuilder(mod)  # names and types the opaque copies
-    updated: dict = {}
 
     def opaque_copy(gv):
         if gv.name_hint not in isolated:
@@ -209,18 +228,8 @@ def isolate_placeable_concats(mod):
             isolated[gv.name_hint] = builder.add_func(func, f"{gv.name_hint}_in_place")
         return isolated[gv.name_hint]
 
-    for gv, func in list(mod.functions.items()):
-        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
-            continue
-        blocks, changed = [], False
-        for block in func.body.blocks:
-            bindings = _isolate_in_block(block, mod, opaque_copy, builder.normalize)
-            changed |= bindings is not None
-            blocks.append(block if bindings is None else relax.DataflowBlock(bindings)
-                          if isinstance(block, relax.DataflowBlock) else relax.BindingBlock(bindings))
-        if changed:
-            updated[gv] = relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty,
-                                         func.is_pure, func.attrs, func.span)
+    updated = _rewritten_functions(
+        mod, lambda block: _isolate_in_block(block, mod, opaque_copy, builder.normalize))
     mod = builder.get()
     for gv, func in updated.items():
         mod[gv] = func
@@ -253,10 +262,7 @@ def _isolate_in_block(block, mod, opaque_copy, normalize):
         producers = [kernel(bound.get(x)) if isinstance(x, relax.Var) else None for x in ins]
         if not ins or any(p is None or relax.analysis.has_reshape_pattern(p) for p in producers):
             continue
-        if len(set(ins)) != len(ins) or any(x in taken or x in concat_outputs for x in ins):
-            continue
-        shapes = [static_shape(x) for x in ins]
-        if any(s is None for s in shapes) or _byte_offsets(shapes, axis, _itemsize(ins[0])) is None:
+        if any(x in taken or x in concat_outputs for x in ins) or _input_offsets(ins, axis) is None:
             continue
         taken.update(ins)
         call = b.value

@@ -150,17 +150,16 @@ int RunnableTasks() {
   return running;
 }
 
-// A worker woken on its caller's core while another core is idle moves off it and stays off while
-// the machine is otherwise idle. The kernel places a woken thread on the core of the thread that
+// A worker that starts a loop on its caller's core while another core is idle moves off it, and
+// stays off until other processes contend or no core is spare. The kernel places a woken thread on the core of the thread that
 // woke it when it sees fit; there the two took turns on one core while the other stood idle, each
 // preempting the other, which the contended rule then read as other processes' load (so the worker
 // slept after every loop, and every wake-up put it back beside the caller). After a pause (a
 // camera's 33 ms between frames), 2 threads: doc-orientation 3.7-3.9 ms per inference against
 // 2.2-2.4 off the caller's core (onnxruntime 2.1-2.3), SqueezeNet 5.6 against 3.1 (3.0-3.2).
-// Once other processes contend for the cores, the worker's own affinity comes back and the kernel
-// places it.
-// `*next_read_ns`: a worker beside its caller on a busy machine reads /proc/loadavg at most every
-// kLoadavgPeriodNs (a read costs ~10 us, a loop can take less).
+// Then the worker's own affinity comes back and the kernel places it. A worker beside its caller on a
+// busy machine reads /proc/loadavg at most every kLoadavgPeriodNs (`*next_read_ns`; a read costs
+// ~10 us, a loop can take less).
 void KeepOffCallersCore(const cpu_set_t* own_mask, bool* narrowed, int64_t* next_read_ns) {
   int caller = pool.caller_cpu.load(std::memory_order_relaxed);
   if (caller >= 0 && sched_getcpu() == caller) {
@@ -169,10 +168,7 @@ void KeepOffCallersCore(const cpu_set_t* own_mask, bool* narrowed, int64_t* next
     int running = RunnableTasks();
     if (running < 0 || running > pool.cpus) {  // no core to spare: the kernel places the worker
       *next_read_ns = now + kLoadavgPeriodNs;
-      if (*narrowed) {
-        sched_setaffinity(0, sizeof(*own_mask), own_mask);
-        *narrowed = false;
-      }
+      if (*narrowed) *narrowed = sched_setaffinity(0, sizeof(*own_mask), own_mask) != 0;
       return;
     }
     cpu_set_t others = *own_mask;
@@ -182,8 +178,7 @@ void KeepOffCallersCore(const cpu_set_t* own_mask, bool* narrowed, int64_t* next
       pool.moves_off_caller.fetch_add(1, std::memory_order_relaxed);
     }
   } else if (*narrowed && Contended(std::chrono::steady_clock::now())) {
-    sched_setaffinity(0, sizeof(*own_mask), own_mask);
-    *narrowed = false;
+    *narrowed = sched_setaffinity(0, sizeof(*own_mask), own_mask) != 0;
   }
 }
 
