@@ -226,3 +226,84 @@ def test_a_library_whose_loops_synchronize_keeps_tvms_pool(tmp_path, with_barrie
     assert work_pool.install(path) is not with_barrier
     pool_launch = ctypes.cast(work_pool.pool_library().sculpt_pool_launch, ctypes.c_void_p).value
     assert slot.value == (1 if with_barrier else pool_launch)
+
+
+# Chunks that keep their thread busy for a while, in C (a Python callback would hold the GIL and run
+# the chunks one at a time): chunk `task` spins for nanoseconds[min(task, 1)] (cdata) and counts itself.
+_BUSY_CHUNKS_C = """
+#include <time.h>
+static long long now_ns(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000LL + t.tv_nsec; }
+int runs[4096];
+int busy_chunk(int task, void* env, void* cdata) {
+  long long end = now_ns() + ((long long*)cdata)[task > 0 ? 1 : 0];
+  while (now_ns() < end) {}
+  __atomic_fetch_add(&runs[task], 1, __ATOMIC_RELAXED);
+  return 0;
+}
+"""
+
+# argv: the chunks library, tasks per loop, the spin of chunk 0 and of the others (us), seconds at
+# least. The caller shares its core with a busy process, the worker has the other. Prints launches
+# and the loops whose caller yielded its core.
+_LOADED_DRIVER = textwrap.dedent("""
+    import ctypes, os, subprocess, sys, threading, time
+    from sculpt.backends.tvm import work_pool
+    lib = work_pool.pool_library()
+    chunks = ctypes.CDLL(sys.argv[1])
+    tasks, first_us, rest_us, seconds = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+    lib.sculpt_pool_caller_yields.restype = ctypes.c_long
+    lib.sculpt_pool_launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    before = set(os.listdir("/proc/self/task"))
+    assert lib.sculpt_pool_threads() == 2
+    workers = [int(t) for t in set(os.listdir("/proc/self/task")) - before]
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(threading.get_native_id(), {cores[0]})
+    for w in workers:
+        os.sched_setaffinity(w, {cores[1]})
+    spinners = [subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {%d}); exec('while True: pass')" % cores[0]])]
+    try:
+        time.sleep(0.3)
+        spins = (ctypes.c_longlong * 2)(first_us * 1000, rest_us * 1000)
+        runs = (ctypes.c_int * 4096).in_dll(chunks, "runs")
+        fn = ctypes.cast(chunks.busy_chunk, ctypes.c_void_p)
+        launches, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end or launches < 50:
+            assert lib.sculpt_pool_launch(fn, ctypes.cast(spins, ctypes.c_void_p), tasks) == 0
+            launches += 1
+            assert list(runs[:tasks]) == [launches] * tasks, (launches, list(runs[:tasks]))  # each chunk once
+    finally:
+        for s in spinners:
+            s.kill()
+    print(launches, lib.sculpt_pool_caller_yields())
+""")
+
+
+def _busy_chunks(tmp_path):
+    source = tmp_path / "chunks.c"
+    source.write_text(_BUSY_CHUNKS_C)
+    path = tmp_path / "chunks.so"
+    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", str(source), "-o", str(path)], check=True)
+    return path
+
+
+def _loaded_run(tmp_path, *args, **env):
+    done = subprocess.run([sys.executable, "-c", _LOADED_DRIVER, str(_busy_chunks(tmp_path)), *map(str, args)],
+                          env={**os.environ, "SCULPT_POOL_THREADS": "2", **env}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [int(v) for v in done.stdout.split()]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_a_caller_waiting_for_a_chunk_about_to_end_polls_rather_than_yield_its_core(tmp_path):
+    # the worker's chunk outlasts the caller's by ~0.4 ms; a yield would hand the caller's core to the
+    # busy process beside it until the next tick
+    # (measured here: 0 of ~2000 loops; with 2 more busy processes anywhere, 3-4%)
+    launches, yields = _loaded_run(tmp_path, 2, 100, 500, 2.0)
+    polling = yields / launches
+    assert polling <= 0.2, (launches, yields)
+    # the same with the old 200 polls (SCULPT_POOL_CALLER_POLL_US=0) shows the scenario makes the caller
+    # wait (here 96% of the loops yielded; with 2 more busy processes, 28-37%)
+    launches, yields = _loaded_run(tmp_path, 2, 100, 500, 2.0, SCULPT_POOL_CALLER_POLL_US="0")
+    assert yields / launches >= max(0.15, 3 * polling), (launches, yields, polling)
+

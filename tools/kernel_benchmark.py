@@ -282,14 +282,18 @@ def bench_under_load(args) -> int:
         runs = {policy: _tvm_runner(executable, feeds, model.input_names, policy) for policy in policies}
         err = max(_max_rel_error(_outputs(run()), ref) for run in runs.values())
         times = {f"{who} {state}": [] for who in ["ort", *policies] for state in ("idle", "busy")}
-        for _ in range(args.rounds):
+        runners = {"ort": lambda: sess.run(None, feeds), **runs}
+        for round_ in range(args.rounds):
+            # the runtimes take turns going first: the kernel's placement of the busy processes
+            # changes within a round, and each runtime meets it early and late alike
+            order = list(runners) if round_ % 2 == 0 else list(reversed(runners))
             for state in ("idle", "busy"):
                 with busy_processes(args.compare_load if state == "busy" else 0):
                     time.sleep(LOAD_RAMP_S if state == "busy" else RUNTIME_SETTLE_S)
-                    times[f"ort {state}"].append(_median_ms(lambda: sess.run(None, feeds), args.runs, budget_s=10))
-                    for policy, run in runs.items():
-                        time.sleep(RUNTIME_SETTLE_S)  # the last runtime's threads may still spin
-                        times[f"{policy} {state}"].append(_median_ms(run, args.runs, budget_s=10))
+                    for i, who in enumerate(order):
+                        if i:
+                            time.sleep(RUNTIME_SETTLE_S)  # the last runtime's threads may still spin
+                        times[f"{who} {state}"].append(_median_ms(runners[who], args.runs, budget_s=10))
         err = max([err] + [_max_rel_error(_outputs(run()), ref) for run in runs.values()])
         m = {key: statistics.median(v) for key, v in times.items()}
         ort_x = m["ort busy"] / m["ort idle"]

@@ -16,9 +16,11 @@
 //   SCULPT_POOL_THREADS           threads (else TVM_NUM_THREADS, else the cores this process may use)
 //   SCULPT_POOL_TASKS_PER_THREAD  chunks per thread and loop (default 4)
 //   SCULPT_POOL_SPIN_US           how long a worker polls for the next loop before it sleeps
-//                                 (default 200 microseconds; none while other processes preempt it)
+//                                 (default 200 microseconds)
 //   SCULPT_POOL_SPREAD            1 (default): a worker found on its caller's core while another core
 //                                 is idle moves off it (KeepOffCallersCore); 0: the kernel's placement
+//   SCULPT_POOL_CALLER_POLL_US    how long a caller polls for the other threads' chunks before it
+//                                 yields its core (default a quarter of the scheduler tick: 1000 at 250 Hz)
 //
 // Linux only (futex): the host, aarch64 Linux and Android. Built into the deploy runner and, for
 // the Python API, into a small shared library (sculpt.backends.tvm.work_pool).
@@ -37,13 +39,14 @@
 #include <climits>
 #include <cstdint>
 #include <cstdio>
+#include <ctime>
 #include <cstdlib>
 
 namespace {
 
 constexpr int kMaxThreads = 64;
-constexpr int kCallerPolls = 200;    // polls of a caller waiting for other threads' chunks, then
-constexpr int kCallerYields = 2000;  // yields before it sleeps
+constexpr int kCallerPolls = 200;    // polls at least of a caller waiting for other threads' chunks
+constexpr int kCallerYields = 2000;  // yields after polling, before it sleeps
 // The cores are contended when the pool's threads were preempted kRecentPreemptions times within
 // kContendedWindow (an idle machine preempts them a few times a second, a busy one every few ms).
 constexpr int kRecentPreemptions = 4;
@@ -67,9 +70,11 @@ struct alignas(64) OwnerCounter {
 struct Pool {
   int threads = 1, tasks_per_thread = 4, spin_us = 200, cpus = 1;
   bool spread = true;
+  int64_t caller_poll_ns = 1'000'000;  // how long a caller polls for other threads' chunks
   const char* loadavg_path = "/proc/loadavg";  // SCULPT_POOL_LOADAVG: another file, for tests
   std::atomic<int> caller_cpu{-1};  // the core the caller last launched a loop from
   std::atomic<long> moves_off_caller{0};  // times a worker left its caller's core (KeepOffCallersCore)
+  std::atomic<long> caller_yields{0};  // loops whose caller yielded its core waiting for other threads
   pthread_once_t once = PTHREAD_ONCE_INIT;
   pthread_mutex_t launch_lock = PTHREAD_MUTEX_INITIALIZER;  // one job at a time
   alignas(64) std::atomic<uint32_t> generation{0};
@@ -129,9 +134,8 @@ void NotePreemptions(long* seen) {
   pool.preemptions[pool.next_preemption.fetch_add(1) % kRecentPreemptions].store(now);
 }
 
-// Whether other processes want these cores now: then a worker that polls for the next loop takes
-// the core from the threads doing the work (PP-OCRv4 rec, 2 threads, both cores busy with other
-// processes: 21-25 ms polling 200 us, 12-17 with TVM's pool that does not poll).
+// Whether other processes want these cores now: then a worker moved off its caller's core gets its
+// own affinity back.
 bool Contended(std::chrono::steady_clock::time_point now) {
   int64_t since = NowNs(now) - kContendedWindowNs;
   for (const auto& t : pool.preemptions)
@@ -153,8 +157,7 @@ int RunnableTasks() {
 // A worker that starts a loop on its caller's core while another core is idle moves off it, and
 // stays off until other processes contend or no core is spare. The kernel places a woken thread on the core of the thread that
 // woke it when it sees fit; there the two took turns on one core while the other stood idle, each
-// preempting the other, which the contended rule then read as other processes' load (so the worker
-// slept after every loop, and every wake-up put it back beside the caller). After a pause (a
+// preempting the other (which the contended rule then read as other processes' load). After a pause (a
 // camera's 33 ms between frames), 2 threads: doc-orientation 3.7-3.9 ms per inference against
 // 2.2-2.4 off the caller's core (onnxruntime 2.1-2.3), SqueezeNet 5.6 against 3.1 (3.0-3.2).
 // Then the worker's own affinity comes back and the kernel places it. A worker beside its caller on a
@@ -228,10 +231,14 @@ void* WorkerMain(void* arg) {
   for (;;) {
     uint32_t gen;
     // the next loop usually follows within microseconds (the model's next kernel): poll for
-    // spin_us before sleeping, which would cost a wake-up per loop -- unless the cores are contended
+    // spin_us before sleeping, which would cost a wake-up per loop. Also while other processes
+    // contend for the cores: a worker asleep after every loop is one the caller waits for, and once
+    // the caller polls rather than yields (below), polling 200 us did better under load: both cores
+    // busy with other processes, ddddocr 14.8-14.9 ms against 19.4-19.6 asleep, SqueezeNet 6.8-6.9
+    // against 7.7-7.9, PP-OCRv4 rec 14.0-14.6 against 16.0-16.1 (onnxruntime 15.0, 6.7-6.9, 22-26).
     NotePreemptions(&preempted);
     auto now = std::chrono::steady_clock::now();
-    auto spin_end = now + std::chrono::microseconds(Contended(now) ? 0 : pool.spin_us);
+    auto spin_end = now + std::chrono::microseconds(pool.spin_us);
     int polls = 0;
     while ((gen = pool.generation.load(std::memory_order_acquire)) == seen) {
       if (++polls % 32 != 0 || std::chrono::steady_clock::now() < spin_end) {
@@ -261,6 +268,11 @@ void StartPool() {
   pool.spin_us = EnvInt("SCULPT_POOL_SPIN_US", 200, 0, 1000000);
   pool.cpus = cores;
   pool.spread = EnvInt("SCULPT_POOL_SPREAD", 1, 0, 1) == 1;
+  // a quarter of the scheduler tick (the coarse clock's resolution) a yield may cost; 1 ms if unknown
+  struct timespec tick;
+  int poll_us = 1000;
+  if (clock_getres(CLOCK_MONOTONIC_COARSE, &tick) == 0 && tick.tv_sec == 0 && tick.tv_nsec >= 4000) poll_us = tick.tv_nsec / 4000;
+  pool.caller_poll_ns = 1000LL * EnvInt("SCULPT_POOL_CALLER_POLL_US", poll_us, 0, 1000000);
   const char* loadavg = getenv("SCULPT_POOL_LOADAVG");
   if (loadavg != nullptr && *loadavg != '\0') pool.loadavg_path = loadavg;
   for (int i = 1; i < pool.threads; i++) {
@@ -317,19 +329,25 @@ int sculpt_pool_launch(ParallelLambda lambda, void* cdata, int num_task) {
   if (pool.sleepers.load() > 0) Futex(&pool.generation, FUTEX_WAKE_PRIVATE, INT_MAX);
   RunJob(0, gen);
   // every chunk is claimed: wait for the ones other threads still run (at most one chunk each).
-  // Polling, then yielding the core (to the awaited thread, when it waits on this core), then,
-  // if that thread was descheduled mid-chunk for long, asleep. Sleeping at once costs a wake-up per
-  // loop, and on a busy core the woken caller waits for its turn (PP-OCRv4 det, 2 threads, both
-  // cores busy with other processes: 23 ms sleeping at once, 14 ms yielding).
-  for (int polls = 0;;) {
+  // Polling for caller_poll_ns, then yielding the core (to the awaited thread, when it waits on this
+  // core), then, if that thread was descheduled mid-chunk for long, asleep. Sleeping at once costs
+  // a wake-up per loop, and on a busy core the woken caller waits for its turn (PP-OCRv4 det, 2
+  // threads, both cores busy with other processes: 23 ms sleeping at once, 14 ms yielding). A yield
+  // while another process waits for this core gives it the core until the next tick, though the
+  // awaited chunk may end microseconds later: polling 200 times (~10 us) before yielding, PP-OCRv4
+  // rec spent 11.6 of its 24 ms per run in such waits (3.3 per run, each ending on a tick); polling
+  // up to 1 ms, 0.1 of 14-16 ms (squeezenet 3.2 of 9.4 -> 0.1 of 6.7-7.4).
+  auto poll_end = std::chrono::steady_clock::now() + std::chrono::nanoseconds(pool.caller_poll_ns);
+  bool polling = true;
+  for (int polls = 0, yields = 0;;) {
     uint32_t done = pool.done.load();
     if (static_cast<int>(done) >= pool.num_task) break;
-    if (polls < kCallerPolls) {
+    if (polling) {
       CpuRelax();
-      polls++;
-    } else if (polls < kCallerPolls + kCallerYields) {
+      polling = ++polls < kCallerPolls || polls % 32 != 0 || std::chrono::steady_clock::now() < poll_end;
+    } else if (yields < kCallerYields) {
+      if (yields++ == 0) pool.caller_yields.fetch_add(1, std::memory_order_relaxed);
       sched_yield();
-      polls++;
     } else {
       pool.caller_sleeps.store(1);
       if (pool.done.load() == done) Futex(&pool.done, FUTEX_WAIT_PRIVATE, done);
@@ -361,6 +379,9 @@ int sculpt_pool_install_library(const char* path) {
 
 // How many times a worker has moved off its caller's core (KeepOffCallersCore).
 long sculpt_pool_moves_off_caller(void) { return pool.moves_off_caller.load(); }
+
+// Loops whose caller yielded its core while waiting for other threads' chunks.
+long sculpt_pool_caller_yields(void) { return pool.caller_yields.load(); }
 
 // The pool's thread count (starts the pool).
 int sculpt_pool_threads(void) {
