@@ -260,7 +260,7 @@ _LOADED_DRIVER = textwrap.dedent("""
     os.sched_setaffinity(threading.get_native_id(), {cores[0]})
     for w in workers:
         os.sched_setaffinity(w, {cores[1]})
-    spinners = [subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {%d}); exec('while True: pass')" % cores[0]])]
+    spinner = subprocess.Popen([sys.executable, "-c", "import os; os.sched_setaffinity(0, {%d}); exec('while True: pass')" % cores[0]])
     try:
         time.sleep(0.3)
         spins = (ctypes.c_longlong * 2)(first_us * 1000, rest_us * 1000)
@@ -272,8 +272,7 @@ _LOADED_DRIVER = textwrap.dedent("""
             launches += 1
             assert list(runs[:tasks]) == [launches] * tasks, (launches, list(runs[:tasks]))  # each chunk once
     finally:
-        for s in spinners:
-            s.kill()
+        spinner.kill()
     print(launches, lib.sculpt_pool_caller_yields())
 """)
 

@@ -260,12 +260,31 @@ def _max_rel_error(got, ref) -> float:
     return max(float(np.abs(g - r).max()) / (float(np.abs(r).max()) or 1.0) for g, r in zip(got, ref))
 
 
+def _idle_and_busy_rounds(runners: dict, rounds: int, load: int, runs: int) -> dict[str, list[float]]:
+    """Median ms of each runner per round, idle and with ``load`` spinning processes: ``{"<name> idle":
+    [...], "<name> busy": [...]}``. The runners take turns going first (reversed every other round): the
+    kernel's placement of the busy processes changes within a round, and each runner meets it early and
+    late alike."""
+    from sculpt.backends.tvm.bench import RUNTIME_SETTLE_S
+
+    times = {f"{who} {state}": [] for who in runners for state in ("idle", "busy")}
+    for round_ in range(rounds):
+        order = list(runners) if round_ % 2 == 0 else list(reversed(runners))
+        for state in ("idle", "busy"):
+            with busy_processes(load if state == "busy" else 0):
+                time.sleep(LOAD_RAMP_S if state == "busy" else RUNTIME_SETTLE_S)
+                for i, who in enumerate(order):
+                    if i:
+                        time.sleep(RUNTIME_SETTLE_S)  # the last runtime's threads may still spin
+                    times[f"{who} {state}"].append(_median_ms(runners[who], runs, budget_s=10))
+    return times
+
+
 def bench_under_load(args) -> int:
     """Each model idle and with ``args.compare_load`` spinning processes, in alternating rounds of one
     process: onnxruntime's and sculpt's slowdowns under the same load, from the same builds. With
     ``--compare-pools`` each build runs on TVM's pool and on sculpt's (policy stealing) in the same rounds."""
     from sculpt.backends.tvm import build, import_to_relax
-    from sculpt.backends.tvm.bench import RUNTIME_SETTLE_S
 
     policies = [args.thread_policy]
     if args.compare_pools:
@@ -281,19 +300,8 @@ def bench_under_load(args) -> int:
         executable = build(import_to_relax(model), "llvm", kernels="sculpt")
         runs = {policy: _tvm_runner(executable, feeds, model.input_names, policy) for policy in policies}
         err = max(_max_rel_error(_outputs(run()), ref) for run in runs.values())
-        times = {f"{who} {state}": [] for who in ["ort", *policies] for state in ("idle", "busy")}
-        runners = {"ort": lambda: sess.run(None, feeds), **runs}
-        for round_ in range(args.rounds):
-            # the runtimes take turns going first: the kernel's placement of the busy processes
-            # changes within a round, and each runtime meets it early and late alike
-            order = list(runners) if round_ % 2 == 0 else list(reversed(runners))
-            for state in ("idle", "busy"):
-                with busy_processes(args.compare_load if state == "busy" else 0):
-                    time.sleep(LOAD_RAMP_S if state == "busy" else RUNTIME_SETTLE_S)
-                    for i, who in enumerate(order):
-                        if i:
-                            time.sleep(RUNTIME_SETTLE_S)  # the last runtime's threads may still spin
-                        times[f"{who} {state}"].append(_median_ms(runners[who], args.runs, budget_s=10))
+        times = _idle_and_busy_rounds({"ort": lambda: sess.run(None, feeds), **runs}, args.rounds,
+                                      args.compare_load, args.runs)
         err = max([err] + [_max_rel_error(_outputs(run()), ref) for run in runs.values()])
         m = {key: statistics.median(v) for key, v in times.items()}
         ort_x = m["ort busy"] / m["ort idle"]
