@@ -45,8 +45,10 @@
 namespace {
 
 constexpr int kMaxThreads = 64;
-constexpr int kCallerPolls = 200;    // polls at least of a caller waiting for other threads' chunks
-constexpr int kCallerYields = 2000;  // yields after polling, before it sleeps
+// A caller waiting for other threads' chunks polls kCallerPolls times and on until caller_poll_ns
+// have passed, then yields its core kCallerYields times, then sleeps.
+constexpr int kCallerPolls = 200;
+constexpr int kCallerYields = 2000;
 // The cores are contended when the pool's threads were preempted kRecentPreemptions times within
 // kContendedWindow (an idle machine preempts them a few times a second, a busy one every few ms).
 constexpr int kRecentPreemptions = 4;
