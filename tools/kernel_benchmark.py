@@ -280,6 +280,19 @@ def _idle_and_busy_rounds(runners: dict, rounds: int, load: int, runs: int) -> d
     return times
 
 
+def _paired_slowdown_ratio(times: dict[str, list[float]], who: str, level: float = 0.9,
+                           draws: int = 2000) -> tuple[float, float, float]:
+    """Per round, ``who``'s slowdown (busy / idle) over onnxruntime's in the same round: the median over the
+    rounds and a ``level`` bootstrap interval of that median (rounds resampled with replacement, fixed
+    seed). A model's busy times can fall in two groups by where the kernel puts the busy processes; the
+    interval says whether a difference in the medians stands out of the rounds' spread."""
+    q = (np.asarray(times[f"{who} busy"]) / np.asarray(times[f"{who} idle"])
+         / (np.asarray(times["ort busy"]) / np.asarray(times["ort idle"])))
+    medians = np.median(np.random.default_rng(0).choice(q, size=(draws, q.size), replace=True), axis=1)
+    low, high = np.quantile(medians, [(1 - level) / 2, (1 + level) / 2])
+    return float(np.median(q)), float(low), float(high)
+
+
 def bench_under_load(args) -> int:
     """Each model idle and with ``args.compare_load`` spinning processes, in alternating rounds of one
     process: onnxruntime's and sculpt's slowdowns under the same load, from the same builds. With
@@ -291,7 +304,8 @@ def bench_under_load(args) -> int:
         policies = ["shared" if args.thread_policy == "stealing" else args.thread_policy, "stealing"]
     head = f"{'model':18} {'ort idle':>9} {'ort busy':>9} {'ort x':>6}"
     for policy in policies:
-        head += f" | {policy + ' idle':>14} {'busy':>8} {'x':>5} {'/ort idle':>9} {'/ort busy':>9}"
+        head += (f" | {policy + ' idle':>14} {'busy':>8} {'x':>5} {'/ort idle':>9} {'/ort busy':>9} "
+                 f"{'x/ort x per round [90%]':>23}")
     print(f"{head} {'max rel err':>11}   ({args.threads or 'all'} thread(s), {args.compare_load} busy processes "
           "when busy; TVM builds with sculpt's kernels on each thread policy)")
     slowdowns = {policy: [] for policy in policies}
@@ -308,16 +322,20 @@ def bench_under_load(args) -> int:
         line = f"{kind:18} {m['ort idle']:9.2f} {m['ort busy']:9.2f} {ort_x:6.2f}"
         for policy in policies:
             idle, busy = m[f"{policy} idle"], m[f"{policy} busy"]
-            slowdowns[policy].append((kind, ort_x, busy / idle))
+            paired, low, high = _paired_slowdown_ratio(times, policy)
+            slowdowns[policy].append((kind, ort_x, busy / idle, low))
             line += (f" | {idle:14.2f} {busy:8.2f} {busy / idle:5.2f} {idle / m['ort idle']:9.2f} "
-                     f"{busy / m['ort busy']:9.2f}")
+                     f"{busy / m['ort busy']:9.2f} {paired:9.2f} [{low:4.2f},{high:4.2f}]")
         print(f"{line} {err:11.2e}", flush=True)
     for policy, rows in slowdowns.items():
         if rows:
-            worse = [k for k, o, t in rows if t > o]
-            geo = float(np.exp(np.mean([np.log(t / o) for _, o, t in rows])))
+            worse = [k for k, o, t, _ in rows if t > o]
+            beyond = [k for k, _, _, low in rows if low > 1.0]
+            geo = float(np.exp(np.mean([np.log(t / o) for _, o, t, _ in rows])))
             print(f"\n{len(rows)} models, {policy} pool: sculpt's slowdown / onnxruntime's, geometric mean {geo:.2f}; "
-                  f"sculpt degraded more than onnxruntime on {len(worse)}" + (f" ({', '.join(worse)})" if worse else ""))
+                  f"sculpt degraded more than onnxruntime on {len(worse)}" + (f" ({', '.join(worse)})" if worse else "")
+                  + f"; beyond the rounds' spread (the per-round ratio's 90% interval above 1) on {len(beyond)}"
+                  + (f" ({', '.join(beyond)})" if beyond else ""))
     return 0
 
 

@@ -11,7 +11,9 @@ the same load:
     python tools/load_benchmark.py --models zoo --policies shared --compare-pools  # TVM's and sculpt's pools
 
 Columns: idle and busy medians (ms) of onnxruntime and TVM (sculpt kernels), each one's slowdown
-(busy / idle), and TVM / onnxruntime idle and busy. ``--compare-pools`` runs each build on TVM's
+(busy / idle), TVM / onnxruntime idle and busy, and TVM's slowdown over onnxruntime's per round (both
+measured in it): the median over the rounds and a 90% bootstrap interval of it, which says whether a
+model degraded more than onnxruntime beyond the rounds' spread (an interval above 1). ``--compare-pools`` runs each build on TVM's
 pool (the policy given, or shared) and on sculpt's (stealing) in the same process and rounds. The issue's bar: TVM's slowdown no larger than
 onnxruntime's."""
 
