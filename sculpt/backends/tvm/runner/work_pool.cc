@@ -45,8 +45,8 @@
 namespace {
 
 constexpr int kMaxThreads = 64;
-// A caller waiting for other threads' chunks polls kCallerPolls times and on until caller_poll_ns
-// have passed, then yields its core kCallerYields times, then sleeps.
+// A caller waiting for other threads' chunks polls kCallerPolls times and on for caller_poll_ns more,
+// then yields its core kCallerYields times, then sleeps.
 constexpr int kCallerPolls = 200;
 constexpr int kCallerYields = 2000;
 // The cores are contended when the pool's threads were preempted kRecentPreemptions times within
@@ -339,14 +339,16 @@ int sculpt_pool_launch(ParallelLambda lambda, void* cdata, int num_task) {
   // awaited chunk may end microseconds later: polling 200 times (~10 us) before yielding, PP-OCRv4
   // rec spent 11.6 of its 24 ms per run in such waits (3.3 per run, each ending on a tick); polling
   // up to 1 ms, 0.1 of 14-16 ms (squeezenet 3.2 of 9.4 -> 0.1 of 6.7-7.4).
-  auto poll_end = std::chrono::steady_clock::now() + std::chrono::nanoseconds(pool.caller_poll_ns);
+  // (the deadline is read only once a wait outlasts kCallerPolls: most loops end before)
+  std::chrono::steady_clock::time_point poll_end;
   bool polling = true;
   for (int polls = 0, yields = 0;;) {
     uint32_t done = pool.done.load();
     if (static_cast<int>(done) >= pool.num_task) break;
     if (polling) {
       CpuRelax();
-      polling = ++polls < kCallerPolls || polls % 32 != 0 || std::chrono::steady_clock::now() < poll_end;
+      if (++polls == kCallerPolls) poll_end = std::chrono::steady_clock::now() + std::chrono::nanoseconds(pool.caller_poll_ns);
+      polling = polls <= kCallerPolls || polls % 32 != 0 || std::chrono::steady_clock::now() < poll_end;
     } else if (yields < kCallerYields) {
       if (yields++ == 0) pool.caller_yields.fetch_add(1, std::memory_order_relaxed);
       sched_yield();
