@@ -143,6 +143,23 @@ def test_blocked_depthwise_pads_per_plane_or_per_band_of_rows_and_matches(per_pl
     assert len(tiles) == 2 and all(t[2] == per_plane for t in tiles)
 
 
+def test_a_depthwise_over_fewer_channel_blocks_than_a_parallel_loop_needs_pads_per_band_of_rows():
+    """A 3x3 stride-1 depthwise pads per plane, its parallel loop over (n, channel block) -- unless
+    it has fewer than PER_PLANE_MIN_PLANES planes (a stem's one 16-channel block at 160x160 ran in one
+    thread): then per band of rows, the bands in parallel."""
+    from sculpt.backends.tvm.kernels.blocked_conv import ConvShape
+    from sculpt.backends.tvm.kernels.blocked_depthwise import depthwise_tile
+    from sculpt.backends.tvm.kernels.tiling import PER_PLANE_MIN_PLANES
+
+    def shape(channels, batch=1):
+        return ConvShape(batch, channels, 160, 160, channels, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+
+    assert depthwise_tile(shape(16 * PER_PLANE_MIN_PLANES), 16).per_plane == 1
+    assert depthwise_tile(shape(16 * (PER_PLANE_MIN_PLANES - 1)), 16).per_plane == 0
+    assert depthwise_tile(shape(16), 16).per_plane == 0
+    assert depthwise_tile(shape(16, batch=PER_PLANE_MIN_PLANES), 16).per_plane == 1
+
+
 def test_a_measured_conv_tile_search_is_cached_and_later_builds_use_it():
     """search_tiles times the blocked convs in the layouts the plan gives them and caches a tile per
     conv; a build then takes the cached tile (planted here: one the heuristic does not pick) and

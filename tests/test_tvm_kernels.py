@@ -452,6 +452,37 @@ def test_lrn_matches_onnxruntime():
     _compile_and_compare(proto, {"x": x})
 
 
+def test_an_lrn_over_one_plane_runs_in_parallel_over_rows_and_matches_onnxruntime():
+    """LRN's window sum is an average pool over (1, 1, C, H, W): one (n, c) plane. Padding per plane
+    would leave its parallel loop one iteration long (ZFNet's, 96 x 109 x 109, ran in one thread): with
+    fewer than PER_PLANE_MIN_PLANES planes every parallel loop of the pool runs over rows."""
+    import re
+
+    import tvm
+    from onnx import TensorProto, helper
+
+    from sculpt.backends.tvm.kernels.pipeline import legalized_and_fused
+    from sculpt.backends.tvm.kernels.rules import schedule_module
+    from sculpt.backends.tvm.kernels.tiling import PER_PLANE_MIN_PLANES
+
+    shape = [1, 64, 64, 64]  # 5 x 2^18 adds: above the parallel threshold
+    graph = helper.make_graph([helper.make_node("LRN", ["x"], ["y"], size=5, alpha=1e-4, beta=0.75, bias=1.0)], "lrn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    x = (np.random.default_rng(15).standard_normal(shape) * 30).astype(np.float32)
+    _compile_and_compare(proto, {"x": x})
+    target = _host()
+    with target:
+        scheduled, decisions = schedule_module(legalized_and_fused(import_to_relax(Model.wrap(proto)), target), target)
+    pools = [d.func for d in decisions if d.kind == "pool"]
+    assert pools and PER_PLANE_MIN_PLANES > 1
+    for name in pools:
+        extents = [int(e) for e in re.findall(r"T\.parallel\(T\.int64\((\d+)\)\)", scheduled[name].script())]
+        assert extents and min(extents) >= 32, (name, extents)  # rows (x channels), not the one plane
+
+
 def test_depthwise_over_a_width_of_no_whole_vectors_computes_whole_vectors():
     """A 14-wide depthwise conv (PP-LCNet's 5x5) is computed 16 wide and sliced back: the vector
     tile is whole vectors, the epilogue writes only the real columns, results match onnxruntime."""

@@ -26,6 +26,7 @@ import numpy as np
 
 from sculpt.backends.tvm.kernels.blocked_conv import ConvShape, static_conv_of
 from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, i64
+from sculpt.backends.tvm.kernels.tiling import PER_PLANE_MIN_PLANES
 
 BLOCK_PREFIX = "sculpt_dw_h"
 _BLOCK_NAME = re.compile(rf"{BLOCK_PREFIX}(\d+)_w(\d+)_p(\d+)")
@@ -74,7 +75,8 @@ def depthwise_tile(shape: ConvShape, lanes: int, registers: int = 16) -> Depthwi
     The padding per plane when a band of one row would pad more than twice the rows it computes
     (a kernel taller than twice the stride): measured on AVX2, 1 thread, per band -> per plane,
     256 channels 5x5 at 14x14 0.104 -> 0.080 ms, 96 channels 7x7 at 184x184 6.7 -> 5.0 ms, 64
-    channels 3x3 at 56x56 0.131 -> 0.106 ms; 32 channels 3x3 stride 2 at 112x112 0.084 -> 0.093."""
+    channels 3x3 at 56x56 0.131 -> 0.106 ms; 32 channels 3x3 stride 2 at 112x112 0.084 -> 0.093; not
+    with fewer than PER_PLANE_MIN_PLANES planes, whose parallel loop would be too short."""
     budget = min(DEPTHWISE_ACCUMULATORS, registers // 2)
     best, best_key = DepthwiseTile(1, 1), None
     for th in (1, 2):
@@ -85,7 +87,9 @@ def depthwise_tile(shape: ConvShape, lanes: int, registers: int = 16) -> Depthwi
             key = (round(shape.out_width / padded, 2), th * tw, -th)
             if best_key is None or key > best_key:
                 best, best_key = DepthwiseTile(th, tw), key
-    return DepthwiseTile(best.th, best.tw, int(shape.kernel[0] > 2 * shape.strides[0]))
+    planes = shape.batch * (shape.in_channels // lanes)
+    per_plane = shape.kernel[0] > 2 * shape.strides[0] and planes >= PER_PLANE_MIN_PLANES
+    return DepthwiseTile(best.th, best.tw, int(per_plane))
 
 
 def pack_depthwise_weight(w: np.ndarray, block: int) -> np.ndarray:

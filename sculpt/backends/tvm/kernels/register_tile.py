@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from sculpt.backends.tvm.kernels.block_analysis import (
     ReductionAnatomy, contiguous_along_last_axis, has_if_then_else, is_reduction, reads_pointwise, root_blocks,
     writes_function_output)
-from sculpt.backends.tvm.kernels.tiling import Tile, is_streaming, vector_width, worth_parallel, worth_parallel_elements
+from sculpt.backends.tvm.kernels.tiling import (PER_PLANE_MIN_PLANES, Tile, is_streaming, vector_width, worth_parallel,
+                                                worth_parallel_elements)
 
 
 ACCUMULATOR_SCOPE = "global"
@@ -321,8 +322,10 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
         sch.vectorize(tail_loops[-1])
     # depthwise and pools: padding per channel plane (it stays in cache) instead of one pass over the
     # whole input, so the parallel loop covers (n, c) only and the tiles of a plane run inside it
+    # (when there are enough planes to share out)
     per_plane = a.kind in ("depthwise", "pool") and len(outer) > 2 and len(producers) == 1 \
-        and _plane_elements(sch, producers[0]) >= PER_PLANE_MIN_ELEMENTS
+        and _plane_elements(sch, producers[0]) >= PER_PLANE_MIN_ELEMENTS \
+        and math.prod(int(sch.get(lp).extent) for lp in outer[:2]) >= PER_PLANE_MIN_PLANES
     fused = sch.fuse(*outer[:2]) if per_plane else sch.fuse(*outer)
     work = a.reduce_extent
     for ax in a.spatial:

@@ -68,6 +68,13 @@ PARALLEL_MIN_WORK = 1 << 20
 PARALLEL_MIN_ELEMENTS = 1 << 17
 
 
+# a kernel that computes its padding per channel plane runs its parallel loop over (n, c) planes only:
+# with fewer planes than this it pads and runs per band of rows instead, in parallel over the bands (a
+# stem's one 16-channel block at 160x160 or ZFNet's LRN over 5 channels of a (1, 1, 96, 109, 109)
+# tensor ran in one thread)
+PER_PLANE_MIN_PLANES = 4
+
+
 def worth_parallel(work: int) -> bool:
     return work >= PARALLEL_MIN_WORK
 
