@@ -86,6 +86,28 @@ def test_pool_grid_matches_onnxruntime():
     _compile_and_compare(proto, {"x": x}, expect_kinds={"pool": 3})
 
 
+def test_a_pool_is_parallel_from_less_work_than_a_conv():
+    """AlexNet's 3x3 stride-2 max pool over 96 x 54 x 54: 584k window elements, under the 2^20
+    multiply-adds from which a conv runs in parallel, yet 0.56 ms in one thread (a window element costs
+    ~16 multiply-adds, WORK_COST): it runs in parallel, and matches onnxruntime."""
+    import tvm
+
+    from sculpt.backends.tvm.kernels.pipeline import legalized_and_fused
+    from sculpt.backends.tvm.kernels.rules import schedule_module
+    from sculpt.backends.tvm.kernels.tiling import WORK_COST, worth_parallel
+
+    work = 96 * 26 * 26 * 9
+    assert not worth_parallel(work) and worth_parallel(work, "pool") and WORK_COST["pool"] > 1
+    proto = cases.pool_model([cases.PoolCase("max3_s2", "MaxPool", (3, 3), (2, 2))], (1, 96, 54, 54))
+    x = np.random.default_rng(16).standard_normal((1, 96, 54, 54)).astype(np.float32)
+    _compile_and_compare(proto, {"x": x}, expect_kinds={"pool": 1})
+    target = _host()
+    with target:
+        scheduled, decisions = schedule_module(legalized_and_fused(import_to_relax(Model.wrap(proto)), target), target)
+    [pool] = [d for d in decisions if d.kind == "pool"]
+    assert pool.shape == (1, 96, 26, 26) and "T.parallel(" in scheduled[pool.func].script()
+
+
 @pytest.mark.parametrize("m,k,n,batch", [(40, 120, 360, (1,)), (7, 33, 50, (2,)), (1, 200, 2, ()),
                                          (5, 24, 661, (1,))])
 def test_matmul_with_weight_and_bias(m, k, n, batch):

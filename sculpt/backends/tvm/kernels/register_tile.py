@@ -330,7 +330,7 @@ def schedule_register_tile(sch, func, main, anatomy: ReductionAnatomy, tile: Til
     work = a.reduce_extent
     for ax in a.spatial:
         work *= ax.extent
-    if worth_parallel(work):
+    if worth_parallel(work, a.kind):
         sch.parallel(fused)
     # last: after decomposition the update block is neither complete nor a reduction, and the
     # loop primitives above refuse such blocks; the init loops inherit the annotations
