@@ -90,8 +90,6 @@ def test_a_pool_is_parallel_from_less_work_than_a_conv():
     """AlexNet's 3x3 stride-2 max pool over 96 x 54 x 54: 584k window elements, under the 2^20
     multiply-adds from which a conv runs in parallel, yet 0.56 ms in one thread (a window element costs
     ~16 multiply-adds, WORK_COST): it runs in parallel, and matches onnxruntime."""
-    import tvm
-
     from sculpt.backends.tvm.kernels.pipeline import legalized_and_fused
     from sculpt.backends.tvm.kernels.rules import schedule_module
     from sculpt.backends.tvm.kernels.tiling import WORK_COST, worth_parallel
@@ -103,7 +101,8 @@ def test_a_pool_is_parallel_from_less_work_than_a_conv():
     _compile_and_compare(proto, {"x": x}, expect_kinds={"pool": 1})
     target = _host()
     with target:
-        scheduled, decisions = schedule_module(legalized_and_fused(import_to_relax(Model.wrap(proto)), target), target)
+        fused = legalized_and_fused(import_to_relax(Model.wrap(proto)), target)
+        scheduled, decisions = schedule_module(fused, target)
     [pool] = [d for d in decisions if d.kind == "pool"]
     assert pool.shape == (1, 96, 26, 26) and "T.parallel(" in scheduled[pool.func].script()
 
@@ -480,7 +479,6 @@ def test_an_lrn_over_one_plane_runs_in_parallel_over_rows_and_matches_onnxruntim
     fewer than PER_PLANE_MIN_PLANES planes every parallel loop of the pool runs over rows."""
     import re
 
-    import tvm
     from onnx import TensorProto, helper
 
     from sculpt.backends.tvm.kernels.pipeline import legalized_and_fused
@@ -497,11 +495,13 @@ def test_an_lrn_over_one_plane_runs_in_parallel_over_rows_and_matches_onnxruntim
     _compile_and_compare(proto, {"x": x})
     target = _host()
     with target:
-        scheduled, decisions = schedule_module(legalized_and_fused(import_to_relax(Model.wrap(proto)), target), target)
+        fused = legalized_and_fused(import_to_relax(Model.wrap(proto)), target)
+        scheduled, decisions = schedule_module(fused, target)
     pools = [d.func for d in decisions if d.kind == "pool"]
     assert pools and PER_PLANE_MIN_PLANES > 1
     for name in pools:
-        extents = [int(e) for e in re.findall(r"T\.parallel\(T\.int64\((\d+)\)\)", scheduled[name].script())]
+        script = scheduled[name].script()
+        extents = [int(e) for e in re.findall(r"T\.parallel\(T\.int64\((\d+)\)\)", script)]
         assert extents and min(extents) >= 32, (name, extents)  # rows (x channels), not the one plane
 
 

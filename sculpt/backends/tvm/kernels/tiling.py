@@ -81,7 +81,7 @@ PER_PLANE_MIN_PLANES = 4
 # 3x3 stride-2 max pool, 584k of them, took 0.56 ms in one thread, ZFNet's 5x5 conv ~0.015 ns per
 # multiply-add). With these (and PER_PLANE_MIN_PLANES), 2 threads idle, old and new builds in the same
 # rounds: AlexNet 12.5 -> 11.9 ms, doc-orientation 1.88 -> 1.66, inception_v1 10.6 -> 9.9, PP-OCRv6 rec
-# 9.1 -> 8.9; with both cores busy with other processes each 1-2% faster
+# 9.1 -> 8.9; with both cores busy with other processes each 0-6% faster
 WORK_COST = {"depthwise": 4, "depthwise_blocked": 4, "pool": 16}
 
 
