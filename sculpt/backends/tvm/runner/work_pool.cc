@@ -71,6 +71,7 @@ struct alignas(64) OwnerCounter {
 
 struct Pool {
   int threads = 1, tasks_per_thread = 4, spin_us = 200, cpus = 1;
+  cpu_set_t start_mask;  // the cores the process could use when the pool started: the workers' own affinity
   bool spread = true;
   int64_t caller_poll_ns = 1'000'000;  // how long a caller polls for other threads' chunks
   const char* loadavg_path = "/proc/loadavg";  // SCULPT_POOL_LOADAVG: another file, for tests
@@ -228,8 +229,9 @@ void* WorkerMain(void* arg) {
   long preempted = 0;  // involuntary context switches of this thread so far
   bool narrowed = false;
   int64_t next_loadavg_read = 0;
-  cpu_set_t own_mask;
-  sched_getaffinity(0, sizeof(own_mask), &own_mask);
+  // the pool's start mask, not this thread's affinity read here: whoever started the pool may pin this
+  // thread before it runs a line, and a worker whose own affinity is its caller's core cannot move off it
+  cpu_set_t own_mask = pool.start_mask;
   for (;;) {
     uint32_t gen;
     // the next loop usually follows within microseconds (the model's next kernel): poll for
@@ -262,8 +264,9 @@ void* WorkerMain(void* arg) {
 
 void StartPool() {
   int cores = 1;
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) cores = CPU_COUNT(&set);
+  CPU_ZERO(&pool.start_mask);
+  if (sched_getaffinity(0, sizeof(pool.start_mask), &pool.start_mask) == 0) cores = CPU_COUNT(&pool.start_mask);
+  else CPU_SET(sched_getcpu() >= 0 ? sched_getcpu() : 0, &pool.start_mask);
   int threads = EnvInt("TVM_NUM_THREADS", cores, 1, kMaxThreads);
   pool.threads = EnvInt("SCULPT_POOL_THREADS", threads, 1, kMaxThreads);
   pool.tasks_per_thread = EnvInt("SCULPT_POOL_TASKS_PER_THREAD", 4, 1, 1024);
