@@ -82,7 +82,7 @@ def try_register_tile(func, traits: TargetTraits, choose: TileChooser, name: str
     if dw_tile is not None:
         shape, work = _output_and_work(sch, main)
         blocked_depthwise.schedule_blocked_depthwise(sch, sch.mod["main"], main, dw_tile, block_lanes(shape[-1], traits),
-                                                     worth_parallel(work, "depthwise_blocked"))
+                                                     worth_parallel(work, "depthwise"))
         return sch, KernelDecision(name, "depthwise_blocked", shape, [dw_tile.th, dw_tile.tw, dw_tile.per_plane])
     anatomy = analyze_reduction(sch, main)
     if anatomy is None:

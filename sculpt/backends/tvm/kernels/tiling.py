@@ -82,7 +82,7 @@ PER_PLANE_MIN_PLANES = 4
 # multiply-add). With these (and PER_PLANE_MIN_PLANES), 2 threads idle, old and new builds in the same
 # rounds: AlexNet 12.5 -> 11.9 ms, doc-orientation 1.88 -> 1.66, inception_v1 10.6 -> 9.9, PP-OCRv6 rec
 # 9.1 -> 8.9; with both cores busy with other processes each 0-6% faster
-WORK_COST = {"depthwise": 4, "depthwise_blocked": 4, "pool": 16}
+WORK_COST = {"depthwise": 4, "pool": 16}  # by ReductionAnatomy.kind; the blocked depthwise counts as "depthwise"
 
 
 def worth_parallel(work: int, kind: str = "") -> bool:

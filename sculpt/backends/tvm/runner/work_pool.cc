@@ -264,9 +264,8 @@ void* WorkerMain(void* arg) {
 
 void StartPool() {
   int cores = 1;
-  CPU_ZERO(&pool.start_mask);
+  CPU_ZERO(&pool.start_mask);  // stays empty if unknown: a worker then never leaves its caller's core
   if (sched_getaffinity(0, sizeof(pool.start_mask), &pool.start_mask) == 0) cores = CPU_COUNT(&pool.start_mask);
-  else CPU_SET(sched_getcpu() >= 0 ? sched_getcpu() : 0, &pool.start_mask);
   int threads = EnvInt("TVM_NUM_THREADS", cores, 1, kMaxThreads);
   pool.threads = EnvInt("SCULPT_POOL_THREADS", threads, 1, kMaxThreads);
   pool.tasks_per_thread = EnvInt("SCULPT_POOL_TASKS_PER_THREAD", 4, 1, 1024);
