@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
 from pathlib import Path
 
 from sculpt.errors import SculptError
@@ -41,6 +45,63 @@ def backend_test_data_dir() -> Path:
     import onnx
 
     return Path(os.path.dirname(onnx.__file__)) / "backend" / "test" / "data"
+
+
+def reweight(model: Model, seed: int = 0) -> Model:
+    """``model`` with its Conv/Gemm/MatMul float32 weights replaced by seeded He-normal values (fan-in
+    scaled) and their biases by 0.01-scaled normal ones, in place (returned for chaining). The onnx
+    wheel's light models ship every weight as 0.02: every output channel is the same and a final softmax
+    uniform, so a result compared with onnxruntime's says nothing about channel indexing (a kernel
+    reading the wrong channel, or one past the tensor, matched). Reweighted, the outputs depend on the
+    weights; the graph and so the timings are the same. A weight made by a node (the light models'
+    ConstantOfShape) becomes an initializer and the node goes."""
+    rng = np.random.default_rng(seed)
+    producers = model.producers()
+
+    def replace(name: str, value: np.ndarray) -> None:
+        if name in producers:
+            model.remove_node(producers.pop(name))
+            if model.proto.ir_version < 4:  # then every initializer is a graph input too
+                model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, value.shape))
+        model.set_initializer(name, value.astype(np.float32))
+
+    initializers = {t.name: t for t in model.graph.initializer}  # also graph inputs in the light models
+
+    def shape_of(name: str) -> tuple[int, ...] | None:  # a float32 constant's shape, else None
+        made = producers.get(name)
+        if made is not None and made.op_type == "ConstantOfShape":
+            shape = (onnx.numpy_helper.to_array(initializers[made.input[0]]) if made.input[0] in initializers
+                     else model.get_constant(made.input[0]))
+            value = next((a.t for a in made.attribute if a.name == "value"), None)
+            float32 = value is None or value.data_type == onnx.TensorProto.FLOAT
+            return tuple(int(d) for d in shape) if shape is not None and float32 else None
+        w = model.get_constant(name)
+        return tuple(w.shape) if w is not None and w.dtype == np.float32 else None
+
+    def source(name: str) -> str:  # through Reshapes (Inception v1's classifier weight is reshaped)
+        while name in producers and producers[name].op_type == "Reshape":
+            name = producers[name].input[0]
+        return name
+
+    for node in list(model.graph.node):
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        weight = source(node.input[1])
+        shape = shape_of(weight)
+        if shape is None:
+            continue
+        transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        fan_in = int(np.prod(shape[1:])) if node.op_type == "Conv" or transposed else shape[0]
+        replace(weight, rng.standard_normal(shape) * np.sqrt(2.0 / fan_in))
+        bias = shape_of(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if bias is not None:
+            replace(node.input[2], rng.standard_normal(bias) * 0.01)
+    return model
+
+
+def light_model(name: str, seed: int = 0) -> Model:
+    """The onnx wheel's ``light/light_<name>.onnx`` with seeded weights (``reweight``)."""
+    return reweight(Model.load(backend_test_data_dir() / "light" / f"light_{name}.onnx"), seed)
 
 
 @dataclass

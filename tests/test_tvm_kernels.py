@@ -473,36 +473,115 @@ def test_lrn_matches_onnxruntime():
     _compile_and_compare(proto, {"x": x})
 
 
-def test_an_lrn_over_one_plane_runs_in_parallel_over_rows_and_matches_onnxruntime():
-    """LRN's window sum is an average pool over (1, 1, C, H, W): one (n, c) plane. Padding per plane
-    would leave its parallel loop one iteration long (ZFNet's, 96 x 109 x 109, ran in one thread): with
-    fewer than PER_PLANE_MIN_PLANES planes every parallel loop of the pool runs over rows."""
+def _parallel_extents(script: str) -> list[int]:
     import re
 
-    from onnx import TensorProto, helper
+    return [int(e) for e in re.findall(r"T\.parallel\(T\.int64\((\d+)\)\)", script)]
 
+
+def _scheduled(proto):
     from sculpt.backends.tvm.kernels.pipeline import legalized_and_fused
     from sculpt.backends.tvm.kernels.rules import schedule_module
+
+    target = _host()
+    with target:
+        fused = legalized_and_fused(import_to_relax(Model.wrap(proto)), target)
+        return schedule_module(fused, target)
+
+
+def test_a_pool_over_one_plane_runs_in_parallel_over_rows_and_matches_onnxruntime():
+    """A pool over one (n, c) plane (a (1, 1, H, W) map; LRN's window sum was one before it got its
+    own kernel) padded per plane would leave its parallel loop one iteration long: with fewer than
+    PER_PLANE_MIN_PLANES planes every parallel loop of the pool runs over rows."""
+    from onnx import TensorProto, helper
+
     from sculpt.backends.tvm.kernels.tiling import PER_PLANE_MIN_PLANES
 
-    shape = [1, 64, 64, 64]  # 5 x 2^18 adds: above the parallel threshold
-    graph = helper.make_graph([helper.make_node("LRN", ["x"], ["y"], size=5, alpha=1e-4, beta=0.75, bias=1.0)], "lrn",
+    shape = [1, 1, 256, 256]  # 9 x 2^16 window elements: above the pool's parallel threshold
+    graph = helper.make_graph([helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                                                count_include_pad=1)], "pool",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     proto.ir_version = 8
-    x = (np.random.default_rng(15).standard_normal(shape) * 30).astype(np.float32)
-    _compile_and_compare(proto, {"x": x})
-    target = _host()
-    with target:
-        fused = legalized_and_fused(import_to_relax(Model.wrap(proto)), target)
-        scheduled, decisions = schedule_module(fused, target)
+    x = np.random.default_rng(15).standard_normal(shape).astype(np.float32)
+    _compile_and_compare(proto, {"x": x}, expect_kinds={"pool": 1})
+    scheduled, decisions = _scheduled(proto)
     pools = [d.func for d in decisions if d.kind == "pool"]
     assert pools and PER_PLANE_MIN_PLANES > 1
     for name in pools:
-        script = scheduled[name].script()
-        extents = [int(e) for e in re.findall(r"T\.parallel\(T\.int64\((\d+)\)\)", script)]
-        assert extents and min(extents) >= 32, (name, extents)  # rows (x channels), not the one plane
+        extents = _parallel_extents(scheduled[name].script())
+        assert extents and min(extents) >= 32, (name, extents)  # rows, not the one plane
+
+
+@pytest.mark.parametrize("shape,size,alpha,beta,bias", [
+    ((1, 96, 109, 109), 5, 1e-4, 0.75, 1.0),  # ZFNet's first LRN
+    ((2, 7, 5, 33), 3, 0.5, 0.5, 2.0),  # a window over the edges of 7 channels, 33 columns: 2 vectors + 1
+    ((1, 6, 9, 9), 1, 0.1, 1.0, 1.0),
+])
+def test_an_lrn_is_one_parallel_kernel_that_matches_onnxruntime(shape, size, alpha, beta, bias):
+    """LRN (imported as a square, a 3-D average pool over the channels and a normalization) compiles
+    to one kernel (local_response_norm) reading its input once: no pool, parallel over rows when
+    large, within RTOL of onnxruntime for windows that cross the first and last channels."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("LRN", ["x"], ["y"], size=size, alpha=alpha, beta=beta, bias=bias)],
+                              "lrn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    x = (np.random.default_rng(16).standard_normal(shape) * 30).astype(np.float32)
+    decisions = _compile_and_compare(proto, {"x": x}, expect_kinds={"local_response_norm": 1})
+    assert [d.kind for d in decisions] == ["local_response_norm"], [d.kind for d in decisions]
+    if np.prod(shape) >= 2**16:
+        scheduled, decisions = _scheduled(proto)
+        extents = _parallel_extents(scheduled[decisions[0].func].script())
+        assert extents and min(extents) >= 32, extents  # (n, c, h) rows
+
+
+_LRN_BETWEEN_GUARD_PAGES = """
+import ctypes, mmap, sys
+import numpy as np, tvm
+from onnx import TensorProto, helper
+from tvm import relax
+from sculpt.backends.tvm import import_to_relax
+from sculpt.backends.tvm.kernels.pipeline import compile_with_kernels
+from sculpt.backends.tvm.kernels.target_traits import host_target
+from sculpt.ir.model import Model
+
+shape = (1, 8, 16, 64)  # 4 KiB planes: the window reaches 2 planes past either end
+graph = helper.make_graph([helper.make_node("LRN", ["x"], ["y"], size=5, alpha=1e-4, beta=0.75, bias=1.0)], "lrn",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+proto.ir_version = 8
+vm = relax.VirtualMachine(compile_with_kernels(import_to_relax(Model.wrap(proto)),
+                                               tvm.target.Target(host_target("llvm"))), tvm.cpu())
+page, nbytes = mmap.PAGESIZE, int(np.prod(shape)) * 4
+guard = -(-3 * (nbytes // shape[1]) // page) * page
+span = -(-nbytes // page) * page
+region = mmap.mmap(-1, guard + span + guard)
+libc = ctypes.CDLL(None)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+assert libc.mprotect(base, guard, 0) == 0 and libc.mprotect(base + guard + span, guard, 0) == 0
+x = np.frombuffer(region, np.float32, int(np.prod(shape)), offset=guard + span - nbytes).reshape(shape)
+x[...] = np.random.default_rng(0).standard_normal(shape)
+y = vm["main"](tvm.runtime.from_dlpack(x)).numpy()  # the kernel reads the guarded buffer itself
+sys.exit(0 if np.isfinite(y).all() else 3)
+"""
+
+
+def test_an_lrn_reads_nothing_outside_its_input():
+    """The LRN kernel's window over the first and last channels reads no plane outside the tensor: its
+    input between inaccessible pages (a read past either end is a segfault) in a subprocess. A Select
+    around the load let the simplifier drop the index's clamp and the vector code read both sides:
+    ZFNet's build crashed, while the results matched where the memory around happened to be mapped."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _LRN_BETWEEN_GUARD_PAGES], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
 
 
 def test_depthwise_over_a_width_of_no_whole_vectors_computes_whole_vectors():

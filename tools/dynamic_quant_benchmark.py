@@ -8,7 +8,7 @@
 Every model starts from the same canonicalized fp32 model with its input shape fixed (PP-OCR:
 ``sculpt.models``; ``ppocrv6-rec-small``: ``tools/zoo.py``; the others: the onnx wheel's
 ``backend/test/data/light`` models, whose weights — all 0.02 as shipped — are replaced by seeded
-He-normal values, see ``reweight``, and whose final Softmax is dropped: errors are measured on the
+He-normal values, see ``sculpt.models.reweight``, and whose final Softmax is dropped: errors are measured on the
 logits). Per model and config:
 
 - output error against the fp32 model on held-out inputs (dynamic quantization uses no calibration
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sculpt import ocr_task  # noqa: E402
 from sculpt.ir.model import Model  # noqa: E402
-from sculpt.models import PPOCR_SHAPES, backend_test_data_dir, ppocr_model  # noqa: E402
+from sculpt.models import PPOCR_SHAPES, backend_test_data_dir, ppocr_model, reweight  # noqa: E402
 from sculpt.passes import Pipeline  # noqa: E402
 from sculpt.runtime import make_session  # noqa: E402
 from sculpt.runtime import interleaved_latency_ms  # noqa: E402
@@ -108,24 +108,6 @@ def logits_out(model: Model) -> None:
     model.remove_node(softmax)
     model.set_output(before, 0, out)
     model.infer_shapes(refresh=True)
-
-
-def reweight(model: Model, seed: int = 0) -> None:
-    """The light models' weights are all 0.02: every output channel is the same and the softmax
-    uniform whatever the quantization does. Their Conv/Gemm/MatMul weights become seeded He-normal
-    values (biases 0.01 normal), so that the outputs depend on the weights."""
-    rng = np.random.default_rng(seed)
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
-            continue
-        w = model.get_constant(node.input[1])
-        if w is None or w.dtype != np.float32:
-            continue
-        fan_in = int(np.prod(w.shape[1:])) if node.op_type == "Conv" else w.shape[0]
-        model.set_initializer(node.input[1], (rng.standard_normal(w.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32))
-        if len(node.input) > 2 and node.input[2] and model.get_constant(node.input[2]) is not None:
-            b = model.get_constant(node.input[2])
-            model.set_initializer(node.input[2], (rng.standard_normal(b.shape) * 0.01).astype(np.float32))
 
 
 def quantize(base: Model, spec, workdir: Path) -> Model:

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import math
 
-from sculpt.backends.tvm.kernels.relax_rewrite import static_shape
+from sculpt.backends.tvm.kernels.relax_rewrite import OPAQUE_PATTERN, static_shape
 
-OPAQUE_PATTERN = 8  # TVM's OpPatternKind kOpaque: FuseOps leaves such a call alone
 ALIGNMENT = 64  # bytes: tvm::runtime::kAllocAlignment; ensure_zero_offset copies below it
 CONCAT_BLOCK = "T_concat"  # the block name of TOPI's concatenate, which LegalizeOps emits
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sculpt.backends.tvm.kernels.relax_rewrite import constant_value, rewrite_calls, static_shape
+from sculpt.backends.tvm.kernels.relax_rewrite import OPAQUE_PATTERN, constant_value, rewrite_calls, static_shape
 
 CODE_RANGE = {4: (-8, 7), 8: (-128, 127)}  # int4, int8
 MIN_ELEMENTS = 1024  # smaller weights stay float32 (weight-quant's own default floor)
@@ -354,7 +354,7 @@ def rewrite_int4_matmuls(mod, traits, stats: dict | None = None):
             name = f"int{found.bits}_matmul_{len(kernels)}"
             # opaque (op_pattern 8): scheduled already, fusion must not merge it with its neighbours
             kernels[key] = rewriter.add_func(int4_matmul_kernel(*key[:3], lanes, *key[3:]).with_attr(
-                "global_symbol", name).with_attr("op_pattern", 8), name)
+                "global_symbol", name).with_attr("op_pattern", OPAQUE_PATTERN), name)
         gv = kernels[key]
         x = call.args[0] if len(x_shape) == 2 else rewriter.emit(relax.op.reshape(call.args[0], (rows, k)))
         y = rewriter.emit(relax.call_tir(gv, [x, relax.const(packed), relax.const(scales)],

@@ -14,6 +14,7 @@
              -> [sculpt: depthwise convs over widths of no whole vectors computed wider, sliced (whole_vector_width)]
              -> [sculpt: matmuls with weights over L2 read them in column panels (panel_matmul)]
              -> [sculpt: matmul weights padded to whole vectors of columns (pad_matmul_columns)]
+             -> [sculpt: LRN's square, channel pool and normalization as one kernel (local_response_norm)]
              -> [sculpt: softmax over long rows with vector reductions (row_softmax)]
              -> [sculpt: softmax/exp/erf/tanh/sigmoid as approximations that vectorize (fast_math)]
              -> dispatch -> LegalizeOps -> AnnotateTIROpPattern -> FoldConstant
@@ -35,6 +36,7 @@ from sculpt.backends.tvm.kernels.batch_norm_as_affine import rewrite_batch_norm_
 from sculpt.backends.tvm.kernels.pad_matmul_columns import pad_matmul_columns
 from sculpt.backends.tvm.kernels.panel_matmul import rewrite_panel_matmuls
 from sculpt.backends.tvm.kernels.int4_matmul import rewrite_int4_matmuls
+from sculpt.backends.tvm.kernels.local_response_norm import rewrite_local_response_norms
 from sculpt.backends.tvm.kernels.long_means import rewrite_long_means
 from sculpt.backends.tvm.kernels.blocked_layout import rewrite_in_blocked_layout
 from sculpt.backends.tvm.kernels.even_strided_width import rewrite_even_strided_widths
@@ -95,6 +97,7 @@ def _front_passes(target, conv_policy: ConvPolicy | None = None, conv_decisions:
         ("SculptInt4Matmuls", lambda mod: rewrite_int4_matmuls(mod, traits)),
         ("SculptPanelMatmuls", lambda mod: rewrite_panel_matmuls(mod, traits)),
         ("SculptPadMatmulColumns", pad_matmul_columns),
+        ("SculptLocalResponseNorms", rewrite_local_response_norms),
         ("SculptRowSoftmax", lambda mod: rewrite_row_softmax(mod, softmax_lanes(traits))),
         ("SculptFastMath", rewrite_fast_math),
     ]

@@ -16,6 +16,7 @@ def constant_value(expr):
 
 
 RESIZE_OP = "relax.image.resize2d"
+OPAQUE_PATTERN = 8  # TVM's OpPatternKind kOpaque (a PrimFunc's "op_pattern"): FuseOps leaves such a call alone
 
 
 def in_layout(call, x, layout: str):

@@ -196,12 +196,12 @@ def schedule_row_softmax(sch, lanes: int, parallel: bool) -> None:
     for name in ("partial_max", "partial_sum"):  # last: the loop primitives refuse a decomposed block
         sch.decompose_reduction(blocks[name], sch.get_loops(blocks[name])[-2])
     for name in ("exp", "normalize"):
-        _vectorize_whole_vectors(sch, sch.get_loops(blocks[name])[-1], lanes)
+        vectorize_whole_vectors(sch, sch.get_loops(blocks[name])[-1], lanes)
     for b in others:
         schedule_injective_block(sch, b, lanes)
 
 
-def _vectorize_whole_vectors(sch, loop, lanes: int) -> None:
+def vectorize_whole_vectors(sch, loop, lanes: int) -> None:
     """Vectorize a row loop over its whole vectors; the last ``extent % lanes`` iterations stay a
     scalar loop of their own (a split with a remainder would put a bound check in every vector)."""
     extent = int(sch.get(loop).extent)

@@ -22,6 +22,7 @@ from sculpt.backends.tvm.kernels.register_tile import (
     KernelDecision, inline_epilogue, schedule_injective_block, schedule_register_tile)
 from sculpt.backends.tvm.kernels.blocked_conv import schedule_blocked_conv, tile_from_block_name
 from sculpt.backends.tvm.kernels import blocked_depthwise, winograd_conv
+from sculpt.backends.tvm.kernels.local_response_norm import BLOCK as LRN_BLOCK, is_local_response_norm, schedule_local_response_norm
 from sculpt.backends.tvm.kernels.row_softmax import is_row_softmax, schedule_row_softmax, softmax_lanes
 from sculpt.backends.tvm.kernels.target_traits import TargetTraits, traits_of
 from sculpt.backends.tvm.kernels.tiling import Tile, gemv_tile, ranked_tiles, worth_parallel
@@ -147,6 +148,20 @@ def try_row_softmax(func, traits: TargetTraits, name: str = ""):
     return sch, KernelDecision(name, "softmax_rows", shape, None)
 
 
+def try_local_response_norm(func, traits: TargetTraits, name: str = ""):
+    """(schedule, decision) for sculpt's one-pass LRN (local_response_norm), or None."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    if not is_local_response_norm(sch):
+        return None
+    block = next(b for b in root_blocks(sch) if sch.get(b).name_hint == LRN_BLOCK)
+    shape, work = _output_and_work(sch, block)
+    # an output element reads its window's channels (5 in the zoo's LRNs) and takes square roots
+    schedule_local_response_norm(sch, traits.vector_lanes, worth_parallel(work, "pool"))
+    return sch, KernelDecision(name, "local_response_norm", shape, None)
+
+
 def inlined_copies(func):
     """An injective function of several blocks (a padded conv output sliced, reshaped, shuffled and
     added to: ShuffleNet's units) as one block: indices simplified over the blocks' domains first
@@ -189,6 +204,7 @@ def schedule_func(func, traits: TargetTraits, choose: TileChooser = heuristic_ch
     errors = []
     for attempt in (lambda: try_winograd_transform(func, traits, name),
                     lambda: try_row_softmax(func, traits, name),
+                    lambda: try_local_response_norm(func, traits, name),
                     lambda: try_register_tile(func, traits, choose, name),
                     lambda: schedule_every_block(func, traits, name)):
         try:

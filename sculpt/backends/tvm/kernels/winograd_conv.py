@@ -32,12 +32,11 @@ from dataclasses import replace
 import numpy as np
 
 from sculpt.backends.tvm.kernels.blocked_conv import ConvShape, ConvTile
-from sculpt.backends.tvm.kernels.relax_rewrite import i64
+from sculpt.backends.tvm.kernels.relax_rewrite import OPAQUE_PATTERN, i64
 
 INPUT_BLOCK = "sculpt_wino_in"
 PRODUCT_NAME = "sculpt_wino_product"  # the products' function (the blocked kernel's) in layer tables
 OUTPUT_BLOCK = "sculpt_wino_out"
-OPAQUE_PATTERN = 8  # TVM's OpPatternKind kOpaque
 TILE = 2  # outputs per tile side: F(2x2, 3x3)
 POSITIONS = (TILE + 2) ** 2  # transformed tile positions: 16 products
 
