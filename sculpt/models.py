@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx.numpy_helper
-from pathlib import Path
 
 from sculpt.errors import SculptError
 from sculpt.ir.model import Model
@@ -42,8 +42,6 @@ def ppocr_model(kind: str) -> Model:
 
 
 def backend_test_data_dir() -> Path:
-    import onnx
-
     return Path(os.path.dirname(onnx.__file__)) / "backend" / "test" / "data"
 
 

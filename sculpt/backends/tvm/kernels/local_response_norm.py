@@ -72,7 +72,8 @@ def local_response_norm_func(shape: tuple[int, int, int, int], size: int, pad: i
             term = v * v * inside
             total = term if total is None else total + term
         scale = tirx.Var("scale", "float32")
-        value = tirx.const(bias, "float32") + tirx.const(alpha, "float32") * (total / tirx.const(float(size), "float32"))
+        mean = total / tirx.const(float(size), "float32")
+        value = tirx.const(bias, "float32") + tirx.const(alpha, "float32") * mean
         return tirx.Let(scale, value, x[b, ch, row, col] / _quarter_power(scale, beta))
 
     y = te.compute(i64(n, c, h, w), lrn, name=BLOCK)
@@ -109,7 +110,8 @@ def _match(call, rewriter):
     size = int(a.pool_size[0])
     pad = int(a.padding[0])
     if ([int(v) for v in a.pool_size[1:]] != [1, 1] or [int(v) for v in a.strides] != [1, 1, 1]
-            or [int(v) for v in a.dilation] != [1, 1, 1] or [int(v) for v in a.padding] != [pad, 0, 0, size - 1 - pad, 0, 0]
+            or [int(v) for v in a.dilation] != [1, 1, 1]
+            or [int(v) for v in a.padding] != [pad, 0, 0, size - 1 - pad, 0, 0]
             or not bool(a.count_include_pad) or bool(a.ceil_mode) or str(a.layout) != "NCDHW"
             or not 0 < size <= MAX_WINDOW):
         return None

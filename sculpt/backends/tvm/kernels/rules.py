@@ -22,7 +22,8 @@ from sculpt.backends.tvm.kernels.register_tile import (
     KernelDecision, inline_epilogue, schedule_injective_block, schedule_register_tile)
 from sculpt.backends.tvm.kernels.blocked_conv import schedule_blocked_conv, tile_from_block_name
 from sculpt.backends.tvm.kernels import blocked_depthwise, winograd_conv
-from sculpt.backends.tvm.kernels.local_response_norm import BLOCK as LRN_BLOCK, is_local_response_norm, schedule_local_response_norm
+from sculpt.backends.tvm.kernels.local_response_norm import (
+    BLOCK as LRN_BLOCK, is_local_response_norm, schedule_local_response_norm)
 from sculpt.backends.tvm.kernels.row_softmax import is_row_softmax, schedule_row_softmax, softmax_lanes
 from sculpt.backends.tvm.kernels.target_traits import TargetTraits, traits_of
 from sculpt.backends.tvm.kernels.tiling import Tile, gemv_tile, ranked_tiles, worth_parallel
