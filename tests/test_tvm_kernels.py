@@ -86,12 +86,26 @@ def test_pool_grid_matches_onnxruntime():
     _compile_and_compare(proto, {"x": x}, expect_kinds={"pool": 3})
 
 
+def _parallel_extents(script: str) -> list[int]:
+    import re
+
+    return [int(e) for e in re.findall(r"T\.parallel\(T\.int64\((\d+)\)\)", script)]
+
+
+def _scheduled(proto):
+    from sculpt.backends.tvm.kernels.pipeline import legalized_and_fused
+    from sculpt.backends.tvm.kernels.rules import schedule_module
+
+    target = _host()
+    with target:
+        fused = legalized_and_fused(import_to_relax(Model.wrap(proto)), target)
+        return schedule_module(fused, target)
+
+
 def test_a_pool_is_parallel_from_less_work_than_a_conv():
     """AlexNet's 3x3 stride-2 max pool over 96 x 54 x 54: 584k window elements, under the 2^20
     multiply-adds from which a conv runs in parallel, yet 0.56 ms in one thread (a window element costs
     ~16 multiply-adds, WORK_COST): it runs in parallel, and matches onnxruntime."""
-    from sculpt.backends.tvm.kernels.pipeline import legalized_and_fused
-    from sculpt.backends.tvm.kernels.rules import schedule_module
     from sculpt.backends.tvm.kernels.tiling import WORK_COST, worth_parallel
 
     work = 96 * 26 * 26 * 9
@@ -99,10 +113,7 @@ def test_a_pool_is_parallel_from_less_work_than_a_conv():
     proto = cases.pool_model([cases.PoolCase("max3_s2", "MaxPool", (3, 3), (2, 2))], (1, 96, 54, 54))
     x = np.random.default_rng(16).standard_normal((1, 96, 54, 54)).astype(np.float32)
     _compile_and_compare(proto, {"x": x}, expect_kinds={"pool": 1})
-    target = _host()
-    with target:
-        fused = legalized_and_fused(import_to_relax(Model.wrap(proto)), target)
-        scheduled, decisions = schedule_module(fused, target)
+    scheduled, decisions = _scheduled(proto)
     [pool] = [d for d in decisions if d.kind == "pool"]
     assert pool.shape == (1, 96, 26, 26) and "T.parallel(" in scheduled[pool.func].script()
 
@@ -471,22 +482,6 @@ def test_lrn_matches_onnxruntime():
     proto.ir_version = 8
     x = (np.random.default_rng(12).standard_normal((1, 16, 9, 11)) * 30).astype(np.float32)
     _compile_and_compare(proto, {"x": x})
-
-
-def _parallel_extents(script: str) -> list[int]:
-    import re
-
-    return [int(e) for e in re.findall(r"T\.parallel\(T\.int64\((\d+)\)\)", script)]
-
-
-def _scheduled(proto):
-    from sculpt.backends.tvm.kernels.pipeline import legalized_and_fused
-    from sculpt.backends.tvm.kernels.rules import schedule_module
-
-    target = _host()
-    with target:
-        fused = legalized_and_fused(import_to_relax(Model.wrap(proto)), target)
-        return schedule_module(fused, target)
 
 
 def test_a_pool_over_one_plane_runs_in_parallel_over_rows_and_matches_onnxruntime():

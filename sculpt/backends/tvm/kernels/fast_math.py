@@ -17,9 +17,7 @@ quarters (LRN's x ** 0.75) become square roots and products (``power_rule``): Al
 
 from __future__ import annotations
 
-import numpy as np
-
-from sculpt.backends.tvm.kernels.relax_rewrite import rewrite_calls, static_shape
+from sculpt.backends.tvm.kernels.relax_rewrite import rewrite_calls, scalar_constant, static_shape
 
 
 def _sigmoid(x):
@@ -57,15 +55,6 @@ def rewrite_fast_math(mod):
     return relax.transform.FastMathTransform()(rewrite_calls(mod, rule))
 
 
-def _scalar_exponent(expr) -> float | None:
-    from sculpt.backends.tvm.kernels.relax_rewrite import constant_value
-
-    value = constant_value(expr)
-    if value is None or int(np.prod(value.shape)) != 1:
-        return None
-    return float(value.numpy().reshape(-1)[0])
-
-
 def power_rule(call, rewriter):
     """``x ** p`` for a constant p in quarters up to 3 (LRN's 0.75 in AlexNet, GoogLeNet and ZFNet)
     as square roots and products, which are vector instructions, instead of one ``powf`` call per
@@ -75,7 +64,7 @@ def power_rule(call, rewriter):
     if getattr(call.op, "name", "") != "relax.power" or len(call.args) != 2 \
             or str(call.args[0].ty.dtype) != "float32":
         return None
-    p = _scalar_exponent(call.args[1])
+    p = scalar_constant(call.args[1])
     if p is None or p * 4 != int(p * 4) or not 0 < abs(p) <= 3:
         return None
     x = call.args[0]

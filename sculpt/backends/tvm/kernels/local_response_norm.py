@@ -16,21 +16,14 @@ products (fast_math's rule: 0.75 in AlexNet, GoogLeNet and ZFNet). Rows are vect
 Mechanism: ``rewrite_local_response_norms`` matches the importer's chain, ending in the divide, for
 a static float32 NCHW tensor with an odd window of at most ``MAX_WINDOW`` channels and beta in
 quarters (any other LRN keeps TVM's form) and replaces it with a ``call_tir``;
-``schedule_local_response_norm`` schedules it (its block is named ``BLOCK``)."""
+``schedule_local_response_norm`` schedules it (its block, named ``BLOCK``: ``local_response_norm_block``)."""
 
 from __future__ import annotations
 
-from sculpt.backends.tvm.kernels.relax_rewrite import OPAQUE_PATTERN, constant_value, i64, rewrite_ops, static_shape
+from sculpt.backends.tvm.kernels.relax_rewrite import OPAQUE_PATTERN, i64, rewrite_ops, scalar_constant, static_shape
 
 BLOCK = "sculpt_lrn"
 MAX_WINDOW = 15  # the window's terms are unrolled
-
-
-def _scalar(expr) -> float | None:
-    value = constant_value(expr)
-    if value is None or int(value.numpy().size) != 1:
-        return None
-    return float(value.numpy().reshape(-1)[0])
 
 
 def _quarter_power(base, beta: float):
@@ -91,15 +84,15 @@ def _match(call, rewriter):
     x, power = call.args[0], rewriter.value(call.args[1])
     if _op(power) != "relax.power":
         return None
-    beta = _scalar(power.args[1])
+    beta = scalar_constant(power.args[1])
     add = rewriter.value(power.args[0])
     if beta is None or not 0 < beta <= 3 or beta * 4 != round(beta * 4) or _op(add) != "relax.add":
         return None
-    bias = _scalar(add.args[1])
+    bias = scalar_constant(add.args[1])
     mul = rewriter.value(add.args[0])
     if bias is None or _op(mul) != "relax.multiply":
         return None
-    alpha = _scalar(mul.args[1])
+    alpha = scalar_constant(mul.args[1])
     squeeze = rewriter.value(mul.args[0])
     if alpha is None or _op(squeeze) != "relax.squeeze" or [int(a) for a in (squeeze.attrs.axis or [])] != [1]:
         return None
@@ -149,18 +142,17 @@ def rewrite_local_response_norms(mod):
     return rewrite_ops(mod, {"relax.divide": divide_rule}, drop_unused=True)
 
 
-def is_local_response_norm(sch) -> bool:
+def local_response_norm_block(sch):
+    """The block of sculpt's LRN kernel in a schedule's function, else None."""
     from sculpt.backends.tvm.kernels.block_analysis import root_blocks
 
-    return any(sch.get(b).name_hint == BLOCK for b in root_blocks(sch))
+    return next((b for b in root_blocks(sch) if sch.get(b).name_hint == BLOCK), None)
 
 
-def schedule_local_response_norm(sch, lanes: int, parallel: bool) -> None:
+def schedule_local_response_norm(sch, block, lanes: int, parallel: bool) -> None:
     """Parallel over (n, c, h) rows, each row vectorized over its whole vectors."""
-    from sculpt.backends.tvm.kernels.block_analysis import root_blocks
     from sculpt.backends.tvm.kernels.row_softmax import vectorize_whole_vectors
 
-    block = next(b for b in root_blocks(sch) if sch.get(b).name_hint == BLOCK)
     *rows, col = sch.get_loops(block)
     if parallel:
         sch.parallel(sch.fuse(*rows))

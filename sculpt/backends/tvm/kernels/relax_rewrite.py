@@ -15,6 +15,14 @@ def constant_value(expr):
     return None
 
 
+def scalar_constant(expr) -> float | None:
+    """The value of a Relax constant holding a single number, else None."""
+    value = constant_value(expr)
+    if value is None or int(value.numpy().size) != 1:
+        return None
+    return float(value.numpy().reshape(-1)[0])
+
+
 RESIZE_OP = "relax.image.resize2d"
 OPAQUE_PATTERN = 8  # TVM's OpPatternKind kOpaque (a PrimFunc's "op_pattern"): FuseOps leaves such a call alone
 

@@ -22,8 +22,7 @@ from sculpt.backends.tvm.kernels.register_tile import (
     KernelDecision, inline_epilogue, schedule_injective_block, schedule_register_tile)
 from sculpt.backends.tvm.kernels.blocked_conv import schedule_blocked_conv, tile_from_block_name
 from sculpt.backends.tvm.kernels import blocked_depthwise, winograd_conv
-from sculpt.backends.tvm.kernels.local_response_norm import (
-    BLOCK as LRN_BLOCK, is_local_response_norm, schedule_local_response_norm)
+from sculpt.backends.tvm.kernels.local_response_norm import local_response_norm_block, schedule_local_response_norm
 from sculpt.backends.tvm.kernels.row_softmax import is_row_softmax, schedule_row_softmax, softmax_lanes
 from sculpt.backends.tvm.kernels.target_traits import TargetTraits, traits_of
 from sculpt.backends.tvm.kernels.tiling import Tile, gemv_tile, ranked_tiles, worth_parallel
@@ -154,12 +153,12 @@ def try_local_response_norm(func, traits: TargetTraits, name: str = ""):
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    if not is_local_response_norm(sch):
+    block = local_response_norm_block(sch)
+    if block is None:
         return None
-    block = next(b for b in root_blocks(sch) if sch.get(b).name_hint == LRN_BLOCK)
     shape, work = _output_and_work(sch, block)
     # an output element reads its window's channels (5 in the zoo's LRNs) and takes square roots
-    schedule_local_response_norm(sch, traits.vector_lanes, worth_parallel(work, "pool"))
+    schedule_local_response_norm(sch, block, traits.vector_lanes, worth_parallel(work, "pool"))
     return sch, KernelDecision(name, "local_response_norm", shape, None)
 
 
